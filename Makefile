@@ -1,0 +1,48 @@
+# One place for the everyday commands. `make install` creates .venv with the package (editable).
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: install data train test test-fast lint format clean
+
+$(BIN)/mrl-train: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11 or run make PYTHON=python3"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	# torch/torchvision first, pinned, with pip (they lie on the build machines' disk)
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e ".[dev]"
+	@touch $@
+
+install: $(BIN)/mrl-train
+
+# The embedded default data set, from Debian's package (needs root; skipped when already present).
+data: $(FMNIST)
+$(FMNIST):
+	@if command -v apt-get >/dev/null; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	else echo "Install Fashion-MNIST (see README) or run: mrl-train data.download=true"; exit 1; fi
+
+# The embedded default job: MRL on Fashion-MNIST on the CPU.
+train: install data
+	$(BIN)/mrl-train $(ARGS)
+
+# Everything, the slow end-to-end tests included (what CI runs).
+test: install data
+	$(BIN)/pytest -m "slow or not slow" $(ARGS)
+
+# The fast suite, for the edit-test loop.
+test-fast: install
+	$(BIN)/pytest $(ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) logs .pytest_cache .ruff_cache

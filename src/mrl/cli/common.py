@@ -1,0 +1,42 @@
+"""What every mrl command shares: config location, resolvers, and how user errors are reported."""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from mrl.errors import MRLError
+
+
+def register_resolvers() -> None:
+    """``${mrl_uid:}``: a short random id, fixed for the whole config (cached), added to output dir
+    names so that jobs started in the same second never share a directory."""
+    if not OmegaConf.has_resolver("mrl_uid"):
+        OmegaConf.register_new_resolver("mrl_uid", lambda: uuid.uuid4().hex[:6], use_cache=True)
+
+
+def report_user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Print an :class:`MRLError` as one paragraph and exit 1 (a traceback only with HYDRA_FULL_ERROR=1)."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except MRLError as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            fail(str(err))
+
+    return wrapper
+
+
+def fail(message: str) -> None:
+    text = " ".join(message.split())  # one paragraph; the terminal wraps it
+    print(f"\nError: {text}\n(Set HYDRA_FULL_ERROR=1 for the full traceback.)", file=sys.stderr, flush=True)
+    sys.exit(1)

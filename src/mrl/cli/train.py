@@ -1,0 +1,98 @@
+"""``mrl-train``: Hydra entry point of the training job (``conf/train.yaml``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from mrl.cli.common import register_resolvers, report_user_errors
+from mrl.config_path import config_dir
+from mrl.errors import MRLError
+
+# Lightning's DDP launcher starts the worker processes by re-running this script with the same
+# command line. Under Hydra that would compose the config again, create a second output dir and, in a
+# multirun, start the whole sweep again inside every worker (the well-known Hydra + DDP hang). Instead
+# the launching process writes its resolved config to the job dir and names it in this variable, which
+# the workers inherit: a worker then skips Hydra and trains from that file in the same output dir.
+DDP_CONFIG_ENV = "MRL_DDP_CONFIG"
+RESOLVED_CONFIG_NAME = "resolved_config.yaml"
+
+
+def _is_ddp_worker() -> bool:
+    return bool(os.environ.get(DDP_CONFIG_ENV)) and os.environ.get("LOCAL_RANK", "0") != "0"
+
+
+def _fill_run_names(cfg: DictConfig) -> None:
+    """W&B group = the sweep (or single run) dir name, run name = the job's overrides."""
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    out = Path(hydra_cfg.runtime.output_dir)
+    group = Path(hydra_cfg.sweep.dir).name if multirun else out.name
+    name = hydra_cfg.job.override_dirname or "default"
+    if multirun:
+        name = f"{hydra_cfg.job.num}:{name}"
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if wandb_cfg is not None:
+        with open_dict(wandb_cfg):
+            if wandb_cfg.get("group") is None:
+                wandb_cfg.group = group
+            if wandb_cfg.get("name") is None:
+                wandb_cfg.name = name
+
+
+@report_user_errors
+def run(cfg: DictConfig) -> float | None:
+    from mrl.train import train  # heavy imports after Hydra has parsed the command line
+
+    _fill_run_names(cfg)
+    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    out = Path(resolved.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_file = out / RESOLVED_CONFIG_NAME
+    OmegaConf.save(resolved, config_file)
+    os.environ[DDP_CONFIG_ENV] = str(config_file)
+    try:
+        results = train(resolved)
+    finally:
+        os.environ.pop(DDP_CONFIG_ENV, None)
+    return optimized_value(results, cfg.get("optimized_metric"))
+
+
+def optimized_value(results: dict[str, float], metric: str | None) -> float | None:
+    """The value a sweeper (Optuna) optimises; ``<stage>/acc@full`` names the largest trained size."""
+    if not metric:
+        return None
+    if metric.endswith("@full"):
+        prefix = metric[: -len("full")]
+        sizes = [int(k[len(prefix) :]) for k in results if k.startswith(prefix) and k[len(prefix) :].isdigit()]
+        metric = f"{prefix}{max(sizes)}" if sizes else metric
+    if metric not in results:
+        raise MRLError(
+            f"optimized_metric={metric} was not logged by this job; choose one of: {', '.join(sorted(results))}."
+        )
+    return results[metric]
+
+
+@report_user_errors
+def run_ddp_worker() -> None:
+    from mrl.train import train
+
+    train(OmegaConf.load(os.environ[DDP_CONFIG_ENV]))
+
+
+def main() -> None:
+    if _is_ddp_worker():
+        run_ddp_worker()
+        return
+    register_resolvers()
+    hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(run)()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

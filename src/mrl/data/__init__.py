@@ -1,0 +1,1 @@
+"""Datamodules: Fashion-MNIST (the embedded default), ImageFolder trees and synthetic images."""

@@ -1,0 +1,90 @@
+"""What every mrl datamodule provides on top of Lightning's: shape, class count and loaders."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+class MRLDataModule(L.LightningDataModule):
+    """Base datamodule: subclasses set ``num_classes``, ``in_chans`` and ``img_size`` in ``__init__``
+    (the backbone is built from them) and fill ``self.datasets`` with ``train``/``val``/``test``.
+    """
+
+    num_classes: int
+    in_chans: int
+    img_size: int
+    # In-memory data sets of small images can be resized per batch to what a backbone needs.
+    resizable: bool = False
+
+    def resize(self, img_size: int) -> None:
+        """Serve images of ``img_size`` pixels (only when ``resizable``)."""
+        if not self.resizable:
+            raise NotImplementedError(f"{type(self).__name__} cannot resize its images")
+        self.img_size = int(img_size)
+
+    def __init__(
+        self,
+        batch_size: int = 256,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.datasets: dict[str, Dataset] = {}
+
+    def configure_transforms(self, data_config: dict[str, Any]) -> None:
+        """Receive the backbone's timm data config (mean, std, interpolation, crop). Default: unused."""
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup(None)
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def split_loader(self, split: str) -> DataLoader:
+        """An unshuffled loader over any split (used to export embeddings)."""
+        return self._loader(split, train=False)
+
+
+def normalize_uint8_batch(
+    x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, flip: bool, img_size: int | None = None
+) -> torch.Tensor:
+    """uint8 images ``(B, C, H, W)`` -> normalised floats, with a random horizontal flip when ``flip``
+    and a bilinear resize to ``img_size`` when it differs from the stored size.
+
+    Done per batch on the loader's device instead of per sample in Python: for small in-memory data
+    sets (Fashion-MNIST, CIFAR) per-sample transforms would cost more than the model.
+    """
+    x = x.float().div_(255.0)
+    if img_size is not None and x.shape[-1] != img_size:
+        x = torch.nn.functional.interpolate(
+            x, size=(img_size, img_size), mode="bilinear", align_corners=False
+        )
+    if flip:
+        flipped = torch.rand(x.shape[0], device=x.device) < 0.5
+        x = torch.where(flipped[:, None, None, None], x.flip(-1), x)
+    return (x - mean.to(x.device).view(1, -1, 1, 1)) / std.to(x.device).view(1, -1, 1, 1)

@@ -1,0 +1,207 @@
+"""The LightningModule: backbone -> embedding z -> Matryoshka head -> per-size logits -> loss."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from mrl.models.backbone import TimmBackbone
+from mrl.nn.matryoshka_linear import MatryoshkaLinear
+from mrl.nn.matryoshka_loss import MatryoshkaLoss
+from mrl.tracking.charts import log_accuracy_vs_size
+
+STAGES = ("train", "val", "test")
+
+
+class MatryoshkaModule(L.LightningModule):
+    """Trains a backbone and a Matryoshka head with the Matryoshka loss.
+
+    Logs, per size ``d`` of the head's nesting list, ``{stage}/acc@{d}`` (top-1) and, with at least 5
+    classes, ``val/top5@{d}`` and ``test/top5@{d}``, plus ``{stage}/loss`` (the weighted sum over sizes) and
+    ``{stage}/loss@{d}``. Accuracies are torchmetrics objects, so they are synchronised across DDP
+    processes when computed.
+
+    ``optimizer`` is a partial taking the module (timm's ``create_optimizer_v2``: it keeps weight decay
+    off biases and norms), ``scheduler`` a partial taking the optimizer and ``num_epochs`` /
+    ``updates_per_epoch`` (timm's ``create_scheduler_v2``), stepped after every optimizer update.
+    ``config`` (the run's resolved config) is stored in every checkpoint so evaluation can rebuild it.
+    """
+
+    def __init__(
+        self,
+        backbone: TimmBackbone,
+        head: MatryoshkaLinear,
+        loss: MatryoshkaLoss,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.criterion = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.channels_last = channels_last
+        self.compile_backbone = compile
+        self.config = config or {}
+        self.nesting = list(head.nesting)
+        num_classes = head.num_classes
+        top5 = num_classes >= 5
+        self.metrics = nn.ModuleDict()
+        # validate_args=False: the inputs are ours (logits and labels), and checking them every step
+        # for every size costs more than the update itself.
+        for stage in STAGES:
+            for d in self.nesting:
+                self.metrics[f"{stage}_acc_{d}"] = MulticlassAccuracy(
+                    num_classes, top_k=1, average="micro", validate_args=False
+                )
+                if top5 and stage != "train":
+                    self.metrics[f"{stage}_top5_{d}"] = MulticlassAccuracy(
+                        num_classes, top_k=5, average="micro", validate_args=False
+                    )
+        self.has_top5 = top5
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+
+    def configure_model(self) -> None:
+        if self.compile_backbone and not getattr(self, "_compiled", False):
+            # In-place compile keeps parameter names, so checkpoints load into uncompiled models.
+            self.backbone.compile()
+            self._compiled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding ``z`` of shape ``(B, embed_dim)``."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.backbone(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-size logits ``(G, B, C)``."""
+        return self.head(self(x))
+
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self.logits(x)
+        per_size = self.criterion.per_size(logits, y)
+        loss = self.criterion.combine(per_size)
+        on_step = stage == "train"
+        # train/loss is logged per step (the key stays plain "train/loss"); eval losses per epoch.
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=on_step,
+            on_epoch=not on_step,
+            sync_dist=not on_step,
+            prog_bar=True,
+            batch_size=y.shape[0],
+        )
+        detached = logits.detach()
+        for g, d in enumerate(self.nesting):
+            self.log(
+                f"{stage}/loss@{d}",
+                per_size[g],
+                on_step=False,
+                on_epoch=True,
+                sync_dist=True,
+                batch_size=y.shape[0],
+            )
+            acc = self.metrics[f"{stage}_acc_{d}"]
+            acc(detached[g], y)
+            self.log(
+                f"{stage}/acc@{d}",
+                acc,
+                on_step=False,
+                on_epoch=True,
+                prog_bar=stage != "train" and g == len(self.nesting) - 1,
+            )
+            if self.has_top5 and stage != "train":
+                top5 = self.metrics[f"{stage}_top5_{d}"]
+                top5(detached[g], y)
+                self.log(f"{stage}/top5@{d}", top5, on_step=False, on_epoch=True)
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss = self._shared_step(batch, "train")
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"The training loss became {loss.item()} at step {self.global_step}. Lower optim.lr, enable "
+                "gradient clipping (trainer.gradient_clip_val=1.0) or use precision=32; the last good "
+                "checkpoint is kept in the run's checkpoints/ folder."
+            )
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def _size_accuracies(self, stage: str) -> list[float]:
+        return [float(self.metrics[f"{stage}_acc_{d}"].compute()) for d in self.nesting]
+
+    def _sync_buffers_from_rank_zero(self) -> None:
+        # Under DDP every process updates its own BatchNorm running statistics after the last
+        # broadcast, so evaluation would mix slightly different models. Evaluating everywhere with rank
+        # zero's buffers (the ones the checkpoint stores) makes DDP metrics equal a single-process run.
+        if (
+            self.trainer.world_size > 1
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+        ):
+            for buffer in self.buffers():
+                if buffer.is_floating_point():
+                    torch.distributed.broadcast(buffer.data, src=0)
+
+    def on_validation_epoch_start(self) -> None:
+        self._sync_buffers_from_rank_zero()
+
+    def on_test_epoch_start(self) -> None:
+        self._sync_buffers_from_rank_zero()
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        # compute() syncs across processes, so every rank must call it; only rank zero draws.
+        accs = self._size_accuracies("val")
+        if self.trainer.is_global_zero:
+            log_accuracy_vs_size(
+                self.loggers, "val", self.nesting, accs, self.global_step, self.current_epoch
+            )
+
+    def on_test_epoch_end(self) -> None:
+        accs = self._size_accuracies("test")
+        if self.trainer.is_global_zero:
+            log_accuracy_vs_size(
+                self.loggers, "test", self.nesting, accs, self.global_step, self.current_epoch
+            )
+
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise ValueError("MatryoshkaModule needs an optimizer factory to train")
+        optimizer = self.optimizer_factory(self)
+        if self.scheduler_factory is None:
+            return optimizer
+        num_epochs = max(1, self.trainer.max_epochs or 1)
+        updates_per_epoch = max(1, math.ceil(self.trainer.estimated_stepping_batches / num_epochs))
+        scheduler, _ = self.scheduler_factory(
+            optimizer, num_epochs=num_epochs, updates_per_epoch=updates_per_epoch, step_on_epochs=False
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        # timm schedulers are stepped by update count (warmup + cosine per update), not by epoch.
+        scheduler.step_update(num_updates=self.global_step)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mrl_config"] = self.config
+        checkpoint["mrl_nesting"] = self.nesting

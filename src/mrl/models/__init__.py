@@ -1,0 +1,1 @@
+"""Networks: the timm backbone wrapper and the Matryoshka heads built from config."""

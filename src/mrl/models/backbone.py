@@ -1,0 +1,132 @@
+"""Backbones: any timm model as a feature extractor, with an optional projection to ``embed_dim``."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from mrl.errors import MRLError
+
+
+class ImageTooSmallError(MRLError):
+    """The backbone cannot process images of the data's size (too many downsampling stages)."""
+
+
+def check_model_name(name: str) -> None:
+    """Raise :class:`MRLError` with close matches when ``name`` is not a timm model."""
+    if timm.is_model(name):
+        return
+    suggestions = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(suggestions)}?" if suggestions else ""
+    raise MRLError(
+        f"Unknown backbone '{name}': timm has no model of that name.{hint} "
+        "List the choices with `python -c \"import timm; print(timm.list_models('*resnet*'))\"` "
+        "and pass one as backbone.name=<name>."
+    )
+
+
+def _create_timm_model(name: str, in_chans: int, img_size: int | None, **kwargs: Any) -> nn.Module:
+    # Models with a fixed input grid (ViT, Swin, ...) must be told the data's image size; others reject
+    # the argument, so try with it first and fall back without it.
+    if img_size is not None:
+        try:
+            return timm.create_model(name, num_classes=0, in_chans=in_chans, img_size=img_size, **kwargs)
+        except TypeError as err:
+            if "img_size" not in str(err):
+                raise
+    return timm.create_model(name, num_classes=0, in_chans=in_chans, **kwargs)
+
+
+def _pretrained_kwargs(name: str, pretrained: bool, pretrained_path: str | None) -> dict[str, Any]:
+    """timm arguments that load weights from a local file or the local Hugging Face cache only."""
+    if pretrained_path:
+        path = Path(pretrained_path).expanduser()
+        if not path.is_file():
+            raise MRLError(
+                f"backbone.pretrained_path={pretrained_path} does not exist. Point it at a local weights "
+                "file (.safetensors, .pth or .bin) for this timm model, or set backbone.pretrained=false."
+            )
+        return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
+    if pretrained:
+        # Never download at run time: cluster nodes are often offline. The cache is used if present.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return {"pretrained": True}
+    return {"pretrained": False}
+
+
+class TimmBackbone(nn.Module):
+    """A timm model with its classifier removed, returning pooled embeddings ``(B, embed_dim)``.
+
+    The pooled feature size is measured with a forward pass, since it is not always
+    ``model.num_features`` (models with a head projection, for example MobileNetV3, differ).
+    ``embed_dim`` adds a linear projection after pooling, so that for example a 512-d ResNet-18 can
+    learn a 2048-d Matryoshka embedding.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        in_chans: int = 3,
+        img_size: int | None = None,
+        embed_dim: int | None = None,
+        pretrained: bool = False,
+        pretrained_path: str | None = None,
+        drop_path_rate: float | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        check_model_name(name)
+        kwargs = dict(model_kwargs or {})
+        if drop_path_rate is not None:
+            kwargs["drop_path_rate"] = drop_path_rate
+        kwargs.update(_pretrained_kwargs(name, pretrained, pretrained_path))
+        try:
+            self.model = _create_timm_model(name, in_chans, img_size, **kwargs)
+        except MRLError:
+            raise
+        except (OSError, RuntimeError, ValueError) as err:
+            if not kwargs.get("pretrained"):
+                raise
+            raise MRLError(
+                f"Could not load pretrained weights for backbone '{name}' from local files ({err}). mrl "
+                "never downloads weights at run time: download them on a machine with internet (they go "
+                "to the Hugging Face cache, ~/.cache/huggingface) or save them to a file and pass "
+                "backbone.pretrained_path=<file>; or train from scratch with backbone.pretrained=false."
+            ) from err
+        self.name = name
+        self.in_chans = in_chans
+        self.img_size = img_size
+        self.feature_dim = self._measure_feature_dim()
+        self.projection = nn.Linear(self.feature_dim, embed_dim) if embed_dim else nn.Identity()
+        self.embed_dim = int(embed_dim) if embed_dim else self.feature_dim
+
+    @torch.no_grad()
+    def _measure_feature_dim(self) -> int:
+        size = self.img_size or self.data_config()["input_size"][-1]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self.model(torch.zeros(1, self.in_chans, size, size))
+        except RuntimeError as err:
+            raise ImageTooSmallError(
+                f"Backbone '{self.name}' cannot process {self.in_chans}x{size}x{size} images ({err}). Pick a "
+                "model that fits the data's image size (small images need models with few downsampling "
+                "stages, for example resnet18 or test_byobnet for 28x28), or resize the data with "
+                "data.img_size=<pixels> where the data module supports it."
+            ) from err
+        finally:
+            self.model.train(was_training)
+        return int(out.shape[-1])
+
+    def data_config(self) -> dict[str, Any]:
+        """timm's preprocessing config (input size, mean, std, interpolation, crop) of this model."""
+        return timm.data.resolve_model_data_config(self.model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.model(x))

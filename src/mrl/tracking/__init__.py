@@ -1,0 +1,1 @@
+"""Experiment tracking: W&B run setup, accuracy-vs-size charts and the job's result files."""

@@ -1,0 +1,58 @@
+"""The job's result files: ``results.json`` (final metrics) and a summary table on the terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so readers never see half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def metrics_to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Lightning's callback metrics (tensors) as plain floats, only the ``stage/name`` keys."""
+    out = {}
+    for key, value in metrics.items():
+        if "/" not in key:
+            continue
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def size_table(
+    results: Mapping[str, float], sizes: Sequence[int], stages: Sequence[str] = ("val", "test")
+) -> str:
+    """A fixed-width table of top-1 accuracy (%) per size for the given stages."""
+    stages = [s for s in stages if any(f"{s}/acc@{d}" in results for d in sizes)]
+    header = f"{'size':>6} " + " ".join(f"{s + ' top-1':>11}" for s in stages)
+    lines = [header, "-" * len(header)]
+    for d in sizes:
+        cells = []
+        for s in stages:
+            value = results.get(f"{s}/acc@{d}")
+            cells.append(f"{100 * value:>10.2f}%" if value is not None else f"{'-':>11}")
+        lines.append(f"{d:>6} " + " ".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,184 @@
+"""The training job: compose datamodule x backbone x Matryoshka head into Lightning, fit, test, report.
+
+Hydra-free on purpose: :func:`train` takes a resolved config, so the CLI, DDP worker processes and
+tests all run the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
+from lightning.pytorch.loggers import Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from mrl.errors import MRLError
+from mrl.lightning_module import MatryoshkaModule
+from mrl.models.backbone import ImageTooSmallError
+from mrl.models.heads import build_head
+from mrl.nn.matryoshka_loss import MatryoshkaLoss
+from mrl.tracking.charts import plot_accuracy_vs_size
+from mrl.tracking.results import metrics_to_floats, size_table, write_json
+
+log = logging.getLogger(__name__)
+
+
+def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets our own user errors through unwrapped.
+
+    Hydra wraps every exception raised by a target in an ``InstantiationException``; an
+    :class:`MRLError` inside must reach the CLI as itself, to be printed as one clear paragraph.
+    """
+    try:
+        return hydra_instantiate(node, *args, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, MRLError):
+            raise err.__cause__ from None
+        raise
+
+
+def build_module(cfg: DictConfig, num_classes: int, in_chans: int, img_size: int) -> MatryoshkaModule:
+    """Backbone, head and loss from config (also used by ``mrl-eval`` to rebuild a checkpoint's model)."""
+    backbone = instantiate(cfg.backbone, in_chans=in_chans, img_size=img_size)
+    head_cfg = OmegaConf.to_container(cfg.head, resolve=True)
+    head = build_head(embed_dim=backbone.embed_dim, num_classes=num_classes, **head_cfg)
+    weights = head_cfg.get("weights")
+    if weights is not None and len(weights) != len(head.nesting):
+        raise MRLError(
+            f"head.weights has {len(weights)} entries but the head trains {len(head.nesting)} sizes "
+            f"{head.nesting}: give one relative importance weight per size, or head.weights=null."
+        )
+    loss = MatryoshkaLoss(weights=weights, fused=head_cfg.get("fused", True), **cfg.get("loss", {}))
+    optimizer = instantiate(cfg.optim) if cfg.get("optim") else None
+    scheduler = instantiate(cfg.sched) if cfg.get("sched") and cfg.sched.get("_target_") else None
+    return MatryoshkaModule(
+        backbone,
+        head,
+        loss,
+        optimizer,
+        scheduler,
+        channels_last=bool(cfg.get("channels_last", False)),
+        compile=bool(cfg.get("compile", False)),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def build_module_for_data(cfg: DictConfig, datamodule) -> MatryoshkaModule:
+    """:func:`build_module` for ``datamodule``'s images, upsizing resizable small images (Fashion-MNIST's
+    28 px) to the smallest power of two a backbone with many downsampling stages accepts."""
+    try:
+        return build_module(cfg, datamodule.num_classes, datamodule.in_chans, datamodule.img_size)
+    except ImageTooSmallError:
+        if not datamodule.resizable or getattr(datamodule, "img_size_fixed", True):
+            raise
+        first_error = None
+        size = 32
+        while size <= 256:
+            try:
+                module = build_module(cfg, datamodule.num_classes, datamodule.in_chans, size)
+            except ImageTooSmallError as err:
+                first_error = first_error or err
+                size *= 2
+                continue
+            log.warning(
+                "Backbone %s needs images larger than %d px: resizing them to %d (set data.img_size "
+                "to choose).",
+                cfg.backbone.name,
+                datamodule.img_size,
+                size,
+            )
+            datamodule.resize(size)
+            return module
+        raise first_error from None
+
+
+def build_loggers(cfg: DictConfig) -> list[Logger]:
+    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and c.get("_target_")]
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise MRLError(
+            f"Cannot write to the output directory {output_dir} ({err.strerror}). Choose a writable place "
+            "with paths.log_dir=<dir> (or hydra.run.dir=<dir>) before training starts."
+        ) from err
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit (and test) the model ``cfg`` describes; return the final metrics written to results.json."""
+    output_dir = Path(cfg.paths.output_dir)
+    _check_output_dir(output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+
+    datamodule = instantiate(cfg.data)
+    module = build_module_for_data(cfg, datamodule)
+    datamodule.configure_transforms(module.backbone.data_config())
+    datamodule.prepare_data()
+
+    loggers = build_loggers(cfg)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and c.get("_target_")]
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    for logger in loggers:
+        logger.log_hyperparams(module.config)
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        results = metrics_to_floats(trainer.callback_metrics)
+        if cfg.get("test", True):
+            has_best = trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path
+            trainer.test(module, datamodule=datamodule, ckpt_path="best" if has_best else None, verbose=False)
+            results.update(metrics_to_floats(trainer.callback_metrics))
+        if trainer.is_global_zero:
+            _report(results, module.nesting, output_dir, loggers)
+    finally:
+        for logger in loggers:
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                import wandb
+
+                # Each job of a multirun gets its own W&B run.
+                if wandb.run is not None:
+                    wandb.finish()
+    return results
+
+
+def _report(results: dict[str, float], sizes: list[int], output_dir: Path, loggers: list[Logger]) -> None:
+    """results.json, the accuracy-vs-size PNG, W&B summary and the terminal table (rank zero only)."""
+    write_json(output_dir / "results.json", results)
+    stage = "test" if any(f"test/acc@{d}" in results for d in sizes) else "val"
+    png = plot_accuracy_vs_size(
+        {stage: (sizes, [results.get(f"{stage}/acc@{d}", float("nan")) for d in sizes])},
+        output_dir / "acc_vs_size.png",
+        title=f"{stage} top-1 accuracy vs embedding size",
+    )
+    wandb_dir = None
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            logger.experiment.summary.update(results)
+            logger.experiment.log({"acc_vs_size_png": wandb.Image(str(png))})
+            wandb_dir = logger.experiment.dir
+    lines = [
+        "",
+        f"Per-size top-1 accuracy ({', '.join(str(d) for d in sizes)}):",
+        size_table(results, sizes),
+        "",
+    ]
+    lines.append(f"results: {output_dir / 'results.json'}")
+    lines.append(f"plot:    {png}")
+    if wandb_dir:
+        run_dir = Path(wandb_dir).parent
+        lines.append(f"W&B run: {run_dir}  (upload with `wandb sync {run_dir}`)")
+    print("\n".join(lines), flush=True)

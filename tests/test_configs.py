@@ -1,0 +1,73 @@
+"""Every config group option and every experiment recipe composes."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from mrl.cli.common import register_resolvers
+from mrl.config_path import config_dir
+
+CONF = Path(config_dir())
+GROUPS = ["data", "backbone", "head", "optim", "sched", "trainer", "logger", "callbacks"]
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def _compose(*overrides: str):
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_every_group_has_options():
+    assert {g for g, _ in OPTIONS} == set(GROUPS)
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS)
+def test_group_option_composes(group, option):
+    extra = ["data.root=/data/imagenet"] if option == "imagefolder" else []
+    cfg = _compose(f"{group}={option}", *extra)
+    OmegaConf.resolve(cfg.get(group)) if isinstance(cfg.get(group), dict) else None
+    assert group in cfg
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes(name):
+    cfg = _compose(f"experiment={name}")
+    assert cfg.trainer.max_epochs >= 1
+
+
+def test_defaults_are_the_embedded_default_job():
+    cfg = _compose()
+    assert cfg.data._target_.endswith("FashionMNISTDataModule")
+    assert cfg.head.kind == "mrl"
+    assert cfg.trainer.accelerator == "cpu"
+    assert cfg.logger.wandb.offline is True
+    assert cfg.hydra.run.dir != cfg.hydra.sweep.dir
+
+
+def test_packaged_config_dir_is_found():
+    assert (CONF / "train.yaml").is_file()
+    assert EXPERIMENTS, "experiments/ must hold at least one recipe"
+
+
+@pytest.mark.parametrize("override", ["hydra/launcher=slurm", "hparams_search=optuna"])
+def test_launcher_and_sweeper_compose(override):
+    cfg = _compose(override, "trainer=ddp", "trainer.devices=4")
+    if "slurm" in override:
+        assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+        assert cfg.hydra.launcher.tasks_per_node == 4 and cfg.hydra.launcher.gpus_per_node == 4
+    else:
+        assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+        assert cfg.optimized_metric == "val/acc@full"
+
+
+def test_optimized_value_full_alias():
+    from mrl.cli.train import optimized_value
+
+    results = {"val/acc@8": 0.5, "val/acc@64": 0.9, "val/loss": 1.0}
+    assert optimized_value(results, "val/acc@full") == 0.9
+    assert optimized_value(results, "val/acc@8") == 0.5
+    assert optimized_value(results, None) is None

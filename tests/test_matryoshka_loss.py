@@ -1,0 +1,66 @@
+"""MatryoshkaLoss against a plain loop of cross-entropies, as the paper's code computes it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mrl import MatryoshkaLoss
+
+
+def reference_loss(logits, target, weights=None, **kwargs):
+    weights = [1.0] * logits.shape[0] if weights is None else weights
+    return sum(w * F.cross_entropy(lg, target, **kwargs) for w, lg in zip(weights, logits, strict=True))
+
+
+CASES = [
+    {},
+    {"weights": [2.0, 1.0, 1.0, 0.5]},
+    {"label_smoothing": 0.1},
+    {"ignore_index": 3},
+    {"weights": [1.0, 2.0, 3.0, 4.0], "label_smoothing": 0.2, "ignore_index": 1},
+    {"weight": [0.5, 1.0, 2.0, 1.0, 1.5, 1.0]},
+    {"weight": [0.5, 1.0, 2.0, 1.0, 1.5, 1.0], "ignore_index": 0, "label_smoothing": 0.1},
+    {"reduction": "sum"},
+]
+
+
+@pytest.mark.parametrize("kwargs", CASES)
+@pytest.mark.parametrize("fused", [True, False])
+def test_value_and_gradient_equal_reference(kwargs, fused):
+    torch.manual_seed(0)
+    logits = torch.randn(4, 9, 6, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 6, (9,))
+    loss_fn = MatryoshkaLoss(fused=fused, **kwargs).double()
+    loss = loss_fn(logits, target)
+    (grad,) = torch.autograd.grad(loss, logits)
+
+    ref_kwargs = dict(kwargs)
+    weights = ref_kwargs.pop("weights", None)
+    if "weight" in ref_kwargs:
+        ref_kwargs["weight"] = torch.tensor(ref_kwargs["weight"], dtype=torch.float64)
+    ref = reference_loss(logits, target, weights, **ref_kwargs)
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_per_size_losses():
+    torch.manual_seed(1)
+    logits, target = torch.randn(3, 5, 4), torch.randint(0, 4, (5,))
+    per_size = MatryoshkaLoss().per_size(logits, target)
+    torch.testing.assert_close(per_size, torch.stack([F.cross_entropy(lg, target) for lg in logits]))
+
+
+def test_weights_follow_the_module_and_the_logits_device():
+    loss_fn = MatryoshkaLoss(weights=[1.0, 2.0])
+    assert "weights" in dict(loss_fn.named_buffers())
+    assert loss_fn.to(torch.float64).weights.dtype == torch.float64
+    # Logits on another device (meta stands in for a GPU here): the weights are moved to them.
+    logits = torch.randn(2, 4, 3, device="meta")
+    target = torch.zeros(4, dtype=torch.long, device="meta")
+    assert loss_fn(logits, target).device.type == "meta"
+
+
+def test_wrong_number_of_weights_is_explained():
+    with pytest.raises(ValueError, match="one weight per size"):
+        MatryoshkaLoss(weights=[1.0, 2.0])(torch.randn(3, 2, 4), torch.tensor([0, 1]))

@@ -1,0 +1,117 @@
+"""The real `mrl-train` command, end to end on tiny data."""
+
+import os
+import subprocess
+
+import pytest
+import torch
+import yaml
+
+from conftest import BIN, TINY, read_results, wandb_inspect, wandb_run_dirs
+
+pytestmark = pytest.mark.slow
+
+
+def test_every_head_trains_in_one_multirun(run_cli):
+    result = run_cli(
+        "mrl-train",
+        "-m",
+        "head=mrl,mrl_e,ff,standard",
+        "head.nesting=[2,8,32]",
+        "head.dim=8",
+        "logger=csv",
+        *TINY,
+    )
+    assert result.returncode == 0, result.output
+    jobs = result.sweep_job_dirs()
+    assert len(jobs) == 4
+    expected_sizes = {"mrl": [2, 8, 32], "mrl_e": [2, 8, 32], "ff": [8], "standard": [256]}
+    for job in jobs:
+        cfg = yaml.safe_load((job / "resolved_config.yaml").read_text())
+        results = read_results(job)
+        sizes = expected_sizes[cfg["head"]["kind"]]
+        for stage in ("train", "val", "test"):
+            for d in sizes:
+                assert 0.0 <= results[f"{stage}/acc@{d}"] <= 1.0
+        assert {k for k in results if k.startswith("test/acc@")} == {f"test/acc@{d}" for d in sizes}
+        assert "val/loss" in results and "train/loss" in results
+        assert (job / "acc_vs_size.png").stat().st_size > 1000
+        assert (job / "checkpoints" / "last.ckpt").is_file()
+        ckpt = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert ckpt["mrl_nesting"] == sizes
+
+
+def test_multirun_writes_one_wandb_group_with_size_curves(run_cli):
+    result = run_cli("mrl-train", "-m", "head=mrl,mrl_e", "head.nesting=[4,16,64]", *TINY)
+    assert result.returncode == 0, result.output
+    jobs = result.sweep_job_dirs()
+    assert len(jobs) == 2
+    groups, run_ids = set(), set()
+    for job in jobs:
+        runs = wandb_run_dirs(job)
+        assert len(runs) == 1, runs
+        summary, history = wandb_inspect(runs[0])
+        assert summary["state"] == "finished" or summary["exit_code"] == 0
+        groups.add(summary["config"]["logger"]["wandb"]["group"])
+        run_ids.add(summary["run_id"])
+        for d in (4, 16, 64):
+            assert any(f"val/acc@{d}" in row for row in history), f"val/acc@{d} missing from W&B history"
+            assert summary["summary"][f"test/acc@{d}"] == pytest.approx(read_results(job)[f"test/acc@{d}"])
+        table_rows = [row for row in history if any(k.startswith("val/acc_vs_size.") for k in row)]
+        assert table_rows and table_rows[-1]["val/acc_vs_size.nrows"] == 3
+        assert table_rows[-1]["val/acc_vs_size._type"] == "table-file"
+    assert len(groups) == 1 and len(run_ids) == 2
+    assert groups.pop() == jobs[0].parent.name
+
+
+def test_run_dirs_never_collide(tmp_path):
+    """Two jobs started in the same second get two output dirs."""
+    env = {**os.environ, "MRL_LOG_DIR": str(tmp_path / "logs"), "WANDB_MODE": "offline"}
+    args = [
+        str(BIN / "mrl-train"),
+        "logger=none",
+        "test=false",
+        *TINY,
+        "data.train_size=32",
+        "data.val_size=32",
+    ]
+    procs = [
+        subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(2)
+    ]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    runs = sorted((tmp_path / "logs" / "train" / "runs").glob("*"))
+    assert len(runs) == 2 and all((r / "results.json").is_file() for r in runs)
+
+
+def test_fashion_mnist_job_and_terminal_summary(run_cli, tiny_fashion_mnist):
+    result = run_cli(
+        "mrl-train",
+        f"data.data_dir={tiny_fashion_mnist}",
+        "data.val_size=100",
+        "trainer.max_epochs=1",
+        "logger=csv",
+        "threads=1",
+    )
+    assert result.returncode == 0, result.output
+    (job,) = result.run_dirs()
+    results = read_results(job)
+    assert "test/acc@1" in results and "test/acc@256" in results
+    assert "Per-size top-1 accuracy" in result.stdout
+    assert str(job / "results.json") in result.stdout
+
+
+def test_backbone_needing_larger_images_gets_resized_data(run_cli, tiny_fashion_mnist):
+    result = run_cli(
+        "mrl-train",
+        "backbone.name=convnext_atto",
+        f"data.data_dir={tiny_fashion_mnist}",
+        "data.val_size=100",
+        "trainer.max_epochs=1",
+        "logger=none",
+        "threads=1",
+    )
+    assert result.returncode == 0, result.output
+    assert "resizing them to 32" in result.output
+    (job,) = result.run_dirs()
+    assert "test/acc@320" in read_results(job)
