@@ -69,6 +69,8 @@ class MatryoshkaModule(L.LightningModule):
                         num_classes, top_k=5, average="micro", validate_args=False
                     )
         self.has_top5 = top5
+        self._loss_sums: dict[str, torch.Tensor] = {}
+        self._loss_counts: dict[str, int] = {}
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
 
@@ -104,30 +106,37 @@ class MatryoshkaModule(L.LightningModule):
             prog_bar=True,
             batch_size=y.shape[0],
         )
+        # Per-size metrics are only accumulated here and logged once per epoch (_log_epoch_metrics):
+        # a self.log call per size per step would cost more than the model on a small network.
         detached = logits.detach()
+        self._loss_sums[stage] = self._loss_sums.get(stage, 0) + per_size.detach() * y.shape[0]
+        self._loss_counts[stage] = self._loss_counts.get(stage, 0) + y.shape[0]
         for g, d in enumerate(self.nesting):
-            self.log(
-                f"{stage}/loss@{d}",
-                per_size[g],
-                on_step=False,
-                on_epoch=True,
-                sync_dist=True,
-                batch_size=y.shape[0],
-            )
-            acc = self.metrics[f"{stage}_acc_{d}"]
-            acc(detached[g], y)
-            self.log(
-                f"{stage}/acc@{d}",
-                acc,
-                on_step=False,
-                on_epoch=True,
-                prog_bar=stage != "train" and g == len(self.nesting) - 1,
-            )
+            self.metrics[f"{stage}_acc_{d}"].update(detached[g], y)
+            if self.has_top5 and stage != "train":
+                self.metrics[f"{stage}_top5_{d}"].update(detached[g], y)
+        return loss
+
+    def _log_epoch_metrics(self, stage: str) -> list[float]:
+        """Log ``{stage}/acc@{d}``, ``top5@{d}`` and ``loss@{d}`` for the epoch; return top-1 per size.
+
+        ``compute()`` synchronises the torchmetrics states across DDP processes, so every rank calls it.
+        """
+        accs = []
+        sums, count = self._loss_sums.pop(stage, None), self._loss_counts.pop(stage, 0)
+        for g, d in enumerate(self.nesting):
+            metric = self.metrics[f"{stage}_acc_{d}"]
+            acc = metric.compute()
+            metric.reset()
+            accs.append(float(acc))
+            self.log(f"{stage}/acc@{d}", acc, prog_bar=stage != "train" and g == len(self.nesting) - 1)
             if self.has_top5 and stage != "train":
                 top5 = self.metrics[f"{stage}_top5_{d}"]
-                top5(detached[g], y)
-                self.log(f"{stage}/top5@{d}", top5, on_step=False, on_epoch=True)
-        return loss
+                self.log(f"{stage}/top5@{d}", top5.compute())
+                top5.reset()
+            if sums is not None:
+                self.log(f"{stage}/loss@{d}", sums[g] / count, sync_dist=True)
+        return accs
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self._shared_step(batch, "train")
@@ -145,9 +154,6 @@ class MatryoshkaModule(L.LightningModule):
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._shared_step(batch, "test")
-
-    def _size_accuracies(self, stage: str) -> list[float]:
-        return [float(self.metrics[f"{stage}_acc_{d}"].compute()) for d in self.nesting]
 
     def _sync_buffers_from_rank_zero(self) -> None:
         # Under DDP every process updates its own BatchNorm running statistics after the last
@@ -168,18 +174,18 @@ class MatryoshkaModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._sync_buffers_from_rank_zero()
 
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_metrics("train")
+
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:
-            return
-        # compute() syncs across processes, so every rank must call it; only rank zero draws.
-        accs = self._size_accuracies("val")
-        if self.trainer.is_global_zero:
+        accs = self._log_epoch_metrics("val")
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             log_accuracy_vs_size(
                 self.loggers, "val", self.nesting, accs, self.global_step, self.current_epoch
             )
 
     def on_test_epoch_end(self) -> None:
-        accs = self._size_accuracies("test")
+        accs = self._log_epoch_metrics("test")
         if self.trainer.is_global_zero:
             log_accuracy_vs_size(
                 self.loggers, "test", self.nesting, accs, self.global_step, self.current_epoch

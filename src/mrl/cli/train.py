@@ -70,11 +70,14 @@ def optimized_value(results: dict[str, float], metric: str | None) -> float | No
         return None
     if metric.endswith("@full"):
         prefix = metric[: -len("full")]
-        sizes = [int(k[len(prefix) :]) for k in results if k.startswith(prefix) and k[len(prefix) :].isdigit()]
+        sizes = [
+            int(k[len(prefix) :]) for k in results if k.startswith(prefix) and k[len(prefix) :].isdigit()
+        ]
         metric = f"{prefix}{max(sizes)}" if sizes else metric
     if metric not in results:
         raise MRLError(
-            f"optimized_metric={metric} was not logged by this job; choose one of: {', '.join(sorted(results))}."
+            f"optimized_metric={metric} was not logged by this job; choose one of: "
+            f"{', '.join(sorted(results))}."
         )
     return results[metric]
 
