@@ -115,3 +115,21 @@ def test_backbone_needing_larger_images_gets_resized_data(run_cli, tiny_fashion_
     assert "resizing them to 32" in result.output
     (job,) = result.run_dirs()
     assert "test/acc@320" in read_results(job)
+
+
+def test_ema_and_compile_options_train(run_cli):
+    result = run_cli(
+        "mrl-train",
+        "callbacks=ema",
+        "compile=true",
+        "head=mrl_e",
+        "head.nesting=[4,256]",
+        "logger=none",
+        *TINY,
+    )
+    assert result.returncode == 0, result.output[-3000:]
+    (job,) = result.run_dirs()
+    ckpt = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    # In-place compile keeps parameter names: the checkpoint loads into an uncompiled model.
+    assert not any("_orig_mod" in k for k in ckpt["state_dict"])
+    assert any("EMAWeightAveraging" in k or "WeightAveraging" in k for k in ckpt.get("callbacks", {}))
