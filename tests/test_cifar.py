@@ -1,0 +1,91 @@
+"""CIFAR-10/100 datamodules on small generated data written in torchvision's on-disk format."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import read_results
+from mrl.data.cifar import CIFAR10DataModule, CIFAR100DataModule, random_crop
+from mrl.errors import MRLError
+
+
+def write_cifar(root, kind: str, per_file: int = 20, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    if kind == "cifar10":
+        folder, files, key, classes = (
+            root / "cifar-10-batches-py",
+            [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"],
+            "labels",
+            10,
+        )
+    else:
+        folder, files, key, classes = root / "cifar-100-python", ["train", "test"], "fine_labels", 100
+    folder.mkdir(parents=True)
+    for name in files:
+        n = per_file * (5 if kind == "cifar100" and name == "train" else 1)
+        labels = rng.integers(0, classes, size=n).tolist()
+        data = rng.integers(0, 256, size=(n, 3 * 32 * 32), dtype=np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data, key: labels}, f)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("cls", "kind", "classes"), [(CIFAR10DataModule, "cifar10", 10), (CIFAR100DataModule, "cifar100", 100)]
+)
+def test_reads_the_release_format(tmp_path, cls, kind, classes):
+    write_cifar(tmp_path, kind)
+    dm = cls(data_dir=str(tmp_path), val_size=10, batch_size=8)
+    dm.setup()
+    assert dm.num_classes == classes and dm.in_chans == 3 and dm.img_size == 32
+    assert [len(dm.datasets[s]) for s in ("train", "val", "test")] == [90, 10, 20]
+    x, y = next(iter(dm.val_dataloader()))
+    assert x.dtype == torch.uint8 and x.shape == (8, 3, 32, 32)
+    xn, _ = dm.on_after_batch_transfer((x, y), 0)
+    expected = (x.float() / 255 - torch.tensor(cls.mean).view(1, 3, 1, 1)) / torch.tensor(cls.std).view(
+        1, 3, 1, 1
+    )
+    torch.testing.assert_close(xn, expected)
+
+
+def test_missing_and_corrupt_files_are_explained(tmp_path):
+    with pytest.raises(MRLError, match=r"CIFAR10 not found .*data.download=true"):
+        CIFAR10DataModule(data_dir=str(tmp_path)).setup()
+    write_cifar(tmp_path, "cifar10")
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(MRLError, match="corrupt"):
+        CIFAR10DataModule(data_dir=str(tmp_path), val_size=10).setup()
+
+
+def test_random_crop_matches_a_plain_loop():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    torch.manual_seed(1)
+    out = random_crop(x, 2)
+    torch.manual_seed(1)
+    dy, dx = torch.randint(0, 5, (6,)), torch.randint(0, 5, (6,))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(6):
+        torch.testing.assert_close(out[i], padded[i, :, dy[i] : dy[i] + 8, dx[i] : dx[i] + 8])
+
+
+@pytest.mark.slow
+def test_trains_through_the_cli(run_cli, tmp_path):
+    write_cifar(tmp_path / "data", "cifar10")
+    result = run_cli(
+        "mrl-train",
+        "data=cifar10",
+        f"data.data_dir={tmp_path / 'data'}",
+        "data.val_size=20",
+        "data.batch_size=16",
+        "backbone.name=resnet18",
+        "head.nesting=[8,64,512]",
+        "trainer.max_epochs=1",
+        "logger=none",
+        "threads=1",
+    )
+    assert result.returncode == 0, result.output[-3000:]
+    (job,) = result.run_dirs()
+    assert 0.0 <= read_results(job)["test/acc@512"] <= 1.0
