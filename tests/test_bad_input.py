@@ -1,5 +1,7 @@
 """Bad input gets one clear paragraph, a non-zero exit and no traceback."""
 
+import os
+
 import pytest
 
 from conftest import TINY
@@ -13,6 +15,7 @@ CASES = [
     (["data.data_dir=/nonexistent/fmnist"], ["Fashion-MNIST not found", "data.download=true"]),
     (["head=transformer"], ["head", "Available options", "mrl_e"]),
     (["head.weights=[1,2]", "head.nesting=[4,8,16]"], ["one relative importance weight per size"]),
+    (["trainr.max_epochs=3"], ["trainr", "HYDRA_FULL_ERROR"]),
 ]
 
 
@@ -25,3 +28,111 @@ def test_bad_input_is_explained(run_cli, overrides, expected):
     for text in expected:
         assert text in result.output, result.output
     assert not list((result.log_dir / "train" / "runs").glob("*/results.json"))
+
+
+# Rows of docs/bad_inputs.md that need a prepared file or an earlier run (the table above covers the rest).
+def _earlier_run(run_cli, tmp_path):
+    result = run_cli("mrl-train", *TINY, "logger=none", "test=false", "hydra.run.dir=earlier")
+    assert result.returncode == 0, result.output[-2000:]
+    return tmp_path / "earlier"
+
+
+def _fingerprint(run_dir):
+    # Hydra's record of a (refused) resume attempt goes to .hydra/resume/, beside the original's.
+    files = (p for p in sorted(run_dir.rglob("*")) if p.is_file() and p.suffix != ".log")
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in files if ".hydra/resume" not in str(p)}
+
+
+def _assert_clear_failure(result, *expected):
+    assert result.returncode != 0
+    assert "Traceback" not in result.output, result.output[-3000:]
+    for text in expected:
+        assert text in result.output, result.output[-3000:]
+
+
+def test_corrupt_missing_and_malicious_checkpoints_are_refused(run_cli, tmp_path):
+    import torch
+
+    earlier = _earlier_run(run_cli, tmp_path)
+    before = _fingerprint(earlier)
+    ckpt = earlier / "checkpoints" / "last.ckpt"
+
+    _assert_clear_failure(run_cli("mrl-train", *TINY, f"ckpt_path={tmp_path}/none.ckpt"), "does not exist")
+    _assert_clear_failure(
+        run_cli("mrl-train", f"resume={tmp_path}/nowhere"), "not an mrl-train run directory"
+    )
+    _assert_clear_failure(
+        run_cli("mrl-train", f"resume={earlier}", "head=mrl_e"), "changes a whole config group"
+    )
+    _assert_clear_failure(
+        run_cli("mrl-train", *TINY, "backbone.name=resnet18", "logger=none", f"ckpt_path={ckpt}"),
+        "trained with a different model",
+        "backbone.name",
+    )
+    _assert_clear_failure(
+        run_cli("mrl-train", *TINY, "data.num_classes=5", "logger=none", f"ckpt_path={ckpt}"),
+        "data.num_classes",
+    )
+    assert _fingerprint(earlier) == before
+
+    # Corrupt (truncated) last.ckpt, then none at all, through the real resume path.
+    good = ckpt.read_bytes()
+    ckpt.write_bytes(good[: len(good) // 3])
+    _assert_clear_failure(run_cli("mrl-train", f"resume={earlier}"), "corrupt or truncated")
+    ckpt.unlink()
+    _assert_clear_failure(run_cli("mrl-train", f"resume={earlier}"), "no checkpoint to resume from")
+
+    # A checkpoint that runs code when unpickled: refused, and the code never runs.
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"state_dict": {}, "payload": Evil()}, ckpt)
+    _assert_clear_failure(run_cli("mrl-train", f"resume={earlier}"), "Refusing to load")
+    assert not marker.exists()
+    assert (earlier / "results.json").read_bytes() == before["results.json"]
+
+
+def test_unwritable_output_dir_is_reported_before_training(run_cli, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    result = run_cli("mrl-train", *TINY, "logger=none", f"hydra.run.dir={blocker}/run")
+    _assert_clear_failure(result)
+    assert "Epoch 0" not in result.output
+
+
+def test_nan_loss_stops_clearly_and_keeps_the_last_good_checkpoint(run_cli, tmp_path):
+    import torch
+
+    result = run_cli(
+        "mrl-train",
+        *TINY,
+        "logger=none",
+        "optim=sgd",
+        "optim.lr=1e12",
+        "sched=none",
+        "checkpoint_every_n_steps=1",
+        "hydra.run.dir=nan",
+    )
+    _assert_clear_failure(result, "training loss became", "last good checkpoint")
+    last = tmp_path / "nan" / "checkpoints" / "last.ckpt"
+    if last.exists():
+        state = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_wandb_online_without_credentials_falls_back_to_offline(run_cli, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    result = run_cli(
+        "mrl-train",
+        *TINY,
+        "logger.wandb.offline=false",
+        "hydra.run.dir=online",
+        env={"WANDB_MODE": "", "WANDB_API_KEY": "", "HOME": str(home), "NETRC": str(home / ".netrc")},
+    )
+    assert result.returncode == 0, result.output[-3000:]
+    assert "logging offline" in result.output
+    assert list((tmp_path / "online" / "wandb").glob("offline-run-*"))

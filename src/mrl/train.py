@@ -7,6 +7,8 @@ tests all run the same code.
 from __future__ import annotations
 
 import logging
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,11 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mrl.callbacks import RestoreLoaderPosition, debug_hooks
+from mrl.checkpoints import check_compatible, load_checkpoint
 from mrl.errors import MRLError
 from mrl.lightning_module import MatryoshkaModule
 from mrl.models.backbone import ImageTooSmallError
@@ -98,7 +103,38 @@ def build_module_for_data(cfg: DictConfig, datamodule) -> MatryoshkaModule:
 
 
 def build_loggers(cfg: DictConfig) -> list[Logger]:
-    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and c.get("_target_")]
+    loggers = []
+    for node in (cfg.get("logger") or {}).values():
+        if not node or not node.get("_target_"):
+            continue
+        if node._target_.endswith("WandbLogger") and not node.get("offline", False):
+            node = _wandb_online_or_offline(node)
+        loggers.append(instantiate(node))
+    return loggers
+
+
+def _wandb_online_or_offline(node: DictConfig) -> DictConfig:
+    """Online W&B without credentials (or without a reachable server) logs offline instead of failing
+    the job: the run directory can be uploaded later with ``wandb sync``."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return node
+    import wandb
+
+    try:
+        ok = wandb.login(prompt=False)
+        reason = "no W&B credentials found (run `wandb login` or set WANDB_API_KEY)"
+    except Exception as err:  # network and auth errors come in many types
+        ok, reason = False, f"W&B login failed ({' '.join(str(err).split())[:200]})"
+    if ok:
+        return node
+    log.warning(
+        "logger.wandb.offline=false but %s: logging offline instead; upload later with `wandb sync`.", reason
+    )
+    warnings.warn(f"W&B online requested but {reason}; logging offline.", stacklevel=2)
+    node = node.copy()
+    with open_dict(node):
+        node.offline = True
+    return node
 
 
 def _check_output_dir(output_dir: Path) -> None:
@@ -126,19 +162,42 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = build_module_for_data(cfg, datamodule)
     datamodule.configure_transforms(module.backbone.data_config())
     datamodule.prepare_data()
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:
+        # Read (safely) and checked here, before training starts, so a wrong file gets a clear message.
+        check_compatible(load_checkpoint(ckpt_path), module, ckpt_path, module.config)
 
-    loggers = build_loggers(cfg)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and c.get("_target_")]
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    callbacks += [RestoreLoaderPosition(), *debug_hooks()]
+    loggers = build_loggers(cfg)  # W&B starts lazily, at log_hyperparams below
+    try:
+        trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    except (InstantiationException, MisconfigurationException) as err:
+        cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
+        if not isinstance(cause, MisconfigurationException):
+            raise
+        raise MRLError(
+            f"The trainer settings do not work on this machine: {' '.join(str(cause).split())} Choose "
+            "another trainer (trainer=cpu, trainer=ddp_cpu) or fix the trainer.* overrides."
+        ) from None
     for logger in loggers:
         logger.log_hyperparams(module.config)
 
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except FloatingPointError as err:
+            raise MRLError(f"{err} (checkpoints: {output_dir / 'checkpoints'})") from None
         results = metrics_to_floats(trainer.callback_metrics)
         if cfg.get("test", True):
             has_best = trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path
-            trainer.test(module, datamodule=datamodule, ckpt_path="best" if has_best else None, verbose=False)
+            trainer.test(
+                module,
+                datamodule=datamodule,
+                ckpt_path="best" if has_best else None,
+                verbose=False,
+                weights_only=True,
+            )
             results.update(metrics_to_floats(trainer.callback_metrics))
         if trainer.is_global_zero:
             _report(results, module.nesting, output_dir, loggers)

@@ -11,7 +11,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mrl.cli.common import register_resolvers, report_user_errors
+from mrl.cli.common import fail, register_resolvers, report_user_errors
+from mrl.cli.resume import RESOLVED_CONFIG_NAME, ensure_wandb_id, requeued_run, resume_argv, resume_config
 from mrl.config_path import config_dir
 from mrl.errors import MRLError
 
@@ -21,7 +22,6 @@ from mrl.errors import MRLError
 # the launching process writes its resolved config to the job dir and names it in this variable, which
 # the workers inherit: a worker then skips Hydra and trains from that file in the same output dir.
 DDP_CONFIG_ENV = "MRL_DDP_CONFIG"
-RESOLVED_CONFIG_NAME = "resolved_config.yaml"
 
 
 def _is_ddp_worker() -> bool:
@@ -50,8 +50,15 @@ def _fill_run_names(cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> float | None:
     from mrl.train import train  # heavy imports after Hydra has parsed the command line
 
-    _fill_run_names(cfg)
-    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    out = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.get("resume") or requeued_run(out):
+        # Same config, checkpoint and W&B run id as the stopped run (see mrl/cli/resume.py).
+        resolved = resume_config(out, list(HydraConfig.get().overrides.task))
+        print(f"Resuming {out} from {resolved.ckpt_path}", file=sys.stderr, flush=True)
+    else:
+        _fill_run_names(cfg)
+        ensure_wandb_id(cfg)
+        resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     out = Path(resolved.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / RESOLVED_CONFIG_NAME
@@ -94,6 +101,10 @@ def main() -> None:
         run_ddp_worker()
         return
     register_resolvers()
+    try:
+        sys.argv = resume_argv(sys.argv)
+    except MRLError as err:
+        fail(str(err))
     hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(run)()
 
 

@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random order that is a function of ``(seed, epoch)`` alone.
+
+    The permutation is drawn lazily, at the first index taken from an iterator, from the epoch the
+    trainer is in then: Lightning creates the next epoch's iterator before it announces the epoch
+    (``set_epoch``), and a resumed run creates it once more. torchdata's loader restores the position
+    within an epoch by skipping the indices already used.
+    """
+
+    def __init__(self, length: int, seed: int, epoch: Callable[[], int]) -> None:
+        self.length, self.seed, self.epoch = length, seed, epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch())
+        yield from torch.randperm(self.length, generator=generator).tolist()
 
 
 class MRLDataModule(L.LightningDataModule):
@@ -46,15 +68,38 @@ class MRLDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup(None)
-        return DataLoader(
-            self.datasets[split],
+        # The training loader is stateful (torchdata): Lightning saves its position in every checkpoint
+        # and restores it on resume, so a run resumed mid-epoch sees the batches an uninterrupted run
+        # would. Its order never depends on the global RNG state: a seeded sampler on one process; under
+        # DDP Lightning's DistributedSampler (seeded, set_epoch).
+        dataset = self.datasets[split]
+        sampler = None
+        if train and getattr(self.trainer, "world_size", 1) <= 1:
+            sampler = EpochShuffleSampler(len(dataset), int(getattr(self, "seed", 0)), self._epoch)
+        return (StatefulDataLoader if train else DataLoader)(
+            dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            shuffle=train if sampler is None else None,
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _epoch(self) -> int:
+        # Outside a Lightning fit (benchmarks, tools with a stand-in trainer) there is no fit loop: epoch 0.
+        fit_loop = getattr(self.trainer, "fit_loop", None)
+        return fit_loop.epoch_progress.current.processed if fit_loop is not None else 0
+
+    def augmentation_generator(self, device: torch.device) -> torch.Generator:
+        """A generator for this training batch's random augmentation, seeded from (seed, epoch, step,
+        rank) rather than the global RNG state, so a resumed run draws what an uninterrupted one would."""
+        trainer = self.trainer
+        step = (trainer.current_epoch, trainer.global_step, trainer.global_rank) if trainer else (0, 0, 0)
+        seed = int(getattr(self, "seed", 0))
+        mixed = hash((seed, *step)) & 0x7FFF_FFFF_FFFF_FFFF  # hash of ints is stable across processes
+        return torch.Generator(device=device).manual_seed(mixed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
@@ -71,7 +116,12 @@ class MRLDataModule(L.LightningDataModule):
 
 
 def normalize_uint8_batch(
-    x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, flip: bool, img_size: int | None = None
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    flip: bool,
+    img_size: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """uint8 images ``(B, C, H, W)`` -> normalised floats, with a random horizontal flip when ``flip``
     and a bilinear resize to ``img_size`` when it differs from the stored size.
@@ -85,6 +135,6 @@ def normalize_uint8_batch(
             x, size=(img_size, img_size), mode="bilinear", align_corners=False
         )
     if flip:
-        flipped = torch.rand(x.shape[0], device=x.device) < 0.5
+        flipped = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
         x = torch.where(flipped[:, None, None, None], x.flip(-1), x)
     return (x - mean.to(x.device).view(1, -1, 1, 1)) / std.to(x.device).view(1, -1, 1, 1)

@@ -113,17 +113,18 @@ class _CIFARDataModule(MRLDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch
         training = self.trainer is not None and self.trainer.training and self.augment
+        gen = self.augmentation_generator(x.device) if training else None
         if training and self.crop_padding:
-            x = random_crop(x, self.crop_padding)
-        return normalize_uint8_batch(x, self._mean, self._std, flip=training), y
+            x = random_crop(x, self.crop_padding, generator=gen)
+        return normalize_uint8_batch(x, self._mean, self._std, flip=training, generator=gen), y
 
 
-def random_crop(x: torch.Tensor, padding: int) -> torch.Tensor:
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Zero-pad a batch by ``padding`` px and crop each image back to its size at a random offset."""
     b, _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (b,), device=x.device)
-    dx = torch.randint(0, 2 * padding + 1, (b,), device=x.device)
+    dy = torch.randint(0, 2 * padding + 1, (b,), device=x.device, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (b,), device=x.device, generator=generator)
     rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])[:, None, None, :]
     batch_idx = torch.arange(b, device=x.device)[:, None, None, None]

@@ -140,6 +140,12 @@ class FashionMNISTDataModule(MRLDataModule):
                 raise MRLError(
                     f"{img_path} and {lbl_path} do not match (shapes {images.shape}, {labels.shape})."
                 )
+            if labels.size and int(labels.max()) >= self.num_classes:
+                raise MRLError(
+                    f"{lbl_path} holds label {int(labels.max())}, but Fashion-MNIST has {self.num_classes} "
+                    f"classes (0..{self.num_classes - 1}): the labels do not match this data set. Point "
+                    "data.data_dir at the Fashion-MNIST files, or use data=imagefolder for other data."
+                )
             arrays[split] = (
                 torch.from_numpy(images.copy()).unsqueeze(1),
                 torch.from_numpy(labels.astype(np.int64)),
@@ -160,9 +166,10 @@ class FashionMNISTDataModule(MRLDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch
-        training = self.trainer is not None and self.trainer.training
+        flip = self.trainer is not None and self.trainer.training and self.augment
+        gen = self.augmentation_generator(x.device) if flip else None
         return normalize_uint8_batch(
-            x, self.mean, self.std, flip=training and self.augment, img_size=self.img_size
+            x, self.mean, self.std, flip=flip, img_size=self.img_size, generator=gen
         ), y
 
 

@@ -1,0 +1,118 @@
+"""Safe checkpoint loading and the checks that a checkpoint fits the model it is loaded into.
+
+Checkpoints are always read with ``torch.load(..., weights_only=True)``: tensors and plain containers
+only, so a file crafted to run code when unpickled is refused instead of executed.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mrl.errors import MRLError
+
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.ckpt"
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a Lightning checkpoint safely; any problem becomes an :class:`MRLError` saying what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise MRLError(
+            f"Checkpoint {path} does not exist. Give the path of a .ckpt file written by mrl-train "
+            "(the run's checkpoints/last.ckpt), or resume=<run dir>."
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # weights_only refuses any pickled object that is not a tensor or plain container: that is
+        # how a malicious checkpoint would run code. Never fall back to weights_only=False here.
+        raise MRLError(
+            f"Refusing to load {path}: it holds Python objects other than tensors and plain values "
+            f"({_first_line(err)}), and unpickling them could run code from the file. mrl only loads "
+            "checkpoints written by mrl-train; if you trust this file, re-save its state_dict with "
+            "plain tensors."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        raise MRLError(
+            f"Checkpoint {path} is corrupt or truncated and cannot be read ({_first_line(err)}). Use "
+            f"another checkpoint of the run (in its {CHECKPOINT_DIR}/ folder) or train from scratch."
+        ) from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise MRLError(
+            f"{path} is not a Lightning checkpoint written by mrl-train (no state_dict). Give the "
+            f"path of a .ckpt file from a run's {CHECKPOINT_DIR}/ folder."
+        )
+    return ckpt
+
+
+def check_compatible(ckpt: dict[str, Any], module: nn.Module, path: str | Path, config: dict) -> None:
+    """Raise an :class:`MRLError` when ``ckpt``'s weights do not fit ``module`` (another backbone,
+    embedding size, nesting or class count), naming what differs."""
+    expected = module.state_dict()
+    stored = ckpt["state_dict"]
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    mismatched = sorted(
+        k for k in set(expected) & set(stored) if tuple(expected[k].shape) != tuple(stored[k].shape)
+    )
+    if not (missing or unexpected or mismatched):
+        return
+    saved = ckpt.get("mrl_config") or {}
+    differences = []
+    for key, label in (
+        (("backbone", "name"), "backbone.name"),
+        (("backbone", "embed_dim"), "backbone.embed_dim"),
+        (("head", "kind"), "head"),
+        (("head", "nesting"), "head.nesting"),
+        (("data", "num_classes"), "data.num_classes"),
+    ):
+        old, new = _get(saved, key), _get(config, key)
+        if old != new:
+            differences.append(f"{label}: checkpoint {old!r}, this run {new!r}")
+    if ckpt.get("mrl_nesting") is not None and list(ckpt["mrl_nesting"]) != list(
+        getattr(module, "nesting", [])
+    ):
+        differences.append(f"trained sizes: checkpoint {ckpt['mrl_nesting']}, this run {module.nesting}")
+    detail = "; ".join(differences) or "; ".join(
+        f"{k} {tuple(stored[k].shape)} vs {tuple(expected[k].shape)}" for k in mismatched[:3]
+    )
+    some = (missing + unexpected)[:3]
+    raise MRLError(
+        f"Checkpoint {path} was trained with a different model and does not fit this one "
+        f"({detail or 'parameters ' + ', '.join(some)}). Use the same backbone, head and data settings as "
+        "the run that wrote it (its config is stored in the checkpoint), or train without ckpt_path."
+    )
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint a resumed run continues from: the newest of ``checkpoints/last.ckpt`` and the
+    ``hpc_ckpt_*.ckpt`` files Lightning writes on a SLURM preemption signal (in the run dir)."""
+    candidates = [run_dir / CHECKPOINT_DIR / LAST, *run_dir.glob("hpc_ckpt_*.ckpt")]
+    existing = [p for p in candidates if p.is_file()]
+    if not existing:
+        raise MRLError(
+            f"{run_dir} holds no checkpoint to resume from ({CHECKPOINT_DIR}/{LAST} is missing): the run "
+            "was stopped before its first checkpoint. Start it again without resume=."
+        )
+    return max(existing, key=lambda p: p.stat().st_mtime_ns)
+
+
+def _get(config: dict, keys: tuple[str, ...]) -> Any:
+    node: Any = config
+    for key in keys:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(key)
+    return node
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

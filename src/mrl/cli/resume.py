@@ -1,0 +1,96 @@
+"""``mrl-train resume=<run dir>``: continue a stopped run in its own directory and W&B run.
+
+The resumed job reloads the run's ``resolved_config.yaml`` (so it trains the same model, data and
+W&B run id), applies only plain ``key=value`` overrides from the command line (for example a larger
+``trainer.max_epochs``) and starts from the run's newest checkpoint. A SLURM job requeued after a
+preemption re-enters its own directory and resumes the same way without being asked.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from mrl.checkpoints import last_checkpoint
+from mrl.errors import MRLError
+
+RESOLVED_CONFIG_NAME = "resolved_config.yaml"
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """Point Hydra's run dir at the run being resumed (checked first, so a wrong path creates nothing)."""
+    values = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("resume=")]
+    if not values or values[-1] in ("", "null", "None"):
+        return argv
+    if any(a in ("-m", "--multirun") for a in argv[1:]):
+        raise MRLError(
+            "resume=<run dir> continues one run; drop -m/--multirun and resume each job on its own."
+        )
+    run_dir = Path(values[-1]).expanduser().resolve()
+    if not (run_dir / RESOLVED_CONFIG_NAME).is_file():
+        what = "does not exist" if not run_dir.exists() else f"has no {RESOLVED_CONFIG_NAME}"
+        raise MRLError(
+            f"resume={values[-1]}: {run_dir} {what}, so it is not an mrl-train run directory. Give the "
+            "directory of the run to continue (logs/train/runs/<date>_<time>_<id>, or a multirun job's "
+            "numbered subdirectory)."
+        )
+    # The resumed job writes into the run's own directory; Hydra's record of it goes beside the original.
+    return [*argv, f"hydra.run.dir='{run_dir}'", "hydra.output_subdir=.hydra/resume"]
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
+    """The stopped run's config with the command line's ``key=value`` overrides, starting from its
+    newest checkpoint (``ckpt_path`` unless one was given)."""
+    cfg = OmegaConf.load(run_dir / RESOLVED_CONFIG_NAME)
+    explicit_ckpt = False
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if key == "resume":
+            continue
+        value = override.value()
+        current = OmegaConf.select(cfg, key, default=None)
+        if (
+            override.is_delete()
+            or override.package
+            or (OmegaConf.is_dict(current) and not isinstance(value, dict))
+        ):
+            raise MRLError(
+                f"resume= keeps the run's config; '{override.input_line}' changes a whole config group. "
+                "Only key=value overrides such as trainer.max_epochs=10 are allowed when resuming: start "
+                "a new run to change the model, data or trainer."
+            )
+        explicit_ckpt = explicit_ckpt or key == "ckpt_path"
+        with open_dict(cfg):
+            OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+    with open_dict(cfg):
+        cfg.resume = str(run_dir)
+        if not explicit_ckpt:
+            cfg.ckpt_path = str(last_checkpoint(run_dir))
+    return cfg
+
+
+def requeued_run(output_dir: Path) -> bool:
+    """A SLURM job requeued after a preemption (``SLURM_RESTART_COUNT`` > 0) whose directory already
+    holds its config and a checkpoint: it must continue, not start again."""
+    if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) <= 0:
+        return False
+    if not (output_dir / RESOLVED_CONFIG_NAME).is_file():
+        return False
+    try:
+        last_checkpoint(output_dir)
+    except MRLError:
+        return False
+    return True
+
+
+def ensure_wandb_id(cfg: DictConfig) -> None:
+    """Give the W&B logger a run id now, stored in resolved_config.yaml, so resuming reuses it."""
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if wandb_cfg is not None and wandb_cfg.get("id") is None:
+        with open_dict(wandb_cfg):
+            wandb_cfg.id = uuid.uuid4().hex[:12]
+            wandb_cfg.resume = wandb_cfg.get("resume") or "allow"
