@@ -100,3 +100,61 @@ def test_matches_plain_linear_with_a_single_size():
     head = MatryoshkaLinear(6, 4, [6])
     z = torch.randn(3, 6)
     torch.testing.assert_close(head(z)[0], F.linear(z, head.weight, head.bias[0]))
+
+
+def _random_nesting(rng: torch.Generator) -> list[int]:
+    count = int(torch.randint(1, 6, (1,), generator=rng))
+    return sorted({int(v) for v in torch.randint(1, 40, (count,), generator=rng)})
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("efficient", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_equals_per_size_on_random_nestings(seed, efficient, bias):
+    """Random sizes and nesting lists (mostly not powers of two): fused == per-size, values and grads."""
+    rng = torch.Generator().manual_seed(seed)
+    nesting = _random_nesting(rng)
+    in_features = nesting[-1] + int(torch.randint(0, 4, (1,), generator=rng))
+    classes, batch = (int(v) for v in torch.randint(1, 12, (2,), generator=rng))
+    torch.manual_seed(seed)
+    fused = MatryoshkaLinear(in_features, classes, nesting, efficient=efficient, bias=bias).double()
+    ref = MatryoshkaLinear(
+        in_features, classes, nesting, efficient=efficient, bias=bias, fused=False
+    ).double()
+    ref.load_state_dict(fused.state_dict())
+    z = torch.randn(batch, in_features, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(len(nesting), batch, classes, dtype=torch.float64)
+    out, ref_out = fused(z), ref(z)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad((out * grad_out).sum(), [z, *fused.parameters()])
+    ref_grads = torch.autograd.grad((ref_out * grad_out).sum(), [z, *ref.parameters()])
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("efficient", [False, True])
+def test_fused_head_under_autocast(efficient):
+    """bf16 autocast (GPU training's precision): fused logits and gradients follow the reference."""
+    torch.manual_seed(3)
+    head = MatryoshkaLinear(24, 5, [3, 8, 24], efficient=efficient)
+    z = torch.randn(6, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(z)
+        ref = head.forward_reference(z)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0.05, atol=0.05)
+    (grad,) = torch.autograd.grad(out.float().sum(), head.weight)
+    (ref_grad,) = torch.autograd.grad(ref.float().sum(), head.weight)
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(grad, ref_grad, rtol=0.05, atol=0.05)
+
+
+def test_fused_head_without_input_gradient():
+    """A frozen backbone (z without grad) and a frozen head both work."""
+    head = MatryoshkaLinear(8, 3, [2, 8])
+    head(torch.randn(4, 8)).sum().backward()
+    assert head.weight.grad is not None
+    z = torch.randn(4, 8, requires_grad=True)
+    head.requires_grad_(False)
+    head(z).sum().backward()
+    assert z.grad is not None

@@ -64,3 +64,21 @@ def test_weights_follow_the_module_and_the_logits_device():
 def test_wrong_number_of_weights_is_explained():
     with pytest.raises(ValueError, match="one weight per size"):
         MatryoshkaLoss(weights=[1.0, 2.0])(torch.randn(3, 2, 4), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fused_equals_per_size_on_random_shapes(seed):
+    """Random size counts, batch sizes, class counts and importance weights, float64."""
+    rng = torch.Generator().manual_seed(seed)
+    sizes, batch, classes = (int(v) for v in torch.randint(1, 9, (3,), generator=rng))
+    classes += 1
+    logits = torch.randn(sizes, batch, classes, dtype=torch.float64, generator=rng, requires_grad=True)
+    target = torch.randint(0, classes, (batch,), generator=rng)
+    weights = torch.rand(sizes, generator=rng, dtype=torch.float64).tolist()
+    fused = MatryoshkaLoss(weights, label_smoothing=0.1).double()
+    ref = MatryoshkaLoss(weights, fused=False, label_smoothing=0.1).double()
+    value, ref_value = fused(logits, target), ref(logits, target)
+    (grad,) = torch.autograd.grad(value, logits)
+    (ref_grad,) = torch.autograd.grad(ref_value, logits)
+    torch.testing.assert_close(value, ref_value, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)

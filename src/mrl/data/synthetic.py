@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from mrl.data.base import MRLDataModule
 
@@ -48,7 +48,10 @@ class SyntheticImages(Dataset):
 
 
 class SyntheticDataModule(MRLDataModule):
-    """Random learnable images; train, val and test are disjoint draws of the same classes."""
+    """Random learnable images; train, val and test are disjoint draws of the same classes.
+
+    ``in_memory=True`` generates every split once into tensors (benchmarks: no per-item generation cost).
+    """
 
     def __init__(
         self,
@@ -60,6 +63,7 @@ class SyntheticDataModule(MRLDataModule):
         test_size: int = 128,
         noise: float = 1.0,
         seed: int = 0,
+        in_memory: bool = False,
         **loader_kwargs,
     ) -> None:
         super().__init__(**loader_kwargs)
@@ -69,6 +73,7 @@ class SyntheticDataModule(MRLDataModule):
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.noise = noise
         self.seed = int(seed)
+        self.in_memory = bool(in_memory)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -85,3 +90,11 @@ class SyntheticDataModule(MRLDataModule):
             )
             for i, (split, size) in enumerate(self.sizes.items())
         }
+        if self.in_memory:
+            # Generated once into tensors, so throughput benchmarks measure the model, not the generator.
+            self.datasets = {split: _materialize(ds) for split, ds in self.datasets.items()}
+
+
+def _materialize(dataset: SyntheticImages) -> TensorDataset:
+    images, labels = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
+    return TensorDataset(torch.stack(images), torch.tensor(labels))

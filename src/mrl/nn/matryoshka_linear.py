@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mrl.nn.fused import fused_matryoshka_linear
 from mrl.nn.nesting import validate_nesting
 
 
@@ -24,11 +25,13 @@ class MatryoshkaLinear(nn.Module):
     ``forward(z)`` with ``z`` of shape ``(B, in_features)`` returns logits ``(G, B, C)``, ``G =
     len(nesting)``, in nesting order. Logits of size ``m`` never depend on ``z[:, m:]``.
 
-    ``fused=True`` (the default) computes MRL-E in one pass: the embedding is cut into chunks at the
-    nesting boundaries, each chunk is multiplied by its block of columns once, and the prefix sums of
-    those partial products are the logits of every size. That costs one full-size matmul instead of
-    ``sum(nesting)`` columns' worth (about half for powers of two). ``fused=False`` keeps the paper's
-    per-size formulation for comparison; both give the same numbers.
+    ``fused=True`` (the default) computes all sizes in one autograd node that writes every size's
+    logits and gradients straight into preallocated buffers (no stacking, no full-size zero gradient per
+    slice). MRL-E is one pass: the embedding is cut into chunks at the nesting boundaries, each chunk is
+    multiplied by its block of columns once and accumulated onto the previous size's logits (prefix
+    sums), so it costs one full-size matmul instead of ``sum(nesting)`` columns' worth (about half for
+    powers of two). ``fused=False`` keeps the paper's per-size formulation for comparison; both give the
+    same numbers (tests check values and gradients in float64).
     """
 
     def __init__(
@@ -93,27 +96,15 @@ class MatryoshkaLinear(nn.Module):
             raise ValueError(
                 f"MatryoshkaLinear expects embeddings of shape (B, {self.in_features}), got {tuple(z.shape)}"
             )
-        if self.efficient and self.fused:
-            return self._forward_efficient_fused(z)
-        return self.forward_reference(z)
+        if not self.fused:
+            return self.forward_reference(z)
+        return fused_matryoshka_linear(z, self.weight, self.bias, self.nesting, self.efficient)
 
     def forward_reference(self, z: torch.Tensor) -> torch.Tensor:
         """The paper's formulation: one matmul per size on ``z[:, :m]``."""
         return torch.stack(
             [F.linear(z[:, :m], self.size_weight(g), self.size_bias(g)) for g, m in enumerate(self.nesting)]
         )
-
-    def _forward_efficient_fused(self, z: torch.Tensor) -> torch.Tensor:
-        # logits_m = z[:, :m] @ W[:, :m].T = sum over chunks k with end_k <= m of z_k @ W_k.T, so the
-        # prefix sum over chunk products gives every size from one pass over the columns.
-        starts = [0, *self.nesting[:-1]]
-        partial = torch.stack(
-            [F.linear(z[:, s:e], self.weight[:, s:e]) for s, e in zip(starts, self.nesting, strict=True)]
-        )
-        logits = partial.cumsum(dim=0)
-        if self.bias is not None:
-            logits = logits + self.bias
-        return logits
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,111 @@
+"""Shared by the throughput benchmarks: the same model trained by `mrl-train` and by a bare loop."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from mrl.config_path import config_dir
+from mrl.train import build_module_for_data, instantiate
+
+BIN = Path(sys.executable).parent
+# Train only: no validation, test, checkpoints; the epoch clock is the EpochTimer callback.
+TRAIN_ONLY = [
+    "+trainer.limit_val_batches=0",
+    "trainer.num_sanity_val_steps=0",
+    "test=false",
+    "callbacks=none",
+]
+
+
+def compose_cfg(overrides: list[str], output_dir: str) -> DictConfig:
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+
+
+def mrl_train_epochs(overrides: list[str], workdir: Path) -> list[float]:
+    """Run the `mrl-train` console script; return each training epoch's seconds (EpochTimer)."""
+    timer = workdir / f"epochs_{time.monotonic_ns()}.json"
+    args = [
+        *overrides,
+        *TRAIN_ONLY,
+        "+callbacks.timer._target_=mrl.tracking.timing.EpochTimer",
+        f"+callbacks.timer.path={timer}",
+    ]
+    env = {
+        **os.environ,
+        "MRL_LOG_DIR": str(workdir / "logs"),
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+    }
+    proc = subprocess.run(
+        [str(BIN / "mrl-train"), *args], cwd=workdir, env=env, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        tail = f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        raise RuntimeError(f"mrl-train {' '.join(args)} failed:\n{tail}")
+    return json.loads(timer.read_text())["epoch_seconds"]
+
+
+def bare_loop_epochs(overrides: list[str], device: str = "cpu", bf16: bool = False) -> list[float]:
+    """The same model, data, batch size, optimizer, scheduler and head in a plain PyTorch loop."""
+    with tempfile.TemporaryDirectory() as out:
+        cfg = compose_cfg(overrides, out)
+    L.seed_everything(cfg.seed)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    data = instantiate(cfg.data)
+    module = build_module_for_data(cfg, data)
+    data.configure_transforms(module.backbone.data_config())
+    data.setup("fit")
+    loader = data.train_dataloader()
+    module.to(device).train()
+    if cfg.get("compile"):
+        module.backbone.compile()
+    optimizer = module.optimizer_factory(module)
+    epochs = int(cfg.trainer.max_epochs)
+    scheduler, _ = module.scheduler_factory(
+        optimizer, num_epochs=epochs, updates_per_epoch=len(loader), step_on_epochs=False
+    )
+    times, updates = [], 0
+    for _ in range(epochs):
+        sync(device)
+        start = time.perf_counter()
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                loss = module.criterion(module.logits(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            updates += 1
+            scheduler.step_update(num_updates=updates)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def steady(times: list[float]) -> float:
+    """Median epoch time without the first epoch (allocator, kernel and compile warm-up)."""
+    return statistics.median(times[1:] if len(times) > 1 else times)
+
+
+def fmt_ratio(a: float, b: float) -> str:
+    return "n/a" if not b or math.isnan(b) else f"{a / b:.3f}"

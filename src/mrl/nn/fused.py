@@ -1,0 +1,121 @@
+"""Fused Matryoshka heads: every size's logits (and gradients) from one autograd node.
+
+Autograd over the per-size formulation stacks G logit tensors and, in backward, gives every weight
+slice a zero-filled gradient of the whole weight matrix before summing them (G full-size buffers).
+These functions write each size's logits and each weight block's gradient straight into one buffer
+with BLAS ``out=``/``addmm_`` calls on strided views, so the only work left is the matmuls themselves.
+The remaining Python loop issues G matmuls (microseconds of Python against milliseconds of BLAS); the
+untied head's FLOPs are those of the per-size code, see benchmarks/README.md for measured ratios.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.autograd.function import once_differentiable
+
+
+def _bounds(nesting: Sequence[int]) -> list[tuple[int, int]]:
+    starts = [0, *nesting[:-1]]
+    return list(zip(starts, nesting, strict=True))
+
+
+class _TiedHead(torch.autograd.Function):
+    """MRL-E: ``logits[g] = z[:, :m_g] @ W[:, :m_g].T + b`` as prefix sums over chunk products."""
+
+    @staticmethod
+    def forward(ctx, z, weight, bias, nesting):
+        bounds = _bounds(nesting)
+        out = z.new_empty(len(nesting), z.shape[0], weight.shape[0])
+        for g, (s, e) in enumerate(bounds):
+            chunk, w = z[:, s:e], weight[:, s:e].t()
+            if g > 0:
+                torch.addmm(out[g - 1], chunk, w, out=out[g])
+            elif bias is not None:
+                torch.addmm(bias, chunk, w, out=out[0])
+            else:
+                torch.mm(chunk, w, out=out[0])
+        ctx.save_for_backward(z, weight)
+        ctx.nesting, ctx.has_bias = nesting, bias is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        z, weight = ctx.saved_tensors
+        bounds = _bounds(ctx.nesting)
+        grad_out = grad_out.contiguous()
+        # Chunk k feeds every size g >= k, so its gradient is the suffix sum of grad_out over sizes.
+        acc = grad_out[-1].clone()
+        grad_z = torch.zeros_like(z) if ctx.needs_input_grad[0] else None
+        grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        for g in range(len(bounds) - 1, -1, -1):
+            s, e = bounds[g]
+            if g < len(bounds) - 1:
+                acc += grad_out[g]
+            if grad_z is not None:
+                torch.mm(acc, weight[:, s:e], out=grad_z[:, s:e])
+            if grad_w is not None:
+                torch.mm(acc.t(), z[:, s:e], out=grad_w[:, s:e])
+        grad_b = acc.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_z, grad_w, grad_b, None
+
+
+class _UntiedHead(torch.autograd.Function):
+    """MRL: ``logits[g] = z[:, :m_g] @ W_g.T + b_g``, the ``W_g`` side by side in one matrix."""
+
+    @staticmethod
+    def forward(ctx, z, weight, bias, nesting):
+        out = z.new_empty(len(nesting), z.shape[0], weight.shape[0])
+        offset = 0
+        for g, m in enumerate(nesting):
+            w = weight[:, offset : offset + m].t()
+            if bias is None:
+                torch.mm(z[:, :m], w, out=out[g])
+            else:
+                torch.addmm(bias[g], z[:, :m], w, out=out[g])
+            offset += m
+        ctx.save_for_backward(z, weight)
+        ctx.nesting, ctx.has_bias = nesting, bias is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        z, weight = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_z = torch.zeros_like(z) if ctx.needs_input_grad[0] else None
+        grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        offset = 0
+        for g, m in enumerate(ctx.nesting):
+            if grad_z is not None:
+                grad_z[:, :m].addmm_(grad_out[g], weight[:, offset : offset + m])
+            if grad_w is not None:
+                torch.mm(grad_out[g].t(), z[:, :m], out=grad_w[:, offset : offset + m])
+            offset += m
+        grad_b = grad_out.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_z, grad_w, grad_b, None
+
+
+def fused_matryoshka_linear(
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    nesting: Sequence[int],
+    efficient: bool,
+) -> torch.Tensor:
+    """Logits ``(G, B, C)`` of every size; ``weight``/``bias`` laid out as :class:`MatryoshkaLinear`'s."""
+    device = z.device.type
+    if torch.is_autocast_enabled(device):
+        # BLAS out= calls are not autocast: cast once here (gradients flow back through the casts).
+        dtype = torch.get_autocast_dtype(device)
+        z, weight = z.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device, enabled=False):
+            return fused_matryoshka_linear(z, weight, bias, nesting, efficient)
+    dtype = torch.promote_types(z.dtype, weight.dtype)
+    z, weight = z.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    head = _TiedHead if efficient else _UntiedHead
+    return head.apply(z, weight, bias, tuple(nesting))

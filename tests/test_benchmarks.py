@@ -1,0 +1,40 @@
+"""Every benchmark script runs in its --quick mode (a smoke test: no timing is asserted)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_quick(script: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick"],
+        cwd=BENCHMARKS,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_head_loss_quick():
+    assert "fused/per-size" in run_quick("head_loss.py")
+
+
+def test_data_pipeline_quick():
+    assert "delivered/consumed" in run_quick("data_pipeline.py")
+
+
+@pytest.mark.slow
+def test_platform_overhead_quick():
+    assert "ratio" in run_quick("platform_overhead.py")
+
+
+@pytest.mark.slow
+def test_gpu_resnet50_quick():
+    assert "MRL/standard" in run_quick("gpu_resnet50.py")
