@@ -1,0 +1,105 @@
+"""Post-hoc baselines for any checkpoint: PCA/SVD of the embedding to ``d`` and plain truncation to the
+first ``d`` features, each scored by a logistic-regression probe trained on the database embeddings.
+
+For a ``standard`` model these are the paper's SVD and "slicing" baselines; for an MRL model the slices
+at sizes that were never trained (12, 24, 48, ... between the nesting sizes) show how well the
+representation interpolates.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from itertools import pairwise
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+
+def pca_fit(x: np.ndarray, chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``(D,)`` and principal directions ``(D, D)`` (columns, by decreasing variance) of ``x``.
+
+    The covariance is accumulated in float64 chunk by chunk, so a memmapped database is read once and
+    never copied whole; the eigendecomposition of a D x D matrix is cheap next to that.
+    """
+    n, dim = x.shape
+    total = np.zeros(dim)
+    gram = np.zeros((dim, dim))
+    for start in range(0, n, chunk):
+        block = np.asarray(x[start : start + chunk], dtype=np.float64)
+        total += block.sum(0)
+        gram += block.T @ block
+    mean = total / n
+    cov = gram / n - np.outer(mean, mean)
+    eigvals, eigvecs = np.linalg.eigh(cov)
+    return mean, eigvecs[:, np.argsort(eigvals)[::-1]]
+
+
+def pca_project(x: np.ndarray, mean: np.ndarray, components: np.ndarray, d: int) -> np.ndarray:
+    """Coordinates of ``x`` on the first ``d`` principal directions (float32)."""
+    return ((np.asarray(x, dtype=np.float64) - mean) @ components[:, :d]).astype(np.float32)
+
+
+def linear_probe(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, max_iter: int = 100
+) -> float:
+    """Top-1 accuracy on ``test`` of a standardised multinomial logistic regression fitted on ``train``."""
+    if len(np.unique(train_y)) < 2:
+        return float(np.mean(test_y == train_y[0]))
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
+    with warnings.catch_warnings():
+        # the iteration cap bounds the cost of ~30 probes; a not-quite-converged probe is a fair baseline
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        probe.fit(np.asarray(train_x, dtype=np.float32), train_y)
+    return float(probe.score(np.asarray(test_x, dtype=np.float32), test_y))
+
+
+def interpolation_sizes(nesting: Sequence[int]) -> list[int]:
+    """Untrained sizes between consecutive trained ones: ``1.5 * d`` (12 between 8 and 16, ...)."""
+    out = []
+    for a, b in pairwise(nesting):
+        mid = round(1.5 * a)
+        if a < mid < b:
+            out.append(mid)
+    return out
+
+
+def posthoc_baselines(
+    database: np.ndarray,
+    db_labels: np.ndarray,
+    queries: np.ndarray,
+    query_labels: np.ndarray,
+    svd_sizes: Sequence[int],
+    slice_sizes: Sequence[int],
+    max_train: int | None = 5_000,
+    max_iter: int = 100,
+    seed: int = 0,
+) -> dict[str, dict[int, float]]:
+    """``{"svd": {d: top1}, "slice": {d: top1}}`` of logistic-regression probes.
+
+    The probes train on at most ``max_train`` database items (a seeded random subset), the PCA is
+    fitted on the whole database.
+    """
+    rows = np.arange(len(database))
+    if max_train and len(rows) > max_train:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, size=max_train, replace=False))
+    train_x = np.asarray(database[rows], dtype=np.float32)
+    train_y = db_labels[rows]
+    test_x = np.asarray(queries, dtype=np.float32)
+    out: dict[str, dict[int, float]] = {"svd": {}, "slice": {}}
+    if svd_sizes:
+        mean, comps = pca_fit(database)
+        for d in svd_sizes:
+            out["svd"][int(d)] = linear_probe(
+                pca_project(train_x, mean, comps, d),
+                train_y,
+                pca_project(test_x, mean, comps, d),
+                query_labels,
+                max_iter,
+            )
+    for d in slice_sizes:
+        out["slice"][int(d)] = linear_probe(train_x[:, :d], train_y, test_x[:, :d], query_labels, max_iter)
+    return out

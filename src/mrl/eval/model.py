@@ -1,0 +1,65 @@
+"""Rebuild a trained model and its datamodule from an ``mrl-train`` checkpoint, without Hydra."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from mrl.checkpoints import check_compatible, load_checkpoint
+from mrl.errors import MRLError
+
+REQUIRED = ("data", "backbone", "head")
+
+
+def checkpoint_config(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """The training run's resolved config stored in the checkpoint (``mrl_config``)."""
+    config = ckpt.get("mrl_config")
+    if not isinstance(config, dict) or any(not isinstance(config.get(k), dict) for k in REQUIRED):
+        raise MRLError(
+            f"Checkpoint {path} holds no mrl training config (mrl_config with data, backbone and head), so "
+            "mrl-eval cannot rebuild its model and data. Evaluate a checkpoint written by mrl-train (the "
+            "run's checkpoints/last.ckpt or its best epoch*.ckpt)."
+        )
+    return config
+
+
+def load_for_eval(ckpt_path: str | Path, data_overrides: dict[str, Any] | None = None):
+    """``(module, datamodule, train_config)`` of a checkpoint, the module in eval mode on the CPU.
+
+    ``data_overrides`` are merged into the run's data config (another ``data_dir``, batch size, ...).
+    """
+    ckpt = load_checkpoint(ckpt_path)
+    config = checkpoint_config(ckpt, ckpt_path)
+    cfg: DictConfig = OmegaConf.create(config)
+    if data_overrides:
+        cfg.data = OmegaConf.merge(cfg.data, OmegaConf.create(dict(data_overrides)))
+    # mrl.train imports Lightning and timm: only once we know the checkpoint is usable.
+    from mrl.train import build_module_for_data, instantiate
+
+    datamodule = instantiate(cfg.data)
+    module = build_module_for_data(cfg, datamodule)
+    datamodule.configure_transforms(module.backbone.data_config())
+    check_compatible(ckpt, module, ckpt_path, config)
+    module.load_state_dict(ckpt["state_dict"])
+    return module.eval(), datamodule, OmegaConf.to_container(cfg, resolve=True)
+
+
+def fingerprint(
+    ckpt_path: str | Path, train_config: dict[str, Any], split: str, dtype: str, img_size: int
+) -> dict:
+    """What exported embeddings depend on: reused only when all of it is unchanged."""
+    path = Path(ckpt_path).resolve()
+    stat = path.stat()
+    data = json.loads(json.dumps(train_config.get("data", {}), default=str, sort_keys=True))
+    return {
+        "checkpoint": str(path),
+        "checkpoint_bytes": stat.st_size,
+        "checkpoint_mtime_ns": stat.st_mtime_ns,
+        "split": split,
+        "dtype": dtype,
+        "img_size": int(img_size),
+        "data": data,
+    }

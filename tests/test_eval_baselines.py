@@ -1,0 +1,41 @@
+"""Post-hoc baselines: PCA/SVD against numpy's SVD, the probe, and interpolation sizes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mrl.eval.baselines import interpolation_sizes, pca_fit, pca_project, posthoc_baselines
+
+
+def test_pca_matches_numpy_svd():
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(500, 12)) * np.linspace(5, 0.5, 12) + 3).astype(np.float32)
+    mean, comps = pca_fit(x, chunk=64)  # several chunks
+    centered = x.astype(np.float64) - x.mean(0)
+    _, s, vt = np.linalg.svd(centered, full_matrices=False)
+    np.testing.assert_allclose(mean, x.mean(0), rtol=1e-6)
+    for d in (1, 4, 12):
+        ours = pca_project(x, mean, comps, d)
+        ref = centered @ vt[:d].T
+        # components are defined up to sign
+        np.testing.assert_allclose(np.abs(ours), np.abs(ref), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(
+        np.var(pca_project(x, mean, comps, 3), axis=0), (s[:3] ** 2) / len(x), rtol=1e-3
+    )
+
+
+def test_interpolation_sizes():
+    assert interpolation_sizes([8, 16, 32, 64]) == [12, 24, 48]
+    assert interpolation_sizes([1, 2, 4]) == [3]
+
+
+def test_probe_baselines_see_informative_directions():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, size=600)
+    x = rng.normal(size=(600, 16)).astype(np.float32)
+    x[:, 10] += 4 * y  # the class lives in feature 10 only (the largest variance direction)
+    out = posthoc_baselines(x[:400], y[:400], x[400:], y[400:], [1, 16], [1, 16], max_train=300)
+    assert out["svd"][1] > 0.9  # PCA's first direction is the informative one
+    assert out["slice"][1] < 0.6  # the first feature is noise
+    assert out["slice"][16] == pytest.approx(out["svd"][16], abs=0.05)

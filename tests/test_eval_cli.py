@@ -1,0 +1,240 @@
+"""``mrl-eval`` end to end on a real tiny ``mrl-train`` checkpoint, and its bad-input messages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, wandb_inspect, wandb_run_dirs
+
+REPORT_KEYS = {
+    "sizes",
+    "linear",
+    "knn",
+    "retrieval",
+    "adaptive_classification",
+    "adaptive_retrieval",
+    "exact_retrieval",
+    "baselines",
+}
+# small and fast: 4 sizes, 2 classes' worth of rerank, a few funnels
+EVAL_FAST = [
+    "threads=1",
+    "adaptive_classification.num_splits=2",
+    "adaptive_retrieval.shortlist_sizes=[4]",
+    "adaptive_retrieval.shortlist_k=100",
+    "adaptive_retrieval.funnel.shortlist_size=2",
+    "adaptive_retrieval.funnel.rerank_sizes=[4,8,full]",
+    "adaptive_retrieval.funnel.shortlists=[100,50,10]",
+    "baselines.max_train=200",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One tiny mrl-train run (nesting 2, 4, 8, 16) shared by the tests of this module."""
+    import os
+    import subprocess
+    import sys
+
+    tmp = tmp_path_factory.mktemp("train")
+    env = {**os.environ, "MRL_LOG_DIR": str(tmp / "logs"), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "mrl-train"),
+            *TINY,
+            "head.nesting=[2,4,8,16]",
+            "data.train_size=256",
+            "backbone.embed_dim=16",
+        ],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (job,) = sorted((tmp / "logs" / "train" / "runs").glob("*"))
+    return job
+
+
+def _in_unit(x: float) -> bool:
+    return 0.0 <= x <= 1.0
+
+
+@pytest.mark.slow
+def test_eval_end_to_end(run_cli, trained):
+    ckpt = trained / "checkpoints" / "last.ckpt"
+    result = run_cli("mrl-eval", f"ckpt_path={ckpt}", *EVAL_FAST)
+    assert result.returncode == 0, result.output[-3000:]
+    (out,) = result.run_dirs("eval")
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) == REPORT_KEYS
+    sizes = ["2", "4", "8", "16"]
+    assert report["sizes"] == [2, 4, 8, 16]
+    assert (
+        list(report["linear"]) == sizes
+        and list(report["knn"]) == sizes
+        and list(report["retrieval"]) == sizes
+    )
+    for d in sizes:
+        assert set(report["linear"][d]) == {"top1", "top5"}
+        assert set(report["knn"][d]) == {"1nn", "knn"}
+        for k in (10, 25, 50, 100):
+            for name in ("map", "precision", "recall", "hit"):
+                assert _in_unit(report["retrieval"][d][f"{name}@{k}"])
+        assert all(_in_unit(v) for v in [*report["linear"][d].values(), *report["knn"][d].values()])
+    # the trained heads: the CLI's top-1 of the largest size equals the training run's test accuracy
+    train_results = json.loads((trained / "results.json").read_text())
+    assert report["linear"]["16"]["top1"] == pytest.approx(train_results["test/acc@16"], abs=1e-6)
+    assert report["adaptive_classification"]
+    for row in report["adaptive_classification"]:
+        assert {"expected_size", "total_size", "accuracy", "thresholds"} <= set(row)
+        assert 2 <= row["expected_size"] <= row["total_size"] <= 2 + 4 + 8 + 16 and _in_unit(row["accuracy"])
+    funnels = report["adaptive_retrieval"]
+    assert [(r["shortlist_size"], r["rerank_sizes"], r["shortlists"]) for r in funnels] == [
+        (2, [4, 8, 16], [100, 50, 10]),
+        (4, [16], [100]),
+    ]
+    for row in funnels:
+        assert {"map@10", "top1", "mflops_per_query", "seconds_per_query"} <= set(row)
+        assert _in_unit(row["map@10"]) and _in_unit(row["top1"]) and row["seconds_per_query"] > 0
+    assert funnels[0]["mflops_per_query"] == pytest.approx((2 * 256 + 100 * 4 + 50 * 8 + 10 * 16) / 1e6)
+    exact = report["exact_retrieval"]
+    assert {"seconds_per_query", "map@10", "top1"} <= set(exact)
+    assert exact["map@10"] == pytest.approx(report["retrieval"]["16"]["map@10"])
+    assert exact["top1"] == pytest.approx(report["knn"]["16"]["1nn"])
+    assert list(report["baselines"]["svd"]) == sizes
+    assert list(report["baselines"]["slice"]) == ["2", "3", "4", "6", "8", "12", "16"]  # + untrained sizes
+    # exported embeddings: the database (train) and query (test) splits
+    emb = np.load(out / "train_embeddings.npy")
+    labels = np.load(out / "train_labels.npy")
+    assert emb.shape == (256, 16) and emb.dtype == np.float32 and labels.shape == (256,)
+    assert np.load(out / "test_embeddings.npy").shape == (64, 16)
+    for png in ("acc_vs_size.png", "adaptive_classification.png", "adaptive_retrieval.png"):
+        assert (out / png).stat().st_size > 1000
+    assert "Evaluation of" in result.stdout and "exact full-size search" in result.stdout
+
+    # W&B: one eval run in the training run's group, with the tables and summary numbers
+    (run_dir,) = wandb_run_dirs(out)
+    summary, history = wandb_inspect(run_dir)
+    assert summary["config"]["group"] == trained.name
+    assert summary["summary"]["eval/linear/top1@16"] == pytest.approx(report["linear"]["16"]["top1"])
+    assert summary["summary"]["eval/retrieval/map@10@8"] == pytest.approx(report["retrieval"]["8"]["map@10"])
+    logged = {k for row in history for k in row}
+    for table in ("eval/per_size", "eval/adaptive_classification", "eval/adaptive_retrieval"):
+        assert f"{table}._type" in logged, sorted(logged)
+    per_size_rows = next(row[k] for row in history for k in row if k == "eval/per_size.nrows")
+    assert per_size_rows == 7
+
+    # a second call reuses the exported embeddings (same output dir, files untouched)
+    mtime = (out / "train_embeddings.npy").stat().st_mtime_ns
+    again = run_cli("mrl-eval", f"ckpt_path={ckpt}", *EVAL_FAST, "methods.baselines=false")
+    assert again.returncode == 0, again.output[-3000:]
+    assert result.run_dirs("eval") == [out]
+    assert (out / "train_embeddings.npy").stat().st_mtime_ns == mtime
+    assert "Reusing train embeddings" in again.output
+    assert json.loads((out / "report.json").read_text())["baselines"] == {"svd": {}, "slice": {}}
+
+
+@pytest.mark.slow
+def test_eval_float16_and_bad_sizes_and_split(run_cli, trained):
+    ckpt = trained / "checkpoints" / "last.ckpt"
+    fast = [
+        *EVAL_FAST,
+        "methods.baselines=false",
+        "methods.adaptive_retrieval=false",
+        "methods.adaptive_classification=false",
+    ]
+    half = run_cli(
+        "mrl-eval", f"ckpt_path={ckpt}", *fast, "embedding_dtype=float16", "sizes=[4,16]", "query_split=val"
+    )
+    assert half.returncode == 0, half.output[-3000:]
+    (out,) = half.run_dirs("eval")
+    assert np.load(out / "val_embeddings.npy").dtype == np.float16
+    report = json.loads((out / "report.json").read_text())
+    assert report["sizes"] == [4, 16] and list(report["knn"]) == ["4", "16"]
+    assert report["adaptive_retrieval"] == [] and report["exact_retrieval"] == {}
+
+    for args, words in (
+        (["sizes=[4,12]"], ["not trained", "[12]", "[2, 4, 8, 16]"]),
+        (["sizes=[4,64]"], ["exceed the embedding size 16"]),
+        (["database_split=holdout"], ["no 'holdout' split", "database_split"]),
+    ):
+        bad = run_cli("mrl-eval", f"ckpt_path={ckpt}", *fast, *args)
+        assert bad.returncode != 0
+        assert "Traceback" not in bad.output
+        for word in words:
+            assert word in bad.stderr, bad.stderr
+
+
+@pytest.mark.slow
+def test_missing_checkpoint(run_cli, tmp_path):
+    result = run_cli("mrl-eval", f"ckpt_path={tmp_path / 'nope.ckpt'}")
+    assert result.returncode != 0
+    assert "does not exist" in result.stderr and "Traceback" not in result.output
+    assert not list((tmp_path / "logs" / "eval" / "runs").glob("*/report.json"))
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint(run_cli, tmp_path):
+    ckpt = tmp_path / "broken.ckpt"
+    ckpt.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    result = run_cli("mrl-eval", f"ckpt_path={ckpt}")
+    assert result.returncode != 0
+    assert "corrupt" in result.stderr and "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_checkpoint_without_mrl_config(run_cli, tmp_path):
+    ckpt = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, ckpt)
+    result = run_cli("mrl-eval", f"ckpt_path={ckpt}")
+    assert result.returncode != 0
+    assert "no mrl training config" in result.stderr and "Traceback" not in result.output
+
+
+def test_eval_config_composes_with_the_paper_defaults():
+    from hydra import compose, initialize_config_dir
+
+    from mrl.cli.eval import eval_dir_name
+    from mrl.config_path import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("eval", overrides=["ckpt_path=/runs/2026-01-01_00-00-00_abc123/checkpoints/last.ckpt"])
+    funnel = cfg.adaptive_retrieval.funnel
+    assert funnel.shortlist_size == 8 and list(funnel.rerank_sizes) == [16, 32, 64, 128, "full"]
+    assert list(funnel.shortlists) == [200, 100, 50, 25, 10]
+    assert list(cfg.retrieval.ks) == [10, 25, 50, 100] and cfg.sizes is None
+    assert cfg.logger.wandb.offline is True and cfg.logger.wandb.group is None
+    assert cfg.logger.wandb.job_type == "eval" and cfg.embedding_dtype == "float32"
+    assert eval_dir_name(cfg.ckpt_path) == "2026-01-01_00-00-00_abc123_last"
+    assert eval_dir_name("model.ckpt") == "model"
+
+
+def test_bad_checkpoints_in_process(tmp_path):
+    """The same checks without a subprocess (fast suite): each is an MRLError saying what to do."""
+    from mrl.errors import MRLError
+    from mrl.eval.model import load_for_eval
+    from mrl.eval.run import report_sizes
+
+    (tmp_path / "broken.ckpt").write_bytes(b"PK\x03\x04 garbage")
+    torch.save({"state_dict": {}, "mrl_config": {"data": {}}}, tmp_path / "partial.ckpt")
+    for name, words in (
+        ("nope.ckpt", "does not exist"),
+        ("broken.ckpt", "corrupt"),
+        ("partial.ckpt", "no mrl training config"),
+    ):
+        with pytest.raises(MRLError, match=words):
+            load_for_eval(tmp_path / name)
+    assert report_sizes(None, [2, 4, 8], 8) == [2, 4, 8]
+    assert report_sizes([8, 2], [2, 4, 8], 8) == [2, 8]
+    with pytest.raises(MRLError, match=r"not trained at: \[3\]"):
+        report_sizes([3], [2, 4, 8], 8)
+    with pytest.raises(MRLError, match="exceed the embedding size 8"):
+        report_sizes([16], [2, 4, 8], 8)
