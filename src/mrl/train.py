@@ -116,15 +116,16 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
 def _wandb_online_or_offline(node: DictConfig) -> DictConfig:
     """Online W&B without credentials (or without a reachable server) logs offline instead of failing
     the job: the run directory can be uploaded later with ``wandb sync``."""
+    if os.environ.get("WANDB_MODE") == "":
+        # An empty WANDB_MODE (e.g. `WANDB_MODE= mrl-train`) makes wandb reject its own settings; it
+        # means "not set".
+        del os.environ["WANDB_MODE"]
     if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
         return node
-    import wandb
-
-    try:
-        ok = wandb.login(prompt=False)
-        reason = "no W&B credentials found (run `wandb login` or set WANDB_API_KEY)"
-    except Exception as err:  # network and auth errors come in many types
-        ok, reason = False, f"W&B login failed ({' '.join(str(err).split())[:200]})"
+    # Checked without wandb.login(): a failed login leaves wandb's global settings in a state where the
+    # offline run afterwards still asks for a key.
+    ok = _wandb_credentials_available()
+    reason = "no W&B credentials found (run `wandb login` or set WANDB_API_KEY)"
     if ok:
         return node
     log.warning(
@@ -135,6 +136,21 @@ def _wandb_online_or_offline(node: DictConfig) -> DictConfig:
     with open_dict(node):
         node.offline = True
     return node
+
+
+def _wandb_credentials_available() -> bool:
+    """An API key in WANDB_API_KEY or in the netrc entry of the W&B host (where `wandb login` puts it)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def _check_output_dir(output_dir: Path) -> None:

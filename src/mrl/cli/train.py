@@ -96,11 +96,34 @@ def run_ddp_worker() -> None:
     train(OmegaConf.load(os.environ[DDP_CONFIG_ENV]))
 
 
+def check_output_location(argv: list[str]) -> None:
+    """Fail before Hydra creates anything when the output location cannot be written.
+
+    Hydra makes the job directory itself, before any of our code runs, and reports a failure there
+    with a traceback; so the directory named on the command line (or ``MRL_LOG_DIR``, default
+    ``logs``) is checked here: its nearest existing ancestor must be a writable directory.
+    """
+    target = os.environ.get("MRL_LOG_DIR") or "logs"
+    for arg in argv[1:]:
+        key, _, value = arg.partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir", "paths.log_dir") and value and "${" not in value:
+            target = value
+    path = Path(target).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        fail(
+            f"Cannot create the output directory {path}: {existing} is not a writable directory. Choose a "
+            "writable place with paths.log_dir=<dir>, hydra.run.dir=<dir> or MRL_LOG_DIR=<dir>; nothing was "
+            "written and no training started."
+        )
+
+
 def main() -> None:
     if _is_ddp_worker():
         run_ddp_worker()
         return
     register_resolvers()
+    check_output_location(sys.argv)
     try:
         sys.argv = resume_argv(sys.argv)
     except MRLError as err:
