@@ -29,5 +29,5 @@ def test_truncated_file_is_explained(tiny_fashion_mnist):
         data = f.read()
     with gzip.open(path, "wb") as f:
         f.write(data[: len(data) // 2])
-    with pytest.raises(MRLError, match="truncated or corrupt.*Delete it and get it again"):
+    with pytest.raises(MRLError, match=r"truncated or corrupt.*Delete it and get it again"):
         FashionMNISTDataModule(data_dir=str(tiny_fashion_mnist), val_size=50).setup()
