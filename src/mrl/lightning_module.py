@@ -71,7 +71,6 @@ class MatryoshkaModule(L.LightningModule):
         self.has_top5 = top5
         self._loss_sums: dict[str, torch.Tensor] = {}
         self._loss_counts: dict[str, int] = {}
-        self._log_this_step = True
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
 
@@ -91,14 +90,16 @@ class MatryoshkaModule(L.LightningModule):
         """Per-size logits ``(G, B, C)``."""
         return self.head(self(x))
 
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+    def _shared_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, log_loss: bool = True
+    ) -> torch.Tensor:
         x, y = batch
         logits = self.logits(x)
         per_size = self.criterion.per_size(logits, y)
         loss = self.criterion.combine(per_size)
         on_step = stage == "train"
         # train/loss is logged per step (the key stays plain "train/loss"); eval losses per epoch.
-        if not on_step or self._log_this_step:
+        if log_loss:
             self.log(
                 f"{stage}/loss",
                 loss,
@@ -152,9 +153,9 @@ class MatryoshkaModule(L.LightningModule):
         return (self.global_step + 1) % every == 0 or last
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        self._log_this_step = self._logger_writes_this_step(batch_idx)
-        loss = self._shared_step(batch, "train")
-        if self._log_this_step:
+        log_now = self._logger_writes_this_step(batch_idx)
+        loss = self._shared_step(batch, "train", log_loss=log_now)
+        if log_now:
             lr = self.trainer.optimizers[0].param_groups[0]["lr"]
             self.log("train/lr", lr, on_step=True, on_epoch=False)
         if not torch.isfinite(loss):
