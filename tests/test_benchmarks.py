@@ -9,9 +9,9 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def run_quick(script: str) -> str:
+def run_quick(script: str, *args: str) -> str:
     proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--quick"],
+        [sys.executable, str(BENCHMARKS / script), "--quick", *args],
         cwd=BENCHMARKS,
         capture_output=True,
         text=True,
@@ -38,3 +38,15 @@ def test_platform_overhead_quick():
 @pytest.mark.slow
 def test_gpu_resnet50_quick():
     assert "MRL/standard" in run_quick("gpu_resnet50.py")
+
+
+def test_eval_speed_memory_quick():
+    out = run_quick("eval_speed.py", "--part", "memory")
+    assert "peak RSS" in out and "adaptive retrieval" in out
+
+
+@pytest.mark.slow
+def test_eval_speed_quick():
+    # trains a tiny synthetic model, runs mrl-eval on it, then the memory part
+    out = run_quick("eval_speed.py")
+    assert "exact full-size search" in out and "speedup" in out and "peak RSS" in out

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 
 from mrl.eval.adaptive_classification import adaptive_classification, cascade, cascade_stats, fit_thresholds
-from mrl.eval.adaptive_retrieval import adaptive_retrieval, exact_retrieval, funnel_mflops, funnel_search
-from mrl.eval.knn import exact_search
+from mrl.eval.adaptive_retrieval import (
+    FunnelIndex,
+    adaptive_retrieval,
+    exact_retrieval,
+    funnel_mflops,
+    funnel_search,
+    rerank,
+)
+from mrl.eval.knn import exact_search, normalized_prefix
 
 
 def test_cascade_hand_made_example():
@@ -117,3 +124,48 @@ def test_adaptive_retrieval_report(clustered):
     flat, hnsw = adaptive_retrieval(db, db_y, q, q_y, [(8, [64], [100])], hnsw=True)
     assert flat["index"] == "flat" and hnsw["index"] == "hnsw"
     assert hnsw["map@10"] == pytest.approx(flat["map@10"], abs=0.05)
+
+
+def _old_table_rerank(db: np.ndarray, q: np.ndarray, cand: np.ndarray, d: int, keep: int) -> np.ndarray:
+    """The former implementation: a normalised table of the whole database per rerank size."""
+    table = normalized_prefix(db, d)
+    rows = np.take(table, cand.ravel(), axis=0).reshape(*cand.shape, d)
+    scores = np.matmul(rows, normalized_prefix(q, d)[:, :, None])[..., 0]
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :keep]
+    return np.take_along_axis(cand, order, axis=1)
+
+
+def test_rerank_on_memmap_rows_equals_normalised_table(tmp_path, clustered):
+    db, _, q, _ = clustered
+    path = tmp_path / "db.npy"
+    np.save(path, db)
+    mm = np.load(path, mmap_mode="r")
+    _, cand = exact_search(db, q, 8, 40)
+    want = _old_table_rerank(db, q, cand, 32, 15)
+    np.testing.assert_array_equal(rerank(mm, q, cand, 32, 15), want)
+    # tiny gather blocks (one query at a time) give the same ranking as one block
+    np.testing.assert_array_equal(rerank(mm, q, cand, 32, 15, block_floats=1), want)
+    # the whole funnel, stage by stage, on the memmap
+    ids = funnel_search(mm, q, 8, [16, 64], [40, 10], query_chunk=7)
+    np.testing.assert_array_equal(
+        ids, _old_table_rerank(db, q, _old_table_rerank(db, q, cand, 16, 10), 64, 10)
+    )
+
+
+def test_hnsw_funnel_with_whole_database_shortlist_is_exact_search(clustered):
+    db, _, q, _ = clustered
+    index = FunnelIndex(db, 8, hnsw=True)
+    ids = funnel_search(index, q, 8, [64], [len(db)], query_chunk=16)
+    _, exact = exact_search(db, q, 64, 10)
+    # HNSW may miss a few of the 400 items, but the top 10 at full size are all found and reranked exactly
+    np.testing.assert_array_equal(ids[:, :10], exact)
+
+
+def test_shared_shortlist_rows_equal_separate_runs(clustered):
+    db, db_y, q, q_y = clustered
+    funnels = [(8, [16, 64], [50, 10]), (8, [64], [50]), (4, [64], [30])]
+    together = adaptive_retrieval(db, db_y, q, q_y, funnels)
+    for f, row in zip(funnels, together, strict=True):
+        (alone,) = adaptive_retrieval(db, db_y, q, q_y, [f])
+        assert row["map@10"] == alone["map@10"] and row["top1"] == alone["top1"]
+        assert (row["shortlist_size"], row["rerank_sizes"], row["shortlists"]) == (f[0], f[1], f[2])

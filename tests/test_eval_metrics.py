@@ -109,3 +109,40 @@ def test_retrieval_metrics_match_loop_reference():
         assert m[f"precision@{k}"] == pytest.approx(np.mean(precs))
         assert m[f"recall@{k}"] == pytest.approx(np.mean(recs))
         assert m[f"hit@{k}"] == pytest.approx(np.mean(hits))
+
+
+def test_exact_search_with_chunks_capped_by_bytes(monkeypatch, data):
+    import mrl.eval.knn as knn
+
+    db, q = data
+    monkeypatch.setattr(knn, "CHUNK_BYTES", 16 * 4 * 50)  # 50 rows of 16 floats per chunk: 6 chunks
+    assert knn.chunk_rows(262_144, 16) == 50
+    _, ids = exact_search(db, q, 16, 9)
+    np.testing.assert_array_equal(ids, _brute_force(db, q, 16, 9))
+
+
+def _counting_vote(labels: np.ndarray, k: int, num_classes: int) -> np.ndarray:
+    """The former vote: a (queries, classes) count table, ties to the smallest first rank."""
+    labels = labels[:, :k]
+    nq = len(labels)
+    rows = np.repeat(np.arange(nq), labels.shape[1])
+    counts = np.zeros((nq, num_classes), dtype=np.int64)
+    np.add.at(counts, (rows, labels.ravel()), 1)
+    first = np.full((nq, num_classes), k, dtype=np.int64)
+    np.minimum.at(first, (rows, labels.ravel()), np.tile(np.arange(labels.shape[1]), nq))
+    return np.argmax(counts * (k + 1) - first, axis=1)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 10])
+def test_knn_vote_equals_counting_table(k):
+    rng = np.random.default_rng(k)
+    labels = rng.integers(0, 6, size=(500, 12))  # few classes: many ties
+    np.testing.assert_array_equal(knn_predict(labels, k), _counting_vote(labels, k, 6))
+
+
+def test_exact_search_transform_equals_search_of_transformed_database(data):
+    db, q = data
+    rot = np.linalg.qr(np.random.default_rng(3).normal(size=(32, 32)))[0].astype(np.float32)
+    _, want = exact_search(db @ rot, q @ rot, 8, 5)
+    _, got = exact_search(db, q, 8, 5, query_chunk=7, db_chunk=50, transform=lambda x: np.asarray(x) @ rot)
+    np.testing.assert_array_equal(got, want)

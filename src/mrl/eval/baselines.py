@@ -18,14 +18,23 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from mrl.eval.knn import CHUNK_BYTES
 
-def pca_fit(x: np.ndarray, chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+
+def _rows_per_chunk(dim: int, chunk: int | None) -> int:
+    # float64 blocks of at most CHUNK_BYTES: the only working copy of the database the PCA makes
+    return int(chunk) if chunk else max(1, CHUNK_BYTES // (8 * dim))
+
+
+def pca_fit(x: np.ndarray, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean ``(D,)`` and principal directions ``(D, D)`` (columns, by decreasing variance) of ``x``.
 
-    The covariance is accumulated in float64 chunk by chunk, so a memmapped database is read once and
-    never copied whole; the eigendecomposition of a D x D matrix is cheap next to that.
+    The covariance is accumulated in float64 chunk by chunk (``chunk`` rows, default: 64 MiB), so a
+    memmapped database is read once and never copied whole; the eigendecomposition of a D x D matrix is
+    cheap next to that.
     """
     n, dim = x.shape
+    chunk = _rows_per_chunk(dim, chunk)
     total = np.zeros(dim)
     gram = np.zeros((dim, dim))
     for start in range(0, n, chunk):
@@ -38,9 +47,17 @@ def pca_fit(x: np.ndarray, chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]
     return mean, eigvecs[:, np.argsort(eigvals)[::-1]]
 
 
-def pca_project(x: np.ndarray, mean: np.ndarray, components: np.ndarray, d: int) -> np.ndarray:
-    """Coordinates of ``x`` on the first ``d`` principal directions (float32)."""
-    return ((np.asarray(x, dtype=np.float64) - mean) @ components[:, :d]).astype(np.float32)
+def pca_project(
+    x: np.ndarray, mean: np.ndarray, components: np.ndarray, d: int, chunk: int | None = None
+) -> np.ndarray:
+    """Coordinates of ``x`` on the first ``d`` principal directions (float32), computed in float64
+    chunks so the only full-length array is the ``(N, d)`` result."""
+    basis = components[:, :d]
+    out = np.empty((len(x), d), dtype=np.float32)
+    chunk = _rows_per_chunk(x.shape[1], chunk)
+    for start in range(0, len(x), chunk):
+        out[start : start + chunk] = (np.asarray(x[start : start + chunk], dtype=np.float64) - mean) @ basis
+    return out
 
 
 def linear_probe(
@@ -88,7 +105,7 @@ def posthoc_baselines(
         rows = np.sort(np.random.default_rng(seed).choice(rows, size=max_train, replace=False))
     train_x = np.asarray(database[rows], dtype=np.float32)
     train_y = db_labels[rows]
-    test_x = np.asarray(queries, dtype=np.float32)
+    test_x = np.asarray(queries, dtype=np.float32)  # no copy of float32 (memmapped) queries
     out: dict[str, dict[int, float]] = {"svd": {}, "slice": {}}
     if svd_sizes:
         mean, comps = pca_fit(database)

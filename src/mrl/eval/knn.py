@@ -3,21 +3,36 @@
 Every prefix ``z[:, :d]`` is normalised *after* truncation (a prefix of a unit vector is not a unit
 vector), then searched by inner product, which equals cosine similarity. Search is exact (faiss flat
 index, on the GPU when faiss has one), with the database and the queries both taken in chunks so memory
-stays bounded for databases larger than RAM-friendly float32 copies.
+stays bounded: the only database-sized thing is the (possibly memory-mapped) embeddings themselves; a
+normalised float32 database chunk is at most ``CHUNK_BYTES`` (32 MiB).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import faiss
 import numpy as np
+
+# Largest float32 database chunk normalised at once (32 MiB): the chunk is the search's only working
+# copy of the database; faiss computes in 4096 x 1024 tiles anyway, and each extra chunk only adds a
+# (queries x 2k) merge.
+CHUNK_BYTES = 32 << 20
 
 
 def normalized_prefix(x: np.ndarray, d: int) -> np.ndarray:
     """``x[:, :d]`` as contiguous float32 rows of unit L2 norm (zero rows stay zero)."""
     prefix = np.array(x[:, :d], dtype=np.float32, order="C")  # a copy: the input may be a read-only memmap
-    norms = np.linalg.norm(prefix, axis=1, keepdims=True)
+    # einsum, not np.linalg.norm: the norm would allocate a squared copy of the whole chunk
+    norms = np.sqrt(np.einsum("ij,ij->i", prefix, prefix))[:, None]
     prefix /= np.maximum(norms, 1e-12)
     return prefix
+
+
+def chunk_rows(db_chunk: int, d: int) -> int:
+    """Database rows per search chunk: ``db_chunk``, capped so a float32 chunk of ``d`` features fits
+    ``CHUNK_BYTES``."""
+    return max(1, min(int(db_chunk), CHUNK_BYTES // (4 * max(int(d), 1))))
 
 
 def _gpu_available() -> bool:
@@ -41,22 +56,29 @@ def exact_search(
     query_chunk: int = 4096,
     db_chunk: int = 262_144,
     use_gpu: bool | None = None,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` database rows by cosine similarity of the size-``d`` prefixes, best first.
 
+    ``transform`` (e.g. a PCA projection) is applied to each database and query chunk before the prefix
+    is taken, so a transformed database is searched without ever being stored whole.
+
     Returns ``(scores, indices)`` of shape ``(len(queries), k)``. ``database`` may be a float16
-    memmap: each database chunk is converted and normalised once, searched by all query chunks, and the
-    per-chunk results are merged, so at most one float32 chunk of the database is in memory.
+    memmap: each database chunk (``db_chunk`` rows, at most ``CHUNK_BYTES`` of float32) is converted and
+    normalised once, searched by all query chunks, and the per-chunk results are merged, so at most one
+    float32 chunk of the database is in memory.
     """
     n = len(database)
+    db_chunk = chunk_rows(db_chunk, d)
     k = min(int(k), n)
     use_gpu = _gpu_available() if use_gpu is None else use_gpu
     nq = len(queries)
     best_scores = np.full((nq, k), -np.inf, dtype=np.float32)
     best_ids = np.full((nq, k), -1, dtype=np.int64)
-    q_norm = [normalized_prefix(queries[s : s + query_chunk], d) for s in range(0, nq, query_chunk)]
+    prep = transform or (lambda x: x)
+    q_norm = [normalized_prefix(prep(queries[s : s + query_chunk]), d) for s in range(0, nq, query_chunk)]
     for start in range(0, n, db_chunk):
-        block = normalized_prefix(database[start : start + db_chunk], d)
+        block = normalized_prefix(prep(database[start : start + db_chunk]), d)
         kb = min(k, len(block))
         for qi, q in enumerate(q_norm):
             rows = slice(qi * query_chunk, qi * query_chunk + len(q))
@@ -73,21 +95,27 @@ def exact_search(
     return best_scores, best_ids
 
 
-def knn_predict(neighbor_labels: np.ndarray, k: int, num_classes: int) -> np.ndarray:
+def knn_predict(neighbor_labels: np.ndarray, k: int, num_classes: int | None = None) -> np.ndarray:
     """Majority vote among the first ``k`` neighbours (rows best first).
 
-    Ties go to the class whose best-ranked member is nearest, so ``k=1`` is exactly 1-NN.
+    Ties go to the class whose best-ranked member is nearest, so ``k=1`` is exactly 1-NN. The vote
+    compares the ``k`` labels with each other (``k * k`` per query) instead of counting into a
+    ``(queries, num_classes)`` table, which for 50k queries and 21k classes would take 8 GB;
+    ``num_classes`` is accepted for compatibility and not needed.
     """
-    labels = neighbor_labels[:, :k]
-    nq = len(labels)
-    rows = np.repeat(np.arange(nq), labels.shape[1])
-    counts = np.zeros((nq, num_classes), dtype=np.int64)
-    np.add.at(counts, (rows, labels.ravel()), 1)
-    first = np.full((nq, num_classes), k, dtype=np.int64)
-    ranks = np.tile(np.arange(labels.shape[1]), nq)
-    np.minimum.at(first, (rows, labels.ravel()), ranks)
-    # counts dominate; among equal counts the smaller first rank wins (first < k+1)
-    return np.argmax(counts * (k + 1) - first, axis=1)
+    labels = np.asarray(neighbor_labels[:, :k])
+    nq, kk = labels.shape
+    out = np.empty(nq, dtype=labels.dtype)
+    step = max(1, (1 << 24) // max(kk * kk, 1))  # bounds the (step, k, k) comparison to 16 MB
+    for s in range(0, nq, step):
+        block = labels[s : s + step]
+        same = block[:, :, None] == block[:, None, :]  # (b, k, k): neighbour j's label == neighbour i's
+        counts = same.sum(axis=2)  # votes of neighbour j's class
+        first = same.argmax(axis=2)  # rank of the best-ranked neighbour of j's class
+        # counts dominate; among equal counts the class met first wins; argmax takes its first member
+        best = np.argmax(counts * (kk + 1) - first, axis=1)
+        out[s : s + step] = block[np.arange(len(block)), best]
+    return out
 
 
 def knn_accuracy(neighbor_labels: np.ndarray, query_labels: np.ndarray, k: int, num_classes: int) -> float:
