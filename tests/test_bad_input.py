@@ -136,3 +136,25 @@ def test_wandb_online_without_credentials_falls_back_to_offline(run_cli, tmp_pat
     assert result.returncode == 0, result.output[-3000:]
     assert "logging offline" in result.output
     assert list((tmp_path / "online" / "wandb").glob("offline-run-*"))
+
+
+def test_checkpoint_config_naming_foreign_code_is_refused(run_cli, tmp_path):
+    """weights_only loading is not enough: a stored config's ``_target_`` would be instantiated when
+    mrl-eval (or mrl.load) rebuilds the model. A foreign one is refused before anything is built."""
+    import torch
+
+    import mrl
+    from mrl.errors import MRLError
+
+    marker = tmp_path / "pwned"
+    config = {
+        "data": {"_target_": "os.system", "command": f"touch {marker}"},
+        "backbone": {"_target_": "mrl.models.backbone.TimmBackbone", "name": "test_byobnet"},
+        "head": {"kind": "mrl"},
+    }
+    ckpt = tmp_path / "crafted.ckpt"
+    torch.save({"state_dict": {}, "mrl_config": config}, ckpt)
+    _assert_clear_failure(run_cli("mrl-eval", f"ckpt_path={ckpt}"), "Refusing to load", "'os.system'")
+    with pytest.raises(MRLError, match="Refusing to load"):
+        mrl.load(ckpt)
+    assert not marker.exists()

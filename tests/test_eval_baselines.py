@@ -39,3 +39,28 @@ def test_probe_baselines_see_informative_directions():
     assert out["svd"][1] > 0.9  # PCA's first direction is the informative one
     assert out["slice"][1] < 0.6  # the first feature is noise
     assert out["slice"][16] == pytest.approx(out["svd"][16], abs=0.05)
+
+
+def test_posthoc_one_nn_equals_brute_force():
+    """1-NN after PCA to d and after truncation, against a plain numpy cosine nearest neighbour."""
+    import numpy as np
+
+    from mrl.eval.baseline_knn import posthoc_one_nn
+    from mrl.eval.baselines import pca_fit, pca_project
+
+    rng = np.random.default_rng(1)
+    db = rng.normal(size=(400, 12)).astype(np.float32)
+    q = rng.normal(size=(60, 12)).astype(np.float32)
+    db_y, q_y = rng.integers(0, 4, 400), rng.integers(0, 4, 60)
+
+    def brute(a, b):
+        a = a / np.linalg.norm(a, axis=1, keepdims=True)
+        b = b / np.linalg.norm(b, axis=1, keepdims=True)
+        return float(np.mean(db_y[np.argmax(b @ a.T, axis=1)] == q_y))
+
+    out = posthoc_one_nn(db, db_y, q, q_y, [2, 5], [3], db_chunk=96)
+    mean, comps = pca_fit(db)
+    for d in (2, 5):
+        expected = brute(pca_project(db, mean, comps, d), pca_project(q, mean, comps, d))
+        assert out["svd_1nn"][d] == expected
+    assert out["slice_1nn"][3] == brute(db[:, :3], q[:, :3])

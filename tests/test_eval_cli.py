@@ -31,6 +31,7 @@ EVAL_FAST = [
     "adaptive_retrieval.funnel.rerank_sizes=[4,8,full]",
     "adaptive_retrieval.funnel.shortlists=[100,50,10]",
     "baselines.max_train=200",
+    "adaptive_retrieval.hnsw=false",
 ]
 
 
@@ -139,7 +140,12 @@ def test_eval_end_to_end(run_cli, trained):
     assert result.run_dirs("eval") == [out]
     assert (out / "train_embeddings.npy").stat().st_mtime_ns == mtime
     assert "Reusing train embeddings" in again.output
-    assert json.loads((out / "report.json").read_text())["baselines"] == {"svd": {}, "slice": {}}
+    assert json.loads((out / "report.json").read_text())["baselines"] == {
+        "svd": {},
+        "slice": {},
+        "svd_1nn": {},
+        "slice_1nn": {},
+    }
 
 
 @pytest.mark.slow

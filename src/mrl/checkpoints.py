@@ -91,6 +91,37 @@ def check_compatible(ckpt: dict[str, Any], module: nn.Module, path: str | Path, 
     )
 
 
+# What a stored training config may instantiate when mrl-eval rebuilds its model and data. A checkpoint's
+# config is data from a file: an arbitrary ``_target_`` there (``os.system``, ...) would run code when
+# instantiated, which weights_only loading alone does not prevent.
+ALLOWED_TARGETS = ("mrl.", "timm.optim.", "timm.scheduler.", "lightning.pytorch.")
+GET_CLASS = "hydra.utils.get_class"
+ALLOWED_CLASSES = ("timm.layers.",)
+
+
+def check_config_targets(config: Any, path: str | Path, where: str = "mrl_config") -> None:
+    """Raise an :class:`MRLError` when ``config`` names a ``_target_`` outside mrl, timm's optimizer,
+    scheduler and layer factories, and Lightning (checked before anything is instantiated)."""
+    if isinstance(config, dict):
+        target = config.get("_target_")
+        if target is not None:
+            target = str(target)
+            ok = target.startswith(ALLOWED_TARGETS) or (
+                target == GET_CLASS and str(config.get("path", "")).startswith(ALLOWED_CLASSES)
+            )
+            if not ok:
+                raise MRLError(
+                    f"Refusing to load {path}: its stored config ({where}) names {target!r} to instantiate, "
+                    "which is not an mrl, timm or Lightning component, so rebuilding the model could run "
+                    "arbitrary code. Only load checkpoints written by mrl-train."
+                )
+        for key, value in config.items():
+            check_config_targets(value, path, f"{where}.{key}")
+    elif isinstance(config, list):
+        for i, value in enumerate(config):
+            check_config_targets(value, path, f"{where}[{i}]")
+
+
 def last_checkpoint(run_dir: Path) -> Path:
     """The checkpoint a resumed run continues from: the newest of ``checkpoints/last.ckpt`` and the
     ``hpc_ckpt_*.ckpt`` files Lightning writes on a SLURM preemption signal (in the run dir)."""

@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mrl.checkpoints import check_compatible, load_checkpoint
+from mrl.checkpoints import check_compatible, check_config_targets, load_checkpoint
 from mrl.errors import MRLError
 
 REQUIRED = ("data", "backbone", "head")
@@ -23,6 +23,7 @@ def checkpoint_config(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]:
             "mrl-eval cannot rebuild its model and data. Evaluate a checkpoint written by mrl-train (the "
             "run's checkpoints/last.ckpt or its best epoch*.ckpt)."
         )
+    check_config_targets(config, path)
     return config
 
 

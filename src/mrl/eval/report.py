@@ -48,6 +48,9 @@ def build_report(
         "baselines": {
             "svd": _str_keys(baselines.get("svd", {})),
             "slice": _str_keys(baselines.get("slice", {})),
+            # 1-NN accuracy of the same reductions (the comparison table's 1-NN column)
+            "svd_1nn": _str_keys(baselines.get("svd_1nn", {})),
+            "slice_1nn": _str_keys(baselines.get("slice_1nn", {})),
         },
     }
 
@@ -139,7 +142,19 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
 
 def per_size_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """One row per size with every per-size number (W&B table and terminal summary)."""
-    columns = ["size", "linear_top1", "linear_top5", "1nn", "knn", "map@10", "recall@10", "svd", "slice"]
+    columns = [
+        "size",
+        "linear_top1",
+        "linear_top5",
+        "1nn",
+        "knn",
+        "map@10",
+        "recall@10",
+        "svd",
+        "slice",
+        "svd_1nn",
+        "slice_1nn",
+    ]
     sizes = sorted(
         {int(d) for section in ("linear", "knn", "retrieval") for d in report[section]}
         | {int(d) for b in report["baselines"].values() for d in b}
@@ -163,6 +178,8 @@ def per_size_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
                 ret.get("recall@10"),
                 report["baselines"]["svd"].get(key),
                 report["baselines"]["slice"].get(key),
+                report["baselines"]["svd_1nn"].get(key),
+                report["baselines"]["slice_1nn"].get(key),
             ]
         )
     return columns, rows
@@ -258,6 +275,9 @@ def log_wandb(run, report: dict[str, Any], pngs: list[Path]) -> None:
         for d, values in report[section].items():
             for key in keys:
                 summary[f"eval/{section}/{key}@{d}"] = values[key]
+    for name, per_size in report["baselines"].items():
+        for d, value in per_size.items():
+            summary[f"eval/baselines/{name}@{d}"] = value
     for key, value in report["exact_retrieval"].items():
         summary[f"eval/exact_retrieval/{key}"] = value
     run.summary.update(summary)

@@ -17,6 +17,7 @@ from mrl.eval import baselines as posthoc
 from mrl.eval import knn as knn_eval
 from mrl.eval import linear as linear_eval
 from mrl.eval import report as reporting
+from mrl.eval.baseline_knn import posthoc_one_nn
 from mrl.eval.embeddings import export_split
 from mrl.eval.model import fingerprint, load_for_eval
 from mrl.eval.retrieval import retrieval_metrics
@@ -112,6 +113,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             module, datamodule, split, out_dir, fp, cfg.embedding_dtype, device, precision
         )
     module.cpu()
+    if cfg.get("export_model", True):  # the one-file deployable model (mrl.load), see mrl.deploy
+        from mrl.deploy import MatryoshkaModel
+
+        MatryoshkaModel.from_module(module, datamodule).save(out_dir / "model.safetensors")
     db, db_y = emb[cfg.database_split]
     q, q_y = emb[cfg.query_split]
     num_classes = head.num_classes
@@ -182,7 +187,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     adaptive_retrieval, exact = [], {}
     if methods.adaptive_retrieval:
         ar = cfg.adaptive_retrieval
-        exact = adaptive_ret.exact_retrieval(db, db_y, q, q_y, k=10, query_chunk=chunks.query)
+        exact = adaptive_ret.exact_retrieval(
+            db, db_y, q, q_y, k=10, query_chunk=chunks.query, db_chunk=chunks.database
+        )
         adaptive_retrieval = adaptive_ret.adaptive_retrieval(
             db,
             db_y,
@@ -193,13 +200,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             hnsw=bool(ar.hnsw),
             hnsw_m=int(ar.hnsw_m),
             hnsw_ef_search=int(ar.hnsw_ef_search),
-            query_chunk=chunks.rerank,
+            hnsw_ef_construction=int(ar.get("hnsw_ef_construction", 40)),
+            query_chunk=chunks.query,  # batched like the exact search it is compared with
+            db_chunk=chunks.database,
+            block_floats=int(chunks.rerank),
         )
     lap("adaptive_retrieval")
 
     baselines: dict[str, dict[int, float]] = {}
-    if methods.baselines:
-        bc = cfg.baselines
+    kind = (train_cfg.get("head") or {}).get("kind")
+    bc = cfg.baselines
+    if bc.get("models", "all") not in ("all", "standard"):
+        raise MRLError(f"baselines.models must be all or standard, got {bc.models!r}.")
+    if methods.baselines and (bc.get("models", "all") == "all" or kind == "standard"):
         if bc.sizes is not None:
             base_sizes = sorted({int(d) for d in bc.sizes if int(d) <= embed_dim})
         elif len(nesting) > 1:
@@ -207,12 +220,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         else:  # a standard model: the paper's powers of two
             base_sizes = default_nesting(embed_dim, 8)
         slice_sizes = list(base_sizes)
-        kind = (train_cfg.get("head") or {}).get("kind")
         if bc.interpolation and kind in ("mrl", "mrl_e"):
             slice_sizes = sorted(set(slice_sizes) | set(posthoc.interpolation_sizes(nesting)))
         baselines = posthoc.posthoc_baselines(
             db, db_y, q, q_y, base_sizes if bc.svd else [], slice_sizes, bc.max_train, bc.max_iter, cfg.seed
         )
+        if bc.get("knn", True):
+            baselines |= posthoc_one_nn(
+                db, db_y, q, q_y, base_sizes if bc.svd else [], slice_sizes, chunks.query, chunks.database
+            )
     lap("baselines")
 
     report = reporting.build_report(
