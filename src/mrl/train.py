@@ -225,7 +225,25 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 # Each job of a multirun gets its own W&B run.
                 if wandb.run is not None:
                     wandb.finish()
+    if cfg.get("evaluate") is not None and trainer.is_global_zero:
+        _evaluate_checkpoint(cfg, trainer, output_dir)
     return results
+
+
+def _evaluate_checkpoint(cfg: DictConfig, trainer: L.Trainer, output_dir: Path) -> None:
+    """``evaluate=...``: mrl-eval on the checkpoint the test used (the best, else the last one)."""
+    from mrl.checkpoints import CHECKPOINT_DIR, LAST
+    from mrl.eval.after_training import evaluate_after_training
+
+    callback = trainer.checkpoint_callback
+    best = getattr(callback, "best_model_path", "") if callback is not None else ""
+    ckpt = Path(best) if best else output_dir / CHECKPOINT_DIR / LAST
+    if not ckpt.is_file():
+        raise MRLError(
+            f"evaluate=... needs a checkpoint of this run to evaluate, but none was written ({ckpt}). Keep "
+            "the default checkpoint callbacks (callbacks=default) or drop the evaluate setting."
+        )
+    evaluate_after_training(cfg.evaluate, ckpt, output_dir, cfg)
 
 
 def _report(results: dict[str, float], sizes: list[int], output_dir: Path, loggers: list[Logger]) -> None:

@@ -1,0 +1,159 @@
+"""``mrl-report``: one comparison of a sweep's jobs (methods x sizes): Markdown, JSON, PNG and W&B.
+
+mrl-report logs/train/multiruns/<date>_<id>          # a multirun directory
+mrl-report --wandb-group <group> [--project mrl]      # the same sweep read back from W&B (online)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from mrl.cli.common import fail
+from mrl.errors import MRLError
+
+OUT_SUBDIR = "report"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mrl-report", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("sweep_dir", nargs="?", help="a multirun directory (or any folder of mrl-train job dirs)")
+    p.add_argument("--wandb-group", help="read the sweep from this W&B group instead (needs network)")
+    p.add_argument("--project", default="mrl", help="W&B project (default: mrl)")
+    p.add_argument("--entity", default=None, help="W&B entity (default: yours)")
+    p.add_argument(
+        "--out", help=f"output folder (default: <sweep_dir>/{OUT_SUBDIR}, or ./{OUT_SUBDIR}-<group>)"
+    )
+    p.add_argument("--title", default="", help="figure title")
+    p.add_argument("--no-wandb", action="store_true", help="do not write the W&B summary run")
+    return p
+
+
+def _sweep_wandb(jobs: list[Path]) -> dict:
+    """Project, group and mode the sweep's jobs logged to W&B (empty when they did not use W&B)."""
+    for job in jobs:
+        config = yaml.safe_load((job / "resolved_config.yaml").read_text()) or {}
+        node = (config.get("logger") or {}).get("wandb")
+        if node and node.get("_target_"):
+            return {
+                "project": node.get("project") or "mrl",
+                "group": node.get("group"),
+                "offline": node.get("offline", True),
+            }
+    return {}
+
+
+def report(args: argparse.Namespace) -> Path:
+    from mrl.compare.claims import check_claims, claims_markdown
+    from mrl.compare.collect import collect, find_jobs
+    from mrl.compare.figure import write_figure
+    from mrl.compare.table import aggregate, markdown, to_json
+
+    if bool(args.sweep_dir) == bool(args.wandb_group):
+        raise MRLError("Give mrl-report either a sweep directory or --wandb-group <group> (one of the two).")
+    if args.sweep_dir:
+        root = Path(args.sweep_dir)
+        jobs = find_jobs(root)
+        records = collect(root)
+        wandb_target = _sweep_wandb(jobs)
+        out = Path(args.out) if args.out else root / OUT_SUBDIR
+        source = str(root)
+    else:
+        from mrl.compare.wandb_source import wandb_records
+
+        records = wandb_records(args.wandb_group, args.project, args.entity)
+        wandb_target = {"project": args.project, "group": args.wandb_group, "offline": False}
+        out = Path(args.out) if args.out else Path(f"{OUT_SUBDIR}-{args.wandb_group}")
+        source = f"W&B group {args.wandb_group}"
+    if not records:
+        raise MRLError(f"The jobs in {source} recorded no per-size metrics; did they finish training?")
+    tables = aggregate(records)
+    claims = check_claims(tables)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs_count = len({r.job for r in records})
+    text = (
+        f"Comparison of {jobs_count} jobs from {source}\n\n"
+        + markdown(tables)
+        + "\nClaims:\n\n"
+        + claims_markdown(claims)
+    )
+    (out / "comparison.md").write_text(text)
+    (out / "comparison.json").write_text(
+        json.dumps(
+            {"source": source, "tables": to_json(tables), "claims": [c.__dict__ for c in claims]}, indent=2
+        )
+        + "\n"
+    )
+    png = write_figure(tables, out / "comparison.png", args.title)
+    run_dir = None
+    if wandb_target and not args.no_wandb:
+        run_dir = _log_wandb(wandb_target, tables, claims, png)
+    print(text)
+    print(f"markdown: {out / 'comparison.md'}\nfigure:   {png}\njson:     {out / 'comparison.json'}")
+    if run_dir:
+        print(f"W&B run:  {run_dir}  (upload with `wandb sync {run_dir}`)")
+    return out
+
+
+def _log_wandb(target: dict, tables: dict, claims: list, png: Path) -> Path | None:
+    """A summary run (job type ``report``) in the sweep's W&B group: one table per metric, the claims
+    and the figure."""
+    import wandb
+
+    from mrl.train import _wandb_credentials_available
+
+    offline = target.get("offline", True) or not _wandb_credentials_available()
+    run = wandb.init(
+        project=target["project"],
+        group=target.get("group"),
+        job_type="report",
+        name="report",
+        mode="offline" if offline else "online",
+        dir=str(png.parent),
+        reinit="finish_previous",
+    )
+    try:
+        data = {}
+        for metric, table in tables.items():
+            rows = [[m, d, c.mean, c.std, c.n] for m, row in table.items() for d, c in sorted(row.items())]
+            if rows:
+                data[f"report/{metric}"] = wandb.Table(
+                    columns=["method", "size", "mean", "std", "seeds"], data=rows
+                )
+        data["report/claims"] = wandb.Table(
+            columns=["claim", "holds", "detail"], data=[[c.text, str(c.holds), c.detail] for c in claims]
+        )
+        data["report/comparison_png"] = wandb.Image(str(png))
+        run.log(data)
+        run.summary.update(
+            {
+                f"report/{metric}/{m}@{d}": c.mean
+                for metric, t in tables.items()
+                for m, row in t.items()
+                for d, c in row.items()
+            }
+        )
+        return Path(run.dir).parent
+    finally:
+        wandb.finish()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        report(args)
+    except MRLError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        fail(str(err))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

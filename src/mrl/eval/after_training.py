@@ -1,0 +1,82 @@
+"""Evaluate a training job's checkpoint with ``mrl-eval`` right after training (``evaluate=...``).
+
+A sweep that trains many models (``experiments/fashion_mnist_compare.yaml``) needs every job evaluated
+the same way; doing it inside the job keeps one command per experiment and puts ``report.json`` in
+``<job dir>/eval/`` where ``mrl-report`` finds it. The eval config is ``conf/eval.yaml`` composed with
+Hydra's compose API (so its defaults stay the single source), merged with the job's ``evaluate`` node.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from mrl.errors import MRLError
+
+log = logging.getLogger(__name__)
+
+EVAL_SUBDIR = "eval"
+
+
+def compose_eval_config() -> DictConfig:
+    """``conf/eval.yaml`` with its defaults, without Hydra's own config (no output dir is created)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from mrl.cli.common import register_resolvers
+    from mrl.config_path import config_dir
+
+    register_resolvers()
+    if GlobalHydra.instance().is_initialized():  # inside mrl-train: the same config search path
+        return compose("eval", overrides=["ckpt_path=unset"])
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        return compose("eval", overrides=["ckpt_path=unset"])
+
+
+def eval_config_after_training(
+    settings: dict[str, Any] | DictConfig, ckpt_path: Path, job_dir: Path, train_cfg: DictConfig
+) -> DictConfig:
+    """The ``mrl-eval`` config for ``ckpt_path``: eval defaults < ``settings``; output in ``job_dir/eval``,
+    W&B like the training job (same project, group and mode; no W&B when the job had none)."""
+    base = compose_eval_config()
+    OmegaConf.set_struct(base, True)  # a misspelt key is an error, not a silently ignored setting
+    if OmegaConf.is_config(settings):
+        settings = OmegaConf.to_container(settings, resolve=True)
+    try:
+        cfg = OmegaConf.merge(base, OmegaConf.create(settings or {}))
+    except Exception as err:  # omegaconf raises several types for an unknown or mistyped key
+        raise MRLError(
+            f"evaluate={settings} does not fit mrl-eval's settings "
+            f"(conf/eval.yaml): {' '.join(str(err).split())} Use keys of conf/eval.yaml, e.g. "
+            "evaluate.methods.adaptive_retrieval=false."
+        ) from None
+    trained_wandb = (train_cfg.get("logger") or {}).get("wandb")
+    with open_dict(cfg):
+        cfg.ckpt_path = str(ckpt_path)
+        cfg.paths.output_dir = str(job_dir / EVAL_SUBDIR)
+        cfg.paths.log_dir = str(job_dir)
+        if trained_wandb and trained_wandb.get("_target_"):
+            for key in ("project", "offline", "tags"):
+                cfg.logger.wandb[key] = trained_wandb.get(key)
+            cfg.logger.wandb.group = cfg.logger.wandb.get("group") or trained_wandb.get("group")
+            cfg.logger.wandb.name = f"eval:{trained_wandb.get('name') or job_dir.name}"
+        else:
+            cfg.logger = {}
+    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+
+
+def evaluate_after_training(
+    settings: dict[str, Any] | DictConfig, ckpt_path: Path, job_dir: Path, train_cfg: DictConfig
+) -> dict[str, Any]:
+    """Run every enabled ``mrl-eval`` evaluator on ``ckpt_path``; return the report."""
+    from mrl.eval.run import evaluate
+
+    cfg = eval_config_after_training(settings, ckpt_path, job_dir, train_cfg)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / "eval_config.yaml")
+    log.info("evaluating %s into %s", ckpt_path, out)
+    return evaluate(cfg)

@@ -1,0 +1,151 @@
+"""mrl-report: tables, claims and figure from a sweep, checked against the jobs' own results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, read_results, wandb_inspect
+from mrl.compare.claims import check_claims
+from mrl.compare.collect import Record
+from mrl.compare.table import Cell, aggregate, markdown
+from mrl.compare.wandb_source import run_records
+
+CHEAP_EVAL = (
+    "evaluate={methods: {adaptive_classification: false, adaptive_retrieval: false}, "
+    "baselines: {interpolation: false, max_iter: 20, sizes: [1, 2, 4, 8]}, "
+    "knn: {k: 3}, retrieval: {ks: [10]}}"
+)
+
+
+def test_aggregate_mean_and_sample_std_over_seeds():
+    records = [
+        Record("mrl", 4, "top1", 0.80, 0, "a"),
+        Record("mrl", 4, "top1", 0.90, 1, "b"),
+        Record("ff", 4, "top1", 0.70, 0, "c"),
+    ]
+    tables = aggregate(records)
+    cell = tables["top1"]["mrl"][4]
+    assert cell.mean == pytest.approx(85.0)
+    assert cell.std == pytest.approx(((5.0**2 + 5.0**2) / 1) ** 0.5)
+    assert cell.n == 2
+    assert tables["top1"]["ff"][4] == Cell(70.0, 0.0, 1)
+    assert list(tables["top1"]) == ["mrl", "ff"]  # the paper's method order
+    text = markdown(tables)
+    assert "| mrl | 85.00 ± 7.07 |" in text and "| ff | 70.00 |" in text
+
+
+def _tables(top1: dict[str, dict[int, float]]) -> dict:
+    return {"top1": {m: {d: Cell(v, 0.0, 2) for d, v in row.items()} for m, row in top1.items()}, "1nn": {}}
+
+
+def test_claims_follow_the_numbers():
+    good = _tables(
+        {
+            "mrl": {1: 60.0, 2: 70.0, 4: 90.0, 8: 91.0},
+            "mrl_e": {1: 55.0, 2: 69.0, 4: 89.0, 8: 90.0},
+            "ff": {1: 60.5, 2: 70.9, 4: 90.2, 8: 91.0},
+            "slice": {1: 19.0, 2: 42.0, 4: 68.0, 8: 79.0},
+            "svd": {1: 44.0, 2: 69.0, 4: 83.0, 8: 89.0},
+        }
+    )
+    verdicts = [c.holds for c in check_claims(good)]
+    assert verdicts[:4] == [True, True, True, True]
+    assert verdicts[4] is False  # no 1-NN table at all
+    bad = _tables({**{k: dict(v) for k, v in {"mrl": {1: 58.0, 2: 70.0}, "ff": {1: 60.0, 2: 70.0}}.items()}})
+    first = check_claims(bad)[0]
+    assert first.holds is False and "d=1: -2.00" in first.detail
+    assert check_claims(_tables({"mrl": {1: 50.0}}))[0].holds is None  # no FF: undecidable
+
+
+def test_wandb_records_from_train_and_eval_runs():
+    train = run_records(
+        {"head": {"kind": "mrl"}, "seed": 1}, {"test/acc@8": 0.9, "test/acc@16": 0.95}, "train", "r"
+    )
+    assert {(r.method, r.size, r.metric, r.value, r.seed) for r in train} == {
+        ("mrl", 8, "top1", 0.9, 1),
+        ("mrl", 16, "top1", 0.95, 1),
+    }
+    ev = run_records(
+        {"train": {"head": {"kind": "standard"}, "seed": 0}},
+        {"eval/knn/1nn@64": 0.8, "eval/baselines/svd@2": 0.5, "eval/baselines/slice_1nn@2": 0.3},
+        "eval",
+        "e",
+    )
+    assert {(r.method, r.size, r.metric) for r in ev} == {
+        ("standard", 64, "1nn"),
+        ("svd", 2, "top1"),
+        ("slice", 2, "1nn"),
+    }
+
+
+@pytest.mark.slow
+def test_report_of_a_three_job_sweep(run_cli, tmp_path):
+    """A 3-job multirun (MRL, FF at d=4, standard) evaluated after training, then mrl-report on it."""
+    res = run_cli(
+        "mrl-train",
+        "-m",
+        *TINY,
+        "head={kind:mrl},{kind:ff,dim:4},{kind:standard}",
+        CHEAP_EVAL,
+        timeout=900,
+    )
+    assert res.returncode == 0, res.output[-3000:]
+    jobs = res.sweep_job_dirs()
+    assert len(jobs) == 3 and all((j / "eval" / "report.json").is_file() for j in jobs)
+    sweep = jobs[0].parent
+    rep = run_cli("mrl-report", str(sweep))
+    assert rep.returncode == 0, rep.output[-3000:]
+    out = sweep / "report"
+    data = json.loads((out / "comparison.json").read_text())["tables"]
+    mrl_results, ff_results, std_results = (read_results(j) for j in jobs)
+    for d in (1, 8, 256):
+        assert data["top1"]["mrl"][str(d)]["mean"] == pytest.approx(100 * mrl_results[f"test/acc@{d}"])
+    assert set(data["top1"]["ff"]) == {"4"}
+    assert data["top1"]["ff"]["4"]["mean"] == pytest.approx(100 * ff_results["test/acc@4"])
+    assert data["top1"]["standard"]["256"]["mean"] == pytest.approx(100 * std_results["test/acc@256"])
+    std_report = json.loads((jobs[2] / "eval" / "report.json").read_text())
+    for name in ("svd", "slice"):
+        for d in ("1", "2", "4", "8"):
+            assert data["top1"][name][d]["mean"] == pytest.approx(100 * std_report["baselines"][name][d])
+            assert data["1nn"][name][d]["mean"] == pytest.approx(
+                100 * std_report["baselines"][f"{name}_1nn"][d]
+            )
+    mrl_report = json.loads((jobs[0] / "eval" / "report.json").read_text())
+    assert data["map@10"]["mrl"]["16"]["mean"] == pytest.approx(100 * mrl_report["retrieval"]["16"]["map@10"])
+    md = (out / "comparison.md").read_text()
+    assert f"| mrl | {100 * mrl_results['test/acc@1']:.2f} |" in md
+    assert "Claims:" in md and "1-NN accuracy reported for every method" in md
+    assert (out / "comparison.png").stat().st_size > 10_000
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    summary = wandb_inspect(runs[0])[0]["summary"]
+    assert summary["report/top1/mrl@1"] == pytest.approx(100 * mrl_results["test/acc@1"])
+    assert summary["report/top1/svd@2"] == pytest.approx(100 * std_report["baselines"]["svd"]["2"])
+    for table in ("report/top1", "report/1nn", "report/map@10", "report/claims", "report/comparison_png"):
+        assert table in summary, sorted(summary)
+
+
+def test_report_bad_input(run_cli, tmp_path):
+    missing = run_cli("mrl-report", str(tmp_path / "nope"))
+    assert missing.returncode == 1 and "is not a directory" in missing.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = run_cli("mrl-report", str(empty))
+    assert res.returncode == 1 and "No mrl-train jobs" in res.stderr and "Traceback" not in res.stderr
+    neither = run_cli("mrl-report")
+    assert neither.returncode == 1 and "either a sweep directory or --wandb-group" in neither.stderr
+
+
+def test_unknown_evaluate_key_is_a_clear_error(tmp_path):
+    from omegaconf import OmegaConf
+
+    from mrl.errors import MRLError
+    from mrl.eval.after_training import eval_config_after_training
+
+    with pytest.raises(MRLError, match=r"conf/eval\.yaml"):
+        eval_config_after_training(
+            {"methods": {"linaer": True}}, Path("x.ckpt"), tmp_path, OmegaConf.create({})
+        )
