@@ -54,6 +54,8 @@ class MatryoshkaModule(L.LightningModule):
         self.compile_backbone = compile
         self.config = config or {}
         self.nesting = list(head.nesting)
+        # set once a training loss is nan/inf (a device tensor: see training_step)
+        self._nonfinite: torch.Tensor | None = None
         num_classes = head.num_classes
         top5 = num_classes >= 5
         self.metrics = nn.ModuleDict()
@@ -158,13 +160,23 @@ class MatryoshkaModule(L.LightningModule):
         if log_now:
             lr = self.trainer.optimizers[0].param_groups[0]["lr"]
             self.log("train/lr", lr, on_step=True, on_epoch=False)
-        if not torch.isfinite(loss):
+        # Flagged on the device and read back only where we look anyway (logging steps, before a
+        # checkpoint is written, epoch end): `if not torch.isfinite(loss)` on every step would make a GPU
+        # wait for the host each step.
+        bad = ~torch.isfinite(loss.detach())
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+        if log_now:
+            self._raise_if_nonfinite()
+        return loss
+
+    def _raise_if_nonfinite(self) -> None:
+        """Stop training once a non-finite loss was seen (the flag syncs the device here only)."""
+        if self._nonfinite is not None and bool(self._nonfinite):
             raise FloatingPointError(
-                f"The training loss became {loss.item()} at step {self.global_step}. Lower optim.lr, enable "
-                "gradient clipping (trainer.gradient_clip_val=1.0) or use precision=32; the last good "
+                f"The training loss became nan or inf at or before step {self.global_step}. Lower optim.lr, "
+                "enable gradient clipping (trainer.gradient_clip_val=1.0) or use precision=32; the last good "
                 "checkpoint is kept in the run's checkpoints/ folder."
             )
-        return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._shared_step(batch, "val")
@@ -192,6 +204,7 @@ class MatryoshkaModule(L.LightningModule):
         self._sync_buffers_from_rank_zero()
 
     def on_train_epoch_end(self) -> None:
+        self._raise_if_nonfinite()
         self._log_epoch_metrics("train")
 
     def on_validation_epoch_end(self) -> None:
@@ -226,5 +239,7 @@ class MatryoshkaModule(L.LightningModule):
         scheduler.step_update(num_updates=self.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Never write weights trained through a non-finite loss: the last good checkpoint stays.
+        self._raise_if_nonfinite()
         checkpoint["mrl_config"] = self.config
         checkpoint["mrl_nesting"] = self.nesting
