@@ -1,0 +1,158 @@
+"""Every recipe in experiments/ composes, and runs a few training steps on synthetic data of its
+dataset's shape through the real mrl-train (CPU, small batches)."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import read_results
+from mrl.cli.common import linear_lr, register_resolvers
+from mrl.config_path import config_dir
+
+EXPERIMENTS_DIR = Path(config_dir()) / "experiment"
+RECIPES = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+# The shape of each recipe's data set, as synthetic data: (classes, channels, pixels).
+SHAPES = {"imagenet": (1000, 3, 192), "imagenet_vit": (1000, 3, 224), "fashion_mnist": (10, 1, 28)}
+FEW_STEPS = [
+    "trainer=cpu",
+    "trainer.devices=1",
+    "+trainer.max_steps=2",
+    "trainer.max_epochs=1",
+    "trainer.log_every_n_steps=1",
+    "trainer.num_sanity_val_steps=0",
+    "data.train_size=8",
+    "data.val_size=4",
+    "data.test_size=4",
+    "data.batch_size=4",
+    "data.eval_batch_size=4",
+    "data.num_workers=0",
+    "logger=csv",
+    "threads=2",
+]
+
+
+def _shape(recipe: str) -> tuple[int, int, int]:
+    if recipe.startswith("imagenet_vit"):
+        return SHAPES["imagenet_vit"]
+    if recipe.startswith("imagenet") or recipe == "retrofit":
+        return SHAPES["imagenet"]
+    return SHAPES["fashion_mnist"]
+
+
+def _compose(*overrides: str):
+    register_resolvers()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def _resolved(cfg) -> dict:
+    """Every interpolation outside Hydra's own node resolved (the lr scaling rule included)."""
+    return {k: _resolve_key(cfg, k) for k in cfg if k != "hydra"}
+
+
+def _resolve_key(cfg, key: str):
+    value = OmegaConf.select(cfg, key)
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def test_every_recipe_states_purpose_command_and_result():
+    assert {"fashion_mnist_compare", "imagenet_r50_mrl", "imagenet_r50_mrl_e", "imagenet_r50_ff"} <= set(
+        RECIPES
+    )
+    assert {"imagenet_vit_mrl", "retrofit"} <= set(RECIPES)
+    for recipe in RECIPES:
+        header = (EXPERIMENTS_DIR / f"{recipe}.yaml").read_text().split("\n\n", 1)[0]
+        assert "mrl-train" in header, f"{recipe}: the header must give the command"
+        assert "Result" in header, f"{recipe}: the header must state the result it produced (or why not)"
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_composes_and_resolves(recipe):
+    cfg = _compose(f"experiment={recipe}", "paths.output_dir=/tmp/job", "++data.root=/data/imagenet")
+    # every interpolation outside Hydra's own node resolves (the lr scaling rule included)
+    resolved = _resolved(cfg)
+    assert resolved["trainer"]["max_epochs"] >= 1
+    assert resolved["optim"]["lr"] > 0
+
+
+def test_paper_r50_recipe():
+    cfg = _resolved(_compose("experiment=imagenet_r50_mrl", "paths.output_dir=/tmp/j"))
+    assert cfg["optim"]["lr"] == pytest.approx(1.7)
+    assert cfg["optim"]["opt"] == "momentum" and cfg["optim"]["momentum"] == 0.9
+    assert cfg["optim"]["weight_decay"] == pytest.approx(1e-4)
+    assert cfg["loss"]["label_smoothing"] == 0.1
+    assert cfg["trainer"]["max_epochs"] == 40 and cfg["trainer"]["precision"] == "bf16-mixed"
+    assert cfg["channels_last"] is True
+    assert cfg["head"]["nesting"] == [8, 16, 32, 64, 128, 256, 512, 1024, 2048]
+    two = _compose("experiment=imagenet_r50_mrl", "trainer.devices=2", "paths.output_dir=/tmp/j")
+    assert OmegaConf.to_container(two.optim, resolve=True)["lr"] == pytest.approx(0.425)
+    ff = _compose("experiment=imagenet_r50_ff", "paths.output_dir=/tmp/j")
+    assert ff.head.kind == "ff" and ff.optim.weight_decay == pytest.approx(1e-4)
+
+
+def test_linear_lr_scaling_rule():
+    assert linear_lr(1.7, 4096, 512, 8) == pytest.approx(1.7)
+    assert linear_lr(1.7, 4096, 512, 2, 2) == pytest.approx(0.85)
+    from mrl.errors import MRLError
+
+    with pytest.raises(MRLError, match=r"trainer\.devices"):
+        linear_lr(1.7, 4096, 512, -1)
+
+
+def test_cyclic_schedule_is_triangular():
+    """FFCV's cyclic schedule: 0 -> peak at the warmup epoch -> 0 at the end, linear in between."""
+    import torch
+    from hydra.utils import instantiate
+
+    cfg = _compose("sched=cyclic", "paths.output_dir=/tmp/j")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched, _ = instantiate(cfg.sched)(opt, num_epochs=10, updates_per_epoch=10, step_on_epochs=False)
+    lrs = []
+    for step in range(101):
+        sched.step_update(num_updates=step)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(0.0, abs=1e-9)
+    assert lrs[10] == pytest.approx(0.5)
+    assert lrs[20] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.5)
+    assert lrs[100] == pytest.approx(0.0, abs=1e-9)
+    assert all(a <= b for a, b in pairwise(lrs[:21])) and all(a >= b for a, b in pairwise(lrs[20:]))
+
+
+def _few_step_args(recipe: str, tmp_path: Path) -> list[str]:
+    classes, chans, pixels = _shape(recipe)
+    args = [f"experiment={recipe}", "data=synthetic", *FEW_STEPS]
+    args += [f"data.num_classes={classes}", f"data.in_chans={chans}", f"data.img_size={pixels}"]
+    if recipe == "fashion_mnist_compare":
+        # one job of the sweep, with its evaluation
+        args += ["hydra.mode=RUN", "head={kind:ff,dim:4}", "evaluate.baselines.max_train=8"]
+    if recipe.startswith("imagenet") or recipe == "retrofit":
+        args.append("trainer.precision=bf16-mixed")  # the recipes' precision, on the CPU
+    if recipe == "retrofit":
+        import timm
+        from safetensors.torch import save_file
+
+        weights = tmp_path / "resnet50.safetensors"
+        save_file(timm.create_model("resnet50", num_classes=0).state_dict(), str(weights))
+        args.append(f"backbone.pretrained_path={weights}")
+    return args
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_trains_a_few_steps(recipe, run_cli, tmp_path):
+    res = run_cli("mrl-train", *_few_step_args(recipe, tmp_path), timeout=900)
+    assert res.returncode == 0, res.output[-3000:]
+    (job,) = res.run_dirs()
+    results = read_results(job)
+    cfg = OmegaConf.load(job / "resolved_config.yaml")
+    sizes = [cfg.head.dim] if cfg.head.kind == "ff" else (cfg.head.nesting or [])
+    for d in sizes:
+        assert f"test/acc@{d}" in results
+    if recipe == "fashion_mnist_compare":
+        assert (job / "eval" / "report.json").is_file()
