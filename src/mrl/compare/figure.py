@@ -48,11 +48,6 @@ def write_figure(tables: dict[str, dict[str, dict[int, Cell]]], path: Path, titl
     axes[0][0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    from mrl.tracking.charts import save_figure
+
+    return save_figure(fig, path)

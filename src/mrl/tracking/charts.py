@@ -58,11 +58,18 @@ def plot_accuracy_vs_size(
     ax.grid(True, alpha=0.3)
     if len(curves) > 1:
         ax.legend()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` (PNG) atomically and close it: a crash never leaves a half-written plot."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
-    tmp.replace(path)  # atomic: a crash never leaves a half-written plot
+    tmp.replace(path)
     return path
