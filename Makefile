@@ -30,7 +30,7 @@ train: install data
 
 # Everything, the slow end-to-end tests included (what CI runs).
 test: install data
-	$(BIN)/pytest -m "slow or not slow" $(ARGS)
+	$(BIN)/pytest -m "slow or not slow" --durations=20 $(ARGS)
 
 # The fast suite, for the edit-test loop.
 test-fast: install

@@ -244,3 +244,19 @@ def test_bad_checkpoints_in_process(tmp_path):
         report_sizes([3], [2, 4, 8], 8)
     with pytest.raises(MRLError, match="exceed the embedding size 8"):
         report_sizes([16], [2, 4, 8], 8)
+
+
+def test_report_plots_and_tables_without_k10(tmp_path):
+    """retrieval.ks=[2] (a tiny database): plots, the per-size table and the summary use mAP@2."""
+    from mrl.eval import report as reporting
+
+    retrieval = {"4": {"map@2": 0.5, "precision@2": 0.5, "recall@2": 0.25, "hit@2": 1.0}}
+    rep = reporting.build_report(
+        [4], {"4": {"top1": 0.7, "top5": 0.9}}, {"4": {"1nn": 0.6, "knn": 0.65}}, retrieval, [], [], {}, {}
+    )
+    assert reporting.retrieval_k(rep) == 2
+    pngs = reporting.write_plots(rep, tmp_path)
+    assert [p.name for p in pngs] == ["acc_vs_size.png"]
+    columns, rows = reporting.per_size_rows(rep)
+    assert rows[0][columns.index("map@2")] == 0.5 and rows[0][columns.index("recall@2")] == 0.25
+    assert "50.00" in reporting.summary_text(rep)

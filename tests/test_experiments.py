@@ -124,6 +124,14 @@ def test_cyclic_schedule_is_triangular():
     assert all(a <= b for a, b in pairwise(lrs[:21])) and all(a >= b for a, b in pairwise(lrs[20:]))
 
 
+def _keys_synthetic_lacks(recipe: str) -> list[str]:
+    """The recipe's data settings that only its real data set knows (limit_train, augment, ...):
+    the synthetic stand-in would reject them, so the few-step run drops them."""
+    synthetic = set(OmegaConf.load(Path(config_dir()) / "data" / "synthetic.yaml"))
+    composed = _compose(f"experiment={recipe}", "data=synthetic")
+    return sorted(set(composed.data) - synthetic)
+
+
 def _few_step_args(recipe: str, tmp_path: Path) -> list[str]:
     classes, chans, pixels = _shape(recipe)
     args = [f"experiment={recipe}", "data=synthetic", *FEW_STEPS]
@@ -131,11 +139,12 @@ def _few_step_args(recipe: str, tmp_path: Path) -> list[str]:
     if recipe == "fashion_mnist_compare":
         # one job of the sweep, with its evaluation
         args += ["hydra.mode=RUN", "head={kind:ff,dim:4}", "evaluate.baselines.max_train=8"]
-        args += ["evaluate.retrieval.ks=[2]", "evaluate.knn.k=2"]  # 8 database items
-    if recipe == "imagenet_vit_mrl":
-        args += ["~data.eval_img_size", "~data.augment"]  # ImageFolder-only settings of the recipe
-    if recipe.startswith("imagenet") or recipe == "retrofit":
+        args += ["+evaluate.retrieval.ks=[2]", "+evaluate.knn.k=2"]  # 8 database items
+    args += [f"~data.{key}" for key in _keys_synthetic_lacks(recipe)]
+    if recipe.startswith("imagenet_r50") or recipe == "retrofit":
         args.append("trainer.precision=bf16-mixed")  # the recipes' precision, on the CPU
+    # ViT-B/16 keeps float32 here: without native bf16 a CPU emulates its matmuls, and two steps of the
+    # 86M-parameter model take minutes instead of seconds (the bf16 path is covered by the R50 recipes)
     if recipe == "retrofit":
         import timm
         from safetensors.torch import save_file
@@ -146,20 +155,8 @@ def _few_step_args(recipe: str, tmp_path: Path) -> list[str]:
     return args
 
 
-# Not yet passing at the end of the 2026-11-27 session (see the closing note): open, not hidden.
-UNVERIFIED = {"fashion_mnist_compare", "imagenet_vit_mrl"}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "recipe",
-    [
-        pytest.param(r, marks=pytest.mark.skip(reason="few-step run not yet passing; open in issue 4"))
-        if r in UNVERIFIED
-        else r
-        for r in RECIPES
-    ],
-)
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_trains_a_few_steps(recipe, run_cli, tmp_path):
     res = run_cli("mrl-train", *_few_step_args(recipe, tmp_path), timeout=900)
     assert res.returncode == 0, res.output[-3000:]

@@ -55,6 +55,14 @@ def build_report(
     }
 
 
+def retrieval_k(report: dict[str, Any]) -> int:
+    """The k of the per-size retrieval numbers shown in plots and tables: the paper's 10 when it was
+    measured, else the smallest k of ``retrieval.ks`` (a tiny database may not hold 10 items)."""
+    keys = {key for values in report["retrieval"].values() for key in values}
+    ks = sorted(int(key.split("@")[1]) for key in keys if key.startswith("map@"))
+    return 10 if 10 in ks or not ks else ks[0]
+
+
 def _curve(section: dict, key: str | None = None) -> tuple[list[int], list[float]]:
     sizes = [int(d) for d in section]
     return sizes, [section[str(d)] if key is None else section[str(d)][key] for d in sizes]
@@ -88,7 +96,8 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
         curves["1-NN"] = _curve(report["knn"], "1nn")
         curves["k-NN"] = _curve(report["knn"], "knn")
     if report["retrieval"]:
-        curves["mAP@10"] = _curve(report["retrieval"], "map@10")
+        k = retrieval_k(report)
+        curves[f"mAP@{k}"] = _curve(report["retrieval"], f"map@{k}")
     for name, label in (("svd", "SVD + probe"), ("slice", "slice + probe")):
         if report["baselines"][name]:
             curves[label] = _curve(report["baselines"][name])
@@ -142,14 +151,15 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
 
 def per_size_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """One row per size with every per-size number (W&B table and terminal summary)."""
+    k = retrieval_k(report)
     columns = [
         "size",
         "linear_top1",
         "linear_top5",
         "1nn",
         "knn",
-        "map@10",
-        "recall@10",
+        f"map@{k}",
+        f"recall@{k}",
         "svd",
         "slice",
         "svd_1nn",
@@ -174,8 +184,8 @@ def per_size_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
                 lin.get("top5"),
                 knn.get("1nn"),
                 knn.get("knn"),
-                ret.get("map@10"),
-                ret.get("recall@10"),
+                ret.get(f"map@{k}"),
+                ret.get(f"recall@{k}"),
                 report["baselines"]["svd"].get(key),
                 report["baselines"]["slice"].get(key),
                 report["baselines"]["svd_1nn"].get(key),
@@ -236,7 +246,8 @@ def log_wandb(run, report: dict[str, Any], pngs: list[Path]) -> None:
             per_size, "size", "linear_top1", title="Linear top-1 vs size"
         )
     if report["retrieval"]:
-        data["eval/map@10_chart"] = wandb.plot.line(per_size, "size", "map@10", title="mAP@10 vs size")
+        k = retrieval_k(report)
+        data[f"eval/map@{k}_chart"] = wandb.plot.line(per_size, "size", f"map@{k}", title=f"mAP@{k} vs size")
     if report["adaptive_classification"]:
         cols = ["expected_size", "total_size", "accuracy", "target_accuracy"]
         table = wandb.Table(
@@ -271,10 +282,10 @@ def log_wandb(run, report: dict[str, Any], pngs: list[Path]) -> None:
         data[f"eval/{png.stem}_png"] = wandb.Image(str(png))
     run.log(data)
     summary = {}
-    for section, keys in (("linear", ("top1", "top5")), ("knn", ("1nn", "knn")), ("retrieval", ("map@10",))):
+    for section in ("linear", "knn", "retrieval"):  # every per-size number (retrieval: every k)
         for d, values in report[section].items():
-            for key in keys:
-                summary[f"eval/{section}/{key}@{d}"] = values[key]
+            for key, value in values.items():
+                summary[f"eval/{section}/{key}@{d}"] = value
     for name, per_size in report["baselines"].items():
         for d, value in per_size.items():
             summary[f"eval/baselines/{name}@{d}"] = value
