@@ -64,3 +64,31 @@ def test_posthoc_one_nn_equals_brute_force():
         expected = brute(pca_project(db, mean, comps, d), pca_project(q, mean, comps, d))
         assert out["svd_1nn"][d] == expected
     assert out["slice_1nn"][3] == brute(db[:, :3], q[:, :3])
+
+
+def test_posthoc_one_nn_takes_known_prefix_results_and_a_given_pca(monkeypatch):
+    """Sizes the kNN stage already searched are not searched again, and a given PCA is not refitted;
+    the kNN stage's 1-NN (k=100 search) equals this module's own k=1 search of the same prefix."""
+    import numpy as np
+
+    from mrl.eval import baseline_knn
+    from mrl.eval.baselines import pca_fit
+    from mrl.eval.knn import exact_search, knn_accuracy
+
+    rng = np.random.default_rng(2)
+    db = rng.normal(size=(300, 16)).astype(np.float32)
+    q = rng.normal(size=(50, 16)).astype(np.float32)
+    db_y, q_y = rng.integers(0, 5, 300), rng.integers(0, 5, 50)
+    _, ids = exact_search(db, q, 8, 100)
+    knn_stage = knn_accuracy(db_y[ids], q_y, 1, 5)
+    searched = baseline_knn.posthoc_one_nn(db, db_y, q, q_y, [], [8])["slice_1nn"][8]
+    assert knn_stage == searched
+
+    pca = pca_fit(db)
+    calls = []
+    monkeypatch.setattr(baseline_knn, "pca_fit", lambda *a, **k: calls.append("fit") or pca)
+    real = baseline_knn.exact_search
+    monkeypatch.setattr(baseline_knn, "exact_search", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    out = baseline_knn.posthoc_one_nn(db, db_y, q, q_y, [4], [4, 8], pca=pca, known_slice_1nn={8: 0.25})
+    assert out["slice_1nn"][8] == 0.25  # taken, not searched
+    assert calls == [4, 4]  # the SVD search and the size-4 slice search; no PCA fit

@@ -94,11 +94,13 @@ def posthoc_baselines(
     max_train: int | None = 5_000,
     max_iter: int = 100,
     seed: int = 0,
+    pca: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, dict[int, float]]:
     """``{"svd": {d: top1}, "slice": {d: top1}}`` of logistic-regression probes.
 
     The probes train on at most ``max_train`` database items (a seeded random subset), the PCA is
-    fitted on the whole database.
+    fitted on the whole database (or given as ``pca``: :func:`pca_fit`'s result, shared with the 1-NN
+    baselines).
     """
     rows = np.arange(len(database))
     if max_train and len(rows) > max_train:
@@ -108,7 +110,7 @@ def posthoc_baselines(
     test_x = np.asarray(queries, dtype=np.float32)  # no copy of float32 (memmapped) queries
     out: dict[str, dict[int, float]] = {"svd": {}, "slice": {}}
     if svd_sizes:
-        mean, comps = pca_fit(database)
+        mean, comps = pca if pca is not None else pca_fit(database)
         for d in svd_sizes:
             out["svd"][int(d)] = linear_probe(
                 pca_project(train_x, mean, comps, d),

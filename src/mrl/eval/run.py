@@ -222,12 +222,24 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         slice_sizes = list(base_sizes)
         if bc.interpolation and kind in ("mrl", "mrl_e"):
             slice_sizes = sorted(set(slice_sizes) | set(posthoc.interpolation_sizes(nesting)))
+        svd_sizes = base_sizes if bc.svd else []
+        pca = posthoc.pca_fit(db) if svd_sizes else None  # one pass over the database for both
         baselines = posthoc.posthoc_baselines(
-            db, db_y, q, q_y, base_sizes if bc.svd else [], slice_sizes, bc.max_train, bc.max_iter, cfg.seed
+            db, db_y, q, q_y, svd_sizes, slice_sizes, bc.max_train, bc.max_iter, cfg.seed, pca=pca
         )
         if bc.get("knn", True):
             baselines |= posthoc_one_nn(
-                db, db_y, q, q_y, base_sizes if bc.svd else [], slice_sizes, chunks.query, chunks.database
+                db,
+                db_y,
+                q,
+                q_y,
+                svd_sizes,
+                slice_sizes,
+                chunks.query,
+                chunks.database,
+                pca=pca,
+                # a truncation's 1-NN at a reported size is the kNN stage's 1-NN: the same search
+                known_slice_1nn={d: v["1nn"] for d, v in knn.items()},
             )
     lap("baselines")
 
