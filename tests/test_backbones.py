@@ -57,3 +57,23 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
     loaded = TimmBackbone("resnet18", in_chans=3, pretrained_path=str(path))
     for key, value in source.model.state_dict().items():
         torch.testing.assert_close(loaded.model.state_dict()[key], value)
+
+
+def test_build_with_upsizing_picks_the_smallest_accepted_size():
+    from mrl.models.backbone import ImageTooSmallError, build_with_upsizing
+
+    tried = []
+
+    def build(size: int, minimum: int = 64):
+        tried.append(size)
+        if size < minimum:
+            raise ImageTooSmallError(f"{size} px is too small")
+        return f"model@{size}"
+
+    assert build_with_upsizing(build, 28, resizable=True) == ("model@64", 64)
+    assert tried == [28, 32, 64]
+    assert build_with_upsizing(build, 96, resizable=True) == ("model@96", 96)  # fits: no resize
+    with pytest.raises(ImageTooSmallError, match="28 px"):
+        build_with_upsizing(build, 28, resizable=False)
+    with pytest.raises(ImageTooSmallError, match="28 px"):  # nothing fits: the first error
+        build_with_upsizing(lambda s: build(s, minimum=1000), 28, resizable=True)

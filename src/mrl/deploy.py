@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mrl.errors import MRLError
-from mrl.models.backbone import ImageTooSmallError, TimmBackbone
+from mrl.models.backbone import TimmBackbone, build_with_upsizing
 from mrl.models.heads import head_nesting
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 
@@ -475,17 +475,7 @@ def _timm_backbone(
             model_kwargs=model_kwargs,
         )
 
-    try:
-        return build(img_size)
-    except ImageTooSmallError:
-        if not resizable:
-            raise
-        for size in (32, 64, 128, 256):
-            try:
-                return build(size)
-            except ImageTooSmallError:
-                continue
-        raise
+    return build_with_upsizing(build, img_size, resizable)[0]
 
 
 def _preprocessing(datamodule: Any, backbone: TimmBackbone, data: dict[str, Any]) -> dict[str, Any]:

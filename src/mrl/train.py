@@ -24,7 +24,7 @@ from mrl.callbacks import RestoreLoaderPosition, debug_hooks
 from mrl.checkpoints import check_compatible, load_checkpoint
 from mrl.errors import MRLError
 from mrl.lightning_module import MatryoshkaModule
-from mrl.models.backbone import ImageTooSmallError
+from mrl.models.backbone import build_with_upsizing
 from mrl.models.heads import build_head
 from mrl.nn.matryoshka_loss import MatryoshkaLoss
 from mrl.tracking.charts import plot_accuracy_vs_size
@@ -76,30 +76,21 @@ def build_module(cfg: DictConfig, num_classes: int, in_chans: int, img_size: int
 def build_module_for_data(cfg: DictConfig, datamodule) -> MatryoshkaModule:
     """:func:`build_module` for ``datamodule``'s images, upsizing resizable small images (Fashion-MNIST's
     28 px) to the smallest power of two a backbone with many downsampling stages accepts."""
-    try:
-        return build_module(cfg, datamodule.num_classes, datamodule.in_chans, datamodule.img_size)
-    except ImageTooSmallError:
-        if not datamodule.resizable or getattr(datamodule, "img_size_fixed", True):
-            raise
-        first_error = None
-        size = 32
-        while size <= 256:
-            try:
-                module = build_module(cfg, datamodule.num_classes, datamodule.in_chans, size)
-            except ImageTooSmallError as err:
-                first_error = first_error or err
-                size *= 2
-                continue
-            log.warning(
-                "Backbone %s needs images larger than %d px: resizing them to %d (set data.img_size "
-                "to choose).",
-                cfg.backbone.name,
-                datamodule.img_size,
-                size,
-            )
-            datamodule.resize(size)
-            return module
-        raise first_error from None
+    resizable = datamodule.resizable and not getattr(datamodule, "img_size_fixed", True)
+    module, size = build_with_upsizing(
+        lambda px: build_module(cfg, datamodule.num_classes, datamodule.in_chans, px),
+        datamodule.img_size,
+        resizable,
+    )
+    if size != datamodule.img_size:
+        log.warning(
+            "Backbone %s needs images larger than %d px: resizing them to %d (set data.img_size to choose).",
+            cfg.backbone.name,
+            datamodule.img_size,
+            size,
+        )
+        datamodule.resize(size)
+    return module
 
 
 def build_loggers(cfg: DictConfig) -> list[Logger]:
@@ -109,7 +100,8 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
             continue
         if node._target_.endswith("WandbLogger") and not node.get("offline", False):
             node = _wandb_online_or_offline(node)
-        loggers.append(instantiate(node))
+        # plain dicts and lists: wandb.init validates its `settings` and rejects an OmegaConf node
+        loggers.append(instantiate(node, _convert_="all"))
     return loggers
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import timm
 import torch
@@ -16,6 +17,33 @@ from mrl.errors import MRLError
 
 class ImageTooSmallError(MRLError):
     """The backbone cannot process images of the data's size (too many downsampling stages)."""
+
+
+# Sizes tried, in order, when small resizable images (Fashion-MNIST's 28 px) are too small for a backbone.
+UPSIZES = (32, 64, 128, 256)
+Built = TypeVar("Built")
+
+
+def build_with_upsizing(build: Callable[[int], Built], img_size: int, resizable: bool) -> tuple[Built, int]:
+    """``(build(size), size)`` for ``size = img_size``, or, when that raises :class:`ImageTooSmallError`
+    and the images may be resized, for the smallest of :data:`UPSIZES` the backbone accepts.
+
+    Shared by training (which then resizes the data) and the deployment API (which rebuilds the trained
+    model at the size it was trained at), so both pick the same size. The first error is raised when no
+    size works."""
+    try:
+        return build(img_size), img_size
+    except ImageTooSmallError as first_error:
+        if not resizable:
+            raise
+        for size in UPSIZES:
+            if size <= img_size:
+                continue
+            try:
+                return build(size), size
+            except ImageTooSmallError:
+                continue
+        raise first_error from None
 
 
 def check_model_name(name: str) -> None:
