@@ -96,12 +96,19 @@ def wandb_inspect(run_dir: Path) -> tuple[dict, list[dict]]:
             check=True,
         ).stdout
     )
+    return summary, wandb_history(run_dir)
+
+
+def wandb_history(run_dir: Path) -> list[dict]:
+    """The history rows W&B wrote to the run's file so far (the run may still be running or be killed)."""
     records = subprocess.run(
-        [wandb, "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True, check=True
+        [str(BIN / "wandb"), "leet", "inspect", "--json", str(run_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.splitlines()
     parsed = (json.loads(r) for r in records if r.strip())
-    history = [r["history"]["item"] for r in parsed if r.get("type") == "history"]
-    return summary, history
+    return [r["history"]["item"] for r in parsed if r.get("type") == "history"]
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

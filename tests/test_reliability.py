@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, TINY, read_results, wandb_inspect, wandb_run_dirs
+from conftest import BIN, TINY, read_results, wandb_history, wandb_run_dirs
 
 pytestmark = pytest.mark.slow
 
@@ -68,8 +68,7 @@ def wait_for_checkpoint(proc: subprocess.Popen, ckpt: Path, timeout: float = 240
 
 def train_loss_steps(run_dir: Path) -> list[int]:
     """``trainer/global_step`` of every W&B history row carrying ``train/loss``."""
-    _, history = wandb_inspect(run_dir)
-    return [int(row["trainer/global_step"]) for row in history if "train/loss" in row]
+    return [int(row["trainer/global_step"]) for row in wandb_history(run_dir) if "train/loss" in row]
 
 
 def comparable(results: dict[str, float]) -> dict[str, float]:
@@ -87,16 +86,24 @@ def test_killed_run_resumes_into_same_wandb_run_and_matches_uninterrupted(
     run_dir = tmp_path / "crashed"
     proc = start(tmp_path, *args, f"hydra.run.dir={run_dir}")
     wait_for_checkpoint(proc, run_dir / "checkpoints" / "last.ckpt")
-    time.sleep(0.3)  # a few more steps: the interval lost to the crash
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    assert not (run_dir / "results.json").exists(), "the run finished before it was killed"
+    # Frozen right after its first checkpoint (so no later checkpoint can appear), then killed once W&B's
+    # own process has written the history that precedes it: with logger.wandb.settings'
+    # x_transaction_log_flush_interval=0.25 that takes well under a second; at W&B's default (15 s) the
+    # deadline below fails. SIGKILL, not a clean exit: nothing is flushed on the way out.
+    proc.send_signal(signal.SIGSTOP)
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     saved_step = int(ckpt["global_step"])
     assert 0 < saved_step < 60 and saved_step % 30 != 0, f"checkpoint at step {saved_step} is not mid-epoch"
     first_wandb = wandb_run_dirs(run_dir)
     assert len(first_wandb) == 1
+    deadline = time.monotonic() + 8
+    while set(range(saved_step)) - set(train_loss_steps(first_wandb[0])):
+        assert time.monotonic() < deadline, "W&B did not write the history before the checkpoint"
+        time.sleep(0.25)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "results.json").exists(), "the run finished before it was killed"
     killed_steps = train_loss_steps(first_wandb[0])
 
     resumed = run_cli("mrl-train", f"resume={run_dir}")
@@ -110,12 +117,12 @@ def test_killed_run_resumes_into_same_wandb_run_and_matches_uninterrupted(
     ids = {r.name.rsplit("-", 1)[-1] for r in runs}
     assert len(ids) == 1, f"the resumed job must log into the same W&B run: {ids}"
     resumed_steps = train_loss_steps(next(r for r in runs if r != first_wandb[0]))
-    # The resumed attempt continues right after the checkpoint, every step, to the end; what the killed
-    # attempt had flushed to W&B before SIGKILL (often nothing: W&B buffers) comes before it, so the
-    # curve cut at the checkpoint is strictly increasing, with no repeat.
+    # The killed attempt's W&B history holds every step before the checkpoint, the resumed attempt every
+    # step from it to the end: one curve, strictly increasing, no step missing or repeated.
+    assert [s for s in killed_steps if s < saved_step] == list(range(saved_step)), killed_steps
     assert resumed_steps == list(range(saved_step, 60)), resumed_steps
     curve = [s for s in killed_steps if s < saved_step] + resumed_steps
-    assert curve == sorted(set(curve)), curve
+    assert curve == list(range(60)), curve
 
 
 def test_seeded_deterministic_runs_give_identical_metrics(run_cli):
