@@ -112,6 +112,8 @@ def test_eval_end_to_end(run_cli, trained):
     assert exact["top1"] == pytest.approx(report["knn"]["16"]["1nn"])
     assert list(report["baselines"]["svd"]) == sizes
     assert list(report["baselines"]["slice"]) == ["2", "3", "4", "6", "8", "12", "16"]  # + untrained sizes
+    # baselines.knn=auto: no 1-NN of the reductions for an MRL model (its prefixes' 1-NN is in "knn")
+    assert report["baselines"]["svd_1nn"] == {} and report["baselines"]["slice_1nn"] == {}
     # exported embeddings: the database (train) and query (test) splits
     emb = np.load(out / "train_embeddings.npy")
     labels = np.load(out / "train_labels.npy")
@@ -146,6 +148,18 @@ def test_eval_end_to_end(run_cli, trained):
         "svd_1nn": {},
         "slice_1nn": {},
     }
+    # baselines.knn=true: the 1-NN of the reductions too; a truncation at a trained size is the kNN
+    # section's 1-NN (taken from it), an untrained size is searched
+    forced = run_cli("mrl-eval", f"ckpt_path={ckpt}", *EVAL_FAST, "baselines.knn=true")
+    assert forced.returncode == 0, forced.output[-3000:]
+    again_report = json.loads((out / "report.json").read_text())
+    one_nn = again_report["baselines"]["slice_1nn"]
+    assert list(one_nn) == ["2", "3", "4", "6", "8", "12", "16"]
+    assert all(one_nn[d] == again_report["knn"][d]["1nn"] for d in sizes)
+    assert list(again_report["baselines"]["svd_1nn"]) == sizes
+    bad = run_cli("mrl-eval", f"ckpt_path={ckpt}", *EVAL_FAST, "baselines.knn=sometimes")
+    assert bad.returncode != 0 and "baselines.knn must be true, false or auto" in bad.output
+    assert json.loads((out / "report.json").read_text()) == again_report  # untouched by the failed call
 
 
 @pytest.mark.slow

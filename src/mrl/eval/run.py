@@ -75,6 +75,22 @@ def funnel_configs(cfg: DictConfig, embed_dim: int) -> list[tuple[int, list[int]
     return funnels
 
 
+def _one_nn_baselines(bc: DictConfig, kind: str | None) -> bool:
+    """Whether to measure the 1-NN of the post-hoc reductions (``baselines.knn``), after checking the
+    baselines' options."""
+    if bc.get("models", "all") not in ("all", "standard"):
+        raise MRLError(f"baselines.models must be all or standard, got {bc.models!r}.")
+    one_nn = bc.get("knn", "auto")
+    if one_nn not in (True, False, "auto"):
+        raise MRLError(f"baselines.knn must be true, false or auto, got {one_nn!r}.")
+    if one_nn == "auto":
+        # A standard model's reductions are the paper's baselines (the comparison table's 1-NN column);
+        # a Matryoshka model's own prefixes already have their 1-NN from the kNN stage, and the 1-NN of
+        # its PCA and untrained sizes would cost more exact searches than everything else together.
+        return kind not in ("mrl", "mrl_e")
+    return bool(one_nn)
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run every enabled evaluator on ``cfg.ckpt_path``; write report.json, plots, W&B; return the report."""
     out_dir = Path(cfg.paths.output_dir)
@@ -95,6 +111,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     )
     if cfg.embedding_dtype not in ("float32", "float16"):
         raise MRLError(f"embedding_dtype must be float32 or float16, got {cfg.embedding_dtype}.")
+    _one_nn_baselines(cfg.baselines, (train_cfg.get("head") or {}).get("kind"))  # checked before any work
 
     datamodule.prepare_data()
     datamodule.setup(None)
@@ -210,8 +227,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     baselines: dict[str, dict[int, float]] = {}
     kind = (train_cfg.get("head") or {}).get("kind")
     bc = cfg.baselines
-    if bc.get("models", "all") not in ("all", "standard"):
-        raise MRLError(f"baselines.models must be all or standard, got {bc.models!r}.")
+    one_nn = _one_nn_baselines(bc, kind)
     if methods.baselines and (bc.get("models", "all") == "all" or kind == "standard"):
         if bc.sizes is not None:
             base_sizes = sorted({int(d) for d in bc.sizes if int(d) <= embed_dim})
@@ -227,7 +243,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         baselines = posthoc.posthoc_baselines(
             db, db_y, q, q_y, svd_sizes, slice_sizes, bc.max_train, bc.max_iter, cfg.seed, pca=pca
         )
-        if bc.get("knn", True):
+        if one_nn:
             baselines |= posthoc_one_nn(
                 db,
                 db_y,
