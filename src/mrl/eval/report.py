@@ -197,6 +197,9 @@ def per_size_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
 
 def summary_text(report: dict[str, Any]) -> str:
     columns, rows = per_size_rows(report)
+    # columns of methods that did not run (all "-") are left out of the terminal table
+    shown = [0, *(i for i in range(1, len(columns)) if any(r[i] is not None for r in rows))]
+    columns, rows = [columns[i] for i in shown], [[r[i] for i in shown] for r in rows]
     fmt = lambda v: f"{100 * v:>12.2f}" if isinstance(v, float) else f"{'-':>12}"  # noqa: E731
     lines = [f"{'size':>6}" + "".join(f"{c:>12}" for c in columns[1:])]
     lines.append("-" * len(lines[0]))
