@@ -138,6 +138,21 @@ def test_wandb_online_without_credentials_falls_back_to_offline(run_cli, tmp_pat
     assert list((tmp_path / "online" / "wandb").glob("offline-run-*"))
 
 
+def test_wandb_online_with_credentials_but_no_server_falls_back_to_offline(run_cli, tmp_path):
+    """A key but no reachable server (no network, a wrong WANDB_BASE_URL): offline, not a 90 s hang and
+    a crash."""
+    result = run_cli(
+        "mrl-train",
+        *TINY,
+        "logger.wandb.offline=false",
+        "hydra.run.dir=unreachable",
+        env={"WANDB_MODE": "", "WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"},
+    )
+    assert result.returncode == 0, result.output[-3000:]
+    assert "127.0.0.1:9 is not reachable" in result.output and "logging offline" in result.output
+    assert list((tmp_path / "unreachable" / "wandb").glob("offline-run-*"))
+
+
 def test_checkpoint_config_naming_foreign_code_is_refused(run_cli, tmp_path):
     """weights_only loading is not enough: a stored config's ``_target_`` would be instantiated when
     mrl-eval (or mrl.load) rebuilds the model. A foreign one is refused before anything is built."""

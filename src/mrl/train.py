@@ -116,10 +116,12 @@ def _wandb_online_or_offline(node: DictConfig) -> DictConfig:
         return node
     # Checked without wandb.login(): a failed login leaves wandb's global settings in a state where the
     # offline run afterwards still asks for a key.
-    ok = _wandb_credentials_available()
-    reason = "no W&B credentials found (run `wandb login` or set WANDB_API_KEY)"
-    if ok:
-        return node
+    if not _wandb_credentials_available():
+        reason = "no W&B credentials found (run `wandb login` or set WANDB_API_KEY)"
+    else:
+        reason = _wandb_server_unreachable()
+        if reason is None:
+            return node
     log.warning(
         "logger.wandb.offline=false but %s: logging offline instead; upload later with `wandb sync`.", reason
     )
@@ -143,6 +145,22 @@ def _wandb_credentials_available() -> bool:
         return netrc.netrc(path).authenticators(host) is not None
     except (OSError, netrc.NetrcParseError):
         return False
+
+
+def _wandb_server_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the W&B server cannot be reached (None when it can). A TCP connection is enough to tell: with
+    credentials but no network, wandb.init would instead wait for its init timeout (90 s) and then fail
+    the job."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return None
+    except OSError as err:
+        return f"the W&B server {url.hostname}:{port} is not reachable ({err.strerror or err})"
 
 
 def _check_output_dir(output_dir: Path) -> None:
