@@ -60,6 +60,29 @@ def test_claims_follow_the_numbers():
     assert check_claims(_tables({"mrl": {1: 50.0}}))[0].holds is None  # no FF: undecidable
 
 
+def test_weighted_mrl_is_its_own_row_with_its_own_claims():
+    from mrl.compare.collect import method_label
+
+    assert method_label({"kind": "mrl", "weights": [4, 2, 1, 1]}) == "mrl [w=4,2,1,1]"
+    assert method_label({"kind": "mrl", "weights": [1, 1, 1]}) == "mrl"  # even weights: plain MRL
+    assert method_label({"kind": "mrl_e"}) == "mrl_e"
+    tables = _tables(
+        {
+            "mrl": {1: 58.0, 2: 70.0, 4: 90.0},
+            "mrl [w=4,2,1]": {1: 60.0, 2: 70.5, 4: 89.9},
+            "ff": {1: 60.5, 2: 70.9, 4: 90.2},
+            "slice": {1: 19.0, 2: 42.0, 4: 68.0},
+            "svd": {1: 44.0, 2: 69.0, 4: 83.0},
+        }
+    )
+    claims = check_claims(tables)
+    ff_claims = [c for c in claims if "of FF" in c.text]
+    assert [c.holds for c in ff_claims] == [False, True]  # plain MRL misses d=1, the weighted one holds
+    assert "mrl [w=4,2,1] - ff" in ff_claims[1].text and "d=1: -0.50" in ff_claims[1].detail
+    slice_claims = [c for c in claims if "truncation" in c.text]
+    assert len(slice_claims) == 2 and "d=1: +41.00" in slice_claims[1].detail
+
+
 def test_wandb_records_from_train_and_eval_runs():
     train = run_records(
         {"head": {"kind": "mrl"}, "seed": 1}, {"test/acc@8": 0.9, "test/acc@16": 0.95}, "train", "r"

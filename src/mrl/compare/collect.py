@@ -78,6 +78,17 @@ def variant_labels(jobs: list[Path]) -> dict[Path, str]:
     return {job: ",".join(o for o in ov if o not in common) for job, ov in per_job.items()}
 
 
+def method_label(head: dict[str, Any]) -> str:
+    """The method a job trained, from its head config: its kind, plus ``[w=...]`` when it weighted the
+    sizes' losses unevenly (the paper's relative importance c_m), so such a run is its own row, not
+    averaged with the plain MRL seeds."""
+    kind = str(head.get("kind", "mrl"))
+    weights = head.get("weights")
+    if weights and len({float(w) for w in weights}) > 1:
+        return f"{kind} [w={','.join(f'{float(w):g}' for w in weights)}]"
+    return kind
+
+
 def _pct_free(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
@@ -89,7 +100,8 @@ def job_records(job: Path, variant: str = "") -> list[Record]:
     head = config.get("head") or {}
     kind = str(head.get("kind", "mrl"))
     seed = int(config.get("seed", 0))
-    method = f"{kind} [{variant}]" if variant else kind
+    base = method_label(head)
+    method = f"{base} [{variant}]" if variant else base
     results = _read_json(job / RESULTS)
     records: list[Record] = []
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mrl.compare.collect import Record
+from mrl.compare.collect import Record, method_label
 from mrl.errors import MRLError
 
 
@@ -23,6 +23,7 @@ def run_records(config: dict[str, Any], summary: dict[str, Any], job_type: str, 
     train_cfg = config.get("train", config) if job_type == "eval" else config
     head = train_cfg.get("head") or {}
     kind = str(head.get("kind", "mrl"))
+    method = method_label(head)
     seed = int(train_cfg.get("seed", 0))
     records = []
 
@@ -30,15 +31,15 @@ def run_records(config: dict[str, Any], summary: dict[str, Any], job_type: str, 
         records.extend(Record(method, d, metric, v, seed, name) for d, v in per_size.items())
 
     if job_type == "eval":
-        add(kind, "1nn", _per_size(summary, "eval/knn/1nn@"))
-        add(kind, "map@10", _per_size(summary, "eval/retrieval/map@10@"))
+        add(method, "1nn", _per_size(summary, "eval/knn/1nn@"))
+        add(method, "map@10", _per_size(summary, "eval/retrieval/map@10@"))
         if kind == "standard":
             for base in ("svd", "slice"):
                 add(base, "top1", _per_size(summary, f"eval/baselines/{base}@"))
                 add(base, "1nn", _per_size(summary, f"eval/baselines/{base}_1nn@"))
     else:
         test = _per_size(summary, "test/acc@")
-        add(kind, "top1", test or _per_size(summary, "val/acc@"))
+        add(method, "top1", test or _per_size(summary, "val/acc@"))
     return records
 
 
