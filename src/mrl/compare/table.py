@@ -54,7 +54,11 @@ def markdown(tables: dict[str, dict[str, dict[int, Cell]]]) -> str:
             continue
         sizes = sizes_of(table)
         seeds = sorted({c.n for row in table.values() for c in row.values()})
-        note = f"mean over {seeds[0]} seed(s)" if len(seeds) == 1 else f"mean over {seeds} seeds"
+        note = (
+            f"mean over {seeds[0]} seed(s)"
+            if len(seeds) == 1
+            else f"mean over {seeds[0]}-{seeds[-1]} seeds (a cell without ± has one)"
+        )
         parts.append(f"**{METRIC_TITLES.get(metric, metric)}**, {note} (± sample std)\n")
         parts.append("| method | " + " | ".join(f"d={d}" for d in sizes) + " |")
         parts.append("|---|" + "---:|" * len(sizes))
