@@ -150,14 +150,18 @@ def test_eval_end_to_end(run_cli, trained):
     }
     # baselines.knn=true: the 1-NN of the reductions too; a truncation at a trained size is the kNN
     # section's 1-NN (taken from it), an untrained size is searched
-    forced = run_cli("mrl-eval", f"ckpt_path={ckpt}", *EVAL_FAST, "baselines.knn=true")
+    only_knn_and_baselines = [f"methods.{m}=false" for m in ("linear", "adaptive_classification")]
+    only_knn_and_baselines += ["methods.adaptive_retrieval=false", "logger=none"]
+    forced = run_cli(
+        "mrl-eval", f"ckpt_path={ckpt}", *EVAL_FAST, "baselines.knn=true", *only_knn_and_baselines
+    )
     assert forced.returncode == 0, forced.output[-3000:]
     again_report = json.loads((out / "report.json").read_text())
     one_nn = again_report["baselines"]["slice_1nn"]
     assert list(one_nn) == ["2", "3", "4", "6", "8", "12", "16"]
     assert all(one_nn[d] == again_report["knn"][d]["1nn"] for d in sizes)
     assert list(again_report["baselines"]["svd_1nn"]) == sizes
-    bad = run_cli("mrl-eval", f"ckpt_path={ckpt}", *EVAL_FAST, "baselines.knn=sometimes")
+    bad = run_cli("mrl-eval", f"ckpt_path={ckpt}", *EVAL_FAST, "baselines.knn=sometimes", "logger=none")
     assert bad.returncode != 0 and "baselines.knn must be true, false or auto" in bad.output
     assert json.loads((out / "report.json").read_text()) == again_report  # untouched by the failed call
 
