@@ -91,17 +91,19 @@ def test_killed_run_resumes_into_same_wandb_run_and_matches_uninterrupted(
     # x_transaction_log_flush_interval=0.25 that takes well under a second; at W&B's default (15 s) the
     # deadline below fails. SIGKILL, not a clean exit: nothing is flushed on the way out.
     proc.send_signal(signal.SIGSTOP)
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    saved_step = int(ckpt["global_step"])
-    assert 0 < saved_step < 60 and saved_step % 30 != 0, f"checkpoint at step {saved_step} is not mid-epoch"
-    first_wandb = wandb_run_dirs(run_dir)
-    assert len(first_wandb) == 1
-    deadline = time.monotonic() + 8
-    while set(range(saved_step)) - set(train_loss_steps(first_wandb[0])):
-        assert time.monotonic() < deadline, "W&B did not write the history before the checkpoint"
-        time.sleep(0.25)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
+    try:
+        ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        saved_step = int(ckpt["global_step"])
+        assert 0 < saved_step < 60 and saved_step % 30 != 0, f"checkpoint at step {saved_step} not mid-epoch"
+        first_wandb = wandb_run_dirs(run_dir)
+        assert len(first_wandb) == 1
+        deadline = time.monotonic() + 8
+        while set(range(saved_step)) - set(train_loss_steps(first_wandb[0])):
+            assert time.monotonic() < deadline, "W&B did not write the history before the checkpoint"
+            time.sleep(0.25)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # also when an assertion failed: never leave it stopped
+        proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert not (run_dir / "results.json").exists(), "the run finished before it was killed"
     killed_steps = train_loss_steps(first_wandb[0])
