@@ -111,7 +111,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     )
     if cfg.embedding_dtype not in ("float32", "float16"):
         raise MRLError(f"embedding_dtype must be float32 or float16, got {cfg.embedding_dtype}.")
-    _one_nn_baselines(cfg.baselines, (train_cfg.get("head") or {}).get("kind"))  # checked before any work
+    kind = (train_cfg.get("head") or {}).get("kind")
+    one_nn = _one_nn_baselines(cfg.baselines, kind)  # the baselines' options, checked before any work
 
     datamodule.prepare_data()
     datamodule.setup(None)
@@ -225,9 +226,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     lap("adaptive_retrieval")
 
     baselines: dict[str, dict[int, float]] = {}
-    kind = (train_cfg.get("head") or {}).get("kind")
     bc = cfg.baselines
-    one_nn = _one_nn_baselines(bc, kind)
     if methods.baselines and (bc.get("models", "all") == "all" or kind == "standard"):
         if bc.sizes is not None:
             base_sizes = sorted({int(d) for d in bc.sizes if int(d) <= embed_dim})
