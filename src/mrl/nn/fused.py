@@ -6,14 +6,39 @@ These functions write each size's logits and each weight block's gradient straig
 with BLAS ``out=``/``addmm_`` calls on strided views, so the only work left is the matmuls themselves.
 The remaining Python loop issues G matmuls (microseconds of Python against milliseconds of BLAS); the
 untied head's FLOPs are those of the per-size code, see benchmarks/README.md for measured ratios.
+Training fuses further, head and cross-entropy in one node: :mod:`mrl.nn.fused_cross_entropy`.
 """
-
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
+
+# MKL's gemm is several times slower for outputs narrower than this than for this width itself: the
+# 8-column backward products of MRL-E's first chunk (of a 2048-column matrix) take 3-10x as long as the
+# same products through a 16-column window (benchmarks/head_loss.py's "narrow" table). A narrow product
+# is therefore computed through a window of this many adjacent columns and the wanted columns copied out.
+MIN_GEMM_WIDTH = 16
+
+
+def mm_columns(
+    a: torch.Tensor, m: torch.Tensor, start: int, stop: int, out: torch.Tensor, accumulate: bool = False
+) -> None:
+    """``out (+)= a @ m[:, start:stop]``, through a :data:`MIN_GEMM_WIDTH`-column window when narrow."""
+    width, total = stop - start, m.shape[1]
+    if width >= MIN_GEMM_WIDTH or total < MIN_GEMM_WIDTH:
+        if accumulate:
+            out.addmm_(a, m[:, start:stop])
+        else:
+            torch.mm(a, m[:, start:stop], out=out)
+        return
+    lo = min(start, total - MIN_GEMM_WIDTH)
+    part = (a @ m[:, lo : lo + MIN_GEMM_WIDTH])[:, start - lo : stop - lo]
+    if accumulate:
+        out.add_(part)
+    else:
+        out.copy_(part)
 
 
 def _bounds(nesting: Sequence[int]) -> list[tuple[int, int]]:
@@ -55,9 +80,9 @@ class _TiedHead(torch.autograd.Function):
             if g < len(bounds) - 1:
                 acc += grad_out[g]
             if grad_z is not None:
-                torch.mm(acc, weight[:, s:e], out=grad_z[:, s:e])
+                mm_columns(acc, weight, s, e, out=grad_z[:, s:e])
             if grad_w is not None:
-                torch.mm(acc.t(), z[:, s:e], out=grad_w[:, s:e])
+                mm_columns(acc.t(), z, s, e, out=grad_w[:, s:e])
         grad_b = acc.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_z, grad_w, grad_b, None
 
@@ -90,9 +115,9 @@ class _UntiedHead(torch.autograd.Function):
         offset = 0
         for g, m in enumerate(ctx.nesting):
             if grad_z is not None:
-                grad_z[:, :m].addmm_(grad_out[g], weight[:, offset : offset + m])
+                mm_columns(grad_out[g], weight, offset, offset + m, out=grad_z[:, :m], accumulate=True)
             if grad_w is not None:
-                torch.mm(grad_out[g].t(), z[:, :m], out=grad_w[:, offset : offset + m])
+                mm_columns(grad_out[g].t(), z, 0, m, out=grad_w[:, offset : offset + m])
             offset += m
         grad_b = grad_out.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_z, grad_w, grad_b, None

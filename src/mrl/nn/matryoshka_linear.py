@@ -31,7 +31,8 @@ class MatryoshkaLinear(nn.Module):
     multiplied by its block of columns once and accumulated onto the previous size's logits (prefix
     sums), so it costs one full-size matmul instead of ``sum(nesting)`` columns' worth (about half for
     powers of two). ``fused=False`` keeps the paper's per-size formulation for comparison; both give the
-    same numbers (tests check values and gradients in float64).
+    same numbers (tests check values and gradients in float64). For training,
+    :meth:`MatryoshkaLoss.per_size_from_embedding` runs this head and the cross-entropy as one node.
     """
 
     def __init__(

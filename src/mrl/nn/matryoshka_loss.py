@@ -8,6 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mrl.nn.fused_cross_entropy import matryoshka_cross_entropy
+from mrl.nn.matryoshka_linear import MatryoshkaLinear
+
 
 class MatryoshkaLoss(nn.Module):
     """``sum_g c_g * CE(logits[g], target)`` over the sizes of a :class:`MatryoshkaLinear`.
@@ -80,6 +83,35 @@ class MatryoshkaLoss(nn.Module):
         if class_weight is not None:
             keep = keep * class_weight[torch.where(kept, target, 0)]
         return losses.sum(dim=1) / keep.sum()
+
+    def per_size_from_embedding(
+        self, head: MatryoshkaLinear, z: torch.Tensor, target: torch.Tensor, predict: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-size losses ``(G,)`` of ``head`` on the embedding ``z``, and top-1 predictions ``(G, B)``
+        when ``predict`` (else ``None``).
+
+        With a fused head and loss (the defaults) the head and the cross-entropy run as one autograd node
+        (:mod:`mrl.nn.fused_cross_entropy`), which keeps one ``(G, B, C)`` buffer per step instead of
+        three; otherwise this is ``per_size(head(z), target)``. Same values and gradients either way.
+        """
+        # Options the one-node cross-entropy does not implement fall back to head then loss.
+        if not (self.fused and head.fused) or set(self.ce_kwargs) - {"ignore_index", "label_smoothing"}:
+            logits = head(z)
+            return self.per_size(logits, target), (logits.argmax(2) if predict else None)
+        out = matryoshka_cross_entropy(
+            z,
+            head.weight,
+            head.bias,
+            target,
+            head.nesting,
+            head.efficient,
+            class_weight=self.class_weight,
+            ignore_index=self.ce_kwargs.get("ignore_index", -100),
+            label_smoothing=self.ce_kwargs.get("label_smoothing", 0.0),
+            reduction=self.reduction,
+            predict=predict,
+        )
+        return out if predict else (out, None)
 
     def combine(self, per_size: torch.Tensor) -> torch.Tensor:
         """The weighted sum ``sum_g c_g * per_size[g]`` of per-size losses."""

@@ -1,0 +1,292 @@
+"""The Matryoshka head and its cross-entropy in one autograd node, for training.
+
+Head then loss as two nodes keeps three ``(G, B, C)`` buffers alive per step: the logits, their
+log-softmax and the gradient of the log-softmax (each 200 MB for B=256, C=21841, G=9), and each
+buffer is written and read again by a separate kernel. Here one buffer holds the logits, is turned
+into log-probabilities in place (the per-size losses are read off it), then into probabilities in
+place; backward forms each size's logit gradient ``s_g * (Q * P_g - q)`` inside that same buffer (or,
+for MRL-E, adds it into one ``(B, C)`` running suffix sum) and feeds it straight to the matmuls.
+The cross-entropy follows :func:`torch.nn.functional.cross_entropy` exactly, including
+``weight``, ``ignore_index``, ``label_smoothing`` and ``reduction`` (tests compare in float64).
+
+Notation: ``P_g`` the softmax of size ``g``, ``w`` the class weights (1 without), ``k_i`` 1 for a kept
+row (target not ``ignore_index``), ``eps`` the label smoothing. Row ``i``'s target mass is
+``q_i = (1 - eps) k_i w_{y_i} e_{y_i} + (eps / C) k_i w`` and its loss ``-sum_c q_ic log P_gic``;
+the gradient with respect to the logits is ``Q_i P_gi - q_i`` with ``Q_i = sum_c q_ic``, divided by
+``sum_i k_i w_{y_i}`` for ``reduction="mean"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from mrl.nn.fused import _bounds, mm_columns
+
+_FULL_PRECISION = (torch.float32, torch.float64)
+
+# One idle logits buffer per (shape, dtype) on the CPU, reused by the next step. Why: a fresh (G, B, C)
+# buffer is above glibc's mmap threshold at large class counts (200 MB at B=256, C=21841, G=9), so
+# every step would map it anew and page-fault through all of it, which costs more than the softmax
+# itself; the per-size formulation's (B, C) buffers stay below the threshold and are recycled by malloc.
+# A buffer is taken out of the pool in forward and handed back after backward (or at the end of a
+# forward that needs no gradient), so two graphs alive at once never share one. CUDA's caching
+# allocator already recycles device memory, so device buffers are not pooled.
+_IDLE_BUFFERS: dict[tuple, torch.Tensor] = {}
+
+
+def _take_buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    if like.device.type != "cpu":
+        return like.new_empty(shape)
+    buffer = _IDLE_BUFFERS.pop((shape, like.dtype), None)
+    return like.new_empty(shape) if buffer is None else buffer
+
+
+def _give_back(buffer: torch.Tensor) -> None:
+    if buffer.device.type == "cpu":
+        _IDLE_BUFFERS[(tuple(buffer.shape), buffer.dtype)] = buffer
+
+
+class _Targets:
+    """Per-row quantities of the cross-entropy that do not depend on the size ``g``."""
+
+    def __init__(
+        self,
+        target: torch.Tensor,
+        num_classes: int,
+        dtype: torch.dtype,
+        class_weight: torch.Tensor | None,
+        ignore_index: int,
+        label_smoothing: float,
+        reduction: str,
+    ) -> None:
+        kept = target != ignore_index
+        self.index = torch.where(kept, target, 0).unsqueeze(1)  # gather/scatter-safe targets (B, 1)
+        self.kept = kept.to(dtype)
+        self.class_weight = None if class_weight is None else class_weight.to(dtype)
+        # k_i w_{y_i}: the weight of row i's target term and, summed, the "mean" normaliser.
+        self.row_weight = self.kept
+        if self.class_weight is not None:
+            self.row_weight = self.kept * self.class_weight[self.index[:, 0]]
+        self.eps = float(label_smoothing)
+        self.num_classes = num_classes
+        self.denominator = self.row_weight.sum() if reduction == "mean" else None
+        # Q_i, the mass of row i's target; all ones in the common case (no weights, nothing ignored).
+        total_class_weight = num_classes if class_weight is None else self.class_weight.sum()
+        smoothing_mass = (self.eps / num_classes) * self.kept * total_class_weight
+        self.mass = (1 - self.eps) * self.row_weight + smoothing_mass
+        # Checked on the CPU only: on a GPU the check would make the host wait every step, and the
+        # multiplication it saves is one cheap pass there.
+        self.unit_mass = class_weight is None and target.device.type == "cpu" and bool(kept.all())
+
+    def logit_sums(self, logits: torch.Tensor, out: torch.Tensor) -> None:
+        """``sum_c w_c x_ic`` of every row of ``logits`` ``(B, C)`` (only needed with label smoothing)."""
+        if self.class_weight is None:
+            torch.sum(logits, 1, dtype=out.dtype, out=out)
+        else:
+            out.copy_(logits.to(out.dtype) @ self.class_weight)
+
+    def losses(
+        self,
+        maxes: torch.Tensor,
+        target_logits: torch.Tensor,
+        top_probs: torch.Tensor,
+        logit_sums: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Per-size losses ``(G,)`` from each row's largest logit, target logit and largest probability
+        and, with label smoothing, ``logit_sums``; all ``(G, B)``.
+
+        The largest probability is ``exp(max - lse)``, never below ``1/C``, so ``lse = max - log(top
+        prob)`` is exact to rounding (as ``log_softmax`` is), unlike ``-log`` of the target probability,
+        which underflows for confidently wrong rows.
+        """
+        dtype = top_probs.dtype
+        lse = maxes.to(dtype) - top_probs.log()
+        rows = (1 - self.eps) * self.row_weight * (lse - target_logits.to(dtype))
+        if self.eps > 0:
+            total_weight = self.num_classes if self.class_weight is None else self.class_weight.sum()
+            smooth = lse * total_weight - logit_sums  # -sum_c w_c log P_c
+            rows = rows + (self.eps / self.num_classes) * self.kept * smooth
+        total = rows.sum(1)
+        return total if self.denominator is None else total / self.denominator
+
+    def to_logit_gradients(self, probs: torch.Tensor) -> None:
+        """Turn probabilities ``P`` ``(G, B, C)`` into the loss gradients ``Q * P - q`` in place."""
+        if not self.unit_mass:
+            probs.mul_(self.mass.view(1, -1, 1))
+        sizes = probs.shape[0]
+        target_mass = (-(1 - self.eps) * self.row_weight).view(1, -1, 1).expand(sizes, -1, -1)
+        probs.scatter_add_(2, self.index.expand(sizes, -1, -1), target_mass)
+        if self.eps > 0:
+            weight = torch.ones_like(probs[0, 0]) if self.class_weight is None else self.class_weight
+            probs.sub_(torch.outer((self.eps / self.num_classes) * self.kept, weight))
+
+
+class _MatryoshkaCrossEntropy(torch.autograd.Function):
+    """Per-size losses ``(G,)`` (and optionally top-1 predictions ``(G, B)``) from ``z`` directly."""
+
+    @staticmethod
+    def forward(ctx, z, weight, bias, target, nesting, efficient, targets, predict, needs_grad):
+        sizes, batch, classes = len(nesting), z.shape[0], weight.shape[0]
+        # Low-precision logits (autocast) get a float32 softmax, as autocast gives cross_entropy; the
+        # matmuls write into a (B, C) buffer of their own dtype then.
+        dtype = z.dtype if z.dtype in _FULL_PRECISION else torch.float32
+        work = _take_buffer((sizes, batch, classes), z.new_empty(0, dtype=dtype))
+        scratch = None if dtype == z.dtype else _take_buffer((batch, classes), z)
+        predictions = z.new_empty((sizes, batch), dtype=torch.long) if predict else None
+        # Per size and row: largest logit, target logit, largest probability (and the logit sum for
+        # label smoothing); the losses follow from these after the loop, for all sizes at once.
+        maxes = z.new_empty((sizes, batch))
+        target_logits = z.new_empty((sizes, batch))
+        top_probs = work.new_empty((sizes, batch))
+        logit_sums = work.new_empty((sizes, batch)) if targets.eps > 0 else None
+        # Each size's logits become probabilities while they are still in cache. MRL-E keeps its running
+        # prefix sum in the last size's slot (the largest size's logits are that sum); untied MRL writes
+        # each size's logits into its own slot. The softmax is written in place where dtypes allow.
+        # Views are made once up front: on small heads the per-call Python cost is what dominates.
+        slots, max_rows, target_rows = work.unbind(0), maxes.unbind(0), target_logits.unsqueeze(2).unbind(0)
+        top_rows, pred_rows = top_probs.unbind(0), predictions.unbind(0) if predict else None
+        sum_rows = logit_sums.unbind(0) if logit_sums is not None else None
+        if efficient:
+            widths = [e - s for s, e in _bounds(nesting)]
+            inputs = z.split([*widths, z.shape[1] - nesting[-1]], 1)  # features past the largest size unused
+        else:
+            widths = list(nesting)
+            inputs = [z[:, :m] for m in nesting]
+        blocks = [w.t() for w in weight.split(widths, 1)]
+        for g in range(sizes):
+            if efficient:
+                logits = slots[-1] if scratch is None else scratch
+                if g > 0:
+                    logits.addmm_(inputs[g], blocks[g])
+                elif bias is None:
+                    torch.mm(inputs[0], blocks[0], out=logits)
+                else:
+                    torch.addmm(bias, inputs[0], blocks[0], out=logits)
+            else:
+                logits = slots[g] if scratch is None else scratch
+                if bias is None:
+                    torch.mm(inputs[g], blocks[g], out=logits)
+                else:
+                    torch.addmm(bias[g], inputs[g], blocks[g], out=logits)
+            if pred_rows is not None:
+                torch.argmax(logits, 1, out=pred_rows[g])
+            torch.amax(logits, 1, out=max_rows[g])
+            torch.gather(logits, 1, targets.index, out=target_rows[g])
+            if sum_rows is not None:
+                targets.logit_sums(logits, out=sum_rows[g])
+            torch.softmax(logits, 1, dtype=dtype, out=slots[g])
+            torch.amax(slots[g], 1, out=top_rows[g])
+        losses = targets.losses(maxes, target_logits, top_probs, logit_sums)
+        if scratch is not None:
+            _give_back(scratch)
+        if not needs_grad:
+            _give_back(work)
+            return (losses, predictions) if predict else losses
+        targets.to_logit_gradients(work)  # scaled by each size's upstream gradient in backward
+        ctx.save_for_backward(z, weight)
+        ctx.probs, ctx.targets, ctx.nesting, ctx.efficient = work, targets, nesting, efficient
+        ctx.has_bias = bias is not None
+        if predictions is None:
+            return losses
+        ctx.mark_non_differentiable(predictions)
+        return losses, predictions
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_losses, *_):
+        z, weight = ctx.saved_tensors
+        probs, targets, nesting = ctx.probs, ctx.targets, ctx.nesting
+        if probs is None:
+            raise RuntimeError(
+                "The fused Matryoshka cross-entropy was back-propagated twice (retain_graph=True): its "
+                "buffer is reused for the gradients. Build the head and loss with fused=False for this."
+            )
+        ctx.probs = None  # the buffer is reused as gradient storage below
+        scale = grad_losses if grad_losses.dtype == probs.dtype else grad_losses.to(probs.dtype)
+        if targets.denominator is not None:
+            scale = scale / targets.denominator
+        need_z, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_z = torch.zeros_like(z) if need_z else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_b = None
+        low = z.dtype  # matmuls run in the inputs' dtype (bf16 under autocast)
+        if ctx.efficient:
+            # Chunk k feeds every size g >= k: its logit gradient is the suffix sum over g >= k.
+            bounds, slots, scales = _bounds(nesting), probs.unbind(0), scale.unbind(0)
+            acc = slots[-1].mul_(scales[-1])
+            for g in range(len(bounds) - 1, -1, -1):
+                if g < len(bounds) - 1:
+                    acc.addcmul_(slots[g], scales[g])
+                s, e = bounds[g]
+                a = acc if acc.dtype == low else acc.to(low)
+                if need_z:
+                    mm_columns(a, weight, s, e, out=grad_z[:, s:e])
+                if need_w:
+                    mm_columns(a.t(), z, s, e, out=grad_w[:, s:e])
+            if ctx.has_bias and need_b:
+                grad_b = acc.sum(0)
+        else:
+            probs.mul_(scale.view(-1, 1, 1))
+            slots = probs.unbind(0) if probs.dtype == low else probs.to(low).unbind(0)
+            offset = 0
+            for g, m in enumerate(nesting):
+                if need_z:
+                    mm_columns(slots[g], weight, offset, offset + m, out=grad_z[:, :m], accumulate=True)
+                if need_w:
+                    mm_columns(slots[g].t(), z, 0, m, out=grad_w[:, offset : offset + m])
+                offset += m
+            if ctx.has_bias and need_b:
+                grad_b = probs.sum(1)
+        _give_back(probs)
+        if grad_b is not None and grad_b.dtype != weight.dtype:
+            grad_b = grad_b.to(weight.dtype)
+        return grad_z, grad_w, grad_b, None, None, None, None, None, None
+
+
+def matryoshka_cross_entropy(
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    nesting: Sequence[int],
+    efficient: bool,
+    class_weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    predict: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-size cross-entropies ``(G,)`` of the head ``(weight, bias, nesting, efficient)`` on ``z``.
+
+    Equal to ``F.cross_entropy`` of each size's logits; ``weight``/``bias`` laid out as
+    :class:`~mrl.nn.matryoshka_linear.MatryoshkaLinear`'s. With ``predict=True`` also returns the top-1
+    class of every size ``(G, B)``, for training accuracy without keeping the logits.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"matryoshka_cross_entropy supports reduction='mean' or 'sum', got {reduction!r}")
+    device = z.device.type
+    if torch.is_autocast_enabled(device):
+        # BLAS out= calls are not autocast: cast once here (gradients flow back through the casts).
+        dtype = torch.get_autocast_dtype(device)
+        z, weight = z.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device, enabled=False):
+            return matryoshka_cross_entropy(
+                z, weight, bias, target, nesting, efficient, class_weight, ignore_index, label_smoothing,
+                reduction, predict,
+            )  # fmt: skip
+    dtype = torch.promote_types(z.dtype, weight.dtype)
+    if z.dtype != dtype or weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
+        z, weight = z.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    loss_dtype = dtype if dtype in _FULL_PRECISION else torch.float32
+    targets = _Targets(
+        target, weight.shape[0], loss_dtype, class_weight, ignore_index, label_smoothing, reduction
+    )
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (z, weight, bias))
+    return _MatryoshkaCrossEntropy.apply(
+        z, weight, bias, target, tuple(nesting), bool(efficient), targets, bool(predict), needs_grad
+    )
