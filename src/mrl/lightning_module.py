@@ -96,8 +96,13 @@ class MatryoshkaModule(L.LightningModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, log_loss: bool = True
     ) -> torch.Tensor:
         x, y = batch
-        logits = self.logits(x)
-        per_size = self.criterion.per_size(logits, y)
+        if stage == "train" and torch.is_grad_enabled():
+            # Training needs only the losses and each size's top-1 class: head and cross-entropy run as
+            # one node (fused=True), without keeping the (G, B, C) logits for the metrics.
+            per_size, scores = self.criterion.per_size_from_embedding(self.head, self(x), y, predict=True)
+        else:
+            scores = self.logits(x)  # evaluation keeps the logits: top-5 accuracy needs them
+            per_size = self.criterion.per_size(scores, y)
         loss = self.criterion.combine(per_size)
         on_step = stage == "train"
         # train/loss is logged per step (the key stays plain "train/loss"); eval losses per epoch.
@@ -113,7 +118,7 @@ class MatryoshkaModule(L.LightningModule):
             )
         # Per-size metrics are only accumulated here and logged once per epoch (_log_epoch_metrics):
         # a self.log call per size per step would cost more than the model on a small network.
-        detached = logits.detach()
+        detached = scores.detach()  # (G, B, C) logits or (G, B) top-1 classes: accuracy takes either
         self._loss_sums[stage] = self._loss_sums.get(stage, 0) + per_size.detach() * y.shape[0]
         self._loss_counts[stage] = self._loss_counts.get(stage, 0) + y.shape[0]
         for g, d in enumerate(self.nesting):
