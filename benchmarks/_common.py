@@ -86,7 +86,10 @@ def bare_loop_epochs(overrides: list[str], device: str = "cpu", bf16: bool = Fal
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-                loss = module.criterion(module.logits(x), y)
+                # The same head + loss computation as mrl-train's training step (one fused node by
+                # default), without the per-size accuracy that is part of the platform's cost.
+                per_size, _ = module.criterion.per_size_from_embedding(module.head, module(x), y)
+                loss = module.criterion.combine(per_size)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -3,8 +3,11 @@
     python benchmarks/head_loss.py            # B=256, D=2048, nesting 8..2048, C in {1000, 21841}
     python benchmarks/head_loss.py --quick    # tiny shapes (smoke test)
 
-Variants are run interleaved (one repetition of each in turn) and the medians compared as ratios, so a
-shared, noisy machine slows them alike.
+Variants are run interleaved (one repetition of each in turn) and compared as ratios of medians and of
+minima (the minimum is the repetition least disturbed by other jobs on a shared machine), so a noisy
+machine slows them alike. ``matmuls`` is the per-size code's matmuls alone (forward and backward of its
+``nn.Linear``s with a fixed upstream gradient, no cross-entropy): a floor for any formulation with the
+same FLOPs. A second table times the narrow matmuls that ``mrl.nn.fused.mm_columns`` widens.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mrl import MatryoshkaLinear, MatryoshkaLoss
+from mrl.nn.fused import mm_columns
 
 
 class PerSizeMRL(nn.Module):
@@ -51,7 +55,33 @@ class Fused(nn.Module):
         self.loss = MatryoshkaLoss(fused=fused)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.loss(self.head(z), y)
+        # The training path: with fused=True head and cross-entropy are one autograd node.
+        per_size, _ = self.loss.per_size_from_embedding(self.head, z, y)
+        return self.loss.combine(per_size)
+
+
+class PerSizeMatmuls(PerSizeMRL):
+    """Only the matmuls of :class:`PerSizeMRL`: its logits, back-propagated with a fixed gradient."""
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = []
+        for g, m in enumerate(self.nesting):
+            layer = self.layers[0] if self.efficient else self.layers[g]
+            weight = layer.weight[:, :m] if self.efficient else layer.weight
+            logits.append(F.linear(z[:, :m], weight, layer.bias))
+        if not hasattr(self, "upstream"):
+            self.upstream = [torch.randn_like(lg) for lg in logits]
+        return _Backward(logits, self.upstream)
+
+
+class _Backward:
+    """Stands in for a loss: ``.backward()`` sends ``upstream`` into the logits."""
+
+    def __init__(self, outputs: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        self.outputs, self.grads = outputs, grads
+
+    def backward(self) -> None:
+        torch.autograd.backward(self.outputs, self.grads)
 
 
 class Plain(nn.Module):
@@ -82,6 +112,7 @@ def run_case(batch: int, dim: int, classes: int, nesting: list[int], efficient: 
         "per_size": PerSizeMRL(dim, classes, nesting, efficient),
         "reference": Fused(dim, classes, nesting, efficient, fused=False),
         "plain": Plain(dim, classes),
+        "matmuls": PerSizeMatmuls(dim, classes, nesting, efficient),
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
     for model in variants.values():  # warm-up (allocator, oneDNN/BLAS kernels)
@@ -90,14 +121,44 @@ def run_case(batch: int, dim: int, classes: int, nesting: list[int], efficient: 
         for name, model in variants.items():
             times[name].append(step_time(model, z, y))
     med = {k: statistics.median(v) for k, v in times.items()}
+    low = {k: min(v) for k, v in times.items()}
     return {
         "head": "MRL-E" if efficient else "MRL",
         "C": classes,
         **{f"{k}_ms": 1000 * v for k, v in med.items()},
         "fused/per_size": med["fused"] / med["per_size"],
         "fused/plain": med["fused"] / med["plain"],
+        "fused/per_size min": low["fused"] / low["per_size"],
+        "fused/plain min": low["fused"] / low["plain"],
         "reference/per_size": med["reference"] / med["per_size"],
+        "matmuls/per_size": med["matmuls"] / med["per_size"],
     }
+
+
+def narrow_gemms(batch: int, dim: int, classes: int, reps: int) -> list[dict]:
+    """Backward matmuls of the first MRL-E chunk (8 columns of a ``dim``-column matrix): direct vs
+    through :func:`mrl.nn.fused.mm_columns`'s 16-column window, medians in ms."""
+    torch.manual_seed(0)
+    acc, weight, z = torch.randn(batch, classes), torch.randn(classes, dim), torch.randn(batch, dim)
+    grad_z, grad_w = torch.empty(batch, dim), torch.empty(classes, dim)
+    cases = {
+        "grad_z": (lambda: torch.mm(acc, weight[:, :8], out=grad_z[:, :8]),
+                   lambda: mm_columns(acc, weight, 0, 8, out=grad_z[:, :8])),
+        "grad_w": (lambda: torch.mm(acc.t(), z[:, :8], out=grad_w[:, :8]),
+                   lambda: mm_columns(acc.t(), z, 0, 8, out=grad_w[:, :8])),
+    }  # fmt: skip
+    rows = []
+    for name, (direct, windowed) in cases.items():
+        times: dict[str, list[float]] = {"direct": [], "windowed": []}
+        direct(), windowed()
+        for _ in range(reps):
+            for key, fn in (("direct", direct), ("windowed", windowed)):
+                start = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - start)
+        medians = {k: 1000 * statistics.median(v) for k, v in times.items()}
+        rows.append({"C": classes, "product": name, **medians})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -113,19 +174,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
     nesting = [2**i for i in range(3, dim.bit_length())]  # 8, 16, ..., dim
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads, B={batch} D={dim} nesting={nesting}")
-    header = f"{'head':6} {'C':>6} {'fused ms':>9} {'per-size':>9} {'ref ms':>8} {'plain':>8}"
-    print(header + f" {'fused/per-size':>15} {'fused/plain':>12} {'ref/per-size':>13}", flush=True)
+    print("medians in ms; ratios of medians, and of minima in brackets")
+    header = f"{'head':6} {'C':>6} {'fused':>8} {'per-size':>9} {'ref':>8} {'plain':>8} {'matmuls':>8}"
+    header += f" {'fused/per-size':>16} {'fused/plain':>15} {'ref/per-size':>13} {'matmuls/per-size':>17}"
+    print(header)
     rows = []
     for efficient in (True, False):
         for c in classes:
             r = run_case(batch, dim, c, nesting, efficient, reps)
             rows.append(r)
             print(
-                f"{r['head']:6} {c:>6} {r['fused_ms']:9.1f} {r['per_size_ms']:9.1f} {r['reference_ms']:8.1f} "
-                f"{r['plain_ms']:8.1f} {r['fused/per_size']:15.3f} {r['fused/plain']:12.3f} "
-                f"{r['reference/per_size']:13.3f}",
+                f"{r['head']:6} {c:>6} {r['fused_ms']:8.1f} {r['per_size_ms']:9.1f} {r['reference_ms']:8.1f} "
+                f"{r['plain_ms']:8.1f} {r['matmuls_ms']:8.1f} "
+                f"{r['fused/per_size']:7.3f} [{r['fused/per_size min']:.3f}] "
+                f"{r['fused/plain']:6.3f} [{r['fused/plain min']:.3f}] "
+                f"{r['reference/per_size']:13.3f} {r['matmuls/per_size']:17.3f}",
                 flush=True,
             )
+    if dim >= 16:
+        print("\nnarrow backward matmuls (first MRL-E chunk, 8 columns), medians in ms")
+        print(f"{'C':>6} {'product':8} {'direct':>8} {'windowed':>9}")
+        for c in classes:
+            for r in narrow_gemms(batch, dim, c, reps):
+                rows.append(r)
+                print(f"{c:>6} {r['product']:8} {r['direct']:8.2f} {r['windowed']:9.2f}", flush=True)
     return rows
 
 

@@ -8,6 +8,7 @@ The remaining Python loop issues G matmuls (microseconds of Python against milli
 untied head's FLOPs are those of the per-size code, see benchmarks/README.md for measured ratios.
 Training fuses further, head and cross-entropy in one node: :mod:`mrl.nn.fused_cross_entropy`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

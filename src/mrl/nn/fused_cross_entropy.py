@@ -2,10 +2,11 @@
 
 Head then loss as two nodes keeps three ``(G, B, C)`` buffers alive per step: the logits, their
 log-softmax and the gradient of the log-softmax (each 200 MB for B=256, C=21841, G=9), and each
-buffer is written and read again by a separate kernel. Here one buffer holds the logits, is turned
-into log-probabilities in place (the per-size losses are read off it), then into probabilities in
-place; backward forms each size's logit gradient ``s_g * (Q * P_g - q)`` inside that same buffer (or,
-for MRL-E, adds it into one ``(B, C)`` running suffix sum) and feeds it straight to the matmuls.
+buffer is written and read again by a separate kernel. Here one buffer serves all three: each size's
+logits are turned into probabilities in place right after their matmul, while still in cache (the
+loss is read off the largest logit, the largest probability and the target logit), and backward
+forms each size's logit gradient ``s_g * (Q * P_g - q)`` inside that same buffer (for MRL-E, adds it
+into one ``(B, C)`` running suffix sum) and feeds it straight to the matmuls.
 The cross-entropy follows :func:`torch.nn.functional.cross_entropy` exactly, including
 ``weight``, ``ignore_index``, ``label_smoothing`` and ``reduction`` (tests compare in float64).
 
