@@ -11,6 +11,7 @@ Training fuses further, head and cross-entropy in one node: :mod:`mrl.nn.fused_c
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -124,6 +125,24 @@ class _UntiedHead(torch.autograd.Function):
         return grad_z, grad_w, grad_b, None
 
 
+def blas_inputs(
+    z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, contextlib.AbstractContextManager]:
+    """``z``, ``weight`` and ``bias`` in the dtype the fused matmuls run in, and the context to run them.
+
+    BLAS ``out=`` calls are not autocast, so under autocast the inputs are cast once here to its dtype
+    (gradients flow back through the casts) and the returned context turns autocast off; otherwise
+    they are promoted to a common dtype and the context does nothing.
+    """
+    device = z.device.type
+    autocast = torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else torch.promote_types(z.dtype, weight.dtype)
+    if z.dtype != dtype or weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
+        z, weight = z.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    return z, weight, bias, (torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext())
+
+
 def fused_matryoshka_linear(
     z: torch.Tensor,
     weight: torch.Tensor,
@@ -132,16 +151,7 @@ def fused_matryoshka_linear(
     efficient: bool,
 ) -> torch.Tensor:
     """Logits ``(G, B, C)`` of every size; ``weight``/``bias`` laid out as :class:`MatryoshkaLinear`'s."""
-    device = z.device.type
-    if torch.is_autocast_enabled(device):
-        # BLAS out= calls are not autocast: cast once here (gradients flow back through the casts).
-        dtype = torch.get_autocast_dtype(device)
-        z, weight = z.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-        with torch.autocast(device, enabled=False):
-            return fused_matryoshka_linear(z, weight, bias, nesting, efficient)
-    dtype = torch.promote_types(z.dtype, weight.dtype)
-    z, weight = z.to(dtype), weight.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
+    z, weight, bias, context = blas_inputs(z, weight, bias)
     head = _TiedHead if efficient else _UntiedHead
-    return head.apply(z, weight, bias, tuple(nesting))
+    with context:
+        return head.apply(z, weight, bias, tuple(nesting))

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
-from mrl.nn.fused import _bounds, mm_columns
+from mrl.nn.fused import _bounds, blas_inputs, mm_columns
 
 _FULL_PRECISION = (torch.float32, torch.float64)
 
@@ -268,26 +268,14 @@ def matryoshka_cross_entropy(
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"matryoshka_cross_entropy supports reduction='mean' or 'sum', got {reduction!r}")
-    device = z.device.type
-    if torch.is_autocast_enabled(device):
-        # BLAS out= calls are not autocast: cast once here (gradients flow back through the casts).
-        dtype = torch.get_autocast_dtype(device)
-        z, weight = z.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-        with torch.autocast(device, enabled=False):
-            return matryoshka_cross_entropy(
-                z, weight, bias, target, nesting, efficient, class_weight, ignore_index, label_smoothing,
-                reduction, predict,
-            )  # fmt: skip
-    dtype = torch.promote_types(z.dtype, weight.dtype)
-    if z.dtype != dtype or weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
-        z, weight = z.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+    z, weight, bias, context = blas_inputs(z, weight, bias)
+    dtype = z.dtype
     loss_dtype = dtype if dtype in _FULL_PRECISION else torch.float32
     targets = _Targets(
         target, weight.shape[0], loss_dtype, class_weight, ignore_index, label_smoothing, reduction
     )
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (z, weight, bias))
-    return _MatryoshkaCrossEntropy.apply(
-        z, weight, bias, target, tuple(nesting), bool(efficient), targets, bool(predict), needs_grad
-    )
+    with context:
+        return _MatryoshkaCrossEntropy.apply(
+            z, weight, bias, target, tuple(nesting), bool(efficient), targets, bool(predict), needs_grad
+        )
