@@ -161,11 +161,45 @@ def narrow_gemms(batch: int, dim: int, classes: int, reps: int) -> list[dict]:
     return rows
 
 
+# aten ops by what they do, for --profile (self CPU time; everything else is dispatch and Python).
+OP_KINDS = {
+    "matmuls": ("aten::mm", "aten::addmm", "aten::addmm_"),
+    "softmax": ("aten::_softmax", "aten::_log_softmax", "aten::_log_softmax_backward_data", "aten::amax"),
+    "elementwise": ("aten::addcmul_", "aten::mul_", "aten::mul", "aten::scatter_add_", "aten::copy_",
+                    "aten::add_", "aten::sum", "aten::fill_", "aten::gather", "aten::nll_loss_forward",
+                    "aten::nll_loss_backward", "aten::zero_"),
+}  # fmt: skip
+
+
+def profile_case(batch: int, dim: int, classes: int, nesting: list[int], efficient: bool, reps: int) -> dict:
+    """ms per step of the fused and the plain variant by kind of work, from ``torch.profiler``."""
+    torch.manual_seed(0)
+    z = torch.randn(batch, dim, requires_grad=True)
+    y = torch.randint(classes, (batch,))
+    row: dict = {"head": "MRL-E" if efficient else "MRL", "C": classes}
+    variants = {"fused": Fused(dim, classes, nesting, efficient, True), "plain": Plain(dim, classes)}
+    for name, model in variants.items():
+        step_time(model, z, y)
+        start = time.perf_counter()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(reps):
+                step_time(model, z, y)
+        wall = (time.perf_counter() - start) / reps
+        self_ms = {e.key: e.self_cpu_time_total / 1000 / reps for e in prof.key_averages()}
+        kinds = {kind: sum(self_ms.get(op, 0.0) for op in ops) for kind, ops in OP_KINDS.items()}
+        kinds["other"] = 1000 * wall - sum(kinds.values())
+        row.update({f"{name} {kind}": ms for kind, ms in kinds.items()})
+    return row
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 repetitions (smoke test)")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--classes", type=int, nargs="+", default=[1000, 21841])
+    parser.add_argument(
+        "--profile", action="store_true", help="instead: fused and plain split by kind of work (profiler)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         batch, dim, classes, reps = 16, 64, [10, 33], 2
@@ -174,6 +208,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     nesting = [2**i for i in range(3, dim.bit_length())]  # 8, 16, ..., dim
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads, B={batch} D={dim} nesting={nesting}")
+    if args.profile:
+        return profile_all(batch, dim, classes, nesting, reps)
     print("medians in ms; ratios of medians, and of minima in brackets")
     header = f"{'head':6} {'C':>6} {'fused':>8} {'per-size':>9} {'ref':>8} {'plain':>8} {'matmuls':>8}"
     header += f" {'fused/per-size':>16} {'fused/plain':>15} {'ref/per-size':>13} {'matmuls/per-size':>17}"
@@ -198,6 +234,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for r in narrow_gemms(batch, dim, c, reps):
                 rows.append(r)
                 print(f"{c:>6} {r['product']:8} {r['direct']:8.2f} {r['windowed']:9.2f}", flush=True)
+    return rows
+
+
+def profile_all(batch: int, dim: int, classes: list[int], nesting: list[int], reps: int) -> list[dict]:
+    """Print :func:`profile_case` for MRL-E and MRL at each class count."""
+    kinds = [*OP_KINDS, "other"]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        torch.ones(1).sum()  # the profiler's one-off start-up cost, kept out of the first case
+    print("ms per step by kind of work (profiler self CPU time; other = wall minus the rest: dispatch,")
+    print("Python and the profiler's own per-op cost, so the other column overstates the unprofiled one)")
+    print(f"{'head':6} {'C':>6} {'variant':8} " + " ".join(f"{k:>11}" for k in kinds))
+    rows = []
+    for efficient in (True, False):
+        for c in classes:
+            r = profile_case(batch, dim, c, nesting, efficient, reps)
+            rows.append(r)
+            for variant in ("fused", "plain"):
+                cells = " ".join(f"{r[f'{variant} {k}']:11.1f}" for k in kinds)
+                print(f"{r['head']:6} {c:>6} {variant:8} {cells}", flush=True)
     return rows
 
 

@@ -23,7 +23,12 @@ def run_quick(script: str, *args: str) -> str:
 
 
 def test_head_loss_quick():
-    assert "fused/per-size" in run_quick("head_loss.py")
+    out = run_quick("head_loss.py")
+    assert "fused/per-size" in out and "windowed" in out
+
+
+def test_head_loss_profile_quick():
+    assert "elementwise" in run_quick("head_loss.py", "--profile")
 
 
 def test_data_pipeline_quick():
