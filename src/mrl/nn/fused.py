@@ -18,7 +18,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 # MKL's gemm is several times slower for outputs narrower than this than for this width itself: the
-# 8-column backward products of MRL-E's first chunk (of a 2048-column matrix) take 3-10x as long as the
+# 8-column backward products of MRL-E's first chunk (of a 2048-column matrix) take 3-14x as long as the
 # same products through a 16-column window (benchmarks/head_loss.py's "narrow" table). A narrow product
 # is therefore computed through a window of this many adjacent columns and the wanted columns copied out.
 MIN_GEMM_WIDTH = 16
