@@ -7,7 +7,8 @@ Variants are run interleaved (one repetition of each in turn) and compared as ra
 minima (the minimum is the repetition least disturbed by other jobs on a shared machine), so a noisy
 machine slows them alike. ``matmuls`` is the per-size code's matmuls alone (forward and backward of its
 ``nn.Linear``s with a fixed upstream gradient, no cross-entropy): a floor for any formulation with the
-same FLOPs. A second table times the narrow matmuls that ``mrl.nn.fused.mm_columns`` widens.
+same FLOPs. A second table times the narrow matmuls that ``mrl.nn.fused.mm_columns`` widens, a third
+MRL-E's per-chunk matmuls against one full-width matmul of the same FLOPs (the plain head's).
 """
 
 from __future__ import annotations
@@ -135,6 +136,22 @@ def run_case(batch: int, dim: int, classes: int, nesting: list[int], efficient: 
     }
 
 
+def _interleaved_medians(cases: dict[str, dict[str, Callable]], reps: int) -> dict[str, dict[str, float]]:
+    """Median ms of each variant of each case, the variants of a case run in turn."""
+    medians = {}
+    for name, variants in cases.items():
+        times: dict[str, list[float]] = {key: [] for key in variants}
+        for fn in variants.values():
+            fn()
+        for _ in range(reps):
+            for key, fn in variants.items():
+                start = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - start)
+        medians[name] = {k: 1000 * statistics.median(v) for k, v in times.items()}
+    return medians
+
+
 def narrow_gemms(batch: int, dim: int, classes: int, reps: int) -> list[dict]:
     """Backward matmuls of the first MRL-E chunk (8 columns of a ``dim``-column matrix): direct vs
     through :func:`mrl.nn.fused.mm_columns`'s 16-column window, medians in ms."""
@@ -142,23 +159,44 @@ def narrow_gemms(batch: int, dim: int, classes: int, reps: int) -> list[dict]:
     acc, weight, z = torch.randn(batch, classes), torch.randn(classes, dim), torch.randn(batch, dim)
     grad_z, grad_w = torch.empty(batch, dim), torch.empty(classes, dim)
     cases = {
-        "grad_z": (lambda: torch.mm(acc, weight[:, :8], out=grad_z[:, :8]),
-                   lambda: mm_columns(acc, weight, 0, 8, out=grad_z[:, :8])),
-        "grad_w": (lambda: torch.mm(acc.t(), z[:, :8], out=grad_w[:, :8]),
-                   lambda: mm_columns(acc.t(), z, 0, 8, out=grad_w[:, :8])),
+        "grad_z": {"direct": lambda: torch.mm(acc, weight[:, :8], out=grad_z[:, :8]),
+                   "windowed": lambda: mm_columns(acc, weight, 0, 8, out=grad_z[:, :8])},
+        "grad_w": {"direct": lambda: torch.mm(acc.t(), z[:, :8], out=grad_w[:, :8]),
+                   "windowed": lambda: mm_columns(acc.t(), z, 0, 8, out=grad_w[:, :8])},
     }  # fmt: skip
-    rows = []
-    for name, (direct, windowed) in cases.items():
-        times: dict[str, list[float]] = {"direct": [], "windowed": []}
-        direct(), windowed()
-        for _ in range(reps):
-            for key, fn in (("direct", direct), ("windowed", windowed)):
-                start = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - start)
-        medians = {k: 1000 * statistics.median(v) for k, v in times.items()}
-        rows.append({"C": classes, "product": name, **medians})
-    return rows
+    medians = _interleaved_medians(cases, reps)
+    return [{"C": classes, "product": name, **times} for name, times in medians.items()]
+
+
+def chunked_gemms(batch: int, dim: int, classes: int, nesting: list[int], reps: int) -> list[dict]:
+    """MRL-E's matmuls as the fused node issues them, one per chunk between consecutive sizes (forward
+    into the running prefix sum, backward through ``mm_columns``), against one full-width matmul of the
+    same FLOPs (what the plain head issues), medians in ms."""
+    torch.manual_seed(0)
+    acc, weight, z = torch.randn(batch, classes), torch.randn(classes, dim), torch.randn(batch, dim)
+    logits, grad_z, grad_w = torch.empty(batch, classes), torch.empty(batch, dim), torch.empty(classes, dim)
+    bounds = list(zip([0, *nesting[:-1]], nesting, strict=True))
+
+    def forward_chunks() -> None:
+        torch.mm(z[:, : nesting[0]], weight[:, : nesting[0]].t(), out=logits)
+        for s, e in bounds[1:]:
+            logits.addmm_(z[:, s:e], weight[:, s:e].t())
+
+    def grad_z_chunks() -> None:
+        for s, e in bounds:
+            mm_columns(acc, weight, s, e, out=grad_z[:, s:e])
+
+    def grad_w_chunks() -> None:
+        for s, e in bounds:
+            mm_columns(acc.t(), z, s, e, out=grad_w[:, s:e])
+
+    cases = {
+        "forward": {"full": lambda: torch.mm(z, weight.t(), out=logits), "chunked": forward_chunks},
+        "grad_z": {"full": lambda: torch.mm(acc, weight, out=grad_z), "chunked": grad_z_chunks},
+        "grad_w": {"full": lambda: torch.mm(acc.t(), z, out=grad_w), "chunked": grad_w_chunks},
+    }
+    medians = _interleaved_medians(cases, reps)
+    return [{"C": classes, "product": name, **times} for name, times in medians.items()]
 
 
 # aten ops by what they do, for --profile (self CPU time; everything else is dispatch and Python).
@@ -234,6 +272,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for r in narrow_gemms(batch, dim, c, reps):
                 rows.append(r)
                 print(f"{c:>6} {r['product']:8} {r['direct']:8.2f} {r['windowed']:9.2f}", flush=True)
+    print("\nMRL-E's matmuls per chunk, as the fused node issues them, vs one full-width matmul (ms)")
+    print(f"{'C':>6} {'product':8} {'full':>8} {'chunked':>8} {'ratio':>6}")
+    for c in classes:
+        for r in chunked_gemms(batch, dim, c, nesting, reps):
+            rows.append(r)
+            ratio = r["chunked"] / r["full"]
+            print(f"{c:>6} {r['product']:8} {r['full']:8.2f} {r['chunked']:8.2f} {ratio:6.3f}", flush=True)
     return rows
 
 
