@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mrl import MatryoshkaLinear, MatryoshkaLoss
-from mrl.nn.fused import mm_columns
+from mrl.nn.fused import chunk_bounds, mm_columns
 
 
 class PerSizeMRL(nn.Module):
@@ -175,7 +175,7 @@ def chunked_gemms(batch: int, dim: int, classes: int, nesting: list[int], reps: 
     torch.manual_seed(0)
     acc, weight, z = torch.randn(batch, classes), torch.randn(classes, dim), torch.randn(batch, dim)
     logits, grad_z, grad_w = torch.empty(batch, classes), torch.empty(batch, dim), torch.empty(classes, dim)
-    bounds = list(zip([0, *nesting[:-1]], nesting, strict=True))
+    bounds = chunk_bounds(nesting)
 
     def forward_chunks() -> None:
         torch.mm(z[:, : nesting[0]], weight[:, : nesting[0]].t(), out=logits)

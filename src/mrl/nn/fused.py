@@ -43,9 +43,60 @@ def mm_columns(
         out.copy_(part)
 
 
-def _bounds(nesting: Sequence[int]) -> list[tuple[int, int]]:
+def chunk_bounds(nesting: Sequence[int]) -> list[tuple[int, int]]:
+    """The feature chunks ``[start, stop)`` between consecutive sizes: MRL-E's unit of work."""
     starts = [0, *nesting[:-1]]
     return list(zip(starts, nesting, strict=True))
+
+
+def tied_backward_matmuls(
+    acc: torch.Tensor,
+    grads: Sequence[torch.Tensor],
+    scales: Sequence[torch.Tensor] | None,
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    nesting: Sequence[int],
+    grad_z: torch.Tensor | None,
+    grad_w: torch.Tensor | None,
+) -> torch.Tensor:
+    """MRL-E's input and weight gradients, written into ``grad_z``/``grad_w`` column chunk by chunk.
+
+    Chunk ``k`` feeds every size ``g >= k``, so its logit gradient is the suffix sum of the per-size
+    logit gradients ``grads[g]`` (times ``scales[g]`` when given). ``acc`` holds the last size's term on
+    entry and is accumulated in place; it is returned holding the sum over all sizes (the bias gradient's
+    rows). Matmuls run in ``z``'s dtype.
+    """
+    for g, (start, stop) in reversed(list(enumerate(chunk_bounds(nesting)))):
+        if g < len(nesting) - 1:
+            if scales is None:
+                acc.add_(grads[g])
+            else:
+                acc.addcmul_(grads[g], scales[g])
+        a = acc if acc.dtype == z.dtype else acc.to(z.dtype)
+        if grad_z is not None:
+            mm_columns(a, weight, start, stop, out=grad_z[:, start:stop])
+        if grad_w is not None:
+            mm_columns(a.t(), z, start, stop, out=grad_w[:, start:stop])
+    return acc
+
+
+def untied_backward_matmuls(
+    grads: Sequence[torch.Tensor],
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    nesting: Sequence[int],
+    grad_z: torch.Tensor | None,
+    grad_w: torch.Tensor | None,
+) -> None:
+    """MRL's input and weight gradients from each size's logit gradient ``grads[g]``: ``grad_z[:, :m]``
+    accumulates, ``grad_w``'s column block of size ``g`` is written."""
+    offset = 0
+    for grad, m in zip(grads, nesting, strict=True):
+        if grad_z is not None:
+            mm_columns(grad, weight, offset, offset + m, out=grad_z[:, :m], accumulate=True)
+        if grad_w is not None:
+            mm_columns(grad.t(), z, 0, m, out=grad_w[:, offset : offset + m])
+        offset += m
 
 
 class _TiedHead(torch.autograd.Function):
@@ -53,7 +104,7 @@ class _TiedHead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, weight, bias, nesting):
-        bounds = _bounds(nesting)
+        bounds = chunk_bounds(nesting)
         out = z.new_empty(len(nesting), z.shape[0], weight.shape[0])
         for g, (s, e) in enumerate(bounds):
             chunk, w = z[:, s:e], weight[:, s:e].t()
@@ -71,20 +122,12 @@ class _TiedHead(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         z, weight = ctx.saved_tensors
-        bounds = _bounds(ctx.nesting)
         grad_out = grad_out.contiguous()
-        # Chunk k feeds every size g >= k, so its gradient is the suffix sum of grad_out over sizes.
-        acc = grad_out[-1].clone()
         grad_z = torch.zeros_like(z) if ctx.needs_input_grad[0] else None
         grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
-        for g in range(len(bounds) - 1, -1, -1):
-            s, e = bounds[g]
-            if g < len(bounds) - 1:
-                acc += grad_out[g]
-            if grad_z is not None:
-                mm_columns(acc, weight, s, e, out=grad_z[:, s:e])
-            if grad_w is not None:
-                mm_columns(acc.t(), z, s, e, out=grad_w[:, s:e])
+        acc = tied_backward_matmuls(
+            grad_out[-1].clone(), grad_out.unbind(0), None, z, weight, ctx.nesting, grad_z, grad_w
+        )
         grad_b = acc.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_z, grad_w, grad_b, None
 
@@ -114,13 +157,7 @@ class _UntiedHead(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_z = torch.zeros_like(z) if ctx.needs_input_grad[0] else None
         grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
-        offset = 0
-        for g, m in enumerate(ctx.nesting):
-            if grad_z is not None:
-                mm_columns(grad_out[g], weight, offset, offset + m, out=grad_z[:, :m], accumulate=True)
-            if grad_w is not None:
-                mm_columns(grad_out[g].t(), z, 0, m, out=grad_w[:, offset : offset + m])
-            offset += m
+        untied_backward_matmuls(grad_out.unbind(0), z, weight, ctx.nesting, grad_z, grad_w)
         grad_b = grad_out.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_z, grad_w, grad_b, None
 

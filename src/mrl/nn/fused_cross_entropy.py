@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
-from mrl.nn.fused import _bounds, blas_inputs, mm_columns
+from mrl.nn.fused import blas_inputs, chunk_bounds, tied_backward_matmuls, untied_backward_matmuls
 
 _FULL_PRECISION = (torch.float32, torch.float64)
 
@@ -74,9 +74,9 @@ class _Targets:
         self.eps = float(label_smoothing)
         self.num_classes = num_classes
         self.denominator = self.row_weight.sum() if reduction == "mean" else None
+        self.total_class_weight = num_classes if class_weight is None else self.class_weight.sum()
         # Q_i, the mass of row i's target; all ones in the common case (no weights, nothing ignored).
-        total_class_weight = num_classes if class_weight is None else self.class_weight.sum()
-        smoothing_mass = (self.eps / num_classes) * self.kept * total_class_weight
+        smoothing_mass = (self.eps / num_classes) * self.kept * self.total_class_weight
         self.mass = (1 - self.eps) * self.row_weight + smoothing_mass
         # Checked on the CPU only: on a GPU the check would make the host wait every step, and the
         # multiplication it saves is one cheap pass there.
@@ -107,8 +107,7 @@ class _Targets:
         lse = maxes.to(dtype) - top_probs.log()
         rows = (1 - self.eps) * self.row_weight * (lse - target_logits.to(dtype))
         if self.eps > 0:
-            total_weight = self.num_classes if self.class_weight is None else self.class_weight.sum()
-            smooth = lse * total_weight - logit_sums  # -sum_c w_c log P_c
+            smooth = lse * self.total_class_weight - logit_sums  # -sum_c w_c log P_c
             rows = rows + (self.eps / self.num_classes) * self.kept * smooth
         total = rows.sum(1)
         return total if self.denominator is None else total / self.denominator
@@ -129,7 +128,7 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
     """Per-size losses ``(G,)`` (and optionally top-1 predictions ``(G, B)``) from ``z`` directly."""
 
     @staticmethod
-    def forward(ctx, z, weight, bias, target, nesting, efficient, targets, predict, needs_grad):
+    def forward(ctx, z, weight, bias, nesting, efficient, targets, predict, needs_grad):
         sizes, batch, classes = len(nesting), z.shape[0], weight.shape[0]
         # Low-precision logits (autocast) get a float32 softmax, as autocast gives cross_entropy; the
         # matmuls write into a (B, C) buffer of their own dtype then.
@@ -151,7 +150,7 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
         top_rows, pred_rows = top_probs.unbind(0), predictions.unbind(0) if predict else None
         sum_rows = logit_sums.unbind(0) if logit_sums is not None else None
         if efficient:
-            widths = [e - s for s, e in _bounds(nesting)]
+            widths = [e - s for s, e in chunk_bounds(nesting)]
             inputs = z.split([*widths, z.shape[1] - nesting[-1]], 1)  # features past the largest size unused
         else:
             widths = list(nesting)
@@ -213,38 +212,23 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
         grad_z = torch.zeros_like(z) if need_z else None
         grad_w = torch.empty_like(weight) if need_w else None
         grad_b = None
-        low = z.dtype  # matmuls run in the inputs' dtype (bf16 under autocast)
+        # Gradients are formed in the buffer's dtype (float32 under autocast), matmuls run in z's.
         if ctx.efficient:
-            # Chunk k feeds every size g >= k: its logit gradient is the suffix sum over g >= k.
-            bounds, slots, scales = _bounds(nesting), probs.unbind(0), scale.unbind(0)
-            acc = slots[-1].mul_(scales[-1])
-            for g in range(len(bounds) - 1, -1, -1):
-                if g < len(bounds) - 1:
-                    acc.addcmul_(slots[g], scales[g])
-                s, e = bounds[g]
-                a = acc if acc.dtype == low else acc.to(low)
-                if need_z:
-                    mm_columns(a, weight, s, e, out=grad_z[:, s:e])
-                if need_w:
-                    mm_columns(a.t(), z, s, e, out=grad_w[:, s:e])
+            slots, scales = probs.unbind(0), scale.unbind(0)
+            acc = slots[-1].mul_(scales[-1])  # the suffix sum accumulates in the largest size's slot
+            tied_backward_matmuls(acc, slots, scales, z, weight, nesting, grad_z, grad_w)
             if ctx.has_bias and need_b:
                 grad_b = acc.sum(0)
         else:
             probs.mul_(scale.view(-1, 1, 1))
-            slots = probs.unbind(0) if probs.dtype == low else probs.to(low).unbind(0)
-            offset = 0
-            for g, m in enumerate(nesting):
-                if need_z:
-                    mm_columns(slots[g], weight, offset, offset + m, out=grad_z[:, :m], accumulate=True)
-                if need_w:
-                    mm_columns(slots[g].t(), z, 0, m, out=grad_w[:, offset : offset + m])
-                offset += m
+            slots = probs.unbind(0) if probs.dtype == z.dtype else probs.to(z.dtype).unbind(0)
+            untied_backward_matmuls(slots, z, weight, nesting, grad_z, grad_w)
             if ctx.has_bias and need_b:
                 grad_b = probs.sum(1)
         _give_back(probs)
         if grad_b is not None and grad_b.dtype != weight.dtype:
             grad_b = grad_b.to(weight.dtype)
-        return grad_z, grad_w, grad_b, None, None, None, None, None, None
+        return grad_z, grad_w, grad_b, None, None, None, None, None
 
 
 def matryoshka_cross_entropy(
@@ -277,5 +261,5 @@ def matryoshka_cross_entropy(
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (z, weight, bias))
     with context:
         return _MatryoshkaCrossEntropy.apply(
-            z, weight, bias, target, tuple(nesting), bool(efficient), targets, bool(predict), needs_grad
+            z, weight, bias, tuple(nesting), bool(efficient), targets, bool(predict), needs_grad
         )
