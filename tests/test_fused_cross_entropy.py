@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import mrl.nn.fused_cross_entropy as fused_ce
 from mrl import MatryoshkaLinear, MatryoshkaLoss
 from mrl.nn.fused import mm_columns
 from mrl.nn.fused_cross_entropy import matryoshka_cross_entropy
@@ -20,6 +21,15 @@ CE_OPTIONS = [
 ]
 
 
+@pytest.fixture(params=["off the target", "row maxima"])
+def normaliser(request, monkeypatch):
+    """Both ways to the log-normaliser: read off the target probability (the CPU's) and from the row's
+    largest logit and probability (other devices'); both run here, on the CPU."""
+    off_the_target = request.param == "off the target"
+    monkeypatch.setattr(fused_ce, "_reads_normaliser_off_the_target", lambda device: off_the_target)
+    return request.param
+
+
 def reference(head: MatryoshkaLinear, z, target, size_weights, **ce):
     """Per-size logits with one F.linear each, then one F.cross_entropy per size."""
     if "weight" in ce:  # stored as MatryoshkaLoss stores it: a float32 buffer, then cast
@@ -34,7 +44,7 @@ def reference(head: MatryoshkaLinear, z, target, size_weights, **ce):
 @pytest.mark.parametrize("efficient", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("options", CE_OPTIONS)
-def test_losses_gradients_and_predictions_equal_reference(nesting, efficient, bias, options):
+def test_losses_gradients_and_predictions_equal_reference(nesting, efficient, bias, options, normaliser):
     torch.manual_seed(len(nesting) + 7 * efficient + 3 * bias)
     in_features = nesting[-1] + 3
     head = MatryoshkaLinear(in_features, 7, nesting, efficient=efficient, bias=bias).double()
@@ -59,7 +69,7 @@ def test_losses_gradients_and_predictions_equal_reference(nesting, efficient, bi
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("efficient", [False, True])
-def test_random_shapes_and_nestings(seed, efficient):
+def test_random_shapes_and_nestings(seed, efficient, normaliser):
     """Random batch, class count, embedding size and nesting list (mostly not powers of two)."""
     rng = torch.Generator().manual_seed(seed)
     in_features = int(torch.randint(17, 80, (1,), generator=rng))
@@ -81,13 +91,20 @@ def test_random_shapes_and_nestings(seed, efficient):
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
 
 
-def test_confidently_wrong_rows_keep_a_finite_exact_loss():
+@pytest.mark.parametrize("efficient", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "ignore_index": 2}])
+def test_confidently_wrong_rows_keep_a_finite_exact_loss(efficient, bias, options, normaliser):
     """float32 logits 1e4 apart: the target's probability underflows to 0, the loss must not be inf."""
-    head = MatryoshkaLinear(16, 5, [4, 16], efficient=True)
+    torch.manual_seed(5)
+    head = MatryoshkaLinear(16, 5, [4, 16], efficient=efficient, bias=bias)
     z = torch.randn(6, 16) * 1e3
-    target = torch.randint(0, 5, (6,))
-    per_size, _ = MatryoshkaLoss().per_size_from_embedding(head, z, target)
-    ref = torch.stack([F.cross_entropy(lg, target) for lg in head.forward_reference(z)])
+    target = torch.tensor([0, 1, 2, 3, 4, 0])
+    per_size, _ = MatryoshkaLoss(**options).per_size_from_embedding(head, z, target)
+    logits = head.forward_reference(z)
+    target_probs = logits.softmax(2).gather(2, target.view(1, -1, 1).expand(2, -1, -1))
+    assert (target_probs < torch.finfo(torch.float32).tiny).any()  # the case this test is about
+    ref = torch.stack([F.cross_entropy(lg, target, **options) for lg in logits])
     assert torch.isfinite(per_size).all()
     torch.testing.assert_close(per_size, ref, rtol=1e-5, atol=1e-3)
 

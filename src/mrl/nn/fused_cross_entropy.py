@@ -4,7 +4,7 @@ Head then loss as two nodes keeps three ``(G, B, C)`` buffers alive per step: th
 log-softmax and the gradient of the log-softmax (each 200 MB for B=256, C=21841, G=9), and each
 buffer is written and read again by a separate kernel. Here one buffer serves all three: each size's
 logits are turned into probabilities in place right after their matmul, while still in cache (the
-loss is read off the largest logit, the largest probability and the target logit), and backward
+loss is read off the target's logit and probability, see :func:`_log_normalisers`), and backward
 forms each size's logit gradient ``s_g * (Q * P_g - q)`` inside that same buffer (for MRL-E, adds it
 into one ``(B, C)`` running suffix sum) and feeds it straight to the matmuls.
 The cross-entropy follows :func:`torch.nn.functional.cross_entropy` exactly, including
@@ -19,7 +19,7 @@ the gradient with respect to the logits is ``Q_i P_gi - q_i`` with ``Q_i = sum_c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -90,22 +90,11 @@ class _Targets:
             out.copy_(logits.to(out.dtype) @ self.class_weight)
 
     def losses(
-        self,
-        maxes: torch.Tensor,
-        target_logits: torch.Tensor,
-        top_probs: torch.Tensor,
-        logit_sums: torch.Tensor | None,
+        self, lse: torch.Tensor, target_logits: torch.Tensor, logit_sums: torch.Tensor | None
     ) -> torch.Tensor:
-        """Per-size losses ``(G,)`` from each row's largest logit, target logit and largest probability
-        and, with label smoothing, ``logit_sums``; all ``(G, B)``.
-
-        The largest probability is ``exp(max - lse)``, never below ``1/C``, so ``lse = max - log(top
-        prob)`` is exact to rounding (as ``log_softmax`` is), unlike ``-log`` of the target probability,
-        which underflows for confidently wrong rows.
-        """
-        dtype = top_probs.dtype
-        lse = maxes.to(dtype) - top_probs.log()
-        rows = (1 - self.eps) * self.row_weight * (lse - target_logits.to(dtype))
+        """Per-size losses ``(G,)`` from each row's log-normaliser, target logit and, with label
+        smoothing, ``logit_sums``; all ``(G, B)``."""
+        rows = (1 - self.eps) * self.row_weight * (lse - target_logits.to(lse.dtype))
         if self.eps > 0:
             smooth = lse * self.total_class_weight - logit_sums  # -sum_c w_c log P_c
             rows = rows + (self.eps / self.num_classes) * self.kept * smooth
@@ -124,6 +113,59 @@ class _Targets:
             probs.sub_(torch.outer((self.eps / self.num_classes) * self.kept, weight))
 
 
+def _reads_normaliser_off_the_target(device: torch.device) -> bool:
+    """Whether the log-normalisers come from the target probabilities (CPU) or from two row maxima.
+
+    Both are exact to rounding. Reading them off the target saves two passes over every size's
+    ``(B, C)`` logits per step (2-3% of a step on the CPU at C=1000-21841, benchmarks/README.md), but
+    needs a host-side check for underflowed rows, which on a GPU would make the host wait every step.
+    """
+    return device.type == "cpu"
+
+
+def _log_normalisers(
+    probs: torch.Tensor,
+    target_logits: torch.Tensor,
+    targets: _Targets,
+    logit_at: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``lse = x_y - log P_y`` of every size and row ``(G, B)``, from the probabilities ``(G, B, C)``.
+
+    Where ``P_y`` is below the smallest normal number (a confidently wrong row: the loss is then over
+    87 in float32) it has lost its relative precision or underflowed to 0, so those rows use their
+    largest probability instead, which is never below ``1/C``, and the logit of that class, recomputed
+    by ``logit_at(size, rows, classes)`` as one dot product per row (their logits are gone: the buffer
+    holds probabilities by now). That is rare, so its cost does not matter.
+    """
+    sizes = probs.shape[0]
+    target_probs = probs.gather(2, targets.index.expand(sizes, -1, -1)).squeeze(2)
+    lse = target_logits.to(probs.dtype) - target_probs.log()
+    underflowed = target_probs < torch.finfo(probs.dtype).tiny
+    if bool(underflowed.any()):
+        for g in underflowed.any(1).nonzero()[:, 0].tolist():
+            rows = underflowed[g].nonzero()[:, 0]
+            top_probs, classes = probs[g, rows].max(1)
+            lse[g, rows] = logit_at(g, rows, classes).to(probs.dtype) - top_probs.log()
+    return lse
+
+
+def _logit_at(
+    z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, nesting: Sequence[int], efficient: bool
+) -> Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``logit_at(g, rows, classes)``: size ``g``'s logit of ``classes[i]`` for row ``rows[i]``, with
+    ``weight``/``bias`` laid out as :class:`~mrl.nn.matryoshka_linear.MatryoshkaLinear`'s."""
+
+    def logit_at(g: int, rows: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        m = nesting[g]
+        offset = 0 if efficient else sum(nesting[:g])
+        logits = (z[rows, :m] * weight[classes, offset : offset + m]).sum(1)
+        if bias is not None:
+            logits = logits + (bias[classes] if efficient else bias[g, classes])
+        return logits
+
+    return logit_at
+
+
 class _MatryoshkaCrossEntropy(torch.autograd.Function):
     """Per-size losses ``(G,)`` (and optionally top-1 predictions ``(G, B)``) from ``z`` directly."""
 
@@ -136,18 +178,21 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
         work = _take_buffer((sizes, batch, classes), z.new_empty(0, dtype=dtype))
         scratch = None if dtype == z.dtype else _take_buffer((batch, classes), z)
         predictions = z.new_empty((sizes, batch), dtype=torch.long) if predict else None
-        # Per size and row: largest logit, target logit, largest probability (and the logit sum for
-        # label smoothing); the losses follow from these after the loop, for all sizes at once.
-        maxes = z.new_empty((sizes, batch))
+        # Per size and row: the target logit (and the logit sum for label smoothing; and, where the
+        # log-normaliser is not read off the target, the largest logit and largest probability); the
+        # losses follow from these after the loop, for all sizes at once.
+        off_the_target = _reads_normaliser_off_the_target(z.device)
         target_logits = z.new_empty((sizes, batch))
-        top_probs = work.new_empty((sizes, batch))
+        maxes = None if off_the_target else z.new_empty((sizes, batch))
+        top_probs = None if off_the_target else work.new_empty((sizes, batch))
         logit_sums = work.new_empty((sizes, batch)) if targets.eps > 0 else None
         # Each size's logits become probabilities while they are still in cache. MRL-E keeps its running
         # prefix sum in the last size's slot (the largest size's logits are that sum); untied MRL writes
         # each size's logits into its own slot. The softmax is written in place where dtypes allow.
         # Views are made once up front: on small heads the per-call Python cost is what dominates.
-        slots, max_rows, target_rows = work.unbind(0), maxes.unbind(0), target_logits.unsqueeze(2).unbind(0)
-        top_rows, pred_rows = top_probs.unbind(0), predictions.unbind(0) if predict else None
+        slots, target_rows = work.unbind(0), target_logits.unsqueeze(2).unbind(0)
+        max_rows, top_rows = (None, None) if off_the_target else (maxes.unbind(0), top_probs.unbind(0))
+        pred_rows = predictions.unbind(0) if predict else None
         sum_rows = logit_sums.unbind(0) if logit_sums is not None else None
         if efficient:
             widths = [e - s for s, e in chunk_bounds(nesting)]
@@ -173,13 +218,21 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
                     torch.addmm(bias[g], inputs[g], blocks[g], out=logits)
             if pred_rows is not None:
                 torch.argmax(logits, 1, out=pred_rows[g])
-            torch.amax(logits, 1, out=max_rows[g])
+            if max_rows is not None:
+                torch.amax(logits, 1, out=max_rows[g])
             torch.gather(logits, 1, targets.index, out=target_rows[g])
             if sum_rows is not None:
                 targets.logit_sums(logits, out=sum_rows[g])
             torch.softmax(logits, 1, dtype=dtype, out=slots[g])
-            torch.amax(slots[g], 1, out=top_rows[g])
-        losses = targets.losses(maxes, target_logits, top_probs, logit_sums)
+            if top_rows is not None:
+                torch.amax(slots[g], 1, out=top_rows[g])
+        if off_the_target:
+            logit_at = _logit_at(z, weight, bias, nesting, efficient)
+            lse = _log_normalisers(work, target_logits, targets, logit_at)
+        else:
+            # The largest probability is exp(max - lse), never below 1/C, so this is exact to rounding.
+            lse = maxes.to(dtype) - top_probs.log()
+        losses = targets.losses(lse, target_logits, logit_sums)
         if scratch is not None:
             _give_back(scratch)
         if not needs_grad:
