@@ -8,12 +8,14 @@ minima (the minimum is the repetition least disturbed by other jobs on a shared 
 machine slows them alike. ``matmuls`` is the per-size code's matmuls alone (forward and backward of its
 ``nn.Linear``s with a fixed upstream gradient, no cross-entropy): a floor for any formulation with the
 same FLOPs. A second table times the narrow matmuls that ``mrl.nn.fused.mm_columns`` widens, a third
-MRL-E's per-chunk matmuls against one full-width matmul of the same FLOPs (the plain head's).
+MRL-E's per-chunk matmuls against one full-width matmul of the same FLOPs (the plain head's), a fourth
+each variant's fixed cost per step (dispatch and Python: the same D and nesting at B=4, C=3).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -199,6 +201,21 @@ def chunked_gemms(batch: int, dim: int, classes: int, nesting: list[int], reps: 
     return [{"C": classes, "product": name, **times} for name, times in medians.items()]
 
 
+def fixed_costs(dim: int, nesting: list[int], reps: int) -> dict[str, float]:
+    """Median ms of a forward+backward step at B=4, C=3: what a step costs beyond its arithmetic (torch
+    dispatch, Python, BLAS call overhead), which the full-size steps pay on top of their work."""
+    torch.manual_seed(0)
+    z = torch.randn(4, dim, requires_grad=True)
+    y = torch.randint(3, (4,))
+    models = {
+        "fused MRL-E": Fused(dim, 3, nesting, True, True),
+        "fused MRL": Fused(dim, 3, nesting, False, True),
+        "plain": Plain(dim, 3),
+    }
+    steps = {name: functools.partial(step_time, model, z, y) for name, model in models.items()}
+    return _interleaved_medians({"fixed": steps}, reps)["fixed"]
+
+
 # aten ops by what they do, for --profile (self CPU time; everything else is dispatch and Python).
 OP_KINDS = {
     "matmuls": ("aten::mm", "aten::addmm", "aten::addmm_"),
@@ -279,6 +296,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(r)
             ratio = r["chunked"] / r["full"]
             print(f"{c:>6} {r['product']:8} {r['full']:8.2f} {r['chunked']:8.2f} {ratio:6.3f}", flush=True)
+    fixed = fixed_costs(dim, nesting, 50 * reps)
+    rows.append(fixed)
+    print("\nfixed cost of a step (B=4, C=3, same D and nesting), medians in ms")
+    print("  ".join(f"{name} {ms:.2f}" for name, ms in fixed.items()))
     return rows
 
 
