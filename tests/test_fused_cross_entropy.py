@@ -109,6 +109,20 @@ def test_confidently_wrong_rows_keep_a_finite_exact_loss(efficient, bias, option
     torch.testing.assert_close(per_size, ref, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("efficient", [False, True])
+def test_confidently_wrong_rows_under_bf16_autocast(efficient, normaliser):
+    """bf16 matmuls, float32 softmax: underflowed rows keep a finite loss close to the float32 one."""
+    torch.manual_seed(6)
+    head = MatryoshkaLinear(16, 5, [4, 16], efficient=efficient)
+    z, target = torch.randn(6, 16) * 1e3, torch.tensor([0, 1, 2, 3, 4, 0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        per_size, _ = MatryoshkaLoss().per_size_from_embedding(head, z, target)
+    ref = torch.stack([F.cross_entropy(lg, target) for lg in head.forward_reference(z)])
+    assert ref.min() > 87  # the target probabilities underflow in float32
+    assert torch.isfinite(per_size).all()
+    torch.testing.assert_close(per_size, ref, rtol=0.02, atol=0.0)
+
+
 def test_two_graphs_alive_at_once_do_not_share_a_buffer():
     """The reused CPU buffer is taken per forward and given back after backward."""
     torch.manual_seed(0)

@@ -146,22 +146,28 @@ def _log_normalisers(
         for g in underflowed.any(1).nonzero()[:, 0].tolist():
             rows = underflowed[g].nonzero()[:, 0]
             top_probs, classes = probs[g, rows].max(1)
-            lse[g, rows] = logit_at(g, rows, classes).to(probs.dtype) - top_probs.log()
+            lse[g, rows] = logit_at(g, rows, classes) - top_probs.log()
     return lse
 
 
 def _logit_at(
-    z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, nesting: Sequence[int], efficient: bool
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    nesting: Sequence[int],
+    efficient: bool,
+    dtype: torch.dtype,
 ) -> Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]:
     """``logit_at(g, rows, classes)``: size ``g``'s logit of ``classes[i]`` for row ``rows[i]``, with
-    ``weight``/``bias`` laid out as :class:`~mrl.nn.matryoshka_linear.MatryoshkaLinear`'s."""
+    ``weight``/``bias`` laid out as :class:`~mrl.nn.matryoshka_linear.MatryoshkaLinear`'s. Computed in
+    ``dtype`` (the softmax's), so a bf16 head's logit is not rounded to bf16 a second time."""
 
     def logit_at(g: int, rows: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         m = nesting[g]
         offset = 0 if efficient else sum(nesting[:g])
-        logits = (z[rows, :m] * weight[classes, offset : offset + m]).sum(1)
+        logits = (z[rows, :m].to(dtype) * weight[classes, offset : offset + m].to(dtype)).sum(1)
         if bias is not None:
-            logits = logits + (bias[classes] if efficient else bias[g, classes])
+            logits = logits + (bias[classes] if efficient else bias[g, classes]).to(dtype)
         return logits
 
     return logit_at
@@ -228,7 +234,7 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
             if top_rows is not None:
                 torch.amax(slots[g], 1, out=top_rows[g])
         if off_the_target:
-            logit_at = _logit_at(z, weight, bias, nesting, efficient)
+            logit_at = _logit_at(z, weight, bias, nesting, efficient, dtype)
             lse = _log_normalisers(work, target_logits, targets, logit_at)
         else:
             # The largest probability is exp(max - lse), never below 1/C, so this is exact to rounding.
