@@ -200,8 +200,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("compile") and "inference_mode" not in cfg.trainer:
         # A compiled backbone is guarded on its input's dispatch keys: under inference_mode the sanity
         # check's batch and the later validation batches differ in them, so the evaluation graph was
-        # compiled twice: three compiles in all, and a 4-step test_byobnet run took 130 s on this CPU
-        # (cold compile cache) where it takes 116 s with two. no_grad evaluation keeps one eval graph.
+        # compiled twice (three compiles in all; TORCH_LOGS=recompiles shows them, and the compile test
+        # in tests/test_train_cli.py counts them). no_grad evaluation keeps one eval graph.
         extra["inference_mode"] = False
     try:
         trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **extra)
