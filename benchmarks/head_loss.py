@@ -110,19 +110,14 @@ def run_case(batch: int, dim: int, classes: int, nesting: list[int], efficient: 
     torch.manual_seed(0)
     z = torch.randn(batch, dim, requires_grad=True)
     y = torch.randint(classes, (batch,))
-    variants: dict[str, Callable] = {
+    variants: dict[str, nn.Module] = {
         "fused": Fused(dim, classes, nesting, efficient, fused=True),
         "per_size": PerSizeMRL(dim, classes, nesting, efficient),
         "reference": Fused(dim, classes, nesting, efficient, fused=False),
         "plain": Plain(dim, classes),
         "matmuls": PerSizeMatmuls(dim, classes, nesting, efficient),
     }
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for model in variants.values():  # warm-up (allocator, oneDNN/BLAS kernels)
-        step_time(model, z, y)
-    for _ in range(reps):
-        for name, model in variants.items():
-            times[name].append(step_time(model, z, y))
+    times = _step_times(variants, z, y, reps)
     med = {k: statistics.median(v) for k, v in times.items()}
     low = {k: min(v) for k, v in times.items()}
     return {
@@ -138,18 +133,40 @@ def run_case(batch: int, dim: int, classes: int, nesting: list[int], efficient: 
     }
 
 
+def _interleaved_times(variants: dict[str, Callable[[], float]], reps: int) -> dict[str, list[float]]:
+    """Seconds of ``reps`` runs of each variant, the variants run in turn after one warm-up run each
+    (allocator, BLAS kernels); each variant times itself and returns its seconds."""
+    times: dict[str, list[float]] = {key: [] for key in variants}
+    for fn in variants.values():
+        fn()
+    for _ in range(reps):
+        for key, fn in variants.items():
+            times[key].append(fn())
+    return times
+
+
+def _step_times(
+    models: dict[str, nn.Module], z: torch.Tensor, y: torch.Tensor, reps: int
+) -> dict[str, list[float]]:
+    """Seconds of each model's forward+backward steps (:func:`step_time`), the models run in turn."""
+    steps = {name: functools.partial(step_time, model, z, y) for name, model in models.items()}
+    return _interleaved_times(steps, reps)
+
+
+def _timed(fn: Callable[[], object]) -> Callable[[], float]:
+    def run() -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    return run
+
+
 def _interleaved_medians(cases: dict[str, dict[str, Callable]], reps: int) -> dict[str, dict[str, float]]:
     """Median ms of each variant of each case, the variants of a case run in turn."""
     medians = {}
     for name, variants in cases.items():
-        times: dict[str, list[float]] = {key: [] for key in variants}
-        for fn in variants.values():
-            fn()
-        for _ in range(reps):
-            for key, fn in variants.items():
-                start = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - start)
+        times = _interleaved_times({key: _timed(fn) for key, fn in variants.items()}, reps)
         medians[name] = {k: 1000 * statistics.median(v) for k, v in times.items()}
     return medians
 
@@ -212,8 +229,8 @@ def fixed_costs(dim: int, nesting: list[int], reps: int) -> dict[str, float]:
         "fused MRL": Fused(dim, 3, nesting, False, True),
         "plain": Plain(dim, 3),
     }
-    steps = {name: functools.partial(step_time, model, z, y) for name, model in models.items()}
-    return _interleaved_medians({"fixed": steps}, reps)["fixed"]
+    times = _step_times(models, z, y, reps)
+    return {name: 1000 * statistics.median(v) for name, v in times.items()}
 
 
 # aten ops by what they do, for --profile (self CPU time; everything else is dispatch and Python).
