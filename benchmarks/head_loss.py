@@ -8,8 +8,11 @@ minima (the minimum is the repetition least disturbed by other jobs on a shared 
 machine slows them alike. ``matmuls`` is the per-size code's matmuls alone (forward and backward of its
 ``nn.Linear``s with a fixed upstream gradient, no cross-entropy): a floor for any formulation with the
 same FLOPs. A second table times the narrow matmuls that ``mrl.nn.fused.mm_columns`` widens, a third
-MRL-E's per-chunk matmuls against one full-width matmul of the same FLOPs (the plain head's), a fourth
-each variant's fixed cost per step (dispatch and Python: the same D and nesting at B=4, C=3).
+MRL-E's per-chunk matmuls against one full-width matmul of the same FLOPs (the plain head's), both with
+batch-major and with class-major logits. The fourth and fifth compare the two layouts of the fused
+node's logits (``--layout-classes``): one softmax alone, then the whole step against each target's
+baseline. The last gives each variant's fixed cost per step (dispatch and Python: the same D and
+nesting at B=4, C=3).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -24,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import mrl.nn.fused_cross_entropy as fused_ce
 from mrl import MatryoshkaLinear, MatryoshkaLoss
 from mrl.nn.fused import chunk_bounds, mm_columns
 
@@ -96,6 +101,23 @@ class Plain(nn.Module):
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.fc(z), y)
+
+
+class InLayout(nn.Module):
+    """``model`` with the fused node's logits forced class-major or batch-major whatever the class count
+    (``mrl.nn.fused_cross_entropy.CLASS_MAJOR_MIN_CLASSES`` set around its forward; backward follows the
+    buffer forward made)."""
+
+    def __init__(self, model: nn.Module, class_major: bool) -> None:
+        super().__init__()
+        self.model, self.min_classes = model, 0 if class_major else sys.maxsize
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        default, fused_ce.CLASS_MAJOR_MIN_CLASSES = fused_ce.CLASS_MAJOR_MIN_CLASSES, self.min_classes
+        try:
+            return self.model(z, y)
+        finally:
+            fused_ce.CLASS_MAJOR_MIN_CLASSES = default
 
 
 def step_time(model: nn.Module, z: torch.Tensor, y: torch.Tensor) -> float:
@@ -172,50 +194,99 @@ def _interleaved_medians(cases: dict[str, dict[str, Callable]], reps: int) -> di
 
 
 def narrow_gemms(batch: int, dim: int, classes: int, reps: int) -> list[dict]:
-    """Backward matmuls of the first MRL-E chunk (8 columns of a ``dim``-column matrix): direct vs
-    through :func:`mrl.nn.fused.mm_columns`'s 16-column window, medians in ms."""
+    """Backward matmuls of the first MRL-E chunk (8 columns of a ``dim``-column matrix) from a batch-major
+    and a class-major logit gradient: direct vs through :func:`mrl.nn.fused.mm_columns`'s 16-column
+    window, medians in ms."""
     torch.manual_seed(0)
-    acc, weight, z = torch.randn(batch, classes), torch.randn(classes, dim), torch.randn(batch, dim)
+    weight, z = torch.randn(classes, dim), torch.randn(batch, dim)
     grad_z, grad_w = torch.empty(batch, dim), torch.empty(classes, dim)
+    cases = {}
+    for layout, acc in (("batch", torch.randn(batch, classes)), ("class", torch.randn(classes, batch).t())):
+        cases[(layout, "grad_z")] = {
+            "direct": lambda acc=acc: torch.mm(acc, weight[:, :8], out=grad_z[:, :8]),
+            "windowed": lambda acc=acc: mm_columns(acc, weight, 0, 8, out=grad_z[:, :8]),
+        }
+        cases[(layout, "grad_w")] = {
+            "direct": lambda acc=acc: torch.mm(acc.t(), z[:, :8], out=grad_w[:, :8]),
+            "windowed": lambda acc=acc: mm_columns(acc.t(), z, 0, 8, out=grad_w[:, :8]),
+        }
+    medians = _interleaved_medians(cases, reps)
+    return [{"C": classes, "layout": lay, "product": name, **t} for (lay, name), t in medians.items()]
+
+
+def chunked_gemms(batch: int, dim: int, classes: int, nesting: list[int], reps: int) -> list[dict]:
+    """MRL-E's matmuls as the fused node issues them, one per chunk between consecutive sizes (forward
+    into the running prefix sum, backward through ``mm_columns``), with batch-major and with class-major
+    logits, against one full-width batch-major matmul of the same FLOPs (what the plain head issues),
+    medians in ms."""
+    torch.manual_seed(0)
+    weight, z = torch.randn(classes, dim), torch.randn(batch, dim)
+    grad_z, grad_w = torch.empty(batch, dim), torch.empty(classes, dim)
+    batch_major = torch.randn(batch, classes)
+    class_major = batch_major.t().contiguous().t()  # same (B, C) values, (C, B) in memory
+    bounds = chunk_bounds(nesting)
+
+    def forward_chunks(logits: torch.Tensor) -> None:
+        torch.mm(z[:, : nesting[0]], weight[:, : nesting[0]].t(), out=logits)
+        for s, e in bounds[1:]:
+            logits.addmm_(z[:, s:e], weight[:, s:e].t())
+
+    def grad_z_chunks(acc: torch.Tensor) -> None:
+        for s, e in bounds:
+            mm_columns(acc, weight, s, e, out=grad_z[:, s:e])
+
+    def grad_w_chunks(acc: torch.Tensor) -> None:
+        for s, e in bounds:
+            mm_columns(acc.t(), z, s, e, out=grad_w[:, s:e])
+
     cases = {
-        "grad_z": {"direct": lambda: torch.mm(acc, weight[:, :8], out=grad_z[:, :8]),
-                   "windowed": lambda: mm_columns(acc, weight, 0, 8, out=grad_z[:, :8])},
-        "grad_w": {"direct": lambda: torch.mm(acc.t(), z[:, :8], out=grad_w[:, :8]),
-                   "windowed": lambda: mm_columns(acc.t(), z, 0, 8, out=grad_w[:, :8])},
+        "forward": {"full": lambda: torch.mm(z, weight.t(), out=batch_major),
+                    "batch-major": lambda: forward_chunks(batch_major),
+                    "class-major": lambda: forward_chunks(class_major)},
+        "grad_z": {"full": lambda: torch.mm(batch_major, weight, out=grad_z),
+                   "batch-major": lambda: grad_z_chunks(batch_major),
+                   "class-major": lambda: grad_z_chunks(class_major)},
+        "grad_w": {"full": lambda: torch.mm(batch_major.t(), z, out=grad_w),
+                   "batch-major": lambda: grad_w_chunks(batch_major),
+                   "class-major": lambda: grad_w_chunks(class_major)},
     }  # fmt: skip
     medians = _interleaved_medians(cases, reps)
     return [{"C": classes, "product": name, **times} for name, times in medians.items()]
 
 
-def chunked_gemms(batch: int, dim: int, classes: int, nesting: list[int], reps: int) -> list[dict]:
-    """MRL-E's matmuls as the fused node issues them, one per chunk between consecutive sizes (forward
-    into the running prefix sum, backward through ``mm_columns``), against one full-width matmul of the
-    same FLOPs (what the plain head issues), medians in ms."""
+def softmax_layouts(batch: int, classes: int, reps: int) -> dict:
+    """One size's softmax over classes, medians in ms: ``torch.softmax`` on batch-major logits, the same on
+    class-major logits (a strided class dimension), and the fused node's own class-major softmax."""
     torch.manual_seed(0)
-    acc, weight, z = torch.randn(batch, classes), torch.randn(classes, dim), torch.randn(batch, dim)
-    logits, grad_z, grad_w = torch.empty(batch, classes), torch.empty(batch, dim), torch.empty(classes, dim)
-    bounds = chunk_bounds(nesting)
-
-    def forward_chunks() -> None:
-        torch.mm(z[:, : nesting[0]], weight[:, : nesting[0]].t(), out=logits)
-        for s, e in bounds[1:]:
-            logits.addmm_(z[:, s:e], weight[:, s:e].t())
-
-    def grad_z_chunks() -> None:
-        for s, e in bounds:
-            mm_columns(acc, weight, s, e, out=grad_z[:, s:e])
-
-    def grad_w_chunks() -> None:
-        for s, e in bounds:
-            mm_columns(acc.t(), z, s, e, out=grad_w[:, s:e])
-
-    cases = {
-        "forward": {"full": lambda: torch.mm(z, weight.t(), out=logits), "chunked": forward_chunks},
-        "grad_z": {"full": lambda: torch.mm(acc, weight, out=grad_z), "chunked": grad_z_chunks},
-        "grad_w": {"full": lambda: torch.mm(acc.t(), z, out=grad_w), "chunked": grad_w_chunks},
+    logits = torch.randn(batch, classes)
+    batch_out, class_out = torch.empty(batch, classes), torch.empty(classes, batch).t()
+    class_logits = logits.t().contiguous().t()
+    variants = {
+        "batch-major": lambda: torch.softmax(logits, 1, out=batch_out),
+        "class-major torch": lambda: torch.softmax(class_logits, 1, out=class_out),
+        "class-major fused": lambda: fused_ce._softmax_into(class_logits, class_out),
     }
-    medians = _interleaved_medians(cases, reps)
-    return [{"C": classes, "product": name, **times} for name, times in medians.items()]
+    return {"C": classes, **_interleaved_medians({"softmax": variants}, reps)["softmax"]}
+
+
+def layouts(batch: int, dim: int, classes: int, nesting: list[int], efficient: bool, reps: int) -> dict:
+    """The fused step with its logits forced batch-major and forced class-major, against the target's
+    baseline: one plain Linear + CE for MRL-E, the per-size code for MRL (medians in ms and ratios)."""
+    torch.manual_seed(0)
+    z = torch.randn(batch, dim, requires_grad=True)
+    y = torch.randint(classes, (batch,))
+    fused = Fused(dim, classes, nesting, efficient, fused=True)
+    baseline = Plain(dim, classes) if efficient else PerSizeMRL(dim, classes, nesting, efficient)
+    models = {"batch": InLayout(fused, False), "class": InLayout(fused, True), "baseline": baseline}
+    times = _step_times(models, z, y, reps)
+    med = {k: 1000 * statistics.median(v) for k, v in times.items()}
+    return {
+        "head": "MRL-E" if efficient else "MRL",
+        "C": classes,
+        "baseline": "plain" if efficient else "per-size",
+        **{f"{k}_ms": v for k, v in med.items()},
+        "default": "class" if classes >= fused_ce.CLASS_MAJOR_MIN_CLASSES else "batch",
+    }
 
 
 def fixed_costs(dim: int, nesting: list[int], reps: int) -> dict[str, float]:
@@ -270,13 +341,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--classes", type=int, nargs="+", default=[1000, 21841])
     parser.add_argument(
+        "--layout-classes",
+        type=int,
+        nargs="+",
+        default=[1000, 2000, 4000, 8000, 21841],
+        help="class counts of the batch-major vs class-major table (empty: skip it)",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="instead: fused and plain split by kind of work (profiler)"
     )
     args = parser.parse_args(argv)
     if args.quick:
-        batch, dim, classes, reps = 16, 64, [10, 33], 2
+        batch, dim, classes, layout_classes, reps = 16, 64, [10, 33], [10, 33], 2
     else:
-        batch, dim, classes, reps = 256, 2048, args.classes, args.reps
+        batch, dim, classes, layout_classes, reps = 256, 2048, args.classes, args.layout_classes, args.reps
     nesting = [2**i for i in range(3, dim.bit_length())]  # 8, 16, ..., dim
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads, B={batch} D={dim} nesting={nesting}")
@@ -301,22 +379,59 @@ def main(argv: list[str] | None = None) -> list[dict]:
             )
     if dim >= 16:
         print("\nnarrow backward matmuls (first MRL-E chunk, 8 columns), medians in ms")
-        print(f"{'C':>6} {'product':8} {'direct':>8} {'windowed':>9}")
+        print(f"{'C':>6} {'layout':6} {'product':8} {'direct':>8} {'windowed':>9}")
         for c in classes:
             for r in narrow_gemms(batch, dim, c, reps):
                 rows.append(r)
-                print(f"{c:>6} {r['product']:8} {r['direct']:8.2f} {r['windowed']:9.2f}", flush=True)
-    print("\nMRL-E's matmuls per chunk, as the fused node issues them, vs one full-width matmul (ms)")
-    print(f"{'C':>6} {'product':8} {'full':>8} {'chunked':>8} {'ratio':>6}")
+                print(f"{c:>6} {r['layout']:6} {r['product']:8} {r['direct']:8.2f} {r['windowed']:9.2f}")
+    print("\nMRL-E's matmuls per chunk, as the fused node issues them with batch-major and with class-major")
+    print("logits, vs one full-width batch-major matmul (the plain head's), medians in ms")
+    print(
+        f"{'C':>6} {'product':8} {'full':>8} {'batch-major':>12} {'class-major':>12} {'ratios to full':>15}"
+    )
     for c in classes:
         for r in chunked_gemms(batch, dim, c, nesting, reps):
             rows.append(r)
-            ratio = r["chunked"] / r["full"]
-            print(f"{c:>6} {r['product']:8} {r['full']:8.2f} {r['chunked']:8.2f} {ratio:6.3f}", flush=True)
+            print(
+                f"{c:>6} {r['product']:8} {r['full']:8.2f} {r['batch-major']:12.2f} {r['class-major']:12.2f}"
+                f" {r['batch-major'] / r['full']:7.3f} {r['class-major'] / r['full']:7.3f}",
+                flush=True,
+            )
+    rows += print_layouts(batch, dim, layout_classes, nesting, reps)
     fixed = fixed_costs(dim, nesting, 50 * reps)
     rows.append(fixed)
     print("\nfixed cost of a step (B=4, C=3, same D and nesting), medians in ms")
     print("  ".join(f"{name} {ms:.2f}" for name, ms in fixed.items()))
+    return rows
+
+
+def print_layouts(batch: int, dim: int, classes: list[int], nesting: list[int], reps: int) -> list[dict]:
+    """Print :func:`softmax_layouts`, then :func:`layouts` for MRL-E and MRL, at each class count."""
+    rows = []
+    variants = ["batch-major", "class-major torch", "class-major fused"]
+    print("\none size's softmax over classes by layout of the logits, medians in ms")
+    print(f"{'C':>6} " + " ".join(f"{v:>18}" for v in variants))
+    for c in classes:
+        r = softmax_layouts(batch, c, 10 * reps)
+        rows.append(r)
+        print(f"{c:>6} " + " ".join(f"{r[v]:18.2f}" for v in variants), flush=True)
+    default = fused_ce.CLASS_MAJOR_MIN_CLASSES
+    print(
+        f"\nfused step, batch-major vs class-major logits (class-major is the default from C={default} on),"
+    )
+    print("against MRL-E's target baseline (plain) and MRL's (per-size), medians in ms")
+    cols = ["batch", "class", "baseline", "batch/base", "class/base"]
+    print(f"{'head':6} {'C':>6} " + " ".join(f"{c:>10}" for c in cols))
+    for efficient in (True, False):
+        for c in classes:
+            r = layouts(batch, dim, c, nesting, efficient, reps)
+            rows.append(r)
+            base = r["baseline_ms"]
+            print(
+                f"{r['head']:6} {c:>6} {r['batch_ms']:10.1f} {r['class_ms']:10.1f} {base:10.1f} "
+                f"{r['batch_ms'] / base:10.3f} {r['class_ms'] / base:10.3f}",
+                flush=True,
+            )
     return rows
 
 

@@ -21,12 +21,21 @@ CE_OPTIONS = [
 ]
 
 
-@pytest.fixture(params=["off the target", "row maxima"])
-def normaliser(request, monkeypatch):
-    """Both ways to the log-normaliser: read off the target probability (the CPU's) and from the row's
-    largest logit and probability (other devices'); both run here, on the CPU."""
-    off_the_target = request.param == "off the target"
+# (log-normaliser read off the target, logits class-major): the CPU's two paths (few and many classes)
+# and other devices' (the log-normaliser from row maxima, batch-major logits); all three run here.
+DEVICE_PATHS = {
+    "cpu, few classes": (True, False),
+    "cpu, many classes": (True, True),
+    "other devices": (False, False),
+}
+
+
+@pytest.fixture(params=list(DEVICE_PATHS))
+def device_path(request, monkeypatch):
+    """Every path the fused node takes on some device, forced on the CPU whatever the class count."""
+    off_the_target, class_major = DEVICE_PATHS[request.param]
     monkeypatch.setattr(fused_ce, "_reads_normaliser_off_the_target", lambda device: off_the_target)
+    monkeypatch.setattr(fused_ce, "_class_major", lambda device, classes: class_major)
     return request.param
 
 
@@ -44,7 +53,7 @@ def reference(head: MatryoshkaLinear, z, target, size_weights, **ce):
 @pytest.mark.parametrize("efficient", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("options", CE_OPTIONS)
-def test_losses_gradients_and_predictions_equal_reference(nesting, efficient, bias, options, normaliser):
+def test_losses_gradients_and_predictions_equal_reference(nesting, efficient, bias, options, device_path):
     torch.manual_seed(len(nesting) + 7 * efficient + 3 * bias)
     in_features = nesting[-1] + 3
     head = MatryoshkaLinear(in_features, 7, nesting, efficient=efficient, bias=bias).double()
@@ -69,7 +78,7 @@ def test_losses_gradients_and_predictions_equal_reference(nesting, efficient, bi
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("efficient", [False, True])
-def test_random_shapes_and_nestings(seed, efficient, normaliser):
+def test_random_shapes_and_nestings(seed, efficient, device_path):
     """Random batch, class count, embedding size and nesting list (mostly not powers of two)."""
     rng = torch.Generator().manual_seed(seed)
     in_features = int(torch.randint(17, 80, (1,), generator=rng))
@@ -94,7 +103,7 @@ def test_random_shapes_and_nestings(seed, efficient, normaliser):
 @pytest.mark.parametrize("efficient", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "ignore_index": 2}])
-def test_confidently_wrong_rows_keep_a_finite_exact_loss(efficient, bias, options, normaliser):
+def test_confidently_wrong_rows_keep_a_finite_exact_loss(efficient, bias, options, device_path):
     """float32 logits 1e4 apart: the target's probability underflows to 0, the loss must not be inf."""
     torch.manual_seed(5)
     head = MatryoshkaLinear(16, 5, [4, 16], efficient=efficient, bias=bias)
@@ -110,7 +119,7 @@ def test_confidently_wrong_rows_keep_a_finite_exact_loss(efficient, bias, option
 
 
 @pytest.mark.parametrize("efficient", [False, True])
-def test_confidently_wrong_rows_under_bf16_autocast(efficient, normaliser):
+def test_confidently_wrong_rows_under_bf16_autocast(efficient, device_path):
     """bf16 matmuls, float32 softmax: underflowed rows keep a finite loss close to the float32 one."""
     torch.manual_seed(6)
     head = MatryoshkaLinear(16, 5, [4, 16], efficient=efficient)
@@ -123,7 +132,7 @@ def test_confidently_wrong_rows_under_bf16_autocast(efficient, normaliser):
     torch.testing.assert_close(per_size, ref, rtol=0.02, atol=0.0)
 
 
-def test_two_graphs_alive_at_once_do_not_share_a_buffer():
+def test_two_graphs_alive_at_once_do_not_share_a_buffer(device_path):
     """The reused CPU buffer is taken per forward and given back after backward."""
     torch.manual_seed(0)
     head = MatryoshkaLinear(20, 6, [4, 20], efficient=True).double()
@@ -174,7 +183,7 @@ def test_unfused_head_or_loss_falls_back_to_head_then_loss():
 
 
 @pytest.mark.parametrize("efficient", [False, True])
-def test_under_bf16_autocast(efficient):
+def test_under_bf16_autocast(efficient, device_path):
     """GPU training's precision: bf16 matmuls, float32 softmax; close to the float32 reference."""
     torch.manual_seed(3)
     head = MatryoshkaLinear(24, 5, [3, 8, 24], efficient=efficient)
@@ -206,3 +215,44 @@ def test_mm_columns_equals_a_plain_product(start, stop, accumulate):
     want = a @ m[:, start:stop] + (out if accumulate else 0)
     mm_columns(a, m, start, stop, out, accumulate=accumulate)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+
+
+def test_many_classes_take_the_class_major_path_on_the_cpu():
+    """The default rule, unpatched: from CLASS_MAJOR_MIN_CLASSES classes on, the CPU's buffer is (C, B)
+    in memory, and the losses and gradients still equal the reference."""
+    assert fused_ce._class_major(torch.device("cpu"), fused_ce.CLASS_MAJOR_MIN_CLASSES)
+    assert not fused_ce._class_major(torch.device("cpu"), fused_ce.CLASS_MAJOR_MIN_CLASSES - 1)
+    assert not fused_ce._class_major(torch.device("cuda"), 10 * fused_ce.CLASS_MAJOR_MIN_CLASSES)
+    torch.manual_seed(2)
+    classes = fused_ce.CLASS_MAJOR_MIN_CLASSES
+    for efficient in (False, True):
+        head = MatryoshkaLinear(12, classes, [3, 12], efficient=efficient).double()
+        z = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+        target = torch.randint(0, classes, (5,))
+        fused_ce._IDLE_BUFFERS.clear()
+        per_size, _ = MatryoshkaLoss().per_size_from_embedding(head, z, target)
+        grads = torch.autograd.grad(per_size.sum(), [z, head.weight])
+        (buffer,) = fused_ce._IDLE_BUFFERS.values()  # handed back after backward
+        assert buffer.shape == (2, 5, classes) and buffer.stride()[1:] == (1, 5)
+        ref, _, _ = reference(head, z, target, None)
+        ref_grads = torch.autograd.grad(ref.sum(), [z, head.weight])
+        torch.testing.assert_close(per_size, ref, rtol=1e-12, atol=1e-12)
+        for got, want in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "dtype,in_place", [(torch.float64, False), (torch.float64, True), (torch.bfloat16, False)]
+)
+def test_softmax_into_a_class_major_buffer_equals_torch_softmax(dtype, in_place):
+    """The class-major softmax; bf16 logits (autocast) get a float32 softmax, as torch's dtype= gives."""
+    logits = (torch.randn(6, 40, dtype=torch.float64) * 30).to(dtype)  # large: needs the max shift
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    out = torch.empty(40, 6, dtype=out_dtype).t()
+    if in_place:
+        out.copy_(logits)
+        logits = out
+    want = torch.softmax(logits, 1, dtype=out_dtype)
+    fused_ce._softmax_into(logits, out)
+    assert out.stride() == (1, 6)
+    torch.testing.assert_close(out, want, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=1e-12)

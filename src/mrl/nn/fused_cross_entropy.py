@@ -6,7 +6,8 @@ buffer is written and read again by a separate kernel. Here one buffer serves al
 logits are turned into probabilities in place right after their matmul, while still in cache (the
 loss is read off the target's logit and probability, see :func:`_log_normalisers`), and backward
 forms each size's logit gradient ``s_g * (Q * P_g - q)`` inside that same buffer (for MRL-E, adds it
-into one ``(B, C)`` running suffix sum) and feeds it straight to the matmuls.
+into one ``(B, C)`` running suffix sum) and feeds it straight to the matmuls. With many classes the CPU
+lays the buffer out class-major, which its matmuls prefer, see :func:`_class_major`.
 The cross-entropy follows :func:`torch.nn.functional.cross_entropy` exactly, including
 ``weight``, ``ignore_index``, ``label_smoothing`` and ``reduction`` (tests compare in float64).
 
@@ -28,8 +29,8 @@ from mrl.nn.fused import blas_inputs, chunk_bounds, tied_backward_matmuls, untie
 
 _FULL_PRECISION = (torch.float32, torch.float64)
 
-# One idle logits buffer per (shape, dtype) on the CPU, reused by the next step. Why: a fresh (G, B, C)
-# buffer is above glibc's mmap threshold at large class counts (200 MB at B=256, C=21841, G=9), so
+# One idle logits buffer per (shape, dtype, layout) on the CPU, reused by the next step. Why: a fresh
+# (G, B, C) buffer is above glibc's mmap threshold at large class counts (200 MB at B=256, C=21841, G=9), so
 # every step would map it anew and page-fault through all of it, which costs more than the softmax
 # itself; the per-size formulation's (B, C) buffers stay below the threshold and are recycled by malloc.
 # A buffer is taken out of the pool in forward and handed back after backward (or at the end of a
@@ -38,16 +39,39 @@ _FULL_PRECISION = (torch.float32, torch.float64)
 _IDLE_BUFFERS: dict[tuple, torch.Tensor] = {}
 
 
-def _take_buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    if like.device.type != "cpu":
+def _take_buffer(shape: tuple[int, ...], like: torch.Tensor, class_major: bool) -> torch.Tensor:
+    """An uninitialised ``(..., B, C)`` buffer like ``like``; with ``class_major`` a transposed view of
+    ``(..., C, B)`` memory (see :func:`_class_major`). Pooled on the CPU, see ``_IDLE_BUFFERS``."""
+    if like.device.type == "cpu":
+        buffer = _IDLE_BUFFERS.pop((shape, like.dtype, class_major), None)
+        if buffer is not None:
+            return buffer
+    if not class_major:
         return like.new_empty(shape)
-    buffer = _IDLE_BUFFERS.pop((shape, like.dtype), None)
-    return like.new_empty(shape) if buffer is None else buffer
+    return like.new_empty((*shape[:-2], shape[-1], shape[-2])).transpose(-1, -2)
 
 
 def _give_back(buffer: torch.Tensor) -> None:
     if buffer.device.type == "cpu":
-        _IDLE_BUFFERS[(tuple(buffer.shape), buffer.dtype)] = buffer
+        _IDLE_BUFFERS[(tuple(buffer.shape), buffer.dtype, buffer.stride(-1) != 1)] = buffer
+
+
+def _softmax_into(logits: torch.Tensor, out: torch.Tensor) -> None:
+    """The softmax of ``logits`` ``(B, C)`` over classes, written into ``out`` (which may be ``logits``).
+
+    A class-major ``out`` gets a softmax of its own: on the CPU ``torch.softmax`` over a dimension whose
+    stride is not 1 is several times slower than over a contiguous one, and these four passes, which
+    reduce and broadcast along the contiguous batch dimension, are faster than it (benchmarks/head_loss.py
+    times all three).
+    """
+    if out.stride(-1) == 1:
+        torch.softmax(logits, 1, dtype=out.dtype, out=out)
+        return
+    if logits.dtype != out.dtype:  # low-precision logits: the softmax runs in out's dtype (float32)
+        out.copy_(logits)
+        logits = out
+    torch.sub(logits, logits.amax(1, keepdim=True), out=out).exp_()
+    out.mul_(out.sum(1, keepdim=True).reciprocal_())
 
 
 class _Targets:
@@ -124,6 +148,25 @@ def _reads_normaliser_off_the_target(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+# From this many classes on, the CPU keeps each size's logits class-major, see :func:`_class_major`.
+CLASS_MAJOR_MIN_CLASSES = 2048
+
+
+def _class_major(device: torch.device, classes: int) -> bool:
+    """Whether each size's ``(B, C)`` logits (and later gradients) lie class-major in memory.
+
+    On the CPU, MKL is faster on every matmul of the step with the logits stored ``(C, B)``: the weight
+    gradient ``G^T z`` then reads ``G`` with its batch dimension contiguous, where a ``(B, C)`` ``G`` has
+    to be repacked for every chunk (about 5 ms per product at B=256, C=21841), and the forward product
+    written ``(C, B)`` is faster too. The softmax over the strided class dimension costs more passes,
+    which outweighs that at small class counts. benchmarks/head_loss.py's "layout" table measures both:
+    at B=256 they tie at C=2000 and class-major wins from C=4000 on (MRL-E 1.07x a plain head instead of
+    1.17x at C=21841; MRL 0.86x the per-size code instead of 0.99x). GPUs keep ``(B, C)``: cuBLAS needs
+    no repacking and their softmax wants the class dimension contiguous.
+    """
+    return device.type == "cpu" and classes >= CLASS_MAJOR_MIN_CLASSES
+
+
 def _log_normalisers(
     probs: torch.Tensor,
     target_logits: torch.Tensor,
@@ -182,8 +225,9 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
         # Low-precision logits (autocast) get a float32 softmax, as autocast gives cross_entropy; the
         # matmuls write into a (B, C) buffer of their own dtype then.
         dtype = z.dtype if z.dtype in _FULL_PRECISION else torch.float32
-        work = _take_buffer((sizes, batch, classes), z.new_empty(0, dtype=dtype))
-        scratch = None if dtype == z.dtype else _take_buffer((batch, classes), z)
+        class_major = _class_major(z.device, classes)
+        work = _take_buffer((sizes, batch, classes), z.new_empty(0, dtype=dtype), class_major)
+        scratch = None if dtype == z.dtype else _take_buffer((batch, classes), z, class_major)
         predictions = z.new_empty((sizes, batch), dtype=torch.long) if predict else None
         # Per size and row: the target logit (and the logit sum for label smoothing; and, where the
         # log-normaliser is not read off the target, the largest logit and largest probability); the
@@ -230,7 +274,7 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
             torch.gather(logits, 1, targets.index, out=target_rows[g])
             if sum_rows is not None:
                 targets.logit_sums(logits, out=sum_rows[g])
-            torch.softmax(logits, 1, dtype=dtype, out=slots[g])
+            _softmax_into(logits, slots[g])
             if top_rows is not None:
                 torch.amax(slots[g], 1, out=top_rows[g])
         if off_the_target:
