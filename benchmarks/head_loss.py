@@ -256,15 +256,17 @@ def chunked_gemms(batch: int, dim: int, classes: int, nesting: list[int], reps: 
 
 def softmax_layouts(batch: int, classes: int, reps: int) -> dict:
     """One size's softmax over classes, medians in ms: ``torch.softmax`` on batch-major logits, the same on
-    class-major logits (a strided class dimension), and the fused node's own class-major softmax."""
+    class-major logits (a strided class dimension), and the fused node's class-major softmax
+    (``_shifted_exp_into``: exponentials, row maxima and sums, left unnormalised)."""
     torch.manual_seed(0)
     logits = torch.randn(batch, classes)
     batch_out, class_out = torch.empty(batch, classes), torch.empty(classes, batch).t()
     class_logits = logits.t().contiguous().t()
+    row_max, row_sum = torch.empty(batch), torch.empty(batch)
     variants = {
         "batch-major": lambda: torch.softmax(logits, 1, out=batch_out),
         "class-major torch": lambda: torch.softmax(class_logits, 1, out=class_out),
-        "class-major fused": lambda: fused_ce._softmax_into(class_logits, class_out),
+        "class-major fused": lambda: fused_ce._shifted_exp_into(class_logits, class_out, row_max, row_sum),
     }
     return {"C": classes, **_interleaved_medians({"softmax": variants}, reps)["softmax"]}
 

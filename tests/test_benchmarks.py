@@ -24,7 +24,9 @@ def run_quick(script: str, *args: str) -> str:
 
 def test_head_loss_quick():
     out = run_quick("head_loss.py")
-    assert "fused/per-size" in out and "windowed" in out and "class-major fused" in out and "fixed cost" in out
+    assert (
+        "fused/per-size" in out and "windowed" in out and "class-major fused" in out and "fixed cost" in out
+    )
     assert "batch/base" in out
 
 

@@ -244,15 +244,20 @@ def test_many_classes_take_the_class_major_path_on_the_cpu():
 @pytest.mark.parametrize(
     "dtype,in_place", [(torch.float64, False), (torch.float64, True), (torch.bfloat16, False)]
 )
-def test_softmax_into_a_class_major_buffer_equals_torch_softmax(dtype, in_place):
-    """The class-major softmax; bf16 logits (autocast) get a float32 softmax, as torch's dtype= gives."""
+def test_shifted_exponentials_of_a_class_major_buffer_give_torch_softmax(dtype, in_place):
+    """The class-major softmax, left unnormalised: out / row_sum is the softmax and row_max + log(row_sum)
+    the logsumexp; bf16 logits (autocast) get a float32 softmax, as torch's dtype= gives."""
     logits = (torch.randn(6, 40, dtype=torch.float64) * 30).to(dtype)  # large: needs the max shift
     out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     out = torch.empty(40, 6, dtype=out_dtype).t()
     if in_place:
         out.copy_(logits)
         logits = out
-    want = torch.softmax(logits, 1, dtype=out_dtype)
-    fused_ce._softmax_into(logits, out)
+    want_probs = torch.softmax(logits, 1, dtype=out_dtype)
+    want_lse = torch.logsumexp(logits.to(out_dtype), 1)
+    row_max, row_sum = torch.empty(6, dtype=out_dtype), torch.empty(6, dtype=out_dtype)
+    fused_ce._shifted_exp_into(logits, out, row_max, row_sum)
     assert out.stride() == (1, 6)
-    torch.testing.assert_close(out, want, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=1e-12)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-6, "atol": 1e-6}
+    torch.testing.assert_close(out / row_sum.unsqueeze(1), want_probs, **tol)
+    torch.testing.assert_close(row_max + row_sum.log(), want_lse, **tol)

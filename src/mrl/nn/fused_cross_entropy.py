@@ -56,22 +56,24 @@ def _give_back(buffer: torch.Tensor) -> None:
         _IDLE_BUFFERS[(tuple(buffer.shape), buffer.dtype, buffer.stride(-1) != 1)] = buffer
 
 
-def _softmax_into(logits: torch.Tensor, out: torch.Tensor) -> None:
-    """The softmax of ``logits`` ``(B, C)`` over classes, written into ``out`` (which may be ``logits``).
+def _shifted_exp_into(
+    logits: torch.Tensor, out: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor
+) -> None:
+    """``out = exp(logits - row_max)`` for class-major ``out``, with each row's largest logit and the sum
+    of its exponentials written to ``row_max`` and ``row_sum`` ``(B,)``: a softmax left unnormalised.
 
-    A class-major ``out`` gets a softmax of its own: on the CPU ``torch.softmax`` over a dimension whose
-    stride is not 1 is several times slower than over a contiguous one, and these four passes, which
-    reduce and broadcast along the contiguous batch dimension, are faster than it (benchmarks/head_loss.py
-    times all three).
+    Why not ``torch.softmax``: on the CPU it is several times slower over a dimension whose stride is not
+    1 than over a contiguous one, while these passes reduce and broadcast along the contiguous batch
+    dimension (benchmarks/head_loss.py times both). The division by ``row_sum`` is left to the few places
+    that need it (the loss reads ``lse = row_max + log(row_sum)``; backward folds ``1 / row_sum`` into its
+    per-row scale), which saves a pass over the buffer. ``out`` may be ``logits``.
     """
-    if out.stride(-1) == 1:
-        torch.softmax(logits, 1, dtype=out.dtype, out=out)
-        return
     if logits.dtype != out.dtype:  # low-precision logits: the softmax runs in out's dtype (float32)
         out.copy_(logits)
         logits = out
-    torch.sub(logits, logits.amax(1, keepdim=True), out=out).exp_()
-    out.mul_(out.sum(1, keepdim=True).reciprocal_())
+    torch.amax(logits, 1, out=row_max)
+    torch.sub(logits, row_max.unsqueeze(1), out=out).exp_()
+    torch.sum(out, 1, out=row_sum)
 
 
 class _Targets:
@@ -125,16 +127,23 @@ class _Targets:
         total = rows.sum(1)
         return total if self.denominator is None else total / self.denominator
 
-    def to_logit_gradients(self, probs: torch.Tensor) -> None:
-        """Turn probabilities ``P`` ``(G, B, C)`` into the loss gradients ``Q * P - q`` in place."""
+    def to_logit_gradients(self, probs: torch.Tensor, row_sums: torch.Tensor | None = None) -> None:
+        """Turn probabilities ``P`` ``(G, B, C)`` into the loss gradients ``Q * P - q`` in place; given
+        ``row_sums`` ``(G, B)``, ``probs`` holds ``row_sums * P`` and becomes ``row_sums * (Q * P - q)``."""
         if not self.unit_mass:
             probs.mul_(self.mass.view(1, -1, 1))
         sizes = probs.shape[0]
         target_mass = (-(1 - self.eps) * self.row_weight).view(1, -1, 1).expand(sizes, -1, -1)
+        if row_sums is not None:
+            target_mass = target_mass * row_sums.unsqueeze(2)
         probs.scatter_add_(2, self.index.expand(sizes, -1, -1), target_mass)
         if self.eps > 0:
             weight = torch.ones_like(probs[0, 0]) if self.class_weight is None else self.class_weight
-            probs.sub_(torch.outer((self.eps / self.num_classes) * self.kept, weight))
+            smoothing = (self.eps / self.num_classes) * self.kept
+            if row_sums is None:
+                probs.sub_(torch.outer(smoothing, weight))
+            else:
+                probs.addcmul_((smoothing * row_sums).unsqueeze(2), weight, value=-1)
 
 
 def _reads_normaliser_off_the_target(device: torch.device) -> bool:
@@ -229,20 +238,27 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
         work = _take_buffer((sizes, batch, classes), z.new_empty(0, dtype=dtype), class_major)
         scratch = None if dtype == z.dtype else _take_buffer((batch, classes), z, class_major)
         predictions = z.new_empty((sizes, batch), dtype=torch.long) if predict else None
-        # Per size and row: the target logit (and the logit sum for label smoothing; and, where the
-        # log-normaliser is not read off the target, the largest logit and largest probability); the
-        # losses follow from these after the loop, for all sizes at once.
-        off_the_target = _reads_normaliser_off_the_target(z.device)
+        # Per size and row: the target logit (and the logit sum for label smoothing) and what the row's
+        # log-normaliser comes from, one of three ways: class-major, the largest logit and the sum of the
+        # shifted exponentials (see _shifted_exp_into); else, on the CPU, the target's probability (see
+        # _log_normalisers); else the largest logit and largest probability. The losses follow from
+        # these after the loop, for all sizes at once.
+        off_the_target = not class_major and _reads_normaliser_off_the_target(z.device)
+        row_maxima = not class_major and not off_the_target
         target_logits = z.new_empty((sizes, batch))
-        maxes = None if off_the_target else z.new_empty((sizes, batch))
-        top_probs = None if off_the_target else work.new_empty((sizes, batch))
+        maxes = work.new_empty((sizes, batch)) if class_major else None
+        exp_sums = work.new_empty((sizes, batch)) if class_major else None
+        if row_maxima:
+            maxes, top_probs = z.new_empty((sizes, batch)), work.new_empty((sizes, batch))
         logit_sums = work.new_empty((sizes, batch)) if targets.eps > 0 else None
         # Each size's logits become probabilities while they are still in cache. MRL-E keeps its running
         # prefix sum in the last size's slot (the largest size's logits are that sum); untied MRL writes
         # each size's logits into its own slot. The softmax is written in place where dtypes allow.
         # Views are made once up front: on small heads the per-call Python cost is what dominates.
         slots, target_rows = work.unbind(0), target_logits.unsqueeze(2).unbind(0)
-        max_rows, top_rows = (None, None) if off_the_target else (maxes.unbind(0), top_probs.unbind(0))
+        max_rows = None if maxes is None else maxes.unbind(0)
+        exp_rows = None if exp_sums is None else exp_sums.unbind(0)
+        top_rows = top_probs.unbind(0) if row_maxima else None
         pred_rows = predictions.unbind(0) if predict else None
         sum_rows = logit_sums.unbind(0) if logit_sums is not None else None
         if efficient:
@@ -269,15 +285,21 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
                     torch.addmm(bias[g], inputs[g], blocks[g], out=logits)
             if pred_rows is not None:
                 torch.argmax(logits, 1, out=pred_rows[g])
-            if max_rows is not None:
+            if row_maxima:
                 torch.amax(logits, 1, out=max_rows[g])
             torch.gather(logits, 1, targets.index, out=target_rows[g])
             if sum_rows is not None:
                 targets.logit_sums(logits, out=sum_rows[g])
-            _softmax_into(logits, slots[g])
-            if top_rows is not None:
+            if class_major:
+                _shifted_exp_into(logits, slots[g], max_rows[g], exp_rows[g])
+            else:
+                torch.softmax(logits, 1, dtype=dtype, out=slots[g])
+            if row_maxima:
                 torch.amax(slots[g], 1, out=top_rows[g])
-        if off_the_target:
+        if class_major:
+            # The largest shifted exponential is exp(0) = 1, so each sum is at least 1: exact to rounding.
+            lse = maxes + exp_sums.log()
+        elif off_the_target:
             logit_at = _logit_at(z, weight, bias, nesting, efficient, dtype)
             lse = _log_normalisers(work, target_logits, targets, logit_at)
         else:
@@ -289,8 +311,10 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
         if not needs_grad:
             _give_back(work)
             return (losses, predictions) if predict else losses
-        targets.to_logit_gradients(work)  # scaled by each size's upstream gradient in backward
+        # Scaled by each size's upstream gradient (and, class-major, each row's 1 / exp_sum) in backward.
+        targets.to_logit_gradients(work, exp_sums)
         ctx.save_for_backward(z, weight)
+        ctx.exp_sums = exp_sums
         ctx.probs, ctx.targets, ctx.nesting, ctx.efficient = work, targets, nesting, efficient
         ctx.has_bias = bias is not None
         if predictions is None:
@@ -312,6 +336,9 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
         scale = grad_losses if grad_losses.dtype == probs.dtype else grad_losses.to(probs.dtype)
         if targets.denominator is not None:
             scale = scale / targets.denominator
+        scale = scale.view(-1, 1, 1)
+        if ctx.exp_sums is not None:  # the buffer holds exp_sum * (Q * P - q), see _shifted_exp_into
+            scale = scale / ctx.exp_sums.unsqueeze(2)
         need_z, need_w, need_b = ctx.needs_input_grad[:3]
         grad_z = torch.zeros_like(z) if need_z else None
         grad_w = torch.empty_like(weight) if need_w else None
@@ -324,7 +351,7 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
             if ctx.has_bias and need_b:
                 grad_b = acc.sum(0)
         else:
-            probs.mul_(scale.view(-1, 1, 1))
+            probs.mul_(scale)
             slots = probs.unbind(0) if probs.dtype == z.dtype else probs.to(z.dtype).unbind(0)
             untied_backward_matmuls(slots, z, weight, nesting, grad_z, grad_w)
             if ctx.has_bias and need_b:
