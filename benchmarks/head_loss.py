@@ -105,19 +105,22 @@ class Plain(nn.Module):
 
 class InLayout(nn.Module):
     """``model`` with the fused node's logits forced class-major or batch-major whatever the class count
-    (``mrl.nn.fused_cross_entropy.CLASS_MAJOR_MIN_CLASSES`` set around its forward; backward follows the
-    buffer forward made)."""
+    (``mrl.nn.fused_cross_entropy.CLASS_MAJOR_MIN_CLASSES_PER_ROW`` set around its forward; backward
+    follows the buffer forward made)."""
 
     def __init__(self, model: nn.Module, class_major: bool) -> None:
         super().__init__()
-        self.model, self.min_classes = model, 0 if class_major else sys.maxsize
+        self.model, self.per_row = model, 0 if class_major else sys.maxsize
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        default, fused_ce.CLASS_MAJOR_MIN_CLASSES = fused_ce.CLASS_MAJOR_MIN_CLASSES, self.min_classes
+        default, fused_ce.CLASS_MAJOR_MIN_CLASSES_PER_ROW = (
+            fused_ce.CLASS_MAJOR_MIN_CLASSES_PER_ROW,
+            self.per_row,
+        )
         try:
             return self.model(z, y)
         finally:
-            fused_ce.CLASS_MAJOR_MIN_CLASSES = default
+            fused_ce.CLASS_MAJOR_MIN_CLASSES_PER_ROW = default
 
 
 def step_time(model: nn.Module, z: torch.Tensor, y: torch.Tensor) -> float:
@@ -287,7 +290,7 @@ def layouts(batch: int, dim: int, classes: int, nesting: list[int], efficient: b
         "C": classes,
         "baseline": "plain" if efficient else "per-size",
         **{f"{k}_ms": v for k, v in med.items()},
-        "default": "class" if classes >= fused_ce.CLASS_MAJOR_MIN_CLASSES else "batch",
+        "default": "class" if classes >= fused_ce.CLASS_MAJOR_MIN_CLASSES_PER_ROW * batch else "batch",
     }
 
 
@@ -309,7 +312,9 @@ def fixed_costs(dim: int, nesting: list[int], reps: int) -> dict[str, float]:
 # aten ops by what they do, for --profile (self CPU time; everything else is dispatch and Python).
 OP_KINDS = {
     "matmuls": ("aten::mm", "aten::addmm", "aten::addmm_"),
-    "softmax": ("aten::_softmax", "aten::_log_softmax", "aten::_log_softmax_backward_data", "aten::amax"),
+    # the class-major path's softmax is amax, sub and exp_ (its row sums are counted as elementwise)
+    "softmax": ("aten::_softmax", "aten::_log_softmax", "aten::_log_softmax_backward_data", "aten::amax",
+                "aten::sub", "aten::exp_"),
     "elementwise": ("aten::addcmul_", "aten::mul_", "aten::mul", "aten::scatter_add_", "aten::copy_",
                     "aten::add_", "aten::sum", "aten::fill_", "aten::gather", "aten::nll_loss_forward",
                     "aten::nll_loss_backward", "aten::zero_"),
@@ -341,6 +346,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 repetitions (smoke test)")
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=256, help="B of every full-size table")
     parser.add_argument("--classes", type=int, nargs="+", default=[1000, 21841])
     parser.add_argument(
         "--layout-classes",
@@ -356,7 +362,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.quick:
         batch, dim, classes, layout_classes, reps = 16, 64, [10, 33], [10, 33], 2
     else:
-        batch, dim, classes, layout_classes, reps = 256, 2048, args.classes, args.layout_classes, args.reps
+        batch, dim, classes, layout_classes, reps = (
+            args.batch,
+            2048,
+            args.classes,
+            args.layout_classes,
+            args.reps,
+        )
     nesting = [2**i for i in range(3, dim.bit_length())]  # 8, 16, ..., dim
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads, B={batch} D={dim} nesting={nesting}")
@@ -417,9 +429,9 @@ def print_layouts(batch: int, dim: int, classes: list[int], nesting: list[int], 
         r = softmax_layouts(batch, c, 10 * reps)
         rows.append(r)
         print(f"{c:>6} " + " ".join(f"{r[v]:18.2f}" for v in variants), flush=True)
-    default = fused_ce.CLASS_MAJOR_MIN_CLASSES
+    default = fused_ce.CLASS_MAJOR_MIN_CLASSES_PER_ROW * batch
     print(
-        f"\nfused step, batch-major vs class-major logits (class-major is the default from C={default} on),"
+        f"\nfused step, batch-major vs class-major logits (the default is class-major from C={default} on),"
     )
     print("against MRL-E's target baseline (plain) and MRL's (per-size), medians in ms")
     cols = ["batch", "class", "baseline", "batch/base", "class/base"]

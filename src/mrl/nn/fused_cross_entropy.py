@@ -157,23 +157,25 @@ def _reads_normaliser_off_the_target(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-# From this many classes on, the CPU keeps each size's logits class-major, see :func:`_class_major`.
-CLASS_MAJOR_MIN_CLASSES = 2048
+# From this many classes per row of the batch on, the CPU keeps each size's logits class-major, see
+# :func:`_class_major`.
+CLASS_MAJOR_MIN_CLASSES_PER_ROW = 16
 
 
-def _class_major(device: torch.device, classes: int) -> bool:
+def _class_major(device: torch.device, classes: int, batch: int) -> bool:
     """Whether each size's ``(B, C)`` logits (and later gradients) lie class-major in memory.
 
-    On the CPU, MKL is faster on every matmul of the step with the logits stored ``(C, B)``: the weight
-    gradient ``G^T z`` then reads ``G`` with its batch dimension contiguous, where a ``(B, C)`` ``G`` has
-    to be repacked for every chunk (about 5 ms per product at B=256, C=21841), and the forward product
-    written ``(C, B)`` is faster too. The softmax over the strided class dimension costs more passes,
-    which outweighs that at small class counts. benchmarks/head_loss.py's "layout" table measures both:
-    at B=256 they tie at C=2000 and class-major wins from C=4000 on (MRL-E 1.07x a plain head instead of
-    1.17x at C=21841; MRL 0.86x the per-size code instead of 0.99x). GPUs keep ``(B, C)``: cuBLAS needs
-    no repacking and their softmax wants the class dimension contiguous.
+    On the CPU, with many classes, MKL runs the step's matmuls faster with the logits stored ``(C, B)``:
+    the weight gradient ``G^T z`` then reads ``G`` with its batch dimension contiguous, where a
+    batch-major ``G`` is repacked for every chunk, and the forward product is written faster that way.
+    The softmax over the strided class dimension costs more (see :func:`_shifted_exp_into`), and with
+    few classes per row of the batch the matmuls gain nothing or lose. benchmarks/head_loss.py's layout
+    table measures both (``--batch`` for other batch sizes). The switch point grows with the batch: at
+    B=256 class-major is ahead from C=2000 on, at B=1024 only between C=12000 and C=21841, so it is
+    taken from 16 classes per row on. GPUs keep ``(B, C)``: cuBLAS needs no repacking and their softmax
+    wants the class dimension contiguous.
     """
-    return device.type == "cpu" and classes >= CLASS_MAJOR_MIN_CLASSES
+    return device.type == "cpu" and classes >= CLASS_MAJOR_MIN_CLASSES_PER_ROW * batch
 
 
 def _log_normalisers(
@@ -234,7 +236,7 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
         # Low-precision logits (autocast) get a float32 softmax, as autocast gives cross_entropy; the
         # matmuls write into a (B, C) buffer of their own dtype then.
         dtype = z.dtype if z.dtype in _FULL_PRECISION else torch.float32
-        class_major = _class_major(z.device, classes)
+        class_major = _class_major(z.device, classes, batch)
         work = _take_buffer((sizes, batch, classes), z.new_empty(0, dtype=dtype), class_major)
         scratch = None if dtype == z.dtype else _take_buffer((batch, classes), z, class_major)
         predictions = z.new_empty((sizes, batch), dtype=torch.long) if predict else None
