@@ -172,8 +172,8 @@ def _class_major(device: torch.device, classes: int, batch: int) -> bool:
     few classes per row of the batch the matmuls gain nothing or lose. benchmarks/head_loss.py's layout
     table measures both (``--batch`` for other batch sizes). The switch point grows with the batch: at
     B=256 class-major is ahead from C=2000 on, at B=1024 the switch lies between C=12000 and C=21841,
-    so it is taken from 16 classes per row on. GPUs keep ``(B, C)``: cuBLAS needs no repacking and their softmax
-    wants the class dimension contiguous.
+    so it is taken from 16 classes per row on. GPUs keep ``(B, C)``: cuBLAS needs no repacking and
+    their softmax wants the class dimension contiguous.
     """
     return device.type == "cpu" and classes >= CLASS_MAJOR_MIN_CLASSES_PER_ROW * batch
 
