@@ -3,8 +3,8 @@
 Head then loss as two nodes keeps three ``(G, B, C)`` buffers alive per step: the logits, their
 log-softmax and the gradient of the log-softmax (each 200 MB for B=256, C=21841, G=9), and each
 buffer is written and read again by a separate kernel. Here one buffer serves all three: each size's
-logits are turned into probabilities in place right after their matmul, while still in cache (the
-loss is read off the target's logit and probability, see :func:`_log_normalisers`), and backward
+logits are turned into probabilities in place right after their matmul, while still in cache (a
+row's loss needs only its log-normaliser and target logit, see the three ways in ``forward``), and backward
 forms each size's logit gradient ``s_g * (Q * P_g - q)`` inside that same buffer (for MRL-E, adds it
 into one ``(B, C)`` running suffix sum) and feeds it straight to the matmuls. With many classes the CPU
 lays the buffer out class-major, which its matmuls prefer, see :func:`_class_major`.
