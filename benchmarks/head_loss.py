@@ -5,23 +5,29 @@
 
 Variants are run interleaved (one repetition of each in turn) and compared as ratios of medians and of
 minima (the minimum is the repetition least disturbed by other jobs on a shared machine), so a noisy
-machine slows them alike. ``matmuls`` is the per-size code's matmuls alone (forward and backward of its
+machine slows them alike. The two target ratios are also given per repetition: the ratio of the two
+variants' times within each repetition (neighbours in time, so slow drifts of the machine's load
+cancel), their median and its 95% bootstrap interval, which says whether a target is met beyond the
+run's noise. ``matmuls`` is the per-size code's matmuls alone (forward and backward of its
 ``nn.Linear``s with a fixed upstream gradient, no cross-entropy): a floor for any formulation with the
 same FLOPs. A second table times the narrow matmuls that ``mrl.nn.fused.mm_columns`` widens, a third
 MRL-E's per-chunk matmuls against one full-width matmul of the same FLOPs (the plain head's), both with
-batch-major and with class-major logits. The fourth and fifth compare the two layouts of the fused
-node's logits (``--layout-classes``): one softmax alone, then the whole step against each target's
-baseline. The last gives each variant's fixed cost per step (dispatch and Python: the same D and
-nesting at B=4, C=3).
+batch-major and with class-major logits. The fourth asks whether untied MRL's per-size loop of matmuls
+would be faster as one batched call (zero-padded ``bmm``, nested-tensor ``bmm``). The fifth and sixth
+compare the two layouts of the fused node's logits (``--layout-classes``): one softmax alone, then the
+whole step against each target's baseline. The last gives each variant's fixed cost per step
+(dispatch and Python: the same D and nesting at B=4, C=3).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import random
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -145,6 +151,7 @@ def run_case(batch: int, dim: int, classes: int, nesting: list[int], efficient: 
     times = _step_times(variants, z, y, reps)
     med = {k: statistics.median(v) for k, v in times.items()}
     low = {k: min(v) for k, v in times.items()}
+    paired = {name: paired_ratio(times["fused"], times[base]) for name, base in PAIRED.items()}
     return {
         "head": "MRL-E" if efficient else "MRL",
         "C": classes,
@@ -155,7 +162,23 @@ def run_case(batch: int, dim: int, classes: int, nesting: list[int], efficient: 
         "fused/plain min": low["fused"] / low["plain"],
         "reference/per_size": med["reference"] / med["per_size"],
         "matmuls/per_size": med["matmuls"] / med["per_size"],
+        **{f"{name} paired": ratio for name, ratio in paired.items()},
     }
+
+
+# The targets' ratios, given per repetition too (see the module docstring).
+PAIRED = {"fused/per_size": "per_size", "fused/plain": "plain"}
+
+
+def paired_ratio(
+    numerator: list[float], denominator: list[float], resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """The median of the per-repetition ratios ``numerator[i] / denominator[i]`` and the 2.5th and
+    97.5th percentiles of that median over ``resamples`` bootstrap resamples of the repetitions."""
+    ratios = [n / d for n, d in zip(numerator, denominator, strict=True)]
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return statistics.median(ratios), medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 def _interleaved_times(variants: dict[str, Callable[[], float]], reps: int) -> dict[str, list[float]]:
@@ -257,6 +280,37 @@ def chunked_gemms(batch: int, dim: int, classes: int, nesting: list[int], reps: 
     return [{"C": classes, "product": name, **times} for name, times in medians.items()]
 
 
+def untied_batched(batch: int, dim: int, classes: int, nesting: list[int], reps: int) -> dict:
+    """Untied MRL's forward products three ways, medians in ms: the per-size loop the fused node runs
+    (one matmul per size on column blocks of the ``(C, sum(nesting))`` weight), one ``bmm`` over the
+    weights zero-padded to ``(G, D, C)``, and one ``bmm`` of nested tensors (the sizes' ragged operands).
+    Both batched operands are built once outside the timing, which favours them: a training step would
+    have to rebuild them from the weight (and mask the padding's gradient) every step."""
+    torch.manual_seed(0)
+    offsets = [sum(nesting[:g]) for g in range(len(nesting))]
+    weight, z = torch.randn(classes, sum(nesting)), torch.randn(batch, dim)
+    blocks = [weight[:, o : o + m].t() for o, m in zip(offsets, nesting, strict=True)]
+    out = torch.empty(len(nesting), batch, classes)
+    padded = torch.zeros(len(nesting), dim, classes)
+    for g, (block, m) in enumerate(zip(blocks, nesting, strict=True)):
+        padded[g, :m] = block
+    with warnings.catch_warnings():  # nested tensors are a prototype API and say so
+        warnings.simplefilter("ignore")
+        nested_z = torch.nested.nested_tensor([z[:, :m] for m in nesting])
+        nested_w = torch.nested.nested_tensor([b.contiguous() for b in blocks])
+
+    def loop() -> None:
+        for g, m in enumerate(nesting):
+            torch.mm(z[:, :m], blocks[g], out=out[g])
+
+    variants = {
+        "loop": loop,
+        "padded bmm": lambda: torch.bmm(z.expand(len(nesting), -1, -1), padded, out=out),
+        "nested bmm": lambda: torch.bmm(nested_z, nested_w),
+    }
+    return {"C": classes, **_interleaved_medians({"forward": variants}, reps)["forward"]}
+
+
 def softmax_layouts(batch: int, classes: int, reps: int) -> dict:
     """One size's softmax over classes, medians in ms: ``torch.softmax`` on batch-major logits, the same on
     class-major logits (a strided class dimension), and the fused node's class-major softmax
@@ -351,7 +405,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--layout-classes",
         type=int,
-        nargs="+",
+        nargs="*",
         default=[1000, 2000, 4000, 8000, 21841],
         help="class counts of the batch-major vs class-major table (empty: skip it)",
     )
@@ -391,6 +445,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"{r['reference/per_size']:13.3f} {r['matmuls/per_size']:17.3f}",
                 flush=True,
             )
+    print("\nthe target ratios per repetition: median of the paired ratios (95% bootstrap interval)")
+    print(f"{'head':6} {'C':>6} {'fused/per-size':>24} {'fused/plain':>24}")
+    for r in rows:
+        cells = " ".join(f"{_interval(r[f'{name} paired']):>24}" for name in PAIRED)
+        print(f"{r['head']:6} {r['C']:>6} {cells}")
     if dim >= 16:
         print("\nnarrow backward matmuls (first MRL-E chunk, 8 columns), medians in ms")
         print(f"{'C':>6} {'layout':6} {'product':8} {'direct':>8} {'windowed':>9}")
@@ -411,12 +470,42 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f" {r['batch-major'] / r['full']:7.3f} {r['class-major'] / r['full']:7.3f}",
                 flush=True,
             )
-    rows += print_layouts(batch, dim, layout_classes, nesting, reps)
+    rows += print_untied_batched(batch, dim, min(classes), nesting, reps)
+    if layout_classes:
+        rows += print_layouts(batch, dim, layout_classes, nesting, reps)
     fixed = fixed_costs(dim, nesting, 50 * reps)
     rows.append(fixed)
     print("\nfixed cost of a step (B=4, C=3, same D and nesting), medians in ms")
     print("  ".join(f"{name} {ms:.2f}" for name, ms in fixed.items()))
     return rows
+
+
+def print_untied_batched(batch: int, dim: int, classes: int, nesting: list[int], reps: int) -> list[dict]:
+    """Print :func:`untied_batched` at ``classes`` (the run's smallest class count, where per-call costs
+    weigh most: a batched formulation's best case) and at the default job's head (Fashion-MNIST: B=256,
+    D=256, nesting 1..256, 10 classes, in every mode: it is cheap)."""
+    shapes = {
+        f"B={batch} D={dim} C={classes}": (batch, dim, classes, nesting),
+        "default job's, B=256 D=256 C=10": (256, 256, 10, [2**i for i in range(9)]),
+    }
+    print(
+        "\nuntied MRL's forward products, the fused node's per-size loop vs one batched call, medians in ms"
+    )
+    print(f"{'head':34} {'loop':>8} {'padded bmm':>11} {'nested bmm':>11} {'ratios to loop':>15}")
+    rows = []
+    for name, shape in shapes.items():
+        r = {"head": name, **untied_batched(*shape, reps)}
+        rows.append(r)
+        print(
+            f"{name:34} {r['loop']:8.2f} {r['padded bmm']:11.2f} {r['nested bmm']:11.2f} "
+            f"{r['padded bmm'] / r['loop']:7.3f} {r['nested bmm'] / r['loop']:7.3f}",
+            flush=True,
+        )
+    return rows
+
+
+def _interval(ratio: tuple[float, float, float]) -> str:
+    return f"{ratio[0]:.3f} ({ratio[1]:.3f}-{ratio[2]:.3f})"
 
 
 def print_layouts(batch: int, dim: int, classes: list[int], nesting: list[int], reps: int) -> list[dict]:

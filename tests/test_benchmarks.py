@@ -1,5 +1,6 @@
 """Every benchmark script runs in its --quick mode (a smoke test: no timing is asserted)."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ def test_head_loss_quick():
     assert (
         "fused/per-size" in out and "windowed" in out and "class-major fused" in out and "fixed cost" in out
     )
-    assert "batch/base" in out
+    assert "batch/base" in out and "nested bmm" in out and "95% bootstrap interval" in out
 
 
 def test_head_loss_profile_quick():
@@ -58,3 +59,26 @@ def test_eval_speed_quick():
     # trains a tiny synthetic model, runs mrl-eval on it, then the memory part
     out = run_quick("eval_speed.py")
     assert "exact full-size search" in out and "speedup" in out and "peak RSS" in out
+
+
+def _head_loss_module():
+    spec = importlib.util.spec_from_file_location("head_loss", BENCHMARKS / "head_loss.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_ratio_is_the_median_of_per_repetition_ratios_with_a_bootstrap_interval():
+    paired_ratio = _head_loss_module().paired_ratio
+    # Each repetition's pair is slowed alike (a drifting machine): the ratio is exact, the interval a point.
+    slow = [1.0, 3.0, 2.0, 5.0, 4.0]
+    assert paired_ratio([1.1 * t for t in slow], slow) == pytest.approx((1.1, 1.1, 1.1))
+    # Ratios 1..9: median 5; the bootstrap interval lies within the ratios' range, around the median,
+    # and narrows with more repetitions of the same spread.
+    numerator = [float(r) for r in range(1, 10)]
+    median, low, high = paired_ratio(numerator, [1.0] * 9)
+    assert median == 5.0 and 1.0 <= low < 5.0 < high <= 9.0
+    _, low_many, high_many = paired_ratio(numerator * 20, [1.0] * 180)
+    assert high_many - low_many < high - low
+    # The ratio of medians would be 1 here; the paired ratios are all 2 or 0.5.
+    assert paired_ratio([2.0, 1.0, 2.0], [1.0, 2.0, 1.0])[0] == 2.0
