@@ -111,22 +111,24 @@ class Plain(nn.Module):
 
 class InLayout(nn.Module):
     """``model`` with the fused node's logits forced class-major or batch-major whatever the class count
-    (``mrl.nn.fused_cross_entropy.CLASS_MAJOR_MIN_CLASSES_PER_ROW`` set around its forward; backward
-    follows the buffer forward made)."""
+    (``mrl.nn.fused_cross_entropy``'s ``CLASS_MAJOR_MIN_CLASSES_PER_ROW*`` thresholds set around its
+    forward; backward follows the buffer forward made)."""
+
+    THRESHOLDS = ("CLASS_MAJOR_MIN_CLASSES_PER_ROW", "CLASS_MAJOR_MIN_CLASSES_PER_ROW_UNTIED")
 
     def __init__(self, model: nn.Module, class_major: bool) -> None:
         super().__init__()
         self.model, self.per_row = model, 0 if class_major else sys.maxsize
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        default, fused_ce.CLASS_MAJOR_MIN_CLASSES_PER_ROW = (
-            fused_ce.CLASS_MAJOR_MIN_CLASSES_PER_ROW,
-            self.per_row,
-        )
+        defaults = {name: getattr(fused_ce, name) for name in self.THRESHOLDS}
+        for name in self.THRESHOLDS:
+            setattr(fused_ce, name, self.per_row)
         try:
             return self.model(z, y)
         finally:
-            fused_ce.CLASS_MAJOR_MIN_CLASSES_PER_ROW = default
+            for name, value in defaults.items():
+                setattr(fused_ce, name, value)
 
 
 def step_time(model: nn.Module, z: torch.Tensor, y: torch.Tensor) -> float:
@@ -354,7 +356,7 @@ def layouts(batch: int, dim: int, classes: int, nesting: list[int], efficient: b
         "C": classes,
         "baseline": "plain" if efficient else "per-size",
         **{f"{k}_ms": v for k, v in med.items()},
-        "default": "class" if classes >= fused_ce.CLASS_MAJOR_MIN_CLASSES_PER_ROW * batch else "batch",
+        "default": "class" if fused_ce._class_major(z.device, classes, batch, efficient) else "batch",
     }
 
 
@@ -527,12 +529,9 @@ def print_layouts(batch: int, dim: int, classes: list[int], nesting: list[int], 
         r = softmax_layouts(batch, c, 10 * reps)
         rows.append(r)
         print(f"{c:>6} " + " ".join(f"{r[v]:18.2f}" for v in variants), flush=True)
-    default = fused_ce.CLASS_MAJOR_MIN_CLASSES_PER_ROW * batch
-    print(
-        f"\nfused step, batch-major vs class-major logits (the default is class-major from C={default} on),"
-    )
-    print("against MRL-E's target baseline (plain) and MRL's (per-size), medians in ms")
-    cols = ["batch", "class", "baseline", "batch/base", "class/base"]
+    print("\nfused step, batch-major vs class-major logits, against MRL-E's target baseline (plain) and")
+    print("MRL's (per-size), medians in ms; default: the layout the node takes by itself")
+    cols = ["batch", "class", "baseline", "batch/base", "class/base", "default"]
     print(f"{'head':6} {'C':>6} " + " ".join(f"{c:>10}" for c in cols))
     for efficient in (True, False):
         for c in classes:
@@ -541,7 +540,7 @@ def print_layouts(batch: int, dim: int, classes: list[int], nesting: list[int], 
             base = r["baseline_ms"]
             print(
                 f"{r['head']:6} {c:>6} {r['batch_ms']:10.1f} {r['class_ms']:10.1f} {base:10.1f} "
-                f"{r['batch_ms'] / base:10.3f} {r['class_ms'] / base:10.3f}",
+                f"{r['batch_ms'] / base:10.3f} {r['class_ms'] / base:10.3f} {r['default']:>10}",
                 flush=True,
             )
     return rows

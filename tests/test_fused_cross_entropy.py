@@ -1,5 +1,7 @@
 """The one-node Matryoshka head + cross-entropy against the paper's per-size loop (float64)."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,7 +37,7 @@ def device_path(request, monkeypatch):
     """Every path the fused node takes on some device, forced on the CPU whatever the class count."""
     off_the_target, class_major = DEVICE_PATHS[request.param]
     monkeypatch.setattr(fused_ce, "_reads_normaliser_off_the_target", lambda device: off_the_target)
-    monkeypatch.setattr(fused_ce, "_class_major", lambda device, classes, batch: class_major)
+    monkeypatch.setattr(fused_ce, "_class_major", lambda device, classes, batch, efficient: class_major)
     return request.param
 
 
@@ -217,30 +219,39 @@ def test_mm_columns_equals_a_plain_product(start, stop, accumulate):
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
 
 
-def test_many_classes_take_the_class_major_path_on_the_cpu():
-    """The default rule, unpatched: from CLASS_MAJOR_MIN_CLASSES_PER_ROW classes per row of the batch on,
-    the CPU's buffer is (C, B) in memory, and the losses and gradients still equal the reference."""
-    per_row, batch = fused_ce.CLASS_MAJOR_MIN_CLASSES_PER_ROW, 5
+@pytest.mark.parametrize("efficient", [False, True], ids=["MRL", "MRL-E"])
+def test_many_classes_take_the_class_major_path_on_the_cpu(efficient):
+    """The default rule, unpatched: from its head's threshold of classes per row of the batch on, the
+    CPU's buffer is (C, B) in memory, and the losses and gradients still equal the reference."""
+    per_row = (
+        fused_ce.CLASS_MAJOR_MIN_CLASSES_PER_ROW
+        if efficient
+        else fused_ce.CLASS_MAJOR_MIN_CLASSES_PER_ROW_UNTIED
+    )
+    batch = 6
+    classes = math.ceil(per_row * batch)
     cpu = torch.device("cpu")
-    assert fused_ce._class_major(cpu, per_row * batch, batch)
-    assert not fused_ce._class_major(cpu, per_row * batch - 1, batch)
-    assert not fused_ce._class_major(torch.device("cuda"), 10 * per_row * batch, batch)
+    assert fused_ce._class_major(cpu, classes, batch, efficient)
+    assert not fused_ce._class_major(cpu, classes - 1, batch, efficient)
+    assert not fused_ce._class_major(torch.device("cuda"), 10 * classes, batch, efficient)
+    # the untied head switches at fewer classes per row than MRL-E's
+    untied_switch = math.ceil(fused_ce.CLASS_MAJOR_MIN_CLASSES_PER_ROW_UNTIED * batch)
+    assert fused_ce._class_major(cpu, untied_switch, batch, False)
+    assert not fused_ce._class_major(cpu, untied_switch, batch, True)
     torch.manual_seed(2)
-    classes = per_row * batch
-    for efficient in (False, True):
-        head = MatryoshkaLinear(12, classes, [3, 12], efficient=efficient).double()
-        z = torch.randn(batch, 12, dtype=torch.float64, requires_grad=True)
-        target = torch.randint(0, classes, (batch,))
-        fused_ce._IDLE_BUFFERS.clear()
-        per_size, _ = MatryoshkaLoss().per_size_from_embedding(head, z, target)
-        grads = torch.autograd.grad(per_size.sum(), [z, head.weight])
-        (buffer,) = fused_ce._IDLE_BUFFERS.values()  # handed back after backward
-        assert buffer.shape == (2, batch, classes) and buffer.stride()[1:] == (1, batch)
-        ref, _, _ = reference(head, z, target, None)
-        ref_grads = torch.autograd.grad(ref.sum(), [z, head.weight])
-        torch.testing.assert_close(per_size, ref, rtol=1e-12, atol=1e-12)
-        for got, want in zip(grads, ref_grads, strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
+    head = MatryoshkaLinear(12, classes, [3, 12], efficient=efficient).double()
+    z = torch.randn(batch, 12, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, classes, (batch,))
+    fused_ce._IDLE_BUFFERS.clear()
+    per_size, _ = MatryoshkaLoss().per_size_from_embedding(head, z, target)
+    grads = torch.autograd.grad(per_size.sum(), [z, head.weight])
+    (buffer,) = fused_ce._IDLE_BUFFERS.values()  # handed back after backward
+    assert buffer.shape == (2, batch, classes) and buffer.stride()[1:] == (1, batch)
+    ref, _, _ = reference(head, z, target, None)
+    ref_grads = torch.autograd.grad(ref.sum(), [z, head.weight])
+    torch.testing.assert_close(per_size, ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -158,11 +158,12 @@ def _reads_normaliser_off_the_target(device: torch.device) -> bool:
 
 
 # From this many classes per row of the batch on, the CPU keeps each size's logits class-major, see
-# :func:`_class_major`.
+# :func:`_class_major`: MRL-E's (tied) head, then untied MRL's.
 CLASS_MAJOR_MIN_CLASSES_PER_ROW = 16
+CLASS_MAJOR_MIN_CLASSES_PER_ROW_UNTIED = 3.5
 
 
-def _class_major(device: torch.device, classes: int, batch: int) -> bool:
+def _class_major(device: torch.device, classes: int, batch: int, efficient: bool) -> bool:
     """Whether each size's ``(B, C)`` logits (and later gradients) lie class-major in memory.
 
     On the CPU, with many classes, MKL runs the step's matmuls faster with the logits stored ``(C, B)``:
@@ -170,12 +171,20 @@ def _class_major(device: torch.device, classes: int, batch: int) -> bool:
     batch-major ``G`` is repacked for every chunk, and the forward product is written faster that way.
     The softmax over the strided class dimension costs more (see :func:`_shifted_exp_into`), and with
     few classes per row of the batch the matmuls gain nothing or lose. benchmarks/head_loss.py's layout
-    table measures both (``--batch`` for other batch sizes). The switch point grows with the batch: at
-    B=256 class-major is ahead from C=2000 on, at B=1024 the switch lies between C=12000 and C=21841,
-    so it is taken from 16 classes per row on. GPUs keep ``(B, C)``: cuBLAS needs no repacking and
-    their softmax wants the class dimension contiguous.
+    table measures both (``--batch`` for other batch sizes). Measured on a 2-core AMD EPYC:
+
+    - MRL-E: at B=256 class-major is ahead from C=2000 on and level at C=1000; at B=1024 it loses up to
+      C=12000 and wins at C=21841. So it is taken from 16 classes per row on.
+    - Untied MRL issues twice MRL-E's matmul FLOPs per softmax, so the matmuls' gain outweighs the
+      softmax's cost sooner: at B=256 class-major is ahead from C=1000 (3.9 classes per row) on; at
+      B=1024 it loses at C=1000 and 3000 (2.9 per row), ties at C=4000 and 12000 and wins at C=21841.
+      So it is taken from 3.5 classes per row on.
+
+    GPUs keep ``(B, C)``: cuBLAS needs no repacking and their softmax wants the class dimension
+    contiguous.
     """
-    return device.type == "cpu" and classes >= CLASS_MAJOR_MIN_CLASSES_PER_ROW * batch
+    per_row = CLASS_MAJOR_MIN_CLASSES_PER_ROW if efficient else CLASS_MAJOR_MIN_CLASSES_PER_ROW_UNTIED
+    return device.type == "cpu" and classes >= per_row * batch
 
 
 def _log_normalisers(
@@ -236,7 +245,7 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
         # Low-precision logits (autocast) get a float32 softmax, as autocast gives cross_entropy; the
         # matmuls write into a (B, C) buffer of their own dtype then.
         dtype = z.dtype if z.dtype in _FULL_PRECISION else torch.float32
-        class_major = _class_major(z.device, classes, batch)
+        class_major = _class_major(z.device, classes, batch, efficient)
         work = _take_buffer((sizes, batch, classes), z.new_empty(0, dtype=dtype), class_major)
         scratch = None if dtype == z.dtype else _take_buffer((batch, classes), z, class_major)
         predictions = z.new_empty((sizes, batch), dtype=torch.long) if predict else None
