@@ -342,7 +342,8 @@ def softmax_layouts(batch: int, classes: int, reps: int) -> dict:
 
 def layouts(batch: int, dim: int, classes: int, nesting: list[int], efficient: bool, reps: int) -> dict:
     """The fused step with its logits forced batch-major and forced class-major, against the target's
-    baseline: one plain Linear + CE for MRL-E, the per-size code for MRL (medians in ms and ratios)."""
+    baseline: one plain Linear + CE for MRL-E, the per-size code for MRL (medians in ms and ratios), and
+    class-major's time over batch-major's per repetition (see :func:`paired_ratio`)."""
     torch.manual_seed(0)
     z = torch.randn(batch, dim, requires_grad=True)
     y = torch.randint(classes, (batch,))
@@ -356,6 +357,7 @@ def layouts(batch: int, dim: int, classes: int, nesting: list[int], efficient: b
         "C": classes,
         "baseline": "plain" if efficient else "per-size",
         **{f"{k}_ms": v for k, v in med.items()},
+        "class/batch paired": paired_ratio(times["class"], times["batch"]),
         "default": "class" if fused_ce._class_major(z.device, classes, batch, efficient) else "batch",
     }
 
@@ -530,9 +532,12 @@ def print_layouts(batch: int, dim: int, classes: list[int], nesting: list[int], 
         rows.append(r)
         print(f"{c:>6} " + " ".join(f"{r[v]:18.2f}" for v in variants), flush=True)
     print("\nfused step, batch-major vs class-major logits, against MRL-E's target baseline (plain) and")
-    print("MRL's (per-size), medians in ms; default: the layout the node takes by itself")
-    cols = ["batch", "class", "baseline", "batch/base", "class/base", "default"]
-    print(f"{'head':6} {'C':>6} " + " ".join(f"{c:>10}" for c in cols))
+    print("MRL's (per-size), medians in ms; class/batch per repetition (median, 95% bootstrap interval);")
+    print("default: the layout the node takes by itself")
+    cols = ["batch", "class", "baseline", "batch/base", "class/base"]
+    print(
+        f"{'head':6} {'C':>6} " + " ".join(f"{c:>10}" for c in cols) + f" {'class/batch':>24} {'default':>8}"
+    )
     for efficient in (True, False):
         for c in classes:
             r = layouts(batch, dim, c, nesting, efficient, reps)
@@ -540,7 +545,8 @@ def print_layouts(batch: int, dim: int, classes: list[int], nesting: list[int], 
             base = r["baseline_ms"]
             print(
                 f"{r['head']:6} {c:>6} {r['batch_ms']:10.1f} {r['class_ms']:10.1f} {base:10.1f} "
-                f"{r['batch_ms'] / base:10.3f} {r['class_ms'] / base:10.3f} {r['default']:>10}",
+                f"{r['batch_ms'] / base:10.3f} {r['class_ms'] / base:10.3f} "
+                f"{_interval(r['class/batch paired']):>24} {r['default']:>8}",
                 flush=True,
             )
     return rows
