@@ -80,5 +80,5 @@ def test_paired_ratio_is_the_median_of_per_repetition_ratios_with_a_bootstrap_in
     assert median == 5.0 and 1.0 <= low < 5.0 < high <= 9.0
     _, low_many, high_many = paired_ratio(numerator * 20, [1.0] * 180)
     assert high_many - low_many < high - low
-    # The ratio of medians would be 1 here; the paired ratios are all 2 or 0.5.
-    assert paired_ratio([2.0, 1.0, 2.0], [1.0, 2.0, 1.0])[0] == 2.0
+    # Not the ratio of the medians, which is 2 / 2 = 1 here: the paired ratios are 0.1, 2 and 5.
+    assert paired_ratio([1.0, 2.0, 10.0], [10.0, 1.0, 2.0])[0] == 2.0
