@@ -173,10 +173,10 @@ def _class_major(device: torch.device, classes: int, batch: int, efficient: bool
     few classes per row of the batch the matmuls gain nothing or lose. benchmarks/head_loss.py's layout
     table measures both (``--batch`` for other batch sizes). Measured on a 2-core AMD EPYC:
 
-    - MRL-E: at B=256 class-major is ahead from C=2000 on and level at C=1000; at B=1024 it loses up to
-      C=12000 and wins at C=21841. So it is taken from 16 classes per row on.
+    - MRL-E: at B=256 class-major is ahead from C=2000 on and within 2% either way at C=1000; at B=1024
+      it loses up to C=12000 and wins at C=21841. So it is taken from 16 classes per row on.
     - Untied MRL issues twice MRL-E's matmul FLOPs per softmax, so the matmuls' gain outweighs the
-      softmax's cost sooner: at B=256 class-major is 3-10% ahead from C=1000 (3.9 classes per row) on;
+      softmax's cost sooner: at B=256 class-major is 2-10% ahead from C=1000 (3.9 classes per row) on;
       at B=1024 it is 1-3% behind at C=1000 to 4000, level at C=12000 and ahead at C=21841. So it is
       taken from 3.5 classes per row on, which gives up about 1% at B=1024 from C=3584 to about 12000.
 
