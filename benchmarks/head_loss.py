@@ -488,13 +488,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
+def default_job_head() -> tuple[int, int, int, list[int]]:
+    """``(B, D, C, nesting)`` of the default job's head (``mrl-train`` with no overrides), read from the
+    composed config and the module it builds, so this table follows the default job when it changes."""
+    import tempfile
+
+    from _common import compose_cfg  # imported here: tests load this file for its helpers alone
+
+    from mrl.train import build_module_for_data, instantiate
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = compose_cfg([], out)
+    head = build_module_for_data(cfg, instantiate(cfg.data)).head
+    return int(cfg.data.batch_size), head.in_features, head.num_classes, list(head.nesting)
+
+
 def print_untied_batched(batch: int, dim: int, classes: int, nesting: list[int], reps: int) -> list[dict]:
     """Print :func:`untied_batched` at ``classes`` (the run's smallest class count, where per-call costs
-    weigh most: a batched formulation's best case) and at the default job's head (Fashion-MNIST: B=256,
-    D=256, nesting 1..256, 10 classes, in every mode: it is cheap)."""
+    weigh most: a batched formulation's best case) and at the default job's head (see
+    :func:`default_job_head`; in every mode: it is cheap)."""
+    job = default_job_head()
     shapes = {
         f"B={batch} D={dim} C={classes}": (batch, dim, classes, nesting),
-        "default job's, B=256 D=256 C=10": (256, 256, 10, [2**i for i in range(9)]),
+        f"default job's, B={job[0]} D={job[1]} C={job[2]}": job,
     }
     variants = ["loop", "padded bmm", "nested bmm", "nested bmm, built", "loop, contiguous"]
     print(
