@@ -283,7 +283,8 @@ def untied_batched(batch: int, dim: int, classes: int, nesting: list[int], reps:
     both built once outside the timing (which favours them: a step would rebuild them from the weight
     every step), and the nested ``bmm`` with its operands built from ``z`` and the weight inside the
     timing. Last, the per-size loop over the nested tensors' operands (contiguous copies, built once):
-    it tells a batched call's own gain from that of its operands' memory layout."""
+    it tells a batched call's own gain from that of its operands' memory layout; and the same loop with
+    those copies made inside the timing, the price of taking that layout at every step."""
     torch.manual_seed(0)
     offsets = [sum(nesting[:g]) for g in range(len(nesting))]
     weight, z = torch.randn(classes, sum(nesting)), torch.randn(batch, dim)
@@ -292,8 +293,11 @@ def untied_batched(batch: int, dim: int, classes: int, nesting: list[int], reps:
     padded = torch.zeros(len(nesting), dim, classes)
     for g, (block, m) in enumerate(zip(blocks, nesting, strict=True)):
         padded[g, :m] = block
-    z_copies = [z[:, :m].contiguous() for m in nesting]
-    block_copies = [b.contiguous() for b in blocks]
+
+    def copies() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return [z[:, :m].contiguous() for m in nesting], [b.contiguous() for b in blocks]
+
+    z_copies, block_copies = copies()
 
     def nested(z_parts: list[torch.Tensor], w_parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         with warnings.catch_warnings():  # nested tensors are a prototype API and say so
@@ -313,6 +317,7 @@ def untied_batched(batch: int, dim: int, classes: int, nesting: list[int], reps:
         "nested bmm": lambda: torch.bmm(nested_z, nested_w),
         "nested bmm, built": lambda: torch.bmm(*nested(z_views, [b.contiguous() for b in blocks])),
         "loop, contiguous": lambda: loop(z_copies, block_copies),
+        "loop, copied": lambda: loop(*copies()),
     }
     return {"C": classes, **_interleaved_medians({"forward": variants}, reps)["forward"]}
 
@@ -512,7 +517,7 @@ def print_untied_batched(batch: int, dim: int, classes: int, nesting: list[int],
         f"B={batch} D={dim} C={classes}": (batch, dim, classes, nesting),
         f"default job's, B={job[0]} D={job[1]} C={job[2]}": job,
     }
-    variants = ["loop", "padded bmm", "nested bmm", "nested bmm, built", "loop, contiguous"]
+    variants = ["loop", "padded bmm", "nested bmm", "nested bmm, built", "loop, contiguous", "loop, copied"]
     print(
         "\nuntied MRL's forward products, the fused node's per-size loop vs one batched call, medians in ms"
     )

@@ -28,7 +28,8 @@ def test_head_loss_quick():
     assert (
         "fused/per-size" in out and "windowed" in out and "class-major fused" in out and "fixed cost" in out
     )
-    assert "batch/base" in out and "nested bmm" in out and "95% bootstrap interval" in out
+    assert "batch/base" in out and "nested bmm" in out and "loop, copied" in out
+    assert "95% bootstrap interval" in out
     # The batched table's second row is the default job's head, read from its composed config.
     assert "default job's, B=256 D=256 C=10" in out
 
