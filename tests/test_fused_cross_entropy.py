@@ -219,6 +219,14 @@ def test_mm_columns_equals_a_plain_product(start, stop, accumulate):
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
 
 
+def test_untied_mrl_goes_class_major_at_fewer_classes_per_row_than_mrl_e():
+    batch = 6
+    untied_switch = math.ceil(fused_ce.CLASS_MAJOR_MIN_CLASSES_PER_ROW_UNTIED * batch)
+    cpu = torch.device("cpu")
+    assert fused_ce._class_major(cpu, untied_switch, batch, efficient=False)
+    assert not fused_ce._class_major(cpu, untied_switch, batch, efficient=True)
+
+
 @pytest.mark.parametrize("efficient", [False, True], ids=["MRL", "MRL-E"])
 def test_many_classes_take_the_class_major_path_on_the_cpu(efficient):
     """The default rule, unpatched: from its head's threshold of classes per row of the batch on, the
@@ -234,10 +242,6 @@ def test_many_classes_take_the_class_major_path_on_the_cpu(efficient):
     assert fused_ce._class_major(cpu, classes, batch, efficient)
     assert not fused_ce._class_major(cpu, classes - 1, batch, efficient)
     assert not fused_ce._class_major(torch.device("cuda"), 10 * classes, batch, efficient)
-    # the untied head switches at fewer classes per row than MRL-E's
-    untied_switch = math.ceil(fused_ce.CLASS_MAJOR_MIN_CLASSES_PER_ROW_UNTIED * batch)
-    assert fused_ce._class_major(cpu, untied_switch, batch, False)
-    assert not fused_ce._class_major(cpu, untied_switch, batch, True)
     torch.manual_seed(2)
     head = MatryoshkaLinear(12, classes, [3, 12], efficient=efficient).double()
     z = torch.randn(batch, 12, dtype=torch.float64, requires_grad=True)
