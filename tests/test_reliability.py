@@ -156,24 +156,28 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes_same_wandb_run(tiny_f
         "PATH": f"{fake_bin}:{os.environ['PATH']}",
     }
     run_dir = tmp_path / "slurm_job"
-    args = [*fmnist_args(tiny_fashion_mnist), "checkpoint_every_n_steps=1000", f"hydra.run.dir={run_dir}"]
+    args = [*fmnist_args(tiny_fashion_mnist), f"hydra.run.dir={run_dir}"]
     proc = start(tmp_path, *args, env=env_for(tmp_path, **slurm))
-    deadline = time.monotonic() + 240
-    while not list((run_dir / "wandb").glob("offline-run-*")):
-        assert proc.poll() is None, proc.communicate()[0]
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    time.sleep(3.0)  # into training
+    # SIGUSR1 must arrive while `trainer.fit` runs: Lightning installs its SLURM handler there, and outside
+    # it the signal's default action kills the process. A fixed sleep raced the 60 steps on a quiet host
+    # (they took under 3 s), so the signal is sent at a known step instead: the process is frozen when its
+    # first step checkpoint (step 4 of 60) appears and gets the signal as it resumes.
+    wait_for_checkpoint(proc, run_dir / "checkpoints" / "last.ckpt")
+    proc.send_signal(signal.SIGSTOP)
     proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(signal.SIGCONT)
     deadline = time.monotonic() + 120
     while not list(run_dir.glob("hpc_ckpt_*.ckpt")) or not requeue_log.exists():
         assert proc.poll() is None, proc.communicate()[0]
         assert time.monotonic() < deadline, "no hpc checkpoint after SIGUSR1"
-        time.sleep(0.1)
-    time.sleep(0.5)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)  # what SLURM does after the grace period
     proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "results.json").exists(), "the run finished before it was preempted"
     assert requeue_log.read_text().split() == ["requeue", "4242"]
+    hpc = torch.load(next(run_dir.glob("hpc_ckpt_*.ckpt")), map_location="cpu", weights_only=True)
+    assert 4 <= int(hpc["global_step"]) < 60, "the hpc checkpoint must be taken mid-training"
 
     requeued = subprocess.run(
         [str(BIN / "mrl-train"), *args],
@@ -185,6 +189,7 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes_same_wandb_run(tiny_f
     )
     assert requeued.returncode == 0, (requeued.stdout + requeued.stderr)[-3000:]
     assert "Resuming" in requeued.stderr
+    assert "hpc_ckpt_" in requeued.stderr, "the requeued job must resume from the preemption checkpoint"
     assert list(run_dir.glob("hpc_ckpt_*.ckpt")), "SIGUSR1 must leave Lightning's hpc checkpoint"
     assert (run_dir / "results.json").is_file()
     ids = {r.name.rsplit("-", 1)[-1] for r in wandb_run_dirs(run_dir)}
