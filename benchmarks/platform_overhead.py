@@ -9,6 +9,10 @@ training batches only: validation, test and checkpoints are switched off in both
 the same model from the same config (mrl.train.build_module) and runs forward, loss, backward,
 optimizer and scheduler steps. Runs alternate, the first epoch of each run is dropped as warm-up, and
 the ratio of medians is reported.
+
+Then the per-step cost of the platform's per-size accuracy: one torchmetrics ``MulticlassAccuracy``
+per size (what the module used before) vs one ``MatryoshkaAccuracy`` for all sizes (what it uses), for
+a training step (top-1 from the predicted classes) and an evaluation step (top-1 and top-5 from logits).
 """
 
 from __future__ import annotations
@@ -16,10 +20,57 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 from _common import bare_loop_epochs, mrl_train_epochs, steady
+from torchmetrics.classification import MulticlassAccuracy
+
+from mrl.matryoshka_accuracy import MatryoshkaAccuracy
+
+
+def median_ms(step, reps: int) -> float:
+    for _ in range(10):
+        step()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def metric_update_costs(sizes: int, batch: int, classes: int, reps: int) -> None:
+    """Print the per-step milliseconds of per-size accuracy: one metric per size vs one for all sizes."""
+    predicted = torch.randint(0, classes, (sizes, batch))
+    logits, target = torch.randn(sizes, batch, classes), torch.randint(0, classes, (batch,))
+    per_size = {
+        k: [MulticlassAccuracy(classes, top_k=k, validate_args=False) for _ in range(sizes)] for k in (1, 5)
+    }
+    one = {k: MatryoshkaAccuracy(sizes, top_k=k) for k in (1, 5)}
+
+    def per_size_train() -> None:
+        for g, metric in enumerate(per_size[1]):
+            metric.update(predicted[g], target)
+
+    def per_size_eval() -> None:
+        for k in (1, 5):
+            for g, metric in enumerate(per_size[k]):
+                metric.update(logits[g], target)
+
+    def one_eval() -> None:
+        one[1].update(logits, target)
+        one[5].update(logits, target)
+
+    print(f"per-size accuracy updates per step, G={sizes} B={batch} C={classes}, medians in ms")
+    print(f"{'step':<8}{'one metric per size':>22}{'MatryoshkaAccuracy':>20}{'ratio':>8}")
+    for step, old, new in (
+        ("train", per_size_train, lambda: one[1].update(predicted, target)),
+        ("eval", per_size_eval, one_eval),
+    ):
+        a, b = median_ms(old, reps), median_ms(new, reps)
+        print(f"{step:<8}{a:>22.3f}{b:>20.3f}{b / a:>8.3f}")
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -51,6 +102,8 @@ def main(argv: list[str] | None = None) -> float:
             print(f"round {r}: bare {bare[-1]:.3f} s/epoch, mrl-train {platform[-1]:.3f} s/epoch", flush=True)
     b, p = statistics.median(bare), statistics.median(platform)
     print(f"epoch of {size} images, batch {batch}: bare {b:.3f} s, mrl-train {p:.3f} s, ratio {p / b:.3f}")
+    # The default job's head: nesting 1..256 (9 sizes), 10 classes, at this benchmark's batch size.
+    metric_update_costs(sizes=9, batch=batch, classes=10, reps=20 if args.quick else 300)
     return p / b
 
 

@@ -9,8 +9,8 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
+from mrl.matryoshka_accuracy import MatryoshkaAccuracy
 from mrl.models.backbone import TimmBackbone
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 from mrl.nn.matryoshka_loss import MatryoshkaLoss
@@ -58,18 +58,12 @@ class MatryoshkaModule(L.LightningModule):
         self._nonfinite: torch.Tensor | None = None
         num_classes = head.num_classes
         top5 = num_classes >= 5
+        # One metric per stage holds every size's counts (see MatryoshkaAccuracy for why not one per size).
         self.metrics = nn.ModuleDict()
-        # validate_args=False: the inputs are ours (logits and labels), and checking them every step
-        # for every size costs more than the update itself.
         for stage in STAGES:
-            for d in self.nesting:
-                self.metrics[f"{stage}_acc_{d}"] = MulticlassAccuracy(
-                    num_classes, top_k=1, average="micro", validate_args=False
-                )
-                if top5 and stage != "train":
-                    self.metrics[f"{stage}_top5_{d}"] = MulticlassAccuracy(
-                        num_classes, top_k=5, average="micro", validate_args=False
-                    )
+            self.metrics[f"{stage}_acc"] = MatryoshkaAccuracy(len(self.nesting), top_k=1)
+            if top5 and stage != "train":
+                self.metrics[f"{stage}_top5"] = MatryoshkaAccuracy(len(self.nesting), top_k=5)
         self.has_top5 = top5
         self._loss_sums: dict[str, torch.Tensor] = {}
         self._loss_counts: dict[str, int] = {}
@@ -121,10 +115,9 @@ class MatryoshkaModule(L.LightningModule):
         detached = scores.detach()  # (G, B, C) logits or (G, B) top-1 classes: accuracy takes either
         self._loss_sums[stage] = self._loss_sums.get(stage, 0) + per_size.detach() * y.shape[0]
         self._loss_counts[stage] = self._loss_counts.get(stage, 0) + y.shape[0]
-        for g, d in enumerate(self.nesting):
-            self.metrics[f"{stage}_acc_{d}"].update(detached[g], y)
-            if self.has_top5 and stage != "train":
-                self.metrics[f"{stage}_top5_{d}"].update(detached[g], y)
+        self.metrics[f"{stage}_acc"].update(detached, y)
+        if self.has_top5 and stage != "train":
+            self.metrics[f"{stage}_top5"].update(detached, y)
         return loss
 
     def _log_epoch_metrics(self, stage: str) -> list[float]:
@@ -132,21 +125,22 @@ class MatryoshkaModule(L.LightningModule):
 
         ``compute()`` synchronises the torchmetrics states across DDP processes, so every rank calls it.
         """
-        accs = []
         sums, count = self._loss_sums.pop(stage, None), self._loss_counts.pop(stage, 0)
+        top1 = self._compute_and_reset(f"{stage}_acc")
+        top5 = self._compute_and_reset(f"{stage}_top5") if self.has_top5 and stage != "train" else None
         for g, d in enumerate(self.nesting):
-            metric = self.metrics[f"{stage}_acc_{d}"]
-            acc = metric.compute()
-            metric.reset()
-            accs.append(float(acc))
-            self.log(f"{stage}/acc@{d}", acc, prog_bar=stage != "train" and g == len(self.nesting) - 1)
-            if self.has_top5 and stage != "train":
-                top5 = self.metrics[f"{stage}_top5_{d}"]
-                self.log(f"{stage}/top5@{d}", top5.compute())
-                top5.reset()
+            self.log(f"{stage}/acc@{d}", top1[g], prog_bar=stage != "train" and g == len(self.nesting) - 1)
+            if top5 is not None:
+                self.log(f"{stage}/top5@{d}", top5[g])
             if sums is not None:
                 self.log(f"{stage}/loss@{d}", sums[g] / count, sync_dist=True)
-        return accs
+        return top1.tolist()
+
+    def _compute_and_reset(self, name: str) -> torch.Tensor:
+        metric = self.metrics[name]
+        values = metric.compute().reshape(-1)  # torchmetrics squeezes a one-size head's (1,) to a scalar
+        metric.reset()
+        return values
 
     def _logger_writes_this_step(self, batch_idx: int) -> bool:
         """Whether to log step metrics now: where the loggers write them (every ``log_every_n_steps``)
