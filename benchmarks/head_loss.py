@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import random
 import statistics
 import time
 import warnings
@@ -31,6 +30,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _stats import format_interval, paired_ratio
 from torch import nn
 
 import mrl.nn.fused_cross_entropy as fused_ce
@@ -164,17 +164,6 @@ def run_case(batch: int, dim: int, classes: int, nesting: list[int], efficient: 
 
 # The targets' ratios, given per repetition too (see the module docstring).
 PAIRED = {"fused/per_size": "per_size", "fused/plain": "plain"}
-
-
-def paired_ratio(
-    numerator: list[float], denominator: list[float], resamples: int = 2000, seed: int = 0
-) -> tuple[float, float, float]:
-    """The median of the per-repetition ratios ``numerator[i] / denominator[i]`` and the 2.5th and
-    97.5th percentiles of that median over ``resamples`` bootstrap resamples of the repetitions."""
-    ratios = [n / d for n, d in zip(numerator, denominator, strict=True)]
-    rng = random.Random(seed)
-    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
-    return statistics.median(ratios), medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 def _interleaved_times(variants: dict[str, Callable[[], float]], reps: int) -> dict[str, list[float]]:
@@ -461,7 +450,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("\nthe target ratios per repetition: median of the paired ratios (95% bootstrap interval)")
     print(f"{'head':6} {'C':>6} {'fused/per-size':>24} {'fused/plain':>24}")
     for r in rows:
-        cells = " ".join(f"{_interval(r[f'{name} paired']):>24}" for name in PAIRED)
+        cells = " ".join(f"{format_interval(r[f'{name} paired']):>24}" for name in PAIRED)
         print(f"{r['head']:6} {r['C']:>6} {cells}")
     if dim >= 16:
         print("\nnarrow backward matmuls (first MRL-E chunk, 8 columns), medians in ms")
@@ -532,10 +521,6 @@ def print_untied_batched(batch: int, dim: int, classes: int, nesting: list[int],
     return rows
 
 
-def _interval(ratio: tuple[float, float, float]) -> str:
-    return f"{ratio[0]:.3f} ({ratio[1]:.3f}-{ratio[2]:.3f})"
-
-
 def print_layouts(batch: int, dim: int, classes: list[int], nesting: list[int], reps: int) -> list[dict]:
     """Print :func:`softmax_layouts`, then :func:`layouts` for MRL-E and MRL, at each class count."""
     rows = []
@@ -561,7 +546,7 @@ def print_layouts(batch: int, dim: int, classes: list[int], nesting: list[int], 
             print(
                 f"{r['head']:6} {c:>6} {r['batch_ms']:10.1f} {r['class_ms']:10.1f} {base:10.1f} "
                 f"{r['batch_ms'] / base:10.3f} {r['class_ms'] / base:10.3f} "
-                f"{_interval(r['class/batch paired']):>24} {r['default']:>8}",
+                f"{format_interval(r['class/batch paired']):>24} {r['default']:>8}",
                 flush=True,
             )
     return rows

@@ -8,7 +8,8 @@ and loss); its epoch time is taken inside the process by the EpochTimer callback
 training batches only: validation, test and checkpoints are switched off in both). The bare loop builds
 the same model from the same config (mrl.train.build_module) and runs forward, loss, backward,
 optimizer and scheduler steps. Runs alternate, the first epoch of each run is dropped as warm-up, and
-the ratio of medians is reported.
+the ratio of medians is reported, then the median of the per-round ratios with its 95% bootstrap
+interval (each round's two runs are neighbours in time, see ``_stats.paired_ratio``).
 
 Then the per-step cost of the platform's per-size accuracy: one torchmetrics ``MulticlassAccuracy``
 per size (what the module used before) vs one ``MatryoshkaAccuracy`` for all sizes (what it uses), for
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 from _common import bare_loop_epochs, mrl_train_epochs, steady
+from _stats import format_interval, paired_ratio
 from torchmetrics.classification import MulticlassAccuracy
 
 from mrl.matryoshka_accuracy import MatryoshkaAccuracy
@@ -102,6 +104,9 @@ def main(argv: list[str] | None = None) -> float:
             print(f"round {r}: bare {bare[-1]:.3f} s/epoch, mrl-train {platform[-1]:.3f} s/epoch", flush=True)
     b, p = statistics.median(bare), statistics.median(platform)
     print(f"epoch of {size} images, batch {batch}: bare {b:.3f} s, mrl-train {p:.3f} s, ratio {p / b:.3f}")
+    print(
+        f"per round, mrl-train/bare: {format_interval(paired_ratio(platform, bare))} (median, 95% interval)"
+    )
     # The default job's head: nesting 1..256 (9 sizes), 10 classes, at this benchmark's batch size.
     metric_update_costs(sizes=9, batch=batch, classes=10, reps=20 if args.quick else 300)
     return p / b
