@@ -12,9 +12,9 @@ class MatryoshkaAccuracy(Metric):
 
     Equal to one ``MulticlassAccuracy(top_k=k, average="micro")`` per size (tests compare them), but
     one update per step counts the hits of all sizes with one vectorised comparison. Why not one
-    torchmetrics object per size: each update call costs ~0.08 ms of Python on a CPU, so the nine sizes'
-    updates took ~0.7 ms of a 45 ms training step of the default model, and twice that in evaluation
-    (top-1 and top-5). The states are summed across processes by torchmetrics as before (DDP).
+    torchmetrics object per size: each update call is tens of microseconds of Python, paid G times per
+    step (2G in evaluation: top-1 and top-5); ``benchmarks/platform_overhead.py`` prints both costs per
+    step for the default job's nine sizes. The states are summed across processes by torchmetrics (DDP).
     """
 
     is_differentiable = False
