@@ -243,14 +243,14 @@ class MatryoshkaModel(nn.Module):
 
 class Uint8Transform:
     """uint8 image ``(H, W[, C])`` -> float ``(C, img_size, img_size)``: the in-memory datamodules' eval
-    batch transform (:func:`mrl.data.base.normalize_uint8_batch` without flipping), per image."""
+    batch transform (:func:`mrl.data.preprocess.normalize_uint8_batch` without flipping), per image."""
 
     def __init__(self, in_chans: int, img_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
         self.in_chans, self.img_size = int(in_chans), int(img_size)
         self.mean, self.std = torch.tensor(mean), torch.tensor(std)
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
-        from mrl.data.base import normalize_uint8_batch
+        from mrl.data.preprocess import normalize_uint8_batch
 
         x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)  # a copy
         return normalize_uint8_batch(x, self.mean, self.std, flip=False, img_size=self.img_size)[0]

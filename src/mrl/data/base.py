@@ -65,7 +65,8 @@ class MRLDataModule(L.LightningDataModule):
     def configure_transforms(self, data_config: dict[str, Any]) -> None:
         """Receive the backbone's timm data config (mean, std, interpolation, crop). Default: unused."""
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def _loader(self, split: str, train: bool, **options: Any) -> DataLoader:
+        """The loader of ``split``; ``options`` override DataLoader arguments (workers, collate_fn)."""
         if split not in self.datasets:
             self.setup(None)
         # The training loader is stateful (torchdata): Lightning saves its position in every checkpoint
@@ -76,15 +77,17 @@ class MRLDataModule(L.LightningDataModule):
         sampler = None
         if train and getattr(self.trainer, "world_size", 1) <= 1:
             sampler = EpochShuffleSampler(len(dataset), int(getattr(self, "seed", 0)), self._epoch)
+        workers = int(options.pop("num_workers", self.num_workers))
         return (StatefulDataLoader if train else DataLoader)(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train if sampler is None else None,
             sampler=sampler,
             drop_last=train,
-            num_workers=self.num_workers,
+            num_workers=workers,
             pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=workers > 0,
+            **options,
         )
 
     def _epoch(self) -> int:
@@ -114,27 +117,10 @@ class MRLDataModule(L.LightningDataModule):
         """An unshuffled loader over any split (used to export embeddings)."""
         return self._loader(split, train=False)
 
-
-def normalize_uint8_batch(
-    x: torch.Tensor,
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    flip: bool,
-    img_size: int | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """uint8 images ``(B, C, H, W)`` -> normalised floats, with a random horizontal flip when ``flip``
-    and a bilinear resize to ``img_size`` when it differs from the stored size.
-
-    Done per batch on the loader's device instead of per sample in Python: for small in-memory data
-    sets (Fashion-MNIST, CIFAR) per-sample transforms would cost more than the model.
-    """
-    x = x.float().div_(255.0)
-    if img_size is not None and x.shape[-1] != img_size:
-        x = torch.nn.functional.interpolate(
-            x, size=(img_size, img_size), mode="bilinear", align_corners=False
-        )
-    if flip:
-        flipped = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
-        x = torch.where(flipped[:, None, None, None], x.flip(-1), x)
-    return (x - mean.to(x.device).view(1, -1, 1, 1)) / std.to(x.device).view(1, -1, 1, 1)
+    def model_inputs(
+        self, batch: Any, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A loader batch as the model's inputs ``(x, y)`` on ``device``: Lightning's batch transfer hooks,
+        for code that iterates a loader itself (embedding export, tests, benchmarks)."""
+        device = torch.device(device)
+        return self.on_after_batch_transfer(self.transfer_batch_to_device(batch, device, 0), 0)

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset, random_split
 
-from mrl.data.base import MRLDataModule, normalize_uint8_batch
+from mrl.data.base import MRLDataModule
+from mrl.data.preprocess import normalize_uint8_batch
 from mrl.errors import MRLError
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"

@@ -1,39 +1,76 @@
-"""ImageNet-style folder trees (``root/train/<class>/*.jpg``, ``root/val/<class>/*.jpg``)."""
+"""ImageNet-style folder trees (``root/train/<class>/*.jpg``, ``root/val/<class>/*.jpg``), for small trees.
+
+Large data sets belong in shards (``mrl-prepare-data``, ``data=shards``): a shared file system serves
+millions of small files slowly. Both read encoded images through the same pipeline
+(:mod:`mrl.data.encoded`).
+"""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
-from timm.data import create_transform
+import torch
+from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
+from torchvision.io import read_file
 
-from mrl.data.base import MRLDataModule
+from mrl.data.encoded import EncodedImageDataModule, EncodedSample
+from mrl.data.preprocess import ImageTransform
 from mrl.errors import MRLError
 
 
-class ImageFolderDataModule(MRLDataModule):
-    """Class-per-folder image trees read with torchvision's ``ImageFolder`` and timm's transforms.
+class EncodedImageFolder(Dataset):
+    """An ``ImageFolder`` tree whose items are ``(uint8 (3, S, S), label)`` (``transform`` given) or
+    :class:`EncodedSample` (no transform: ``decode=gpu``).
+
+    Training crops draw from the process's ``random`` (seeded per loader worker by Lightning's
+    ``seed_everything(workers=True)``): reproducible for a seeded run. The sample-exact crops of a
+    resumed run are the shards' (:mod:`mrl.data.shards`).
+    """
+
+    def __init__(self, folder: Path, transform: ImageTransform | None) -> None:
+        # torchvision's ImageFolder lists the classes and files; its loader only reads the bytes.
+        self.folder = ImageFolder(str(folder), loader=read_file)
+        self.classes = self.folder.classes
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> Any:
+        path, label = self.folder.samples[index]
+        data = read_file(path)
+        seed = random.getrandbits(63)
+        if self.transform is None:
+            return EncodedSample(data, label, seed)
+        try:
+            return self.transform(data, random.Random(seed)), label
+        except RuntimeError as err:  # torchvision's decoders raise RuntimeError on corrupt files
+            raise MRLError(f"Cannot decode {path} ({err}): replace or delete the file.") from err
+
+
+class ImageFolderDataModule(EncodedImageDataModule):
+    """Class-per-folder image trees.
 
     ``root`` must hold ``train/`` and ``val/``; ``test/`` is used for testing when present, otherwise
-    ``val/`` is. Preprocessing (resize, crop, mean/std, interpolation) comes from the backbone's timm
-    data config, with ``img_size`` overriding its input size, and training augmentation from
-    ``timm.data.create_transform`` (``auto_augment``, ``re_prob`` pass through).
+    ``val/`` is. Preprocessing follows the backbone's timm data config (see
+    :class:`~mrl.data.encoded.EncodedImageDataModule`).
     """
 
     def __init__(
         self,
         root: str,
-        img_size: int = 224,
-        in_chans: int = 3,
         train_split: str = "train",
         val_split: str = "val",
         test_split: str = "test",
-        augment: dict[str, Any] | None = None,
-        eval_img_size: int | None = None,
-        **loader_kwargs,
+        in_chans: int = 3,
+        **kwargs,
     ) -> None:
-        super().__init__(**loader_kwargs)
+        super().__init__(**kwargs)
+        if int(in_chans) != 3:
+            raise MRLError(f"data.in_chans={in_chans}: image files are read as RGB (3 channels).")
         self.root = Path(root).expanduser()
         self.split_dirs = {"train": train_split, "val": val_split, "test": test_split}
         for split in ("train", "val"):
@@ -48,42 +85,25 @@ class ImageFolderDataModule(MRLDataModule):
         if not self.classes:
             raise MRLError(f"{self.root / self.split_dirs['train']} holds no class folders.")
         self.num_classes = len(self.classes)
-        self.in_chans = int(in_chans)
-        self.img_size = int(img_size)
-        self.augment = dict(augment or {})
-        # Evaluating above the training resolution is worth ~1 point on ImageNet (Touvron et al., "FixRes");
-        # the paper's FFCV recipe trains at <= 192 px and evaluates at 256.
-        self.eval_img_size = int(eval_img_size) if eval_img_size else self.img_size
-        self.data_config: dict[str, Any] = {
-            "input_size": (self.in_chans, self.img_size, self.img_size),
-            "interpolation": "bilinear",
-            "mean": (0.485, 0.456, 0.406),
-            "std": (0.229, 0.224, 0.225),
-            "crop_pct": 0.875,
-            "crop_mode": "center",
-        }
-
-    def configure_transforms(self, data_config: dict[str, Any]) -> None:
-        self.data_config = {**data_config, "input_size": (self.in_chans, self.img_size, self.img_size)}
-        self.datasets = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        train_tf = create_transform(**self.data_config, is_training=True, **self.augment)
-        eval_size = (self.in_chans, self.eval_img_size, self.eval_img_size)
-        eval_tf = create_transform(**{**self.data_config, "input_size": eval_size}, is_training=False)
         test_dir = self.root / self.split_dirs["test"]
         if not test_dir.is_dir():
             test_dir = self.root / self.split_dirs["val"]
-        self.datasets = {
-            "train": ImageFolder(str(self.root / self.split_dirs["train"]), transform=train_tf),
-            "val": ImageFolder(str(self.root / self.split_dirs["val"]), transform=eval_tf),
-            "test": ImageFolder(str(test_dir), transform=eval_tf),
-        }
-        for split, dataset in self.datasets.items():
-            if dataset.classes != self.classes:
+        folders = {"train": self.root / self.split_dirs["train"], "val": self.root / self.split_dirs["val"]}
+        folders["test"] = test_dir
+        datasets = {}
+        for split, folder in folders.items():
+            transform = None if self.decode == "gpu" else self.image_transform(train=split == "train")
+            datasets[split] = EncodedImageFolder(folder, transform)
+            if datasets[split].classes != self.classes:
                 raise MRLError(
                     f"The {split} split's class folders differ from train's in {self.root}: every split "
                     "needs the same set of class folders."
                 )
+        self.datasets = datasets
+
+    def _loader(self, split: str, train: bool) -> torch.utils.data.DataLoader:
+        return super()._loader(split, train, **self._loader_options())

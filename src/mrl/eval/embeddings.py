@@ -100,8 +100,7 @@ def export_split(
     try:
         with torch.inference_mode(), _autocast(device, precision):
             for batch in datamodule.split_loader(split):
-                x, y = batch
-                x, y = datamodule.on_after_batch_transfer((x.to(device), y.to(device)), 0)
+                x, y = datamodule.model_inputs(batch, device)
                 z = module(x).float()
                 if out is None:
                     out = np.lib.format.open_memmap(tmp_emb, mode="w+", dtype=dtype, shape=(n, z.shape[1]))

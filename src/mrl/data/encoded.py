@@ -1,0 +1,208 @@
+"""What the datamodules of encoded image files share (ImageFolder trees and LitData shards).
+
+The loader hands over ``uint8 (B, 3, S, S)`` crops (``decode=cpu``: decoded and cropped in the loader
+workers) or the encoded bytes themselves (``decode=gpu``: decoded in one batched nvJPEG call on the
+training device, then cropped there). Flip, normalisation and random erasing follow per batch on the
+device in both cases. See :mod:`mrl.data.preprocess` for the two halves.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from mrl.data.base import MRLDataModule
+from mrl.data.preprocess import (
+    PIL_AUGMENT_KEYS,
+    BatchTransform,
+    CropSpec,
+    ImageTransform,
+    check_augment,
+    decode_rgb,
+    random_resized_crop_params,
+    train_crop,
+)
+from mrl.errors import MRLError
+
+DECODE_MODES = ("cpu", "gpu")
+# timm's ImageNet defaults, until the backbone's data config arrives (configure_transforms).
+DEFAULT_DATA_CONFIG: dict[str, Any] = {
+    "interpolation": "bilinear",
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "crop_pct": 0.875,
+    "crop_mode": "center",
+}
+JPEG_MAGIC = b"\xff\xd8"
+
+
+def auto_num_workers(processes_per_node: int) -> int:
+    """Loader workers per training process when ``num_workers=auto``: the CPUs this process may use,
+    shared by the node's training processes, less one for each process itself."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, processes_per_node) - 1)
+
+
+class EncodedSample:
+    """A loader item of ``decode=gpu``: the encoded bytes, the label and the seed of its crop."""
+
+    __slots__ = ("data", "label", "seed")
+
+    def __init__(self, data: torch.Tensor, label: int, seed: int) -> None:
+        self.data, self.label, self.seed = data, label, seed
+
+
+def collate_encoded(items: list[EncodedSample]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Encoded images differ in length: a list of byte tensors, the labels and the crop seeds."""
+    return (
+        [item.data for item in items],
+        torch.tensor([item.label for item in items], dtype=torch.long),
+        torch.tensor([item.seed for item in items], dtype=torch.long),
+    )
+
+
+class EncodedImageDataModule(MRLDataModule):
+    """Base of the datamodules that read encoded images (3 channels, any size).
+
+    ``img_size`` is the training crop, ``eval_img_size`` the evaluation crop (default ``img_size``);
+    interpolation, mean, std and crop_pct come from the backbone's timm data config
+    (:meth:`configure_transforms`). ``augment`` takes the keys of
+    :data:`mrl.data.preprocess.AUGMENT_KEYS`. ``num_workers='auto'`` gives each training process its
+    share of the node's CPUs.
+    """
+
+    in_chans = 3
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        eval_img_size: int | None = None,
+        augment: dict[str, Any] | None = None,
+        decode: str = "cpu",
+        seed: int = 0,
+        num_workers: int | str = "auto",
+        prefetch_factor: int | None = None,
+        **loader_kwargs,
+    ) -> None:
+        self.auto_workers = num_workers == "auto"
+        if not self.auto_workers and not str(num_workers).lstrip("-").isdigit():
+            raise MRLError(
+                f"data.num_workers must be a number of loader workers or 'auto', got {num_workers!r}."
+            )
+        super().__init__(num_workers=0 if self.auto_workers else int(num_workers), **loader_kwargs)
+        if decode not in DECODE_MODES:
+            raise MRLError(
+                f"data.decode={decode!r} is not a decode mode: use 'cpu' (decode and crop in the loader "
+                "workers) or 'gpu' (decode with nvJPEG on the training device)."
+            )
+        self.decode = decode
+        self.augment = check_augment(augment)
+        if decode == "gpu" and any(self.augment.get(k) for k in PIL_AUGMENT_KEYS):
+            raise MRLError(
+                f"data.augment's {sorted(k for k in PIL_AUGMENT_KEYS if self.augment.get(k))} are timm's PIL "
+                "transforms, which run in the loader workers: use data.decode=cpu with them, or drop them."
+            )
+        self.img_size = int(img_size)
+        self.eval_img_size = int(eval_img_size) if eval_img_size else self.img_size
+        self.seed = int(seed)
+        self.prefetch_factor = prefetch_factor
+        self.data_config: dict[str, Any] = {
+            **DEFAULT_DATA_CONFIG,
+            "input_size": (self.in_chans, self.img_size, self.img_size),
+        }
+        self._batch_transform: BatchTransform | None = None
+
+    # ---- configuration ---------------------------------------------------------------------
+
+    def configure_transforms(self, data_config: dict[str, Any]) -> None:
+        """Take the backbone's timm data config (interpolation, mean, std, crop_pct, crop_mode)."""
+        self.data_config = {**data_config, "input_size": (self.in_chans, self.img_size, self.img_size)}
+        self._batch_transform = None
+        self.datasets = {}
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.data_config["mean"])
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.data_config["std"])
+
+    def crop_spec(self, train: bool) -> CropSpec:
+        size = self.img_size if train else self.eval_img_size
+        return CropSpec.from_data_config(self.data_config, size, self.augment if train else None)
+
+    def image_transform(self, train: bool) -> ImageTransform:
+        """The per-image half for a split (what ``decode=cpu`` runs in the loader workers)."""
+        return ImageTransform(self.crop_spec(train), train, self.augment if train else {}, self.mean)
+
+    @property
+    def batch_transform(self) -> BatchTransform:
+        if self._batch_transform is None:
+            self._batch_transform = BatchTransform(self.mean, self.std, self.augment)
+        return self._batch_transform
+
+    def loader_workers(self) -> int:
+        if not self.auto_workers:
+            return self.num_workers
+        trainer = self.trainer
+        return auto_num_workers(int(getattr(trainer, "num_devices", 1) or 1) if trainer else 1)
+
+    def _loader_options(self) -> dict[str, Any]:
+        workers = self.loader_workers()
+        options: dict[str, Any] = {"num_workers": workers}
+        if workers > 0 and self.prefetch_factor:
+            options["prefetch_factor"] = int(self.prefetch_factor)
+        if self.decode == "gpu":
+            options["collate_fn"] = collate_encoded
+        return options
+
+    # ---- per batch, on the device ----------------------------------------------------------
+
+    def _training(self) -> bool:
+        return self.trainer is not None and self.trainer.training
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if self.decode != "gpu":
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        encoded, labels, seeds = batch
+        return self.decode_on(encoded, seeds, device, train=self._training()), labels.to(device)
+
+    def decode_on(
+        self, encoded: list[torch.Tensor], seeds: torch.Tensor, device: torch.device, train: bool
+    ) -> torch.Tensor:
+        """``decode=gpu``: decode a batch on ``device`` (nvJPEG on CUDA: one batched call), crop each
+        image there, and stack the crops ``uint8 (B, 3, S, S)``. Crop sizes are drawn on the host from the
+        decoded shapes, so nothing waits for the device."""
+        images: list[torch.Tensor | None] = [None] * len(encoded)
+        jpegs = [i for i, data in enumerate(encoded) if bytes(data[:2].tolist()) == JPEG_MAGIC]
+        if jpegs:
+            decoded = decode_jpeg([encoded[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+            for i, image in zip(jpegs, decoded, strict=True):
+                images[i] = image
+        for i, image in enumerate(images):
+            if image is None:  # not a JPEG (ImageFolder trees may hold PNGs): decoded by the CPU
+                images[i] = decode_rgb(encoded[i]).to(device)
+        spec = self.crop_spec(train)
+        if not train:
+            transform = self.image_transform(False)
+            return torch.stack([transform(image) for image in images])
+        crops = []
+        for image, seed in zip(images, seeds.tolist(), strict=True):
+            rng = random.Random(seed)
+            params = random_resized_crop_params(image.shape[-2], image.shape[-1], spec.scale, spec.ratio, rng)
+            crops.append(train_crop(image, params, spec, rng))
+        return torch.stack(crops)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        x, y = batch
+        train = self._training()
+        generator = self.augmentation_generator(x.device) if train else None
+        return self.batch_transform(x, train=train, generator=generator), y
