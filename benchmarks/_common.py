@@ -83,8 +83,9 @@ def bare_loop_epochs(overrides: list[str], device: str = "cpu", bf16: bool = Fal
     for _ in range(epochs):
         sync(device)
         start = time.perf_counter()
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        for batch in loader:
+            # the datamodule's own transfer hooks (uint8 -> normalised floats on the device), as in training
+            x, y = data.model_inputs(batch, device)
             with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
                 # The same head + loss computation as mrl-train's training step (one fused node by
                 # default), without the per-size accuracy that is part of the platform's cost.

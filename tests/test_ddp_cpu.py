@@ -22,7 +22,8 @@ def single_process_accuracies(job_dir, split: str) -> dict[int, float]:
     correct = torch.zeros(len(module.nesting))
     total = 0
     with torch.inference_mode():
-        for x, y in datamodule.split_loader(split):
+        for batch in datamodule.split_loader(split):
+            x, y = datamodule.model_inputs(batch)
             logits = module.logits(x)
             correct += (logits.argmax(-1) == y).sum(dim=1)
             total += len(y)

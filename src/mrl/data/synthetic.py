@@ -1,56 +1,130 @@
-"""Synthetic images of any shape and class count, for tests, smoke runs and throughput measurements."""
+"""Synthetic images of any shape and class count, for tests, smoke runs and throughput measurements.
+
+By default the loader hands over only sample indices and labels, and each batch's images are rendered
+on the device the model runs on: the host does no per-image work at all, which is what a throughput
+measurement of the model needs. ``in_memory=true`` renders every split once into host memory instead
+and hands over uint8 batches, the way a real data set's loader does (the host -> device copy included).
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch.utils.data import Dataset, TensorDataset
+import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 from mrl.data.base import MRLDataModule
+from mrl.data.preprocess import normalize_uint8_batch
+
+MASK32 = 0xFFFF_FFFF
+# pixel = 128 + 32 * (prototype + noise): mean and std of the normalisation that gives back
+# prototype + noise (both in units of the prototypes' standard deviation)
+MEAN, STD = 128 / 255, 32 / 255
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash, elementwise on int64 tensors (products stay below 2**63 on any device)."""
+    x = x & MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & MASK32
+    return (x >> 16) ^ x
 
 
 class SyntheticImages(Dataset):
-    """``length`` images ``(in_chans, img_size, img_size)``: a class prototype plus Gaussian noise.
+    """``length`` images ``uint8 (in_chans, img_size, img_size)``: a class prototype plus noise.
 
-    Every item is generated from ``(seed, index)``, so the data set is reproducible, needs no memory
-    and is learnable (the prototypes differ per class), which lets tests see accuracy rise.
+    Label and image of item ``i`` are functions of ``(seed, i)`` alone (a counter-based hash, on any
+    device), so the data set is reproducible, needs no memory, and is the same whichever process or
+    device renders it; it is learnable (the prototypes differ per class), so tests see accuracy rise.
+    Batches are fetched whole (``__getitems__``) as ``(keys, labels)``: ``keys`` identify the items
+    (seed and index hashed), and :meth:`Renderer.render` turns them into images.
     """
 
-    def __init__(
-        self,
-        length: int,
-        num_classes: int,
-        in_chans: int,
-        img_size: int,
-        seed: int,
-        noise: float,
-        prototype_seed: int,
-    ) -> None:
+    def __init__(self, length: int, num_classes: int, seed: int) -> None:
         self.length = int(length)
         self.num_classes = int(num_classes)
-        self.shape = (int(in_chans), int(img_size), int(img_size))
         self.seed = int(seed)
-        self.noise = float(noise)
-        # Low-resolution prototypes upsampled to the image size: smooth, so convnets learn them fast.
-        gen = torch.Generator().manual_seed(prototype_seed)
-        low = torch.randn(self.num_classes, in_chans, 4, 4, generator=gen)
-        self.prototypes = torch.nn.functional.interpolate(low, size=(img_size, img_size), mode="bilinear")
+        indices = torch.arange(self.length)
+        self.keys = hash32(hash32(indices + self.seed * 0x9E3779B1) ^ (self.seed & MASK32))
+        self.labels = hash32(self.keys ^ 0x5BD1E995) % self.num_classes
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= index < self.length:
             raise IndexError(index)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        label = int(torch.randint(self.num_classes, (1,), generator=gen))
-        image = self.prototypes[label] + self.noise * torch.randn(self.shape, generator=gen)
-        return image, label
+        return self.keys[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.tensor(indices, dtype=torch.long)
+        return self.keys[index], self.labels[index]
+
+
+class Renderer:
+    """Images from item keys and labels: ``uint8 (B, C, H, W)``, computed on the keys' device."""
+
+    def __init__(self, num_classes: int, in_chans: int, img_size: int, noise: float, prototype_seed: int):
+        self.shape = (int(in_chans), int(img_size), int(img_size))
+        self.noise = float(noise)
+        # Low-resolution prototypes, upsampled per batch: smooth, so convnets learn them fast.
+        generator = torch.Generator().manual_seed(prototype_seed)
+        self.prototypes = torch.randn(num_classes, in_chans, 4, 4, generator=generator)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def render(self, keys: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        device = keys.device
+        if device not in self._on_device:
+            pixels = torch.arange(self.shape[0] * self.shape[1] * self.shape[2], device=device)
+            self._on_device[device] = (self.prototypes.to(device), (pixels * 0x27D4EB2D) & MASK32)
+        prototypes, pixel_keys = self._on_device[device]
+        base = F.interpolate(prototypes[labels], size=self.shape[1:], mode="bilinear", align_corners=False)
+        # uniform noise of unit variance from a hash of (item, pixel)
+        bits = hash32(keys[:, None] ^ pixel_keys[None, :]).view(-1, *self.shape)
+        noise = (bits.float() * (1.0 / 2**32) - 0.5) * (12**0.5)
+        image = base.add_(noise, alpha=self.noise).mul_(STD * 255).add_(MEAN * 255)
+        return image.round_().clamp_(0, 255).to(torch.uint8)
+
+
+class RenderedImages(Dataset):
+    """A :class:`SyntheticImages` rendered once into host memory: batches of ``uint8`` images."""
+
+    def __init__(self, source: SyntheticImages, renderer: Renderer, chunk: int = 256) -> None:
+        n = len(source)
+        self.labels = source.labels
+        self.images = (
+            torch.cat(
+                [
+                    renderer.render(source.keys[s : s + chunk], self.labels[s : s + chunk])
+                    for s in range(0, n, chunk)
+                ]
+            )
+            if n
+            else torch.empty(0, *renderer.shape, dtype=torch.uint8)
+        )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.tensor(indices, dtype=torch.long)
+        return self.images[index], self.labels[index]
+
+
+def fetched_batch(batch: Any) -> Any:
+    """The collate step of batches fetched whole by ``__getitems__``: they are batches already."""
+    return batch
 
 
 class SyntheticDataModule(MRLDataModule):
     """Random learnable images; train, val and test are disjoint draws of the same classes.
 
-    ``in_memory=True`` generates every split once into tensors (benchmarks: no per-item generation cost).
+    ``noise`` is the noise's standard deviation relative to the prototypes'. ``in_memory=True`` renders
+    every split once into host memory (see the module docstring).
     """
 
     def __init__(
@@ -74,27 +148,29 @@ class SyntheticDataModule(MRLDataModule):
         self.noise = noise
         self.seed = int(seed)
         self.in_memory = bool(in_memory)
+        self.mean = torch.full((self.in_chans,), MEAN)
+        self.std = torch.full((self.in_chans,), STD)
+        self.renderer = Renderer(
+            self.num_classes, self.in_chans, self.img_size, noise, prototype_seed=self.seed
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
         self.datasets = {
-            split: SyntheticImages(
-                size,
-                self.num_classes,
-                self.in_chans,
-                self.img_size,
-                seed=self.seed * 3 + i,
-                noise=self.noise,
-                prototype_seed=self.seed,
-            )
+            split: SyntheticImages(size, self.num_classes, seed=self.seed * 3 + i)
             for i, (split, size) in enumerate(self.sizes.items())
         }
         if self.in_memory:
-            # Generated once into tensors, so throughput benchmarks measure the model, not the generator.
-            self.datasets = {split: _materialize(ds) for split, ds in self.datasets.items()}
+            self.datasets = {split: RenderedImages(ds, self.renderer) for split, ds in self.datasets.items()}
 
+    def _loader(self, split: str, train: bool, **options: Any):
+        return super()._loader(split, train, collate_fn=fetched_batch, **options)
 
-def _materialize(dataset: SyntheticImages) -> TensorDataset:
-    images, labels = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
-    return TensorDataset(torch.stack(images), torch.tensor(labels))
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        x, y = batch
+        if x.dim() == 1:  # item keys: render the images here, on the device
+            x = self.renderer.render(x, y)
+        train = self.trainer is not None and self.trainer.training
+        gen = self.augmentation_generator(x.device) if train else None
+        return normalize_uint8_batch(x, self.mean, self.std, flip=train, generator=gen), y
