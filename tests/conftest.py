@@ -130,3 +130,21 @@ def tiny_fashion_mnist(tmp_path) -> Path:
         write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
         write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_image_tree(tmp_path_factory) -> Path:
+    """An ImageFolder tree of small JPEGs: 4 classes, 24 train and 4 val images each (80x60 px)."""
+    from mrl.data.generate import write_image_tree
+
+    root = tmp_path_factory.mktemp("tree")
+    return write_image_tree(root, classes=4, per_class={"train": 24, "val": 4}, size=(80, 60))
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_image_tree, tmp_path_factory) -> Path:
+    """``tiny_image_tree`` as shards (mrl-prepare-data's function, small chunks: several per split)."""
+    from mrl.data.prepare import prepare_shards
+
+    out = tmp_path_factory.mktemp("shards") / "shards"
+    return prepare_shards(str(tiny_image_tree), str(out), num_workers=2, chunk_bytes="40KB")

@@ -1,0 +1,40 @@
+"""``mrl-prepare-data``: Hydra entry point of the shard conversion (``conf/prepare_data.yaml``)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from mrl.cli.common import register_resolvers, report_user_errors
+from mrl.config_path import config_dir
+
+
+@report_user_errors
+def run(cfg: DictConfig) -> None:
+    # LitData logs its cache settings at INFO once per worker; its progress bar says what matters
+    logging.getLogger("litdata").setLevel(logging.WARNING)
+    from mrl.data.prepare import prepare_shards  # heavy imports after Hydra has parsed the command line
+
+    out = prepare_shards(
+        root=cfg.root,
+        output_dir=cfg.output_dir,
+        max_side=cfg.max_side,
+        quality=cfg.quality,
+        num_workers=cfg.num_workers,
+        chunk_bytes=cfg.chunk_bytes,
+        seed=cfg.seed,
+    )
+    print(f"Shards written to {out}", flush=True)
+    print(f"Train from them with: mrl-train data=shards data.input_dir={out}", flush=True)
+
+
+def main() -> None:
+    register_resolvers()
+    hydra.main(version_base="1.3", config_path=config_dir(), config_name="prepare_data")(run)()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""LitData shards of encoded images: ``mrl-prepare-data`` writes them, ``data=shards`` trains from them.
+
+A shard directory holds one LitData dataset per split (``train/``, ``val/``, optionally ``test/``: each
+an ``index.json`` and its chunks of ``{"image": JPEG bytes, "label": int}``) and
+:data:`METADATA_NAME`, which names the classes. LitData streams the chunks from a local path or an object
+store (``s3://``, ``gs://``, ...; chunks are cached locally), gives every DDP rank and loader worker a
+disjoint part of each epoch, and saves the loader's position in Lightning's checkpoints, so a resumed run
+continues mid-epoch with the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# LitData asks PyPI for a newer release at every dataset creation (a 30 s timeout when the network drops
+# packets): training nodes are often offline, and the answer changes nothing here.
+os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
+
+import torch
+from litdata import StreamingDataLoader, StreamingDataset
+from litdata.streaming.sampler import ChunkedIndex
+
+from mrl.data.encoded import EncodedImageDataModule, EncodedSample
+from mrl.data.preprocess import ImageTransform
+from mrl.errors import MRLError
+
+METADATA_NAME = "mrl_shards.json"
+FORMAT = "mrl-image-shards"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+
+def is_remote(path: str) -> bool:
+    return "://" in str(path)
+
+
+def join(base: str, *parts: str) -> str:
+    """A path below ``base``, which may be a local folder or an object-store URI."""
+    return "/".join([str(base).rstrip("/"), *parts]) if is_remote(base) else str(Path(base, *parts))
+
+
+def read_metadata(input_dir: str, storage_options: dict | None = None) -> dict[str, Any]:
+    """The shard directory's :data:`METADATA_NAME`, checked; an :class:`MRLError` says what is wrong."""
+    hint = (
+        "Create shards with `mrl-prepare-data root=<ImageFolder root> output_dir=<dir>` and pass that dir "
+        "as data.input_dir."
+    )
+    try:
+        if is_remote(input_dir):
+            from litdata.streaming.downloader import get_downloader
+
+            with tempfile.TemporaryDirectory() as tmp:
+                local = os.path.join(tmp, METADATA_NAME)
+                get_downloader(input_dir, tmp, [], storage_options).download_file(
+                    join(input_dir, METADATA_NAME), local
+                )
+                text = Path(local).read_text()
+        else:
+            text = (Path(input_dir).expanduser() / METADATA_NAME).read_text()
+        meta = json.loads(text)
+    except FileNotFoundError:
+        raise MRLError(
+            f"data.input_dir={input_dir} holds no {METADATA_NAME}: it is not an mrl shard directory. {hint}"
+        ) from None
+    except (OSError, ValueError) as err:
+        raise MRLError(f"Cannot read {join(input_dir, METADATA_NAME)} ({err}). {hint}") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise MRLError(f"{join(input_dir, METADATA_NAME)} is not mrl shard metadata. {hint}")
+    if int(meta.get("version", 0)) > FORMAT_VERSION:
+        raise MRLError(
+            f"The shards in {input_dir} have format version {meta.get('version')}; this mrl reads up to "
+            f"{FORMAT_VERSION}. Upgrade mrl, or prepare the shards again with this version."
+        )
+    if not meta.get("classes") or not {"train", "val"} <= set(meta.get("splits", {})):
+        raise MRLError(
+            f"{join(input_dir, METADATA_NAME)} names no classes or lacks the train/val splits. {hint}"
+        )
+    return meta
+
+
+class ImageShards(StreamingDataset):
+    """One split of a shard directory. Items are ``(uint8 (3, S, S), label)`` with ``transform``, else
+    :class:`~mrl.data.encoded.EncodedSample` (``decode=gpu``).
+
+    A training crop is drawn from the sample's own seed ``(seed, epoch, index)``: every worker, rank and
+    resumed run draws the same crop for the same sample in the same epoch.
+    """
+
+    def __init__(self, input_dir: str, image_transform: ImageTransform | None, seed: int, **kwargs: Any):
+        super().__init__(input_dir, seed=seed, **kwargs)
+        self.image_transform = image_transform
+        self.sample_seed_base = int(seed)
+
+    def __getitem__(self, index: ChunkedIndex | int) -> Any:
+        item = super().__getitem__(index)
+        position = index.index if isinstance(index, ChunkedIndex) else int(index)
+        seed = hash((self.sample_seed_base, int(self.current_epoch), int(position))) & (2**63 - 1)
+        data = torch.frombuffer(bytearray(item["image"]), dtype=torch.uint8)
+        label = int(item["label"])
+        if self.image_transform is None:
+            return EncodedSample(data, label, seed)
+        try:
+            return self.image_transform(data, random.Random(seed)), label
+        except RuntimeError as err:  # torchvision's decoders raise RuntimeError on corrupt bytes
+            raise MRLError(
+                f"Sample {position} of {self.input_dir.url or self.input_dir.path} does not decode ({err}): "
+                "the shards are corrupt. Prepare them again with mrl-prepare-data."
+            ) from err
+
+
+class ShardDataModule(EncodedImageDataModule):
+    """Trains from a shard directory written by ``mrl-prepare-data`` (local path or object-store URI).
+
+    ``cache_dir`` / ``max_cache_size`` bound LitData's local copy of remote chunks; ``storage_options``
+    go to LitData (credentials, endpoint). ``shuffle`` shuffles the training split each epoch (chunk
+    order and items within chunks, seeded by ``seed`` and the epoch). Without a ``test`` split, the test
+    runs on ``val``. ``in_chans`` is recorded for tools that rebuild the model without the data.
+    """
+
+    def __init__(
+        self,
+        input_dir: str,
+        cache_dir: str | None = None,
+        max_cache_size: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        shuffle: bool = True,
+        in_chans: int = 3,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if int(in_chans) != 3:
+            raise MRLError(f"data.in_chans={in_chans}: shards hold RGB images (3 channels).")
+        if not input_dir or str(input_dir) in ("???", "None"):
+            raise MRLError("data=shards needs data.input_dir=<shard directory written by mrl-prepare-data>.")
+        self.input_dir = (
+            str(input_dir) if is_remote(input_dir) else str(Path(input_dir).expanduser().absolute())
+        )
+        self.cache_dir = cache_dir
+        self.max_cache_size = max_cache_size
+        self.storage_options = dict(storage_options or {})
+        self.shuffle = bool(shuffle)
+        self.metadata = read_metadata(self.input_dir, self.storage_options)
+        self.classes = list(self.metadata["classes"])
+        self.num_classes = len(self.classes)
+
+    def _eval_batch_size(self, split: str) -> int:
+        """Under DDP, LitData gives each rank but the last whole batches of an evaluation split and the
+        last rank the rest, so every image is evaluated exactly once; a rank whose share is below one
+        batch would get none, which Lightning refuses. Smaller batches then (small splits only)."""
+        world = int(getattr(self.trainer, "world_size", 1) or 1) if self.trainer else 1
+        total = int(self.metadata["splits"].get(split, self.metadata["splits"]["val"]))
+        return max(1, min(self.eval_batch_size, total // world))
+
+    def split_dir(self, split: str) -> str:
+        if split == "test" and "test" not in self.metadata["splits"]:
+            split = "val"
+        return join(self.input_dir, split)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        extra: dict[str, Any] = {}
+        if self.cache_dir:
+            extra["cache_dir"] = str(self.cache_dir)
+        if self.max_cache_size:
+            extra["max_cache_size"] = self.max_cache_size
+        if self.storage_options:
+            extra["storage_options"] = self.storage_options
+        datasets = {}
+        for split in SPLITS:
+            train = split == "train"
+            transform = None if self.decode == "gpu" else self.image_transform(train)
+            try:
+                datasets[split] = ImageShards(
+                    self.split_dir(split),
+                    transform,
+                    seed=self.seed,
+                    shuffle=train and self.shuffle,
+                    drop_last=train,
+                    **extra,
+                )
+            except (OSError, ValueError) as err:
+                raise MRLError(
+                    f"Cannot open the {split} shards in {self.split_dir(split)} ({err}). Prepare the data "
+                    "again with mrl-prepare-data, or check data.input_dir and its storage credentials."
+                ) from err
+        self.datasets = datasets
+
+    def _loader(self, split: str, train: bool, **options: Any) -> StreamingDataLoader:
+        if split not in self.datasets:
+            self.setup(None)
+        options = {**self._loader_options(), **options}
+        workers = int(options.pop("num_workers"))
+        batch_size = self.batch_size if train else self._eval_batch_size(split)
+        # Workers are started per epoch (not persistent): LitData hands each epoch's plan, and the
+        # position restored on resume, to fresh workers.
+        return StreamingDataLoader(
+            self.datasets[split],
+            batch_size=batch_size,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            drop_last=train,
+            **options,
+        )

@@ -1,0 +1,289 @@
+"""Shards: mrl-prepare-data writes them, data=shards reads them (one process, DDP, killed and resumed)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from litdata import StreamingDataset
+from omegaconf import OmegaConf
+from PIL import Image
+
+from conftest import BIN, read_results
+from mrl.data.generate import make_jpeg
+from mrl.data.prepare import prepare_shards
+from mrl.data.preprocess import decode_rgb
+from mrl.data.shards import METADATA_NAME, ShardDataModule
+from mrl.errors import MRLError
+from mrl.train import build_module_for_data, instantiate
+
+RESNET_CONFIG = {"interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+def tree_items(tree: Path, split: str) -> list[tuple[str, int]]:
+    classes = sorted(p.name for p in (tree / "train").iterdir())
+    return sorted(
+        (digest(f.read_bytes()), classes.index(f.parent.name)) for f in (tree / split).glob("*/*.jpg")
+    )
+
+
+def stored_items(shards: Path, split: str) -> list[tuple[bytes, int]]:
+    dataset = StreamingDataset(str(shards / split))
+    return [(item["image"], int(item["label"])) for item in (dataset[i] for i in range(len(dataset)))]
+
+
+def datamodule(shards: Path, **kwargs) -> ShardDataModule:
+    dm = ShardDataModule(str(shards), img_size=32, batch_size=8, eval_batch_size=8, num_workers=0, **kwargs)
+    dm.configure_transforms(RESNET_CONFIG)
+    dm.setup()
+    return dm
+
+
+def training(dm: ShardDataModule, step: int = 0) -> None:
+    """A stand-in trainer in its training loop (what the crop and flip read off the trainer)."""
+    dm.trainer = SimpleNamespace(
+        training=True, current_epoch=0, global_step=step, global_rank=0, num_devices=1
+    )
+
+
+def test_prepare_stores_every_image_once_with_trains_labels(tiny_image_tree, tiny_shards):
+    meta = json.loads((tiny_shards / METADATA_NAME).read_text())
+    assert meta["classes"] == [f"class_{i:04d}" for i in range(4)]
+    assert meta["splits"] == {"train": 96, "val": 16}
+    assert not (tiny_shards / "test").exists()
+    for split in ("train", "val"):
+        stored = stored_items(tiny_shards, split)
+        # small RGB JPEGs are stored byte for byte
+        assert sorted((digest(data), label) for data, label in stored) == tree_items(tiny_image_tree, split)
+    # several chunks, and the file order was shuffled before writing: chunks mix classes
+    chunks = json.loads((tiny_shards / "train" / "index.json").read_text())["chunks"]
+    assert len(chunks) > 2
+    first_chunk = [label for _, label in stored_items(tiny_shards, "train")[: chunks[0]["chunk_size"]]]
+    assert len(set(first_chunk)) > 1
+
+
+def test_max_side_shrinks_and_other_formats_become_jpeg(tmp_path):
+    tree = tmp_path / "tree"
+    for split in ("train", "val"):
+        (tree / split / "cat").mkdir(parents=True)
+        (tree / split / "cat" / "big.jpg").write_bytes(make_jpeg(0, 0, (120, 90), 90, 0))
+        Image.new("RGBA", (30, 50), (10, 20, 30, 255)).save(tree / split / "cat" / "small.png")
+    out = prepare_shards(str(tree), str(tmp_path / "out"), max_side=64, num_workers=1)
+    shapes = []
+    for data, _ in stored_items(out, "train"):
+        assert Image.open(io.BytesIO(data)).format == "JPEG"
+        shapes.append(tuple(decode_rgb(data).shape))
+    assert sorted(shapes) == [(3, 48, 64), (3, 50, 30)]
+
+
+def test_prepare_never_writes_over_existing_data(tiny_image_tree, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(MRLError, match="not empty"):
+        prepare_shards(str(tiny_image_tree), str(out))
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_a_corrupt_image_fails_cleanly_and_leaves_nothing(tmp_path):
+    tree = tmp_path / "tree"
+    for split in ("train", "val"):
+        (tree / split / "dog").mkdir(parents=True)
+        (tree / split / "dog" / "fine.jpg").write_bytes(make_jpeg(0, 0, (40, 30), 90, 0))
+    (tree / "train" / "dog" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    with pytest.raises(MRLError, match=r"broken\.jpg"):
+        prepare_shards(str(tree), str(tmp_path / "out"), num_workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"], "no output and no partial folder"
+
+
+def test_prepare_refuses_a_tree_without_val(tmp_path):
+    (tmp_path / "tree" / "train" / "a").mkdir(parents=True)
+    with pytest.raises(MRLError, match="val/"):
+        prepare_shards(str(tmp_path / "tree"), str(tmp_path / "out"))
+
+
+def test_a_folder_without_shards_is_a_clear_error(tmp_path):
+    with pytest.raises(MRLError, match=f"holds no {METADATA_NAME}.*mrl-prepare-data"):
+        ShardDataModule(str(tmp_path))
+
+
+def test_evaluation_items_are_the_eval_crops_of_the_stored_images(tiny_shards):
+    dm = datamodule(tiny_shards, eval_img_size=40)
+    expected = [dm.image_transform(False)(data) for data, _ in stored_items(tiny_shards, "val")]
+    got = [image for x, _ in dm.val_dataloader() for image in x]
+    assert len(got) == 16 and all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert got[0].shape == (3, 40, 40) and got[0].dtype == torch.uint8
+
+
+def test_each_epoch_reads_the_training_split_once_in_a_new_order(tiny_shards):
+    dm = datamodule(tiny_shards, decode="gpu")  # batches of encoded bytes: cheap to compare
+    loader = dm.train_dataloader()
+    epochs = []
+    for _ in range(2):
+        epochs.append(
+            [
+                (digest(bytes(data.numpy())), seed)
+                for b in loader
+                for data, seed in zip(b[0], b[2].tolist(), strict=True)
+            ]
+        )
+    all_images = sorted(digest(data) for data, _ in stored_items(tiny_shards, "train"))
+    for epoch in epochs:
+        assert sorted(d for d, _ in epoch) == all_images
+    assert [d for d, _ in epochs[0]] != [d for d, _ in epochs[1]], "the order must change between epochs"
+    seeds = [dict(epoch) for epoch in epochs]
+    assert all(seeds[0][d] != seeds[1][d] for d in all_images), "crops must be drawn anew each epoch"
+
+
+def test_gpu_decode_gives_the_same_training_batches_as_worker_decode(tiny_shards):
+    """decode=gpu (here on the CPU) runs the transfer hook's batched decode and crop: same pixels."""
+    batches = []
+    for decode in ("cpu", "gpu"):
+        dm = datamodule(tiny_shards, decode=decode)
+        training(dm)
+        batches.append([dm.model_inputs(batch) for batch in dm.train_dataloader()])
+    assert len(batches[0]) == len(batches[1]) == 12
+    for (x_cpu, y_cpu), (x_gpu, y_gpu) in zip(*batches, strict=True):
+        assert torch.equal(y_cpu, y_gpu) and torch.equal(x_cpu, x_gpu)
+        assert x_cpu.dtype == torch.float32 and x_cpu.shape == (8, 3, 32, 32)
+
+
+def test_gpu_decode_refuses_pil_augmentations(tiny_shards):
+    with pytest.raises(MRLError, match="decode=cpu"):
+        ShardDataModule(str(tiny_shards), decode="gpu", augment={"auto_augment": "rand-m9"})
+
+
+# ---- the real commands --------------------------------------------------------------------------
+
+
+def shard_args(shards: Path, workers: int = 2) -> list[str]:
+    return [
+        "data=shards",
+        f"data.input_dir={shards}",
+        "data.img_size=32",
+        "data.batch_size=8",
+        "data.eval_batch_size=16",
+        f"data.num_workers={workers}",
+        "data.pin_memory=false",
+        "backbone.name=test_byobnet",
+        "head.nesting=[2,8,64]",
+        "trainer.max_epochs=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.num_sanity_val_steps=0",
+        "threads=1",
+        "logger=csv",
+    ]
+
+
+@pytest.mark.slow
+def test_prepare_data_command_then_train(run_cli, tiny_image_tree, tmp_path):
+    out = tmp_path / "imagenet-shards"
+    made = run_cli("mrl-prepare-data", f"root={tiny_image_tree}", f"output_dir={out}", "max_side=64")
+    assert made.returncode == 0, made.output[-3000:]
+    assert f"mrl-train data=shards data.input_dir={out}" in made.output
+    again = run_cli("mrl-prepare-data", f"root={tiny_image_tree}", f"output_dir={out}")
+    assert again.returncode == 1 and "never writes over existing data" in again.stderr
+    assert "Traceback" not in again.stderr
+    trained = run_cli("mrl-train", *shard_args(out))
+    assert trained.returncode == 0, trained.output[-3000:]
+    results = read_results(trained.run_dirs()[0])
+    assert {"val/acc@64", "test/acc@64", "train/loss"} <= set(results)
+    missing = run_cli("mrl-train", *shard_args(tmp_path / "nowhere"))
+    assert (
+        missing.returncode == 1 and "mrl-prepare-data" in missing.stderr and "Traceback" not in missing.stderr
+    )
+
+
+@pytest.mark.slow
+def test_killed_shard_run_resumes_mid_epoch_with_the_metrics_of_an_uninterrupted_run(
+    run_cli, tiny_shards, tmp_path
+):
+    """kill -9 after a mid-epoch checkpoint, resume=: LitData's loader position (two workers) comes back
+    from Lightning's checkpoint, so the resumed run trains on exactly the remaining batches."""
+    import subprocess
+
+    from test_reliability import comparable, env_for
+
+    args = [*shard_args(tiny_shards), "checkpoint_every_n_steps=4"]
+    reference = run_cli("mrl-train", *args, "hydra.run.dir=ref")
+    assert reference.returncode == 0, reference.output[-3000:]
+    expected = read_results(tmp_path / "ref")
+
+    run_dir = tmp_path / "crashed"
+    proc = subprocess.Popen(
+        [str(BIN / "mrl-train"), *args, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not ckpt.is_file():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert 0 < saved["global_step"] < 24 and saved["global_step"] % 12 != 0, saved["global_step"]
+    assert "combined_loader" in saved["loops"]["fit_loop"]["state_dict"], "the loader position was not saved"
+    assert not (run_dir / "results.json").exists()
+
+    resumed = run_cli("mrl-train", f"resume={run_dir}")
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert comparable(read_results(run_dir)) == pytest.approx(comparable(expected), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_read_disjoint_parts_of_each_epoch(run_cli, tiny_shards, tmp_path):
+    seen = tmp_path / "seen"
+    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    result = run_cli(
+        "mrl-train",
+        *shard_args(tiny_shards, workers=1),
+        "trainer=ddp_cpu",
+        "+data.augment.hflip=0",  # no flip: the same sample in the same epoch is the same image
+        "+callbacks.record._target_=batch_recorder.BatchRecorder",
+        f"+callbacks.record.path={seen}",
+        env=env,
+    )
+    assert result.returncode == 0, result.output[-3000:]
+    # evaluation: each validation image exactly once over both ranks, so the metrics are a single
+    # process's
+    (job,) = result.run_dirs()
+    cfg = OmegaConf.load(job / "resolved_config.yaml")  # not mrl-eval: the recorder is no mrl component
+    dm = instantiate(cfg.data)
+    module = build_module_for_data(cfg, dm).eval()
+    dm.configure_transforms(module.backbone.data_config())
+    ckpt = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    module.load_state_dict(ckpt["state_dict"])
+    correct, total = torch.zeros(3), 0
+    with torch.inference_mode():
+        for batch in dm.split_loader("val"):
+            x, y = dm.model_inputs(batch)
+            correct += (module.logits(x).argmax(-1) == y).sum(1)
+            total += len(y)
+    assert total == 16
+    results = read_results(job)
+    for g, d in enumerate((2, 8, 64)):
+        assert results[f"val/acc@{d}"] == pytest.approx(float(correct[g]) / total, abs=1e-6), d
+    ranks = [json.loads((seen / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for epoch in ("0", "1"):
+        a, b = ranks[0][epoch], ranks[1][epoch]
+        assert len(a) == len(b) == 48, (len(a), len(b))  # 96 images, 2 ranks, batch 8
+        assert len(set(a)) == len(a) and len(set(b)) == len(b)
+        assert not set(a) & set(b), "two ranks trained on the same image in one epoch"
