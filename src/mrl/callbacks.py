@@ -1,6 +1,7 @@
 """Callbacks added by :func:`mrl.train.train` itself (not selected in configs).
 
-:class:`RestoreLoaderPosition` makes a resumed run continue mid-epoch where the checkpoint was taken.
+:class:`RestoreLoaderPosition` makes a resumed run continue mid-epoch where the checkpoint was taken;
+:func:`progress_bar` keeps Lightning's progress bar from reading the device back every step.
 
 Test hook (the only one): ``MRL_TEST_FAULT="<rank>:<step>"`` makes the process of that global rank raise
 a ``RuntimeError`` when it reaches that optimizer step. It exists so the test suite can check that a
@@ -11,9 +12,12 @@ failing DDP rank takes the whole job down with a clear message instead of a hang
 from __future__ import annotations
 
 import os
+import time
+from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 
 FAULT_ENV = "MRL_TEST_FAULT"
 
@@ -32,7 +36,8 @@ class InjectedFault(Callback):
 
 
 class RestoreLoaderPosition(Callback):
-    """Apply the training loader's saved position (torchdata ``StatefulDataLoader``) on resume.
+    """Apply the training loader's saved position (torchdata ``StatefulDataLoader``, LitData's
+    ``StreamingDataLoader``) on resume.
 
     Lightning loads that position only into a loader created after the checkpoint is read, but
     ``MatryoshkaModule.configure_optimizers`` creates the loader earlier (``estimated_stepping_batches``
@@ -44,6 +49,52 @@ class RestoreLoaderPosition(Callback):
         if loop.restarting and loop._combined_loader_states_to_load and loop._data_fetcher is not None:
             loop._load_combined_loader_states()
             iter(loop._data_fetcher)  # a fresh iterator, from the restored position
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # LitData's StreamingDataLoader leaves "resume mode" only when its iterator is exhausted, but
+        # Lightning stops after len(loader) batches without asking for one more; a resumed run's next
+        # epoch then replays the restored state and yields no batch at all (LitData issues #770, #775;
+        # tests/test_shards.py resumes mid-epoch and checks the following epoch). The epoch is over here.
+        loaders = trainer.fit_loop._combined_loader
+        for loader in loaders.flattened if loaders is not None else []:
+            if getattr(loader, "restore", False) and type(loader).__module__.startswith("litdata"):
+                loader.restore = False
+
+
+class _RefreshByTime:
+    """Mixin for Lightning's progress bars: the training bar refreshes at most every ``interval`` seconds
+    (and at each epoch's last batch) instead of after every batch.
+
+    Why: every refresh reads the logged metrics (``trainer.progress_bar_metrics``), which turns device
+    tensors into Python floats, so a refresh per batch makes the host wait for the GPU at every step; and
+    Lightning's rich bar reads them after every batch whatever its ``refresh_rate``.
+    """
+
+    def __init__(self, interval: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.interval = float(interval)
+        self._last_refresh = float("-inf")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any):
+        batch_idx = kwargs.get("batch_idx", args[-1] if args else 0)
+        now = time.monotonic()
+        if now - self._last_refresh < self.interval and batch_idx + 1 < self.total_train_batches:
+            return
+        self._last_refresh = now
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+
+
+class TimedRichProgressBar(_RefreshByTime, RichProgressBar):
+    """Lightning's rich progress bar, refreshed by time (see :class:`_RefreshByTime`)."""
+
+
+class TimedTQDMProgressBar(_RefreshByTime, TQDMProgressBar):
+    """Lightning's tqdm progress bar, refreshed by time (see :class:`_RefreshByTime`)."""
+
+
+def progress_bar(interval: float) -> Callback:
+    """The progress bar Lightning would pick by itself (rich when installed), refreshed by time."""
+    return TimedRichProgressBar(interval) if _RICH_AVAILABLE else TimedTQDMProgressBar(interval)
 
 
 def debug_hooks() -> list[Callback]:

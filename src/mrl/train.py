@@ -16,11 +16,12 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mrl.callbacks import RestoreLoaderPosition, debug_hooks
+from mrl.callbacks import RestoreLoaderPosition, debug_hooks, progress_bar
 from mrl.checkpoints import check_compatible, load_checkpoint
 from mrl.errors import MRLError
 from mrl.lightning_module import MatryoshkaModule
@@ -195,6 +196,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and c.get("_target_")]
     callbacks += [RestoreLoaderPosition(), *debug_hooks()]
+    has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
+    if cfg.trainer.get("enable_progress_bar", True) and not has_bar:
+        callbacks.append(progress_bar(float(cfg.get("progress_bar_refresh_s", 1.0))))
     loggers = build_loggers(cfg)  # W&B starts lazily, at log_hyperparams below
     extra = {}
     if cfg.get("compile") and "inference_mode" not in cfg.trainer:

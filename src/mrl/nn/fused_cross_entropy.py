@@ -106,7 +106,7 @@ class _Targets:
         self.mass = (1 - self.eps) * self.row_weight + smoothing_mass
         # Checked on the CPU only: on a GPU the check would make the host wait every step, and the
         # multiplication it saves is one cheap pass there.
-        self.unit_mass = class_weight is None and target.device.type == "cpu" and bool(kept.all())
+        self.unit_mass = class_weight is None and host_reads_are_free(target.device) and bool(kept.all())
 
     def logit_sums(self, logits: torch.Tensor, out: torch.Tensor) -> None:
         """``sum_c w_c x_ic`` of every row of ``logits`` ``(B, C)`` (only needed with label smoothing)."""
@@ -146,6 +146,14 @@ class _Targets:
                 probs.addcmul_((smoothing * row_sums).unsqueeze(2), weight, value=-1)
 
 
+def host_reads_are_free(device: torch.device) -> bool:
+    """Whether a value may be read back to the host (``bool(t)``, ``.item()``) in a training step on
+    ``device``: on the CPU it is already there; on an accelerator the host would wait for the device's
+    queue to drain at every step. The one place this decision is made (tests/test_no_host_sync.py runs a
+    CPU training step with this set to False and counts the host reads left in mrl's code)."""
+    return device.type == "cpu"
+
+
 def _reads_normaliser_off_the_target(device: torch.device) -> bool:
     """Whether the log-normalisers come from the target probabilities (CPU) or from two row maxima.
 
@@ -154,7 +162,7 @@ def _reads_normaliser_off_the_target(device: torch.device) -> bool:
     CPU, benchmarks/README.md), but needs a host-side check for underflowed rows, which on a GPU would
     make the host wait every step.
     """
-    return device.type == "cpu"
+    return host_reads_are_free(device)
 
 
 # From this many classes per row of the batch on, the CPU keeps each size's logits class-major, see
