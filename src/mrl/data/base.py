@@ -85,7 +85,8 @@ class MRLDataModule(L.LightningDataModule):
             sampler=sampler,
             drop_last=train,
             num_workers=workers,
-            pin_memory=self.pin_memory,
+            # pinned pages only help a copy to an accelerator (and torch warns without one)
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=workers > 0,
             **options,
         )

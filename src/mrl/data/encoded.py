@@ -8,11 +8,14 @@ device in both cases. See :mod:`mrl.data.preprocess` for the two halves.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 from typing import Any
 
+import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from mrl.data.base import MRLDataModule
@@ -55,17 +58,40 @@ class EncodedSample:
 
     __slots__ = ("data", "label", "seed")
 
-    def __init__(self, data: torch.Tensor, label: int, seed: int) -> None:
+    def __init__(self, data: bytes, label: int, seed: int) -> None:
         self.data, self.label, self.seed = data, label, seed
 
 
-def collate_encoded(items: list[EncodedSample]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Encoded images differ in length: a list of byte tensors, the labels and the crop seeds."""
+def collate_encoded(
+    items: list[EncodedSample],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of encoded images ``(data, offsets, labels, seeds)``: all bytes in one flat uint8 tensor,
+    image ``i`` at ``data[offsets[i]:offsets[i + 1]]``. One tensor, because a loader worker hands each
+    tensor to the main process through a shared-memory segment of its own: one per image costs more
+    than reading the image (benchmarks/input_pipeline.py, shard reading)."""
+    sizes = [len(item.data) for item in items]
+    if get_worker_info() is not None:
+        # in a loader worker, allocated in shared memory, as torch's default_collate does: handing the
+        # batch to the main process then copies nothing
+        flat = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(sum(sizes)))
+    else:
+        flat = torch.empty(sum(sizes), dtype=torch.uint8)
+    view, start = flat.numpy(), 0
+    for item, size in zip(items, sizes, strict=True):  # one copy of the bytes, straight into place
+        view[start : start + size] = np.frombuffer(item.data, dtype=np.uint8)
+        start += size
     return (
-        [item.data for item in items],
+        flat,
+        torch.tensor([0, *sizes], dtype=torch.long).cumsum(0),
         torch.tensor([item.label for item in items], dtype=torch.long),
         torch.tensor([item.seed for item in items], dtype=torch.long),
     )
+
+
+def split_encoded(data: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
+    """The images of a :func:`collate_encoded` batch, as views of its flat tensor."""
+    bounds = offsets.tolist()
+    return [data[start:end] for start, end in itertools.pairwise(bounds)]
 
 
 class EncodedImageDataModule(MRLDataModule):
@@ -172,7 +198,8 @@ class EncodedImageDataModule(MRLDataModule):
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         if self.decode != "gpu":
             return super().transfer_batch_to_device(batch, device, dataloader_idx)
-        encoded, labels, seeds = batch
+        data, offsets, labels, seeds = batch
+        encoded = split_encoded(data, offsets)
         return self.decode_on(encoded, seeds, device, train=self._training()), labels.to(device)
 
     def decode_on(

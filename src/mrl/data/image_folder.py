@@ -31,7 +31,7 @@ class EncodedImageFolder(Dataset):
     """
 
     def __init__(self, folder: Path, transform: ImageTransform | None) -> None:
-        # torchvision's ImageFolder lists the classes and files; its loader only reads the bytes.
+        # torchvision's ImageFolder lists the classes and files (its loader is not used).
         self.folder = ImageFolder(str(folder), loader=read_file)
         self.classes = self.folder.classes
         self.transform = transform
@@ -41,12 +41,11 @@ class EncodedImageFolder(Dataset):
 
     def __getitem__(self, index: int) -> Any:
         path, label = self.folder.samples[index]
-        data = read_file(path)
         seed = random.getrandbits(63)
         if self.transform is None:
-            return EncodedSample(data, label, seed)
+            return EncodedSample(Path(path).read_bytes(), label, seed)
         try:
-            return self.transform(data, random.Random(seed)), label
+            return self.transform(read_file(path), random.Random(seed)), label
         except RuntimeError as err:  # torchvision's decoders raise RuntimeError on corrupt files
             raise MRLError(f"Cannot decode {path} ({err}): replace or delete the file.") from err
 

@@ -138,8 +138,10 @@ def prepare_shards(
     num_workers: int | None = None,
     chunk_bytes: str = "64MB",
     seed: int = 0,
+    progress: bool = True,
 ) -> Path:
-    """Write the shards of the ImageFolder tree ``root`` to ``output_dir``; return its path."""
+    """Write the shards of the ImageFolder tree ``root`` to ``output_dir``; return its path.
+    ``progress=False`` silences LitData's progress bar and messages."""
     from litdata import optimize
 
     if max_side is not None and int(max_side) < 8:
@@ -162,7 +164,8 @@ def prepare_shards(
     try:
         for split, items in listed.items():
             random.Random(seed).shuffle(items)
-            print(f"mrl-prepare-data: {split}: {len(items)} images -> {out / split}", flush=True)
+            if progress:
+                print(f"mrl-prepare-data: {split}: {len(items)} images -> {out / split}", flush=True)
             try:
                 optimize(
                     fn=encode_sample,
@@ -173,6 +176,7 @@ def prepare_shards(
                     reorder_files=False,
                     keep_data_ordered=True,
                     mode="overwrite",
+                    verbose=progress,
                     # fork: workers start in milliseconds instead of re-importing torch (spawn, seconds
                     # per split); nothing here has started threads that a fork would copy mid-use
                     start_method="fork",

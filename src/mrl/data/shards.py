@@ -11,6 +11,7 @@ continues mid-epoch with the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import tempfile
@@ -92,7 +93,10 @@ class ImageShards(StreamingDataset):
     """
 
     def __init__(self, input_dir: str, image_transform: ImageTransform | None, seed: int, **kwargs: Any):
-        super().__init__(input_dir, seed=seed, **kwargs)
+        # batch_decode=0: each sample is deserialised alone. LitData's "auto" takes these byte samples
+        # for small ones and deserialises windows of them, which with shuffling reads an order of
+        # magnitude slower (benchmarks/input_pipeline.py reads the training split shuffled).
+        super().__init__(input_dir, seed=seed, batch_decode=0, **kwargs)
         self.image_transform = image_transform
         self.sample_seed_base = int(seed)
 
@@ -100,11 +104,11 @@ class ImageShards(StreamingDataset):
         item = super().__getitem__(index)
         position = index.index if isinstance(index, ChunkedIndex) else int(index)
         seed = hash((self.sample_seed_base, int(self.current_epoch), int(position))) & (2**63 - 1)
-        data = torch.frombuffer(bytearray(item["image"]), dtype=torch.uint8)
         label = int(item["label"])
         if self.image_transform is None:
-            return EncodedSample(data, label, seed)
+            return EncodedSample(item["image"], label, seed)
         try:
+            data = torch.frombuffer(bytearray(item["image"]), dtype=torch.uint8)
             return self.image_transform(data, random.Random(seed)), label
         except RuntimeError as err:  # torchvision's decoders raise RuntimeError on corrupt bytes
             raise MRLError(
@@ -133,6 +137,8 @@ class ShardDataModule(EncodedImageDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        # LitData logs its cache settings at INFO for every dataset, in every worker and epoch
+        logging.getLogger("litdata").setLevel(logging.WARNING)
         if int(in_chans) != 3:
             raise MRLError(f"data.in_chans={in_chans}: shards hold RGB images (3 channels).")
         if not input_dir or str(input_dir) in ("???", "None"):
@@ -203,7 +209,7 @@ class ShardDataModule(EncodedImageDataModule):
             self.datasets[split],
             batch_size=batch_size,
             num_workers=workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
             drop_last=train,
             **options,
         )

@@ -15,11 +15,15 @@ class EpochTimer(L.Callback):
 
     The clock runs from the epoch's start to its end, so it measures the
     training loop (data, forward, backward, optimizer, logging, metrics) and not process start-up,
-    data loading setup or validation (run validation separately or disable it).
+    data loading setup or validation (run validation separately or disable it). With
+    ``skip_batches=k`` it starts after the epoch's first ``k`` batches instead: the steady state,
+    without the loader workers' start (short benchmark epochs would overstate it; a real epoch has
+    thousands of steps to spread it over).
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, skip_batches: int = 0) -> None:
         self.path = Path(path)
+        self.skip_batches = int(skip_batches)
         self.times: list[float] = []
         self.samples: list[int] = []
         self._start: float | None = None
@@ -31,11 +35,17 @@ class EpochTimer(L.Callback):
             torch.cuda.synchronize(pl_module.device)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._sync(pl_module)
-        self._start, self._count = time.perf_counter(), 0
+        self._start, self._count = None, 0
+        if self.skip_batches == 0:
+            self._sync(pl_module)
+            self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        self._count += len(batch[1])
+        if self._start is not None:
+            self._count += len(batch[1])
+        elif batch_idx + 1 == self.skip_batches:
+            self._sync(pl_module)
+            self._start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._sync(pl_module)
