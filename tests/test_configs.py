@@ -27,7 +27,12 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS)
 def test_group_option_composes(group, option):
-    extra = ["data.root=/data/imagenet"] if option == "imagefolder" else []
+    extra = {
+        "imagefolder": ["data.root=/data/imagenet"],
+        "imagenet_folder": ["data.root=/data/imagenet"],
+        "shards": ["data.input_dir=/data/shards"],
+        "imagenet": ["data.input_dir=/data/shards"],
+    }.get(option, [])
     cfg = _compose(f"{group}={option}", "paths.output_dir=/tmp/job", *extra)
     # Every interpolation of the group resolves (a typo in one only shows at run time otherwise).
     resolved = OmegaConf.to_container(cfg[group], resolve=True)

@@ -73,7 +73,9 @@ def test_every_recipe_states_purpose_command_and_result():
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_composes_and_resolves(recipe):
-    cfg = _compose(f"experiment={recipe}", "paths.output_dir=/tmp/job", "++data.root=/data/imagenet")
+    cfg = _compose(
+        f"experiment={recipe}", "paths.output_dir=/tmp/job", "++data.input_dir=/data/imagenet-shards"
+    )
     # every interpolation outside Hydra's own node resolves (the lr scaling rule included)
     resolved = _resolved(cfg)
     assert resolved["trainer"]["max_epochs"] >= 1
