@@ -35,14 +35,21 @@ def compose_cfg(overrides: list[str], output_dir: str) -> DictConfig:
         return compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
 
 
-def mrl_train_epochs(overrides: list[str], workdir: Path) -> list[float]:
-    """Run the `mrl-train` console script; return each training epoch's seconds (EpochTimer)."""
+def mrl_train_epochs(overrides: list[str], workdir: Path, skip_batches: int = 0) -> list[float]:
+    """Run the `mrl-train` console script; return each training epoch's seconds (EpochTimer, from its
+    ``skip_batches``-th batch on)."""
+    return mrl_train_timing(overrides, workdir, skip_batches)["epoch_seconds"]
+
+
+def mrl_train_timing(overrides: list[str], workdir: Path, skip_batches: int = 0) -> dict[str, list]:
+    """``{"epoch_seconds": [...], "samples": [...]}`` of an `mrl-train` run (the EpochTimer's record)."""
     timer = workdir / f"epochs_{time.monotonic_ns()}.json"
     args = [
         *overrides,
         *TRAIN_ONLY,
         "+callbacks.timer._target_=mrl.tracking.timing.EpochTimer",
         f"+callbacks.timer.path={timer}",
+        f"+callbacks.timer.skip_batches={skip_batches}",
     ]
     env = {
         **os.environ,
@@ -56,7 +63,7 @@ def mrl_train_epochs(overrides: list[str], workdir: Path) -> list[float]:
     if proc.returncode != 0:
         tail = f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
         raise RuntimeError(f"mrl-train {' '.join(args)} failed:\n{tail}")
-    return json.loads(timer.read_text())["epoch_seconds"]
+    return json.loads(timer.read_text())
 
 
 def bare_loop_epochs(overrides: list[str], device: str = "cpu", bf16: bool = False) -> list[float]:

@@ -49,8 +49,27 @@ def test_platform_overhead_quick():
 
 
 @pytest.mark.slow
-def test_gpu_resnet50_quick():
-    assert "MRL/standard" in run_quick("gpu_resnet50.py")
+def test_gpu_throughput_quick(tmp_path):
+    out = run_quick("gpu_throughput.py", "--out", str(tmp_path / "table.md"))
+    table = (tmp_path / "table.md").read_text()
+    # every eager row ran (compilation is skipped on the CPU) and is compared with the bare step
+    for row in (
+        "bare step, eager",
+        "mrl-train synthetic, eager",
+        "mrl-train shards decode=cpu, eager",
+        "mrl-train shards decode=gpu, eager",
+        "mrl-train synthetic in memory, eager",
+    ):
+        line = next(line for line in table.splitlines() if line.startswith(f"| {row} |"))
+        assert "failed" not in line and "skipped" not in line, line
+        assert row.startswith("bare") or "of bare" in line, line
+    assert "skipped in --quick" in out
+
+
+@pytest.mark.slow
+def test_input_pipeline_quick():
+    out = run_quick("input_pipeline.py")
+    assert "before/now" in out and "img/s/core now" in out and "one loader worker" in out
 
 
 def test_eval_speed_memory_quick():

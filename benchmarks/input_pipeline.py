@@ -1,0 +1,201 @@
+"""Input pipeline on the CPU: host cost per batch, shard reading, decode + crop per core.
+
+    python benchmarks/input_pipeline.py           # ImageNet-like sizes (about 2 minutes on 2 cores)
+    python benchmarks/input_pipeline.py --quick   # tiny (smoke test)
+
+1. Host cost of one training batch of 256 synthetic 224 px images: the float32 per-image items and
+   default collate the synthetic set used before (images generated into memory, stacked per batch)
+   against what the loader does now: item keys only (images rendered on the device), or uint8 images
+   rendered into memory once and gathered per batch (``data.in_memory=true``).
+2. Decode + crop per image on one core (one intra-op thread), on ImageNet-like 500x375 JPEGs of about
+   110 KB (mrl.data.generate): timm's PIL transforms as the ImageFolder datamodule ran them before
+   (``create_transform`` with the ResNet-50 data config, training and evaluation) against
+   mrl.data.preprocess (torchvision decode, uint8 crop and resize; flip and normalisation are per batch
+   on the device and not part of this).
+3. The shard reader: encoded images per second out of LitData shards of those JPEGs, in the process
+   and through one loader worker (what one worker hands on, before decoding), and decoded and cropped
+   by all the cores' loader workers (``data.decode=cpu``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+from timm.data import create_transform
+from torch.utils.data import DataLoader, TensorDataset
+
+from mrl.data.generate import write_image_tree
+from mrl.data.prepare import prepare_shards
+from mrl.data.shards import ShardDataModule
+from mrl.data.synthetic import SyntheticDataModule
+
+RESNET50 = {
+    "interpolation": "bicubic",
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "crop_pct": 0.95,
+    "crop_mode": "center",
+}
+
+
+def per_call_ms(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def host_batch_costs(batch: int, size: int, reps: int) -> None:
+    n = 2 * batch
+    old_images = torch.randn(n, 3, size, size)  # the old in-memory synthetic set: float32 items
+    old = iter(DataLoader(TensorDataset(old_images, torch.zeros(n, dtype=torch.long)), batch, shuffle=True))
+    rows = []
+    for name, loader in (
+        ("float32 items, default collate (before)", lambda: old),
+        (
+            "item keys, rendered on the device (now)",
+            lambda: SyntheticDataModule(img_size=size, train_size=n, batch_size=batch),
+        ),
+        (
+            "uint8 in memory, gathered per batch (now)",
+            lambda: SyntheticDataModule(img_size=size, train_size=n, batch_size=batch, in_memory=True),
+        ),
+    ):
+        source = loader()
+        if isinstance(source, SyntheticDataModule):
+            source.setup()
+            batches = iter(_cycle(source.train_dataloader))
+        else:
+            batches = iter(
+                _cycle(
+                    lambda: DataLoader(
+                        TensorDataset(old_images, torch.zeros(n, dtype=torch.long)), batch, shuffle=True
+                    )
+                )
+            )
+        rows.append((name, per_call_ms(lambda b=batches: next(b), reps)))
+    base = rows[0][1]
+    print(f"\n1. host cost of one batch of {batch} synthetic {size} px images (median ms; before/now)")
+    print(f"{'loader':<44}{'ms/batch':>10}{'before/now':>12}")
+    for name, ms in rows:
+        print(f"{name:<44}{ms:>10.2f}{base / ms:>12.1f}")
+
+
+def _cycle(make: Callable[[], DataLoader]):
+    while True:
+        yield from make()
+
+
+def decode_costs(jpegs: list[bytes], reps: int) -> None:
+    from mrl.data.preprocess import CropSpec, ImageTransform, sample_rng
+
+    timm_train = create_transform(input_size=(3, 224, 224), is_training=True, **RESNET50)
+    timm_eval = create_transform(input_size=(3, 224, 224), is_training=False, **RESNET50)
+    ours_train = ImageTransform(CropSpec.from_data_config(RESNET50, 224), train=True)
+    ours_eval = ImageTransform(CropSpec.from_data_config(RESNET50, 224), train=False)
+    count = [0]
+
+    def cycled(fn: Callable[[bytes], object]) -> Callable[[], object]:
+        def call() -> object:
+            count[0] += 1
+            return fn(jpegs[count[0] % len(jpegs)])
+
+        return call
+
+    def pil(data: bytes) -> Image.Image:
+        return Image.open(io.BytesIO(data)).convert("RGB")
+
+    rows = [
+        (
+            "training",
+            per_call_ms(cycled(lambda d: timm_train(pil(d))), reps),
+            per_call_ms(cycled(lambda d: ours_train(d, sample_rng(0, 0, count[0]))), reps),
+        ),
+        (
+            "evaluation",
+            per_call_ms(cycled(lambda d: timm_eval(pil(d))), reps),
+            per_call_ms(cycled(ours_eval), reps),
+        ),
+    ]
+    kb = statistics.mean(len(j) for j in jpegs) / 1024
+    shape = Image.open(io.BytesIO(jpegs[1])).size
+    print(f"\n2. decode + crop per image, one core, {shape[0]}x{shape[1]} JPEGs of {kb:.0f} KB (median ms)")
+    print(
+        f"{'path':<12}{'timm PIL (before)':>20}{'mrl uint8 (now)':>18}{'speedup':>10}{'img/s/core now':>17}"
+    )
+    for name, before, now in rows:
+        print(f"{name:<12}{before:>20.3f}{now:>18.3f}{before / now:>10.2f}{1000 / now:>17.0f}")
+
+
+def shard_rates(shards: Path, batch: int, workers: int, batches: int) -> None:
+    dm = ShardDataModule(str(shards), img_size=224, batch_size=batch, num_workers=0, decode="gpu")
+    dm.setup()
+    raw = iter(dm.datasets["train"])  # what a worker reads: the shuffled training split
+    n = min(len(dm.datasets["train"]), 2000)
+    start = time.perf_counter()
+    for _ in range(n):
+        next(raw)
+    in_process = n / (time.perf_counter() - start)
+
+    def loader_rate(decode: str, num_workers: int) -> float:
+        dm = ShardDataModule(
+            str(shards), img_size=224, batch_size=batch, num_workers=num_workers, decode=decode
+        )
+        dm.configure_transforms(RESNET50)
+        dm.setup()
+        epochs = dm.train_dataloader()
+        loader = _cycle(lambda: epochs)
+        next(loader)  # workers started, first chunks open
+        start = time.perf_counter()
+        got = 0
+        for _ in range(batches):
+            got += len(next(loader)[-2 if decode == "gpu" else 1])
+        return got / (time.perf_counter() - start)
+
+    print(f"\n3. shard reading ({len(dm.datasets['train'])} training images, shuffled, batch {batch})")
+    print(f"{'what':<58}{'img/s':>10}")
+    print(f"{'encoded bytes, in the process (ImageShards items)':<58}{in_process:>10.0f}")
+    print(f"{'encoded bytes, one loader worker (data.decode=gpu loader)':<58}{loader_rate('gpu', 1):>10.0f}")
+    decoded = f"decoded + cropped 224 px, {workers} loader workers (decode=cpu)"
+    print(f"{decoded:<58}{loader_rate('cpu', workers):>10.0f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--images", type=int, default=2000, help="JPEGs in the generated shards")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    cores = len(os.sched_getaffinity(0))
+    quick = args.quick
+    batch, size = (32, 64) if quick else (256, 224)
+    print(f"torch {torch.__version__}, {cores} cores, one intra-op thread per process", flush=True)
+    host_batch_costs(batch, size, reps=3 if quick else 20)
+    with tempfile.TemporaryDirectory() as tmp:
+        classes = 4 if quick else 100
+        per_class = max(2, (64 if quick else args.images) // classes)
+        jpeg_size = (100, 75) if quick else (500, 375)
+        tree = write_image_tree(
+            Path(tmp, "tree"), classes, {"train": per_class, "val": 1}, jpeg_size, workers=cores
+        )
+        jpegs = [p.read_bytes() for p in sorted(Path(tree, "train").glob("*/*.jpg"))[:50]]
+        decode_costs(jpegs, reps=10 if quick else 400)
+        shards = prepare_shards(str(tree), str(Path(tmp, "shards")), num_workers=cores, progress=False)
+        shard_rates(shards, batch=32 if quick else 256, workers=cores, batches=2 if quick else 7)
+
+
+if __name__ == "__main__":
+    main()
