@@ -16,12 +16,19 @@ CASES = [
     (["head=transformer"], ["head", "Available options", "mrl_e"]),
     (["head.weights=[1,2]", "head.nesting=[4,8,16]"], ["one relative importance weight per size"]),
     (["trainr.max_epochs=3"], ["trainr", "HYDRA_FULL_ERROR"]),
+    (["data=shards", "data.input_dir=/nonexistent/shards"], ["holds no mrl_shards.json", "mrl-prepare-data"]),
+    (["data=shards", "data.input_dir=/x", "data.decode=nvjpeg"], ["not a decode mode", "'cpu'", "'gpu'"]),
+    (
+        ["data=shards", "data.input_dir=/x", "+data.augment.auto_agument=rand-m9"],
+        ["unknown key", "auto_augment"],
+    ),
 ]
 
 
 @pytest.mark.parametrize(("overrides", "expected"), CASES, ids=[c[0][-1].split("=")[0] for c in CASES])
 def test_bad_input_is_explained(run_cli, overrides, expected):
     data = ["data=fashion_mnist"] if overrides[0].startswith("data.") else TINY
+    data = [] if overrides[0].startswith("data=") else data
     result = run_cli("mrl-train", *data, "logger=none", *overrides)
     assert result.returncode != 0
     assert "Traceback" not in result.output
