@@ -147,4 +147,4 @@ def tiny_shards(tiny_image_tree, tmp_path_factory) -> Path:
     from mrl.data.prepare import prepare_shards
 
     out = tmp_path_factory.mktemp("shards") / "shards"
-    return prepare_shards(str(tiny_image_tree), str(out), num_workers=2, chunk_bytes="40KB")
+    return prepare_shards(str(tiny_image_tree), str(out), num_workers=2, chunk_bytes="40KB", progress=False)

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import BIN, read_results
+from mrl.data.encoded import split_encoded
 from mrl.data.generate import make_jpeg
 from mrl.data.prepare import prepare_shards
 from mrl.data.preprocess import decode_rgb
@@ -136,7 +137,7 @@ def test_each_epoch_reads_the_training_split_once_in_a_new_order(tiny_shards):
             [
                 (digest(bytes(data.numpy())), seed)
                 for b in loader
-                for data, seed in zip(b[0], b[2].tolist(), strict=True)
+                for data, seed in zip(split_encoded(b[0], b[1]), b[3].tolist(), strict=True)
             ]
         )
     all_images = sorted(digest(data) for data, _ in stored_items(tiny_shards, "train"))
