@@ -45,7 +45,7 @@ def stored_items(shards: Path, split: str) -> list[tuple[bytes, int]]:
     return [(item["image"], int(item["label"])) for item in (dataset[i] for i in range(len(dataset)))]
 
 
-def datamodule(shards: Path, **kwargs) -> ShardDataModule:
+def datamodule(shards: Path | str, **kwargs) -> ShardDataModule:
     dm = ShardDataModule(str(shards), img_size=32, batch_size=8, eval_batch_size=8, num_workers=0, **kwargs)
     dm.configure_transforms(RESNET_CONFIG)
     dm.setup()
@@ -159,6 +159,16 @@ def test_gpu_decode_gives_the_same_training_batches_as_worker_decode(tiny_shards
     for (x_cpu, y_cpu), (x_gpu, y_gpu) in zip(*batches, strict=True):
         assert torch.equal(y_cpu, y_gpu) and torch.equal(x_cpu, x_gpu)
         assert x_cpu.dtype == torch.float32 and x_cpu.shape == (8, 3, 32, 32)
+
+
+def test_a_remote_input_dir_streams_through_the_local_cache(tiny_shards, tmp_path):
+    """An object-store URI goes to LitData as it is; LitData's ``local:`` scheme stands in for one here:
+    the metadata is downloaded and the chunks are copied into data.cache_dir before they are read."""
+    dm = datamodule(f"local:{tiny_shards}", cache_dir=str(tmp_path / "cache"), decode="gpu")
+    assert dm.num_classes == 4
+    assert sum(len(batch[2]) for batch in dm.train_dataloader()) == 96
+    cached = sorted(p.name for p in (tmp_path / "cache").rglob("chunk-*.bin"))
+    assert len(cached) == len(json.loads((tiny_shards / "train" / "index.json").read_text())["chunks"])
 
 
 def test_gpu_decode_refuses_pil_augmentations(tiny_shards):

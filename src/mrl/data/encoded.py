@@ -118,9 +118,10 @@ class EncodedImageDataModule(MRLDataModule):
         **loader_kwargs,
     ) -> None:
         self.auto_workers = num_workers == "auto"
-        if not self.auto_workers and not str(num_workers).lstrip("-").isdigit():
+        if not self.auto_workers and not (str(num_workers).isdigit() and int(num_workers) >= 0):
             raise MRLError(
-                f"data.num_workers must be a number of loader workers or 'auto', got {num_workers!r}."
+                f"data.num_workers must be a number of loader workers (0: load in the training process) "
+                f"or 'auto', got {num_workers!r}."
             )
         super().__init__(num_workers=0 if self.auto_workers else int(num_workers), **loader_kwargs)
         if decode not in DECODE_MODES:

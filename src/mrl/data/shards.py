@@ -37,7 +37,7 @@ SPLITS = ("train", "val", "test")
 
 
 def is_remote(path: str) -> bool:
-    return "://" in str(path)
+    return "://" in str(path) or str(path).startswith("local:")
 
 
 def join(base: str, *parts: str) -> str:
@@ -85,7 +85,8 @@ def read_metadata(input_dir: str, storage_options: dict | None = None) -> dict[s
 
 
 class ImageShards(StreamingDataset):
-    """One split of a shard directory. Items are ``(uint8 (3, S, S), label)`` with ``transform``, else
+    """One split of a shard directory. Items are ``(uint8 (3, S, S), label)`` with an
+    ``image_transform``, else
     :class:`~mrl.data.encoded.EncodedSample` (``decode=gpu``).
 
     A training crop is drawn from the sample's own seed ``(seed, epoch, index)``: every worker, rank and
@@ -93,9 +94,9 @@ class ImageShards(StreamingDataset):
     """
 
     def __init__(self, input_dir: str, image_transform: ImageTransform | None, seed: int, **kwargs: Any):
-        # batch_decode=0: each sample is deserialised alone. LitData's "auto" takes these byte samples
-        # for small ones and deserialises windows of them, which with shuffling reads an order of
-        # magnitude slower (benchmarks/input_pipeline.py reads the training split shuffled).
+        # batch_decode=0: each sample is deserialised alone. LitData's "auto" deserialises windows of
+        # small samples at once, which for these shuffled byte samples reads an order of magnitude
+        # slower (benchmarks/input_pipeline.py reads the training split shuffled).
         super().__init__(input_dir, seed=seed, batch_decode=0, **kwargs)
         self.image_transform = image_transform
         self.sample_seed_base = int(seed)
