@@ -201,7 +201,10 @@ class EncodedImageDataModule(MRLDataModule):
             return super().transfer_batch_to_device(batch, device, dataloader_idx)
         data, offsets, labels, seeds = batch
         encoded = split_encoded(data, offsets)
-        return self.decode_on(encoded, seeds, device, train=self._training()), labels.to(device)
+        # labels are pinned by the loader (pin_memory): a non-blocking copy leaves the host free
+        return self.decode_on(encoded, seeds, device, train=self._training()), labels.to(
+            device, non_blocking=True
+        )
 
     def decode_on(
         self, encoded: list[torch.Tensor], seeds: torch.Tensor, device: torch.device, train: bool

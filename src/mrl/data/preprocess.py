@@ -279,9 +279,22 @@ def normalize_uint8_batch(
     if flip and flip_prob > 0:
         flipped = torch.rand(x.shape[0], device=x.device, generator=generator) < flip_prob
         x = torch.where(flipped[:, None, None, None], x.flip(-1), x)
-    mean = mean.to(x.device).view(1, -1, 1, 1)
-    std = std.to(x.device).view(1, -1, 1, 1)
+    mean, std = _on_device(mean, std, x.device)
     return x.sub_(mean).div_(std)
+
+
+_STATS_ON_DEVICE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _on_device(
+    mean: torch.Tensor, std: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean`` and ``std`` as ``(1, C, 1, 1)`` tensors on ``device``, copied there once: a copy from
+    pageable host memory at every batch may make the host wait for the device's queue."""
+    key = (tuple(mean.tolist()), tuple(std.tolist()), device)
+    if key not in _STATS_ON_DEVICE:
+        _STATS_ON_DEVICE[key] = (mean.to(device).view(1, -1, 1, 1), std.to(device).view(1, -1, 1, 1))
+    return _STATS_ON_DEVICE[key]
 
 
 class BatchTransform:
