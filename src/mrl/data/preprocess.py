@@ -1,4 +1,4 @@
-"""Image preprocessing on uint8 tensors, equal to timm's ``create_transform`` to within one grey level.
+"""Image preprocessing on uint8 tensors, equal to timm's ``create_transform`` to within a grey level or two.
 
 Split in two halves, so that no float image is ever built or collated on the host:
 
