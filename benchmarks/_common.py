@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -93,19 +94,36 @@ def bare_loop_epochs(overrides: list[str], device: str = "cpu", bf16: bool = Fal
         for batch in loader:
             # the datamodule's own transfer hooks (uint8 -> normalised floats on the device), as in training
             x, y = data.model_inputs(batch, device)
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-                # The same head + loss computation as mrl-train's training step (one fused node by
-                # default), without the per-size accuracy that is part of the platform's cost.
-                per_size, _ = module.criterion.per_size_from_embedding(module.head, module(x), y)
-                loss = module.criterion.combine(per_size)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            train_step(module, optimizer, x, y, device, bf16)
             updates += 1
             scheduler.step_update(num_updates=updates)
         sync(device)
         times.append(time.perf_counter() - start)
     return times
+
+
+def train_step(module, optimizer, x: torch.Tensor, y: torch.Tensor, device: str, bf16: bool) -> None:
+    """Forward, loss, backward and optimizer step: the same head + loss computation as mrl-train's
+    training step (one fused node by default), without the per-size accuracy that is part of the
+    platform's cost."""
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        per_size, _ = module.criterion.per_size_from_embedding(module.head, module(x), y)
+        loss = module.criterion.combine(per_size)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def median_ms(fn: Callable[[], object], reps: int, warmup: int) -> float:
+    """Median milliseconds of ``reps`` calls of ``fn``, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def sync(device: str) -> None:

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import compose_cfg, mrl_train_timing
+from _common import compose_cfg, mrl_train_timing, sync, train_step
 
 SKIP_BATCHES = 5
 
@@ -59,27 +59,14 @@ def bare_step_rate(overrides: list[str], device: str, bf16: bool, compiled: bool
     x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, data.num_classes, (batch,), device=device)
 
-    def step() -> None:
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            per_size, _ = module.criterion.per_size_from_embedding(module.head, module(x), y)
-            loss = module.criterion.combine(per_size)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
     for _ in range(max(3, steps // 5)):  # warm-up: allocator, cuDNN autotuning, compilation
-        step()
+        train_step(module, optimizer, x, y, device, bf16)
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        step()
+        train_step(module, optimizer, x, y, device, bf16)
     sync(device)
     return steps * batch / (time.perf_counter() - start)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def mrl_train_rate(overrides: list[str], workdir: Path, skip: int = SKIP_BATCHES) -> float:

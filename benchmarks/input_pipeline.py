@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _common import median_ms
 from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import DataLoader, TensorDataset
@@ -47,46 +48,25 @@ RESNET50 = {
 }
 
 
-def per_call_ms(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def host_batch_costs(batch: int, size: int, reps: int) -> None:
     n = 2 * batch
-    old_images = torch.randn(n, 3, size, size)  # the old in-memory synthetic set: float32 items
-    old = iter(DataLoader(TensorDataset(old_images, torch.zeros(n, dtype=torch.long)), batch, shuffle=True))
+    # the old in-memory synthetic set: float32 items, stacked by the default collate
+    old = DataLoader(
+        TensorDataset(torch.randn(n, 3, size, size), torch.zeros(n, dtype=torch.long)), batch, shuffle=True
+    )
+    keys = SyntheticDataModule(img_size=size, train_size=n, batch_size=batch)
+    in_memory = SyntheticDataModule(img_size=size, train_size=n, batch_size=batch, in_memory=True)
     rows = []
     for name, loader in (
-        ("float32 items, default collate (before)", lambda: old),
-        (
-            "item keys, rendered on the device (now)",
-            lambda: SyntheticDataModule(img_size=size, train_size=n, batch_size=batch),
-        ),
-        (
-            "uint8 in memory, gathered per batch (now)",
-            lambda: SyntheticDataModule(img_size=size, train_size=n, batch_size=batch, in_memory=True),
-        ),
+        ("float32 items, default collate (before)", old),
+        ("item keys, rendered on the device (now)", keys),
+        ("uint8 in memory, gathered per batch (now)", in_memory),
     ):
-        source = loader()
-        if isinstance(source, SyntheticDataModule):
-            source.setup()
-            batches = iter(_cycle(source.train_dataloader))
-        else:
-            batches = iter(
-                _cycle(
-                    lambda: DataLoader(
-                        TensorDataset(old_images, torch.zeros(n, dtype=torch.long)), batch, shuffle=True
-                    )
-                )
-            )
-        rows.append((name, per_call_ms(lambda b=batches: next(b), reps)))
+        if isinstance(loader, SyntheticDataModule):
+            loader.setup()
+            loader = loader.train_dataloader()
+        batches = _cycle(lambda epoch=loader: epoch)
+        rows.append((name, median_ms(lambda b=batches: next(b), reps, warmup=2)))
     base = rows[0][1]
     print(f"\n1. host cost of one batch of {batch} synthetic {size} px images (median ms; before/now)")
     print(f"{'loader':<44}{'ms/batch':>10}{'before/now':>12}")
@@ -121,13 +101,13 @@ def decode_costs(jpegs: list[bytes], reps: int) -> None:
     rows = [
         (
             "training",
-            per_call_ms(cycled(lambda d: timm_train(pil(d))), reps),
-            per_call_ms(cycled(lambda d: ours_train(d, sample_rng(0, 0, count[0]))), reps),
+            median_ms(cycled(lambda d: timm_train(pil(d))), reps, warmup=2),
+            median_ms(cycled(lambda d: ours_train(d, sample_rng(0, 0, count[0]))), reps, warmup=2),
         ),
         (
             "evaluation",
-            per_call_ms(cycled(lambda d: timm_eval(pil(d))), reps),
-            per_call_ms(cycled(ours_eval), reps),
+            median_ms(cycled(lambda d: timm_eval(pil(d))), reps, warmup=2),
+            median_ms(cycled(ours_eval), reps, warmup=2),
         ),
     ]
     kb = statistics.mean(len(j) for j in jpegs) / 1024

@@ -21,28 +21,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import bare_loop_epochs, mrl_train_epochs, steady
+from _common import bare_loop_epochs, median_ms, mrl_train_epochs, steady
 from _stats import format_interval, paired_ratio
 from torchmetrics.classification import MulticlassAccuracy
 
 from mrl.matryoshka_accuracy import MatryoshkaAccuracy
-
-
-def median_ms(step: Callable[[], None], reps: int) -> float:
-    """Median milliseconds of ``reps`` calls of ``step``, after 10 warm-up calls."""
-    for _ in range(10):
-        step()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def metric_update_costs(sizes: int, batch: int, classes: int, reps: int) -> None:
@@ -75,7 +61,7 @@ def metric_update_costs(sizes: int, batch: int, classes: int, reps: int) -> None
         ("train", per_size_train, lambda: one[1].update(predicted, target)),
         ("eval", per_size_eval, one_eval),
     ):
-        a, b = median_ms(old, reps), median_ms(new, reps)
+        a, b = median_ms(old, reps, warmup=10), median_ms(new, reps, warmup=10)
         print(f"{step:<8}{a:>22.3f}{b:>20.3f}{b / a:>8.3f}")
 
 

@@ -99,12 +99,11 @@ class ImageShards(StreamingDataset):
         # slower (benchmarks/input_pipeline.py reads the training split shuffled).
         super().__init__(input_dir, seed=seed, batch_decode=0, **kwargs)
         self.image_transform = image_transform
-        self.sample_seed_base = int(seed)
 
     def __getitem__(self, index: ChunkedIndex | int) -> Any:
         item = super().__getitem__(index)
         position = index.index if isinstance(index, ChunkedIndex) else int(index)
-        seed = hash((self.sample_seed_base, int(self.current_epoch), int(position))) & (2**63 - 1)
+        seed = hash((int(self.seed), int(self.current_epoch), int(position))) & (2**63 - 1)
         label = int(item["label"])
         if self.image_transform is None:
             return EncodedSample(item["image"], label, seed)

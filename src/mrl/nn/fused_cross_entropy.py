@@ -158,9 +158,8 @@ def _reads_normaliser_off_the_target(device: torch.device) -> bool:
     """Whether the log-normalisers come from the target probabilities (CPU) or from two row maxima.
 
     Both are exact to rounding. Reading them off the target saves two passes over every size's
-    ``(B, C)`` logits per step (MRL-E's step went from 1.20-1.22x to 1.15-1.18x a plain head's on the
-    CPU, benchmarks/README.md), but needs a host-side check for underflowed rows, which on a GPU would
-    make the host wait every step.
+    ``(B, C)`` logits per step (benchmarks/head_loss.py, MRL-E against a plain head on the CPU), but needs
+    a host-side check for underflowed rows, which on a GPU would make the host wait every step.
     """
     return host_reads_are_free(device)
 
@@ -179,14 +178,12 @@ def _class_major(device: torch.device, classes: int, batch: int, efficient: bool
     batch-major ``G`` is repacked for every chunk, and the forward product is written faster that way.
     The softmax over the strided class dimension costs more (see :func:`_shifted_exp_into`), and with
     few classes per row of the batch the matmuls gain nothing or lose. benchmarks/head_loss.py's layout
-    table measures both (``--batch`` for other batch sizes). Measured on a 2-core AMD EPYC:
+    table measures both (``--batch`` for other batch sizes); its runs in benchmarks/README.md set the
+    two thresholds:
 
-    - MRL-E: at B=256 class-major is ahead from C=2000 on and within 2% either way at C=1000; at B=1024
-      it loses up to C=12000 and wins at C=21841. So it is taken from 16 classes per row on.
+    - MRL-E: class-major from 16 classes per row of the batch on.
     - Untied MRL issues twice MRL-E's matmul FLOPs per softmax, so the matmuls' gain outweighs the
-      softmax's cost sooner: at B=256 class-major is 2-10% ahead from C=1000 (3.9 classes per row) on;
-      at B=1024 it is 1-3% behind at C=1000 to 4000, level at C=12000 and ahead at C=21841. So it is
-      taken from 3.5 classes per row on, which gives up about 1% at B=1024 from C=3584 to about 12000.
+      softmax's cost sooner: class-major from 3.5 classes per row on.
 
     GPUs keep ``(B, C)``: cuBLAS needs no repacking and their softmax wants the class dimension
     contiguous.
