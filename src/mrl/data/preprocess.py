@@ -124,11 +124,16 @@ def decode_rgb(data: torch.Tensor | bytes | np.ndarray) -> torch.Tensor:
     return decode_image(data, mode=ImageReadMode.RGB)
 
 
-def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
-    """The random source of one sample's augmentation in one epoch: a function of ``(seed, epoch,
-    index)`` alone, so any worker, rank or resumed run draws the same crop for it."""
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's augmentation in one epoch: a function of ``(seed, epoch, index)`` alone,
+    so any worker, rank or resumed run draws the same crop for it."""
     # int hashing is stable across processes (no hash randomisation for ints)
-    return random.Random(hash((int(seed), int(epoch), int(index))))
+    return hash((int(seed), int(epoch), int(index))) & (2**63 - 1)
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The random source of :func:`sample_seed`."""
+    return random.Random(sample_seed(seed, epoch, index))
 
 
 def random_resized_crop_params(

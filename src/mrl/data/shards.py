@@ -27,7 +27,7 @@ from litdata import StreamingDataLoader, StreamingDataset
 from litdata.streaming.sampler import ChunkedIndex
 
 from mrl.data.encoded import EncodedImageDataModule, EncodedSample
-from mrl.data.preprocess import ImageTransform
+from mrl.data.preprocess import ImageTransform, sample_seed
 from mrl.errors import MRLError
 
 METADATA_NAME = "mrl_shards.json"
@@ -103,7 +103,7 @@ class ImageShards(StreamingDataset):
     def __getitem__(self, index: ChunkedIndex | int) -> Any:
         item = super().__getitem__(index)
         position = index.index if isinstance(index, ChunkedIndex) else int(index)
-        seed = hash((int(self.seed), int(self.current_epoch), int(position))) & (2**63 - 1)
+        seed = sample_seed(self.seed, self.current_epoch, position)
         label = int(item["label"])
         if self.image_transform is None:
             return EncodedSample(item["image"], label, seed)
