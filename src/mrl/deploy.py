@@ -18,7 +18,6 @@ import importlib
 import json
 import logging
 import operator
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mrl.errors import MRLError
+from mrl.files import atomic_path
 from mrl.models.backbone import TimmBackbone, build_with_upsizing
 from mrl.models.heads import head_nesting
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
@@ -223,19 +223,11 @@ class MatryoshkaModel(nn.Module):
         at ``path``.
         """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         # safetensors refuses tensors that share memory; copies also detach from any device.
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
         metadata = {"format": "pt", METADATA_KEY: json.dumps(self.spec, sort_keys=True, default=str)}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())  # on disk before the rename makes it visible
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return path
 
     export = save

@@ -24,12 +24,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from mrl.callbacks import RestoreLoaderPosition, debug_hooks, progress_bar
 from mrl.checkpoints import check_compatible, load_checkpoint
 from mrl.errors import MRLError
+from mrl.files import write_json
 from mrl.lightning_module import MatryoshkaModule
 from mrl.models.backbone import build_with_upsizing
 from mrl.models.heads import build_head
 from mrl.nn.matryoshka_loss import MatryoshkaLoss
 from mrl.tracking.charts import plot_accuracy_vs_size
-from mrl.tracking.results import metrics_to_floats, size_table, write_json
+from mrl.tracking.results import metrics_to_floats, size_table
 
 log = logging.getLogger(__name__)
 

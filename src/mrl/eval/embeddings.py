@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from mrl.errors import MRLError
-from mrl.tracking.results import write_json
+from mrl.files import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +91,11 @@ def export_split(
     device = device or torch.device("cpu")
     module = module.to(device).eval()
     n = len(datamodule.datasets[split])
-    tmp_emb = emb_path.with_name(f".{emb_path.name}.tmp")
-    tmp_lbl = lbl_path.with_name(f".{lbl_path.name}.tmp")
     out = None
     labels = np.empty(n, dtype=np.int64)
     row = 0
-    try:
+    # both files are complete before either appears; the fingerprint, written last, marks them valid
+    with atomic_path(emb_path) as tmp_emb, atomic_path(lbl_path) as tmp_lbl:
         with torch.inference_mode(), _autocast(device, precision):
             for batch in datamodule.split_loader(split):
                 x, y = datamodule.model_inputs(batch, device)
@@ -113,11 +111,5 @@ def export_split(
         del out
         with open(tmp_lbl, "wb") as f:
             np.save(f, labels)
-        os.replace(tmp_emb, emb_path)
-        os.replace(tmp_lbl, lbl_path)
-    except BaseException:
-        tmp_emb.unlink(missing_ok=True)
-        tmp_lbl.unlink(missing_ok=True)
-        raise
     write_json(meta_path, fingerprint)
     return np.load(emb_path, mmap_mode="r"), labels

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mrl.tracking.charts import plot_accuracy_vs_size
-from mrl.tracking.results import atomic_write_text
+from mrl.files import atomic_write_text
+from mrl.tracking.charts import plot_accuracy_vs_size, save_figure
 
 REPORT_KEYS = (
     "sizes",
@@ -77,15 +77,6 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp)
-    _plt().close(fig)
-    tmp.replace(path)  # atomic: never a half-written plot
-    return path
-
-
 def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     """``acc_vs_size.png`` (every method), ``adaptive_classification.png``, ``adaptive_retrieval.png``."""
     paths = []
@@ -121,7 +112,7 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_title("Adaptive classification")
         ax.grid(True, alpha=0.3)
         ax.legend()
-        paths.append(_save(fig, out_dir / "adaptive_classification.png"))
+        paths.append(save_figure(fig, out_dir / "adaptive_classification.png"))
     if report["adaptive_retrieval"]:
         # left: the paper's cost model (MFLOPs/query); right: measured wall-clock per query
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=120, sharey=True)
@@ -145,7 +136,7 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
         axes[0].set_ylabel("mAP@10 (%)")
         axes[1].legend(fontsize=7)
         fig.suptitle("Adaptive retrieval: quality against cost")
-        paths.append(_save(fig, out_dir / "adaptive_retrieval.png"))
+        paths.append(save_figure(fig, out_dir / "adaptive_retrieval.png"))
     return paths
 
 

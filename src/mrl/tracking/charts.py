@@ -7,6 +7,8 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import Logger, WandbLogger
 
+from mrl.files import atomic_path
+
 
 def log_accuracy_vs_size(
     loggers: Iterable[Logger],
@@ -66,10 +68,9 @@ def save_figure(fig, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return path
