@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ REPORT_KEYS = {
     "adaptive_retrieval",
     "exact_retrieval",
     "baselines",
+    "checkpoint",
 }
 # small and fast: 4 sizes, 2 classes' worth of rerank, a few funnels
 EVAL_FAST = [
@@ -226,7 +228,6 @@ def test_checkpoint_without_mrl_config(run_cli, tmp_path):
 def test_eval_config_composes_with_the_paper_defaults():
     from hydra import compose, initialize_config_dir
 
-    from mrl.cli.eval import eval_dir_name
     from mrl.config_path import config_dir
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
@@ -237,8 +238,6 @@ def test_eval_config_composes_with_the_paper_defaults():
     assert list(cfg.retrieval.ks) == [10, 25, 50, 100] and cfg.sizes is None
     assert cfg.logger.wandb.offline is True and cfg.logger.wandb.group is None
     assert cfg.logger.wandb.job_type == "eval" and cfg.embedding_dtype == "float32"
-    assert eval_dir_name(cfg.ckpt_path) == "2026-01-01_00-00-00_abc123_last"
-    assert eval_dir_name("model.ckpt") == "model"
 
 
 def test_bad_checkpoints_in_process(tmp_path):
@@ -278,3 +277,82 @@ def test_report_plots_and_tables_without_k10(tmp_path):
     columns, rows = reporting.per_size_rows(rep)
     assert rows[0][columns.index("map@2")] == 0.5 and rows[0][columns.index("recall@2")] == 0.25
     assert "50.00" in reporting.summary_text(rep)
+
+
+def _copy_run(job: Path, dest: Path, shift: float = 0.0) -> Path:
+    """A copy of a training run at ``dest``; ``shift`` changes its weights (another model, same names)."""
+    shutil.copytree(job, dest, ignore=shutil.ignore_patterns("wandb", "eval"))
+    ckpt = dest / "checkpoints" / "last.ckpt"
+    if shift:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        for key, value in state["state_dict"].items():
+            if key.startswith("head.") and value.is_floating_point():
+                value.add_(shift)
+        torch.save(state, ckpt)
+    return ckpt
+
+
+EVAL_QUICK = [
+    *EVAL_FAST,
+    "methods.adaptive_classification=false",
+    "methods.adaptive_retrieval=false",
+    "methods.baselines=false",
+]
+
+
+@pytest.mark.slow
+def test_evaluations_of_two_runs_with_the_same_job_name_never_share_a_place(run_cli, trained, tmp_path):
+    """Job 0 of sweep A and job 0 of sweep B: each evaluation has its own place and model, a rerun reuses
+    its embeddings, and pointing one at the other's place is refused without touching it."""
+    import mrl
+    from mrl.eval.locations import find_evaluations
+
+    ckpt_a = _copy_run(trained, tmp_path / "sweep_a" / "0")
+    ckpt_b = _copy_run(trained, tmp_path / "sweep_b" / "0", shift=0.5)
+    outs: dict[str, Path] = {}
+    for name, ckpt in (("a", ckpt_a), ("b", ckpt_b)):
+        result = run_cli("mrl-eval", f"ckpt_path={ckpt}", *EVAL_QUICK)
+        assert result.returncode == 0, result.output[-3000:]
+        (outs[name],) = set(result.run_dirs("eval")) - set(outs.values())
+    assert (
+        outs["a"] != outs["b"]
+        and outs["a"].name.startswith("0_last-")
+        and outs["b"].name.startswith("0_last-")
+    )
+    for name, ckpt in (("a", ckpt_a), ("b", ckpt_b)):
+        report = json.loads((outs[name] / "report.json").read_text())
+        assert report["checkpoint"]["path"] == str(ckpt.absolute())
+        # the exported model is this checkpoint's: its head equals the checkpoint's head
+        stored = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        model = mrl.load(outs[name] / "model.safetensors")
+        for key, value in model.head.state_dict().items():
+            assert torch.equal(value, stored[f"head.{key}"])
+        # the training run finds its evaluation through the link mrl-eval left there
+        assert find_evaluations(ckpt.parent.parent) == [(outs[name] / "report.json").resolve()]
+
+    again = run_cli("mrl-eval", f"ckpt_path={ckpt_a}", *EVAL_QUICK)
+    assert again.returncode == 0 and "Reusing" in again.output
+    assert again.run_dirs("eval") == sorted(outs.values())
+
+    before = {p: p.read_bytes() for p in outs["b"].rglob("*") if p.is_file()}
+    refused = run_cli("mrl-eval", f"ckpt_path={ckpt_a}", f"hydra.run.dir={outs['b']}", *EVAL_QUICK)
+    assert refused.returncode != 0 and "Traceback" not in refused.output
+    assert "holds the evaluation of another checkpoint" in refused.stderr
+    assert {p: p.read_bytes() for p in outs["b"].rglob("*") if p.is_file()} == before
+
+
+def test_evaluation_places_are_unique_to_the_checkpoint_content(tmp_path):
+    from mrl.cli.eval import eval_dir_name
+    from mrl.eval.locations import checkpoint_id
+
+    first = tmp_path / "a" / "0" / "checkpoints" / "last.ckpt"
+    second = tmp_path / "b" / "0" / "checkpoints" / "last.ckpt"
+    for path, content in ((first, b"one"), (second, b"two")):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(content)
+    assert eval_dir_name(str(first)) == f"0_last-{checkpoint_id(first)}"
+    assert eval_dir_name(str(first)) != eval_dir_name(str(second))
+    assert eval_dir_name(str(first)) == eval_dir_name(str(first))  # stable: reruns reuse the place
+    before = eval_dir_name(str(first))
+    first.write_bytes(b"one, trained further")  # a resumed run rewrote last.ckpt: a new place
+    assert eval_dir_name(str(first)) not in (before, eval_dir_name(str(second)))

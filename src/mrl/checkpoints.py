@@ -20,14 +20,20 @@ CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a Lightning checkpoint safely; any problem becomes an :class:`MRLError` saying what to do."""
+def require_checkpoint_file(path: str | Path) -> Path:
+    """``path`` if it is a file, else an :class:`MRLError` saying which file to give instead."""
     path = Path(path)
     if not path.is_file():
         raise MRLError(
             f"Checkpoint {path} does not exist. Give the path of a .ckpt file written by mrl-train "
             "(the run's checkpoints/last.ckpt), or resume=<run dir>."
         )
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a Lightning checkpoint safely; any problem becomes an :class:`MRLError` saying what to do."""
+    path = require_checkpoint_file(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

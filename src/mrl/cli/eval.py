@@ -9,17 +9,18 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from mrl.cli.common import register_resolvers, report_user_errors
+from mrl.cli.common import fail, register_resolvers, report_user_errors
 from mrl.config_path import config_dir
+from mrl.errors import MRLError
+from mrl.eval.locations import check_output_dir, checkpoint_id, standalone_dir_name
 
 
 def eval_dir_name(ckpt_path: str) -> str:
-    """``<training run dir>_<checkpoint stem>``: the same checkpoint always gets the same output dir, so
-    a second evaluation reuses its exported embeddings."""
-    ckpt = Path(str(ckpt_path))
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    name = f"{run_dir.name}_{ckpt.stem}" if run_dir.name else ckpt.stem
-    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in name) or "checkpoint"
+    """``<training run dir>_<checkpoint stem>-<content id>``: one output dir per checkpoint, the same one
+    whenever that checkpoint is evaluated again (so its exported embeddings are reused)."""
+    if not Path(str(ckpt_path)).is_file():
+        return Path(str(ckpt_path)).stem or "checkpoint"  # refused before any work, in evaluate()
+    return standalone_dir_name(ckpt_path, checkpoint_id(ckpt_path))
 
 
 @report_user_errors
@@ -28,13 +29,29 @@ def run(cfg: DictConfig) -> None:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     from mrl.eval.run import evaluate  # heavy imports after Hydra has parsed the command line
 
-    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    Path(resolved.paths.output_dir).mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(resolved, Path(resolved.paths.output_dir) / "eval_config.yaml")
-    evaluate(resolved)
+    evaluate(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)))
+
+
+def check_before_hydra(argv: list[str]) -> None:
+    """Refuse a missing checkpoint, or an explicit output dir holding another checkpoint's evaluation,
+    before Hydra creates (or writes its config into) the output dir."""
+    args = dict(a.split("=", 1) for a in argv[1:] if "=" in a and not a.startswith("-"))
+    ckpt = args.get("ckpt_path")
+    if not ckpt or "${" in ckpt:
+        return
+    from mrl.checkpoints import require_checkpoint_file  # imports torch: only when there is a path
+
+    try:
+        require_checkpoint_file(ckpt)
+        run_dir = args.get("hydra.run.dir")
+        if run_dir and "${" not in run_dir:
+            check_output_dir(Path(run_dir.strip("'\"")), ckpt, checkpoint_id(ckpt))
+    except MRLError as err:
+        fail(str(err))
 
 
 def main() -> None:
+    check_before_hydra(sys.argv)
     register_resolvers()
     if not OmegaConf.has_resolver("mrl_eval_name"):
         OmegaConf.register_new_resolver("mrl_eval_name", eval_dir_name)

@@ -15,10 +15,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mrl.errors import MRLError
+from mrl.eval.locations import after_training_dir, checkpoint_id
 
 log = logging.getLogger(__name__)
-
-EVAL_SUBDIR = "eval"
 
 
 def compose_eval_config() -> DictConfig:
@@ -56,7 +55,7 @@ def eval_config_after_training(
     trained_wandb = (train_cfg.get("logger") or {}).get("wandb")
     with open_dict(cfg):
         cfg.ckpt_path = str(ckpt_path)
-        cfg.paths.output_dir = str(job_dir / EVAL_SUBDIR)
+        cfg.paths.output_dir = str(after_training_dir(job_dir, ckpt_path, checkpoint_id(ckpt_path)))
         cfg.paths.log_dir = str(job_dir)
         if trained_wandb and trained_wandb.get("_target_"):
             for key in ("project", "offline", "tags"):
@@ -75,8 +74,5 @@ def evaluate_after_training(
     from mrl.eval.run import evaluate
 
     cfg = eval_config_after_training(settings, ckpt_path, job_dir, train_cfg)
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out / "eval_config.yaml")
-    log.info("evaluating %s into %s", ckpt_path, out)
+    log.info("evaluating %s into %s", ckpt_path, cfg.paths.output_dir)
     return evaluate(cfg)

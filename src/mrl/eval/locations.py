@@ -16,6 +16,7 @@ refuses to write into a directory that belongs to another checkpoint.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -36,7 +37,14 @@ CHECKPOINT_DIR_NAME = "checkpoints"
 
 
 def checkpoint_id(path: str | Path) -> str:
-    """A short content hash of the checkpoint file (SHA-256, streamed: a few hundred ms for ResNet-50)."""
+    """A short content hash of the checkpoint file (SHA-256, streamed; computed once per file version)."""
+    stat = os.stat(path)
+    return _content_id(str(Path(path).absolute()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _content_id(path: str, size: int, mtime_ns: int) -> str:
+    # size and mtime are part of the cache key only, so a rewritten file is hashed again
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 23), b""):
@@ -77,12 +85,9 @@ def checkpoint_record(ckpt_path: str | Path, ckpt_id: str) -> dict[str, Any]:
     return {"path": str(ckpt), "id": ckpt_id, "run_dir": str(training_run_dir(ckpt))}
 
 
-def claim_output_dir(out_dir: Path, ckpt_path: str | Path, ckpt_id: str) -> None:
-    """Make ``out_dir`` the place of this checkpoint's evaluation, refusing one that holds another's.
-
-    Raises :class:`MRLError` before anything is written when ``out_dir`` already holds the results of
-    a different checkpoint (or results it cannot attribute to any).
-    """
+def check_output_dir(out_dir: Path, ckpt_path: str | Path, ckpt_id: str) -> None:
+    """Raise :class:`MRLError` when ``out_dir`` already holds the results of a different checkpoint (or
+    results it cannot attribute to any checkpoint)."""
     out_dir = Path(out_dir)
     record_path = out_dir / CHECKPOINT_RECORD
     if record_path.is_file():
@@ -103,7 +108,14 @@ def claim_output_dir(out_dir: Path, ckpt_path: str | Path, ckpt_id: str) -> None
             "may belong to another model; nothing was written. Choose an empty directory with "
             "hydra.run.dir=<dir>, or move that report away."
         )
-    atomic_write_text(record_path, json.dumps(checkpoint_record(ckpt_path, ckpt_id), indent=2) + "\n")
+
+
+def claim_output_dir(out_dir: Path, ckpt_path: str | Path, ckpt_id: str) -> None:
+    """Make ``out_dir`` the place of this checkpoint's evaluation (after :func:`check_output_dir`)."""
+    check_output_dir(out_dir, ckpt_path, ckpt_id)
+    record_path = Path(out_dir) / CHECKPOINT_RECORD
+    if not record_path.is_file():
+        atomic_write_text(record_path, json.dumps(checkpoint_record(ckpt_path, ckpt_id), indent=2) + "\n")
 
 
 def link_to_training_run(eval_dir: Path, ckpt_path: str | Path, ckpt_id: str) -> Path | None:

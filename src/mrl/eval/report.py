@@ -19,6 +19,7 @@ REPORT_KEYS = (
     "adaptive_retrieval",
     "exact_retrieval",
     "baselines",
+    "checkpoint",
 )
 
 
@@ -35,8 +36,10 @@ def build_report(
     adaptive_retrieval: list,
     exact_retrieval: dict,
     baselines: dict,
+    checkpoint: dict | None = None,
 ) -> dict[str, Any]:
-    """The report in the documented shape (a disabled method leaves its section empty)."""
+    """The report in the documented shape (a disabled method leaves its section empty); ``checkpoint``
+    says which checkpoint was evaluated (``mrl.eval.locations.checkpoint_record``)."""
     return {
         "sizes": [int(d) for d in sizes],
         "linear": _str_keys(linear),
@@ -52,6 +55,7 @@ def build_report(
             "svd_1nn": _str_keys(baselines.get("svd_1nn", {})),
             "slice_1nn": _str_keys(baselines.get("slice_1nn", {})),
         },
+        "checkpoint": dict(checkpoint or {}),
     }
 
 

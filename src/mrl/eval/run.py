@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mrl.checkpoints import require_checkpoint_file
 from mrl.errors import MRLError
 from mrl.eval import adaptive_classification as adaptive_cls
 from mrl.eval import adaptive_retrieval as adaptive_ret
@@ -19,6 +20,7 @@ from mrl.eval import linear as linear_eval
 from mrl.eval import report as reporting
 from mrl.eval.baseline_knn import posthoc_one_nn
 from mrl.eval.embeddings import export_split
+from mrl.eval.locations import checkpoint_id, checkpoint_record, claim_output_dir, link_to_training_run
 from mrl.eval.model import fingerprint, load_for_eval
 from mrl.eval.retrieval import retrieval_metrics
 from mrl.nn.nesting import default_nesting
@@ -94,7 +96,10 @@ def _one_nn_baselines(bc: DictConfig, kind: str | None) -> bool:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run every enabled evaluator on ``cfg.ckpt_path``; write report.json, plots, W&B; return the report."""
     out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    require_checkpoint_file(cfg.ckpt_path)
+    ckpt_id = checkpoint_id(cfg.ckpt_path)
+    claim_output_dir(out_dir, cfg.ckpt_path, ckpt_id)  # refuses another checkpoint's results first
+    OmegaConf.save(cfg, out_dir / "eval_config.yaml")
     torch.manual_seed(cfg.seed)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
@@ -259,9 +264,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     lap("baselines")
 
     report = reporting.build_report(
-        sizes, linear, knn, retrieval, adaptive_classification, adaptive_retrieval, exact, baselines
+        sizes,
+        linear,
+        knn,
+        retrieval,
+        adaptive_classification,
+        adaptive_retrieval,
+        exact,
+        baselines,
+        checkpoint_record(cfg.ckpt_path, ckpt_id),
     )
     reporting.write_report(report, out_dir)
+    link_to_training_run(out_dir, cfg.ckpt_path, ckpt_id)
     pngs = reporting.write_plots(report, out_dir)
     wandb_dir = _log_wandb(cfg, train_cfg, report, pngs)
     elapsed = time.perf_counter() - started
