@@ -1,5 +1,6 @@
 """The real `mrl-train` command, end to end on tiny data."""
 
+import json
 import os
 import subprocess
 
@@ -136,4 +137,48 @@ def test_ema_and_compile_options_train(run_cli):
     ckpt = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     # In-place compile keeps parameter names: the checkpoint loads into an uncompiled model.
     assert not any("_orig_mod" in k for k in ckpt["state_dict"])
-    assert any("EMAWeightAveraging" in k or "WeightAveraging" in k for k in ckpt.get("callbacks", {}))
+    assert any(k.startswith("EMAWeights") for k in ckpt.get("callbacks", {}))
+
+
+@pytest.mark.slow
+def test_ema_weights_are_the_model_every_result_describes(run_cli):
+    """callbacks=ema: results.json's test numbers, the checkpoint, mrl-eval and mrl.load are one model (the
+    averaged weights), not the raw training weights in one place and the average in another."""
+    import mrl
+
+    result = run_cli(
+        "mrl-train",
+        "callbacks=ema",
+        "callbacks.ema.decay=0.95",
+        "logger=none",
+        *TINY,
+        "data.train_size=512",
+        "trainer.max_epochs=2",
+        "head.nesting=[4,8,16]",
+        "backbone.embed_dim=16",
+    )
+    assert result.returncode == 0, result.output[-3000:]
+    (job,) = result.run_dirs()
+    results = read_results(job)
+    ckpts = sorted((job / "checkpoints").glob("epoch*.ckpt"))
+    state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
+    # the checkpoint holds the average as its model and the raw weights aside; they differ
+    assert any(not torch.equal(v, state["current_model_state"][k]) for k, v in state["state_dict"].items())
+    evaluated = run_cli(
+        "mrl-eval",
+        f"ckpt_path={ckpts[-1]}",
+        "methods.knn=false",
+        "methods.retrieval=false",
+        "methods.adaptive_classification=false",
+        "methods.adaptive_retrieval=false",
+        "methods.baselines=false",
+        "logger=none",
+    )
+    assert evaluated.returncode == 0, evaluated.output[-3000:]
+    (out,) = evaluated.run_dirs("eval")
+    report = json.loads((out / "report.json").read_text())
+    for d in (4, 8, 16):
+        assert report["linear"][str(d)]["top1"] == pytest.approx(results[f"test/acc@{d}"], abs=1e-6), d
+    model = mrl.load(out / "model.safetensors")
+    for key, value in model.head.state_dict().items():
+        assert torch.equal(value, state["state_dict"][f"head.{key}"])
