@@ -6,6 +6,7 @@ only, so a file crafted to run code when unpickled is refused instead of execute
 
 from __future__ import annotations
 
+import logging
 import pickle
 import zipfile
 from pathlib import Path
@@ -15,6 +16,8 @@ import torch
 from torch import nn
 
 from mrl.errors import MRLError
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
@@ -129,16 +132,32 @@ def check_config_targets(config: Any, path: str | Path, where: str = "mrl_config
 
 
 def last_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint a resumed run continues from: the newest of ``checkpoints/last.ckpt`` and the
-    ``hpc_ckpt_*.ckpt`` files Lightning writes on a SLURM preemption signal (in the run dir)."""
-    candidates = [run_dir / CHECKPOINT_DIR / LAST, *run_dir.glob("hpc_ckpt_*.ckpt")]
-    existing = [p for p in candidates if p.is_file()]
+    """The checkpoint a resumed run continues from: the newest one that loads, among
+    ``checkpoints/*.ckpt`` and the ``hpc_ckpt_*.ckpt`` files Lightning writes on a SLURM preemption
+    signal (in the run dir). A truncated or corrupt newer file is skipped with a warning."""
+    candidates = [*(run_dir / CHECKPOINT_DIR).glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+    existing = sorted(
+        (p for p in candidates if p.is_file()), key=lambda p: p.stat().st_mtime_ns, reverse=True
+    )
     if not existing:
         raise MRLError(
             f"{run_dir} holds no checkpoint to resume from ({CHECKPOINT_DIR}/{LAST} is missing): the run "
             "was stopped before its first checkpoint. Start it again without resume=."
         )
-    return max(existing, key=lambda p: p.stat().st_mtime_ns)
+    problems = []
+    for path in existing:
+        try:
+            load_checkpoint(path)
+        except MRLError as err:
+            problems.append(f"{path.name}: {err}")
+            continue
+        for problem in problems:
+            log.warning("Skipping a checkpoint that cannot be loaded: %s", problem)
+        return path
+    raise MRLError(
+        f"None of the checkpoints of {run_dir} can be loaded ({'; '.join(problems)}). Start the run again "
+        "without resume=, or give a good checkpoint with ckpt_path=<file>."
+    )
 
 
 def _get(config: dict, keys: tuple[str, ...]) -> Any:

@@ -7,6 +7,7 @@ tests all run the same code.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
@@ -22,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mrl.callbacks import RestoreLoaderPosition, debug_hooks, progress_bar
+from mrl.checkpoint_io import AtomicCheckpointIO
 from mrl.checkpoints import check_compatible, load_checkpoint
 from mrl.errors import MRLError
 from mrl.files import write_json
@@ -30,7 +32,7 @@ from mrl.models.backbone import build_with_upsizing
 from mrl.models.heads import build_head
 from mrl.nn.matryoshka_loss import MatryoshkaLoss
 from mrl.tracking.charts import plot_accuracy_vs_size
-from mrl.tracking.results import metrics_to_floats, size_table
+from mrl.tracking.results import RESULTS_NAME, metrics_to_floats, read_results, size_table
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +57,7 @@ def build_module(cfg: DictConfig, num_classes: int, in_chans: int, img_size: int
     head_cfg = OmegaConf.to_container(cfg.head, resolve=True)
     head = build_head(embed_dim=backbone.embed_dim, num_classes=num_classes, **head_cfg)
     weights = head_cfg.get("weights")
-    if weights is not None and len(weights) != len(head.nesting):
-        raise MRLError(
-            f"head.weights has {len(weights)} entries but the head trains {len(head.nesting)} sizes "
-            f"{head.nesting}: give one relative importance weight per size, or head.weights=null."
-        )
+    check_loss_weights(weights, head.nesting)
     loss = MatryoshkaLoss(weights=weights, fused=head_cfg.get("fused", True), **cfg.get("loss", {}))
     optimizer = instantiate(cfg.optim) if cfg.get("optim") else None
     scheduler = instantiate(cfg.sched) if cfg.get("sched") and cfg.sched.get("_target_") else None
@@ -73,6 +71,28 @@ def build_module(cfg: DictConfig, num_classes: int, in_chans: int, img_size: int
         compile=bool(cfg.get("compile", False)),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
+
+
+def check_loss_weights(weights: list | None, nesting: list[int]) -> None:
+    """``head.weights``: one finite, non-negative relative importance per size, not all zero (a loss
+    weighted by zeros never moves, and the run would report an untrained model)."""
+    if weights is None:
+        return
+    if len(weights) != len(nesting):
+        raise MRLError(
+            f"head.weights has {len(weights)} entries but the head trains {len(nesting)} sizes "
+            f"{nesting}: give one relative importance weight per size, or head.weights=null."
+        )
+    try:
+        values = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        values = [float("nan")]
+    if not all(math.isfinite(w) and w >= 0 for w in values) or not any(w > 0 for w in values):
+        raise MRLError(
+            f"head.weights={list(weights)} cannot train: each size's weight must be a finite number >= 0 "
+            "and at least one must be positive (the loss is their weighted sum). Use e.g. "
+            f"head.weights=[{','.join('1' for _ in nesting)}] or head.weights=null."
+        )
 
 
 def build_module_for_data(cfg: DictConfig, datamodule) -> MatryoshkaModule:
@@ -190,6 +210,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = build_module_for_data(cfg, datamodule)
     datamodule.configure_transforms(module.backbone.data_config())
     datamodule.prepare_data()
+    previous_results = read_results(output_dir) if cfg.get("resume") else {}
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path:
         # Read (safely) and checked here, before training starts, so a wrong file gets a clear message.
@@ -208,6 +229,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # compiled twice (three compiles in all; TORCH_LOGS=recompiles shows them, and the compile test
         # in tests/test_train_cli.py counts them). no_grad evaluation keeps one eval graph.
         extra["inference_mode"] = False
+    if "plugins" not in cfg.trainer:
+        extra["plugins"] = [AtomicCheckpointIO()]  # checkpoints appear only when complete
     try:
         trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **extra)
     except (InstantiationException, MisconfigurationException) as err:
@@ -226,13 +249,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         except FloatingPointError as err:
             raise MRLError(f"{err} (checkpoints: {output_dir / 'checkpoints'})") from None
-        results = metrics_to_floats(trainer.callback_metrics)
+        if trainer.global_step == 0:
+            raise MRLError(
+                "The run ended without a single optimizer step, so there is no trained model to test or "
+                "report; nothing was written to results.json. Give it at least one epoch with at least one "
+                f"training batch (trainer.max_epochs={cfg.trainer.get('max_epochs')}; check also "
+                "trainer.max_steps, trainer.limit_train_batches and the size of the training data)."
+            )
+        # A resumed run adds to its results, never drops them: a run resumed after it had finished
+        # trains no more and logs only the test metrics again.
+        results = {**previous_results, **metrics_to_floats(trainer.callback_metrics)}
         if cfg.get("test", True):
-            has_best = trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path
             trainer.test(
                 module,
                 datamodule=datamodule,
-                ckpt_path="best" if has_best else None,
+                ckpt_path=_best_checkpoint(trainer, output_dir),
                 verbose=False,
                 weights_only=True,
             )
@@ -257,8 +288,7 @@ def _evaluate_checkpoint(cfg: DictConfig, trainer: L.Trainer, output_dir: Path) 
     from mrl.checkpoints import CHECKPOINT_DIR, LAST
     from mrl.eval.after_training import evaluate_after_training
 
-    callback = trainer.checkpoint_callback
-    best = getattr(callback, "best_model_path", "") if callback is not None else ""
+    best = _best_checkpoint(trainer, output_dir)
     ckpt = Path(best) if best else output_dir / CHECKPOINT_DIR / LAST
     if not ckpt.is_file():
         raise MRLError(
@@ -268,9 +298,27 @@ def _evaluate_checkpoint(cfg: DictConfig, trainer: L.Trainer, output_dir: Path) 
     evaluate_after_training(cfg.evaluate, ckpt, output_dir, cfg)
 
 
+def _best_checkpoint(trainer: L.Trainer, output_dir: Path) -> str | None:
+    """The best checkpoint of this run (None without one): the test and ``evaluate=`` use it.
+
+    A run resumed after its directory was moved or copied restores the old absolute path from the
+    checkpoint's callback state; the file with that name in this run's checkpoint dir is the one meant.
+    """
+    from mrl.checkpoints import CHECKPOINT_DIR
+
+    callback = trainer.checkpoint_callback
+    best = getattr(callback, "best_model_path", "") if callback is not None else ""
+    if not best:
+        return None
+    path = Path(best)
+    if not path.is_relative_to(output_dir):
+        path = output_dir / CHECKPOINT_DIR / path.name
+    return str(path) if path.is_file() else None
+
+
 def _report(results: dict[str, float], sizes: list[int], output_dir: Path, loggers: list[Logger]) -> None:
     """results.json, the accuracy-vs-size PNG, W&B summary and the terminal table (rank zero only)."""
-    write_json(output_dir / "results.json", results)
+    write_json(output_dir / RESULTS_NAME, results)
     stage = "test" if any(f"test/acc@{d}" in results for d in sizes) else "val"
     png = plot_accuracy_vs_size(
         {stage: (sizes, [results.get(f"{stage}/acc@{d}", float("nan")) for d in sizes])},

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -45,7 +46,7 @@ def resume_argv(argv: list[str]) -> list[str]:
 def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
     """The stopped run's config with the command line's ``key=value`` overrides, starting from its
     newest checkpoint (``ckpt_path`` unless one was given)."""
-    cfg = OmegaConf.load(run_dir / RESOLVED_CONFIG_NAME)
+    cfg = relocate(OmegaConf.load(run_dir / RESOLVED_CONFIG_NAME), run_dir)
     explicit_ckpt = False
     for override in OverridesParser.create().parse_overrides(overrides):
         key = override.key_or_group
@@ -71,6 +72,30 @@ def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
         if not explicit_ckpt:
             cfg.ckpt_path = str(last_checkpoint(run_dir))
     return cfg
+
+
+def relocate(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """The config with every path inside the run's recorded output dir moved to ``run_dir``.
+
+    A run directory that was copied or moved keeps its old absolute paths in resolved_config.yaml
+    (output dir, checkpoint dir, logger dirs); resuming it must write where it is now, never into the
+    place it came from (which may hold the original run, still in use).
+    """
+    old = str((cfg.get("paths") or {}).get("output_dir") or "")
+    new = str(run_dir)
+    if not old or old == new:
+        return cfg
+
+    def move(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        if isinstance(value, str) and (value == old or value.startswith(old.rstrip("/") + "/")):
+            return new + value[len(old) :]
+        return value
+
+    return OmegaConf.create(move(OmegaConf.to_container(cfg, resolve=False)))
 
 
 def requeued_run(output_dir: Path) -> bool:

@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
+
+RESULTS_NAME = "results.json"
+
+
+def read_results(output_dir: Path) -> dict[str, float]:
+    """A job's earlier ``results.json`` (empty when it has none or it cannot be read)."""
+    try:
+        data = json.loads((Path(output_dir) / RESULTS_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: float(v) for k, v in data.items() if isinstance(v, (int, float))}
 
 
 def metrics_to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
