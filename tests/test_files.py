@@ -34,3 +34,29 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         raise RuntimeError("disk full")
     assert path.read_text() == "old\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+@pytest.mark.slow
+def test_a_jobs_result_files_are_readable_as_the_umask_allows(run_cli, umask):
+    """Every file a training job and its evaluation write (results, plots, checkpoints, embeddings,
+    model.safetensors) gets the umask's mode: group-readable and -writable under 002."""
+    from conftest import TINY
+
+    umask(0o002)
+    result = run_cli(
+        "mrl-train",
+        *TINY,
+        "logger=none",
+        "head.nesting=[4,8,16]",
+        "backbone.embed_dim=16",
+        "evaluate={methods: {adaptive_retrieval: false, adaptive_classification: false, baselines: false}}",
+    )
+    assert result.returncode == 0, result.output[-3000:]
+    (job,) = result.run_dirs()
+    files = [p for p in job.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"results.json", "report.json", "model.safetensors", "last.ckpt", "acc_vs_size.png"} <= names
+    assert {"train_embeddings.npy", "test_labels.npy", "checkpoint.json"} <= names
+    wrong = {str(p.relative_to(job)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+    wrong = {k: v for k, v in wrong.items() if v != oct(0o664)}
+    assert not wrong, wrong
