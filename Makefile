@@ -6,12 +6,13 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 .PHONY: install data train test test-fast lint format clean
 
-$(BIN)/mrl-train: pyproject.toml
+$(BIN)/mrl-train: pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11 or run make PYTHON=python3"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	# torch/torchvision first, pinned, with pip (they lie on the build machines' disk)
-	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e ".[dev]"
+	# torch/torchvision first, with pip (they lie on the build machines' disk); the tested versions of
+	# everything come from constraints.txt, the package itself only asks for compatible ranges
+	$(BIN)/pip install --quiet -c constraints.txt torch torchvision
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	@touch $@
 
 install: $(BIN)/mrl-train

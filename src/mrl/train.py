@@ -46,8 +46,11 @@ def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return hydra_instantiate(node, *args, **kwargs)
     except InstantiationException as err:
-        if isinstance(err.__cause__, MRLError):
-            raise err.__cause__ from None
+        cause: BaseException | None = err.__cause__
+        while cause is not None:  # Hydra may wrap it twice (an import error locating the target)
+            if isinstance(cause, MRLError):
+                raise cause from None
+            cause = cause.__cause__
         raise
 
 

@@ -23,12 +23,21 @@ from typing import Any
 os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
 
 import torch
-from litdata import StreamingDataLoader, StreamingDataset
-from litdata.streaming.sampler import ChunkedIndex
+
+from mrl.errors import MRLError
+
+try:
+    from litdata import StreamingDataLoader, StreamingDataset
+    from litdata.streaming.sampler import ChunkedIndex
+except ImportError as err:  # an optional dependency: the `shards` extra
+    raise MRLError(
+        f"Shards (data=shards, data=imagenet, mrl-prepare-data) need LitData, which is not installed here "
+        f"({err}). Install mrl's shards extra: pip install 'mrl[shards]' (or pip install 'litdata>=0.2.76'), "
+        "or read an image folder instead with data=imagefolder / data=imagenet_folder."
+    ) from None
 
 from mrl.data.encoded import EncodedImageDataModule, EncodedSample
 from mrl.data.preprocess import ImageTransform, sample_seed
-from mrl.errors import MRLError
 
 METADATA_NAME = "mrl_shards.json"
 FORMAT = "mrl-image-shards"
