@@ -82,11 +82,15 @@ def test_corrupt_missing_and_malicious_checkpoints_are_refused(run_cli, tmp_path
     )
     assert _fingerprint(earlier) == before
 
-    # Corrupt (truncated) last.ckpt, then none at all, through the real resume path.
-    good = ckpt.read_bytes()
-    ckpt.write_bytes(good[: len(good) // 3])
+    # Every checkpoint truncated (a lone bad one is skipped for the newest intact one: see
+    # test_resume_in_place.py), then none at all, through the real resume path.
+    ckpts = sorted((earlier / "checkpoints").glob("*.ckpt"))
+    assert len(ckpts) >= 2
+    for path in ckpts:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
     _assert_clear_failure(run_cli("mrl-train", f"resume={earlier}"), "corrupt or truncated")
-    ckpt.unlink()
+    for path in ckpts:
+        path.unlink()
     _assert_clear_failure(run_cli("mrl-train", f"resume={earlier}"), "no checkpoint to resume from")
 
     # A checkpoint that runs code when unpickled: refused, and the code never runs.

@@ -90,6 +90,7 @@ def test_fashion_mnist_job_and_terminal_summary(run_cli, tiny_fashion_mnist):
         "mrl-train",
         f"data.data_dir={tiny_fashion_mnist}",
         "data.val_size=100",
+        "data.batch_size=50",  # 200 training images: 4 steps (the default batch would drop them all)
         "trainer.max_epochs=1",
         "logger=csv",
         "threads=1",
@@ -108,6 +109,7 @@ def test_backbone_needing_larger_images_gets_resized_data(run_cli, tiny_fashion_
         "backbone.name=convnext_atto",
         f"data.data_dir={tiny_fashion_mnist}",
         "data.val_size=100",
+        "data.batch_size=50",
         "trainer.max_epochs=1",
         "logger=none",
         "threads=1",

@@ -19,6 +19,10 @@ from mrl.errors import MRLError
 
 log = logging.getLogger(__name__)
 
+class CorruptCheckpoint(MRLError):
+    """A checkpoint file that cannot be read (truncated, damaged, not a checkpoint at all)."""
+
+
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
 
@@ -49,7 +53,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             "plain tensors."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        raise MRLError(
+        raise CorruptCheckpoint(
             f"Checkpoint {path} is corrupt or truncated and cannot be read ({_first_line(err)}). Use "
             f"another checkpoint of the run (in its {CHECKPOINT_DIR}/ folder) or train from scratch."
         ) from None
@@ -134,7 +138,8 @@ def check_config_targets(config: Any, path: str | Path, where: str = "mrl_config
 def last_checkpoint(run_dir: Path) -> Path:
     """The checkpoint a resumed run continues from: the newest one that loads, among
     ``checkpoints/*.ckpt`` and the ``hpc_ckpt_*.ckpt`` files Lightning writes on a SLURM preemption
-    signal (in the run dir). A truncated or corrupt newer file is skipped with a warning."""
+    signal (in the run dir). A truncated or corrupt newer file is skipped with a warning; one refused as
+    unsafe is an error (someone put it there)."""
     candidates = [*(run_dir / CHECKPOINT_DIR).glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
     existing = sorted(
         (p for p in candidates if p.is_file()), key=lambda p: p.stat().st_mtime_ns, reverse=True
@@ -148,7 +153,7 @@ def last_checkpoint(run_dir: Path) -> Path:
     for path in existing:
         try:
             load_checkpoint(path)
-        except MRLError as err:
+        except CorruptCheckpoint as err:
             problems.append(f"{path.name}: {err}")
             continue
         for problem in problems:

@@ -257,7 +257,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 "The run ended without a single optimizer step, so there is no trained model to test or "
                 "report; nothing was written to results.json. Give it at least one epoch with at least one "
                 f"training batch (trainer.max_epochs={cfg.trainer.get('max_epochs')}; check also "
-                "trainer.max_steps, trainer.limit_train_batches and the size of the training data)."
+                "trainer.max_steps, trainer.limit_train_batches, and that the training split holds at "
+                f"least one full batch of data.batch_size={cfg.data.get('batch_size')}: the last "
+                "incomplete batch is dropped)."
             )
         # A resumed run adds to its results, never drops them: a run resumed after it had finished
         # trains no more and logs only the test metrics again.
