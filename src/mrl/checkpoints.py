@@ -19,6 +19,7 @@ from mrl.errors import MRLError
 
 log = logging.getLogger(__name__)
 
+
 class CorruptCheckpoint(MRLError):
     """A checkpoint file that cannot be read (truncated, damaged, not a checkpoint at all)."""
 
