@@ -146,8 +146,8 @@ class MatryoshkaModule(L.LightningModule):
         """Whether to log step metrics now: where the loggers write them (every ``log_every_n_steps``)
         and at each epoch's last batch (so ``train/loss`` always reaches the results).
 
-        Each ``self.log`` call costs about 2-3 ms of Python on a CPU; values logged on the other steps
-        are overwritten unseen, and on a small model those calls were ~5% of the epoch.
+        Each ``self.log`` call costs Python time, and values logged on the other steps are overwritten
+        unseen (benchmarks/platform_overhead.py; benchmarks/README.md, "Platform overhead").
         """
         every = max(1, int(getattr(self.trainer, "log_every_n_steps", 1) or 1))
         last = batch_idx + 1 >= self.trainer.num_training_batches

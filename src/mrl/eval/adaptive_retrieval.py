@@ -32,7 +32,8 @@ from mrl.eval.retrieval import retrieval_metrics
 
 # Float32 values of candidate rows gathered at once when reranking (4 MiB): queries are reranked in
 # blocks of ``RERANK_FLOATS // (k * D_r)``, so memory stays bounded at any size and the block stays in
-# cache (measured: 64 MiB blocks reranked 200 candidates at 512-d 20-30% slower).
+# cache; larger blocks rerank more slowly (benchmarks/eval_speed.py's funnel rows show it when rerun
+# with another RERANK_FLOATS).
 RERANK_FLOATS = 1 << 20
 
 

@@ -4,8 +4,8 @@ Autograd over the per-size formulation stacks G logit tensors and, in backward, 
 slice a zero-filled gradient of the whole weight matrix before summing them (G full-size buffers).
 These functions write each size's logits and each weight block's gradient straight into one buffer
 with BLAS ``out=``/``addmm_`` calls on strided views, so the only work left is the matmuls themselves.
-The remaining Python loop issues G matmuls (microseconds of Python against milliseconds of BLAS); the
-untied head's FLOPs are those of the per-size code, see benchmarks/README.md for measured ratios.
+The remaining Python loop issues G matmuls; the untied head's FLOPs are those of the per-size code
+(benchmarks/head_loss.py compares them; benchmarks/README.md, "Head + loss").
 Training fuses further, head and cross-entropy in one node: :mod:`mrl.nn.fused_cross_entropy`.
 """
 
@@ -17,10 +17,10 @@ from collections.abc import Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
-# MKL's gemm is several times slower for outputs narrower than this than for this width itself: the
-# 8-column backward products of MRL-E's first chunk (of a 2048-column matrix) take 3-14x as long as the
-# same products through a 16-column window (benchmarks/head_loss.py's "narrow" table). A narrow product
-# is therefore computed through a window of this many adjacent columns and the wanted columns copied out.
+# MKL's gemm is slower for outputs narrower than this than for this width itself, e.g. the 8-column
+# backward products of MRL-E's first chunk (benchmarks/head_loss.py's "narrow" table, direct against
+# windowed; benchmarks/README.md, "Head + loss"). A narrow product is therefore computed through a window
+# of this many adjacent columns and the wanted columns copied out.
 MIN_GEMM_WIDTH = 16
 
 

@@ -178,8 +178,8 @@ def _class_major(device: torch.device, classes: int, batch: int, efficient: bool
     batch-major ``G`` is repacked for every chunk, and the forward product is written faster that way.
     The softmax over the strided class dimension costs more (see :func:`_shifted_exp_into`), and with
     few classes per row of the batch the matmuls gain nothing or lose. benchmarks/head_loss.py's layout
-    table measures both (``--batch`` for other batch sizes); its runs in benchmarks/README.md set the
-    two thresholds:
+    table measures both (``--batch`` for other batch sizes); its tables in benchmarks/README.md ("Head +
+    loss") set the two thresholds:
 
     - MRL-E: class-major from 16 classes per row of the batch on.
     - Untied MRL issues twice MRL-E's matmul FLOPs per softmax, so the matmuls' gain outweighs the
