@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import TINY, read_results, wandb_inspect
 from mrl.compare.claims import check_claims
-from mrl.compare.collect import Record
+from mrl.compare.collect import Record, variant_labels
 from mrl.compare.table import Cell, aggregate, markdown
 from mrl.compare.wandb_source import run_records
 
@@ -131,6 +132,50 @@ def test_weighted_mrl_is_its_own_row_with_its_own_claims():
     assert "mrl [w=4,2,1] - ff" in ff_claims[1].text and "d=1: -0.50" in ff_claims[1].detail
     slice_claims = [c for c in claims if "truncation" in c.text]
     assert len(slice_claims) == 2 and "d=1: +41.00" in slice_claims[1].detail
+
+
+# Hand-made sweeps: what mrl-train and mrl-eval leave in a job directory, without training anything.
+def _job(
+    job: Path, head: dict, seed: int, results: dict | None, overrides: tuple[str, ...] = (), **config
+) -> Path:
+    """A job dir: resolved_config.yaml, .hydra/overrides.yaml and (unless None) results.json."""
+    (job / ".hydra").mkdir(parents=True)
+    resolved = {"seed": seed, "head": head, "trainer": {"max_epochs": 4}, "threads": None, **config}
+    (job / "resolved_config.yaml").write_text(yaml.safe_dump(resolved))
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"seed={seed}", *overrides]))
+    if results is not None:
+        (job / "results.json").write_text(json.dumps(results))
+    return job
+
+
+def test_overrides_that_cannot_change_the_model_make_no_variant(tmp_path):
+    incidental = (
+        "evaluate={methods: {knn: true}, knn: {k: 3}}",
+        "logger=csv",
+        "+logger.wandb.offline=false",
+        "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1",
+        "threads=1",
+        "compile=true",
+        "paths.log_dir=/elsewhere",
+        "hydra.run.dir=/elsewhere/run",
+        "progress_bar_refresh_s=5",
+        "checkpoint_every_n_steps=10",
+        "data.num_workers=4",
+        "test=false",
+        "trainer.max_epochs=4",  # what the other jobs resolved without the override
+    )
+    jobs = [
+        _job(tmp_path / "0", {"kind": "mrl"}, 0, {}, ("head={kind:mrl}", *incidental)),
+        _job(tmp_path / "1", {"kind": "ff", "dim": 4}, 1, {}, ("head={kind:ff,dim:4}",)),
+        _job(tmp_path / "2", {"kind": "mrl", "weights": [4, 1]}, 0, {}, ("head.weights=[4,1]",)),
+    ]
+    assert variant_labels(jobs) == {job: "" for job in jobs}
+    longer = _job(tmp_path / "3", {"kind": "mrl"}, 0, {}, ("trainer.max_epochs=8", "backbone=resnet50"))
+    (longer / "resolved_config.yaml").write_text(yaml.safe_dump({"seed": 0, "trainer": {"max_epochs": 8}}))
+    labels = variant_labels([*jobs, longer])
+    assert labels[longer] == "backbone=resnet50,trainer.max_epochs=8"
+    assert labels[jobs[0]] == "backbone=default,trainer.max_epochs=4"  # given explicitly, or the default
 
 
 def test_wandb_records_from_train_and_eval_runs():

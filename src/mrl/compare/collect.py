@@ -3,6 +3,9 @@
 A job is a directory holding ``results.json`` (written by ``mrl-train``) and its
 ``resolved_config.yaml``; its ``eval/report.json`` (``mrl-train evaluate=...``, or an ``mrl-eval`` run
 pointed there) adds 1-NN, mAP@10 and, for a standard model, the post-hoc SVD and truncation baselines.
+
+Rows are methods, not override strings: overrides make a separate row (a variant) only when they can
+change what the job trained and measured, see :func:`changes_the_model`.
 """
 
 from __future__ import annotations
@@ -20,8 +23,43 @@ RESULTS = "results.json"
 CONFIG = "resolved_config.yaml"
 OVERRIDES = Path(".hydra") / "overrides.yaml"
 REPORT = Path("eval") / "report.json"
-# Overrides that say which method/seed a job is, not which variant of the experiment it belongs to.
-IDENTITY_KEYS = {"seed", "head", "head.kind", "head.dim", "+head", "resume"}
+# Overrides that say which method or seed a job is (the row's name, head.weights included, and what is
+# averaged over), not which variant of the experiment it belongs to.
+IDENTITY_KEYS = {"seed", "head", "head.kind", "head.dim", "head.weights", "resume"}
+# Overrides that cannot change what is trained (model, data, optimisation settings), only how the job
+# runs, where it writes and what it records: they never split a row. Everything else may (an unknown
+# key is assumed to matter: two rows that should be one are visible, one row mixing two models is not).
+# - evaluate*: the evaluation after training (which methods, which k), not the model;
+# - logger*, tags, paths*, hydra*, progress_bar_refresh_s, the progress bar and model summary: output;
+# - threads, compile, channels_last, data.num_workers, data.pin_memory, data.eval_batch_size: how the
+#   same model is trained on the same data with the same settings: float rounding may differ, and so
+#   may the random draws (image-folder crops come from each loader worker's stream, compiled dropout
+#   from inductor's), which is what different seeds do and what the rows average over;
+# - checkpoint_every_n_steps, trainer.log_every_n_steps: extra checkpoints and logged steps;
+# - test, optimized_metric, hparams_search, task_name: whether the test split is measured (a job
+#   without it is listed as such) and what a sweeper reads.
+INCIDENTAL_KEYS = (
+    "evaluate",
+    "logger",
+    "tags",
+    "paths",
+    "hydra",
+    "progress_bar_refresh_s",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "threads",
+    "compile",
+    "channels_last",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.eval_batch_size",
+    "checkpoint_every_n_steps",
+    "trainer.log_every_n_steps",
+    "test",
+    "optimized_metric",
+    "hparams_search",
+    "task_name",
+)
 METRICS = ("top1", "1nn", "map@10")
 
 
@@ -61,6 +99,13 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise MRLError(f"Cannot read {path} ({err}); rerun that job or remove its directory.") from None
 
 
+def _read_config(job: Path) -> dict[str, Any]:
+    try:
+        return yaml.safe_load((job / CONFIG).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise MRLError(f"Cannot read {job / CONFIG} ({err}); remove that job's directory.") from None
+
+
 def _overrides(job: Path) -> list[str]:
     path = job / OVERRIDES
     if not path.is_file():
@@ -68,14 +113,58 @@ def _overrides(job: Path) -> list[str]:
     return [str(o) for o in (yaml.safe_load(path.read_text()) or [])]
 
 
+def override_key(override: str) -> str:
+    """``trainer.max_epochs`` of ``+trainer.max_epochs=3``; ``hydra/launcher`` of ``hydra/launcher=x``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def changes_the_model(key: str) -> bool:
+    """Whether an override of ``key`` can make a job train or measure a different model than the same
+    job without it (so it makes its own row); see ``INCIDENTAL_KEYS`` for the ones that cannot."""
+    for prefix in INCIDENTAL_KEYS:
+        if key == prefix or key.startswith((prefix + ".", prefix + "/")):
+            return False
+    return True
+
+
+def _select(config: dict[str, Any], key: str) -> Any:
+    """The value at dotted ``key`` of a resolved config, or None when it has none."""
+    node: Any = config
+    for part in key.replace("/", ".").split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _setting(config: dict[str, Any], key: str, overridden: dict[str, str]) -> tuple[str, str]:
+    """``(value to compare, value to show)`` of ``key`` in one job. A plain value is compared as the job
+    resolved it (``max_epochs=4`` given or left at a default of 4 is the same setting); a config group
+    (``backbone=resnet50``) by the option the job chose."""
+    resolved = _select(config, key)
+    shown = overridden.get(key)
+    if resolved is not None and not isinstance(resolved, dict):
+        value = json.dumps(resolved, sort_keys=True)
+        return value, shown if shown is not None else value
+    return (shown or "default"), (shown or "default")
+
+
 def variant_labels(jobs: list[Path]) -> dict[Path, str]:
-    """The overrides that tell the sweep's variants apart (besides method and seed), per job."""
-    per_job = {
-        job: [o for o in _overrides(job) if o.split("=", 1)[0].lstrip("+~") not in IDENTITY_KEYS]
-        for job in jobs
-    }
-    common = set.intersection(*(set(v) for v in per_job.values())) if per_job else set()
-    return {job: ",".join(o for o in ov if o not in common) for job, ov in per_job.items()}
+    """Per job, the settings that tell the sweep's variants apart: overrides of keys that can change the
+    model (not method, seed or incidental keys) whose values differ between the jobs."""
+    overridden = {job: {override_key(o): o.partition("=")[2] or "~" for o in _overrides(job)} for job in jobs}
+    keys = sorted(
+        {
+            k
+            for per_job in overridden.values()
+            for k in per_job
+            if k not in IDENTITY_KEYS and changes_the_model(k)
+        }
+    )
+    configs = {job: _read_config(job) for job in jobs}
+    settings = {job: {k: _setting(configs[job], k, overridden[job]) for k in keys} for job in jobs}
+    varying = [k for k in keys if len({settings[job][k][0] for job in jobs}) > 1]
+    return {job: ",".join(f"{k}={settings[job][k][1]}" for k in varying) for job in jobs}
 
 
 def method_label(head: dict[str, Any]) -> str:
