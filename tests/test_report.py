@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,10 @@ import yaml
 
 from conftest import TINY, read_results, wandb_inspect
 from mrl.compare.claims import check_claims
-from mrl.compare.collect import Record, variant_labels
+from mrl.compare.collect import Record, collect, variant_labels
 from mrl.compare.table import Cell, aggregate, markdown
 from mrl.compare.wandb_source import run_records
+from mrl.eval.locations import find_evaluations
 
 CHEAP_EVAL = (
     "evaluate={methods: {adaptive_classification: false, adaptive_retrieval: false}, "
@@ -148,6 +150,131 @@ def _job(
     return job
 
 
+def _top1(per_size: dict[int, float], split: str = "test") -> dict:
+    return {**{f"{split}/acc@{d}": v for d, v in per_size.items()}, "val/loss": 0.5}
+
+
+def _report(one_nn: dict[int, float], baselines: dict | None = None) -> dict:
+    """A report.json of mrl-eval: 1-NN and mAP@10 (1-NN minus 0.1) per size, optional baselines."""
+    return {
+        "knn": {str(d): {"1nn": v, "knn": v} for d, v in one_nn.items()},
+        "retrieval": {str(d): {"map@10": v - 0.1} for d, v in one_nn.items()},
+        "baselines": baselines or {},
+    }
+
+
+def _evaluate(job: Path, report: dict, layout: str, ckpt: str = "last", mtime: float | None = None) -> Path:
+    """Write ``report`` where an evaluation of ``<job>/checkpoints/<ckpt>.ckpt`` puts it: ``evaluate``
+    (mrl-train evaluate=), ``mrl-eval`` (its own dir under the log dir, linked from the job) or ``old``
+    (eval/report.json, from earlier versions)."""
+    from mrl.eval import locations
+
+    ckpt_path = job / "checkpoints" / f"{ckpt}.ckpt"
+    ckpt_id = f"{abs(hash((str(job), ckpt))) % 10**10:010d}"
+    record = locations.checkpoint_record(ckpt_path, ckpt_id)
+    if layout == "evaluate":
+        out = locations.after_training_dir(job, ckpt_path, ckpt_id)
+    elif layout == "mrl-eval":
+        out = job.parents[1] / "eval" / "runs" / locations.standalone_dir_name(ckpt_path, ckpt_id)
+    else:
+        out, record = job / "eval", None
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.json"
+    path.write_text(json.dumps({**report, **({"checkpoint": record} if record else {})}))
+    if layout == "mrl-eval":
+        link = job / "eval" / f"{locations.evaluation_name(ckpt_path, ckpt_id)}.json"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.write_text(json.dumps({**record, "eval_dir": str(out)}))
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_report_reads_the_evaluations_of_every_layout(tmp_path):
+    """evaluate= (eval/<ckpt>-<id>/), mrl-eval (linked from eval/<ckpt>-<id>.json), old eval/report.json."""
+    sweep = tmp_path / "train" / "multiruns" / "sweep"
+    for seed, (layout, one_nn) in enumerate([("evaluate", 0.80), ("mrl-eval", 0.84), ("old", 0.88)]):
+        job = _job(sweep / str(seed), {"kind": "mrl"}, seed, _top1({4: 0.9}))
+        _evaluate(job, _report({4: one_nn}), layout)
+    records = collect(sweep)
+    cell = aggregate(records)["1nn"]["mrl"][4]
+    assert cell.n == 3 and cell.mean == pytest.approx(84.0)
+    assert aggregate(records)["map@10"]["mrl"][4].mean == pytest.approx(74.0)
+
+
+def test_the_newest_evaluation_of_a_job_counts_once_and_is_named(tmp_path):
+    from mrl.compare.collect import collect_jobs
+
+    sweep = tmp_path / "train" / "multiruns" / "sweep"
+    job = _job(sweep / "0", {"kind": "mrl"}, 0, _top1({4: 0.9}))
+    _evaluate(job, _report({4: 0.5}), "evaluate", ckpt="epoch003", mtime=1_000_000)
+    newest = _evaluate(job, _report({4: 0.7}), "mrl-eval", ckpt="last", mtime=2_000_000)
+    records, (info,) = collect_jobs(sweep)
+    assert [r.value for r in records if r.metric == "1nn"] == [0.7]  # one evaluation, not averaged as seeds
+    assert info.evaluations == 2
+    assert info.eval_report == str(newest) and info.checkpoint == "0/checkpoints/last.ckpt"
+    assert find_evaluations(job)[0] == newest.resolve()
+
+
+def _reported(sweep: Path, capsys) -> tuple[str, dict]:
+    """mrl-report on ``sweep`` (no W&B run): what it printed, and comparison.json."""
+    from mrl.cli.report import main
+
+    main([str(sweep), "--no-wandb"])
+    printed = capsys.readouterr().out
+    assert printed.startswith((sweep / "report" / "comparison.md").read_text())
+    return printed, json.loads((sweep / "report" / "comparison.json").read_text())
+
+
+def test_mrl_report_after_mrl_eval_checks_the_claims_on_its_numbers(tmp_path, capsys):
+    """The README's order: train a sweep, mrl-eval each checkpoint, mrl-report. No false failure for 1-NN."""
+    sweep = tmp_path / "train" / "multiruns" / "sweep"
+    sizes = {1: 0.6, 2: 0.8, 4: 0.9}
+    jobs = [
+        _job(sweep / "0", {"kind": "mrl"}, 0, _top1(sizes)),
+        _job(sweep / "1", {"kind": "mrl"}, 1, _top1(sizes)),
+        _job(sweep / "2", {"kind": "ff", "dim": 1}, 0, _top1({1: 0.6})),
+        _job(sweep / "3", {"kind": "standard"}, 0, _top1({4: 0.9})),
+    ]
+    baselines = {"svd": {"1": 0.3, "2": 0.5}, "slice": {"1": 0.2, "2": 0.4}, "svd_1nn": {"1": 0.25}}
+    for job in jobs:
+        _evaluate(job, _report({1: 0.5, 4: 0.8}, baselines if job.name == "3" else None), "mrl-eval")
+    printed, summary = _reported(sweep, capsys)
+    assert "does not hold" not in printed, printed
+    assert set(summary["tables"]["1nn"]) == {"mrl", "ff", "standard", "svd"}
+    assert summary["tables"]["1nn"]["mrl"]["1"] == {"mean": 50.0, "std": 0.0, "n": 2}
+    assert summary["tables"]["top1"]["slice"]["2"]["mean"] == pytest.approx(40.0)
+    assert [c["holds"] for c in summary["claims"]] == [True, None, True, True], summary["claims"]
+    assert "MRL-E top-1 at most 2 points below MRL" in printed
+    assert "(mrl_e - mrl >= -2): not measured (mrl_e not measured)" in printed
+    for info in summary["jobs"]:  # where each job's eval numbers came from
+        assert info["evaluations"] == 1 and "/eval/runs/" in info["eval_report"], info
+        assert info["checkpoint"] == f"{info['job']}/checkpoints/last.ckpt"
+    assert "| 3 | standard | 0 | test | 1 |" in printed
+
+
+def test_jobs_without_results_or_test_metrics_are_listed_not_dropped(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    _evaluate(_job(sweep / "0", {"kind": "mrl"}, 0, _top1({4: 0.9})), _report({4: 0.8}), "evaluate")
+    _job(sweep / "1", {"kind": "mrl"}, 1, _top1({4: 0.5}, split="val"), ("test=false",))
+    _job(sweep / "2", {"kind": "mrl"}, 2, None)  # unfinished or failed: no results.json
+    printed, summary = _reported(sweep, capsys)
+    assert summary["tables"]["top1"]["mrl"]["4"] == {"mean": 90.0, "std": 0.0, "n": 1}  # test only
+    assert summary["tables"]["val_top1"]["mrl"]["4"]["mean"] == pytest.approx(50.0)
+    assert "Comparison of 3 jobs" in printed and "**Validation top-1 accuracy (%)**" in printed
+    assert "- no results.json (unfinished or failed), so no top-1: 2" in printed
+    assert "- no test metrics, top-1 of the validation split in its own table: 1" in printed
+    assert "- no evaluation found, so no 1-NN, mAP@10 or baselines: 1, 2" in printed
+    by_job = {info["job"]: info for info in summary["jobs"]}
+    assert (by_job["1"]["top1"], by_job["2"]["results"], by_job["2"]["top1"]) == ("val", False, "none")
+
+
+def test_a_sweep_with_no_finished_job_says_so(tmp_path, run_cli):
+    _job(tmp_path / "sweep" / "0", {"kind": "mrl"}, 0, None)
+    res = run_cli("mrl-report", str(tmp_path / "sweep"), "--no-wandb")
+    assert res.returncode == 1 and "None of the 1 jobs" in res.stderr and "has finished" in res.stderr
+
+
 def test_overrides_that_cannot_change_the_model_make_no_variant(tmp_path):
     incidental = (
         "evaluate={methods: {knn: true}, knn: {k: 3}}",
@@ -199,6 +326,31 @@ def test_wandb_records_from_train_and_eval_runs():
     }
 
 
+def test_wandb_source_counts_one_evaluation_per_training_run_and_keeps_val_apart():
+    from mrl.compare.wandb_source import newest_evaluations
+
+    def eval_run(run_id: str, created: str, one_nn: float) -> dict:
+        config = {"train": {"head": {"kind": "mrl"}, "seed": 0, "logger": {"wandb": {"id": run_id}}}}
+        return {
+            "config": config,
+            "summary": {"eval/knn/1nn@4": one_nn},
+            "job_type": "eval",
+            "name": f"eval:{run_id}",
+            "created_at": created,
+        }
+
+    runs = [
+        {"config": {}, "summary": {}, "job_type": "train", "name": "a", "created_at": "2026-01-01T00:00:00"},
+        eval_run("a", "2026-01-02T00:00:00", 0.5),
+        eval_run("a", "2026-01-03T00:00:00", 0.7),  # the same run evaluated again: replaces, not a seed
+        eval_run("b", "2026-01-01T00:00:00", 0.9),
+    ]
+    kept = newest_evaluations(runs)
+    assert sorted(r["summary"].get("eval/knn/1nn@4", 0) for r in kept) == [0, 0.7, 0.9]
+    val_only = run_records({"head": {"kind": "mrl"}}, {"val/acc@4": 0.8}, "train", "v")
+    assert [(r.metric, r.size) for r in val_only] == [("val_top1", 4)]
+
+
 @pytest.mark.slow
 def test_report_of_a_three_job_sweep(run_cli, tmp_path):
     """A 3-job multirun (MRL, FF at d=4, standard) evaluated after training, then mrl-report on it."""
@@ -212,7 +364,7 @@ def test_report_of_a_three_job_sweep(run_cli, tmp_path):
     )
     assert res.returncode == 0, res.output[-3000:]
     jobs = res.sweep_job_dirs()
-    assert len(jobs) == 3 and all((j / "eval" / "report.json").is_file() for j in jobs)
+    assert len(jobs) == 3 and all(len(find_evaluations(j)) == 1 for j in jobs)
     sweep = jobs[0].parent
     rep = run_cli("mrl-report", str(sweep))
     assert rep.returncode == 0, rep.output[-3000:]
@@ -224,14 +376,14 @@ def test_report_of_a_three_job_sweep(run_cli, tmp_path):
     assert set(data["top1"]["ff"]) == {"4"}
     assert data["top1"]["ff"]["4"]["mean"] == pytest.approx(100 * ff_results["test/acc@4"])
     assert data["top1"]["standard"]["256"]["mean"] == pytest.approx(100 * std_results["test/acc@256"])
-    std_report = json.loads((jobs[2] / "eval" / "report.json").read_text())
+    std_report = json.loads(find_evaluations(jobs[2])[0].read_text())
     for name in ("svd", "slice"):
         for d in ("1", "2", "4", "8"):
             assert data["top1"][name][d]["mean"] == pytest.approx(100 * std_report["baselines"][name][d])
             assert data["1nn"][name][d]["mean"] == pytest.approx(
                 100 * std_report["baselines"][f"{name}_1nn"][d]
             )
-    mrl_report = json.loads((jobs[0] / "eval" / "report.json").read_text())
+    mrl_report = json.loads(find_evaluations(jobs[0])[0].read_text())
     assert data["map@10"]["mrl"]["16"]["mean"] == pytest.approx(100 * mrl_report["retrieval"]["16"]["map@10"])
     md = (out / "comparison.md").read_text()
     assert f"| mrl | {100 * mrl_results['test/acc@1']:.2f} |" in md
@@ -239,6 +391,10 @@ def test_report_of_a_three_job_sweep(run_cli, tmp_path):
     assert "Claims:" in md and claims
     for claim in claims:  # a verdict comes from measured differences, never from missing numbers
         assert (claim["holds"] is None) == ("d=" not in claim["detail"].split("not measured")[0]), claim
+    assert "**Jobs** (3)" in md and "- no evaluation found" not in md
+    for job in jobs:
+        where = find_evaluations(job)[0].relative_to(sweep)
+        assert f"| {job.name} | " in md and f" | 1 | {where} | " in md
     assert (out / "comparison.png").stat().st_size > 10_000
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1

@@ -1,8 +1,12 @@
 """Find the jobs of a sweep and read what each one measured into flat records.
 
-A job is a directory holding ``results.json`` (written by ``mrl-train``) and its
-``resolved_config.yaml``; its ``eval/report.json`` (``mrl-train evaluate=...``, or an ``mrl-eval`` run
-pointed there) adds 1-NN, mAP@10 and, for a standard model, the post-hoc SVD and truncation baselines.
+A job is a directory holding the ``resolved_config.yaml`` that ``mrl-train`` writes when it starts. Its
+``results.json`` (written when training ends) gives the trained heads' per-size top-1; the evaluations
+of its checkpoints (:func:`mrl.eval.locations.find_evaluations`: ``evaluate=`` runs inside the job,
+``mrl-eval`` runs linked from it, or an earlier version's ``eval/report.json``) add 1-NN, mAP@10 and,
+for a standard model, the post-hoc SVD and truncation baselines. A job may have been evaluated more
+than once (several checkpoints, or a checkpoint rewritten by a resumed run); its numbers come from the
+newest evaluation, and :class:`JobInfo` says which one that was and how many there were.
 
 Rows are methods, not override strings: overrides make a separate row (a variant) only when they can
 change what the job trained and measured, see :func:`changes_the_model`.
@@ -18,11 +22,11 @@ from typing import Any
 import yaml
 
 from mrl.errors import MRLError
+from mrl.eval.locations import find_evaluations
 
 RESULTS = "results.json"
 CONFIG = "resolved_config.yaml"
 OVERRIDES = Path(".hydra") / "overrides.yaml"
-REPORT = Path("eval") / "report.json"
 # Overrides that say which method or seed a job is (the row's name, head.weights included, and what is
 # averaged over), not which variant of the experiment it belongs to.
 IDENTITY_KEYS = {"seed", "head", "head.kind", "head.dim", "head.weights", "resume"}
@@ -60,7 +64,7 @@ INCIDENTAL_KEYS = (
     "hparams_search",
     "task_name",
 )
-METRICS = ("top1", "1nn", "map@10")
+METRICS = ("top1", "val_top1", "1nn", "map@10")
 
 
 @dataclass(frozen=True)
@@ -75,19 +79,34 @@ class Record:
     job: str
 
 
+@dataclass(frozen=True)
+class JobInfo:
+    """What one job contributed and where its numbers came from (the report lists every job)."""
+
+    job: str
+    method: str
+    seed: int
+    results: bool  # results.json found (written when training ends)
+    top1: str  # "test", "val" (no test metrics: its own table), or "none"
+    evaluations: int  # evaluations of the job's checkpoints found
+    eval_report: str | None  # the report.json its 1-NN / mAP@10 / baselines came from (the newest)
+    checkpoint: str | None  # the checkpoint that evaluation recorded (None: not recorded, older versions)
+
+
 def find_jobs(root: Path) -> list[Path]:
-    """Every job directory under ``root`` (itself included), sorted by path."""
+    """Every job directory under ``root`` (itself included), sorted by path: finished or not."""
     root = Path(root)
     if not root.is_dir():
         raise MRLError(
             f"{root} is not a directory. Give mrl-report the sweep directory of a multirun "
             "(logs/train/multiruns/<date>_<id>) or a folder of mrl-train run directories."
         )
-    jobs = sorted({p.parent for p in root.rglob(RESULTS) if (p.parent / CONFIG).is_file()})
+    jobs = sorted(p.parent for p in root.rglob(CONFIG))
     if not jobs:
         raise MRLError(
-            f"No mrl-train jobs under {root}: no directory there holds both {RESULTS} and {CONFIG}. Give the "
-            "sweep directory of a finished multirun (a job writes its results.json at the end of training)."
+            f"No mrl-train jobs under {root}: no directory there holds a {CONFIG} (mrl-train writes one "
+            "into each job's directory when the job starts). Give the sweep directory of a multirun "
+            "(logs/train/multiruns/<date>_<id>) or a folder of mrl-train run directories."
         )
     return jobs
 
@@ -178,50 +197,107 @@ def method_label(head: dict[str, Any]) -> str:
     return kind
 
 
-def _pct_free(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) else None
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def job_records(job: Path, variant: str = "") -> list[Record]:
-    """The job's per-size numbers: trained heads' test top-1 (val when there was no test), and from its
-    eval report 1-NN and mAP@10; for a standard model also its SVD and truncation baselines."""
-    config = yaml.safe_load((job / CONFIG).read_text()) or {}
+def _per_size(results: dict[str, Any], prefix: str) -> dict[int, float]:
+    out = {}
+    for key, value in results.items():
+        size = key[len(prefix) :]
+        if key.startswith(prefix) and size.isdigit() and _number(value) is not None:
+            out[int(size)] = float(value)
+    return out
+
+
+def trained_top1(results: dict[str, Any]) -> tuple[str, dict[int, float]]:
+    """``("test", per size)`` from a job's results; ``("val", ...)`` when it has no test metrics (kept
+    apart: a validation number averaged with test numbers would be neither); ``("none", {})``."""
+    for split in ("test", "val"):
+        per_size = _per_size(results, f"{split}/acc@")
+        if per_size:
+            return split, per_size
+    return "none", {}
+
+
+def eval_records(report: dict[str, Any], method: str, kind: str, suffix: str, add) -> None:
+    """1-NN and mAP@10 per size of one evaluation report; for a standard model also its SVD and
+    truncation baselines (rows ``svd``/``slice`` with the job's variant ``suffix``)."""
+    for size, row in (report.get("knn") or {}).items():
+        add(method, size, "1nn", (row or {}).get("1nn"))
+    for size, row in (report.get("retrieval") or {}).items():
+        add(method, size, "map@10", (row or {}).get("map@10"))
+    if kind == "standard":
+        baselines = report.get("baselines") or {}
+        for name in ("svd", "slice"):
+            for size, value in (baselines.get(name) or {}).items():
+                add(name + suffix, size, "top1", value)
+            for size, value in (baselines.get(f"{name}_1nn") or {}).items():
+                add(name + suffix, size, "1nn", value)
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def read_job(job: Path, variant: str = "", root: Path | None = None) -> tuple[list[Record], JobInfo]:
+    """The job's per-size numbers (trained heads' top-1; 1-NN, mAP@10 and baselines of its newest
+    evaluation) and a summary of where they came from; paths relative to ``root``."""
+    root = Path(root) if root is not None else job.parent
+    config = _read_config(job)
     head = config.get("head") or {}
     kind = str(head.get("kind", "mrl"))
     seed = int(config.get("seed", 0))
-    base = method_label(head)
-    method = f"{base} [{variant}]" if variant else base
-    results = _read_json(job / RESULTS)
+    method = method_label(head) + (f" [{variant}]" if variant else "")
     records: list[Record] = []
 
     def add(m: str, size: Any, metric: str, value: Any) -> None:
-        v = _pct_free(value)
-        if v is not None:
+        v = _number(value)
+        if v is not None and str(size).isdigit():
             records.append(Record(m, int(size), metric, v, seed, str(job)))
 
-    stage = "test" if any(k.startswith("test/acc@") for k in results) else "val"
-    for key, value in results.items():
-        if key.startswith(f"{stage}/acc@") and key.rsplit("@", 1)[1].isdigit():
-            add(method, key.rsplit("@", 1)[1], "top1", value)
-    if (job / REPORT).is_file():
-        report = _read_json(job / REPORT)
-        for size, row in (report.get("knn") or {}).items():
-            add(method, size, "1nn", row.get("1nn"))
-        for size, row in (report.get("retrieval") or {}).items():
-            add(method, size, "map@10", row.get("map@10"))
-        if kind == "standard":
-            baselines = report.get("baselines") or {}
-            suffix = f" [{variant}]" if variant else ""
-            for name in ("svd", "slice"):
-                for size, value in (baselines.get(name) or {}).items():
-                    add(name + suffix, size, "top1", value)
-                for size, value in (baselines.get(f"{name}_1nn") or {}).items():
-                    add(name + suffix, size, "1nn", value)
-    return records
+    split = "none"
+    if (job / RESULTS).is_file():
+        split, per_size = trained_top1(_read_json(job / RESULTS))
+        for size, value in per_size.items():
+            add(method, size, "top1" if split == "test" else "val_top1", value)
+    reports = find_evaluations(job)
+    checkpoint = None
+    if reports:
+        report = _read_json(reports[0])
+        eval_records(report, method, kind, f" [{variant}]" if variant else "", add)
+        recorded = (report.get("checkpoint") or {}).get("path")
+        checkpoint = _relative(Path(recorded), root) if recorded else None
+    info = JobInfo(
+        job=_relative(job, root),
+        method=method,
+        seed=seed,
+        results=(job / RESULTS).is_file(),
+        top1=split,
+        evaluations=len(reports),
+        eval_report=_relative(reports[0], root) if reports else None,
+        checkpoint=checkpoint,
+    )
+    return records, info
+
+
+def collect_jobs(root: Path) -> tuple[list[Record], list[JobInfo]]:
+    """All records of the sweep under ``root`` and one :class:`JobInfo` per job (every job found)."""
+    root = Path(root)
+    jobs = find_jobs(root)
+    labels = variant_labels(jobs)
+    records: list[Record] = []
+    infos: list[JobInfo] = []
+    for job in jobs:
+        job_records, info = read_job(job, labels[job], root)
+        records += job_records
+        infos.append(info)
+    return records, infos
 
 
 def collect(root: Path) -> list[Record]:
     """All records of the sweep under ``root``."""
-    jobs = find_jobs(root)
-    labels = variant_labels(jobs)
-    return [r for job in jobs for r in job_records(job, labels[job])]
+    return collect_jobs(root)[0]
