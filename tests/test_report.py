@@ -190,16 +190,27 @@ def _evaluate(job: Path, report: dict, layout: str, ckpt: str = "last", mtime: f
     return path
 
 
-def test_report_reads_the_evaluations_of_every_layout(tmp_path):
+def test_report_reads_the_evaluations_of_every_layout(tmp_path, monkeypatch):
     """evaluate= (eval/<ckpt>-<id>/), mrl-eval (linked from eval/<ckpt>-<id>.json), old eval/report.json."""
+    from mrl.compare.collect import collect_jobs
+
     sweep = tmp_path / "train" / "multiruns" / "sweep"
+    written = []
     for seed, (layout, one_nn) in enumerate([("evaluate", 0.80), ("mrl-eval", 0.84), ("old", 0.88)]):
         job = _job(sweep / str(seed), {"kind": "mrl"}, seed, _top1({4: 0.9}))
-        _evaluate(job, _report({4: one_nn}), layout)
+        written.append(_evaluate(job, _report({4: one_nn}), layout))
     records = collect(sweep)
     cell = aggregate(records)["1nn"]["mrl"][4]
     assert cell.n == 3 and cell.mean == pytest.approx(84.0)
     assert aggregate(records)["map@10"]["mrl"][4].mean == pytest.approx(74.0)
+    monkeypatch.chdir(tmp_path)  # a relative sweep path: the jobs' own reports still show relative to it
+    infos = collect_jobs(Path("train/multiruns/sweep"))[1]
+    assert [i.eval_report for i in infos] == [
+        str(written[0].relative_to(sweep)),
+        str(written[1]),
+        "2/eval/report.json",
+    ]
+    assert [i.checkpoint for i in infos] == ["0/checkpoints/last.ckpt", "1/checkpoints/last.ckpt", None]
 
 
 def test_the_newest_evaluation_of_a_job_counts_once_and_is_named(tmp_path):

@@ -15,6 +15,7 @@ change what the job trained and measured, see :func:`changes_the_model`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,7 +221,9 @@ def trained_top1(results: dict[str, Any]) -> tuple[str, dict[int, float]]:
     return "none", {}
 
 
-def eval_records(report: dict[str, Any], method: str, kind: str, suffix: str, add) -> None:
+def eval_records(
+    report: dict[str, Any], method: str, kind: str, suffix: str, add: Callable[[str, Any, str, Any], None]
+) -> None:
     """1-NN and mAP@10 per size of one evaluation report; for a standard model also its SVD and
     truncation baselines (rows ``svd``/``slice`` with the job's variant ``suffix``)."""
     for size, row in (report.get("knn") or {}).items():
@@ -237,8 +240,9 @@ def eval_records(report: dict[str, Any], method: str, kind: str, suffix: str, ad
 
 
 def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` when it lies inside (both resolved, as find_evaluations' paths are)."""
     try:
-        return str(path.relative_to(root))
+        return str(path.resolve().relative_to(root.resolve()))
     except ValueError:
         return str(path)
 
