@@ -77,3 +77,17 @@ def test_optimized_value_full_alias():
     assert optimized_value(results, "val/acc@full") == 0.9
     assert optimized_value(results, "val/acc@8") == 0.5
     assert optimized_value(results, None) is None
+
+
+def test_wandb_writes_its_run_file_often_enough_for_a_killed_run(tmp_path):
+    """The logger's W&B settings reach wandb as settings it accepts, with its run file written far more
+    often than W&B's default: a run killed without warning keeps its history up to a fraction of a
+    second before the kill. (The W&B test in test_reliability.py waits for that history rather than
+    timing it, so this is where the interval is checked.)"""
+    import wandb
+
+    from mrl.train import build_loggers
+
+    (logger,) = build_loggers(_compose(f"paths.output_dir={tmp_path}"))
+    interval = wandb.Settings(**logger._wandb_init["settings"]).x_transaction_log_flush_interval
+    assert interval <= 1.0 < wandb.Settings().x_transaction_log_flush_interval

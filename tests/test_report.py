@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import TINY, read_results, wandb_inspect
 from mrl.compare.claims import check_claims
-from mrl.compare.collect import Record
+from mrl.compare.collect import Record, collect, variant_labels
 from mrl.compare.table import Cell, aggregate, markdown
 from mrl.compare.wandb_source import run_records
+from mrl.eval.locations import find_evaluations
 
 CHEAP_EVAL = (
     "evaluate={methods: {adaptive_classification: false, adaptive_retrieval: false}, "
@@ -51,13 +54,63 @@ def test_claims_follow_the_numbers():
             "svd": {1: 44.0, 2: 69.0, 4: 83.0, 8: 89.0},
         }
     )
-    verdicts = [c.holds for c in check_claims(good)]
-    assert verdicts[:4] == [True, True, True, True]
-    assert verdicts[4] is False  # no 1-NN table at all
+    assert [c.holds for c in check_claims(good)] == [True, True, True, True]
     bad = _tables({**{k: dict(v) for k, v in {"mrl": {1: 58.0, 2: 70.0}, "ff": {1: 60.0, 2: 70.0}}.items()}})
     first = check_claims(bad)[0]
     assert first.holds is False and "d=1: -2.00" in first.detail
-    assert check_claims(_tables({"mrl": {1: 50.0}}))[0].holds is None  # no FF: undecidable
+
+
+def _claim(claims, words: str):
+    (claim,) = [c for c in claims if words in c.text]
+    return claim
+
+
+def test_each_claim_states_and_checks_one_inequality():
+    """The text names the inequality per size; the verdict is exactly that inequality, in both directions
+    (a model far above the one it is compared with passes a one-sided "at most N below" claim)."""
+    tables = _tables(
+        {
+            "mrl": {1: 60.0, 2: 70.0, 4: 80.0, 8: 91.0, 16: 92.0},
+            "mrl_e": {4: 87.6, 8: 88.9, 16: 92.0},  # +7.60, -2.10, 0.00
+            "ff": {1: 65.0, 2: 69.5},  # MRL -5.00 and +0.50
+            "slice": {1: 40.0, 2: 50.0},  # exactly +20.00 at both
+            "svd": {1: 59.0, 2: 70.0},  # +1.00, then equal: not above
+        }
+    )
+    claims = check_claims(tables)
+    ff = _claim(claims, "below FF")
+    assert "at most 1 point below FF" in ff.text and "(mrl - ff >= -1)" in ff.text
+    assert ff.holds is False and "d=1: -5.00, d=2: +0.50" in ff.detail
+    assert "not measured at d=4, d=8, d=16" in ff.detail
+    mrl_e = _claim(claims, "MRL-E")
+    assert (
+        "at most 2 points below MRL at each size >= 4" in mrl_e.text and "(mrl_e - mrl >= -2)" in mrl_e.text
+    )
+    assert mrl_e.holds is False and "d=4: +7.60, d=8: -2.10, d=16: +0.00" in mrl_e.detail
+    truncation = _claim(claims, "truncation")
+    assert "(mrl - slice >= 20)" in truncation.text and truncation.holds is True
+    svd = _claim(claims, "PCA/SVD")
+    assert "(mrl - svd > 0)" in svd.text and svd.holds is False and "d=2: +0.00" in svd.detail
+
+    tables["top1"]["mrl_e"][8] = Cell(89.0, 0.0, 2)  # -2.00: at most 2 below
+    assert _claim(check_claims(tables), "MRL-E").holds is True
+    tables["top1"]["ff"] = {1: Cell(55.0, 0.0, 2), 2: Cell(69.0, 0.0, 2)}  # MRL +5.00 above FF: holds
+    assert _claim(check_claims(tables), "below FF").holds is True
+
+
+def test_missing_numbers_are_not_measured_never_a_failure():
+    claims = check_claims(_tables({"mrl": {1: 50.0, 2: 60.0}}))
+    assert claims and all(c.holds is None for c in claims), claims
+    assert not [c for c in claims if "1-NN" in c.text]  # no claim about coverage: the jobs list says it
+    from mrl.compare.claims import claims_markdown
+
+    text = claims_markdown(claims)
+    assert "does not hold" not in text and text.count("not measured") >= len(claims)
+    # truncation measured at one of MRL's two smallest sizes only: undecided, whatever that one says
+    partial = check_claims(_tables({"mrl": {1: 50.0, 2: 60.0}, "slice": {2: 59.0}}))
+    truncation = _claim(partial, "truncation")
+    assert truncation.holds is None and "not measured at d=1" in truncation.detail
+    assert check_claims({})[0].holds is None
 
 
 def test_weighted_mrl_is_its_own_row_with_its_own_claims():
@@ -76,11 +129,191 @@ def test_weighted_mrl_is_its_own_row_with_its_own_claims():
         }
     )
     claims = check_claims(tables)
-    ff_claims = [c for c in claims if "of FF" in c.text]
+    ff_claims = [c for c in claims if "below FF" in c.text]
     assert [c.holds for c in ff_claims] == [False, True]  # plain MRL misses d=1, the weighted one holds
     assert "mrl [w=4,2,1] - ff" in ff_claims[1].text and "d=1: -0.50" in ff_claims[1].detail
     slice_claims = [c for c in claims if "truncation" in c.text]
     assert len(slice_claims) == 2 and "d=1: +41.00" in slice_claims[1].detail
+
+
+# Hand-made sweeps: what mrl-train and mrl-eval leave in a job directory, without training anything.
+def _job(
+    job: Path, head: dict, seed: int, results: dict | None, overrides: tuple[str, ...] = (), **config
+) -> Path:
+    """A job dir: resolved_config.yaml, .hydra/overrides.yaml and (unless None) results.json."""
+    (job / ".hydra").mkdir(parents=True)
+    resolved = {"seed": seed, "head": head, "trainer": {"max_epochs": 4}, "threads": None, **config}
+    (job / "resolved_config.yaml").write_text(yaml.safe_dump(resolved))
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"seed={seed}", *overrides]))
+    if results is not None:
+        (job / "results.json").write_text(json.dumps(results))
+    return job
+
+
+def _top1(per_size: dict[int, float], split: str = "test") -> dict:
+    return {**{f"{split}/acc@{d}": v for d, v in per_size.items()}, "val/loss": 0.5}
+
+
+def _report(one_nn: dict[int, float], baselines: dict | None = None) -> dict:
+    """A report.json of mrl-eval: 1-NN and mAP@10 (1-NN minus 0.1) per size, optional baselines."""
+    return {
+        "knn": {str(d): {"1nn": v, "knn": v} for d, v in one_nn.items()},
+        "retrieval": {str(d): {"map@10": v - 0.1} for d, v in one_nn.items()},
+        "baselines": baselines or {},
+    }
+
+
+def _evaluate(job: Path, report: dict, layout: str, ckpt: str = "last", mtime: float | None = None) -> Path:
+    """Write ``report`` where an evaluation of ``<job>/checkpoints/<ckpt>.ckpt`` puts it: ``evaluate``
+    (mrl-train evaluate=), ``mrl-eval`` (its own dir under the log dir, linked from the job) or ``old``
+    (eval/report.json, from earlier versions)."""
+    from mrl.eval import locations
+
+    ckpt_path = job / "checkpoints" / f"{ckpt}.ckpt"
+    ckpt_id = f"{abs(hash((str(job), ckpt))) % 10**10:010d}"
+    record = locations.checkpoint_record(ckpt_path, ckpt_id)
+    if layout == "evaluate":
+        out = locations.after_training_dir(job, ckpt_path, ckpt_id)
+    elif layout == "mrl-eval":
+        out = job.parents[1] / "eval" / "runs" / locations.standalone_dir_name(ckpt_path, ckpt_id)
+    else:
+        out, record = job / "eval", None
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.json"
+    path.write_text(json.dumps({**report, **({"checkpoint": record} if record else {})}))
+    if layout == "mrl-eval":
+        link = job / "eval" / f"{locations.evaluation_name(ckpt_path, ckpt_id)}.json"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.write_text(json.dumps({**record, "eval_dir": str(out)}))
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_report_reads_the_evaluations_of_every_layout(tmp_path, monkeypatch):
+    """evaluate= (eval/<ckpt>-<id>/), mrl-eval (linked from eval/<ckpt>-<id>.json), old eval/report.json."""
+    from mrl.compare.collect import collect_jobs
+
+    sweep = tmp_path / "train" / "multiruns" / "sweep"
+    written = []
+    for seed, (layout, one_nn) in enumerate([("evaluate", 0.80), ("mrl-eval", 0.84), ("old", 0.88)]):
+        job = _job(sweep / str(seed), {"kind": "mrl"}, seed, _top1({4: 0.9}))
+        written.append(_evaluate(job, _report({4: one_nn}), layout))
+    records = collect(sweep)
+    cell = aggregate(records)["1nn"]["mrl"][4]
+    assert cell.n == 3 and cell.mean == pytest.approx(84.0)
+    assert aggregate(records)["map@10"]["mrl"][4].mean == pytest.approx(74.0)
+    monkeypatch.chdir(tmp_path)  # a relative sweep path: the jobs' own reports still show relative to it
+    infos = collect_jobs(Path("train/multiruns/sweep"))[1]
+    assert [i.eval_report for i in infos] == [
+        str(written[0].relative_to(sweep)),
+        str(written[1]),
+        "2/eval/report.json",
+    ]
+    assert [i.checkpoint for i in infos] == ["0/checkpoints/last.ckpt", "1/checkpoints/last.ckpt", None]
+
+
+def test_the_newest_evaluation_of_a_job_counts_once_and_is_named(tmp_path):
+    from mrl.compare.collect import collect_jobs
+
+    sweep = tmp_path / "train" / "multiruns" / "sweep"
+    job = _job(sweep / "0", {"kind": "mrl"}, 0, _top1({4: 0.9}))
+    _evaluate(job, _report({4: 0.5}), "evaluate", ckpt="epoch003", mtime=1_000_000)
+    newest = _evaluate(job, _report({4: 0.7}), "mrl-eval", ckpt="last", mtime=2_000_000)
+    records, (info,) = collect_jobs(sweep)
+    assert [r.value for r in records if r.metric == "1nn"] == [0.7]  # one evaluation, not averaged as seeds
+    assert info.evaluations == 2
+    assert info.eval_report == str(newest) and info.checkpoint == "0/checkpoints/last.ckpt"
+    assert find_evaluations(job)[0] == newest.resolve()
+
+
+def _reported(sweep: Path, capsys) -> tuple[str, dict]:
+    """mrl-report on ``sweep`` (no W&B run): what it printed, and comparison.json."""
+    from mrl.cli.report import main
+
+    main([str(sweep), "--no-wandb"])
+    printed = capsys.readouterr().out
+    assert printed.startswith((sweep / "report" / "comparison.md").read_text())
+    return printed, json.loads((sweep / "report" / "comparison.json").read_text())
+
+
+def test_mrl_report_after_mrl_eval_checks_the_claims_on_its_numbers(tmp_path, capsys):
+    """The README's order: train a sweep, mrl-eval each checkpoint, mrl-report. No false failure for 1-NN."""
+    sweep = tmp_path / "train" / "multiruns" / "sweep"
+    sizes = {1: 0.6, 2: 0.8, 4: 0.9}
+    jobs = [
+        _job(sweep / "0", {"kind": "mrl"}, 0, _top1(sizes)),
+        _job(sweep / "1", {"kind": "mrl"}, 1, _top1(sizes)),
+        _job(sweep / "2", {"kind": "ff", "dim": 1}, 0, _top1({1: 0.6})),
+        _job(sweep / "3", {"kind": "standard"}, 0, _top1({4: 0.9})),
+    ]
+    baselines = {"svd": {"1": 0.3, "2": 0.5}, "slice": {"1": 0.2, "2": 0.4}, "svd_1nn": {"1": 0.25}}
+    for job in jobs:
+        _evaluate(job, _report({1: 0.5, 4: 0.8}, baselines if job.name == "3" else None), "mrl-eval")
+    printed, summary = _reported(sweep, capsys)
+    assert "does not hold" not in printed, printed
+    assert set(summary["tables"]["1nn"]) == {"mrl", "ff", "standard", "svd"}
+    assert summary["tables"]["1nn"]["mrl"]["1"] == {"mean": 50.0, "std": 0.0, "n": 2}
+    assert summary["tables"]["top1"]["slice"]["2"]["mean"] == pytest.approx(40.0)
+    assert [c["holds"] for c in summary["claims"]] == [True, None, True, True], summary["claims"]
+    assert "MRL-E top-1 at most 2 points below MRL" in printed
+    assert "(mrl_e - mrl >= -2): not measured (mrl_e not measured)" in printed
+    for info in summary["jobs"]:  # where each job's eval numbers came from
+        assert info["evaluations"] == 1 and "/eval/runs/" in info["eval_report"], info
+        assert info["checkpoint"] == f"{info['job']}/checkpoints/last.ckpt"
+    assert "| 3 | standard | 0 | test | 1 |" in printed
+
+
+def test_jobs_without_results_or_test_metrics_are_listed_not_dropped(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    _evaluate(_job(sweep / "0", {"kind": "mrl"}, 0, _top1({4: 0.9})), _report({4: 0.8}), "evaluate")
+    _job(sweep / "1", {"kind": "mrl"}, 1, _top1({4: 0.5}, split="val"), ("test=false",))
+    _job(sweep / "2", {"kind": "mrl"}, 2, None)  # unfinished or failed: no results.json
+    printed, summary = _reported(sweep, capsys)
+    assert summary["tables"]["top1"]["mrl"]["4"] == {"mean": 90.0, "std": 0.0, "n": 1}  # test only
+    assert summary["tables"]["val_top1"]["mrl"]["4"]["mean"] == pytest.approx(50.0)
+    assert "Comparison of 3 jobs" in printed and "**Validation top-1 accuracy (%)**" in printed
+    assert "- no results.json (unfinished or failed), so no top-1: 2" in printed
+    assert "- no test metrics, top-1 of the validation split in its own table: 1" in printed
+    assert "- no evaluation found, so no 1-NN, mAP@10 or baselines: 1, 2" in printed
+    by_job = {info["job"]: info for info in summary["jobs"]}
+    assert (by_job["1"]["top1"], by_job["2"]["results"], by_job["2"]["top1"]) == ("val", False, "none")
+
+
+def test_a_sweep_with_no_finished_job_says_so(tmp_path, run_cli):
+    _job(tmp_path / "sweep" / "0", {"kind": "mrl"}, 0, None)
+    res = run_cli("mrl-report", str(tmp_path / "sweep"), "--no-wandb")
+    assert res.returncode == 1 and "None of the 1 jobs" in res.stderr and "has finished" in res.stderr
+
+
+def test_overrides_that_cannot_change_the_model_make_no_variant(tmp_path):
+    incidental = (
+        "evaluate={methods: {knn: true}, knn: {k: 3}}",
+        "logger=csv",
+        "+logger.wandb.offline=false",
+        "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1",
+        "threads=1",
+        "compile=true",
+        "paths.log_dir=/elsewhere",
+        "hydra.run.dir=/elsewhere/run",
+        "progress_bar_refresh_s=5",
+        "checkpoint_every_n_steps=10",
+        "data.num_workers=4",
+        "test=false",
+        "trainer.max_epochs=4",  # what the other jobs resolved without the override
+    )
+    jobs = [
+        _job(tmp_path / "0", {"kind": "mrl"}, 0, {}, ("head={kind:mrl}", *incidental)),
+        _job(tmp_path / "1", {"kind": "ff", "dim": 4}, 1, {}, ("head={kind:ff,dim:4}",)),
+        _job(tmp_path / "2", {"kind": "mrl", "weights": [4, 1]}, 0, {}, ("head.weights=[4,1]",)),
+    ]
+    assert variant_labels(jobs) == {job: "" for job in jobs}
+    longer = _job(tmp_path / "3", {"kind": "mrl"}, 0, {}, ("trainer.max_epochs=8", "backbone=resnet50"))
+    (longer / "resolved_config.yaml").write_text(yaml.safe_dump({"seed": 0, "trainer": {"max_epochs": 8}}))
+    labels = variant_labels([*jobs, longer])
+    assert labels[longer] == "backbone=resnet50,trainer.max_epochs=8"
+    assert labels[jobs[0]] == "backbone=default,trainer.max_epochs=4"  # given explicitly, or the default
 
 
 def test_wandb_records_from_train_and_eval_runs():
@@ -104,6 +337,31 @@ def test_wandb_records_from_train_and_eval_runs():
     }
 
 
+def test_wandb_source_counts_one_evaluation_per_training_run_and_keeps_val_apart():
+    from mrl.compare.wandb_source import newest_evaluations
+
+    def eval_run(run_id: str, created: str, one_nn: float) -> dict:
+        config = {"train": {"head": {"kind": "mrl"}, "seed": 0, "logger": {"wandb": {"id": run_id}}}}
+        return {
+            "config": config,
+            "summary": {"eval/knn/1nn@4": one_nn},
+            "job_type": "eval",
+            "name": f"eval:{run_id}",
+            "created_at": created,
+        }
+
+    runs = [
+        {"config": {}, "summary": {}, "job_type": "train", "name": "a", "created_at": "2026-01-01T00:00:00"},
+        eval_run("a", "2026-01-02T00:00:00", 0.5),
+        eval_run("a", "2026-01-03T00:00:00", 0.7),  # the same run evaluated again: replaces, not a seed
+        eval_run("b", "2026-01-01T00:00:00", 0.9),
+    ]
+    kept = newest_evaluations(runs)
+    assert sorted(r["summary"].get("eval/knn/1nn@4", 0) for r in kept) == [0, 0.7, 0.9]
+    val_only = run_records({"head": {"kind": "mrl"}}, {"val/acc@4": 0.8}, "train", "v")
+    assert [(r.metric, r.size) for r in val_only] == [("val_top1", 4)]
+
+
 @pytest.mark.slow
 def test_report_of_a_three_job_sweep(run_cli, tmp_path):
     """A 3-job multirun (MRL, FF at d=4, standard) evaluated after training, then mrl-report on it."""
@@ -117,7 +375,7 @@ def test_report_of_a_three_job_sweep(run_cli, tmp_path):
     )
     assert res.returncode == 0, res.output[-3000:]
     jobs = res.sweep_job_dirs()
-    assert len(jobs) == 3 and all((j / "eval" / "report.json").is_file() for j in jobs)
+    assert len(jobs) == 3 and all(len(find_evaluations(j)) == 1 for j in jobs)
     sweep = jobs[0].parent
     rep = run_cli("mrl-report", str(sweep))
     assert rep.returncode == 0, rep.output[-3000:]
@@ -129,18 +387,25 @@ def test_report_of_a_three_job_sweep(run_cli, tmp_path):
     assert set(data["top1"]["ff"]) == {"4"}
     assert data["top1"]["ff"]["4"]["mean"] == pytest.approx(100 * ff_results["test/acc@4"])
     assert data["top1"]["standard"]["256"]["mean"] == pytest.approx(100 * std_results["test/acc@256"])
-    std_report = json.loads((jobs[2] / "eval" / "report.json").read_text())
+    std_report = json.loads(find_evaluations(jobs[2])[0].read_text())
     for name in ("svd", "slice"):
         for d in ("1", "2", "4", "8"):
             assert data["top1"][name][d]["mean"] == pytest.approx(100 * std_report["baselines"][name][d])
             assert data["1nn"][name][d]["mean"] == pytest.approx(
                 100 * std_report["baselines"][f"{name}_1nn"][d]
             )
-    mrl_report = json.loads((jobs[0] / "eval" / "report.json").read_text())
+    mrl_report = json.loads(find_evaluations(jobs[0])[0].read_text())
     assert data["map@10"]["mrl"]["16"]["mean"] == pytest.approx(100 * mrl_report["retrieval"]["16"]["map@10"])
     md = (out / "comparison.md").read_text()
     assert f"| mrl | {100 * mrl_results['test/acc@1']:.2f} |" in md
-    assert "Claims:" in md and "1-NN accuracy reported for every method" in md
+    claims = json.loads((out / "comparison.json").read_text())["claims"]
+    assert "Claims:" in md and claims
+    for claim in claims:  # a verdict comes from measured differences, never from missing numbers
+        assert (claim["holds"] is None) == ("d=" not in claim["detail"].split("not measured")[0]), claim
+    assert "**Jobs** (3)" in md and "- no evaluation found" not in md
+    for job in jobs:
+        where = find_evaluations(job)[0].relative_to(sweep)
+        assert f"| {job.name} | " in md and f" | 1 | {where} | " in md
     assert (out / "comparison.png").stat().st_size > 10_000
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1

@@ -6,8 +6,6 @@ import hashlib
 import io
 import json
 import os
-import signal
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +15,7 @@ from litdata import StreamingDataset
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import BIN, read_results
+from conftest import read_results
 from mrl.data.encoded import split_encoded
 from mrl.data.generate import make_jpeg
 from mrl.data.prepare import prepare_shards
@@ -223,9 +221,7 @@ def test_killed_shard_run_resumes_mid_epoch_with_the_metrics_of_an_uninterrupted
 ):
     """kill -9 after a mid-epoch checkpoint, resume=: LitData's loader position (two workers) comes back
     from Lightning's checkpoint, so the resumed run trains on exactly the remaining batches."""
-    import subprocess
-
-    from test_reliability import comparable, env_for
+    from test_reliability import comparable, kill_run, start, wait_until_stopped
 
     args = [*shard_args(tiny_shards), "checkpoint_every_n_steps=4"]
     reference = run_cli("mrl-train", *args, "hydra.run.dir=ref")
@@ -233,24 +229,14 @@ def test_killed_shard_run_resumes_mid_epoch_with_the_metrics_of_an_uninterrupted
     expected = read_results(tmp_path / "ref")
 
     run_dir = tmp_path / "crashed"
-    proc = subprocess.Popen(
-        [str(BIN / "mrl-train"), *args, f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path,
-        env=env_for(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 300
-    while not ckpt.is_file():
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert 0 < saved["global_step"] < 24 and saved["global_step"] % 12 != 0, saved["global_step"]
+    # stops itself at step 6 of the first epoch (12 steps), its checkpoint of step 4 written; killed there
+    run = start(tmp_path, *args, f"hydra.run.dir={run_dir}", stop_at="6")
+    try:
+        wait_until_stopped(run)
+    finally:
+        kill_run(run)
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 4, saved["global_step"]
     assert "combined_loader" in saved["loops"]["fit_loop"]["state_dict"], "the loader position was not saved"
     assert not (run_dir / "results.json").exists()
 

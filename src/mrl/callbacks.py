@@ -3,15 +3,21 @@
 :class:`RestoreLoaderPosition` makes a resumed run continue mid-epoch where the checkpoint was taken;
 :func:`progress_bar` keeps Lightning's progress bar from reading the device back every step.
 
-Test hook (the only one): ``MRL_TEST_FAULT="<rank>:<step>"`` makes the process of that global rank raise
-a ``RuntimeError`` when it reaches that optimizer step. It exists so the test suite can check that a
-failing DDP rank takes the whole job down with a clear message instead of a hang
-(``tests/test_reliability.py``); it is inert unless the variable is set.
+Test hooks, inert unless their variable is set (``tests/test_reliability.py`` uses them):
+
+- ``MRL_TEST_FAULT="<rank>:<step>"`` makes the process of that global rank raise a ``RuntimeError`` when
+  it reaches that optimizer step, so the suite can check that a failing DDP rank takes the whole job
+  down with a clear message instead of a hang;
+- ``MRL_TEST_STOP="<step>[,<step>...]"`` makes the process stop itself (``SIGSTOP``) when it reaches
+  each of those optimizer steps, after every earlier step's checkpoint and logged metrics were handed
+  over, so the suite can signal or kill a run at a known step instead of racing it with a wall clock
+  (``SIGCONT`` lets it go on).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Any
 
@@ -20,6 +26,7 @@ from lightning.pytorch.callbacks import Callback, RichProgressBar, TQDMProgressB
 from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 
 FAULT_ENV = "MRL_TEST_FAULT"
+STOP_ENV = "MRL_TEST_STOP"
 
 
 class InjectedFault(Callback):
@@ -33,6 +40,23 @@ class InjectedFault(Callback):
             raise RuntimeError(
                 f"{FAULT_ENV}: injected fault on rank {self.rank} at step {trainer.global_step}"
             )
+
+
+class StopAtSteps(Callback):
+    """Stop the process (``SIGSTOP``) at each optimizer step of ``steps`` (test hook, see the module
+    docstring).
+
+    At the start of a batch: Lightning saves a step's checkpoint before it logs that step's metrics (both
+    at the end of the previous batch), so only here are both of them done.
+    """
+
+    def __init__(self, steps: list[int]) -> None:
+        self.steps = set(steps)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step in self.steps:
+            self.steps.discard(trainer.global_step)  # once: accumulated batches share their step
+            os.kill(os.getpid(), signal.SIGSTOP)
 
 
 class RestoreLoaderPosition(Callback):
@@ -98,8 +122,11 @@ def progress_bar(interval: float) -> Callback:
 
 
 def debug_hooks() -> list[Callback]:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return []
-    rank, step = (int(v) for v in spec.split(":"))
-    return [InjectedFault(rank, step)]
+    """The test hooks whose variables are set (see the module docstring)."""
+    hooks: list[Callback] = []
+    if spec := os.environ.get(FAULT_ENV):
+        rank, step = (int(v) for v in spec.split(":"))
+        hooks.append(InjectedFault(rank, step))
+    if spec := os.environ.get(STOP_ENV):
+        hooks.append(StopAtSteps([int(step) for step in spec.split(",")]))
+    return hooks

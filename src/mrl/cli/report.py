@@ -1,7 +1,11 @@
-"""``mrl-report``: one comparison of a sweep's jobs (methods x sizes): Markdown, JSON, PNG and W&B.
+"""mrl-report: one comparison of a sweep's jobs (methods x sizes): Markdown, JSON, PNG and W&B.
 
 mrl-report logs/train/multiruns/<date>_<id>          # a multirun directory
 mrl-report --wandb-group <group> [--project mrl]      # the same sweep read back from W&B (online)
+
+Top-1 comes from each job's results.json; 1-NN, mAP@10 and the post-hoc baselines from the newest
+evaluation of the job's checkpoints (mrl-train evaluate=..., or mrl-eval ckpt_path=<job>/checkpoints/...).
+The report lists every job and where its numbers came from; a claim lacking numbers is "not measured".
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
@@ -24,7 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mrl-report", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    p.add_argument("sweep_dir", nargs="?", help="a multirun directory (or any folder of mrl-train job dirs)")
+    p.add_argument(
+        "sweep_dir",
+        nargs="?",
+        help="a multirun directory, or any folder of mrl-train job dirs (searched recursively)",
+    )
     p.add_argument("--wandb-group", help="read the sweep from this W&B group instead (needs network)")
     p.add_argument("--project", default="mrl", help="W&B project (default: mrl)")
     p.add_argument("--entity", default=None, help="W&B entity (default: yours)")
@@ -52,17 +61,17 @@ def _sweep_wandb(jobs: list[Path]) -> dict:
 
 def report(args: argparse.Namespace) -> Path:
     from mrl.compare.claims import check_claims, claims_markdown
-    from mrl.compare.collect import collect, find_jobs
+    from mrl.compare.collect import collect_jobs, find_jobs
     from mrl.compare.figure import write_figure
-    from mrl.compare.table import aggregate, markdown, to_json
+    from mrl.compare.table import aggregate, jobs_markdown, markdown, to_json
 
     if bool(args.sweep_dir) == bool(args.wandb_group):
         raise MRLError("Give mrl-report either a sweep directory or --wandb-group <group> (one of the two).")
+    infos: list = []
     if args.sweep_dir:
         root = Path(args.sweep_dir)
-        jobs = find_jobs(root)
-        records = collect(root)
-        wandb_target = _sweep_wandb(jobs)
+        records, infos = collect_jobs(root)
+        wandb_target = _sweep_wandb(find_jobs(root))
         out = Path(args.out) if args.out else root / OUT_SUBDIR
         source = str(root)
     else:
@@ -73,28 +82,30 @@ def report(args: argparse.Namespace) -> Path:
         out = Path(args.out) if args.out else Path(f"{OUT_SUBDIR}-{args.wandb_group}")
         source = f"W&B group {args.wandb_group}"
     if not records:
-        raise MRLError(f"The jobs in {source} recorded no per-size metrics; did they finish training?")
+        raise MRLError(_nothing_measured(source, infos))
     tables = aggregate(records)
     claims = check_claims(tables)
     out.mkdir(parents=True, exist_ok=True)
-    jobs_count = len({r.job for r in records})
+    jobs_count = len(infos) or len({r.job for r in records})
     text = (
         f"Comparison of {jobs_count} jobs from {source}\n\n"
         + markdown(tables)
         + "\nClaims:\n\n"
         + claims_markdown(claims)
+        + (("\n" + jobs_markdown(infos)) if infos else "")
     )
     (out / "comparison.md").write_text(text)
-    (out / "comparison.json").write_text(
-        json.dumps(
-            {"source": source, "tables": to_json(tables), "claims": [c.__dict__ for c in claims]}, indent=2
-        )
-        + "\n"
-    )
+    summary = {
+        "source": source,
+        "tables": to_json(tables),
+        "claims": [asdict(c) for c in claims],
+        "jobs": [asdict(i) for i in infos],
+    }
+    (out / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
     png = write_figure(tables, out / "comparison.png", args.title)
     run_dir = None
     if wandb_target and not args.no_wandb:
-        run_dir = _log_wandb(wandb_target, tables, claims, png)
+        run_dir = _log_wandb(wandb_target, tables, claims, infos, png)
     print(text)
     print(f"markdown: {out / 'comparison.md'}\nfigure:   {png}\njson:     {out / 'comparison.json'}")
     if run_dir:
@@ -102,9 +113,23 @@ def report(args: argparse.Namespace) -> Path:
     return out
 
 
-def _log_wandb(target: dict, tables: dict, claims: list, png: Path) -> Path | None:
-    """A summary run (job type ``report``) in the sweep's W&B group: one table per metric, the claims
-    and the figure."""
+def _nothing_measured(source: str, infos: list) -> str:
+    """Why there is nothing to compare: which jobs lack what."""
+    unfinished = [i.job for i in infos if not i.results]
+    if infos and len(unfinished) == len(infos):
+        return (
+            f"None of the {len(infos)} jobs in {source} has finished: none holds a results.json (written "
+            "when training ends). Wait for the sweep to finish, or see the jobs' logs for why they failed."
+        )
+    return (
+        f"The jobs in {source} recorded no per-size metrics ({{test,val}}/acc@<size> in results.json, or an "
+        "evaluation report); did they finish training?"
+    )
+
+
+def _log_wandb(target: dict, tables: dict, claims: list, infos: list, png: Path) -> Path | None:
+    """A summary run (job type ``report``) in the sweep's W&B group: one table per metric, the claims,
+    the jobs and where their numbers came from, and the figure."""
     import wandb
 
     from mrl.train import _wandb_credentials_available
@@ -130,6 +155,11 @@ def _log_wandb(target: dict, tables: dict, claims: list, png: Path) -> Path | No
         data["report/claims"] = wandb.Table(
             columns=["claim", "holds", "detail"], data=[[c.text, str(c.holds), c.detail] for c in claims]
         )
+        if infos:
+            columns = list(asdict(infos[0]))
+            data["report/jobs"] = wandb.Table(
+                columns=columns, data=[[str(v) for v in asdict(i).values()] for i in infos]
+            )
         data["report/comparison_png"] = wandb.Image(str(png))
         run.log(data)
         run.summary.update(

@@ -6,11 +6,18 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-from mrl.compare.collect import METRICS, Record
+from mrl.compare.collect import METRICS, JobInfo, Record
 
 # The paper's order; anything else (variants) follows alphabetically.
 METHOD_ORDER = ("mrl", "mrl_e", "ff", "standard", "svd", "slice")
-METRIC_TITLES = {"top1": "Top-1 accuracy (%)", "1nn": "1-NN accuracy (%)", "map@10": "mAP@10 (%)"}
+METRIC_TITLES = {
+    "top1": "Top-1 accuracy (%)",
+    "val_top1": "Validation top-1 accuracy (%)",
+    "1nn": "1-NN accuracy (%)",
+    "map@10": "mAP@10 (%)",
+}
+# Said after a table's title.
+METRIC_NOTES = {"val_top1": "of the jobs without test metrics, kept apart from their test numbers"}
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,8 @@ def markdown(tables: dict[str, dict[str, dict[int, Cell]]]) -> str:
             if len(seeds) == 1
             else f"mean over {seeds[0]}-{seeds[-1]} seeds (a cell without ± has one)"
         )
-        parts.append(f"**{METRIC_TITLES.get(metric, metric)}**, {note} (± sample std)\n")
+        about = f" {METRIC_NOTES[metric]}," if metric in METRIC_NOTES else ""
+        parts.append(f"**{METRIC_TITLES.get(metric, metric)}**,{about} {note} (± sample std)\n")
         parts.append("| method | " + " | ".join(f"d={d}" for d in sizes) + " |")
         parts.append("|---|" + "---:|" * len(sizes))
         for method, row in table.items():
@@ -82,3 +90,42 @@ def to_json(tables: dict[str, dict[str, dict[int, Cell]]]) -> dict:
         }
         for metric, table in tables.items()
     }
+
+
+def _top1_source(info: JobInfo) -> str:
+    if not info.results:
+        return "none (no results.json: unfinished or failed)"
+    return {"test": "test", "val": "val only (no test metrics)"}.get(info.top1, "none (no per-size accuracy)")
+
+
+def _job_list(infos: list[JobInfo]) -> str:
+    return ", ".join(i.job for i in infos)
+
+
+def jobs_markdown(infos: list[JobInfo]) -> str:
+    """Every job, where its numbers came from, and the jobs that lack some of them (listed, not dropped)."""
+    lines = [
+        f"**Jobs** ({len(infos)}): top-1 from each job's results.json; 1-NN, mAP@10 and baselines "
+        "from its newest evaluation (a checkpoint's report.json).",
+        "",
+    ]
+    notes = [
+        ("no results.json (unfinished or failed), so no top-1", [i for i in infos if not i.results]),
+        (
+            "no test metrics, top-1 of the validation split in its own table",
+            [i for i in infos if i.results and i.top1 == "val"],
+        ),
+        ("no per-size accuracy in results.json", [i for i in infos if i.results and i.top1 == "none"]),
+        ("no evaluation found, so no 1-NN, mAP@10 or baselines", [i for i in infos if not i.evaluations]),
+        ("evaluated more than once, the newest evaluation used", [i for i in infos if i.evaluations > 1]),
+    ]
+    lines += [f"- {what}: {_job_list(jobs)}" for what, jobs in notes if jobs]
+    lines += ["", "| job | method | seed | top-1 | evaluations | eval numbers from | checkpoint evaluated |"]
+    lines.append("|---|---|---:|---|---:|---|---|")
+    for i in infos:
+        checkpoint = i.checkpoint or ("not recorded" if i.eval_report else "–")
+        lines.append(
+            f"| {i.job} | {i.method} | {i.seed} | {_top1_source(i)} | {i.evaluations} | "
+            f"{i.eval_report or '–'} | {checkpoint} |"
+        )
+    return "\n".join(lines) + "\n"

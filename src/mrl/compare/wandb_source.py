@@ -1,6 +1,7 @@
 """Records of a sweep read back from W&B (``mrl-report --wandb-group``), for sweeps whose directories
 are not on this machine: training runs give per-size top-1 from their summary, evaluation runs (job
-type ``eval``) 1-NN, mAP@10 and the post-hoc baselines. Needs network access and W&B credentials."""
+type ``eval``) 1-NN, mAP@10 and the post-hoc baselines; of several evaluation runs of one training run
+only the newest counts, as for a sweep directory. Needs network access and W&B credentials."""
 
 from __future__ import annotations
 
@@ -39,8 +40,33 @@ def run_records(config: dict[str, Any], summary: dict[str, Any], job_type: str, 
                 add(base, "1nn", _per_size(summary, f"eval/baselines/{base}_1nn@"))
     else:
         test = _per_size(summary, "test/acc@")
-        add(method, "top1", test or _per_size(summary, "val/acc@"))
+        if test:
+            add(method, "top1", test)
+        else:  # kept apart from test numbers, as for a sweep directory
+            add(method, "val_top1", _per_size(summary, "val/acc@"))
     return records
+
+
+def _trained_run(config: dict[str, Any], name: str) -> str:
+    """Which training run an evaluation run evaluated: its W&B id when recorded, else the run's name."""
+    train_cfg = config.get("train") or {}
+    wandb_cfg = (train_cfg.get("logger") or {}).get("wandb") or {}
+    return str(wandb_cfg.get("id") or name)
+
+
+def newest_evaluations(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``runs`` (dicts with config, summary, job_type, name, created_at) with only the newest evaluation
+    run of each training run: an evaluation repeated on the same run must not count as another seed."""
+    newest: dict[str, dict[str, Any]] = {}
+    others = []
+    for run in runs:
+        if run["job_type"] != "eval":
+            others.append(run)
+            continue
+        key = _trained_run(run["config"], run["name"])
+        if key not in newest or str(run["created_at"]) > str(newest[key]["created_at"]):
+            newest[key] = run
+    return others + list(newest.values())
 
 
 def wandb_records(group: str, project: str = "mrl", entity: str | None = None) -> list[Record]:
@@ -60,7 +86,17 @@ def wandb_records(group: str, project: str = "mrl", entity: str | None = None) -
         ) from None
     if not runs:
         raise MRLError(f"The W&B project {project!r} has no runs in group {group!r}; check the group name.")
+    found = [
+        {
+            "config": dict(run.config),
+            "summary": dict(run.summary),
+            "job_type": run.job_type or "train",
+            "name": run.name,
+            "created_at": run.created_at,
+        }
+        for run in runs
+    ]
     records = []
-    for run in runs:
-        records += run_records(dict(run.config), dict(run.summary), run.job_type or "train", run.name)
+    for run in newest_evaluations(found):
+        records += run_records(run["config"], run["summary"], run["job_type"], run["name"])
     return records
