@@ -28,6 +28,7 @@ from mrl.lightning_module import MatryoshkaModule
 from mrl.models.backbone import build_with_upsizing
 from mrl.models.heads import build_head
 from mrl.nn.matryoshka_loss import MatryoshkaLoss
+from mrl.preflight import check_built
 from mrl.tracking.charts import plot_accuracy_vs_size
 from mrl.tracking.results import metrics_to_floats, size_table, write_json
 
@@ -45,7 +46,24 @@ def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
     except InstantiationException as err:
         if isinstance(err.__cause__, MRLError):
             raise err.__cause__ from None
-        raise
+        if isinstance(err.__cause__, MisconfigurationException):
+            raise  # the trainer's own message, worded by train() below
+        raise config_error(node, err) from err
+
+
+def config_error(node: Any, err: InstantiationException) -> MRLError:
+    """The last resort for a component that its settings fail to build (the pre-flight checks in
+    :mod:`mrl.config_checks` catch the known cases first): a user error naming the config node."""
+    cause = err.__cause__ or err
+    key = str(getattr(node, "_get_full_key", lambda _: "")(None) or "") if OmegaConf.is_config(node) else ""
+    target = node.get("_target_") if hasattr(node, "get") else None
+    where = f"{key} ({target})" if key else str(target or "a component")
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    return MRLError(
+        f"Could not build {where} from its settings: {type(cause).__name__}: {text}. Check the "
+        f"{key + '.*' if key else 'related'} overrides; if they look right, rerun with HYDRA_FULL_ERROR=1 "
+        "and report the traceback."
+    )
 
 
 def build_module(cfg: DictConfig, num_classes: int, in_chans: int, img_size: int) -> MatryoshkaModule:
@@ -187,6 +205,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = instantiate(cfg.data)
     module = build_module_for_data(cfg, datamodule)
+    check_built(cfg, module.nesting, module.has_top5)  # metric and size names, now that sizes are known
     datamodule.configure_transforms(module.backbone.data_config())
     datamodule.prepare_data()
     ckpt_path = cfg.get("ckpt_path")

@@ -27,8 +27,10 @@ def run(cfg: DictConfig) -> None:
     # faiss announces at INFO level which CPU build it loaded, on every start
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     from mrl.eval.run import evaluate  # heavy imports after Hydra has parsed the command line
+    from mrl.preflight import check_eval, resolve
 
-    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    resolved = resolve(cfg)
+    check_eval(resolved)  # every setting that can be judged before the checkpoint is read
     Path(resolved.paths.output_dir).mkdir(parents=True, exist_ok=True)
     OmegaConf.save(resolved, Path(resolved.paths.output_dir) / "eval_config.yaml")
     evaluate(resolved)

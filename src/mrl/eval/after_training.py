@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import ConfigKeyError
 
 from mrl.errors import MRLError
 
@@ -43,16 +44,13 @@ def eval_config_after_training(
     W&B like the training job (same project, group and mode; no W&B when the job had none)."""
     base = compose_eval_config()
     OmegaConf.set_struct(base, True)  # a misspelt key is an error, not a silently ignored setting
+    OmegaConf.set_struct(base.data, False)  # data overrides are checked against the data config itself
     if OmegaConf.is_config(settings):
         settings = OmegaConf.to_container(settings, resolve=True)
     try:
         cfg = OmegaConf.merge(base, OmegaConf.create(settings or {}))
     except Exception as err:  # omegaconf raises several types for an unknown or mistyped key
-        raise MRLError(
-            f"evaluate={settings} does not fit mrl-eval's settings "
-            f"(conf/eval.yaml): {' '.join(str(err).split())} Use keys of conf/eval.yaml, e.g. "
-            "evaluate.methods.adaptive_retrieval=false."
-        ) from None
+        raise MRLError(_settings_error(settings, base, err)) from None
     trained_wandb = (train_cfg.get("logger") or {}).get("wandb")
     with open_dict(cfg):
         cfg.ckpt_path = str(ckpt_path)
@@ -66,6 +64,28 @@ def eval_config_after_training(
         else:
             cfg.logger = {}
     return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+
+
+def _settings_error(settings: Any, base: DictConfig, err: Exception) -> str:
+    """Which ``evaluate`` key is wrong and what the valid ones are (omegaconf's own text names neither
+    the ``evaluate.`` prefix nor the alternatives)."""
+    key = getattr(err, "full_key", None)
+    if not key:
+        return (
+            f"evaluate={settings} does not fit mrl-eval's settings (conf/eval.yaml): "
+            f"{' '.join(str(err).split())} "
+            "Use keys of conf/eval.yaml, e.g. evaluate.methods.adaptive_retrieval=false."
+        )
+    parent, _, _ = str(key).rpartition(".")
+    node = OmegaConf.select(base, parent) if parent else base
+    if isinstance(err, ConfigKeyError) and OmegaConf.is_dict(node):
+        where = f"evaluate.{parent}" if parent else "evaluate"
+        return (
+            f"evaluate.{key} is not an mrl-eval setting. The valid {where} keys are: "
+            f"{', '.join(map(str, node))} (conf/eval.yaml)."
+        )
+    reason = " ".join(str(err).splitlines()[0].split())
+    return f"evaluate.{key} is not valid: {reason}. See conf/eval.yaml for what it takes."
 
 
 def evaluate_after_training(
