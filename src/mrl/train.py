@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import warnings
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,11 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
         if node._target_.endswith("WandbLogger") and not node.get("offline", False):
             node = _wandb_online_or_offline(node)
         # plain dicts and lists: wandb.init validates its `settings` and rejects an OmegaConf node
-        loggers.append(instantiate(node, _convert_="all"))
+        logger = instantiate(node, _convert_="all")
+        if isinstance(logger, WandbLogger):
+            # Lightning always passes anonymous=None, which wandb warns about on every run (no effect)
+            getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+        loggers.append(logger)
     return loggers
 
 
@@ -313,5 +318,5 @@ def _report(results: dict[str, float], sizes: list[int], output_dir: Path, logge
     lines.append(f"plot:    {png}")
     if wandb_dir:
         run_dir = Path(wandb_dir).parent
-        lines.append(f"W&B run: {run_dir}  (upload with `wandb sync {run_dir}`)")
+        lines.append(f"W&B run: {run_dir}  (upload with `wandb sync {shlex.quote(str(run_dir))}`)")
     print("\n".join(lines), flush=True)

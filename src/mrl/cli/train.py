@@ -48,9 +48,11 @@ def _fill_run_names(cfg: DictConfig) -> None:
 
 @report_user_errors
 def run(cfg: DictConfig) -> float | None:
+    from mrl.logs import quiet_third_party_logs
     from mrl.preflight import check_run_config_file, check_train, resolve
     from mrl.train import train  # heavy imports after Hydra has parsed the command line
 
+    quiet_third_party_logs()
     out = Path(HydraConfig.get().runtime.output_dir)
     if cfg.get("resume") or requeued_run(out):
         # Same config, checkpoint and W&B run id as the stopped run (see mrl/cli/resume.py).
@@ -97,7 +99,10 @@ def optimized_value(results: dict[str, float], metric: str | None) -> float | No
 
 @report_user_errors
 def run_ddp_worker() -> None:
+    from mrl.logs import quiet_third_party_logs
     from mrl.train import train
+
+    quiet_third_party_logs()
 
     train(OmegaConf.load(os.environ[DDP_CONFIG_ENV]))
 
