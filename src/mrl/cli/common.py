@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from mrl.errors import MRLError
+from mrl.errors import MRLError, user_message
 
 
 def register_resolvers() -> None:
@@ -45,12 +45,17 @@ def report_user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except MRLError as err:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            fail(str(err))
+            fail(user_message(err))
 
     return wrapper
 
 
-def fail(message: str) -> None:
-    text = " ".join(message.split())  # one paragraph; the terminal wraps it
-    print(f"\nError: {text}\n(Set HYDRA_FULL_ERROR=1 for the full traceback.)", file=sys.stderr, flush=True)
+TRACEBACK_HINT = "(Set HYDRA_FULL_ERROR=1 for the full traceback.)"
+
+
+def fail(message: str, hint: str | None = TRACEBACK_HINT) -> None:
+    """Print ``message`` as one paragraph (the terminal wraps it), then ``hint``, and exit 1. Commands
+    that are not Hydra apps pass their own hint, or None."""
+    text = " ".join(message.split())
+    print(f"\nError: {text}" + (f"\n{hint}" if hint else ""), file=sys.stderr, flush=True)
     sys.exit(1)
