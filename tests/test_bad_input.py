@@ -54,6 +54,7 @@ PREFLIGHT = [
     (["optimized_metric=val/accuracy"], ["not a metric this job logs", "val/acc@full"]),
     (["head.nesting=[4,8]", "optimized_metric=val/acc@16"], ["names size 16", "[4, 8]"]),
     (["+data.dta_dir=/x"], ["data has no setting 'dta_dir'", "valid data keys are", "batch_size"]),
+    (["optim.lr=${nope}"], ["The config cannot be used", "Interpolation key 'nope' not found"]),
 ]
 
 
@@ -84,6 +85,9 @@ def test_a_later_size_error_names_head_dim_and_a_metric_of_default_sizes(run_cli
         ff, "head.dim=512 but the embedding has only 256 features", "backbone.embed_dim=512"
     )
     assert "head.nesting" not in ff.output
+    # the last resort: a setting no check knows, that the component it configures refuses
+    kwargs = run_cli("mrl-train", *TINY, "logger=none", "+backbone.model_kwargs.bogus=1")
+    _assert_clear_failure(kwargs, "Could not build backbone", "'bogus'", "backbone.* overrides")
     metric = run_cli("mrl-train", *TINY, "logger=none", "optimized_metric=val/acc@3")
     _assert_clear_failure(metric, "names size 3", "val/acc@full")
     assert "Epoch 0" not in metric.output

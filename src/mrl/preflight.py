@@ -32,8 +32,10 @@ def resolve(cfg: DictConfig) -> DictConfig:
     try:
         return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     except OmegaConfBaseException as err:
+        where = f" (in {err.full_key})" if getattr(err, "full_key", None) else ""
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MRLError(
-            f"The config cannot be resolved: {_reason(err)}. Fix the override or interpolation (${{...}}) "
+            f"The config cannot be resolved: {reason}{where}. Fix the override or interpolation (${{...}}) "
             "it names."
         ) from err
 

@@ -10,6 +10,7 @@ from functools import wraps
 from typing import Any
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from mrl.errors import MRLError, user_message
 
@@ -46,6 +47,15 @@ def report_user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             fail(user_message(err))
+        except OmegaConfBaseException as err:
+            # The last resort for a config that cannot be read where it is first used (an interpolation of
+            # a missing key, a value of the wrong type): a user error, not a crash.
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            fail(
+                f"The config cannot be used: {reason}. Fix the override or interpolation (${{...}}) it names."
+            )
 
     return wrapper
 
