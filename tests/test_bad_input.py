@@ -68,9 +68,7 @@ def _written(run_dirs) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize(
-    ("overrides", "expected"), PREFLIGHT, ids=[c[0][-1].split("=")[0] for c in PREFLIGHT]
-)
+@pytest.mark.parametrize(("overrides", "expected"), PREFLIGHT, ids=[c[0][-1] for c in PREFLIGHT])
 def test_bad_settings_are_refused_before_anything_runs(run_cli, overrides, expected):
     result = run_cli("mrl-train", *TINY, "logger=none", *overrides)
     _assert_clear_failure(result, *expected)
