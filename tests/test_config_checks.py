@@ -39,13 +39,21 @@ def _train_config(*overrides: str) -> dict:
 def test_every_shipped_option_passes(group, option):
     config = _train_config(f"{group}={option}", *NEEDS.get(option, []))
     checks.check_train_config(config)
+    checks.check_known_keys(config["data"], "data")
     preflight.probe_optimizer(config)
+
+
+def test_the_optuna_sweep_config_passes():
+    config = _train_config("hparams_search=optuna")
+    assert config["optimized_metric"]
+    checks.check_train_config(config)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_passes(name):
     config = _train_config(f"experiment={name}")  # a missing data path stays '???': not judged here
     checks.check_train_config(config)
+    checks.check_known_keys(config["data"], "data")
     preflight.probe_optimizer(config)
 
 
