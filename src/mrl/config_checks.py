@@ -230,7 +230,6 @@ DATA_POSITIVE = {
     "batch_size": "data.batch_size=256",
     "in_chans": "data.in_chans=3",
     "num_classes": "data.num_classes=10",
-    "crop_padding": "data.crop_padding=4",
 }
 DATA_OPTIONAL_POSITIVE = {
     "eval_batch_size": "data.eval_batch_size=1000",
@@ -244,6 +243,7 @@ DATA_COUNTS = {
     "train_size": "data.train_size=512",
     "val_size": "data.val_size=5000",
     "test_size": "data.test_size=128",
+    "crop_padding": "data.crop_padding=4",
 }
 
 
