@@ -86,10 +86,13 @@ def int_list(node: Node, key: str, prefix: str, example: str, allow_full: bool =
 
 
 def one_of(node: Node, key: str, prefix: str, choices: Sequence[Any]) -> None:
-    if key in node and node[key] not in choices:
-        raise MRLError(
-            f"{prefix}{key}={node[key]!r} is not valid: choose one of {', '.join(map(str, choices))}."
-        )
+    if key not in node:
+        return
+    value = node[key]
+    if not any(type(value) is type(c) and value == c for c in choices):  # 1 is not true here
+        names = [str(c).lower() if isinstance(c, bool) else str(c) for c in choices]  # as written in YAML
+        listed = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+        raise MRLError(f"{prefix}{key}={value!r} is not valid: {prefix}{key} must be {listed}.")
 
 
 def mapping(node: Any, key: str, example: str) -> Node:
