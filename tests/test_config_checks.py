@@ -52,9 +52,7 @@ def test_the_optuna_sweep_config_passes():
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_passes(name):
     config = _train_config(f"experiment={name}")  # a missing data path stays '???': not judged here
-    checks.check_train_config(config)
-    checks.check_known_keys(config["data"], "data")
-    preflight.probe_optimizer(config)
+    preflight.check_train(OmegaConf.create(config))  # with the recipes' evaluate= settings
 
 
 def test_the_default_eval_config_passes():
