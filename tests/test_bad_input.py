@@ -37,6 +37,73 @@ def test_bad_input_is_explained(run_cli, overrides, expected):
     assert not list((result.log_dir / "train" / "runs").glob("*/results.json"))
 
 
+# Settings refused by the pre-flight checks (mrl.config_checks): before training and before the job writes
+# anything but Hydra's own record (.hydra/ and the log file).
+PREFLIGHT = [
+    (["head.nesting=8"], ["head.nesting=8 is a single value", "head.nesting=[8]"]),
+    (["data.batch_size=0"], ["data.batch_size=0", "positive integer", "data.batch_size=256"]),
+    (["backbone.embed_dim=-3"], ["backbone.embed_dim=-3", "positive integer"]),
+    (["optim.lr=-1"], ["optim.lr=-1", "above 0"]),
+    (["optim.lr=fast"], ["optim.lr='fast' is not a number"]),
+    (["optim.opt=adamx"], ["optimizer settings do not work", "adamx"]),
+    (["trainer.max_epochs=-1"], ["trainer.max_epochs=-1", "sched=none"]),
+    (["evaluate={methds:{knn:true}}"], ["evaluate.methds is not an mrl-eval setting", "methods"]),
+    (["evaluate={knn:{k:0}}"], ["evaluate.knn.k=0", "positive integer"]),
+    (["evaluate={data:{dta_dir:/x}}"], ["evaluate.data has no setting 'dta_dir'", "batch_size"]),
+    (["evaluate=true"], ["evaluate={}"]),
+    (["optimized_metric=val/accuracy"], ["not a metric this job logs", "val/acc@full"]),
+    (["head.nesting=[4,8]", "optimized_metric=val/acc@16"], ["names size 16", "[4, 8]"]),
+    (["+data.dta_dir=/x"], ["data has no setting 'dta_dir'", "valid data keys are", "batch_size"]),
+    (["optim.lr=${nope}"], ["The config cannot be used", "Interpolation key 'nope' not found"]),
+]
+
+
+def _written(run_dirs) -> list[str]:
+    """What jobs wrote besides Hydra's record of the composition and the job log."""
+    return [
+        str(p)
+        for run in run_dirs
+        for p in run.rglob("*")
+        if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"
+    ]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), PREFLIGHT, ids=[c[0][-1] for c in PREFLIGHT])
+def test_bad_settings_are_refused_before_anything_runs(run_cli, overrides, expected):
+    result = run_cli("mrl-train", *TINY, "logger=none", *overrides)
+    _assert_clear_failure(result, *expected)
+    assert "Epoch 0" not in result.output and "Seed set" not in result.output  # training never started
+    assert _written(result.run_dirs()) == []
+
+
+def test_a_later_size_error_names_head_dim_and_a_metric_of_default_sizes(run_cli):
+    """Checked once the model is built (its embedding size measured), still before training."""
+    ff = run_cli("mrl-train", *TINY, "logger=none", "head=ff", "head.dim=512")
+    _assert_clear_failure(
+        ff, "head.dim=512 but the embedding has only 256 features", "backbone.embed_dim=512"
+    )
+    assert "head.nesting" not in ff.output
+    # the last resort: a setting no check knows, that the component it configures refuses
+    kwargs = run_cli("mrl-train", *TINY, "logger=none", "+backbone.model_kwargs.bogus=1")
+    _assert_clear_failure(kwargs, "Could not build backbone", "'bogus'", "backbone.* overrides")
+    metric = run_cli("mrl-train", *TINY, "logger=none", "optimized_metric=val/acc@3")
+    _assert_clear_failure(metric, "names size 3", "val/acc@full")
+    assert "Epoch 0" not in metric.output
+    assert not list((metric.log_dir / "train" / "runs").glob("*/checkpoints"))
+
+
+def test_pretrained_weights_without_a_local_copy_fail_at_once(run_cli, tmp_path):
+    import time
+
+    start = time.perf_counter()
+    result = run_cli(
+        "mrl-train", *TINY, "logger=none", "backbone.pretrained=true", env={"HF_HOME": str(tmp_path / "hf")}
+    )
+    _assert_clear_failure(result, "no local copy of its weights", "backbone.pretrained_path=<file>")
+    assert "Retrying" not in result.output and "huggingface.co" not in result.output
+    assert time.perf_counter() - start < 30  # no network retries
+
+
 # Rows of docs/bad_inputs.md that need a prepared file or an earlier run (the table above covers the rest).
 def _earlier_run(run_cli, tmp_path):
     result = run_cli("mrl-train", *TINY, "logger=none", "test=false", "hydra.run.dir=earlier")
@@ -184,3 +251,92 @@ def test_checkpoint_config_naming_foreign_code_is_refused(run_cli, tmp_path):
     with pytest.raises(MRLError, match="Refusing to load"):
         mrl.load(ckpt)
     assert not marker.exists()
+
+
+def _damaged_tree(root, damage: str):
+    """A 3-class ImageFolder tree of tiny JPEGs with one defect."""
+    import shutil
+
+    from mrl.data.generate import write_image_tree
+
+    write_image_tree(root, classes=3, per_class={"train": 8, "val": 2}, size=(40, 30))
+    bad = root / "train" / "class_0001" / "000003.jpg"
+    if damage == "empty_class":
+        shutil.rmtree(root / "train" / "class_0001")
+        (root / "train" / "class_0001").mkdir()
+    elif damage == "empty_val":
+        shutil.rmtree(root / "val")
+        (root / "val").mkdir()
+    elif damage == "not_an_image":
+        bad.write_text("these are notes, not a JPEG")
+    elif damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])
+    return root, bad
+
+
+TREE_CASES = [
+    ("empty_class", [], ["class_0001", "hold no image files", "add images, or remove the class folder"]),
+    ("empty_val", [], ["val holds no class folders", "one folder of images per class"]),
+    ("not_an_image", [], ["Cannot decode", "000003.jpg", "Unsupported image file", "Replace or delete"]),
+    # read by a loader worker process: its traceback text must not reach the message
+    ("truncated", ["data.num_workers=2"], ["Cannot decode", "000003.jpg", "truncated", "Replace or delete"]),
+    ("in_chans", ["data.in_chans=1"], ["data.in_chans=1", "read as RGB", "data.in_chans=3"]),
+]
+
+
+@pytest.mark.parametrize(("damage", "extra", "expected"), TREE_CASES, ids=[c[0] for c in TREE_CASES])
+def test_image_folder_problems_are_explained(run_cli, tmp_path, damage, extra, expected):
+    root, bad = _damaged_tree(tmp_path / "tree", damage)
+    result = run_cli(
+        "mrl-train",
+        "data=imagefolder",
+        f"data.root={root}",
+        "data.img_size=32",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "trainer.max_epochs=1",
+        "threads=1",
+        "logger=none",
+        *extra,
+    )
+    _assert_clear_failure(result, *expected)
+    assert "DataLoader worker" not in result.output and "Original Traceback" not in result.output
+    if damage in ("not_an_image", "truncated"):
+        assert str(bad) in result.output  # the file to replace, by its full path
+    assert not list((result.log_dir / "train" / "runs").glob("*/results.json"))
+
+
+def test_eval_and_resume_refuse_bad_settings_and_files(run_cli, tmp_path):
+    import shutil
+
+    earlier = _earlier_run(run_cli, tmp_path)
+    ckpt = earlier / "checkpoints" / "last.ckpt"
+
+    k0 = run_cli("mrl-eval", f"ckpt_path={ckpt}", "logger=none", "knn.k=0")
+    _assert_clear_failure(k0, "knn.k=0", "positive integer")
+    assert not list((k0.log_dir / "eval").rglob("*.npy"))  # refused before the embeddings were computed
+
+    typo = run_cli("mrl-eval", f"ckpt_path={ckpt}", "logger=none", "+data.dta_dir=/data")
+    _assert_clear_failure(typo, "data has no setting 'dta_dir'", "valid data keys are", "batch_size")
+
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint\n")
+    noise = tmp_path / "noise.ckpt"
+    noise.write_bytes(bytes(range(7, 256)) * 4)
+    for path, words in ((text, "it holds text"), (noise, "neither a PyTorch archive nor a pickle")):
+        result = run_cli("mrl-eval", f"ckpt_path={path}", "logger=none")
+        _assert_clear_failure(result, "is not a checkpoint", words)
+        assert "weights_only" not in result.output and "run code" not in result.output
+
+    import torch
+
+    if not torch.cuda.is_available():
+        _assert_clear_failure(
+            run_cli("mrl-eval", f"ckpt_path={ckpt}", "logger=none", "device=cuda"), "no CUDA GPU is available"
+        )
+
+    broken = tmp_path / "broken_run"
+    shutil.copytree(earlier, broken)
+    (broken / "resolved_config.yaml").write_text("data: {_target_: x\n  batch_size: [1,\n")
+    result = run_cli("mrl-train", f"resume={broken}")
+    _assert_clear_failure(result, "resolved_config.yaml is corrupt and cannot be read", "cannot be resumed")

@@ -109,8 +109,39 @@ def test_preprocess_accepts_raw_images(tiny_model):
     pre = tiny_model.preprocess(x)
     assert pre.dtype == torch.float32 and pre.shape == (3, 1, 28, 28)
     torch.testing.assert_close(tiny_model.embed(pre, dim=8), batch)
-    with pytest.raises(MRLError, match="1 channel"):
-        tiny_model.embed(np.zeros((28, 28, 3), dtype=np.uint8))
+    with pytest.raises(MRLError, match="1, 3 or 4 channels"):
+        tiny_model.embed(np.zeros((28, 28, 2), dtype=np.uint8))
+
+
+def test_a_single_image_gives_one_row(tiny_model):
+    """One PIL image, one (H, W) uint8 array or tensor: a batch of one, the row the batch would give;
+    colour images for a grey model (and grey ones for a colour model) are converted as PIL converts."""
+    from PIL import Image
+
+    x = _uint8_images(2)
+    batch = tiny_model.embed(x, dim=8)
+    grey = x[0, 0].numpy()
+    for single in (Image.fromarray(grey), grey, torch.from_numpy(grey)):
+        z = tiny_model.embed(single, dim=8)
+        assert z.shape == (1, 8)
+        torch.testing.assert_close(z[0], batch[0])
+    rgb = np.repeat(grey[..., None], 3, axis=2)  # grey as RGB: its luminance is the grey image
+    torch.testing.assert_close(tiny_model.embed(rgb, dim=8)[0], batch[0])
+    torch.testing.assert_close(tiny_model.embed(Image.fromarray(rgb), dim=8)[0], batch[0])
+    colour = MatryoshkaModel(_spec(TIMM, in_chans=3, img_size=32))
+    assert colour.embed(grey, dim=4).shape == (1, 4)
+    torch.testing.assert_close(colour.embed(grey, dim=4), colour.embed(rgb, dim=4))
+
+
+def test_save_into_a_directory_and_load_on_a_missing_gpu_are_refused(tiny_model, exported, tmp_path):
+    with pytest.raises(MRLError, match=r"is a directory.*model\.safetensors"):
+        tiny_model.save(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(MRLError, match="not a device"):
+        mrl.load(exported, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(MRLError, match=r"no CUDA GPU is available here.*device='cpu'"):
+            mrl.load(exported, device="cuda")
 
 
 def test_timm_preprocessing_takes_pil_images():

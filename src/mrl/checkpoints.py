@@ -42,28 +42,74 @@ def require_checkpoint_file(path: str | Path) -> Path:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a Lightning checkpoint safely; any problem becomes an :class:`MRLError` saying what to do."""
     path = require_checkpoint_file(path)
+    not_a_checkpoint = _not_a_checkpoint(path)
+    if not_a_checkpoint:
+        raise CorruptCheckpoint(
+            f"{path} is not a checkpoint: {not_a_checkpoint}. Give the path of a .ckpt file written by "
+            "mrl-train "
+            f"(a run's {CHECKPOINT_DIR}/{LAST} or its best epoch*.ckpt)."
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # weights_only refuses any pickled object that is not a tensor or plain container: that is
-        # how a malicious checkpoint would run code. Never fall back to weights_only=False here.
-        raise MRLError(
-            f"Refusing to load {path}: it holds Python objects other than tensors and plain values "
-            f"({_first_line(err)}), and unpickling them could run code from the file. mrl only loads "
-            "checkpoints written by mrl-train; if you trust this file, re-save its state_dict with "
-            "plain tensors."
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        raise CorruptCheckpoint(
-            f"Checkpoint {path} is corrupt or truncated and cannot be read ({_first_line(err)}). Use "
-            f"another checkpoint of the run (in its {CHECKPOINT_DIR}/ folder) or train from scratch."
-        ) from None
+        # how a malicious checkpoint would run code. Never fall back to weights_only=False here, and never
+        # pass on torch's advice to do so.
+        detail = _torch_detail(err)
+        if "GLOBAL" in detail:
+            raise MRLError(
+                f"Refusing to load {path}: it holds Python objects other than tensors and plain values "
+                f"({detail}), and unpickling them could run code from the file. mrl only loads "
+                "checkpoints written by mrl-train; if you trust this file, re-save its state_dict with "
+                "plain tensors."
+            ) from None
+        raise _corrupt(path, detail) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as err:
+        raise _corrupt(path, _torch_detail(err)) from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise MRLError(
             f"{path} is not a Lightning checkpoint written by mrl-train (no state_dict). Give the "
             f"path of a .ckpt file from a run's {CHECKPOINT_DIR}/ folder."
         )
     return ckpt
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive (every checkpoint Lightning writes)
+PICKLE_PROTO = b"\x80"  # torch.save's legacy format starts with a pickle protocol opcode
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """Why the file cannot be a torch checkpoint at all (None when its first bytes could be one)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "the file is empty"
+    if head.startswith((ZIP_MAGIC, PICKLE_PROTO)):
+        return None
+    if len(head) > 8 and head[8:9] == b"{":  # safetensors: a header length, then its JSON header
+        return "it is a safetensors file (mrl.load reads the model.safetensors that mrl-eval exports)"
+    try:
+        head.decode("utf-8")
+        return "it holds text"
+    except UnicodeDecodeError:
+        return "its first bytes are neither a PyTorch archive nor a pickle"
+
+
+def _torch_detail(err: BaseException) -> str:
+    """torch.load's reason without its advice (the weights_only=False suggestion, links to its docs)."""
+    advice = ("weights_only", "Check the documentation", "Please file an issue", "high likelihood")
+    lines = [line.strip() for line in str(err).splitlines()]
+    kept = [line for line in lines if line and not any(a in line for a in advice)]
+    if not kept and lines and lines[0]:  # e.g. "... failed finding central directory. This is ..."
+        kept = [lines[0].split(". ")[0]]
+    return " ".join(kept).rstrip(".") or type(err).__name__
+
+
+def _corrupt(path: Path, detail: str) -> CorruptCheckpoint:
+    return CorruptCheckpoint(
+        f"Checkpoint {path} is corrupt or truncated and cannot be read ({detail}). Use another checkpoint of "
+        f"the run (in its {CHECKPOINT_DIR}/ folder) or train from scratch."
+    )
 
 
 def check_compatible(ckpt: dict[str, Any], module: nn.Module, path: str | Path, config: dict) -> None:
@@ -173,8 +219,3 @@ def _get(config: dict, keys: tuple[str, ...]) -> Any:
             return None
         node = node.get(key)
     return node
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__

@@ -187,9 +187,14 @@ class MatryoshkaModel(nn.Module):
         """Model inputs ``(B, C, H, W)`` on the model's device, from any of:
 
         * a float tensor ``(B, C, H, W)`` or ``(C, H, W)``: taken as already preprocessed (unchanged);
-        * a uint8 tensor ``(B, C, H, W)`` or ``(C, H, W)`` (the layout of the in-memory datamodules);
+        * a uint8 tensor ``(B, C, H, W)``, ``(C, H, W)`` (the layout of the in-memory datamodules) or
+          ``(H, W)`` (one grey image);
         * a uint8 numpy array: one image ``(H, W)`` / ``(H, W, C)``, or a batch ``(B, H, W, C)``;
-        * a list of PIL images or uint8 numpy arrays (any sizes: each is resized like the eval data).
+        * one PIL image, or a list of PIL images or uint8 numpy arrays (any sizes: each is resized like
+          the eval data).
+
+        A single image gives a batch of one. Grey, RGB and RGBA images are converted to the model's
+        channels as PIL's ``convert`` does (grey repeated to RGB, RGB to luminance, alpha dropped).
         """
         in_chans = int(self.preprocessing["in_chans"])
         if isinstance(images, torch.Tensor) and images.is_floating_point():
@@ -201,10 +206,19 @@ class MatryoshkaModel(nn.Module):
                 )
             return x.to(self.device)
         if isinstance(images, torch.Tensor):
+            if images.dim() == 2:  # one grey image (H, W)
+                images = images.unsqueeze(0)
             t = images if images.dim() == 4 else images.unsqueeze(0)
+            if t.dim() != 4:
+                raise MRLError(
+                    f"Expected uint8 images (B, C, H, W), (C, H, W) or (H, W); got a tensor of shape "
+                    f"{tuple(images.shape)}."
+                )
             items: list[Any] = [img.permute(1, 2, 0).cpu().numpy() for img in t]  # (H, W, C) each
         elif isinstance(images, np.ndarray):
             items = list(images) if images.ndim == 4 else [images]
+        elif _is_pil(images):
+            items = [images]
         else:
             items = list(images)
         if not items:
@@ -223,6 +237,17 @@ class MatryoshkaModel(nn.Module):
         at ``path``.
         """
         path = Path(path)
+        if path.is_dir():
+            raise MRLError(
+                f"{path} is a directory: save() writes one file. Give its path, for example "
+                f"model.save('{path / 'model.safetensors'}')."
+            )
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise MRLError(
+                f"Cannot write {path}: {path.parent} cannot be created ({err.strerror})."
+            ) from None
         # safetensors refuses tensors that share memory; copies also detach from any device.
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
         metadata = {"format": "pt", METADATA_KEY: json.dumps(self.spec, sort_keys=True, default=str)}
@@ -248,9 +273,13 @@ class Uint8Transform:
         return normalize_uint8_batch(x, self.mean, self.std, flip=False, img_size=self.img_size)[0]
 
 
+def _is_pil(item: Any) -> bool:
+    return not isinstance(item, np.ndarray | torch.Tensor) and hasattr(item, "convert")
+
+
 def _to_image(item: Any, in_chans: int, kind: str) -> Any:
     """One raw image as what the transform takes: a PIL image (timm) or a uint8 array ``(H, W, C)``."""
-    if not isinstance(item, np.ndarray) and hasattr(item, "convert"):  # a PIL image
+    if _is_pil(item):
         if kind == TIMM:
             return item.convert("L" if in_chans == 1 else "RGB")
         item = np.asarray(item.convert("L" if in_chans == 1 else "RGB"))
@@ -262,16 +291,34 @@ def _to_image(item: Any, in_chans: int, kind: str) -> Any:
         )
     if array.ndim == 2:
         array = array[:, :, None]
-    if array.ndim != 3 or array.shape[2] != in_chans:
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
         raise MRLError(
-            f"Expected images with {in_chans} channel(s), (H, W{', C' if in_chans > 1 else ''}) or a batch "
-            f"(B, H, W, C); got an image of shape {array.shape}."
+            f"Expected an image (H, W) or (H, W, C) with 1, 3 or 4 channels, or a batch (B, H, W, C); got an "
+            f"image of shape {array.shape}."
         )
+    array = _match_channels(array, in_chans)
     if kind == TIMM:
         from PIL import Image
 
         return Image.fromarray(array[:, :, 0] if in_chans == 1 else array)
     return array
+
+
+def _match_channels(array: np.ndarray, in_chans: int) -> np.ndarray:
+    """A uint8 ``(H, W, C)`` image with the model's channel count, converted as PIL converts modes."""
+    channels = array.shape[2]
+    if channels == in_chans:
+        return array
+    if in_chans == 3:
+        return np.repeat(array, 3, axis=2) if channels == 1 else array[:, :, :3]
+    if in_chans == 1:
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(np.ascontiguousarray(array[:, :, :3])).convert("L"))[:, :, None]
+    raise MRLError(
+        f"The model takes {in_chans}-channel images; got an image with {channels}. Pass a float tensor "
+        f"(B, {in_chans}, H, W) already preprocessed like the evaluation data."
+    )
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -286,8 +333,31 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> MatryoshkaMode
             f"{path} does not exist. Give the path of a model.safetensors written by mrl-eval (or "
             "MatryoshkaModel.save) or of a checkpoint written by mrl-train (checkpoints/last.ckpt)."
         )
+    target = _check_device(device)
     model = _load_export(path) if _is_safetensors(path) else _load_checkpoint(path)
-    return model.to(device).eval()
+    return model.to(target).eval()
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device this machine has (checked before anything is read)."""
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MRLError(f"device={device!r} is not a device: use 'cpu', 'cuda' or 'cuda:<index>'.") from None
+    if target.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise MRLError(
+                f"device={device!r} but no CUDA GPU is available here. Load the model with device='cpu' (or "
+                "device='cuda' if torch.cuda.is_available() else 'cpu')."
+            )
+        if target.index is not None and target.index >= count:
+            raise MRLError(
+                f"device={device!r} but this machine has {count} GPU(s): use cuda:0 to cuda:{count - 1}."
+            )
+    if target.type == "mps" and not torch.backends.mps.is_available():
+        raise MRLError(f"device={device!r} but MPS is not available here; load with device='cpu'.")
+    return target
 
 
 def _is_safetensors(path: Path) -> bool:

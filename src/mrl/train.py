@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shlex
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from mrl.lightning_module import MatryoshkaModule
 from mrl.models.backbone import build_with_upsizing
 from mrl.models.heads import build_head
 from mrl.nn.matryoshka_loss import MatryoshkaLoss
+from mrl.preflight import check_built
 from mrl.tracking.charts import plot_accuracy_vs_size
 from mrl.tracking.results import RESULTS_NAME, metrics_to_floats, read_results, size_table
 
@@ -51,7 +53,24 @@ def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
             if isinstance(cause, MRLError):
                 raise cause from None
             cause = cause.__cause__
-        raise
+        if isinstance(err.__cause__, MisconfigurationException):
+            raise  # the trainer's own message, worded by train() below
+        raise config_error(node, err) from err
+
+
+def config_error(node: Any, err: InstantiationException) -> MRLError:
+    """The last resort for a component that its settings fail to build (the pre-flight checks in
+    :mod:`mrl.config_checks` catch the known cases first): a user error naming the config node."""
+    cause = err.__cause__ or err
+    key = str(getattr(node, "_get_full_key", lambda _: "")(None) or "") if OmegaConf.is_config(node) else ""
+    target = node.get("_target_") if hasattr(node, "get") else None
+    where = f"{key} ({target})" if key else str(target or "a component")
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    return MRLError(
+        f"Could not build {where} from its settings: {type(cause).__name__}: {text}. Check the "
+        f"{key + '.*' if key else 'related'} overrides; if they look right, rerun with HYDRA_FULL_ERROR=1 "
+        "and report the traceback."
+    )
 
 
 def build_module(cfg: DictConfig, num_classes: int, in_chans: int, img_size: int) -> MatryoshkaModule:
@@ -126,7 +145,11 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
         if node._target_.endswith("WandbLogger") and not node.get("offline", False):
             node = _wandb_online_or_offline(node)
         # plain dicts and lists: wandb.init validates its `settings` and rejects an OmegaConf node
-        loggers.append(instantiate(node, _convert_="all"))
+        logger = instantiate(node, _convert_="all")
+        if isinstance(logger, WandbLogger):
+            # Lightning always passes anonymous=None, which wandb warns about on every run (no effect)
+            getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+        loggers.append(logger)
     return loggers
 
 
@@ -211,6 +234,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = instantiate(cfg.data)
     module = build_module_for_data(cfg, datamodule)
+    check_built(cfg, module.nesting, module.has_top5)  # metric and size names, now that sizes are known
     datamodule.configure_transforms(module.backbone.data_config())
     datamodule.prepare_data()
     previous_results = read_results(output_dir) if cfg.get("resume") else {}
@@ -348,5 +372,5 @@ def _report(results: dict[str, float], sizes: list[int], output_dir: Path, logge
     lines.append(f"plot:    {png}")
     if wandb_dir:
         run_dir = Path(wandb_dir).parent
-        lines.append(f"W&B run: {run_dir}  (upload with `wandb sync {run_dir}`)")
+        lines.append(f"W&B run: {run_dir}  (upload with `wandb sync {shlex.quote(str(run_dir))}`)")
     print("\n".join(lines), flush=True)

@@ -10,8 +10,9 @@ from functools import wraps
 from typing import Any
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from mrl.errors import MRLError
+from mrl.errors import MRLError, user_message
 
 
 def register_resolvers() -> None:
@@ -45,12 +46,26 @@ def report_user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except MRLError as err:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            fail(str(err))
+            fail(user_message(err))
+        except OmegaConfBaseException as err:
+            # The last resort for a config that cannot be read where it is first used (an interpolation of
+            # a missing key, a value of the wrong type): a user error, not a crash.
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            fail(
+                f"The config cannot be used: {reason}. Fix the override or interpolation (${{...}}) it names."
+            )
 
     return wrapper
 
 
-def fail(message: str) -> None:
-    text = " ".join(message.split())  # one paragraph; the terminal wraps it
-    print(f"\nError: {text}\n(Set HYDRA_FULL_ERROR=1 for the full traceback.)", file=sys.stderr, flush=True)
+TRACEBACK_HINT = "(Set HYDRA_FULL_ERROR=1 for the full traceback.)"
+
+
+def fail(message: str, hint: str | None = TRACEBACK_HINT) -> None:
+    """Print ``message`` as one paragraph (the terminal wraps it), then ``hint``, and exit 1. Commands
+    that are not Hydra apps pass their own hint, or None."""
+    text = " ".join(message.split())
+    print(f"\nError: {text}" + (f"\n{hint}" if hint else ""), file=sys.stderr, flush=True)
     sys.exit(1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -25,11 +24,14 @@ def eval_dir_name(ckpt_path: str) -> str:
 
 @report_user_errors
 def run(cfg: DictConfig) -> None:
-    # faiss announces at INFO level which CPU build it loaded, on every start
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     from mrl.eval.run import evaluate  # heavy imports after Hydra has parsed the command line
+    from mrl.logs import quiet_third_party_logs
+    from mrl.preflight import check_eval, resolve
 
-    evaluate(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)))
+    quiet_third_party_logs()
+    resolved = resolve(cfg)
+    check_eval(resolved)  # every setting that can be judged before the checkpoint is read
+    evaluate(resolved)
 
 
 def check_before_hydra(argv: list[str]) -> None:

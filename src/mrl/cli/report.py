@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     except MRLError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        fail(str(err))
+        fail(str(err), hint=None)  # not a Hydra app: no HYDRA_FULL_ERROR hint
 
 
 if __name__ == "__main__":

@@ -48,17 +48,22 @@ def _fill_run_names(cfg: DictConfig) -> None:
 
 @report_user_errors
 def run(cfg: DictConfig) -> float | None:
+    from mrl.logs import quiet_third_party_logs
+    from mrl.preflight import check_run_config_file, check_train, resolve
     from mrl.train import train  # heavy imports after Hydra has parsed the command line
 
+    quiet_third_party_logs()
     out = Path(HydraConfig.get().runtime.output_dir)
     if cfg.get("resume") or requeued_run(out):
         # Same config, checkpoint and W&B run id as the stopped run (see mrl/cli/resume.py).
+        check_run_config_file(out / RESOLVED_CONFIG_NAME)
         resolved = resume_config(out, list(HydraConfig.get().overrides.task))
         print(f"Resuming {out} from {resolved.ckpt_path}", file=sys.stderr, flush=True)
     else:
         _fill_run_names(cfg)
         ensure_wandb_id(cfg)
-        resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        resolved = resolve(cfg)
+    check_train(resolved)  # every setting that can be judged now, before anything is written
     out = Path(resolved.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / RESOLVED_CONFIG_NAME
@@ -72,7 +77,10 @@ def run(cfg: DictConfig) -> float | None:
 
 
 def optimized_value(results: dict[str, float], metric: str | None) -> float | None:
-    """The value a sweeper (Optuna) optimises; ``<stage>/acc@full`` names the largest trained size."""
+    """The value a sweeper (Optuna) optimises; ``<stage>/acc@full`` names the largest trained size.
+
+    The name was checked before training (:func:`mrl.config_checks.check_optimized_metric`); the error
+    below remains for metrics a run did not reach (for example no validation epoch ran)."""
     if not metric:
         return None
     if metric.endswith("@full"):
@@ -91,7 +99,10 @@ def optimized_value(results: dict[str, float], metric: str | None) -> float | No
 
 @report_user_errors
 def run_ddp_worker() -> None:
+    from mrl.logs import quiet_third_party_logs
     from mrl.train import train
+
+    quiet_third_party_logs()
 
     train(OmegaConf.load(os.environ[DDP_CONFIG_ENV]))
 

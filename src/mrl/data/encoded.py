@@ -25,6 +25,7 @@ from mrl.data.preprocess import (
     CropSpec,
     ImageTransform,
     check_augment,
+    decode_reason,
     decode_rgb,
     random_resized_crop_params,
     train_crop,
@@ -214,13 +215,20 @@ class EncodedImageDataModule(MRLDataModule):
         decoded shapes, so nothing waits for the device."""
         images: list[torch.Tensor | None] = [None] * len(encoded)
         jpegs = [i for i, data in enumerate(encoded) if bytes(data[:2].tolist()) == JPEG_MAGIC]
-        if jpegs:
-            decoded = decode_jpeg([encoded[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
-            for i, image in zip(jpegs, decoded, strict=True):
-                images[i] = image
-        for i, image in enumerate(images):
-            if image is None:  # not a JPEG (ImageFolder trees may hold PNGs): decoded by the CPU
-                images[i] = decode_rgb(encoded[i]).to(device)
+        try:
+            if jpegs:
+                decoded = decode_jpeg([encoded[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+                for i, image in zip(jpegs, decoded, strict=True):
+                    images[i] = image
+            for i, image in enumerate(images):
+                if image is None:  # not a JPEG (ImageFolder trees may hold PNGs): decoded by the CPU
+                    images[i] = decode_rgb(encoded[i]).to(device)
+        except RuntimeError as err:  # the batch's bytes carry no file names
+            raise MRLError(
+                f"An image of this batch does not decode ({decode_reason(err)}): the data set holds a "
+                "truncated or corrupt file. Train with data.decode=cpu to have it named, then replace or "
+                "delete it."
+            ) from err
         spec = self.crop_spec(train)
         if not train:
             transform = self.image_transform(False)

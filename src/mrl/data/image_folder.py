@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.io import read_file
 
 from mrl.data.encoded import EncodedImageDataModule, EncodedSample
-from mrl.data.preprocess import ImageTransform
+from mrl.data.preprocess import ImageTransform, decode_reason
 from mrl.errors import MRLError
 
 
@@ -30,9 +31,9 @@ class EncodedImageFolder(Dataset):
     resumed run are the shards' (:mod:`mrl.data.shards`).
     """
 
-    def __init__(self, folder: Path, transform: ImageTransform | None) -> None:
+    def __init__(self, folder: Path | ImageFolder, transform: ImageTransform | None) -> None:
         # torchvision's ImageFolder lists the classes and files (its loader is not used).
-        self.folder = ImageFolder(str(folder), loader=read_file)
+        self.folder = folder if isinstance(folder, ImageFolder) else list_image_folder(Path(folder))
         self.classes = self.folder.classes
         self.transform = transform
 
@@ -47,7 +48,34 @@ class EncodedImageFolder(Dataset):
         try:
             return self.transform(read_file(path), random.Random(seed)), label
         except RuntimeError as err:  # torchvision's decoders raise RuntimeError on corrupt files
-            raise MRLError(f"Cannot decode {path} ({err}): replace or delete the file.") from err
+            raise unreadable_image(path, err) from err
+
+
+def unreadable_image(path: str | Path, err: BaseException) -> MRLError:
+    """A file of the tree that does not decode (not an image, truncated, corrupt): training stops and
+    names it, rather than skipping it and training on a silently different data set."""
+    return MRLError(
+        f"Cannot decode {path} ({decode_reason(err)}): it is not a readable image (truncated, corrupt or "
+        "another kind of file). Replace or delete the file and start again."
+    )
+
+
+def list_image_folder(folder: Path) -> ImageFolder:
+    """torchvision's listing of a class-per-folder split, its errors told as what to fix."""
+    try:
+        return ImageFolder(str(folder), loader=read_file)
+    except FileNotFoundError as err:
+        text = str(err)
+        if "class folder" in text:
+            raise MRLError(
+                f"{folder} holds no class folders. Each split of an ImageFolder tree needs one folder of "
+                "images per class, the same class folders as train/ (root/<split>/<class>/<image>)."
+            ) from None
+        empty = text.split("classes ", 1)[-1].split(". Supported", 1)[0]
+        raise MRLError(
+            f"Class folder(s) {empty} in {folder} hold no image files ({', '.join(IMG_EXTENSIONS)}). Every "
+            "class needs images in every split: add images, or remove the class folder from every split."
+        ) from None
 
 
 class ImageFolderDataModule(EncodedImageDataModule):
@@ -69,7 +97,10 @@ class ImageFolderDataModule(EncodedImageDataModule):
     ) -> None:
         super().__init__(**kwargs)
         if int(in_chans) != 3:
-            raise MRLError(f"data.in_chans={in_chans}: image files are read as RGB (3 channels).")
+            raise MRLError(
+                f"data.in_chans={in_chans}, but image files are read as RGB, 3 channels (grey images are "
+                "converted). Drop the data.in_chans override (or set data.in_chans=3)."
+            )
         self.root = Path(root).expanduser()
         self.split_dirs = {"train": train_split, "val": val_split, "test": test_split}
         for split in ("train", "val"):
@@ -80,28 +111,31 @@ class ImageFolderDataModule(EncodedImageDataModule):
                     f"'{self.split_dirs['train']}/' and '{self.split_dirs['val']}/' subfolders holding one "
                     "folder of images per class (the ImageNet layout)."
                 )
-        self.classes = sorted(p.name for p in (self.root / self.split_dirs["train"]).iterdir() if p.is_dir())
-        if not self.classes:
-            raise MRLError(f"{self.root / self.split_dirs['train']} holds no class folders.")
+        test_dir = self.root / self.split_dirs["test"]
+        if not test_dir.is_dir():
+            test_dir = self.root / self.split_dirs["val"]
+        # Listed now, not in setup(): an empty split or class folder is refused before training starts.
+        self.listings = {
+            "train": list_image_folder(self.root / self.split_dirs["train"]),
+            "val": list_image_folder(self.root / self.split_dirs["val"]),
+            "test": list_image_folder(test_dir),
+        }
+        self.classes = self.listings["train"].classes
+        for split, listing in self.listings.items():
+            if listing.classes != self.classes:
+                raise MRLError(
+                    f"The {split} split's class folders differ from train's in {self.root}: every split "
+                    "needs the same set of class folders."
+                )
         self.num_classes = len(self.classes)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        test_dir = self.root / self.split_dirs["test"]
-        if not test_dir.is_dir():
-            test_dir = self.root / self.split_dirs["val"]
-        folders = {"train": self.root / self.split_dirs["train"], "val": self.root / self.split_dirs["val"]}
-        folders["test"] = test_dir
         datasets = {}
-        for split, folder in folders.items():
+        for split, listing in self.listings.items():
             transform = None if self.decode == "gpu" else self.image_transform(train=split == "train")
-            datasets[split] = EncodedImageFolder(folder, transform)
-            if datasets[split].classes != self.classes:
-                raise MRLError(
-                    f"The {split} split's class folders differ from train's in {self.root}: every split "
-                    "needs the same set of class folders."
-                )
+            datasets[split] = EncodedImageFolder(listing, transform)
         self.datasets = datasets
 
     def _loader(self, split: str, train: bool) -> torch.utils.data.DataLoader:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,6 +123,12 @@ def decode_rgb(data: torch.Tensor | bytes | np.ndarray) -> torch.Tensor:
     elif isinstance(data, np.ndarray):
         data = torch.from_numpy(data)
     return decode_image(data, mode=ImageReadMode.RGB)
+
+
+def decode_reason(err: BaseException) -> str:
+    """torchvision's decode error in a few words: without its C++ source location and later sentences."""
+    text = re.sub(r"^\w+, \S+:\d+, ", "", " ".join(str(err).split()))
+    return text.split(". ")[0].rstrip(".") or type(err).__name__
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -149,7 +149,10 @@ class ShardDataModule(EncodedImageDataModule):
         # LitData logs its cache settings at INFO for every dataset, in every worker and epoch
         logging.getLogger("litdata").setLevel(logging.WARNING)
         if int(in_chans) != 3:
-            raise MRLError(f"data.in_chans={in_chans}: shards hold RGB images (3 channels).")
+            raise MRLError(
+                f"data.in_chans={in_chans}, but shards hold RGB images, 3 channels (grey images were "
+                "converted when they were written). Drop the data.in_chans override (or set data.in_chans=3)."
+            )
         if not input_dir or str(input_dir) in ("???", "None"):
             raise MRLError("data=shards needs data.input_dir=<shard directory written by mrl-prepare-data>.")
         self.input_dir = (

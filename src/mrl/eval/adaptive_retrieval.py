@@ -28,6 +28,7 @@ import faiss
 import numpy as np
 
 from mrl.eval.knn import exact_search, normalized_prefix
+from mrl.eval.progress import Progress
 from mrl.eval.retrieval import retrieval_metrics
 
 # Float32 values of candidate rows gathered at once when reranking (4 MiB): queries are reranked in
@@ -232,7 +233,9 @@ def adaptive_retrieval(
     by_size: dict[int, list[int]] = {}
     for i, (shortlist_size, _, _) in enumerate(funnels):
         by_size.setdefault(int(shortlist_size), []).append(i)
-    for use_hnsw in (False, True) if hnsw else (False,):
+    passes = (False, True) if hnsw else (False,)
+    progress = Progress("adaptive retrieval: funnels", len(funnels) * len(passes))
+    for use_hnsw in passes:
         rows: dict[int, dict] = {}
         for shortlist_size, members in by_size.items():
             # one index alive at a time: an HNSW graph holds N x D_s floats plus its links
@@ -262,6 +265,7 @@ def adaptive_retrieval(
                     "seconds_per_query": seconds / len(queries),
                     **_quality(ids, db_labels, query_labels, k),
                 }
+                progress.step(f"{'hnsw' if use_hnsw else 'flat'} D_s={shortlist_size}")  # after the timing
             del index, shortlisted
         results += [rows[i] for i in range(len(funnels))]
     return results

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import ConfigKeyError
 
 from mrl.errors import MRLError
-from mrl.eval.locations import after_training_dir, checkpoint_id
+from mrl.eval.locations import EVAL_SUBDIR, after_training_dir, checkpoint_id
 
 log = logging.getLogger(__name__)
 
@@ -38,24 +39,26 @@ def compose_eval_config() -> DictConfig:
 def eval_config_after_training(
     settings: dict[str, Any] | DictConfig, ckpt_path: Path, job_dir: Path, train_cfg: DictConfig
 ) -> DictConfig:
-    """The ``mrl-eval`` config for ``ckpt_path``: eval defaults < ``settings``; output in ``job_dir/eval``,
-    W&B like the training job (same project, group and mode; no W&B when the job had none)."""
+    """The ``mrl-eval`` config for ``ckpt_path``: eval defaults < ``settings``; output in
+    ``job_dir/eval/<ckpt stem>-<id>`` (``job_dir/eval`` while the checkpoint does not exist yet, as in the
+    pre-flight check), W&B like the training job (same project, group and mode; none when it had none)."""
     base = compose_eval_config()
     OmegaConf.set_struct(base, True)  # a misspelt key is an error, not a silently ignored setting
+    OmegaConf.set_struct(base.data, False)  # data overrides are checked against the data config itself
     if OmegaConf.is_config(settings):
         settings = OmegaConf.to_container(settings, resolve=True)
     try:
         cfg = OmegaConf.merge(base, OmegaConf.create(settings or {}))
     except Exception as err:  # omegaconf raises several types for an unknown or mistyped key
-        raise MRLError(
-            f"evaluate={settings} does not fit mrl-eval's settings "
-            f"(conf/eval.yaml): {' '.join(str(err).split())} Use keys of conf/eval.yaml, e.g. "
-            "evaluate.methods.adaptive_retrieval=false."
-        ) from None
+        raise MRLError(_settings_error(settings, base, err)) from None
     trained_wandb = (train_cfg.get("logger") or {}).get("wandb")
     with open_dict(cfg):
         cfg.ckpt_path = str(ckpt_path)
-        cfg.paths.output_dir = str(after_training_dir(job_dir, ckpt_path, checkpoint_id(ckpt_path)))
+        cfg.paths.output_dir = str(
+            after_training_dir(job_dir, ckpt_path, checkpoint_id(ckpt_path))
+            if Path(ckpt_path).is_file()
+            else job_dir / EVAL_SUBDIR
+        )
         cfg.paths.log_dir = str(job_dir)
         if trained_wandb and trained_wandb.get("_target_"):
             for key in ("project", "offline", "tags"):
@@ -65,6 +68,28 @@ def eval_config_after_training(
         else:
             cfg.logger = {}
     return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+
+
+def _settings_error(settings: Any, base: DictConfig, err: Exception) -> str:
+    """Which ``evaluate`` key is wrong and what the valid ones are (omegaconf's own text names neither
+    the ``evaluate.`` prefix nor the alternatives)."""
+    key = getattr(err, "full_key", None)
+    if not key:
+        return (
+            f"evaluate={settings} does not fit mrl-eval's settings (conf/eval.yaml): "
+            f"{' '.join(str(err).split())} "
+            "Use keys of conf/eval.yaml, e.g. evaluate.methods.adaptive_retrieval=false."
+        )
+    parent, _, _ = str(key).rpartition(".")
+    node = OmegaConf.select(base, parent) if parent else base
+    if isinstance(err, ConfigKeyError) and OmegaConf.is_dict(node):
+        where = f"evaluate.{parent}" if parent else "evaluate"
+        return (
+            f"evaluate.{key} is not an mrl-eval setting. The valid {where} keys are: "
+            f"{', '.join(map(str, node))} (conf/eval.yaml)."
+        )
+    reason = " ".join(str(err).splitlines()[0].split())
+    return f"evaluate.{key} is not valid: {reason}. See conf/eval.yaml for what it takes."
 
 
 def evaluate_after_training(

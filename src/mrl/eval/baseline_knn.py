@@ -13,6 +13,7 @@ import numpy as np
 
 from mrl.eval.baselines import pca_fit, pca_project
 from mrl.eval.knn import exact_search
+from mrl.eval.progress import Progress
 
 
 def _one_nn(db: np.ndarray, db_y: np.ndarray, q: np.ndarray, q_y: np.ndarray, d: int, **chunks) -> float:
@@ -42,6 +43,9 @@ def posthoc_one_nn(
     chunks = {"query_chunk": query_chunk, "db_chunk": db_chunk, "use_gpu": False}
     out: dict[str, dict[int, float]] = {"svd_1nn": {}, "slice_1nn": {}}
     known = {int(d): float(v) for d, v in (known_slice_1nn or {}).items()}
+    progress = Progress(
+        "baselines: 1-NN searches", len(svd_sizes) + len(set(map(int, slice_sizes)) - set(known))
+    )
     if svd_sizes:
         mean, comps = pca if pca is not None else pca_fit(database)
         for d in svd_sizes:
@@ -49,9 +53,11 @@ def posthoc_one_nn(
             project = partial(pca_project, mean=mean, components=comps, d=int(d))
             _, ids = exact_search(database, queries, int(d), 1, transform=project, **chunks)
             out["svd_1nn"][int(d)] = float(np.mean(db_labels[ids[:, 0]] == query_labels))
+            progress.step(f"svd d={d}")
     for d in slice_sizes:
         if int(d) in known:
             out["slice_1nn"][int(d)] = known[int(d)]
             continue
         out["slice_1nn"][int(d)] = _one_nn(database, db_labels, queries, query_labels, int(d), **chunks)
+        progress.step(f"slice d={d}")
     return out

@@ -19,6 +19,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from mrl.eval.knn import CHUNK_BYTES
+from mrl.eval.progress import Progress
 
 
 def _rows_per_chunk(dim: int, chunk: int | None) -> int:
@@ -109,6 +110,7 @@ def posthoc_baselines(
     train_y = db_labels[rows]
     test_x = np.asarray(queries, dtype=np.float32)  # no copy of float32 (memmapped) queries
     out: dict[str, dict[int, float]] = {"svd": {}, "slice": {}}
+    progress = Progress("baselines: probes", len(svd_sizes) + len(slice_sizes))
     if svd_sizes:
         mean, comps = pca if pca is not None else pca_fit(database)
         for d in svd_sizes:
@@ -119,6 +121,8 @@ def posthoc_baselines(
                 query_labels,
                 max_iter,
             )
+            progress.step(f"svd d={d}")
     for d in slice_sizes:
         out["slice"][int(d)] = linear_probe(train_x[:, :d], train_y, test_x[:, :d], query_labels, max_iter)
+        progress.step(f"slice d={d}")
     return out

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from mrl.errors import MRLError
+from mrl.eval.progress import Progress
 from mrl.files import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -94,10 +95,16 @@ def export_split(
     out = None
     labels = np.empty(n, dtype=np.int64)
     row = 0
+    loader = datamodule.split_loader(split)
+    try:
+        batches = len(loader)
+    except TypeError:  # an iterable data set may not know its length
+        batches = None
+    progress = Progress(f"embeddings: {split} batches", batches)
     # both files are complete before either appears; the fingerprint, written last, marks them valid
     with atomic_path(emb_path) as tmp_emb, atomic_path(lbl_path) as tmp_lbl:
         with torch.inference_mode(), _autocast(device, precision):
-            for batch in datamodule.split_loader(split):
+            for batch in loader:
                 x, y = datamodule.model_inputs(batch, device)
                 z = module(x).float()
                 if out is None:
@@ -105,6 +112,7 @@ def export_split(
                 out[row : row + len(z)] = z.cpu().numpy()
                 labels[row : row + len(z)] = y.cpu().numpy()
                 row += len(z)
+                progress.step()
         if out is None or row != n:
             raise MRLError(f"The '{split}' split yielded {row} of its {n} items; cannot export embeddings.")
         out.flush()

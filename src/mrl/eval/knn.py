@@ -14,6 +14,8 @@ from collections.abc import Callable
 import faiss
 import numpy as np
 
+from mrl.eval.progress import Progress
+
 # Largest float32 database chunk normalised at once (32 MiB): the chunk is the search's only working
 # copy of the database; faiss computes in 4096 x 1024 tiles anyway, and each extra chunk only adds a
 # (queries x 2k) merge.
@@ -92,7 +94,12 @@ def exact_search(
             order = np.argsort(-merged_s, axis=1, kind="stable")[:, :k]
             best_scores[rows] = np.take_along_axis(merged_s, order, axis=1)
             best_ids[rows] = np.take_along_axis(merged_i, order, axis=1)
+    _searches.step(f"last: d={d}, {nq} queries x {n} items")
     return best_scores, best_ids
+
+
+# Searches are called once per size by the evaluation loops: this reports them, time-throttled.
+_searches = Progress("exact searches")
 
 
 def knn_predict(neighbor_labels: np.ndarray, k: int, num_classes: int | None = None) -> np.ndarray:

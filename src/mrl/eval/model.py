@@ -9,6 +9,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mrl.checkpoints import check_compatible, check_config_targets, load_checkpoint
+from mrl.config_checks import check_known_keys
 from mrl.errors import MRLError
 
 REQUIRED = ("data", "backbone", "head")
@@ -36,6 +37,8 @@ def load_for_eval(ckpt_path: str | Path, data_overrides: dict[str, Any] | None =
     config = checkpoint_config(ckpt, ckpt_path)
     cfg: DictConfig = OmegaConf.create(config)
     if data_overrides:
+        how = " (mrl-eval's data settings are merged into the checkpoint's data config)"
+        check_known_keys(config["data"], "data", data_overrides, how=how)
         cfg.data = OmegaConf.merge(cfg.data, OmegaConf.create(dict(data_overrides)))
     # mrl.train imports Lightning and timm: only once we know the checkpoint is usable.
     from mrl.train import build_module_for_data, instantiate

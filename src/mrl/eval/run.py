@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -288,7 +289,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     lines.append(f"report: {out_dir / 'report.json'}")
     lines += [f"plot:   {p}" for p in pngs]
     if wandb_dir:
-        lines.append(f"W&B run: {wandb_dir}  (upload with `wandb sync {wandb_dir}`)")
+        lines.append(f"W&B run: {wandb_dir}  (upload with `wandb sync {shlex.quote(str(wandb_dir))}`)")
     print("\n".join(lines), flush=True)
     return report
 

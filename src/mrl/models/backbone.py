@@ -83,9 +83,72 @@ def _pretrained_kwargs(name: str, pretrained: bool, pretrained_path: str | None)
         return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
     if pretrained:
         # Never download at run time: cluster nodes are often offline. The cache is used if present.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        _hub_offline()
+        missing = _missing_local_weights(name)
+        if missing:
+            raise MRLError(
+                f"backbone.pretrained=true but {missing}. mrl never downloads weights at run time: download "
+                "them on a machine with internet (timm.create_model(name, pretrained=True) puts them in that "
+                "cache) and copy the cache here, or save them to a file and pass backbone.pretrained_path="
+                "<file>; or train from scratch with backbone.pretrained=false."
+            )
         return {"pretrained": True}
     return {"pretrained": False}
+
+
+def _hub_offline() -> None:
+    """Hugging Face Hub offline unless the user set HF_HUB_OFFLINE: huggingface_hub reads the variable
+    when it is imported (timm imports it), so its module constant is set too. Without this a missing
+    file costs a minute of connection retries before the error."""
+    if "HF_HUB_OFFLINE" in os.environ and os.environ["HF_HUB_OFFLINE"].lower() in ("0", "false", "no", ""):
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return
+    constants.HF_HUB_OFFLINE = True
+
+
+# The files timm reads from a Hub repository (the safetensors alternative first).
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _missing_local_weights(name: str) -> str | None:
+    """Where timm would read ``name``'s pretrained weights from, when no local copy is there (None: found,
+    or not known, and timm's own error then follows). Weights timm does not have are refused."""
+    try:
+        from timm.models import get_pretrained_cfg
+        from timm.models._builder import _resolve_pretrained_source
+    except ImportError:
+        return None
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError:  # an unknown pretrained tag
+        cfg = None
+    source, location = _resolve_pretrained_source(cfg.to_dict()) if cfg is not None else ("", "")
+    if not source:
+        raise MRLError(
+            f"backbone.pretrained=true but timm has no pretrained weights named '{name}'. List the ones it "
+            "has with `python -c \"import timm; print(timm.list_pretrained('<name>*'))\"`, or train from "
+            "scratch with backbone.pretrained=false."
+        )
+    if source == "hf-hub":
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        repo, filename = location if isinstance(location, tuple) else (location, None)
+        repo = repo.split("@")[0]
+        files = (filename,) if filename else HUB_WEIGHT_FILES
+        if any(isinstance(try_to_load_from_cache(repo, f), str) for f in files):
+            return None
+        return f"no local copy of its weights ({repo} on the Hugging Face Hub) is in the cache {HF_HUB_CACHE}"
+    if source == "url":
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(str(location).split("?")[0]).name
+        return None if cached.is_file() else f"no local copy of its weights ({location}) is at {cached}"
+    if source in ("file", "local-dir"):
+        return None if Path(str(location)).exists() else f"its weights file {location} does not exist"
+    return None
 
 
 class TimmBackbone(nn.Module):

@@ -31,6 +31,12 @@ def head_nesting(
     if kind == "ff":
         if dim is None:
             raise MRLError("head=ff needs the feature size it classifies from: set head.dim=<d>.")
+        if int(dim) > embed_dim:  # the FF head's one size is head.dim, not a head.nesting entry
+            raise MRLError(
+                f"head.dim={dim} but the embedding has only {embed_dim} features: head=ff classifies from "
+                f"the first head.dim of them. Lower head.dim to at most {embed_dim}, or learn a larger "
+                f"embedding with backbone.embed_dim={dim} (a linear projection after the backbone)."
+            )
         return validate_nesting([dim], embed_dim)
     if nesting is None:
         return default_nesting(embed_dim, min_size)
