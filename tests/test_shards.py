@@ -284,3 +284,16 @@ def test_ddp_ranks_read_disjoint_parts_of_each_epoch(run_cli, tiny_shards, tmp_p
         assert len(a) == len(b) == 48, (len(a), len(b))  # 96 images, 2 ranks, batch 8
         assert len(set(a)) == len(a) and len(set(b)) == len(b)
         assert not set(a) & set(b), "two ranks trained on the same image in one epoch"
+
+
+@pytest.mark.slow
+def test_shards_without_litdata_name_the_extra(run_cli, tmp_path):
+    """LitData is the optional `shards` extra: without it, data=shards says what to install."""
+    fake = tmp_path / "no_litdata" / "litdata"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named litdata')\n")
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(fake.parent), os.environ.get("PYTHONPATH")]))}
+    result = run_cli("mrl-train", "data=shards", f"data.input_dir={tmp_path}", "logger=none", env=env)
+    assert result.returncode != 0 and "Traceback" not in result.output
+    assert "pip install 'mrl[shards]'" in result.stderr
+    assert not list((result.log_dir / "train" / "runs").glob("*/results.json"))
