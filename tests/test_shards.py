@@ -102,8 +102,11 @@ def test_a_corrupt_image_fails_cleanly_and_leaves_nothing(tmp_path):
         (tree / split / "dog").mkdir(parents=True)
         (tree / split / "dog" / "fine.jpg").write_bytes(make_jpeg(0, 0, (40, 30), 90, 0))
     (tree / "train" / "dog" / "broken.jpg").write_bytes(b"not a jpeg at all")
-    with pytest.raises(MRLError, match=r"broken\.jpg"):
+    whole = make_jpeg(1, 0, (40, 30), 90, 0)
+    (tree / "train" / "dog" / "truncated.jpg").write_bytes(whole[: len(whole) // 2])  # a valid header
+    with pytest.raises(MRLError, match=r"broken\.jpg") as err:
         prepare_shards(str(tree), str(tmp_path / "out"), num_workers=1)
+    assert "truncated.jpg" in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"], "no output and no partial folder"
 
 

@@ -49,12 +49,15 @@ def list_split(root: Path, split: str, classes: list[str]) -> list[tuple[str, in
 
 
 def encode_image(data: bytes, max_side: int | None, quality: int) -> bytes:
-    """``data`` unchanged when it is an RGB or grey JPEG no larger than ``max_side``; otherwise decoded,
-    shrunk to ``max_side`` on its longer side and encoded as an RGB JPEG at ``quality``."""
+    """``data`` unchanged when it is a readable RGB or grey JPEG no larger than ``max_side``; otherwise
+    decoded, shrunk to ``max_side`` on its longer side and encoded as an RGB JPEG at ``quality``."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
         fits = max_side is None or max(image.size) <= max_side
+        # Decoded in full even when stored unchanged: a truncated JPEG opens (only its header is read)
+        # and would otherwise reach the shards and stop a training epoch; load() raises on it.
+        image.load()
         if image.format == "JPEG" and image.mode in ("RGB", "L") and fits:
             return data
         image = image.convert("RGB")
