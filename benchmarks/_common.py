@@ -19,7 +19,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from mrl.config_path import config_dir
-from mrl.train import build_module_for_data, instantiate
+from mrl.instantiate import instantiate
+from mrl.lightning_module import build_module_for_data
 
 BIN = Path(sys.executable).parent
 # Train only: no validation, test, checkpoints; the epoch clock is the EpochTimer callback.

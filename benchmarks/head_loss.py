@@ -489,7 +489,8 @@ def default_job_head() -> tuple[int, int, int, list[int]]:
 
     from _common import compose_cfg  # imported here: tests load this file for its helpers alone
 
-    from mrl.train import build_module_for_data, instantiate
+    from mrl.instantiate import instantiate
+    from mrl.lightning_module import build_module_for_data
 
     with tempfile.TemporaryDirectory() as out:
         cfg = compose_cfg([], out)

@@ -28,7 +28,7 @@ from _common import bare_loop_epochs, median_ms, mrl_train_epochs, steady
 from _stats import format_interval, paired_ratio
 from torchmetrics.classification import MulticlassAccuracy
 
-from mrl.matryoshka_accuracy import MatryoshkaAccuracy
+from mrl.nn.matryoshka_accuracy import MatryoshkaAccuracy
 
 
 def metric_update_costs(sizes: int, batch: int, classes: int, reps: int) -> None:

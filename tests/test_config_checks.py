@@ -12,9 +12,9 @@ from omegaconf import OmegaConf
 
 from mrl import config_checks as checks
 from mrl import preflight
-from mrl.cli.common import register_resolvers
 from mrl.config_path import config_dir
 from mrl.errors import MRLError, user_message
+from mrl.resolvers import register_resolvers
 
 CONF = Path(config_dir())
 GROUPS = ["data", "backbone", "head", "optim", "sched", "trainer"]

@@ -6,8 +6,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mrl.cli.common import register_resolvers
 from mrl.config_path import config_dir
+from mrl.resolvers import register_resolvers
 
 CONF = Path(config_dir())
 GROUPS = ["data", "backbone", "head", "optim", "sched", "trainer", "logger", "callbacks"]
@@ -86,7 +86,7 @@ def test_wandb_writes_its_run_file_often_enough_for_a_killed_run(tmp_path):
     timing it, so this is where the interval is checked.)"""
     import wandb
 
-    from mrl.train import build_loggers
+    from mrl.tracking.wandb_setup import build_loggers
 
     (logger,) = build_loggers(_compose(f"paths.output_dir={tmp_path}"))
     interval = wandb.Settings(**logger._wandb_init["settings"]).x_transaction_log_flush_interval

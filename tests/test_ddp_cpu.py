@@ -5,7 +5,8 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import TINY, read_results, wandb_inspect, wandb_run_dirs
-from mrl.train import build_module, instantiate
+from mrl.instantiate import instantiate
+from mrl.lightning_module import build_module
 
 pytestmark = pytest.mark.slow
 

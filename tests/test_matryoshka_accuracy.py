@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassAccuracy
 
-from mrl.matryoshka_accuracy import MatryoshkaAccuracy
+from mrl.nn.matryoshka_accuracy import MatryoshkaAccuracy
 
 
 def batches(sizes: int, classes: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

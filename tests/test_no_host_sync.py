@@ -13,9 +13,9 @@ from hydra import compose, initialize_config_dir
 
 import mrl.train
 from host_sync import HostSyncRecorder
-from mrl.cli.common import register_resolvers
 from mrl.config_path import config_dir
 from mrl.nn import fused_cross_entropy
+from mrl.resolvers import register_resolvers
 from mrl.train import train
 
 COMMON = [

@@ -6,6 +6,7 @@ from mrl.errors import MRLError
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 from mrl.nn.matryoshka_loss import MatryoshkaLoss
 from mrl.nn.nesting import default_nesting, validate_nesting
+from mrl.version import __version__
 
 if TYPE_CHECKING:
     from mrl.deploy import MatryoshkaModel, load
@@ -15,11 +16,11 @@ __all__ = [
     "MatryoshkaLinear",
     "MatryoshkaLoss",
     "MatryoshkaModel",
+    "__version__",
     "default_nesting",
     "load",
     "validate_nesting",
 ]
-__version__ = "0.1.0"
 
 # The deployment API needs timm (and safetensors): imported on first use, so `import mrl` and
 # `from mrl import MatryoshkaLinear` stay light.

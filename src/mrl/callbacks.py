@@ -64,7 +64,7 @@ class RestoreLoaderPosition(Callback):
     ``StreamingDataLoader``) on resume.
 
     Lightning loads that position only into a loader created after the checkpoint is read, but
-    ``MatryoshkaModule.configure_optimizers`` creates the loader earlier (``estimated_stepping_batches``
+    ``MatryoshkaLitModule.configure_optimizers`` creates the loader earlier (``estimated_stepping_batches``
     sizes the LR schedule), so without this a resumed epoch would start again from its first batch.
     """
 

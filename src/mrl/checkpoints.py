@@ -182,6 +182,22 @@ def check_config_targets(config: Any, path: str | Path, where: str = "mrl_config
             check_config_targets(value, path, f"{where}[{i}]")
 
 
+REQUIRED = ("data", "backbone", "head")
+
+
+def checkpoint_config(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """The training run's resolved config stored in the checkpoint (``mrl_config``)."""
+    config = ckpt.get("mrl_config")
+    if not isinstance(config, dict) or any(not isinstance(config.get(k), dict) for k in REQUIRED):
+        raise MRLError(
+            f"Checkpoint {path} holds no mrl training config (mrl_config with data, backbone and head), so "
+            "mrl-eval cannot rebuild its model and data. Evaluate a checkpoint written by mrl-train (the "
+            "run's checkpoints/last.ckpt or its best epoch*.ckpt)."
+        )
+    check_config_targets(config, path)
+    return config
+
+
 def last_checkpoint(run_dir: Path) -> Path:
     """The checkpoint a resumed run continues from: the newest one that loads, among
     ``checkpoints/*.ckpt`` and the ``hpc_ckpt_*.ckpt`` files Lightning writes on a SLURM preemption

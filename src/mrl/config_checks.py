@@ -20,7 +20,7 @@ from mrl.models.heads import HEAD_KINDS
 from mrl.nn.nesting import default_nesting, validate_nesting
 
 Node = Mapping[str, Any]
-# What MatryoshkaModule logs per stage and size: "{stage}/{name}@{d}" (top5 only with >= 5 classes).
+# What MatryoshkaLitModule logs per stage and size: "{stage}/{name}@{d}" (top5 only with >= 5 classes).
 PER_SIZE_METRICS = {"train": ("acc", "loss"), "val": ("acc", "top5", "loss"), "test": ("acc", "top5", "loss")}
 FULL = "full"
 

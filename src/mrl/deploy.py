@@ -86,7 +86,7 @@ class MatryoshkaModel(nn.Module):
 
     @classmethod
     def from_module(cls, module: nn.Module, datamodule: Any) -> MatryoshkaModel:
-        """The deployable part of a trained ``MatryoshkaModule``: its backbone and head (shared, not
+        """The deployable part of a trained ``MatryoshkaLitModule``: its backbone and head (shared, not
         copied) with the eval preprocessing of ``datamodule`` (the one the module was evaluated with)."""
         backbone, head = module.backbone, module.head
         config = dict(getattr(module, "config", None) or {})
@@ -413,8 +413,7 @@ def _corrupt(path: Path, err: BaseException) -> MRLError:
 
 
 def _load_checkpoint(path: Path) -> MatryoshkaModel:
-    from mrl.checkpoints import load_checkpoint
-    from mrl.eval.model import checkpoint_config
+    from mrl.checkpoints import checkpoint_config, load_checkpoint
 
     ckpt = load_checkpoint(path)  # weights_only=True: never runs code from the file
     config = checkpoint_config(ckpt, path)
@@ -577,7 +576,7 @@ def _spec(
     config: dict[str, Any], backbone: TimmBackbone, head: MatryoshkaLinear, preprocessing: dict[str, Any]
 ) -> dict[str, Any]:
     """The JSON description stored in an export: enough to rebuild the modules and preprocess images."""
-    from mrl import __version__
+    from mrl.version import __version__
 
     b, h = config.get("backbone") or {}, config.get("head") or {}
     return {

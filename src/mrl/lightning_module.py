@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mrl.matryoshka_accuracy import MatryoshkaAccuracy
-from mrl.models.backbone import TimmBackbone
+from mrl.instantiate import instantiate
+from mrl.models.backbone import TimmBackbone, build_with_upsizing
+from mrl.models.build import build_parts
+from mrl.nn.matryoshka_accuracy import MatryoshkaAccuracy
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 from mrl.nn.matryoshka_loss import MatryoshkaLoss
 from mrl.tracking.charts import log_accuracy_vs_size
 
+log = logging.getLogger(__name__)
+
 STAGES = ("train", "val", "test")
 
 
-class MatryoshkaModule(L.LightningModule):
+class MatryoshkaLitModule(L.LightningModule):
     """Trains a backbone and a Matryoshka head with the Matryoshka loss.
 
     Logs, per size ``d`` of the head's nesting list, ``{stage}/acc@{d}`` (top-1) and, with at least 5
@@ -222,7 +228,7 @@ class MatryoshkaModule(L.LightningModule):
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:
-            raise ValueError("MatryoshkaModule needs an optimizer factory to train")
+            raise ValueError("MatryoshkaLitModule needs an optimizer factory to train")
         optimizer = self.optimizer_factory(self)
         if self.scheduler_factory is None:
             return optimizer
@@ -242,3 +248,40 @@ class MatryoshkaModule(L.LightningModule):
         self._raise_if_nonfinite()
         checkpoint["mrl_config"] = self.config
         checkpoint["mrl_nesting"] = self.nesting
+
+
+def build_module(cfg: DictConfig, num_classes: int, in_chans: int, img_size: int) -> MatryoshkaLitModule:
+    """Backbone, head and loss from config (also used by ``mrl-eval`` to rebuild a checkpoint's model)."""
+    backbone, head, loss = build_parts(cfg, num_classes, in_chans, img_size)
+    optimizer = instantiate(cfg.optim) if cfg.get("optim") else None
+    scheduler = instantiate(cfg.sched) if cfg.get("sched") and cfg.sched.get("_target_") else None
+    return MatryoshkaLitModule(
+        backbone,
+        head,
+        loss,
+        optimizer,
+        scheduler,
+        channels_last=bool(cfg.get("channels_last", False)),
+        compile=bool(cfg.get("compile", False)),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def build_module_for_data(cfg: DictConfig, datamodule) -> MatryoshkaLitModule:
+    """:func:`build_module` for ``datamodule``'s images, upsizing resizable small images (Fashion-MNIST's
+    28 px) to the smallest power of two a backbone with many downsampling stages accepts."""
+    resizable = datamodule.resizable and not getattr(datamodule, "img_size_fixed", True)
+    module, size = build_with_upsizing(
+        lambda px: build_module(cfg, datamodule.num_classes, datamodule.in_chans, px),
+        datamodule.img_size,
+        resizable,
+    )
+    if size != datamodule.img_size:
+        log.warning(
+            "Backbone %s needs images larger than %d px: resizing them to %d (set data.img_size to choose).",
+            cfg.backbone.name,
+            datamodule.img_size,
+            size,
+        )
+        datamodule.resize(size)
+    return module

@@ -1,6 +1,6 @@
 """Learning-rate schedules timm's factory does not build as the paper used them.
 
-Each factory has the signature of ``timm.scheduler.create_scheduler_v2`` as ``MatryoshkaModule`` calls
+Each factory has the signature of ``timm.scheduler.create_scheduler_v2`` as ``MatryoshkaLitModule`` calls
 it (``optimizer, num_epochs, updates_per_epoch, step_on_epochs``) and returns a timm scheduler, so it
 is stepped per update like every other schedule here.
 """

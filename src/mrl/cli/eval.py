@@ -8,10 +8,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from mrl.cli.common import fail, register_resolvers, report_user_errors
+from mrl.cli.common import fail, report_user_errors
 from mrl.config_path import config_dir
 from mrl.errors import MRLError
 from mrl.eval.locations import check_output_dir, checkpoint_id, standalone_dir_name
+from mrl.resolvers import register_resolvers
 
 
 def eval_dir_name(ckpt_path: str) -> str:

@@ -8,8 +8,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from mrl.cli.common import register_resolvers, report_user_errors
+from mrl.cli.common import report_user_errors
 from mrl.config_path import config_dir
+from mrl.resolvers import register_resolvers
 
 
 @report_user_errors

@@ -132,9 +132,9 @@ def _log_wandb(target: dict, tables: dict, claims: list, infos: list, png: Path)
     the jobs and where their numbers came from, and the figure."""
     import wandb
 
-    from mrl.train import _wandb_credentials_available
+    from mrl.tracking.wandb_setup import wandb_credentials_available
 
-    offline = target.get("offline", True) or not _wandb_credentials_available()
+    offline = target.get("offline", True) or not wandb_credentials_available()
     run = wandb.init(
         project=target["project"],
         group=target.get("group"),

@@ -11,10 +11,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mrl.cli.common import fail, register_resolvers, report_user_errors
+from mrl.cli.common import fail, report_user_errors
 from mrl.cli.resume import RESOLVED_CONFIG_NAME, ensure_wandb_id, requeued_run, resume_argv, resume_config
 from mrl.config_path import config_dir
 from mrl.errors import MRLError
+from mrl.resolvers import register_resolvers
 
 # Lightning's DDP launcher starts the worker processes by re-running this script with the same
 # command line. Under Hydra that would compose the config again, create a second output dir and, in a
@@ -70,10 +71,14 @@ def run(cfg: DictConfig) -> float | None:
     OmegaConf.save(resolved, config_file)
     os.environ[DDP_CONFIG_ENV] = str(config_file)
     try:
-        results = train(resolved)
+        result = train(resolved)
     finally:
         os.environ.pop(DDP_CONFIG_ENV, None)
-    return optimized_value(results, cfg.get("optimized_metric"))
+    if resolved.get("evaluate") is not None and result.is_global_zero:
+        from mrl.eval.after_training import evaluate_after_training
+
+        evaluate_after_training(resolved.evaluate, result.checkpoint, out, resolved)
+    return optimized_value(result.metrics, cfg.get("optimized_metric"))
 
 
 def optimized_value(results: dict[str, float], metric: str | None) -> float | None:

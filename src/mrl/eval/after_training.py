@@ -26,8 +26,8 @@ def compose_eval_config() -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from mrl.cli.common import register_resolvers
     from mrl.config_path import config_dir
+    from mrl.resolvers import register_resolvers
 
     register_resolvers()
     if GlobalHydra.instance().is_initialized():  # inside mrl-train: the same config search path
@@ -93,10 +93,17 @@ def _settings_error(settings: Any, base: DictConfig, err: Exception) -> str:
 
 
 def evaluate_after_training(
-    settings: dict[str, Any] | DictConfig, ckpt_path: Path, job_dir: Path, train_cfg: DictConfig
+    settings: dict[str, Any] | DictConfig, ckpt_path: Path | None, job_dir: Path, train_cfg: DictConfig
 ) -> dict[str, Any]:
-    """Run every enabled ``mrl-eval`` evaluator on ``ckpt_path``; return the report."""
+    """``evaluate=...``: run every enabled ``mrl-eval`` evaluator on the checkpoint the training job's
+    test used (``ckpt_path``; None when the job wrote none); return the report."""
     from mrl.eval.run import evaluate
+
+    if ckpt_path is None or not Path(ckpt_path).is_file():
+        raise MRLError(
+            f"evaluate=... needs a checkpoint of this run to evaluate, but none was written ({ckpt_path}). "
+            "Keep the default checkpoint callbacks (callbacks=default) or drop the evaluate setting."
+        )
 
     cfg = eval_config_after_training(settings, ckpt_path, job_dir, train_cfg)
     log.info("evaluating %s into %s", ckpt_path, cfg.paths.output_dir)

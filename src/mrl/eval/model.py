@@ -8,24 +8,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mrl.checkpoints import check_compatible, check_config_targets, load_checkpoint
+from mrl.checkpoints import check_compatible, checkpoint_config, load_checkpoint
 from mrl.config_checks import check_known_keys
-from mrl.errors import MRLError
-
-REQUIRED = ("data", "backbone", "head")
-
-
-def checkpoint_config(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]:
-    """The training run's resolved config stored in the checkpoint (``mrl_config``)."""
-    config = ckpt.get("mrl_config")
-    if not isinstance(config, dict) or any(not isinstance(config.get(k), dict) for k in REQUIRED):
-        raise MRLError(
-            f"Checkpoint {path} holds no mrl training config (mrl_config with data, backbone and head), so "
-            "mrl-eval cannot rebuild its model and data. Evaluate a checkpoint written by mrl-train (the "
-            "run's checkpoints/last.ckpt or its best epoch*.ckpt)."
-        )
-    check_config_targets(config, path)
-    return config
 
 
 def load_for_eval(ckpt_path: str | Path, data_overrides: dict[str, Any] | None = None):
@@ -40,8 +24,9 @@ def load_for_eval(ckpt_path: str | Path, data_overrides: dict[str, Any] | None =
         how = " (mrl-eval's data settings are merged into the checkpoint's data config)"
         check_known_keys(config["data"], "data", data_overrides, how=how)
         cfg.data = OmegaConf.merge(cfg.data, OmegaConf.create(dict(data_overrides)))
-    # mrl.train imports Lightning and timm: only once we know the checkpoint is usable.
-    from mrl.train import build_module_for_data, instantiate
+    # Lightning and timm are imported only once we know the checkpoint is usable.
+    from mrl.instantiate import instantiate
+    from mrl.lightning_module import build_module_for_data
 
     datamodule = instantiate(cfg.data)
     module = build_module_for_data(cfg, datamodule)

@@ -301,10 +301,10 @@ def _log_wandb(cfg: DictConfig, train_cfg: dict, report: dict, pngs: list[Path])
         return None
     import wandb
 
-    from mrl.train import _wandb_online_or_offline
+    from mrl.tracking.wandb_setup import wandb_online_or_offline
 
     if not node.get("offline", False):
-        node = _wandb_online_or_offline(node)
+        node = wandb_online_or_offline(node)
     trained = ((train_cfg.get("logger") or {}).get("wandb") or {}) if isinstance(train_cfg, dict) else {}
     ckpt = Path(cfg.ckpt_path)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent

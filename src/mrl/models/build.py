@@ -1,0 +1,55 @@
+"""One config -> the model's parts: backbone, Matryoshka head and loss (used by training and evaluation;
+the deployment API rebuilds the same head with :func:`mrl.models.heads.build_head`)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from omegaconf import DictConfig, OmegaConf
+
+from mrl.errors import MRLError
+from mrl.instantiate import instantiate
+from mrl.models.backbone import TimmBackbone
+from mrl.models.heads import build_head
+from mrl.nn.matryoshka_linear import MatryoshkaLinear
+from mrl.nn.matryoshka_loss import MatryoshkaLoss
+
+
+class ModelParts(NamedTuple):
+    backbone: TimmBackbone
+    head: MatryoshkaLinear
+    loss: MatryoshkaLoss
+
+
+def build_parts(cfg: DictConfig, num_classes: int, in_chans: int, img_size: int) -> ModelParts:
+    """Backbone (``cfg.backbone``), head and loss (``cfg.head``, ``cfg.loss``) for images of this shape."""
+    backbone = instantiate(cfg.backbone, in_chans=in_chans, img_size=img_size)
+    head_cfg: dict[str, Any] = OmegaConf.to_container(cfg.head, resolve=True)
+    head = build_head(embed_dim=backbone.embed_dim, num_classes=num_classes, **head_cfg)
+    weights = head_cfg.get("weights")
+    check_loss_weights(weights, head.nesting)
+    loss = MatryoshkaLoss(weights=weights, fused=head_cfg.get("fused", True), **cfg.get("loss", {}))
+    return ModelParts(backbone, head, loss)
+
+
+def check_loss_weights(weights: list | None, nesting: list[int]) -> None:
+    """``head.weights``: one finite, non-negative relative importance per size, not all zero (a loss
+    weighted by zeros never moves, and the run would report an untrained model)."""
+    if weights is None:
+        return
+    if len(weights) != len(nesting):
+        raise MRLError(
+            f"head.weights has {len(weights)} entries but the head trains {len(nesting)} sizes "
+            f"{nesting}: give one relative importance weight per size, or head.weights=null."
+        )
+    try:
+        values = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        values = [float("nan")]
+    if not all(math.isfinite(w) and w >= 0 for w in values) or not any(w > 0 for w in values):
+        raise MRLError(
+            f"head.weights={list(weights)} cannot train: each size's weight must be a finite number >= 0 "
+            "and at least one must be positive (the loss is their weighted sum). Use e.g. "
+            f"head.weights=[{','.join('1' for _ in nesting)}] or head.weights=null."
+        )
