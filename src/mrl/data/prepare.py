@@ -133,6 +133,52 @@ def check_root(root: str) -> tuple[Path, list[str]]:
     return path, classes
 
 
+def _write_split(
+    split: str,
+    items: list[tuple[str, int]],
+    partial: Path,
+    out: Path,
+    tree: Path,
+    settings: tuple[int | None, int, str],
+    chunk_bytes: str,
+    workers: int,
+    progress: bool,
+) -> None:
+    """One split's shards into the hidden ``partial`` dir; every unreadable image is named at once."""
+    from litdata import optimize
+
+    max_side, quality, errors_dir = settings
+    if progress:
+        print(f"mrl-prepare-data: {split}: {len(items)} images -> {out / split}", flush=True)
+    try:
+        optimize(
+            fn=encode_sample,
+            inputs=[(path, label, max_side, quality, errors_dir) for path, label in items],
+            output_dir=str(partial / split),
+            chunk_bytes=chunk_bytes,
+            num_workers=min(workers, len(items)),
+            reorder_files=False,
+            keep_data_ordered=True,
+            mode="overwrite",
+            verbose=progress,
+            # fork: workers start in milliseconds instead of re-importing torch (spawn, seconds per
+            # split); nothing here has started threads that a fork would copy mid-use
+            start_method="fork",
+        )
+    except RuntimeError as err:
+        raise MRLError(
+            f"Writing the {split} shards failed ({' '.join(str(err).split())[-500:]}); nothing was "
+            f"written at {out}."
+        ) from err
+    bad = _bad_files(Path(errors_dir))
+    if bad:
+        listing = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise MRLError(
+            f"{len(bad)} image(s) of {tree / split} cannot be read: {listing}. Fix or remove them "
+            f"and run mrl-prepare-data again; nothing was written at {out}."
+        )
+
+
 def prepare_shards(
     root: str,
     output_dir: str,
@@ -145,8 +191,6 @@ def prepare_shards(
 ) -> Path:
     """Write the shards of the ImageFolder tree ``root`` to ``output_dir``; return its path.
     ``progress=False`` silences LitData's progress bar and messages."""
-    from litdata import optimize
-
     if max_side is not None and int(max_side) < 8:
         raise MRLError(
             f"max_side={max_side} is too small: give the longer side's pixels (e.g. 500), or null."
@@ -167,35 +211,8 @@ def prepare_shards(
     try:
         for split, items in listed.items():
             random.Random(seed).shuffle(items)
-            if progress:
-                print(f"mrl-prepare-data: {split}: {len(items)} images -> {out / split}", flush=True)
-            try:
-                optimize(
-                    fn=encode_sample,
-                    inputs=[(path, label, max_side, int(quality), str(errors_dir)) for path, label in items],
-                    output_dir=str(partial / split),
-                    chunk_bytes=chunk_bytes,
-                    num_workers=min(workers, len(items)),
-                    reorder_files=False,
-                    keep_data_ordered=True,
-                    mode="overwrite",
-                    verbose=progress,
-                    # fork: workers start in milliseconds instead of re-importing torch (spawn, seconds
-                    # per split); nothing here has started threads that a fork would copy mid-use
-                    start_method="fork",
-                )
-            except RuntimeError as err:
-                raise MRLError(
-                    f"Writing the {split} shards failed ({' '.join(str(err).split())[-500:]}); nothing was "
-                    f"written at {out}."
-                ) from err
-            bad = _bad_files(errors_dir)
-            if bad:
-                listing = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
-                raise MRLError(
-                    f"{len(bad)} image(s) of {tree / split} cannot be read: {listing}. Fix or remove them "
-                    f"and run mrl-prepare-data again; nothing was written at {out}."
-                )
+            settings = (max_side, int(quality), str(errors_dir))
+            _write_split(split, items, partial, out, tree, settings, chunk_bytes, workers, progress)
         shutil.rmtree(errors_dir)
         metadata = {
             "format": FORMAT,

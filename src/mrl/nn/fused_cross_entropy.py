@@ -241,6 +241,39 @@ def _logit_at(
     return logit_at
 
 
+def _matmul_operands(z, weight, nesting, efficient) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per size, the features and the transposed weight block its logits are computed from: MRL-E adds
+    each chunk of features to a running sum (one block per chunk), untied MRL multiplies each prefix by
+    its own classifier."""
+    if efficient:
+        widths = [e - s for s, e in chunk_bounds(nesting)]
+        inputs = z.split([*widths, z.shape[1] - nesting[-1]], 1)  # features past the largest size unused
+    else:
+        widths = list(nesting)
+        inputs = [z[:, :m] for m in nesting]
+    return list(inputs), [w.t() for w in weight.split(widths, 1)]
+
+
+def _size_logits(g, efficient, slots, scratch, inputs, blocks, bias) -> torch.Tensor:
+    """Size ``g``'s logits, written into its slot (MRL-E: the running sum in the last slot) or into the
+    full-precision ``scratch`` buffer when the slots hold a lower precision."""
+    if efficient:
+        logits = slots[-1] if scratch is None else scratch
+        if g > 0:
+            logits.addmm_(inputs[g], blocks[g])
+        elif bias is None:
+            torch.mm(inputs[0], blocks[0], out=logits)
+        else:
+            torch.addmm(bias, inputs[0], blocks[0], out=logits)
+        return logits
+    logits = slots[g] if scratch is None else scratch
+    if bias is None:
+        torch.mm(inputs[g], blocks[g], out=logits)
+    else:
+        torch.addmm(bias[g], inputs[g], blocks[g], out=logits)
+    return logits
+
+
 class _MatryoshkaCrossEntropy(torch.autograd.Function):
     """Per-size losses ``(G,)`` (and optionally top-1 predictions ``(G, B)``) from ``z`` directly."""
 
@@ -277,28 +310,9 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
         top_rows = top_probs.unbind(0) if row_maxima else None
         pred_rows = predictions.unbind(0) if predict else None
         sum_rows = logit_sums.unbind(0) if logit_sums is not None else None
-        if efficient:
-            widths = [e - s for s, e in chunk_bounds(nesting)]
-            inputs = z.split([*widths, z.shape[1] - nesting[-1]], 1)  # features past the largest size unused
-        else:
-            widths = list(nesting)
-            inputs = [z[:, :m] for m in nesting]
-        blocks = [w.t() for w in weight.split(widths, 1)]
+        inputs, blocks = _matmul_operands(z, weight, nesting, efficient)
         for g in range(sizes):
-            if efficient:
-                logits = slots[-1] if scratch is None else scratch
-                if g > 0:
-                    logits.addmm_(inputs[g], blocks[g])
-                elif bias is None:
-                    torch.mm(inputs[0], blocks[0], out=logits)
-                else:
-                    torch.addmm(bias, inputs[0], blocks[0], out=logits)
-            else:
-                logits = slots[g] if scratch is None else scratch
-                if bias is None:
-                    torch.mm(inputs[g], blocks[g], out=logits)
-                else:
-                    torch.addmm(bias[g], inputs[g], blocks[g], out=logits)
+            logits = _size_logits(g, efficient, slots, scratch, inputs, blocks, bias)
             if pred_rows is not None:
                 torch.argmax(logits, 1, out=pred_rows[g])
             if row_maxima:

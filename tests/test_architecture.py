@@ -1,0 +1,122 @@
+"""The package's shape: imports run one way (no cycles, no lower layer importing a higher one), and no
+function grows past what a reader can hold (the size the house style allows)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+# Lowest first. A module may import its own layer and the ones below, never one above: the Hydra-free
+# core must not depend on the commands, training on evaluation, nor the model on the data.
+LAYERS: list[tuple[str, ...]] = [
+    (
+        "mrl.errors",
+        "mrl.version",
+        "mrl.files",
+        "mrl.config_path",
+        "mrl.resolvers",
+        "mrl.instantiate",
+        "mrl.logs",
+    ),
+    ("mrl.nn",),
+    ("mrl.models",),
+    ("mrl.config_checks",),
+    ("mrl.data",),
+    ("mrl.checkpoints", "mrl.checkpoint_io"),
+    ("mrl.tracking",),
+    ("mrl.lightning_module", "mrl.callbacks", "mrl.ema", "mrl.schedules"),
+    ("mrl.train", "mrl.eval", "mrl.deploy", "mrl.compare", "mrl.preflight"),
+    ("mrl.cli",),
+]
+# the package's public facade (`from mrl import MatryoshkaLinear, load`) sits above everything it re-exports
+FACADE = "mrl"
+MAX_FUNCTION_LINES = 80
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in (SRC / "mrl").rglob("*.py"):
+        name = ".".join(path.relative_to(SRC).with_suffix("").parts)
+        found[name.removesuffix(".__init__")] = path
+    return found
+
+
+def imports(path: Path, known: set[str]) -> set[str]:
+    """Every mrl module ``path`` imports, at the top or inside a function (both are dependencies)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from mrl.eval import run` imports the module mrl.eval.run; `from mrl.x import f` mrl.x
+            names = [
+                f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in known else node.module
+                for alias in node.names
+            ]
+        found |= {n for n in names if n in known}
+    return found
+
+
+def layer_of(module: str) -> int:
+    for index, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return index
+    raise AssertionError(f"{module} is in no layer of tests/test_architecture.py: place it in one")
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {name: imports(path, set(mods)) - {name} for name, path in mods.items()}
+
+
+def test_every_module_has_a_layer(graph):
+    for module in graph:
+        if module != FACADE:
+            layer_of(module)
+
+
+def test_no_module_imports_a_higher_layer(graph):
+    upward = [
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        if module != FACADE
+        for target in targets
+        if target != FACADE and layer_of(target) > layer_of(module)
+    ]
+    assert not upward, upward
+    assert not [m for m, targets in graph.items() if FACADE in targets and m != FACADE], "import mrl.<module>"
+
+
+def test_the_import_graph_has_no_cycle(graph):
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                cycle = [*path[path.index(target) :], target]
+                raise AssertionError(" -> ".join(cycle))
+            if target not in state:
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = []
+    for path in modules().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long
