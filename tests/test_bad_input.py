@@ -55,6 +55,7 @@ PREFLIGHT = [
     (["head.nesting=[4,8]", "optimized_metric=val/acc@16"], ["names size 16", "[4, 8]"]),
     (["+data.dta_dir=/x"], ["data has no setting 'dta_dir'", "valid data keys are", "batch_size"]),
     (["optim.lr=${nope}"], ["The config cannot be used", "Interpolation key 'nope' not found"]),
+    (["+head.wieghts=[1,2]"], ["head.wieghts is not a head setting", "weights, fused"]),
 ]
 
 
@@ -196,9 +197,9 @@ def test_nan_loss_stops_clearly_and_keeps_the_last_good_checkpoint(run_cli, tmp_
     )
     _assert_clear_failure(result, "training loss became", "last good checkpoint")
     last = tmp_path / "nan" / "checkpoints" / "last.ckpt"
-    if last.exists():
-        state = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
-        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert last.is_file(), "the checkpoint written before the loss diverged is kept"
+    state = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
 def test_wandb_online_without_credentials_falls_back_to_offline(run_cli, tmp_path):

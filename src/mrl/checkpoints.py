@@ -112,18 +112,36 @@ def _corrupt(path: Path, detail: str) -> CorruptCheckpoint:
     )
 
 
+def state_dict_differences(expected: dict[str, Any], stored: dict[str, Any]) -> str:
+    """What keeps ``stored`` from loading into a model whose state dict is ``expected`` (missing and
+    unexpected keys, shape mismatches, the first few of each), or "" when it fits."""
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    mismatched = [
+        f"{k} {tuple(stored[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(stored))
+        if tuple(stored[k].shape) != tuple(expected[k].shape)
+    ]
+    parts = (
+        f"missing {', '.join(missing[:3])}" if missing else "",
+        f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+        f"shapes {', '.join(mismatched[:3])}" if mismatched else "",
+    )
+    return "; ".join(p for p in parts if p)
+
+
 def check_compatible(ckpt: dict[str, Any], module: nn.Module, path: str | Path, config: dict) -> None:
     """Raise an :class:`MRLError` when ``ckpt``'s weights do not fit ``module`` (another backbone,
     embedding size, nesting or class count), naming what differs."""
     expected = module.state_dict()
     stored = ckpt["state_dict"]
+    if not state_dict_differences(expected, stored):
+        return
     missing = sorted(set(expected) - set(stored))
     unexpected = sorted(set(stored) - set(expected))
     mismatched = sorted(
         k for k in set(expected) & set(stored) if tuple(expected[k].shape) != tuple(stored[k].shape)
     )
-    if not (missing or unexpected or mismatched):
-        return
     saved = ckpt.get("mrl_config") or {}
     differences = []
     for key, label in (

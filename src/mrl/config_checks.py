@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mrl.errors import MRLError
+from mrl.models.build import split_head_config
 from mrl.models.heads import HEAD_KINDS
 from mrl.nn.nesting import default_nesting, validate_nesting
 
@@ -149,6 +150,7 @@ def check_job(cfg: Node) -> None:
 
 
 def check_head(head: Node) -> None:
+    split_head_config(dict(head))  # a misspelt head key is an error, not an ignored setting
     kind = head.get("kind", "mrl")
     if kind not in HEAD_KINDS:
         raise MRLError(f"Unknown head kind '{kind}'. Choose one of {', '.join(HEAD_KINDS)} (head=<kind>).")

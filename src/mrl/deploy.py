@@ -32,7 +32,7 @@ from torch import nn
 from mrl.errors import MRLError
 from mrl.files import atomic_path
 from mrl.models.backbone import TimmBackbone, build_with_upsizing
-from mrl.models.heads import head_nesting
+from mrl.models.heads import build_head
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 
 log = logging.getLogger(__name__)
@@ -255,8 +255,6 @@ class MatryoshkaModel(nn.Module):
             save_file(tensors, str(tmp), metadata=metadata)
         return path
 
-    export = save
-
 
 class Uint8Transform:
     """uint8 image ``(H, W[, C])`` -> float ``(C, img_size, img_size)``: the in-memory datamodules' eval
@@ -431,14 +429,14 @@ def _load_checkpoint(path: Path) -> MatryoshkaModel:
     datamodule, in_chans, img_size, resizable = _data_shape(config["data"], path)
     backbone = _timm_backbone(b, in_chans, img_size, resizable)
     h = config["head"]
-    nesting = ckpt.get("mrl_nesting") or head_nesting(
-        h.get("kind", "mrl"), backbone.embed_dim, h.get("nesting"), h.get("min_size", 8), h.get("dim")
-    )
-    head = MatryoshkaLinear(
+    kind = h.get("kind", "mrl")
+    head = build_head(
+        kind,
         backbone.embed_dim,
         int(state["head.weight"].shape[0]),  # the class count, also for data sets that are not here
-        nesting,
-        efficient=h.get("kind") == "mrl_e",
+        nesting=ckpt.get("mrl_nesting") or h.get("nesting"),
+        min_size=h.get("min_size", 8),
+        dim=h.get("dim"),
         bias="head.bias" in state,
     )
     model = MatryoshkaModel(
@@ -606,24 +604,10 @@ def _spec(
 
 
 def _load_weights(model: MatryoshkaModel, state: dict[str, torch.Tensor], path: Path) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(state))
-        if tuple(state[k].shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or mismatched:
-        detail = "; ".join(
-            part
-            for part in (
-                f"missing {', '.join(missing[:3])}" if missing else "",
-                f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
-                f"shapes {', '.join(mismatched[:3])}" if mismatched else "",
-            )
-            if part
-        )
+    from mrl.checkpoints import state_dict_differences
+
+    detail = state_dict_differences(model.state_dict(), state)
+    if detail:
         raise MRLError(
             f"The weights in {path} do not fit the model it describes ({detail}): the file was altered or "
             "written by an incompatible mrl/timm version. Export the model again from its training "

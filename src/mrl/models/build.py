@@ -22,14 +22,34 @@ class ModelParts(NamedTuple):
     loss: MatryoshkaLoss
 
 
+# The `head` config group is what users override (head=mrl_e, head.nesting, head.weights): its keys
+# configure the head itself or, for these, the Matryoshka loss that trains it.
+HEAD_KEYS = ("kind", "nesting", "min_size", "dim", "bias")
+LOSS_KEYS = ("weights", "fused")
+
+
+def split_head_config(head_cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(head settings, loss settings)`` of the ``head`` config node; an unknown key is an error, not a
+    setting silently ignored."""
+    unknown = sorted(set(head_cfg) - set(HEAD_KEYS) - set(LOSS_KEYS))
+    if unknown:
+        raise MRLError(
+            f"head.{unknown[0]} is not a head setting. The head takes {', '.join(HEAD_KEYS)} and, for its "
+            f"loss, {', '.join(LOSS_KEYS)} (conf/head/mrl.yaml); fix the spelling or drop it."
+        )
+    head = {k: head_cfg[k] for k in HEAD_KEYS if k in head_cfg}
+    loss = {k: head_cfg[k] for k in LOSS_KEYS if k in head_cfg}
+    return head, loss
+
+
 def build_parts(cfg: DictConfig, num_classes: int, in_chans: int, img_size: int) -> ModelParts:
     """Backbone (``cfg.backbone``), head and loss (``cfg.head``, ``cfg.loss``) for images of this shape."""
     backbone = instantiate(cfg.backbone, in_chans=in_chans, img_size=img_size)
-    head_cfg: dict[str, Any] = OmegaConf.to_container(cfg.head, resolve=True)
-    head = build_head(embed_dim=backbone.embed_dim, num_classes=num_classes, **head_cfg)
-    weights = head_cfg.get("weights")
+    head_settings, loss_settings = split_head_config(OmegaConf.to_container(cfg.head, resolve=True))
+    head = build_head(embed_dim=backbone.embed_dim, num_classes=num_classes, **head_settings)
+    weights = loss_settings.get("weights")
     check_loss_weights(weights, head.nesting)
-    loss = MatryoshkaLoss(weights=weights, fused=head_cfg.get("fused", True), **cfg.get("loss", {}))
+    loss = MatryoshkaLoss(weights=weights, fused=loss_settings.get("fused", True), **cfg.get("loss", {}))
     return ModelParts(backbone, head, loss)
 
 

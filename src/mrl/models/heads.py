@@ -52,8 +52,8 @@ def build_head(
     dim: int | None = None,
     bias: bool = True,
     fused: bool = True,
-    **_: object,
 ) -> MatryoshkaLinear:
-    """A :class:`MatryoshkaLinear` configured as the head ``kind`` (extra config keys are ignored)."""
+    """A :class:`MatryoshkaLinear` configured as the head ``kind`` (training, evaluation and the
+    deployment API all build heads here)."""
     sizes = head_nesting(kind, embed_dim, nesting, min_size, dim)
     return MatryoshkaLinear(embed_dim, num_classes, sizes, efficient=kind == "mrl_e", bias=bias, fused=fused)
