@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fault_injection import tests_on_pythonpath
+
 BIN = Path(sys.executable).parent
 # Fast, deterministic settings shared by the end-to-end tests: tiny synthetic images and one epoch.
 TINY = [
@@ -63,6 +65,8 @@ def run_cli(tmp_path):
             **(env or {}),
         }
         full_env.pop("LOCAL_RANK", None)
+        # the test-only callbacks (fault_injection.py, batch_recorder.py) load in the run and its workers
+        full_env = tests_on_pythonpath(full_env)
         proc = subprocess.run(
             [str(BIN / script), *args],
             cwd=tmp_path,

@@ -59,10 +59,13 @@ class HostSyncRecorder(Callback):
     """Records into ``events`` every host read from mrl code during non-logging training steps;
     ``watched`` counts the steps that were watched."""
 
+    last: HostSyncRecorder | None = None  # the instance the run's config built, for the test to read
+
     def __init__(self) -> None:
         self.events: list[str] = []
         self.watched = 0
         self._mode: _Recorder | None = None
+        HostSyncRecorder.last = self
 
     def _stop(self) -> None:
         if self._mode is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 from hydra import compose, initialize_config_dir
 
-import mrl.train
 from host_sync import HostSyncRecorder
 from mrl.config_path import config_dir
 from mrl.nn import fused_cross_entropy
@@ -48,13 +47,11 @@ def shards(path, decode: str) -> list[str]:
 
 def run(tmp_path, overrides: list[str], monkeypatch) -> HostSyncRecorder:
     register_resolvers()
+    record = ["+callbacks.host_sync._target_=host_sync.HostSyncRecorder"]  # a callback like any other
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=[*COMMON, *overrides, f"paths.output_dir={tmp_path}"])
-    recorder = HostSyncRecorder()
-    # train() adds these callbacks itself; the recorder rides along
-    monkeypatch.setattr(mrl.train, "debug_hooks", lambda: [recorder])
+        cfg = compose("train", overrides=[*COMMON, *overrides, *record, f"paths.output_dir={tmp_path}"])
     train(cfg)
-    return recorder
+    return HostSyncRecorder.last
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fault_injection
 from conftest import BIN, TINY, read_results, wandb_history, wandb_run_dirs
 
 pytestmark = pytest.mark.slow
@@ -45,7 +46,7 @@ def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
         **extra,
     }
     env.pop("LOCAL_RANK", None)
-    return env
+    return fault_injection.tests_on_pythonpath(env)  # the runs load fault_injection's callbacks
 
 
 class Run:
@@ -61,10 +62,11 @@ class Run:
 
 
 def start(tmp_path: Path, *args: str, env: dict[str, str] | None = None, stop_at: str = "") -> Run:
-    """Start ``mrl-train``; ``stop_at="4,8"`` makes it stop itself at those steps (``MRL_TEST_STOP``)."""
+    """Start ``mrl-train``; ``stop_at="4,8"`` makes it stop itself at those steps (once each, also across
+    a resume: see fault_injection.StopAtSteps)."""
     env = dict(env or env_for(tmp_path))
     if stop_at:
-        env["MRL_TEST_STOP"] = stop_at
+        args = (*args, *fault_injection.stop_at(stop_at, tmp_path / "stops"))
     log = tmp_path / f"mrl-train-{len(list(tmp_path.glob('mrl-train-*.log')))}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
@@ -79,7 +81,7 @@ def start(tmp_path: Path, *args: str, env: dict[str, str] | None = None, stop_at
 
 
 def wait_until_stopped(run: Run) -> None:
-    """Block until the run stops itself (``MRL_TEST_STOP``); fail at once if it ends instead."""
+    """Block until the run stops itself (fault_injection.StopAtSteps); fail at once if it ends instead."""
     _, status = os.waitpid(run.proc.pid, os.WUNTRACED)
     if not os.WIFSTOPPED(status):
         run.proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: tell Popen
@@ -263,7 +265,7 @@ def test_failing_ddp_rank_stops_the_job_with_a_clear_message(run_cli):
         "trainer=ddp_cpu",
         *TINY,
         "logger=none",
-        env={"MRL_TEST_FAULT": "1:1"},
+        *fault_injection.fault_at(rank=1, step=1),
         timeout=300,
     )
     assert result.returncode != 0

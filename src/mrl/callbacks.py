@@ -2,61 +2,16 @@
 
 :class:`RestoreLoaderPosition` makes a resumed run continue mid-epoch where the checkpoint was taken;
 :func:`progress_bar` keeps Lightning's progress bar from reading the device back every step.
-
-Test hooks, inert unless their variable is set (``tests/test_reliability.py`` uses them):
-
-- ``MRL_TEST_FAULT="<rank>:<step>"`` makes the process of that global rank raise a ``RuntimeError`` when
-  it reaches that optimizer step, so the suite can check that a failing DDP rank takes the whole job
-  down with a clear message instead of a hang;
-- ``MRL_TEST_STOP="<step>[,<step>...]"`` makes the process stop itself (``SIGSTOP``) when it reaches
-  each of those optimizer steps, after every earlier step's checkpoint and logged metrics were handed
-  over, so the suite can signal or kill a run at a known step instead of racing it with a wall clock
-  (``SIGCONT`` lets it go on).
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
-
-FAULT_ENV = "MRL_TEST_FAULT"
-STOP_ENV = "MRL_TEST_STOP"
-
-
-class InjectedFault(Callback):
-    """Raise on ``rank`` at optimizer step ``step`` (test hook, see the module docstring)."""
-
-    def __init__(self, rank: int, step: int) -> None:
-        self.rank, self.step = rank, step
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
-        if trainer.global_rank == self.rank and trainer.global_step >= self.step:
-            raise RuntimeError(
-                f"{FAULT_ENV}: injected fault on rank {self.rank} at step {trainer.global_step}"
-            )
-
-
-class StopAtSteps(Callback):
-    """Stop the process (``SIGSTOP``) at each optimizer step of ``steps`` (test hook, see the module
-    docstring).
-
-    At the start of a batch: Lightning saves a step's checkpoint before it logs that step's metrics (both
-    at the end of the previous batch), so only here are both of them done.
-    """
-
-    def __init__(self, steps: list[int]) -> None:
-        self.steps = set(steps)
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
-        if trainer.global_step in self.steps:
-            self.steps.discard(trainer.global_step)  # once: accumulated batches share their step
-            os.kill(os.getpid(), signal.SIGSTOP)
 
 
 class RestoreLoaderPosition(Callback):
@@ -119,14 +74,3 @@ class TimedTQDMProgressBar(_RefreshByTime, TQDMProgressBar):
 def progress_bar(interval: float) -> Callback:
     """The progress bar Lightning would pick by itself (rich when installed), refreshed by time."""
     return TimedRichProgressBar(interval) if _RICH_AVAILABLE else TimedTQDMProgressBar(interval)
-
-
-def debug_hooks() -> list[Callback]:
-    """The test hooks whose variables are set (see the module docstring)."""
-    hooks: list[Callback] = []
-    if spec := os.environ.get(FAULT_ENV):
-        rank, step = (int(v) for v in spec.split(":"))
-        hooks.append(InjectedFault(rank, step))
-    if spec := os.environ.get(STOP_ENV):
-        hooks.append(StopAtSteps([int(step) for step in spec.split(",")]))
-    return hooks

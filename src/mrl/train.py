@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 
-from mrl.callbacks import RestoreLoaderPosition, debug_hooks, progress_bar
+from mrl.callbacks import RestoreLoaderPosition, progress_bar
 from mrl.checkpoint_io import AtomicCheckpointIO
 from mrl.checkpoints import CHECKPOINT_DIR, LAST, check_compatible, load_checkpoint
 from mrl.errors import MRLError
@@ -111,7 +111,7 @@ def train(cfg: DictConfig) -> TrainResult:
 def _build_trainer(cfg: DictConfig, loggers: list[Logger]) -> L.Trainer:
     """The Lightning trainer of ``cfg.trainer`` with the configured callbacks and mrl's own."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and c.get("_target_")]
-    callbacks += [RestoreLoaderPosition(), *debug_hooks()]
+    callbacks.append(RestoreLoaderPosition())
     has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
     if cfg.trainer.get("enable_progress_bar", True) and not has_bar:
         callbacks.append(progress_bar(float(cfg.get("progress_bar_refresh_s", 1.0))))
