@@ -91,3 +91,53 @@ def test_wandb_writes_its_run_file_often_enough_for_a_killed_run(tmp_path):
     (logger,) = build_loggers(_compose(f"paths.output_dir={tmp_path}"))
     interval = wandb.Settings(**logger._wandb_init["settings"]).x_transaction_log_flush_interval
     assert interval <= 1.0 < wandb.Settings().x_transaction_log_flush_interval
+
+
+MODEL_GROUPS = [
+    pytest.param(g, o, marks=pytest.mark.slow) if (g, o) == ("backbone", "resnet50") else (g, o)
+    for g, o in OPTIONS
+    if g in ("backbone", "head", "optim", "sched")
+]
+
+
+@pytest.mark.parametrize(("group", "option"), MODEL_GROUPS)
+def test_model_group_option_builds_a_working_part(group, option):
+    """Each backbone, head, optimizer and schedule option builds what it names (composition alone would
+    not catch a wrong class path or argument) and takes a training step together."""
+    import torch
+
+    from mrl.instantiate import instantiate
+    from mrl.models.build import build_parts
+
+    overrides = [f"{group}={option}", "paths.output_dir=/tmp/job"]
+    if group != "backbone":  # the small default backbone keeps the other groups' checks quick
+        overrides.append("backbone.name=test_byobnet")
+    cfg = _compose(*overrides)
+    backbone, head, loss = build_parts(cfg, num_classes=3, in_chans=1, img_size=32)
+    model = torch.nn.ModuleDict({"backbone": backbone, "head": head})
+    optimizer = instantiate(cfg.optim)(model)
+    if cfg.sched.get("_target_"):
+        scheduler, _ = instantiate(cfg.sched)(
+            optimizer, num_epochs=2, updates_per_epoch=3, step_on_epochs=False
+        )
+        scheduler.step_update(num_updates=1)
+    x, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 0])
+    before = [p.detach().clone() for p in model.parameters()]
+    loss(head(backbone(x)), y).backward()
+    optimizer.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g, o in OPTIONS if g in ("logger", "callbacks")])
+def test_logger_and_callback_options_instantiate(group, option, tmp_path):
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import Logger
+
+    from mrl.instantiate import instantiate
+
+    cfg = _compose(f"{group}={option}", f"paths.output_dir={tmp_path}")
+    built = [instantiate(node) for node in (cfg[group] or {}).values() if node and node.get("_target_")]
+    kind = Logger if group == "logger" else Callback
+    assert all(isinstance(item, kind) for item in built), built
+    if option not in ("none",):
+        assert built, f"{group}={option} builds nothing"
