@@ -16,16 +16,7 @@ from fault_injection import tests_on_pythonpath
 
 BIN = Path(sys.executable).parent
 # Fast, deterministic settings shared by the end-to-end tests: tiny synthetic images and one epoch.
-TINY = [
-    "data=synthetic",
-    "data.train_size=128",
-    "data.val_size=64",
-    "data.test_size=64",
-    "data.batch_size=32",
-    "trainer.max_epochs=1",
-    "trainer.log_every_n_steps=1",
-    "threads=1",
-]
+TINY = ["debug=tiny"]  # conf/debug/tiny.yaml: a few seconds on 128 synthetic images
 
 
 class CLIResult:
