@@ -94,6 +94,19 @@ def wandb_inspect(run_dir: Path) -> tuple[dict, list[dict]]:
     return summary, wandb_history(run_dir)
 
 
+def wandb_metric_definitions(run_dir: Path) -> dict[str, dict]:
+    """The run's ``define_metric`` records as W&B wrote them, by metric name (or glob)."""
+    records = subprocess.run(
+        [str(BIN / "wandb"), "leet", "inspect", "--json", str(run_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    parsed = (json.loads(r) for r in records if r.strip())
+    metrics = [r["metric"] for r in parsed if r.get("type") == "metric"]
+    return {m.get("name") or m.get("glob_name"): m for m in metrics}
+
+
 def wandb_history(run_dir: Path) -> list[dict]:
     """The history rows W&B wrote to the run's file so far (the run may still be running or be killed)."""
     records = subprocess.run(

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import BIN, TINY, read_results, wandb_inspect, wandb_run_dirs
+from conftest import BIN, TINY, read_results, wandb_inspect, wandb_metric_definitions, wandb_run_dirs
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +58,12 @@ def test_multirun_writes_one_wandb_group_with_size_curves(run_cli):
         for d in (4, 16, 64):
             assert any(f"val/acc@{d}" in row for row in history), f"val/acc@{d} missing from W&B history"
             assert summary["summary"][f"test/acc@{d}"] == pytest.approx(read_results(job)[f"test/acc@{d}"])
+        # epoch-level curves over `epoch`, each size's best and last accuracy in the runs table
+        definitions = wandb_metric_definitions(runs[0])
+        for d in (4, 16, 64):
+            assert definitions[f"val/acc@{d}"]["step_metric"] == "epoch"
+            assert definitions[f"val/acc@{d}"]["summary"] == {"max": True, "last": True}
+        assert any("epoch" in row for row in history if f"val/acc@{4}" in row)
         table_rows = [row for row in history if any(k.startswith("val/acc_vs_size.") for k in row)]
         assert table_rows and table_rows[-1]["val/acc_vs_size.nrows"] == 3
         assert table_rows[-1]["val/acc_vs_size._type"] == "table-file"

@@ -31,7 +31,7 @@ from mrl.lightning_module import build_module_for_data
 from mrl.preflight import check_built
 from mrl.tracking.charts import plot_accuracy_vs_size
 from mrl.tracking.results import RESULTS_NAME, metrics_to_floats, read_results, size_table
-from mrl.tracking.wandb_setup import build_loggers
+from mrl.tracking.wandb_setup import aggregated, build_loggers, define_metrics
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ def train(cfg: DictConfig) -> TrainResult:
     trainer = _build_trainer(cfg, loggers)
     for logger in loggers:
         logger.log_hyperparams(module.config)
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            define_metrics(logger.experiment, module.nesting)
     try:
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -179,7 +181,9 @@ def _report(results: dict[str, float], sizes: list[int], output_dir: Path, logge
         if isinstance(logger, WandbLogger):
             import wandb
 
-            logger.experiment.summary.update(results)
+            # the per-size validation metrics keep W&B's own best/last summaries (define_metrics)
+            kept = aggregated(sizes)
+            logger.experiment.summary.update({k: v for k, v in results.items() if k not in kept})
             logger.experiment.log({"acc_vs_size_png": wandb.Image(str(png))})
             wandb_dir = logger.experiment.dir
     lines = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from typing import Any
 
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, open_dict
@@ -86,3 +87,24 @@ def wandb_server_unreachable(timeout: float = 5.0) -> str | None:
             return None
     except OSError as err:
         return f"the W&B server {url.hostname}:{port} is not reachable ({err.strerror or err})"
+
+
+def define_metrics(run: Any, sizes: list[int]) -> None:
+    """How W&B shows the run's metrics: epoch-level curves against ``epoch``, and each size's validation
+    accuracy (and top-5) summarised by its best and its last value, the loss by its lowest and last, so
+    the runs table and sweep views show every size's best accuracy without custom code. Exact names,
+    not globs: they take precedence over Lightning's ``*`` -> ``trainer/global_step`` definition."""
+    run.define_metric("epoch")
+    for d in sizes:
+        for name in (f"val/acc@{d}", f"val/top5@{d}", f"train/acc@{d}"):
+            run.define_metric(name, step_metric="epoch", summary="max,last")
+    run.define_metric("val/loss", step_metric="epoch", summary="min,last")
+
+
+def aggregated(sizes: list[int]) -> set[str]:
+    """The keys :func:`define_metrics` summarises itself (the final summary must not overwrite them)."""
+    return {
+        f"{stage}/{name}@{d}"
+        for d in sizes
+        for stage, name in (("val", "acc"), ("val", "top5"), ("train", "acc"))
+    } | {"val/loss"}
