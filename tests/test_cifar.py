@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import read_results
-from mrl.data.cifar import CIFAR10DataModule, CIFAR100DataModule, random_crop
+from mrl.data.cifar import CIFAR10DataModule, CIFAR100DataModule
+from mrl.data.preprocess import random_crop
 from mrl.errors import MRLError
 
 

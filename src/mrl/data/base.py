@@ -32,21 +32,32 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 class MRLDataModule(L.LightningDataModule):
-    """Base datamodule: subclasses set ``num_classes``, ``in_chans`` and ``img_size`` in ``__init__``
-    (the backbone is built from them) and fill ``self.datasets`` with ``train``/``val``/``test``.
+    """What training, evaluation and deployment read from a datamodule, declared in one place.
+
+    Every datamodule gives each attribute below a value in ``__init__`` (the model is built from them
+    before ``setup``), and fills :attr:`datasets` with ``train``/``val``/``test`` in ``setup``. Callers
+    read them directly: a missing one is a bug in the datamodule, not a case for a default.
     """
 
     num_classes: int
+    """Classes of the data set (the head's output size)."""
     in_chans: int
+    """Channels of the model's input images."""
     img_size: int
-    # In-memory data sets of small images can be resized per batch to what a backbone needs.
+    """Side in pixels of the square training images the model sees."""
     resizable: bool = False
-
-    def resize(self, img_size: int) -> None:
-        """Serve images of ``img_size`` pixels (only when ``resizable``)."""
-        if not self.resizable:
-            raise NotImplementedError(f"{type(self).__name__} cannot resize its images")
-        self.img_size = int(img_size)
+    """Whether :meth:`resize` can serve the images at another size (small in-memory images can)."""
+    img_size_fixed: bool = True
+    """Whether ``img_size`` was chosen by the user; when not, training may pick a larger size for a
+    backbone that needs one (see :attr:`upsizable`)."""
+    mean: tuple[float, ...]
+    """Per-channel mean the model inputs are normalised with (pixel values scaled to [0, 1])."""
+    std: tuple[float, ...]
+    """Per-channel standard deviation the model inputs are normalised with."""
+    seed: int
+    """Seed of the split, the training order and the per-batch augmentation."""
+    datasets: dict[str, Dataset]
+    """The splits by name, filled by ``setup``."""
 
     def __init__(
         self,
@@ -54,13 +65,40 @@ class MRLDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
-        self.datasets: dict[str, Dataset] = {}
+        self.seed = int(seed)
+        self.datasets = {}
+
+    @property
+    def upsizable(self) -> bool:
+        """Whether training may serve the images larger than ``img_size`` (a backbone that needs more
+        pixels): resizable, at a size the user did not choose."""
+        return self.resizable and not self.img_size_fixed
+
+    @property
+    def eval_img_size(self) -> int:
+        """Side in pixels of the evaluation images (the training size unless a datamodule differs)."""
+        return self.img_size
+
+    @property
+    def data_config(self) -> dict[str, Any] | None:
+        """For data read from image files, the timm data config (interpolation, mean, std, crop_pct,
+        crop_mode) whose eval transform at :attr:`eval_img_size` gives the evaluation images. None where
+        whole images are only scaled to ``img_size`` and normalised with ``mean``/``std`` per batch (the
+        in-memory data sets)."""
+        return None
+
+    def resize(self, img_size: int) -> None:
+        """Serve images of ``img_size`` pixels (only when ``resizable``)."""
+        if not self.resizable:
+            raise NotImplementedError(f"{type(self).__name__} cannot resize its images")
+        self.img_size = int(img_size)
 
     def configure_transforms(self, data_config: dict[str, Any]) -> None:
         """Receive the backbone's timm data config (mean, std, interpolation, crop). Default: unused."""
@@ -76,7 +114,7 @@ class MRLDataModule(L.LightningDataModule):
         dataset = self.datasets[split]
         sampler = None
         if train and getattr(self.trainer, "world_size", 1) <= 1:
-            sampler = EpochShuffleSampler(len(dataset), int(getattr(self, "seed", 0)), self._epoch)
+            sampler = EpochShuffleSampler(len(dataset), self.seed, self._epoch)
         workers = int(options.pop("num_workers", self.num_workers))
         return (StatefulDataLoader if train else DataLoader)(
             dataset,
@@ -101,8 +139,7 @@ class MRLDataModule(L.LightningDataModule):
         rank) rather than the global RNG state, so a resumed run draws what an uninterrupted one would."""
         trainer = self.trainer
         step = (trainer.current_epoch, trainer.global_step, trainer.global_rank) if trainer else (0, 0, 0)
-        seed = int(getattr(self, "seed", 0))
-        mixed = hash((seed, *step)) & 0x7FFF_FFFF_FFFF_FFFF  # hash of ints is stable across processes
+        mixed = hash((self.seed, *step)) & 0x7FFF_FFFF_FFFF_FFFF  # hash of ints is stable across processes
         return torch.Generator(device=device).manual_seed(mixed)
 
     def train_dataloader(self) -> DataLoader:

@@ -3,81 +3,64 @@
 from __future__ import annotations
 
 import pickle
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset, random_split
 
-from mrl.data.base import MRLDataModule
-from mrl.data.preprocess import normalize_uint8_batch
+from mrl.data.in_memory import Arrays, InMemoryImageDataModule
 from mrl.errors import MRLError
 
 
-class _CIFARDataModule(MRLDataModule):
+class _CIFARDataModule(InMemoryImageDataModule):
     """CIFAR from the python-pickle release (``cifar-10-batches-py`` / ``cifar-100-python``).
 
     The files are read directly rather than through ``torchvision.datasets.CIFAR10`` so that copies
     of the data (and the small generated ones the tests use) load without torchvision's checksum
     check; torchvision is used to download them when ``download=true``. Training batches are flipped
-    and randomly cropped (4 px padding) per batch on the loader's device.
+    and randomly cropped (``crop_padding`` px of padding); splits, resizing and augmentation:
+    :class:`~mrl.data.in_memory.InMemoryImageDataModule`.
     """
 
     in_chans = 3
-    img_size = 32
+    native_size = 32
     folder: str
     train_files: tuple[str, ...]
     test_file: str
     label_key: str
-    dataset_name: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    # dataset_name is also the torchvision class that downloads the release
 
-    def __init__(
-        self,
-        data_dir: str = "~/data/cifar",
-        download: bool = False,
-        val_size: int = 5000,
-        seed: int = 0,
-        augment: bool = True,
-        crop_padding: int = 4,
-        **loader_kwargs,
-    ) -> None:
-        super().__init__(**loader_kwargs)
-        self.data_dir = Path(data_dir).expanduser()
-        self.download = download
-        self.val_size = int(val_size)
-        self.seed = int(seed)
-        self.augment = augment
-        self.crop_padding = int(crop_padding)
-        self._mean, self._std = torch.tensor(self.mean), torch.tensor(self.std)
+    def __init__(self, data_dir: str = "~/data/cifar", crop_padding: int = 4, **kwargs: Any) -> None:
+        super().__init__(data_dir=data_dir, crop_padding=crop_padding, **kwargs)
 
-    def _missing(self) -> list[str]:
+    def missing_files(self) -> list[str]:
         root = self.data_dir / self.folder
         return [name for name in (*self.train_files, self.test_file) if not (root / name).is_file()]
 
-    def prepare_data(self) -> None:
-        if not self.download or not self._missing():
-            return
+    def not_found_message(self, missing: list[str]) -> str:
+        return (
+            f"{self.dataset_name} not found in {self.data_dir / self.folder} (missing "
+            f"{', '.join(missing)}). Set data.download=true to let torchvision download it (needs "
+            f"internet), or point data.data_dir=<dir> at a folder holding the python release's "
+            f"'{self.folder}' folder."
+        )
+
+    def fetch(self) -> None:
         import torchvision.datasets
 
-        try:
-            getattr(torchvision.datasets, self.dataset_name)(
-                root=str(self.data_dir), train=True, download=True
-            )
-        except Exception as err:  # network errors come in many types (URLError, HTTPError, OSError)
-            raise MRLError(
-                f"Downloading {self.dataset_name} into {self.data_dir} failed ({err}). Without internet, "
-                f"copy the python release's '{self.folder}' folder into data.data_dir."
-            ) from err
+        # one archive holds both splits
+        getattr(torchvision.datasets, self.dataset_name)(root=str(self.data_dir), train=True, download=True)
+
+    def offline_hint(self) -> str:
+        return f"Without internet, copy the python release's '{self.folder}' folder into data.data_dir."
 
     def _read(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        path = self.data_dir / self.folder / name
+        path, size = self.data_dir / self.folder / name, self.native_size
         try:
             with open(path, "rb") as f:
                 # The official release is a pickle of numpy arrays and lists: only read trusted copies.
                 batch = pickle.load(f, encoding="latin1")
-            images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, size, size)
             labels = np.asarray(batch[self.label_key], dtype=np.int64)
         except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError) as err:
             raise MRLError(
@@ -87,50 +70,12 @@ class _CIFARDataModule(MRLDataModule):
             raise MRLError(f"{path} is corrupt: {len(images)} images but {len(labels)} labels.")
         return images, labels
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
-        missing = self._missing()
-        if missing:
-            raise MRLError(
-                f"{self.dataset_name} not found in {self.data_dir / self.folder} (missing "
-                f"{', '.join(missing)}). Set data.download=true to let torchvision download it (needs "
-                f"internet), or point data.data_dir=<dir> at a folder holding the python release's "
-                f"'{self.folder}' folder."
-            )
+    def read(self) -> tuple[Arrays, Arrays]:
         parts = [self._read(name) for name in self.train_files]
         train_x = torch.from_numpy(np.concatenate([p[0] for p in parts]))
         train_y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
         test_x, test_y = (torch.from_numpy(a) for a in self._read(self.test_file))
-        train_full = TensorDataset(train_x, train_y)
-        if not 0 < self.val_size < len(train_full):
-            raise MRLError(f"data.val_size must be between 1 and {len(train_full) - 1}, got {self.val_size}.")
-        generator = torch.Generator().manual_seed(self.seed)
-        train, val = random_split(
-            train_full, [len(train_full) - self.val_size, self.val_size], generator=generator
-        )
-        self.datasets = {"train": train, "val": val, "test": TensorDataset(test_x, test_y)}
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        x, y = batch
-        training = self.trainer is not None and self.trainer.training and self.augment
-        gen = self.augmentation_generator(x.device) if training else None
-        if training and self.crop_padding:
-            x = random_crop(x, self.crop_padding, generator=gen)
-        return normalize_uint8_batch(x, self._mean, self._std, flip=training, generator=gen), y
-
-
-def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Zero-pad a batch by ``padding`` px and crop each image back to its size at a random offset."""
-    b, _, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (b,), device=x.device, generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (b,), device=x.device, generator=generator)
-    rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])[:, None, None, :]
-    batch_idx = torch.arange(b, device=x.device)[:, None, None, None]
-    chan_idx = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-    return padded[batch_idx, chan_idx, rows, cols]
+        return (train_x, train_y), (test_x, test_y)
 
 
 class CIFAR10DataModule(_CIFARDataModule):

@@ -124,7 +124,7 @@ class EncodedImageDataModule(MRLDataModule):
                 f"data.num_workers must be a number of loader workers (0: load in the training process) "
                 f"or 'auto', got {num_workers!r}."
             )
-        super().__init__(num_workers=0 if self.auto_workers else int(num_workers), **loader_kwargs)
+        super().__init__(num_workers=0 if self.auto_workers else int(num_workers), seed=seed, **loader_kwargs)
         if decode not in DECODE_MODES:
             raise MRLError(
                 f"data.decode={decode!r} is not a decode mode: use 'cpu' (decode and crop in the loader "
@@ -138,10 +138,9 @@ class EncodedImageDataModule(MRLDataModule):
                 "transforms, which run in the loader workers: use data.decode=cpu with them, or drop them."
             )
         self.img_size = int(img_size)
-        self.eval_img_size = int(eval_img_size) if eval_img_size else self.img_size
-        self.seed = int(seed)
+        self._eval_img_size = int(eval_img_size) if eval_img_size else self.img_size
         self.prefetch_factor = prefetch_factor
-        self.data_config: dict[str, Any] = {
+        self._data_config: dict[str, Any] = {
             **DEFAULT_DATA_CONFIG,
             "input_size": (self.in_chans, self.img_size, self.img_size),
         }
@@ -151,17 +150,27 @@ class EncodedImageDataModule(MRLDataModule):
 
     def configure_transforms(self, data_config: dict[str, Any]) -> None:
         """Take the backbone's timm data config (interpolation, mean, std, crop_pct, crop_mode)."""
-        self.data_config = {**data_config, "input_size": (self.in_chans, self.img_size, self.img_size)}
+        self._data_config = {**data_config, "input_size": (self.in_chans, self.img_size, self.img_size)}
         self._batch_transform = None
         self.datasets = {}
 
     @property
+    def data_config(self) -> dict[str, Any]:
+        """The backbone's timm data config (timm's ImageNet defaults before :meth:`configure_transforms`),
+        ``input_size`` at the training size; evaluation crops it at :attr:`eval_img_size`."""
+        return self._data_config
+
+    @property
+    def eval_img_size(self) -> int:
+        return self._eval_img_size
+
+    @property
     def mean(self) -> tuple[float, ...]:
-        return tuple(self.data_config["mean"])
+        return tuple(self._data_config["mean"])
 
     @property
     def std(self) -> tuple[float, ...]:
-        return tuple(self.data_config["std"])
+        return tuple(self._data_config["std"])
 
     def crop_spec(self, train: bool) -> CropSpec:
         size = self.img_size if train else self.eval_img_size

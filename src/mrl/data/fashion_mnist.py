@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import gzip
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset, random_split
 
-from mrl.data.base import MRLDataModule
-from mrl.data.preprocess import normalize_uint8_batch
+from mrl.data.in_memory import Arrays, InMemoryImageDataModule
 from mrl.errors import MRLError
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -56,86 +55,58 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
 
 
-class FashionMNISTDataModule(MRLDataModule):
+class FashionMNISTDataModule(InMemoryImageDataModule):
     """Fashion-MNIST read into memory from its IDX files.
 
     ``data_dir`` may hold the files flat (the Debian package ``dataset-fashion-mnist`` installs them in
     /usr/share/datasets/fashion-mnist) or in torchvision's ``FashionMNIST/raw`` layout. With
-    ``download=true`` torchvision fetches them into ``data_dir`` when they are missing. The last
-    ``val_size`` images of a seeded shuffle of the training set are held out for validation.
-    ``img_size`` resizes the images per batch (for backbones that need more than 28 px).
+    ``download=true`` torchvision fetches them into ``data_dir`` when they are missing. Splits, resizing
+    and augmentation: :class:`~mrl.data.in_memory.InMemoryImageDataModule`.
     """
 
+    dataset_name = "Fashion-MNIST"
     num_classes = 10
     in_chans = 1
-    resizable = True
+    native_size = 28
+    mean, std = MEAN, STD
 
-    def __init__(
-        self,
-        data_dir: str = DEBIAN_DIR,
-        download: bool = False,
-        img_size: int | None = None,
-        val_size: int = 5000,
-        seed: int = 0,
-        augment: bool = True,
-        limit_train: int | None = None,
-        limit_eval: int | None = None,
-        **loader_kwargs,
-    ) -> None:
-        super().__init__(**loader_kwargs)
-        self.data_dir = Path(data_dir).expanduser()
-        # null: the native 28 px, or the smallest size the backbone accepts (see mrl.train)
-        self.img_size = int(img_size) if img_size else 28
-        self.img_size_fixed = img_size is not None
-        self.download = download
-        self.val_size = int(val_size)
-        self.seed = int(seed)
-        self.augment = augment
-        self.limit_train = limit_train
-        self.limit_eval = limit_eval
-        self.mean, self.std = torch.tensor(MEAN), torch.tensor(STD)
+    def __init__(self, data_dir: str = DEBIAN_DIR, **kwargs: Any) -> None:
+        super().__init__(data_dir=data_dir, **kwargs)
 
-    def _paths(self) -> dict[str, tuple[Path, Path]]:
-        paths = {}
-        missing = []
-        for split, stems in FILES.items():
-            found = [_find(self.data_dir, stem) for stem in stems]
-            missing += [stem for stem, p in zip(stems, found, strict=True) if p is None]
-            paths[split] = tuple(found)
-        if missing:
-            raise MRLError(
-                f"Fashion-MNIST not found in {self.data_dir} (missing {', '.join(missing)}). Install it with "
-                "`apt-get install dataset-fashion-mnist` (files in /usr/share/datasets/fashion-mnist), point "
-                "data.data_dir=<dir> at a folder holding the IDX files, or set data.download=true to let "
-                "torchvision download them (needs internet)."
-            )
-        return paths
+    def _paths(self) -> dict[str, list[Path | None]]:
+        return {split: [_find(self.data_dir, stem) for stem in stems] for split, stems in FILES.items()}
 
-    def prepare_data(self) -> None:
-        if not self.download:
-            return
-        try:
-            self._paths()
-            return
-        except MRLError:
-            pass
+    def missing_files(self) -> list[str]:
+        return [
+            stem
+            for split, paths in self._paths().items()
+            for stem, path in zip(FILES[split], paths, strict=True)
+            if path is None
+        ]
+
+    def not_found_message(self, missing: list[str]) -> str:
+        return (
+            f"Fashion-MNIST not found in {self.data_dir} (missing {', '.join(missing)}). Install it with "
+            "`apt-get install dataset-fashion-mnist` (files in /usr/share/datasets/fashion-mnist), point "
+            "data.data_dir=<dir> at a folder holding the IDX files, or set data.download=true to let "
+            "torchvision download them (needs internet)."
+        )
+
+    def fetch(self) -> None:
         from torchvision.datasets import FashionMNIST
 
-        try:
-            for train in (True, False):
-                FashionMNIST(root=str(self.data_dir), train=train, download=True)
-        except Exception as err:  # network errors come in many types (URLError, HTTPError, OSError)
-            raise MRLError(
-                f"Downloading Fashion-MNIST into {self.data_dir} failed ({err}). Without internet, install "
-                "the Debian package dataset-fashion-mnist or copy the four IDX files into data.data_dir."
-            ) from err
+        for train in (True, False):
+            FashionMNIST(root=str(self.data_dir), train=train, download=True)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
-        paths = self._paths()
+    def offline_hint(self) -> str:
+        return (
+            "Without internet, install the Debian package dataset-fashion-mnist or copy the four IDX files "
+            "into data.data_dir."
+        )
+
+    def read(self) -> tuple[Arrays, Arrays]:
         arrays = {}
-        for split, (img_path, lbl_path) in paths.items():
+        for split, (img_path, lbl_path) in self._paths().items():
             images, labels = read_idx(img_path), read_idx(lbl_path)
             if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
                 raise MRLError(
@@ -151,31 +122,4 @@ class FashionMNISTDataModule(MRLDataModule):
                 torch.from_numpy(images.copy()).unsqueeze(1),
                 torch.from_numpy(labels.astype(np.int64)),
             )
-        train_full = TensorDataset(*arrays["train"])
-        if not 0 < self.val_size < len(train_full):
-            raise MRLError(f"data.val_size must be between 1 and {len(train_full) - 1}, got {self.val_size}.")
-        generator = torch.Generator().manual_seed(self.seed)
-        train, val = random_split(
-            train_full, [len(train_full) - self.val_size, self.val_size], generator=generator
-        )
-        test = TensorDataset(*arrays["test"])
-        self.datasets = {
-            "train": _limit(train, self.limit_train),
-            "val": _limit(val, self.limit_eval),
-            "test": _limit(test, self.limit_eval),
-        }
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        x, y = batch
-        flip = self.trainer is not None and self.trainer.training and self.augment
-        gen = self.augmentation_generator(x.device) if flip else None
-        return normalize_uint8_batch(
-            x, self.mean, self.std, flip=flip, img_size=self.img_size, generator=gen
-        ), y
-
-
-def _limit(dataset, limit: int | None):
-    """The first ``limit`` items of ``dataset`` (quick runs and tests), or all of it."""
-    if limit is None or limit >= len(dataset):
-        return dataset
-    return torch.utils.data.Subset(dataset, range(int(limit)))
+        return arrays["train"], arrays["test"]

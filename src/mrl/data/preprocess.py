@@ -295,6 +295,19 @@ def normalize_uint8_batch(
     return x.sub_(mean).div_(std)
 
 
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Zero-pad a batch by ``padding`` px and crop each image back to its size at a random offset."""
+    b, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (b,), device=x.device, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (b,), device=x.device, generator=generator)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])[:, None, None, :]
+    batch_idx = torch.arange(b, device=x.device)[:, None, None, None]
+    chan_idx = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[batch_idx, chan_idx, rows, cols]
+
+
 _STATS_ON_DEVICE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 

@@ -146,16 +146,15 @@ class SyntheticDataModule(MRLDataModule):
         in_memory: bool = False,
         **loader_kwargs,
     ) -> None:
-        super().__init__(**loader_kwargs)
+        super().__init__(seed=seed, **loader_kwargs)
         self.num_classes = int(num_classes)
         self.in_chans = int(in_chans)
         self.img_size = int(img_size)
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.noise = noise
-        self.seed = int(seed)
         self.in_memory = bool(in_memory)
-        self.mean = torch.full((self.in_chans,), MEAN)
-        self.std = torch.full((self.in_chans,), STD)
+        self.mean, self.std = (MEAN,) * self.in_chans, (STD,) * self.in_chans
+        self._stats = torch.tensor(self.mean), torch.tensor(self.std)
         self.renderer = Renderer(
             self.num_classes, self.in_chans, self.img_size, noise, prototype_seed=self.seed
         )
@@ -179,4 +178,4 @@ class SyntheticDataModule(MRLDataModule):
             x = self.renderer.render(x, y)
         train = self.trainer is not None and self.trainer.training
         gen = self.augmentation_generator(x.device) if train else None
-        return normalize_uint8_batch(x, self.mean, self.std, flip=train, generator=gen), y
+        return normalize_uint8_batch(x, *self._stats, flip=train, generator=gen), y
