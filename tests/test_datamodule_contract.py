@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from mrl.cli.common import register_resolvers
+from mrl.resolvers import register_resolvers
 from mrl.config_path import config_dir
 from mrl.data.base import MRLDataModule
 from test_cifar import write_cifar

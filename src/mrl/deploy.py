@@ -428,6 +428,10 @@ def _load_checkpoint(path: Path) -> MatryoshkaModel:
         )
     datamodule, in_chans, img_size, resizable = _data_shape(config["data"], path)
     backbone = _timm_backbone(b, in_chans, img_size, resizable)
+    if datamodule is not None and backbone.img_size != datamodule.img_size:
+        # upsized for the backbone in training (mrl.lightning_module.build_module_for_data): the exported
+        # preprocessing must resize stored images the same way
+        datamodule.resize(backbone.img_size)
     h = config["head"]
     kind = h.get("kind", "mrl")
     head = build_head(
@@ -462,7 +466,7 @@ def _data_shape(data: dict[str, Any], path: Path) -> tuple[Any, int, int, bool]:
         module_name, _, name = str(data["_target_"]).rpartition(".")
         datamodule = getattr(importlib.import_module(module_name), name)(**kwargs)
         in_chans, img_size = datamodule.in_chans, datamodule.img_size
-        resizable = bool(datamodule.resizable) and not getattr(datamodule, "img_size_fixed", True)
+        resizable = datamodule.upsizable
         return datamodule, int(in_chans), int(img_size), resizable
     except Exception as err:  # any failure means only "this datamodule cannot be built here"
         reason = f"{type(err).__name__}: {err}"
@@ -540,12 +544,15 @@ def _timm_backbone(
 def _preprocessing(datamodule: Any, backbone: TimmBackbone, data: dict[str, Any]) -> dict[str, Any]:
     """How ``datamodule`` (config ``data`` when it is None) turns stored images into model inputs at
     evaluation time (see the kinds above)."""
-    in_chans, img_size = backbone.in_chans, int(getattr(datamodule, "img_size", None) or backbone.img_size)
-    data_config = getattr(datamodule, "data_config", None)
-    if datamodule is None or isinstance(data_config, dict):
+    in_chans = backbone.in_chans
+    img_size = int(datamodule.img_size if datamodule is not None else backbone.img_size)
+    data_config = datamodule.data_config if datamodule is not None else None
+    if datamodule is None or data_config is not None:
         # File-based data: timm's eval transform of the backbone's data config at the evaluation size
         # (what ImageFolderDataModule sets up; eval_img_size may exceed the training size, FixRes).
-        eval_size = getattr(datamodule, "eval_img_size", None) or data.get("eval_img_size") or img_size
+        eval_size = (
+            datamodule.eval_img_size if datamodule is not None else data.get("eval_img_size") or img_size
+        )
         img_size = int(eval_size)
         data_config = {
             **(data_config or backbone.data_config()),
@@ -563,7 +570,7 @@ def _preprocessing(datamodule: Any, backbone: TimmBackbone, data: dict[str, Any]
             "data_config": data_config,
         }
     base = {"in_chans": in_chans, "img_size": img_size}
-    mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+    mean, std = datamodule.mean, datamodule.std
     if mean is not None and std is not None:
         as_list = lambda v: [float(x) for x in torch.as_tensor(v).flatten()]  # noqa: E731
         return {"kind": UINT8, **base, "mean": as_list(mean), "std": as_list(std)}

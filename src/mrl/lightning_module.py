@@ -270,7 +270,7 @@ def build_module(cfg: DictConfig, num_classes: int, in_chans: int, img_size: int
 def build_module_for_data(cfg: DictConfig, datamodule) -> MatryoshkaLitModule:
     """:func:`build_module` for ``datamodule``'s images, upsizing resizable small images (Fashion-MNIST's
     28 px) to the smallest power of two a backbone with many downsampling stages accepts."""
-    resizable = datamodule.resizable and not getattr(datamodule, "img_size_fixed", True)
+    resizable = datamodule.upsizable
     module, size = build_with_upsizing(
         lambda px: build_module(cfg, datamodule.num_classes, datamodule.in_chans, px),
         datamodule.img_size,
