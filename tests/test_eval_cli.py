@@ -265,18 +265,22 @@ def test_bad_checkpoints_in_process(tmp_path):
 
 def test_report_plots_and_tables_without_k10(tmp_path):
     """retrieval.ks=[2] (a tiny database): plots, the per-size table and the summary use mAP@2."""
-    from mrl.eval import report as reporting
+    from mrl.eval.plots import write_plots
+    from mrl.eval.report_file import build_report, per_size_rows, retrieval_k
+    from mrl.eval.summary import summary_text
 
-    retrieval = {"4": {"map@2": 0.5, "precision@2": 0.5, "recall@2": 0.25, "hit@2": 1.0}}
-    rep = reporting.build_report(
-        [4], {"4": {"top1": 0.7, "top5": 0.9}}, {"4": {"1nn": 0.6, "knn": 0.65}}, retrieval, [], [], {}, {}
-    )
-    assert reporting.retrieval_k(rep) == 2
-    pngs = reporting.write_plots(rep, tmp_path)
+    sections = {
+        "linear": {"4": {"top1": 0.7, "top5": 0.9}},
+        "knn": {"4": {"1nn": 0.6, "knn": 0.65}},
+        "retrieval": {"4": {"map@2": 0.5, "precision@2": 0.5, "recall@2": 0.25, "hit@2": 1.0}},
+    }
+    rep = build_report([4], sections, {})
+    assert retrieval_k(rep) == 2
+    pngs = write_plots(rep, tmp_path)
     assert [p.name for p in pngs] == ["acc_vs_size.png"]
-    columns, rows = reporting.per_size_rows(rep)
+    columns, rows = per_size_rows(rep)
     assert rows[0][columns.index("map@2")] == 0.5 and rows[0][columns.index("recall@2")] == 0.25
-    assert "50.00" in reporting.summary_text(rep)
+    assert "50.00" in summary_text(rep)
 
 
 def _copy_run(job: Path, dest: Path, shift: float = 0.0) -> Path:

@@ -18,12 +18,15 @@ from mrl.eval import adaptive_retrieval as adaptive_ret
 from mrl.eval import baselines as posthoc
 from mrl.eval import knn as knn_eval
 from mrl.eval import linear as linear_eval
-from mrl.eval import report as reporting
 from mrl.eval.baseline_knn import posthoc_one_nn
 from mrl.eval.embeddings import export_split
 from mrl.eval.locations import checkpoint_id, checkpoint_record, claim_output_dir, link_to_training_run
 from mrl.eval.model import fingerprint, load_for_eval
+from mrl.eval.plots import write_plots
+from mrl.eval.report_file import build_report, write_report
 from mrl.eval.retrieval import retrieval_metrics
+from mrl.eval.summary import summary_text
+from mrl.eval.wandb_tables import log_report
 from mrl.nn.nesting import default_nesting
 
 log = logging.getLogger(__name__)
@@ -264,27 +267,26 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             )
     lap("baselines")
 
-    report = reporting.build_report(
-        sizes,
-        linear,
-        knn,
-        retrieval,
-        adaptive_classification,
-        adaptive_retrieval,
-        exact,
-        baselines,
-        checkpoint_record(cfg.ckpt_path, ckpt_id),
-    )
-    reporting.write_report(report, out_dir)
+    sections = {
+        "linear": linear,
+        "knn": knn,
+        "retrieval": retrieval,
+        "adaptive_classification": adaptive_classification,
+        "adaptive_retrieval": adaptive_retrieval,
+        "exact_retrieval": exact,
+        "baselines": baselines,
+    }
+    report = build_report(sizes, sections, checkpoint_record(cfg.ckpt_path, ckpt_id))
+    write_report(report, out_dir)
     link_to_training_run(out_dir, cfg.ckpt_path, ckpt_id)
-    pngs = reporting.write_plots(report, out_dir)
+    pngs = write_plots(report, out_dir)
     wandb_dir = _log_wandb(cfg, train_cfg, report, pngs)
     elapsed = time.perf_counter() - started
     lines = [
         "",
         f"Evaluation of {cfg.ckpt_path} ({len(q)} queries, {len(db)} database items, {elapsed:.1f}s):",
     ]
-    lines += [reporting.summary_text(report), ""]
+    lines += [summary_text(report), ""]
     lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     lines.append(f"report: {out_dir / 'report.json'}")
     lines += [f"plot:   {p}" for p in pngs]
@@ -321,7 +323,7 @@ def _log_wandb(cfg: DictConfig, train_cfg: dict, report: dict, pngs: list[Path])
         reinit="finish_previous",
     )
     try:
-        reporting.log_wandb(run, report, pngs)
+        log_report(run, report, pngs)
         return Path(run.dir).parent
     finally:
         wandb.finish()
