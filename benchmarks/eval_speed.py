@@ -159,21 +159,10 @@ def memory_child(folder: Path, knn_sizes: list[int], hnsw: bool, max_iter: int) 
 
     adaptive_ret.exact_retrieval(db, db_y, q, q_y, 10, chunks.query, chunks.database)
     mark("exact retrieval (full size)")
-    adaptive_ret.adaptive_retrieval(
-        db,
-        db_y,
-        q,
-        q_y,
-        run_mod.funnel_configs(ar, dim),
-        k=10,
-        hnsw=hnsw,
-        hnsw_m=int(ar.hnsw_m),
-        hnsw_ef_search=int(ar.hnsw_ef_search),
-        hnsw_ef_construction=int(ar.get("hnsw_ef_construction", 40)),
-        query_chunk=chunks.query,
-        db_chunk=chunks.database,
-        block_floats=int(chunks.rerank),
+    settings = adaptive_ret.FunnelSettings(
+        ar.hnsw_m, ar.hnsw_ef_construction, ar.hnsw_ef_search, chunks.query, chunks.database, chunks.rerank
     )
+    adaptive_ret.adaptive_retrieval(db, db_y, q, q_y, run_mod.funnel_configs(ar, dim), 10, hnsw, settings)
     mark("adaptive retrieval (" + ("flat + HNSW" if hnsw else "flat") + " shortlists)")
 
     posthoc.posthoc_baselines(db, db_y, q, q_y, knn_sizes, knn_sizes, bc.max_train, max_iter, 0)

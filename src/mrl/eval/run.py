@@ -217,20 +217,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         exact = adaptive_ret.exact_retrieval(
             db, db_y, q, q_y, k=10, query_chunk=chunks.query, db_chunk=chunks.database
         )
-        adaptive_retrieval = adaptive_ret.adaptive_retrieval(
-            db,
-            db_y,
-            q,
-            q_y,
-            funnel_configs(ar, embed_dim),
-            k=10,
-            hnsw=bool(ar.hnsw),
+        settings = adaptive_ret.FunnelSettings(
             hnsw_m=int(ar.hnsw_m),
+            hnsw_ef_construction=int(ar.hnsw_ef_construction),
             hnsw_ef_search=int(ar.hnsw_ef_search),
-            hnsw_ef_construction=int(ar.get("hnsw_ef_construction", 40)),
             query_chunk=chunks.query,  # batched like the exact search it is compared with
             db_chunk=chunks.database,
             block_floats=int(chunks.rerank),
+        )
+        adaptive_retrieval = adaptive_ret.adaptive_retrieval(
+            db, db_y, q, q_y, funnel_configs(ar, embed_dim), 10, bool(ar.hnsw), settings
         )
     lap("adaptive_retrieval")
 
