@@ -146,7 +146,19 @@ def memory_child(folder: Path, knn_sizes: list[int], hnsw: bool, max_iter: int) 
     head = MatryoshkaLinear(dim, classes, nesting)  # random weights: memory, not accuracy
     linear_eval.linear_accuracy(head, q, q_y, chunks.head)
     pred, conf = linear_eval.max_softmax_predictions(head, q, chunks.head)
-    adaptive_cls.adaptive_classification(pred, conf, q_y, nesting, num_splits=2)
+    ac = cfg.adaptive_classification
+    adaptive_cls.adaptive_classification(
+        pred,
+        conf,
+        q_y,
+        nesting,
+        targets=None,
+        num_targets=ac.num_targets,
+        calibration_fraction=ac.calibration_fraction,
+        num_splits=2,
+        grid_size=ac.grid_size,
+        seed=0,
+    )
     mark("linear + adaptive classification (random head)")
 
     ks = sorted(int(k) for k in cfg.retrieval.ks)
