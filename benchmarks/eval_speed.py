@@ -122,19 +122,20 @@ def memory_child(folder: Path, knn_sizes: list[int], hnsw: bool, max_iter: int) 
     import torch
     from omegaconf import OmegaConf
 
-    import mrl.eval.run as run_mod
     from mrl.config_path import config_dir
-    from mrl.eval import adaptive_classification as adaptive_cls
-    from mrl.eval import adaptive_retrieval as adaptive_ret
-    from mrl.eval import baselines as posthoc
-    from mrl.eval import knn as knn_eval
-    from mrl.eval import linear as linear_eval
+    from mrl.eval.adaptive_classification import adaptive_classification
+    from mrl.eval.adaptive_retrieval import FunnelSettings, adaptive_retrieval, exact_retrieval
+    from mrl.eval.baseline_knn import posthoc_one_nn
+    from mrl.eval.baselines import posthoc_baselines
+    from mrl.eval.evaluators import FUNNEL_K, funnel_configs
+    from mrl.eval.knn import exact_search, knn_accuracy
+    from mrl.eval.linear import linear_accuracy, max_softmax_predictions
     from mrl.eval.retrieval import retrieval_metrics
     from mrl.nn.matryoshka_linear import MatryoshkaLinear
     from mrl.nn.nesting import default_nesting
 
     cfg = OmegaConf.load(Path(config_dir()) / "eval.yaml")
-    chunks, ar, bc = cfg.chunks, cfg.adaptive_retrieval, cfg.baselines
+    chunks, ac, ar, bc = cfg.chunks, cfg.adaptive_classification, cfg.adaptive_retrieval, cfg.baselines
     mark("imports (as mrl-eval)")
 
     db = np.load(folder / "db.npy", mmap_mode="r")
@@ -144,42 +145,42 @@ def memory_child(folder: Path, knn_sizes: list[int], hnsw: bool, max_iter: int) 
     nesting = default_nesting(dim, 1)
     torch.manual_seed(0)
     head = MatryoshkaLinear(dim, classes, nesting)  # random weights: memory, not accuracy
-    linear_eval.linear_accuracy(head, q, q_y, chunks.head)
-    pred, conf = linear_eval.max_softmax_predictions(head, q, chunks.head)
-    adaptive_cls.adaptive_classification(pred, conf, q_y, nesting, num_splits=2)
+    linear_accuracy(head, q, q_y, chunks.head)
+    pred, conf = max_softmax_predictions(head, q, chunks.head)
+    adaptive_classification(
+        pred,
+        conf,
+        q_y,
+        nesting,
+        targets=None,
+        num_targets=ac.num_targets,
+        calibration_fraction=ac.calibration_fraction,
+        num_splits=2,
+        grid_size=ac.grid_size,
+        seed=0,
+    )
     mark("linear + adaptive classification (random head)")
 
     ks = sorted(int(k) for k in cfg.retrieval.ks)
     kmax = max([*ks, int(cfg.knn.k)])
     for d in knn_sizes:
-        _, ids = knn_eval.exact_search(db, q, d, kmax, chunks.query, chunks.database, use_gpu=False)
-        knn_eval.knn_accuracy(db_y[ids], q_y, int(cfg.knn.k), classes)
+        _, ids = exact_search(db, q, d, kmax, chunks.query, chunks.database, use_gpu=False)
+        knn_accuracy(db_y[ids], q_y, int(cfg.knn.k), classes)
         retrieval_metrics(db_y[ids], q_y, db_y, ks)
     mark(f"knn + retrieval, d={','.join(map(str, knn_sizes))}")
 
-    adaptive_ret.exact_retrieval(db, db_y, q, q_y, 10, chunks.query, chunks.database)
+    exact_retrieval(db, db_y, q, q_y, FUNNEL_K, chunks.query, chunks.database)
     mark("exact retrieval (full size)")
-    adaptive_ret.adaptive_retrieval(
-        db,
-        db_y,
-        q,
-        q_y,
-        run_mod.funnel_configs(ar, dim),
-        k=10,
-        hnsw=hnsw,
-        hnsw_m=int(ar.hnsw_m),
-        hnsw_ef_search=int(ar.hnsw_ef_search),
-        hnsw_ef_construction=int(ar.get("hnsw_ef_construction", 40)),
-        query_chunk=chunks.query,
-        db_chunk=chunks.database,
-        block_floats=int(chunks.rerank),
+    settings = FunnelSettings(
+        ar.hnsw_m, ar.hnsw_ef_construction, ar.hnsw_ef_search, chunks.query, chunks.database, chunks.rerank
     )
+    adaptive_retrieval(db, db_y, q, q_y, funnel_configs(ar, dim), FUNNEL_K, hnsw, settings)
     mark("adaptive retrieval (" + ("flat + HNSW" if hnsw else "flat") + " shortlists)")
 
-    posthoc.posthoc_baselines(db, db_y, q, q_y, knn_sizes, knn_sizes, bc.max_train, max_iter, 0)
+    posthoc_baselines(db, db_y, q, q_y, knn_sizes, knn_sizes, bc.max_train, max_iter, 0)
     mark(f"baselines: PCA + probes, d={','.join(map(str, knn_sizes))}, max_iter={max_iter}")
-    if bc.get("knn", False) and hasattr(run_mod, "posthoc_one_nn"):  # the 1-NN baselines, where present
-        run_mod.posthoc_one_nn(db, db_y, q, q_y, knn_sizes, knn_sizes, chunks.query, chunks.database)
+    if bc.knn:  # the 1-NN baselines (true, or auto: what standard and FF models get)
+        posthoc_one_nn(db, db_y, q, q_y, knn_sizes, knn_sizes, chunks.query, chunks.database)
         mark(f"baselines: 1-NN of PCA + slices, d={','.join(map(str, knn_sizes))}")
     print("RESULT " + json.dumps(stages), flush=True)
     # Skip interpreter shutdown: it pages in ~120 MB of library code (destructors) after the last

@@ -35,7 +35,9 @@ def test_probe_baselines_see_informative_directions():
     y = rng.integers(0, 3, size=600)
     x = rng.normal(size=(600, 16)).astype(np.float32)
     x[:, 10] += 4 * y  # the class lives in feature 10 only (the largest variance direction)
-    out = posthoc_baselines(x[:400], y[:400], x[400:], y[400:], [1, 16], [1, 16], max_train=300)
+    out = posthoc_baselines(
+        x[:400], y[:400], x[400:], y[400:], [1, 16], [1, 16], max_train=300, max_iter=100, seed=0
+    )
     assert out["svd"][1] > 0.9  # PCA's first direction is the informative one
     assert out["slice"][1] < 0.6  # the first feature is noise
     assert out["slice"][16] == pytest.approx(out["svd"][16], abs=0.05)
@@ -58,7 +60,7 @@ def test_posthoc_one_nn_equals_brute_force():
         b = b / np.linalg.norm(b, axis=1, keepdims=True)
         return float(np.mean(db_y[np.argmax(b @ a.T, axis=1)] == q_y))
 
-    out = posthoc_one_nn(db, db_y, q, q_y, [2, 5], [3], db_chunk=96)
+    out = posthoc_one_nn(db, db_y, q, q_y, [2, 5], [3], query_chunk=4096, db_chunk=96)
     mean, comps = pca_fit(db)
     for d in (2, 5):
         expected = brute(pca_project(db, mean, comps, d), pca_project(q, mean, comps, d))
@@ -79,9 +81,9 @@ def test_posthoc_one_nn_takes_known_prefix_results_and_a_given_pca(monkeypatch):
     db = rng.normal(size=(300, 16)).astype(np.float32)
     q = rng.normal(size=(50, 16)).astype(np.float32)
     db_y, q_y = rng.integers(0, 5, 300), rng.integers(0, 5, 50)
-    _, ids = exact_search(db, q, 8, 100)
+    _, ids = exact_search(db, q, 8, 100, 4096, 262_144, use_gpu=False)
     knn_stage = knn_accuracy(db_y[ids], q_y, 1, 5)
-    searched = baseline_knn.posthoc_one_nn(db, db_y, q, q_y, [], [8])["slice_1nn"][8]
+    searched = baseline_knn.posthoc_one_nn(db, db_y, q, q_y, [], [8], 4096, 262_144)["slice_1nn"][8]
     assert knn_stage == searched
 
     pca = pca_fit(db)
@@ -89,6 +91,8 @@ def test_posthoc_one_nn_takes_known_prefix_results_and_a_given_pca(monkeypatch):
     monkeypatch.setattr(baseline_knn, "pca_fit", lambda *a, **k: calls.append("fit") or pca)
     real = baseline_knn.exact_search
     monkeypatch.setattr(baseline_knn, "exact_search", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
-    out = baseline_knn.posthoc_one_nn(db, db_y, q, q_y, [4], [4, 8], pca=pca, known_slice_1nn={8: 0.25})
+    out = baseline_knn.posthoc_one_nn(
+        db, db_y, q, q_y, [4], [4, 8], 4096, 262_144, pca=pca, known_slice_1nn={8: 0.25}
+    )
     assert out["slice_1nn"][8] == 0.25  # taken, not searched
     assert calls == [4, 4]  # the SVD search and the size-4 slice search; no PCA fit

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, wandb_inspect, wandb_run_dirs
+from conftest import BIN, TINY, CLIResult, wandb_inspect, wandb_run_dirs
 
 REPORT_KEYS = {
     "sizes",
@@ -23,6 +27,7 @@ REPORT_KEYS = {
     "baselines",
     "checkpoint",
 }
+SIZES = ["2", "4", "8", "16"]  # the trained sizes of the module's checkpoint, as report.json keys
 # small and fast: 4 sizes, 2 classes' worth of rerank, a few funnels
 EVAL_FAST = [
     "threads=1",
@@ -40,10 +45,6 @@ EVAL_FAST = [
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """One tiny mrl-train run (nesting 2, 4, 8, 16) shared by the tests of this module."""
-    import os
-    import subprocess
-    import sys
-
     tmp = tmp_path_factory.mktemp("train")
     env = {**os.environ, "MRL_LOG_DIR": str(tmp / "logs"), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     proc = subprocess.run(
@@ -70,22 +71,57 @@ def _in_unit(x: float) -> bool:
     return 0.0 <= x <= 1.0
 
 
-@pytest.mark.slow
-def test_eval_end_to_end(run_cli, trained):
+def _mrl_eval(log_dir: Path, *args: str) -> CLIResult:
+    """``mrl-eval`` as run_cli runs it, with its logs under ``log_dir`` (shared by a module's tests)."""
+    env = {**os.environ, "MRL_LOG_DIR": str(log_dir), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env["HYDRA_FULL_ERROR"] = "0"
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run(
+        [str(BIN / "mrl-eval"), *args],
+        cwd=log_dir.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    return CLIResult(proc, log_dir)
+
+
+@dataclass
+class Evaluated:
+    """The module's one evaluation of ``trained``'s last checkpoint with EVAL_FAST: what it printed, its
+    output dir and report.json as written then (later reruns in the same dir do not change these)."""
+
+    ckpt: Path
+    result: CLIResult
+    out: Path
+    report: dict
+    wandb_runs: list[Path]
+
+    def again(self, *args: str) -> CLIResult:
+        """mrl-eval once more on the same checkpoint (same output dir), EVAL_FAST plus ``args``."""
+        return _mrl_eval(self.result.log_dir, f"ckpt_path={self.ckpt}", *EVAL_FAST, *args)
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained, tmp_path_factory) -> Evaluated:
     ckpt = trained / "checkpoints" / "last.ckpt"
-    result = run_cli("mrl-eval", f"ckpt_path={ckpt}", *EVAL_FAST)
+    log_dir = tmp_path_factory.mktemp("eval") / "logs"
+    result = _mrl_eval(log_dir, f"ckpt_path={ckpt}", *EVAL_FAST)
     assert result.returncode == 0, result.output[-3000:]
     (out,) = result.run_dirs("eval")
     report = json.loads((out / "report.json").read_text())
+    return Evaluated(ckpt, result, out, report, wandb_run_dirs(out))
+
+
+@pytest.mark.slow
+def test_eval_reports_every_section_at_every_size(evaluated, trained):
+    report = evaluated.report
     assert set(report) == REPORT_KEYS
-    sizes = ["2", "4", "8", "16"]
     assert report["sizes"] == [2, 4, 8, 16]
-    assert (
-        list(report["linear"]) == sizes
-        and list(report["knn"]) == sizes
-        and list(report["retrieval"]) == sizes
-    )
-    for d in sizes:
+    assert list(report["linear"]) == list(report["knn"]) == list(report["retrieval"]) == SIZES
+    for d in SIZES:
         assert set(report["linear"][d]) == {"top1", "top5"}
         assert set(report["knn"][d]) == {"1nn", "knn"}
         for k in (10, 25, 50, 100):
@@ -95,6 +131,12 @@ def test_eval_end_to_end(run_cli, trained):
     # the trained heads: the CLI's top-1 of the largest size equals the training run's test accuracy
     train_results = json.loads((trained / "results.json").read_text())
     assert report["linear"]["16"]["top1"] == pytest.approx(train_results["test/acc@16"], abs=1e-6)
+    assert "Evaluation of" in evaluated.result.stdout and "exact full-size search" in evaluated.result.stdout
+
+
+@pytest.mark.slow
+def test_eval_adaptive_classification_and_retrieval(evaluated):
+    report = evaluated.report
     assert report["adaptive_classification"]
     for row in report["adaptive_classification"]:
         assert {"expected_size", "total_size", "accuracy", "thresholds"} <= set(row)
@@ -112,21 +154,30 @@ def test_eval_end_to_end(run_cli, trained):
     assert {"seconds_per_query", "map@10", "top1"} <= set(exact)
     assert exact["map@10"] == pytest.approx(report["retrieval"]["16"]["map@10"])
     assert exact["top1"] == pytest.approx(report["knn"]["16"]["1nn"])
-    assert list(report["baselines"]["svd"]) == sizes
-    assert list(report["baselines"]["slice"]) == ["2", "3", "4", "6", "8", "12", "16"]  # + untrained sizes
+
+
+@pytest.mark.slow
+def test_eval_baselines_embeddings_and_plots(evaluated):
+    baselines = evaluated.report["baselines"]
+    assert list(baselines["svd"]) == SIZES
+    assert list(baselines["slice"]) == ["2", "3", "4", "6", "8", "12", "16"]  # + untrained sizes
     # baselines.knn=auto: no 1-NN of the reductions for an MRL model (its prefixes' 1-NN is in "knn")
-    assert report["baselines"]["svd_1nn"] == {} and report["baselines"]["slice_1nn"] == {}
+    assert baselines["svd_1nn"] == {} and baselines["slice_1nn"] == {}
     # exported embeddings: the database (train) and query (test) splits
+    out = evaluated.out
     emb = np.load(out / "train_embeddings.npy")
     labels = np.load(out / "train_labels.npy")
     assert emb.shape == (256, 16) and emb.dtype == np.float32 and labels.shape == (256,)
     assert np.load(out / "test_embeddings.npy").shape == (64, 16)
     for png in ("acc_vs_size.png", "adaptive_classification.png", "adaptive_retrieval.png"):
         assert (out / png).stat().st_size > 1000
-    assert "Evaluation of" in result.stdout and "exact full-size search" in result.stdout
 
-    # W&B: one eval run in the training run's group, with the tables and summary numbers
-    (run_dir,) = wandb_run_dirs(out)
+
+@pytest.mark.slow
+def test_eval_logs_a_wandb_run_in_the_training_runs_group(evaluated, trained):
+    """One eval run in the training run's group, with the tables and summary numbers."""
+    (run_dir,) = evaluated.wandb_runs
+    report = evaluated.report
     summary, history = wandb_inspect(run_dir)
     assert summary["config"]["group"] == trained.name
     assert summary["summary"]["eval/linear/top1@16"] == pytest.approx(report["linear"]["16"]["top1"])
@@ -137,11 +188,15 @@ def test_eval_end_to_end(run_cli, trained):
     per_size_rows = next(row[k] for row in history for k in row if k == "eval/per_size.nrows")
     assert per_size_rows == 7
 
-    # a second call reuses the exported embeddings (same output dir, files untouched)
+
+@pytest.mark.slow
+def test_eval_again_reuses_the_exported_embeddings(evaluated):
+    """A second call on the same checkpoint: same output dir, embedding files untouched."""
+    out = evaluated.out
     mtime = (out / "train_embeddings.npy").stat().st_mtime_ns
-    again = run_cli("mrl-eval", f"ckpt_path={ckpt}", *EVAL_FAST, "methods.baselines=false")
+    again = evaluated.again("methods.baselines=false")
     assert again.returncode == 0, again.output[-3000:]
-    assert result.run_dirs("eval") == [out]
+    assert again.run_dirs("eval") == [out]
     assert (out / "train_embeddings.npy").stat().st_mtime_ns == mtime
     assert "Reusing train embeddings" in again.output
     assert json.loads((out / "report.json").read_text())["baselines"] == {
@@ -150,22 +205,24 @@ def test_eval_end_to_end(run_cli, trained):
         "svd_1nn": {},
         "slice_1nn": {},
     }
-    # baselines.knn=true: the 1-NN of the reductions too; a truncation at a trained size is the kNN
-    # section's 1-NN (taken from it), an untrained size is searched
+
+
+@pytest.mark.slow
+def test_eval_baselines_knn_true_adds_the_reductions_one_nn(evaluated):
+    """baselines.knn=true: the 1-NN of the reductions too; a truncation at a trained size is the kNN
+    section's 1-NN (taken from it), an untrained size is searched. A bad value changes nothing."""
     only_knn_and_baselines = [f"methods.{m}=false" for m in ("linear", "adaptive_classification")]
     only_knn_and_baselines += ["methods.adaptive_retrieval=false", "logger=none"]
-    forced = run_cli(
-        "mrl-eval", f"ckpt_path={ckpt}", *EVAL_FAST, "baselines.knn=true", *only_knn_and_baselines
-    )
+    forced = evaluated.again("baselines.knn=true", *only_knn_and_baselines)
     assert forced.returncode == 0, forced.output[-3000:]
-    again_report = json.loads((out / "report.json").read_text())
-    one_nn = again_report["baselines"]["slice_1nn"]
+    report = json.loads((evaluated.out / "report.json").read_text())
+    one_nn = report["baselines"]["slice_1nn"]
     assert list(one_nn) == ["2", "3", "4", "6", "8", "12", "16"]
-    assert all(one_nn[d] == again_report["knn"][d]["1nn"] for d in sizes)
-    assert list(again_report["baselines"]["svd_1nn"]) == sizes
-    bad = run_cli("mrl-eval", f"ckpt_path={ckpt}", *EVAL_FAST, "baselines.knn=sometimes", "logger=none")
+    assert all(one_nn[d] == report["knn"][d]["1nn"] for d in SIZES)
+    assert list(report["baselines"]["svd_1nn"]) == SIZES
+    bad = evaluated.again("baselines.knn=sometimes", "logger=none")
     assert bad.returncode != 0 and "baselines.knn must be true, false or auto" in bad.output
-    assert json.loads((out / "report.json").read_text()) == again_report  # untouched by the failed call
+    assert json.loads((evaluated.out / "report.json").read_text()) == report  # untouched by the failed call
 
 
 @pytest.mark.slow
@@ -265,18 +322,22 @@ def test_bad_checkpoints_in_process(tmp_path):
 
 def test_report_plots_and_tables_without_k10(tmp_path):
     """retrieval.ks=[2] (a tiny database): plots, the per-size table and the summary use mAP@2."""
-    from mrl.eval import report as reporting
+    from mrl.eval.plots import write_plots
+    from mrl.eval.report_file import build_report, per_size_rows, retrieval_k
+    from mrl.eval.summary import summary_text
 
-    retrieval = {"4": {"map@2": 0.5, "precision@2": 0.5, "recall@2": 0.25, "hit@2": 1.0}}
-    rep = reporting.build_report(
-        [4], {"4": {"top1": 0.7, "top5": 0.9}}, {"4": {"1nn": 0.6, "knn": 0.65}}, retrieval, [], [], {}, {}
-    )
-    assert reporting.retrieval_k(rep) == 2
-    pngs = reporting.write_plots(rep, tmp_path)
+    sections = {
+        "linear": {"4": {"top1": 0.7, "top5": 0.9}},
+        "knn": {"4": {"1nn": 0.6, "knn": 0.65}},
+        "retrieval": {"4": {"map@2": 0.5, "precision@2": 0.5, "recall@2": 0.25, "hit@2": 1.0}},
+    }
+    rep = build_report([4], sections, {})
+    assert retrieval_k(rep) == 2
+    pngs = write_plots(rep, tmp_path)
     assert [p.name for p in pngs] == ["acc_vs_size.png"]
-    columns, rows = reporting.per_size_rows(rep)
+    columns, rows = per_size_rows(rep)
     assert rows[0][columns.index("map@2")] == 0.5 and rows[0][columns.index("recall@2")] == 0.25
-    assert "50.00" in reporting.summary_text(rep)
+    assert "50.00" in summary_text(rep)
 
 
 def _copy_run(job: Path, dest: Path, shift: float = 0.0) -> Path:

@@ -10,6 +10,8 @@ import pytest
 from mrl.eval.knn import exact_search, knn_accuracy, knn_predict, normalized_prefix
 from mrl.eval.retrieval import retrieval_metrics
 
+WHOLE = {"query_chunk": 4096, "db_chunk": 262_144, "use_gpu": False}  # conf/eval.yaml's chunks: one of each
+
 
 def _brute_force(db: np.ndarray, q: np.ndarray, d: int, k: int) -> np.ndarray:
     def unit(x):
@@ -29,7 +31,7 @@ def data():
 @pytest.mark.parametrize("d", [1, 4, 32])
 def test_exact_search_matches_brute_force(data, d):
     db, q = data
-    scores, ids = exact_search(db, q, d, 7)
+    scores, ids = exact_search(db, q, d, 7, **WHOLE)
     ref = _brute_force(db, q, d, 7)
     if d == 1:  # 1-d unit vectors are +-1: only the scores are unique
         np.testing.assert_allclose(np.abs(scores), 1, atol=1e-5)
@@ -47,8 +49,8 @@ def test_exact_search_in_chunks_and_float16_memmap(tmp_path, data):
     mm[:] = db
     mm.flush()
     db16 = np.load(path, mmap_mode="r")
-    _, chunked = exact_search(db16, q, 16, 5, query_chunk=7, db_chunk=64)
-    _, whole = exact_search(np.asarray(db16, dtype=np.float32), q, 16, 5)
+    _, chunked = exact_search(db16, q, 16, 5, query_chunk=7, db_chunk=64, use_gpu=False)
+    _, whole = exact_search(np.asarray(db16, dtype=np.float32), q, 16, 5, **WHOLE)
     np.testing.assert_array_equal(chunked, whole)
     np.testing.assert_array_equal(whole, _brute_force(np.asarray(db16, dtype=np.float32), q, 16, 5))
 
@@ -117,7 +119,7 @@ def test_exact_search_with_chunks_capped_by_bytes(monkeypatch, data):
     db, q = data
     monkeypatch.setattr(knn, "CHUNK_BYTES", 16 * 4 * 50)  # 50 rows of 16 floats per chunk: 6 chunks
     assert knn.chunk_rows(262_144, 16) == 50
-    _, ids = exact_search(db, q, 16, 9)
+    _, ids = exact_search(db, q, 16, 9, **WHOLE)
     np.testing.assert_array_equal(ids, _brute_force(db, q, 16, 9))
 
 
@@ -143,6 +145,8 @@ def test_knn_vote_equals_counting_table(k):
 def test_exact_search_transform_equals_search_of_transformed_database(data):
     db, q = data
     rot = np.linalg.qr(np.random.default_rng(3).normal(size=(32, 32)))[0].astype(np.float32)
-    _, want = exact_search(db @ rot, q @ rot, 8, 5)
-    _, got = exact_search(db, q, 8, 5, query_chunk=7, db_chunk=50, transform=lambda x: np.asarray(x) @ rot)
+    _, want = exact_search(db @ rot, q @ rot, 8, 5, **WHOLE)
+    _, got = exact_search(
+        db, q, 8, 5, query_chunk=7, db_chunk=50, use_gpu=False, transform=lambda x: np.asarray(x) @ rot
+    )
     np.testing.assert_array_equal(got, want)

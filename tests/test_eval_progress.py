@@ -30,7 +30,7 @@ def test_a_stage_reports_each_size_when_the_interval_is_zero(caplog, monkeypatch
     db, q = rng.normal(size=(60, 8)).astype(np.float32), rng.normal(size=(20, 8)).astype(np.float32)
     db_y, q_y = rng.integers(0, 2, 60), rng.integers(0, 2, 20)
     with caplog.at_level(logging.INFO, logger="mrl.eval"):
-        posthoc_baselines(db, db_y, q, q_y, [2, 4], [2, 4, 8], max_iter=20)
+        posthoc_baselines(db, db_y, q, q_y, [2, 4], [2, 4, 8], max_train=5000, max_iter=20, seed=0)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("baselines: probes")]
     assert [line.split(" after")[0] for line in lines] == [
         "baselines: probes: 1/5 (svd d=2)",

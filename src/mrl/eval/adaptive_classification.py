@@ -70,16 +70,16 @@ def adaptive_classification(
     conf: np.ndarray,
     labels: np.ndarray,
     sizes: Sequence[int],
-    targets: Sequence[float] | None = None,
-    num_targets: int = 10,
-    calibration_fraction: float = 0.5,
-    num_splits: int = 5,
-    grid_size: int = 101,
-    seed: int = 0,
+    targets: Sequence[float] | None,
+    num_targets: int,
+    calibration_fraction: float,
+    num_splits: int,
+    grid_size: int,
+    seed: int,
 ) -> list[dict]:
     """The accuracy-vs-size curve: one entry per target accuracy, averaged over random splits.
 
-    ``targets`` default: ``num_targets`` values from the smallest size's accuracy to 1 (the top of the
+    ``targets=None``: ``num_targets`` values from the smallest size's accuracy to 1 (the top of the
     curve sends nearly every query to the largest size).
     """
     correct = pred == labels[None, :]

@@ -10,7 +10,7 @@ Cost per query, as in the paper: ``MFLOPs = (D_s * N + sum_i k_i * D_r,i) / 1e6`
 ``N`` items; ``seconds_per_query`` is measured wall-clock on this machine, beside exact full-size
 search run the same way. With ``hnsw=True`` the shortlist comes from a faiss ``IndexHNSWFlat`` over the
 size-``D_s`` prefixes (its build time is not counted; its MFLOPs are still the formula's, an upper
-bound of the flat search it replaces).
+bound of the flat search it replaces). Every funnel runs through :meth:`FunnelSearch.run`.
 
 Memory: nothing the size of the database is copied. A flat shortlist is exact search over the
 embeddings in chunks (:func:`mrl.eval.knn.exact_search`, the same code and timing as the exact
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -31,11 +32,26 @@ from mrl.eval.knn import exact_search, normalized_prefix
 from mrl.eval.progress import Progress
 from mrl.eval.retrieval import retrieval_metrics
 
-# Float32 values of candidate rows gathered at once when reranking (4 MiB): queries are reranked in
-# blocks of ``RERANK_FLOATS // (k * D_r)``, so memory stays bounded at any size and the block stays in
-# cache; larger blocks rerank more slowly (benchmarks/eval_speed.py's funnel rows show it when rerun
-# with another RERANK_FLOATS).
-RERANK_FLOATS = 1 << 20
+# Rows normalised and added to an HNSW graph at once. Fixed, not chunks.database: faiss inserts each
+# batch's nodes ordered by level, so the batching shapes the graph, and a memory setting must not
+# change the results.
+HNSW_ADD_ROWS = 262_144
+
+Funnel = tuple[int, Sequence[int], Sequence[int]]  # (D_s, rerank sizes, shortlist lengths)
+
+
+@dataclass(frozen=True)
+class FunnelSettings:
+    """How funnels search (conf/eval.yaml ``adaptive_retrieval.hnsw_*`` and ``chunks``): the HNSW graph's
+    links per node, build effort and search breadth, and the chunk sizes of the shortlist search
+    (query and database rows) and of the rerank (float32 values of candidate rows gathered at once)."""
+
+    hnsw_m: int
+    hnsw_ef_construction: int
+    hnsw_ef_search: int
+    query_chunk: int
+    db_chunk: int
+    block_floats: int
 
 
 def funnel_mflops(
@@ -46,14 +62,12 @@ def funnel_mflops(
     return flops / 1e6
 
 
-def build_hnsw(
-    database: np.ndarray, d: int, m: int = 16, ef_construction: int = 40, chunk: int = 262_144
-) -> faiss.IndexHNSWFlat:
+def build_hnsw(database: np.ndarray, d: int, m: int, ef_construction: int) -> faiss.IndexHNSWFlat:
     """An HNSW graph (inner product) over the normalised size-``d`` prefixes of ``database``."""
     index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = ef_construction
-    for start in range(0, len(database), chunk):
-        index.add(normalized_prefix(database[start : start + chunk], d))
+    for start in range(0, len(database), HNSW_ADD_ROWS):
+        index.add(normalized_prefix(database[start : start + HNSW_ADD_ROWS], d))
     return index
 
 
@@ -63,39 +77,35 @@ class FunnelIndex:
     before any query is timed."""
 
     def __init__(
-        self,
-        database: np.ndarray,
-        shortlist_size: int,
-        hnsw: bool = False,
-        hnsw_m: int = 16,
-        hnsw_ef_construction: int = 40,
-        db_chunk: int = 262_144,
+        self, database: np.ndarray, shortlist_size: int, hnsw: bool, settings: FunnelSettings
     ) -> None:
         self.database = database
         self.shortlist_size = int(shortlist_size)
         self.size = len(database)
-        self.db_chunk = int(db_chunk)
-        self.graph = build_hnsw(database, self.shortlist_size, hnsw_m, hnsw_ef_construction) if hnsw else None
+        self.settings = settings
+        self.graph = (
+            build_hnsw(database, self.shortlist_size, settings.hnsw_m, settings.hnsw_ef_construction)
+            if hnsw
+            else None
+        )
 
     @property
     def hnsw(self) -> bool:
         return self.graph is not None
 
-    def shortlist(
-        self, queries: np.ndarray, k: int, query_chunk: int = 4096, hnsw_ef_search: int = 200
-    ) -> np.ndarray:
+    def shortlist(self, queries: np.ndarray, k: int) -> np.ndarray:
         """The ``k`` best database indices per query by cosine similarity of the ``D_s``-prefixes
         (exact when flat, approximate with HNSW), best first, shape ``(num_queries, k)``."""
-        k = min(int(k), self.size)
+        k, chunk = min(int(k), self.size), self.settings.query_chunk
         if self.graph is None:
             return exact_search(
-                self.database, queries, self.shortlist_size, k, query_chunk, self.db_chunk, use_gpu=False
+                self.database, queries, self.shortlist_size, k, chunk, self.settings.db_chunk, use_gpu=False
             )[1]
-        self.graph.hnsw.efSearch = max(int(hnsw_ef_search), k)
+        self.graph.hnsw.efSearch = max(int(self.settings.hnsw_ef_search), k)
         out = []
-        for start in range(0, len(queries), query_chunk):  # batched: faiss searches a batch in parallel
+        for start in range(0, len(queries), chunk):  # batched: faiss searches a batch in parallel
             _, cand = self.graph.search(
-                normalized_prefix(queries[start : start + query_chunk], self.shortlist_size), k
+                normalized_prefix(queries[start : start + chunk], self.shortlist_size), k
             )
             # HNSW may find fewer than k (-1): fill those slots with an item it did find
             out.append(np.where(cand < 0, cand.max(axis=1, keepdims=True), cand))
@@ -103,12 +113,7 @@ class FunnelIndex:
 
 
 def rerank(
-    database: np.ndarray,
-    queries: np.ndarray,
-    candidates: np.ndarray,
-    d: int,
-    keep: int,
-    block_floats: int = RERANK_FLOATS,
+    database: np.ndarray, queries: np.ndarray, candidates: np.ndarray, d: int, keep: int, block_floats: int
 ) -> np.ndarray:
     """Reorder each query's ``candidates`` (database row indices, ``(num_queries, k)``) by cosine
     similarity of the size-``d`` prefixes; keep the best ``keep``.
@@ -116,7 +121,7 @@ def rerank(
     Only the candidate rows are gathered from ``database`` (raw embeddings, a memmap is fine) and
     normalised after truncation: score = <row[:d], q[:d] / |q[:d]|> / |row[:d]|, both reductions by
     einsum, so nothing but the gathered block is allocated. Queries are taken in blocks of at most
-    ``block_floats`` gathered values.
+    ``block_floats`` gathered values (``chunks.rerank``).
     """
     nq, k = candidates.shape
     keep = min(int(keep), k)
@@ -139,7 +144,7 @@ def rerank_stages(
     candidates: np.ndarray,
     rerank_sizes: Sequence[int],
     shortlists: Sequence[int],
-    block_floats: int = RERANK_FLOATS,
+    block_floats: int,
 ) -> np.ndarray:
     """The funnel after its shortlist: stage ``i`` reranks at ``rerank_sizes[i]`` and keeps
     ``shortlists[i + 1]`` (the last stage keeps ``shortlists[-1]``)."""
@@ -150,25 +155,40 @@ def rerank_stages(
     return cand
 
 
-def funnel_search(
-    database: np.ndarray | FunnelIndex,
-    queries: np.ndarray,
-    shortlist_size: int,
-    rerank_sizes: Sequence[int],
-    shortlists: Sequence[int],
-    query_chunk: int = 4096,
-    hnsw_ef_search: int = 200,
-    block_floats: int = RERANK_FLOATS,
-) -> np.ndarray:
-    """Final ranked database indices ``(num_queries, shortlists[-1])`` of the funnel.
+class FunnelSearch:
+    """The funnels of one shortlist size ``D_s`` over ``queries``: the shortlist index (flat or HNSW,
+    built here, before any query is timed) and the shortlists searched so far, which funnels with the
+    same first length share (its measured time counts in each of them: it is the same work)."""
 
-    ``database`` is the embeddings (a flat shortlist) or a prebuilt :class:`FunnelIndex`.
-    """
-    if len(rerank_sizes) != len(shortlists) or not shortlists:
-        raise ValueError("a funnel needs one shortlist length per rerank size")
-    index = database if isinstance(database, FunnelIndex) else FunnelIndex(database, shortlist_size)
-    cand = index.shortlist(queries, int(shortlists[0]), query_chunk, hnsw_ef_search)
-    return rerank_stages(index.database, queries, cand, rerank_sizes, shortlists, block_floats)
+    def __init__(
+        self,
+        database: np.ndarray,
+        queries: np.ndarray,
+        shortlist_size: int,
+        hnsw: bool,
+        settings: FunnelSettings,
+    ) -> None:
+        self.index = FunnelIndex(database, shortlist_size, hnsw, settings)
+        self.queries = queries
+        self.block_floats = settings.block_floats
+        self._shortlisted: dict[int, tuple[np.ndarray, float]] = {}
+
+    def run(self, rerank_sizes: Sequence[int], shortlists: Sequence[int]) -> tuple[np.ndarray, float]:
+        """Final ranked database indices ``(num_queries, shortlists[-1])`` of the funnel, and the
+        seconds its shortlist search and reranking took."""
+        if len(rerank_sizes) != len(shortlists) or not shortlists:
+            raise ValueError("a funnel needs one shortlist length per rerank size")
+        k0 = int(shortlists[0])
+        if k0 not in self._shortlisted:
+            start = time.perf_counter()
+            cand = self.index.shortlist(self.queries, k0)
+            self._shortlisted[k0] = (cand, time.perf_counter() - start)
+        cand, seconds = self._shortlisted[k0]
+        start = time.perf_counter()
+        ids = rerank_stages(
+            self.index.database, self.queries, cand, rerank_sizes, shortlists, self.block_floats
+        )
+        return ids, seconds + time.perf_counter() - start
 
 
 def _quality(ids: np.ndarray, db_labels: np.ndarray, query_labels: np.ndarray, k: int) -> dict[str, float]:
@@ -183,9 +203,9 @@ def exact_retrieval(
     db_labels: np.ndarray,
     queries: np.ndarray,
     query_labels: np.ndarray,
-    k: int = 10,
-    query_chunk: int = 4096,
-    db_chunk: int = 262_144,
+    k: int,
+    query_chunk: int,
+    db_chunk: int,
 ) -> dict[str, float]:
     """Exact full-size search: ``map@k``, ``top1``, measured ``seconds_per_query`` and
     ``mflops_per_query`` (``D * N / 1e6``).
@@ -211,61 +231,49 @@ def adaptive_retrieval(
     db_labels: np.ndarray,
     queries: np.ndarray,
     query_labels: np.ndarray,
-    funnels: Sequence[tuple[int, Sequence[int], Sequence[int]]],
-    k: int = 10,
-    hnsw: bool = False,
-    hnsw_m: int = 16,
-    hnsw_ef_search: int = 200,
-    query_chunk: int = 4096,
-    db_chunk: int = 262_144,
-    hnsw_ef_construction: int = 40,
-    block_floats: int = RERANK_FLOATS,
+    funnels: Sequence[Funnel],
+    k: int,
+    hnsw: bool,
+    settings: FunnelSettings,
 ) -> list[dict]:
-    """Quality, MFLOPs and measured time per query of each funnel ``(D_s, rerank_sizes, shortlists)``,
-    with a flat (exact) shortlist and, when ``hnsw``, once more with an HNSW shortlist (all flat rows
-    first, each group in ``funnels`` order).
+    """Quality (``map@k``, ``top1``), MFLOPs and measured time per query of each funnel
+    ``(D_s, rerank_sizes, shortlists)``, with a flat (exact) shortlist and, when ``hnsw``, once more with
+    an HNSW shortlist (all flat rows first, each group in ``funnels`` order).
 
     Indexes are built before the clock starts (as a deployment builds them once); only searching and
-    reranking the queries is timed. Funnels with the same ``D_s`` and first shortlist length share one
-    shortlist search, whose measured time is counted in each of them (it is the same work).
+    reranking the queries is timed.
     """
-    results: list[dict] = []
     by_size: dict[int, list[int]] = {}
     for i, (shortlist_size, _, _) in enumerate(funnels):
         by_size.setdefault(int(shortlist_size), []).append(i)
     passes = (False, True) if hnsw else (False,)
     progress = Progress("adaptive retrieval: funnels", len(funnels) * len(passes))
+    results: list[dict] = []
     for use_hnsw in passes:
         rows: dict[int, dict] = {}
         for shortlist_size, members in by_size.items():
             # one index alive at a time: an HNSW graph holds N x D_s floats plus its links
-            index = FunnelIndex(database, shortlist_size, use_hnsw, hnsw_m, hnsw_ef_construction, db_chunk)
-            shortlisted: dict[int, tuple[np.ndarray, float]] = {}
+            search = FunnelSearch(database, queries, shortlist_size, use_hnsw, settings)
             for i in members:
-                _, rerank_sizes, shortlists = funnels[i]
-                if len(rerank_sizes) != len(shortlists) or not shortlists:
-                    raise ValueError("a funnel needs one shortlist length per rerank size")
-                k0 = int(shortlists[0])
-                if k0 not in shortlisted:
-                    start = time.perf_counter()
-                    cand = index.shortlist(queries, k0, query_chunk, hnsw_ef_search)
-                    shortlisted[k0] = (cand, time.perf_counter() - start)
-                cand, seconds = shortlisted[k0]
-                start = time.perf_counter()
-                ids = rerank_stages(database, queries, cand, rerank_sizes, shortlists, block_floats)
-                seconds += time.perf_counter() - start
-                rows[i] = {
-                    "shortlist_size": int(shortlist_size),
-                    "rerank_sizes": [int(d) for d in rerank_sizes],
-                    "shortlists": [int(s) for s in shortlists],
-                    "index": "hnsw" if use_hnsw else "flat",
-                    "mflops_per_query": funnel_mflops(
-                        len(database), shortlist_size, rerank_sizes, shortlists
-                    ),
-                    "seconds_per_query": seconds / len(queries),
-                    **_quality(ids, db_labels, query_labels, k),
-                }
-                progress.step(f"{'hnsw' if use_hnsw else 'flat'} D_s={shortlist_size}")  # after the timing
-            del index, shortlisted
+                ids, seconds = search.run(funnels[i][1], funnels[i][2])
+                rows[i] = _funnel_row(
+                    funnels[i], "hnsw" if use_hnsw else "flat", len(database), seconds / len(queries)
+                )
+                rows[i].update(_quality(ids, db_labels, query_labels, k))
+                progress.step(f"{rows[i]['index']} D_s={shortlist_size}")  # after the timing
+            del search
         results += [rows[i] for i in range(len(funnels))]
     return results
+
+
+def _funnel_row(funnel: Funnel, index: str, num_database: int, seconds_per_query: float) -> dict:
+    """A report row's description and cost of ``funnel`` (its quality is added by the caller)."""
+    shortlist_size, rerank_sizes, shortlists = funnel
+    return {
+        "shortlist_size": int(shortlist_size),
+        "rerank_sizes": [int(d) for d in rerank_sizes],
+        "shortlists": [int(s) for s in shortlists],
+        "index": index,
+        "mflops_per_query": funnel_mflops(num_database, shortlist_size, rerank_sizes, shortlists),
+        "seconds_per_query": seconds_per_query,
+    }

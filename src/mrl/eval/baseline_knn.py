@@ -28,8 +28,8 @@ def posthoc_one_nn(
     query_labels: np.ndarray,
     svd_sizes: Sequence[int],
     slice_sizes: Sequence[int],
-    query_chunk: int = 4096,
-    db_chunk: int = 262_144,
+    query_chunk: int,
+    db_chunk: int,
     pca: tuple[np.ndarray, np.ndarray] | None = None,
     known_slice_1nn: Mapping[int, float] | None = None,
 ) -> dict[str, dict[int, float]]:

@@ -62,7 +62,7 @@ def pca_project(
 
 
 def linear_probe(
-    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, max_iter: int = 100
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, max_iter: int
 ) -> float:
     """Top-1 accuracy on ``test`` of a standardised multinomial logistic regression fitted on ``train``."""
     if len(np.unique(train_y)) < 2:
@@ -92,9 +92,9 @@ def posthoc_baselines(
     query_labels: np.ndarray,
     svd_sizes: Sequence[int],
     slice_sizes: Sequence[int],
-    max_train: int | None = 5_000,
-    max_iter: int = 100,
-    seed: int = 0,
+    max_train: int | None,
+    max_iter: int,
+    seed: int,
     pca: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, dict[int, float]]:
     """``{"svd": {d: top1}, "slice": {d: top1}}`` of logistic-regression probes.

@@ -70,9 +70,9 @@ def export_split(
     split: str,
     out_dir: Path,
     fingerprint: dict[str, Any],
-    dtype: str = "float32",
-    device: torch.device | None = None,
-    precision: str | int | None = None,
+    dtype: str,
+    device: torch.device,
+    precision: str | int | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Compute (or reuse) the embeddings ``z`` of ``split``; return ``(embeddings, labels)``.
 
@@ -89,7 +89,6 @@ def export_split(
         )
     emb_path, lbl_path, meta_path = embedding_paths(out_dir, split)
     meta_path.unlink(missing_ok=True)  # the old files are invalid from here on
-    device = device or torch.device("cpu")
     module = module.to(device).eval()
     n = len(datamodule.datasets[split])
     out = None

@@ -55,15 +55,16 @@ def exact_search(
     queries: np.ndarray,
     d: int,
     k: int,
-    query_chunk: int = 4096,
-    db_chunk: int = 262_144,
-    use_gpu: bool | None = None,
+    query_chunk: int,
+    db_chunk: int,
+    use_gpu: bool | None,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` database rows by cosine similarity of the size-``d`` prefixes, best first.
 
     ``transform`` (e.g. a PCA projection) is applied to each database and query chunk before the prefix
-    is taken, so a transformed database is searched without ever being stored whole.
+    is taken, so a transformed database is searched without ever being stored whole. ``use_gpu=None``:
+    a GPU index when faiss has a GPU.
 
     Returns ``(scores, indices)`` of shape ``(len(queries), k)``. ``database`` may be a float16
     memmap: each database chunk (``db_chunk`` rows, at most ``CHUNK_BYTES`` of float32) is converted and

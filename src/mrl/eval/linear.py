@@ -11,9 +11,9 @@ from mrl.nn.matryoshka_linear import MatryoshkaLinear
 
 
 def head_probabilities(
-    head: MatryoshkaLinear, embeddings: np.ndarray, chunk: int = 8192
+    head: MatryoshkaLinear, embeddings: np.ndarray, chunk: int
 ) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Softmax probabilities ``(G, chunk, C)`` of every trained size, chunk by chunk."""
+    """Softmax probabilities ``(G, chunk, C)`` of every trained size, ``chunk`` rows at a time."""
     head = head.float().eval()
     with torch.inference_mode():
         for start in range(0, len(embeddings), chunk):
@@ -21,7 +21,9 @@ def head_probabilities(
             yield slice(start, start + len(z)), head(z).softmax(-1)
 
 
-def max_softmax_predictions(head: MatryoshkaLinear, embeddings: np.ndarray, chunk: int = 8192):
+def max_softmax_predictions(
+    head: MatryoshkaLinear, embeddings: np.ndarray, chunk: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Per size: the predicted class and its max softmax probability, each ``(G, N)`` (for the cascade)."""
     g, n = len(head.nesting), len(embeddings)
     pred = np.empty((g, n), dtype=np.int64)
@@ -33,7 +35,7 @@ def max_softmax_predictions(head: MatryoshkaLinear, embeddings: np.ndarray, chun
 
 
 def linear_accuracy(
-    head: MatryoshkaLinear, embeddings: np.ndarray, labels: np.ndarray, chunk: int = 8192
+    head: MatryoshkaLinear, embeddings: np.ndarray, labels: np.ndarray, chunk: int
 ) -> dict[int, dict[str, float]]:
     """``{d: {"top1", "top5"}}`` for every trained size ``d`` (top-5 becomes top-C with fewer classes)."""
     k = min(5, head.num_classes)

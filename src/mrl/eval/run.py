@@ -8,23 +8,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mrl.checkpoints import require_checkpoint_file
 from mrl.errors import MRLError
-from mrl.eval import adaptive_classification as adaptive_cls
-from mrl.eval import adaptive_retrieval as adaptive_ret
-from mrl.eval import baselines as posthoc
-from mrl.eval import knn as knn_eval
-from mrl.eval import linear as linear_eval
-from mrl.eval import report as reporting
-from mrl.eval.baseline_knn import posthoc_one_nn
+from mrl.eval.context import EvalContext
 from mrl.eval.embeddings import export_split
+from mrl.eval.evaluators import check_settings, run_evaluators
 from mrl.eval.locations import checkpoint_id, checkpoint_record, claim_output_dir, link_to_training_run
 from mrl.eval.model import fingerprint, load_for_eval
-from mrl.eval.retrieval import retrieval_metrics
-from mrl.nn.nesting import default_nesting
+from mrl.eval.plots import write_plots
+from mrl.eval.report_file import build_report, write_report
+from mrl.eval.summary import summary_text
+from mrl.eval.wandb_tables import log_report
 
 log = logging.getLogger(__name__)
 
@@ -56,70 +54,81 @@ def report_sizes(requested: list[int] | None, nesting: list[int], embed_dim: int
     return sizes
 
 
-def _full(value: Any, embed_dim: int) -> int:
-    return embed_dim if str(value) == "full" else int(value)
+class StageClock:
+    """Seconds of each stage (since the previous one ended), for the log and the summary's last line."""
 
+    def __init__(self) -> None:
+        self.started = self._last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
 
-def funnel_configs(cfg: DictConfig, embed_dim: int) -> list[tuple[int, list[int], list[int]]]:
-    """The funnels to measure: the configured (paper) funnel and one-stage adaptive retrieval per D_s."""
-    funnels = []
-    f = cfg.funnel
-    if f:
-        pairs = [(_full(d, embed_dim), int(k)) for d, k in zip(f.rerank_sizes, f.shortlists, strict=True)]
-        # Sizes above this model's embedding size are dropped (a 512-d model has no 2048 stage).
-        pairs = [(d, k) for d, k in pairs if d <= embed_dim]
-        ds = int(f.shortlist_size)
-        if pairs and ds <= embed_dim:
-            funnels.append((ds, [d for d, _ in pairs], [k for _, k in pairs]))
-    rerank = _full(cfg.rerank_size, embed_dim)
-    for ds in cfg.shortlist_sizes or []:
-        if int(ds) < rerank <= embed_dim:
-            funnels.append((int(ds), [rerank], [int(cfg.shortlist_k)]))
-    return funnels
+    def mark(self, name: str) -> float:
+        now = time.perf_counter()
+        self.seconds[name] = now - self._last
+        self._last = now
+        return self.seconds[name]
 
-
-def _one_nn_baselines(bc: DictConfig, kind: str | None) -> bool:
-    """Whether to measure the 1-NN of the post-hoc reductions (``baselines.knn``), after checking the
-    baselines' options."""
-    if bc.get("models", "all") not in ("all", "standard"):
-        raise MRLError(f"baselines.models must be all or standard, got {bc.models!r}.")
-    one_nn = bc.get("knn", "auto")
-    if one_nn not in (True, False, "auto"):
-        raise MRLError(f"baselines.knn must be true, false or auto, got {one_nn!r}.")
-    if one_nn == "auto":
-        # A standard model's reductions are the paper's baselines (the comparison table's 1-NN column);
-        # a Matryoshka model's own prefixes already have their 1-NN from the kNN stage, and the 1-NN of
-        # its PCA and untrained sizes would cost more exact searches than everything else together.
-        return kind not in ("mrl", "mrl_e")
-    return bool(one_nn)
+    def lap(self, name: str) -> None:
+        log.info("%s done in %.1fs", name, self.mark(name))
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run every enabled evaluator on ``cfg.ckpt_path``; write report.json, plots, W&B; return the report."""
     out_dir = Path(cfg.paths.output_dir)
     require_checkpoint_file(cfg.ckpt_path)
+    if cfg.embedding_dtype not in ("float32", "float16"):
+        raise MRLError(f"embedding_dtype must be float32 or float16, got {cfg.embedding_dtype}.")
+    check_settings(cfg)  # the evaluators' options, before any work
     ckpt_id = checkpoint_id(cfg.ckpt_path)
     claim_output_dir(out_dir, cfg.ckpt_path, ckpt_id)  # refuses another checkpoint's results first
     OmegaConf.save(cfg, out_dir / "eval_config.yaml")
+    _seed_and_threads(cfg)
+    clock = StageClock()
+    ctx, train_cfg = _context(cfg, out_dir)
+    log.info(
+        "embeddings ready after %.1fs: database %s, queries %s",
+        clock.mark("embeddings"),
+        ctx.database.shape,
+        ctx.queries.shape,
+    )
+    sections = run_evaluators(ctx, cfg, clock.lap)
+    report = build_report(ctx.sizes, sections, checkpoint_record(cfg.ckpt_path, ckpt_id))
+    write_report(report, out_dir)
+    link_to_training_run(out_dir, cfg.ckpt_path, ckpt_id)
+    pngs = write_plots(report, out_dir)
+    wandb_dir = _log_wandb(cfg, train_cfg, report, pngs)
+    print(_summary(cfg, report, ctx, clock, pngs, wandb_dir), flush=True)
+    return report
+
+
+def _seed_and_threads(cfg: DictConfig) -> None:
     torch.manual_seed(cfg.seed)
-    if cfg.get("threads"):
+    if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
         import faiss
 
         faiss.omp_set_num_threads(int(cfg.threads))
-    started = time.perf_counter()
-    data_overrides = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else None
-    module, datamodule, train_cfg = load_for_eval(cfg.ckpt_path, data_overrides)
-    nesting, head = list(module.nesting), module.head
-    embed_dim = head.in_features
-    sizes = report_sizes(
-        OmegaConf.to_container(cfg.sizes) if cfg.sizes is not None else None, nesting, embed_dim
-    )
-    if cfg.embedding_dtype not in ("float32", "float16"):
-        raise MRLError(f"embedding_dtype must be float32 or float16, got {cfg.embedding_dtype}.")
-    kind = (train_cfg.get("head") or {}).get("kind")
-    one_nn = _one_nn_baselines(cfg.baselines, kind)  # the baselines' options, checked before any work
 
+
+def _context(cfg: DictConfig, out_dir: Path) -> tuple[EvalContext, dict]:
+    """The checkpoint's model and data, its exported embeddings, and the evaluators' shared context;
+    also the training run's config."""
+    data_overrides = OmegaConf.to_container(cfg.data, resolve=True) if cfg.data else None
+    module, datamodule, train_cfg = load_for_eval(cfg.ckpt_path, data_overrides)
+    requested = OmegaConf.to_container(cfg.sizes) if cfg.sizes is not None else None
+    sizes = report_sizes(requested, list(module.nesting), module.head.in_features)
+    device = _device(str(cfg.device))
+    emb = _export_embeddings(cfg, module, datamodule, train_cfg, out_dir, device)
+    kind = (train_cfg.get("head") or {}).get("kind")
+    database, queries = emb[cfg.database_split], emb[cfg.query_split]
+    ctx = EvalContext.from_config(cfg, database, queries, module.head, sizes, kind, device)
+    return ctx, train_cfg
+
+
+def _export_embeddings(
+    cfg: DictConfig, module, datamodule, train_cfg: dict, out_dir: Path, device: torch.device
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{split: (embeddings, labels)}`` of the database and query splits (reused when already exported),
+    and ``model.safetensors`` unless ``export_model=false``; leaves the module on the CPU."""
     datamodule.prepare_data()
     datamodule.setup(None)
     for split in (cfg.database_split, cfg.query_split):
@@ -128,7 +137,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 f"The data set has no '{split}' split; it has {', '.join(sorted(datamodule.datasets))}. Set "
                 "database_split=<split> and query_split=<split> among those."
             )
-    device = _device(str(cfg.device))
     precision = (train_cfg.get("trainer") or {}).get("precision")
     emb = {}
     for split in dict.fromkeys([cfg.database_split, cfg.query_split]):
@@ -137,161 +145,36 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             module, datamodule, split, out_dir, fp, cfg.embedding_dtype, device, precision
         )
     module.cpu()
-    if cfg.get("export_model", True):  # the one-file deployable model (mrl.load), see mrl.deploy
+    if cfg.export_model:  # the one-file deployable model (mrl.load), see mrl.deploy
         from mrl.deploy import MatryoshkaModel
 
         MatryoshkaModel.from_module(module, datamodule).save(out_dir / "model.safetensors")
-    db, db_y = emb[cfg.database_split]
-    q, q_y = emb[cfg.query_split]
-    num_classes = head.num_classes
-    methods = cfg.methods
-    chunks = cfg.chunks
-    log.info(
-        "embeddings ready after %.1fs: database %s, queries %s",
-        time.perf_counter() - started,
-        db.shape,
-        q.shape,
-    )
+    return emb
 
-    timings: dict[str, float] = {"embeddings": time.perf_counter() - started}
-    clock = time.perf_counter()
 
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = now - clock
-        clock = now
-        log.info("%s done in %.1fs", name, timings[name])
-
-    linear = {}
-    if methods.linear:
-        per_size = linear_eval.linear_accuracy(head, q, q_y, chunks.head)
-        linear = {d: per_size[d] for d in sizes}
-    lap("linear")
-
-    knn, retrieval = {}, {}
-    if methods.knn or methods.retrieval:
-        ks = sorted({int(k) for k in cfg.retrieval.ks})
-        kmax = max([*ks, int(cfg.knn.k), 1])
-        if kmax > len(db):
-            raise MRLError(
-                f"The database has {len(db)} items, fewer than the k={kmax} asked for; lower the k values."
-            )
-        use_gpu = None if device.type == "cuda" else False  # None: a GPU index when faiss has GPUs
-        for d in sizes:
-            _, ids = knn_eval.exact_search(db, q, d, kmax, chunks.query, chunks.database, use_gpu)
-            neighbor_labels = db_y[ids]
-            if methods.knn:
-                knn[d] = {
-                    "1nn": knn_eval.knn_accuracy(neighbor_labels, q_y, 1, num_classes),
-                    "knn": knn_eval.knn_accuracy(neighbor_labels, q_y, int(cfg.knn.k), num_classes),
-                }
-            if methods.retrieval:
-                retrieval[d] = retrieval_metrics(neighbor_labels, q_y, db_y, ks)
-    lap("knn+retrieval")
-
-    adaptive_classification = []
-    if methods.adaptive_classification and len(nesting) > 1:
-        pred, conf = linear_eval.max_softmax_predictions(head, q, chunks.head)
-        ac = cfg.adaptive_classification
-        adaptive_classification = adaptive_cls.adaptive_classification(
-            pred,
-            conf,
-            q_y,
-            nesting,
-            targets=OmegaConf.to_container(ac.targets) if ac.targets is not None else None,
-            num_targets=int(ac.num_targets),
-            calibration_fraction=float(ac.calibration_fraction),
-            num_splits=int(ac.num_splits),
-            grid_size=int(ac.grid_size),
-            seed=int(cfg.seed),
-        )
-    lap("adaptive_classification")
-
-    adaptive_retrieval, exact = [], {}
-    if methods.adaptive_retrieval:
-        ar = cfg.adaptive_retrieval
-        exact = adaptive_ret.exact_retrieval(
-            db, db_y, q, q_y, k=10, query_chunk=chunks.query, db_chunk=chunks.database
-        )
-        adaptive_retrieval = adaptive_ret.adaptive_retrieval(
-            db,
-            db_y,
-            q,
-            q_y,
-            funnel_configs(ar, embed_dim),
-            k=10,
-            hnsw=bool(ar.hnsw),
-            hnsw_m=int(ar.hnsw_m),
-            hnsw_ef_search=int(ar.hnsw_ef_search),
-            hnsw_ef_construction=int(ar.get("hnsw_ef_construction", 40)),
-            query_chunk=chunks.query,  # batched like the exact search it is compared with
-            db_chunk=chunks.database,
-            block_floats=int(chunks.rerank),
-        )
-    lap("adaptive_retrieval")
-
-    baselines: dict[str, dict[int, float]] = {}
-    bc = cfg.baselines
-    if methods.baselines and (bc.get("models", "all") == "all" or kind == "standard"):
-        if bc.sizes is not None:
-            base_sizes = sorted({int(d) for d in bc.sizes if int(d) <= embed_dim})
-        elif len(nesting) > 1:
-            base_sizes = sizes
-        else:  # a standard model: the paper's powers of two
-            base_sizes = default_nesting(embed_dim, 8)
-        slice_sizes = list(base_sizes)
-        if bc.interpolation and kind in ("mrl", "mrl_e"):
-            slice_sizes = sorted(set(slice_sizes) | set(posthoc.interpolation_sizes(nesting)))
-        svd_sizes = base_sizes if bc.svd else []
-        pca = posthoc.pca_fit(db) if svd_sizes else None  # one pass over the database for both
-        baselines = posthoc.posthoc_baselines(
-            db, db_y, q, q_y, svd_sizes, slice_sizes, bc.max_train, bc.max_iter, cfg.seed, pca=pca
-        )
-        if one_nn:
-            baselines |= posthoc_one_nn(
-                db,
-                db_y,
-                q,
-                q_y,
-                svd_sizes,
-                slice_sizes,
-                chunks.query,
-                chunks.database,
-                pca=pca,
-                # a truncation's 1-NN at a reported size is the kNN stage's 1-NN: the same search
-                known_slice_1nn={d: v["1nn"] for d, v in knn.items()},
-            )
-    lap("baselines")
-
-    report = reporting.build_report(
-        sizes,
-        linear,
-        knn,
-        retrieval,
-        adaptive_classification,
-        adaptive_retrieval,
-        exact,
-        baselines,
-        checkpoint_record(cfg.ckpt_path, ckpt_id),
-    )
-    reporting.write_report(report, out_dir)
-    link_to_training_run(out_dir, cfg.ckpt_path, ckpt_id)
-    pngs = reporting.write_plots(report, out_dir)
-    wandb_dir = _log_wandb(cfg, train_cfg, report, pngs)
-    elapsed = time.perf_counter() - started
+def _summary(
+    cfg: DictConfig,
+    report: dict[str, Any],
+    ctx: EvalContext,
+    clock: StageClock,
+    pngs: list[Path],
+    wandb_dir: Path | None,
+) -> str:
+    """What ``mrl-eval`` prints at the end: the numbers, the stage timings and where everything went."""
+    elapsed = time.perf_counter() - clock.started
+    out_dir = Path(cfg.paths.output_dir)
     lines = [
         "",
-        f"Evaluation of {cfg.ckpt_path} ({len(q)} queries, {len(db)} database items, {elapsed:.1f}s):",
+        f"Evaluation of {cfg.ckpt_path} ({len(ctx.queries)} queries, {len(ctx.database)} database items, "
+        f"{elapsed:.1f}s):",
     ]
-    lines += [reporting.summary_text(report), ""]
-    lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    lines += [summary_text(report), ""]
+    lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in clock.seconds.items()))
     lines.append(f"report: {out_dir / 'report.json'}")
     lines += [f"plot:   {p}" for p in pngs]
     if wandb_dir:
         lines.append(f"W&B run: {wandb_dir}  (upload with `wandb sync {shlex.quote(str(wandb_dir))}`)")
-    print("\n".join(lines), flush=True)
-    return report
+    return "\n".join(lines)
 
 
 def _log_wandb(cfg: DictConfig, train_cfg: dict, report: dict, pngs: list[Path]) -> Path | None:
@@ -321,7 +204,7 @@ def _log_wandb(cfg: DictConfig, train_cfg: dict, report: dict, pngs: list[Path])
         reinit="finish_previous",
     )
     try:
-        reporting.log_wandb(run, report, pngs)
+        log_report(run, report, pngs)
         return Path(run.dir).parent
     finally:
         wandb.finish()

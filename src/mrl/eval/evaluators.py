@@ -1,0 +1,226 @@
+"""The evaluators of ``mrl-eval``, in the order they run, each ``(context, settings) -> report sections``.
+
+An evaluator reads the shared :class:`~mrl.eval.context.EvalContext` and ``settings``, the sections of
+conf/eval.yaml it names (nothing else of the config reaches it), and returns its ``report.json``
+section(s). Every setting comes from conf/eval.yaml: nothing here or in the functions it calls has a
+default of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from mrl.errors import MRLError
+from mrl.eval.adaptive_classification import adaptive_classification
+from mrl.eval.adaptive_retrieval import Funnel, FunnelSettings, adaptive_retrieval, exact_retrieval
+from mrl.eval.baseline_knn import posthoc_one_nn
+from mrl.eval.baselines import interpolation_sizes, pca_fit, posthoc_baselines
+from mrl.eval.context import EvalContext
+from mrl.eval.knn import exact_search, knn_accuracy
+from mrl.eval.linear import linear_accuracy, max_softmax_predictions
+from mrl.eval.retrieval import retrieval_metrics
+from mrl.nn.nesting import default_nesting
+
+# Funnels and exact search are reported by mAP@10 and top-1, as in the paper (report.json's row keys).
+FUNNEL_K = 10
+MATRYOSHKA_KINDS = ("mrl", "mrl_e")
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """One stage of the evaluation: ``run(context, settings)`` returns its report sections."""
+
+    name: str  # the stage in the log ("<name> done in ...") and the "seconds:" line
+    methods: tuple[str, ...]  # runs when any of these methods.<name> is on
+    settings: tuple[str, ...]  # the conf/eval.yaml sections it reads
+    run: Callable[[EvalContext, DictConfig], dict[str, Any]]
+
+
+def measure_linear(ctx: EvalContext, settings: DictConfig) -> dict[str, Any]:
+    """``linear``: top-1 / top-5 of the trained heads at each reported size."""
+    per_size = linear_accuracy(ctx.head, ctx.queries, ctx.query_labels, ctx.chunks.head)
+    return {"linear": {d: per_size[d] for d in ctx.sizes}}
+
+
+def measure_knn_and_retrieval(ctx: EvalContext, settings: DictConfig) -> dict[str, Any]:
+    """``knn`` (1-NN, k-NN vote) and ``retrieval`` (mAP, precision, recall, hit at each k) from one
+    exact search per reported size."""
+    ks = sorted({int(k) for k in settings.retrieval.ks})
+    kmax = max([*ks, int(settings.knn.k), 1])
+    if kmax > len(ctx.database):
+        raise MRLError(
+            f"The database has {len(ctx.database)} items, fewer than the k={kmax} asked for; lower the k "
+            "values."
+        )
+    use_gpu = None if ctx.device.type == "cuda" else False  # None: a GPU index when faiss has GPUs
+    knn, retrieval = {}, {}
+    for d in ctx.sizes:
+        _, ids = exact_search(
+            ctx.database, ctx.queries, d, kmax, ctx.chunks.query, ctx.chunks.database, use_gpu
+        )
+        neighbor_labels = ctx.db_labels[ids]
+        if "knn" in ctx.methods:
+            knn[d] = {
+                "1nn": knn_accuracy(neighbor_labels, ctx.query_labels, 1, ctx.num_classes),
+                "knn": knn_accuracy(neighbor_labels, ctx.query_labels, int(settings.knn.k), ctx.num_classes),
+            }
+        if "retrieval" in ctx.methods:
+            retrieval[d] = retrieval_metrics(neighbor_labels, ctx.query_labels, ctx.db_labels, ks)
+    return {"knn": knn, "retrieval": retrieval}
+
+
+def measure_adaptive_classification(ctx: EvalContext, settings: DictConfig) -> dict[str, Any]:
+    """``adaptive_classification``: the cascade's accuracy vs size curve (needs two trained sizes)."""
+    if len(ctx.nesting) < 2:
+        return {"adaptive_classification": []}
+    pred, conf = max_softmax_predictions(ctx.head, ctx.queries, ctx.chunks.head)
+    ac = settings.adaptive_classification
+    curve = adaptive_classification(
+        pred,
+        conf,
+        ctx.query_labels,
+        ctx.nesting,
+        targets=OmegaConf.to_container(ac.targets) if ac.targets is not None else None,
+        num_targets=int(ac.num_targets),
+        calibration_fraction=float(ac.calibration_fraction),
+        num_splits=int(ac.num_splits),
+        grid_size=int(ac.grid_size),
+        seed=ctx.seed,
+    )
+    return {"adaptive_classification": curve}
+
+
+def measure_adaptive_retrieval(ctx: EvalContext, settings: DictConfig) -> dict[str, Any]:
+    """``adaptive_retrieval`` (every funnel, flat and with hnsw also HNSW shortlists) and
+    ``exact_retrieval`` (full-size exact search, timed the same way)."""
+    ar, chunks = settings.adaptive_retrieval, ctx.chunks
+    exact = exact_retrieval(
+        ctx.database, ctx.db_labels, ctx.queries, ctx.query_labels, FUNNEL_K, chunks.query, chunks.database
+    )
+    search = FunnelSettings(
+        hnsw_m=int(ar.hnsw_m),
+        hnsw_ef_construction=int(ar.hnsw_ef_construction),
+        hnsw_ef_search=int(ar.hnsw_ef_search),
+        query_chunk=chunks.query,  # batched like the exact search it is compared with
+        db_chunk=chunks.database,
+        block_floats=chunks.rerank,
+    )
+    funnels = funnel_configs(ar, ctx.embed_dim)
+    rows = adaptive_retrieval(
+        ctx.database, ctx.db_labels, ctx.queries, ctx.query_labels, funnels, FUNNEL_K, bool(ar.hnsw), search
+    )
+    return {"adaptive_retrieval": rows, "exact_retrieval": exact}
+
+
+def measure_baselines(ctx: EvalContext, settings: DictConfig) -> dict[str, Any]:
+    """``baselines``: probes on PCA/SVD and truncation to each size, and their 1-NN when asked for."""
+    bc = settings.baselines
+    if bc.models == "standard" and ctx.kind != "standard":
+        return {"baselines": {}}
+    base_sizes = _baseline_sizes(ctx, bc.sizes)
+    slice_sizes = list(base_sizes)
+    if bc.interpolation and ctx.kind in MATRYOSHKA_KINDS:
+        slice_sizes = sorted(set(slice_sizes) | set(interpolation_sizes(ctx.nesting)))
+    svd_sizes = base_sizes if bc.svd else []
+    pca = pca_fit(ctx.database) if svd_sizes else None  # one pass over the database for both
+    data = (ctx.database, ctx.db_labels, ctx.queries, ctx.query_labels)
+    out = posthoc_baselines(
+        *data, svd_sizes, slice_sizes, int(bc.max_train), int(bc.max_iter), ctx.seed, pca=pca
+    )
+    if baselines_one_nn(bc.knn, ctx.kind):
+        # a truncation's 1-NN at a reported size is the kNN stage's 1-NN: the same search
+        known = {d: v["1nn"] for d, v in ctx.sections.get("knn", {}).items()}
+        out |= posthoc_one_nn(
+            *data,
+            svd_sizes,
+            slice_sizes,
+            ctx.chunks.query,
+            ctx.chunks.database,
+            pca=pca,
+            known_slice_1nn=known,
+        )
+    return {"baselines": out}
+
+
+def _baseline_sizes(ctx: EvalContext, sizes: Any) -> list[int]:
+    """``baselines.sizes``, else the reported sizes, else (a one-size model) the paper's powers of two."""
+    if sizes is not None:
+        return sorted({int(d) for d in sizes if int(d) <= ctx.embed_dim})
+    if len(ctx.nesting) > 1:
+        return list(ctx.sizes)
+    return default_nesting(ctx.embed_dim, 8)  # 8, 16, ..., D
+
+
+EVALUATORS: tuple[Evaluator, ...] = (
+    Evaluator("linear", ("linear",), (), measure_linear),
+    Evaluator("knn+retrieval", ("knn", "retrieval"), ("knn", "retrieval"), measure_knn_and_retrieval),
+    Evaluator(
+        "adaptive_classification",
+        ("adaptive_classification",),
+        ("adaptive_classification",),
+        measure_adaptive_classification,
+    ),
+    Evaluator(
+        "adaptive_retrieval", ("adaptive_retrieval",), ("adaptive_retrieval",), measure_adaptive_retrieval
+    ),
+    # after knn+retrieval: its 1-NN at the reported sizes is reused
+    Evaluator("baselines", ("baselines",), ("baselines",), measure_baselines),
+)
+
+
+def run_evaluators(ctx: EvalContext, cfg: DictConfig, done: Callable[[str], None]) -> dict[str, Any]:
+    """Run every evaluator whose method is on, in order, each with its own sections of ``cfg``; call
+    ``done(name)`` after each stage (also a skipped one, so the stage timings keep every name). Returns
+    the report sections (``ctx.sections``)."""
+    for evaluator in EVALUATORS:
+        if ctx.methods.intersection(evaluator.methods):
+            settings = OmegaConf.masked_copy(cfg, list(evaluator.settings))
+            ctx.sections.update(evaluator.run(ctx, settings))
+        done(evaluator.name)
+    return ctx.sections
+
+
+def _full(value: Any, embed_dim: int) -> int:
+    return embed_dim if str(value) == "full" else int(value)
+
+
+def funnel_configs(ar: DictConfig, embed_dim: int) -> list[Funnel]:
+    """The funnels to measure (``adaptive_retrieval`` settings): the configured (paper) funnel and
+    one-stage adaptive retrieval per D_s."""
+    funnels = []
+    f = ar.funnel
+    if f:
+        pairs = [(_full(d, embed_dim), int(k)) for d, k in zip(f.rerank_sizes, f.shortlists, strict=True)]
+        # Sizes above this model's embedding size are dropped (a 512-d model has no 2048 stage).
+        pairs = [(d, k) for d, k in pairs if d <= embed_dim]
+        ds = int(f.shortlist_size)
+        if pairs and ds <= embed_dim:
+            funnels.append((ds, [d for d, _ in pairs], [k for _, k in pairs]))
+    rerank = _full(ar.rerank_size, embed_dim)
+    for ds in ar.shortlist_sizes or []:
+        if int(ds) < rerank <= embed_dim:
+            funnels.append((int(ds), [rerank], [int(ar.shortlist_k)]))
+    return funnels
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """The evaluators' options the code branches on, checked before any work (the CLI's pre-flight
+    checks them too; this keeps ``evaluate(cfg)`` as strict)."""
+    if cfg.baselines.models not in ("all", "standard"):
+        raise MRLError(f"baselines.models must be all or standard, got {cfg.baselines.models!r}.")
+    if cfg.baselines.knn not in (True, False, "auto"):
+        raise MRLError(f"baselines.knn must be true, false or auto, got {cfg.baselines.knn!r}.")
+
+
+def baselines_one_nn(setting: bool | str, kind: str | None) -> bool:
+    """Whether to measure the 1-NN of the post-hoc reductions (``baselines.knn``: true, false, auto)."""
+    if setting == "auto":
+        # A standard model's reductions are the paper's baselines (the comparison table's 1-NN column);
+        # a Matryoshka model's own prefixes already have their 1-NN from the kNN stage, and the 1-NN of
+        # its PCA and untrained sizes would cost more exact searches than everything else together.
+        return kind not in MATRYOSHKA_KINDS
+    return bool(setting)

@@ -1,0 +1,111 @@
+"""``report.json``: its fixed shape (sections in the documented order, sizes as string keys), writing it,
+and the per-size table every other output (terminal summary, W&B, plots) reads from it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mrl.files import atomic_write_text
+
+REPORT_KEYS = (
+    "sizes",
+    "linear",
+    "knn",
+    "retrieval",
+    "adaptive_classification",
+    "adaptive_retrieval",
+    "exact_retrieval",
+    "baselines",
+    "checkpoint",
+)
+
+
+def _str_keys(per_size: dict) -> dict[str, Any]:
+    return {str(d): v for d, v in sorted(per_size.items(), key=lambda kv: int(kv[0]))}
+
+
+def build_report(sizes: list[int], sections: Mapping[str, Any], checkpoint: dict) -> dict[str, Any]:
+    """The report in the documented shape from the evaluators' ``sections`` (a method that did not run
+    leaves its section empty); ``checkpoint`` says which checkpoint was evaluated
+    (``mrl.eval.locations.checkpoint_record``)."""
+    baselines = sections.get("baselines", {})
+    return {
+        "sizes": [int(d) for d in sizes],
+        "linear": _str_keys(sections.get("linear", {})),
+        "knn": _str_keys(sections.get("knn", {})),
+        "retrieval": _str_keys(sections.get("retrieval", {})),
+        "adaptive_classification": list(sections.get("adaptive_classification", [])),
+        "adaptive_retrieval": list(sections.get("adaptive_retrieval", [])),
+        "exact_retrieval": dict(sections.get("exact_retrieval", {})),
+        "baselines": {
+            "svd": _str_keys(baselines.get("svd", {})),
+            "slice": _str_keys(baselines.get("slice", {})),
+            # 1-NN accuracy of the same reductions (the comparison table's 1-NN column)
+            "svd_1nn": _str_keys(baselines.get("svd_1nn", {})),
+            "slice_1nn": _str_keys(baselines.get("slice_1nn", {})),
+        },
+        "checkpoint": dict(checkpoint),
+    }
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> Path:
+    assert tuple(report) == REPORT_KEYS, "report.json must keep its documented shape"
+    # not sort_keys: sizes stay in numeric order ("2", "4", ..., "16"), sections in the documented order
+    return atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+
+
+def retrieval_k(report: dict[str, Any]) -> int:
+    """The k of the per-size retrieval numbers shown in plots and tables: the paper's 10 when it was
+    measured, else the smallest k of ``retrieval.ks`` (a tiny database may not hold 10 items)."""
+    keys = {key for values in report["retrieval"].values() for key in values}
+    ks = sorted(int(key.split("@")[1]) for key in keys if key.startswith("map@"))
+    return 10 if 10 in ks or not ks else ks[0]
+
+
+def per_size_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """One row per size with every per-size number (W&B table and terminal summary)."""
+    k = retrieval_k(report)
+    columns = [
+        "size",
+        "linear_top1",
+        "linear_top5",
+        "1nn",
+        "knn",
+        f"map@{k}",
+        f"recall@{k}",
+        "svd",
+        "slice",
+        "svd_1nn",
+        "slice_1nn",
+    ]
+    sizes = sorted(
+        {int(d) for section in ("linear", "knn", "retrieval") for d in report[section]}
+        | {int(d) for b in report["baselines"].values() for d in b}
+    )
+    rows = []
+    for d in sizes:
+        key = str(d)
+        lin, knn, ret = (
+            report["linear"].get(key, {}),
+            report["knn"].get(key, {}),
+            report["retrieval"].get(key, {}),
+        )
+        rows.append(
+            [
+                d,
+                lin.get("top1"),
+                lin.get("top5"),
+                knn.get("1nn"),
+                knn.get("knn"),
+                ret.get(f"map@{k}"),
+                ret.get(f"recall@{k}"),
+                report["baselines"]["svd"].get(key),
+                report["baselines"]["slice"].get(key),
+                report["baselines"]["svd_1nn"].get(key),
+                report["baselines"]["slice_1nn"].get(key),
+            ]
+        )
+    return columns, rows

@@ -1,0 +1,313 @@
+"""Every evaluator setting comes from conf/eval.yaml: the evaluators pass each one on, and no function
+they call has a default that could stand in for a forgotten setting."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from mrl.config_path import config_dir
+from mrl.eval import (
+    adaptive_classification,
+    adaptive_retrieval,
+    baseline_knn,
+    baselines,
+    context,
+    embeddings,
+    evaluators,
+    knn,
+    linear,
+    retrieval,
+)
+from mrl.eval.context import EvalContext
+from mrl.nn.matryoshka_linear import MatryoshkaLinear
+
+EVALUATOR_MODULES = (
+    adaptive_classification,
+    adaptive_retrieval,
+    baseline_knn,
+    baselines,
+    context,
+    embeddings,
+    evaluators,
+    knn,
+    linear,
+    retrieval,
+)
+# Parameters with a default that is no setting of conf/eval.yaml: optional inputs and what the caller may
+# already have computed
+NOT_SETTINGS = {
+    "baselines.pca_fit.chunk",  # None: blocks of knn.CHUNK_BYTES
+    "baselines.pca_project.chunk",
+    "baselines.posthoc_baselines.pca",
+    "baseline_knn.posthoc_one_nn.pca",
+    "baseline_knn.posthoc_one_nn.known_slice_1nn",
+    "knn.exact_search.transform",
+    "knn.knn_predict.num_classes",  # not needed by the vote
+    "context.EvalContext.__init__.sections",  # filled as the evaluators run
+}
+
+# Every evaluator setting of conf/eval.yaml, set away from its default (a value that reaches a function
+# unchanged cannot have come from anywhere else)
+OVERRIDES = [
+    "seed=3",
+    "knn.k=7",
+    "retrieval.ks=[5,3]",
+    "adaptive_classification.targets=[0.5,0.9]",
+    "adaptive_classification.num_targets=3",
+    "adaptive_classification.calibration_fraction=0.4",
+    "adaptive_classification.num_splits=2",
+    "adaptive_classification.grid_size=11",
+    "adaptive_retrieval.funnel.shortlist_size=2",
+    "adaptive_retrieval.funnel.rerank_sizes=[4,full]",
+    "adaptive_retrieval.funnel.shortlists=[30,10]",
+    "adaptive_retrieval.shortlist_sizes=[4]",
+    "adaptive_retrieval.shortlist_k=20",
+    "adaptive_retrieval.rerank_size=8",
+    "adaptive_retrieval.hnsw=false",
+    "adaptive_retrieval.hnsw_m=8",
+    "adaptive_retrieval.hnsw_ef_search=33",
+    "adaptive_retrieval.hnsw_ef_construction=17",
+    "baselines.sizes=[4,8]",
+    "baselines.knn=true",
+    "baselines.max_train=150",
+    "baselines.max_iter=20",
+    "chunks.query=13",
+    "chunks.database=101",
+    "chunks.rerank=4099",
+    "chunks.head=17",
+]
+
+
+def _defaults(module) -> set[str]:
+    """``<module>.<function>.<parameter>`` of every parameter with a default, in functions and methods
+    defined in ``module``."""
+    name = module.__name__.rsplit(".", 1)[1]
+    found = set()
+    for fname, obj in vars(module).items():
+        if getattr(obj, "__module__", None) != module.__name__:
+            continue
+        functions = [(fname, obj)] if inspect.isfunction(obj) else []
+        if inspect.isclass(obj):
+            functions = [(f"{fname}.{m}", f) for m, f in vars(obj).items() if inspect.isfunction(f)]
+            functions += [
+                (f"{fname}.{m}", f.__func__) for m, f in vars(obj).items() if isinstance(f, classmethod)
+            ]
+        for qualname, fn in functions:
+            for param in inspect.signature(fn).parameters.values():
+                if param.default is not inspect.Parameter.empty:
+                    found.add(f"{name}.{qualname}.{param.name}")
+    return found
+
+
+def test_no_evaluator_function_has_a_default_of_its_own():
+    found = set().union(*map(_defaults, EVALUATOR_MODULES))
+    assert found == NOT_SETTINGS, f"defaults beside conf/eval.yaml's: {sorted(found - NOT_SETTINGS)}"
+
+
+def _compose(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("eval", overrides=["ckpt_path=unset", *overrides])
+
+
+def _context(cfg: DictConfig, kind: str = "mrl") -> EvalContext:
+    """A tiny evaluation (200 database items, 40 queries, 3 classes, sizes 2..16), built as run.py
+    builds it."""
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 16)).astype(np.float32)
+    db_y, q_y = rng.integers(0, 3, 200), rng.integers(0, 3, 40)
+    db = centers[db_y] + rng.normal(size=(200, 16)).astype(np.float32)
+    q = centers[q_y] + rng.normal(size=(40, 16)).astype(np.float32)
+    torch.manual_seed(0)
+    head = MatryoshkaLinear(16, 3, [2, 4, 8, 16])
+    device = torch.device("cpu")
+    return EvalContext.from_config(cfg, (db, db_y), (q, q_y), head, [2, 4, 8, 16], kind, device)
+
+
+def _record(monkeypatch) -> dict[str, list[dict]]:
+    """Calls of every function the evaluators call, by name, as ``{parameter: value}`` (positional and
+    keyword arguments alike); each still runs."""
+    calls: dict[str, list[dict]] = defaultdict(list)
+    for name in (
+        "linear_accuracy",
+        "max_softmax_predictions",
+        "exact_search",
+        "knn_accuracy",
+        "retrieval_metrics",
+        "adaptive_classification",
+        "exact_retrieval",
+        "adaptive_retrieval",
+        "posthoc_baselines",
+        "posthoc_one_nn",
+    ):
+        real = getattr(evaluators, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls[_name].append(inspect.signature(_real).bind(*args, **kwargs).arguments)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(evaluators, name, spy)
+    return calls
+
+
+def _evaluator_settings(cfg: DictConfig) -> set[str]:
+    """Every leaf key of the sections of conf/eval.yaml that evaluators read, and ``chunks`` and ``seed``."""
+    sections = {s for e in evaluators.EVALUATORS for s in e.settings} | {"chunks"}
+    leaves = {"seed"}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, DictConfig):
+                walk(value, f"{prefix}{key}.")
+            else:
+                leaves.add(f"{prefix}{key}")
+
+    for section in sections:
+        walk(cfg[section], f"{section}.")
+    return leaves
+
+
+def test_evaluators_take_every_setting_from_conf_eval_yaml(monkeypatch):
+    cfg = _compose(*OVERRIDES)
+    calls = _record(monkeypatch)
+    done = []
+    sections = evaluators.run_evaluators(_context(cfg), cfg, done.append)
+    assert done == [e.name for e in evaluators.EVALUATORS]
+    assert set(sections) == {"linear", "knn", "retrieval", "adaptive_classification"} | {
+        "adaptive_retrieval",
+        "exact_retrieval",
+        "baselines",
+    }
+    (lin,), (soft,) = calls["linear_accuracy"], calls["max_softmax_predictions"]
+    (curve,), (exact,), (funnels,) = (
+        calls["adaptive_classification"],
+        calls["exact_retrieval"],
+        calls["adaptive_retrieval"],
+    )
+    (probes,), (one_nn,) = calls["posthoc_baselines"], calls["posthoc_one_nn"]
+    checked = {
+        # setting: (value it must have, where it went)
+        "seed": [curve["seed"], probes["seed"]],
+        "knn.k": [max(c["k"] for c in calls["knn_accuracy"])],
+        "retrieval.ks": [c["ks"] for c in calls["retrieval_metrics"]],
+        "adaptive_classification.targets": [curve["targets"]],
+        "adaptive_classification.num_targets": [curve["num_targets"]],
+        "adaptive_classification.calibration_fraction": [curve["calibration_fraction"]],
+        "adaptive_classification.num_splits": [curve["num_splits"]],
+        "adaptive_classification.grid_size": [curve["grid_size"]],
+        "adaptive_retrieval.hnsw": [funnels["hnsw"]],
+        "adaptive_retrieval.hnsw_m": [funnels["settings"].hnsw_m],
+        "adaptive_retrieval.hnsw_ef_search": [funnels["settings"].hnsw_ef_search],
+        "adaptive_retrieval.hnsw_ef_construction": [funnels["settings"].hnsw_ef_construction],
+        "baselines.max_train": [probes["max_train"]],
+        "baselines.max_iter": [probes["max_iter"]],
+        "chunks.query": [exact["query_chunk"], one_nn["query_chunk"], funnels["settings"].query_chunk]
+        + [c["query_chunk"] for c in calls["exact_search"]],
+        "chunks.database": [exact["db_chunk"], one_nn["db_chunk"], funnels["settings"].db_chunk]
+        + [c["db_chunk"] for c in calls["exact_search"]],
+        "chunks.rerank": [funnels["settings"].block_floats],
+        "chunks.head": [lin["chunk"], soft["chunk"]],
+    }
+    want = {
+        "seed": 3,
+        "knn.k": 7,
+        "retrieval.ks": [3, 5],
+        "adaptive_classification.targets": [0.5, 0.9],
+        "adaptive_classification.num_targets": 3,
+        "adaptive_classification.calibration_fraction": 0.4,
+        "adaptive_classification.num_splits": 2,
+        "adaptive_classification.grid_size": 11,
+        "adaptive_retrieval.hnsw": False,
+        "adaptive_retrieval.hnsw_m": 8,
+        "adaptive_retrieval.hnsw_ef_search": 33,
+        "adaptive_retrieval.hnsw_ef_construction": 17,
+        "baselines.max_train": 150,
+        "baselines.max_iter": 20,
+        "chunks.query": 13,
+        "chunks.database": 101,
+        "chunks.rerank": 4099,
+        "chunks.head": 17,
+    }
+    defaults = _compose()
+    for key, values in checked.items():
+        assert values and all(v == want[key] for v in values), (key, values)
+        # away from the default, so the value can only have come from the config
+        assert OmegaConf.select(cfg, key) != OmegaConf.select(defaults, key), key
+    # the settings that choose what is measured: the funnels, the baselines' sizes and their 1-NN
+    assert funnels["funnels"] == [(2, [4, 16], [30, 10]), (4, [8], [20])]
+    assert calls["exact_search"][0]["k"] == 7  # max(knn.k, retrieval.ks)
+    assert probes["svd_sizes"] == [4, 8] and probes["slice_sizes"] == [3, 4, 6, 8, 12]  # + interpolation
+    assert one_nn["known_slice_1nn"] == {d: v["1nn"] for d, v in sections["knn"].items()}
+    decided = {
+        "adaptive_retrieval.funnel.shortlist_size",
+        "adaptive_retrieval.funnel.rerank_sizes",
+        "adaptive_retrieval.funnel.shortlists",
+        "adaptive_retrieval.shortlist_sizes",
+        "adaptive_retrieval.shortlist_k",
+        "adaptive_retrieval.rerank_size",
+        "baselines.sizes",
+        "baselines.svd",
+        "baselines.interpolation",
+        "baselines.knn",
+        "baselines.models",
+    }
+    # a new setting of an evaluator's section must be added to one of the two lists above
+    assert _evaluator_settings(cfg) == set(checked) | decided
+
+
+@pytest.mark.parametrize(
+    ("overrides", "kind", "expect"),
+    [
+        (
+            ["baselines.svd=false", "baselines.interpolation=false", "baselines.knn=auto"],
+            "mrl",
+            ([], [2, 4, 8, 16]),
+        ),
+        (["baselines.models=standard"], "mrl", None),
+        (["baselines.models=standard", "baselines.knn=auto"], "standard", ([2, 4, 8, 16], [2, 4, 8, 16])),
+    ],
+)
+def test_baselines_settings_choose_what_is_measured(monkeypatch, overrides, kind, expect):
+    cfg = _compose("methods.adaptive_retrieval=false", "baselines.max_iter=20", *overrides)
+    calls = _record(monkeypatch)
+    sections = evaluators.run_evaluators(_context(cfg, kind), cfg, lambda name: None)
+    if expect is None:  # models=standard: a Matryoshka model gets no baselines
+        assert sections["baselines"] == {} and not calls["posthoc_baselines"]
+        return
+    (probes,) = calls["posthoc_baselines"]
+    assert (probes["svd_sizes"], probes["slice_sizes"]) == expect
+    # knn=auto: the reductions' 1-NN for a standard model only
+    assert len(calls["posthoc_one_nn"]) == (kind == "standard")
+
+
+def test_evaluators_of_methods_that_are_off_do_not_run(monkeypatch):
+    off = [f"methods.{m}=false" for m in ("linear", "knn", "adaptive_classification", "adaptive_retrieval")]
+    cfg = _compose(*off, "methods.baselines=false")
+    calls = _record(monkeypatch)
+    done = []
+    sections = evaluators.run_evaluators(_context(cfg), cfg, done.append)
+    assert done == [e.name for e in evaluators.EVALUATORS]  # every stage is timed, run or not
+    # retrieval alone: the kNN stage searches but reports no kNN accuracy
+    assert set(sections) == {"knn", "retrieval"} and sections["knn"] == {} and len(sections["retrieval"]) == 4
+    assert set(calls) == {"exact_search", "retrieval_metrics"}
+
+
+def test_an_evaluator_sees_only_its_own_sections(monkeypatch):
+    seen = {}
+
+    def recorder(name):
+        return lambda ctx, settings: seen.setdefault(name, set(settings)) and {}
+
+    recording = tuple(dataclasses.replace(e, run=recorder(e.name)) for e in evaluators.EVALUATORS)
+    monkeypatch.setattr(evaluators, "EVALUATORS", recording)
+    cfg = _compose()
+    evaluators.run_evaluators(_context(cfg), cfg, lambda name: None)
+    assert seen == {e.name: set(e.settings) for e in recording}
+    assert seen["knn+retrieval"] == {"knn", "retrieval"} and seen["linear"] == set()
