@@ -12,9 +12,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from mrl.resolvers import register_resolvers
 from mrl.config_path import config_dir
 from mrl.data.base import MRLDataModule
+from mrl.resolvers import register_resolvers
 from test_cifar import write_cifar
 
 CONF = Path(config_dir())
