@@ -2,10 +2,15 @@
 
 mrl-report logs/train/multiruns/<date>_<id>          # a multirun directory
 mrl-report --wandb-group <group> [--project mrl]      # the same sweep read back from W&B (online)
+mrl-report <sweep dir> --wandb-report [--project P --entity E]   # also build the sweep's W&B report
 
 Top-1 comes from each job's results.json; 1-NN, mAP@10 and the post-hoc baselines from the newest
 evaluation of the job's checkpoints (mrl-train evaluate=..., or mrl-eval ckpt_path=<job>/checkpoints/...).
 The report lists every job and where its numbers came from; a claim lacking numbers is "not measured".
+--wandb-report builds a W&B report of the sweep (accuracy-vs-size charts per metric, methods as lines,
+seeds aggregated; tables; claims; swept settings vs validation accuracy; run comparer) and prints its URL;
+offline it says so and writes the spec it would save to <out>/wandb_report.json (save it later, online
+and after `wandb sync` of the runs, with `mrl-dashboard --from-spec <that file>`).
 """
 
 from __future__ import annotations
@@ -35,13 +40,22 @@ def _parser() -> argparse.ArgumentParser:
         help="a multirun directory, or any folder of mrl-train job dirs (searched recursively)",
     )
     p.add_argument("--wandb-group", help="read the sweep from this W&B group instead (needs network)")
-    p.add_argument("--project", default="mrl", help="W&B project (default: mrl)")
+    p.add_argument(
+        "--project",
+        default=None,
+        help="W&B project (default: the one the jobs logged to; mrl with --wandb-group)",
+    )
     p.add_argument("--entity", default=None, help="W&B entity (default: yours)")
     p.add_argument(
         "--out", help=f"output folder (default: <sweep_dir>/{OUT_SUBDIR}, or ./{OUT_SUBDIR}-<group>)"
     )
     p.add_argument("--title", default="", help="figure title")
     p.add_argument("--no-wandb", action="store_true", help="do not write the W&B summary run")
+    p.add_argument(
+        "--wandb-report",
+        action="store_true",
+        help="build the sweep's W&B report (offline: write its spec to <out>/wandb_report.json)",
+    )
     return p
 
 
@@ -53,6 +67,7 @@ def _sweep_wandb(jobs: list[Path]) -> dict:
         if node and node.get("_target_"):
             return {
                 "project": node.get("project") or "mrl",
+                "entity": node.get("entity"),
                 "group": node.get("group"),
                 "offline": node.get("offline", True),
             }
@@ -67,6 +82,10 @@ def report(args: argparse.Namespace) -> Path:
 
     if bool(args.sweep_dir) == bool(args.wandb_group):
         raise MRLError("Give mrl-report either a sweep directory or --wandb-group <group> (one of the two).")
+    if args.wandb_report:
+        from mrl.tracking.dashboards import require_workspaces
+
+        require_workspaces()  # before the work, not after it
     infos: list = []
     if args.sweep_dir:
         root = Path(args.sweep_dir)
@@ -77,8 +96,8 @@ def report(args: argparse.Namespace) -> Path:
     else:
         from mrl.compare.wandb_source import wandb_records
 
-        records = wandb_records(args.wandb_group, args.project, args.entity)
-        wandb_target = {"project": args.project, "group": args.wandb_group, "offline": False}
+        records = wandb_records(args.wandb_group, args.project or "mrl", args.entity)
+        wandb_target = {"project": args.project or "mrl", "group": args.wandb_group, "offline": False}
         out = Path(args.out) if args.out else Path(f"{OUT_SUBDIR}-{args.wandb_group}")
         source = f"W&B group {args.wandb_group}"
     if not records:
@@ -110,7 +129,69 @@ def report(args: argparse.Namespace) -> Path:
     print(f"markdown: {out / 'comparison.md'}\nfigure:   {png}\njson:     {out / 'comparison.json'}")
     if run_dir:
         print(f"W&B run:  {run_dir}  (upload with `wandb sync {run_dir}`)")
+    if args.wandb_report:
+        _wandb_report(args, wandb_target, records, (tables, claims, infos), out, source)
     return out
+
+
+def _swept_overrides(jobs: list[Path]) -> list[str]:
+    """The override keys whose values differ between the sweep's jobs (``head``, ``seed``, ...)."""
+    from mrl.compare.collect import OVERRIDES, override_key
+
+    per_job = [
+        {override_key(o): o.partition("=")[2] for o in (yaml.safe_load((j / OVERRIDES).read_text()) or [])}
+        if (j / OVERRIDES).is_file()
+        else {}
+        for j in jobs
+    ]
+    keys = sorted({k for overrides in per_job for k in overrides})
+    return [k for k in keys if len({overrides.get(k) for overrides in per_job}) > 1]
+
+
+def _wandb_report(
+    args: argparse.Namespace, target: dict, records: list, results: tuple, out: Path, source: str
+) -> None:
+    """--wandb-report: the sweep's W&B report, saved (its URL printed) or, offline, its spec written."""
+    from mrl.compare.claims import claims_markdown
+    from mrl.compare.collect import changes_the_model, find_jobs
+    from mrl.compare.table import METRIC_TITLES, jobs_markdown, markdown
+    from mrl.tracking.dashboards.sweep import SweepInput, wandb_sweep_report
+
+    tables, claims, infos = results
+    if not target or not target.get("group"):
+        raise MRLError(
+            "--wandb-report needs the sweep's W&B runs, but its jobs ran without the W&B logger (or "
+            "without a W&B group); rerun them with logger=wandb, or leave out --wandb-report."
+        )
+    jobs = find_jobs(Path(args.sweep_dir)) if args.sweep_dir else []
+    outcome = wandb_sweep_report(
+        SweepInput(
+            project=args.project or target["project"],
+            entity=args.entity or target.get("entity"),
+            group=target["group"],
+            out=out,
+            title=args.title or f"MRL sweep {target['group']}",
+            intro=f"Comparison of {len(infos) or len({r.job for r in records})} jobs from `{source}` "
+            f"(W&B group `{target['group']}`), written by `mrl-report --wandb-report`.",
+            tables=markdown(tables),
+            claims=claims_markdown(claims),
+            jobs=jobs_markdown(infos) if infos else "",
+            points=[(r.method, r.seed, r.metric, r.size, r.value) for r in records],
+            metric_titles={m: METRIC_TITLES.get(m, m) for m, t in tables.items() if t},
+            runs_offline=bool(target.get("offline", True)),
+            job_dirs=jobs,
+            swept=_swept_overrides(jobs) if jobs else None,
+            matters=changes_the_model,
+        )
+    )
+    if outcome.url:
+        print(f"W&B report: {outcome.url}", flush=True)
+    else:
+        print(
+            f"W&B offline ({outcome.reason}): report not saved; its spec is in {outcome.spec} (after "
+            f"`wandb sync` of the sweep's runs, online: mrl-dashboard --from-spec {outcome.spec})",
+            flush=True,
+        )
 
 
 def _nothing_measured(source: str, infos: list) -> str:
