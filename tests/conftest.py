@@ -94,29 +94,27 @@ def wandb_inspect(run_dir: Path) -> tuple[dict, list[dict]]:
     return summary, wandb_history(run_dir)
 
 
-def wandb_metric_definitions(run_dir: Path) -> dict[str, dict]:
-    """The run's ``define_metric`` records as W&B wrote them, by metric name (or glob)."""
-    records = subprocess.run(
+def wandb_records(run_dir: Path, kind: str) -> list[dict]:
+    """The records of one ``kind`` ("history", "metric", ...) W&B wrote to the run's file so far (the run
+    may still be running or be killed), from ``wandb leet inspect --json``."""
+    lines = subprocess.run(
         [str(BIN / "wandb"), "leet", "inspect", "--json", str(run_dir)],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.splitlines()
-    parsed = (json.loads(r) for r in records if r.strip())
-    metrics = [r["metric"] for r in parsed if r.get("type") == "metric"]
-    return {m.get("name") or m.get("glob_name"): m for m in metrics}
+    parsed = (json.loads(line) for line in lines if line.strip())
+    return [r[kind] for r in parsed if r.get("type") == kind]
+
+
+def wandb_metric_definitions(run_dir: Path) -> dict[str, dict]:
+    """The run's ``define_metric`` records as W&B wrote them, by metric name (or glob)."""
+    return {m.get("name") or m.get("glob_name"): m for m in wandb_records(run_dir, "metric")}
 
 
 def wandb_history(run_dir: Path) -> list[dict]:
-    """The history rows W&B wrote to the run's file so far (the run may still be running or be killed)."""
-    records = subprocess.run(
-        [str(BIN / "wandb"), "leet", "inspect", "--json", str(run_dir)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
-    parsed = (json.loads(r) for r in records if r.strip())
-    return [r["history"]["item"] for r in parsed if r.get("type") == "history"]
+    """The history rows W&B wrote to the run's file so far."""
+    return [record["item"] for record in wandb_records(run_dir, "history")]
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -133,15 +133,9 @@ def state_dict_differences(expected: dict[str, Any], stored: dict[str, Any]) -> 
 def check_compatible(ckpt: dict[str, Any], module: nn.Module, path: str | Path, config: dict) -> None:
     """Raise an :class:`MRLError` when ``ckpt``'s weights do not fit ``module`` (another backbone,
     embedding size, nesting or class count), naming what differs."""
-    expected = module.state_dict()
-    stored = ckpt["state_dict"]
-    if not state_dict_differences(expected, stored):
+    tensors = state_dict_differences(module.state_dict(), ckpt["state_dict"])
+    if not tensors:
         return
-    missing = sorted(set(expected) - set(stored))
-    unexpected = sorted(set(stored) - set(expected))
-    mismatched = sorted(
-        k for k in set(expected) & set(stored) if tuple(expected[k].shape) != tuple(stored[k].shape)
-    )
     saved = ckpt.get("mrl_config") or {}
     differences = []
     for key, label in (
@@ -158,13 +152,11 @@ def check_compatible(ckpt: dict[str, Any], module: nn.Module, path: str | Path, 
         getattr(module, "nesting", [])
     ):
         differences.append(f"trained sizes: checkpoint {ckpt['mrl_nesting']}, this run {module.nesting}")
-    detail = "; ".join(differences) or "; ".join(
-        f"{k} {tuple(stored[k].shape)} vs {tuple(expected[k].shape)}" for k in mismatched[:3]
-    )
-    some = (missing + unexpected)[:3]
+    # the settings that differ say what to change; without them, the tensors that do not fit
+    detail = "; ".join(differences) or tensors
     raise MRLError(
         f"Checkpoint {path} was trained with a different model and does not fit this one "
-        f"({detail or 'parameters ' + ', '.join(some)}). Use the same backbone, head and data settings as "
+        f"({detail}). Use the same backbone, head and data settings as "
         "the run that wrote it (its config is stored in the checkpoint), or train without ckpt_path."
     )
 

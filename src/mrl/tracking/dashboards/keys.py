@@ -193,20 +193,24 @@ def union(runs: Iterable[LoggedRun], attr: str) -> set[str]:
     return out
 
 
-def config_value(config: dict[str, Any], dotted: str) -> Any:
-    """The value at ``head.kind`` of a nested config (None when absent)."""
+_ABSENT = object()
+
+
+def _lookup(config: dict[str, Any], dotted: str) -> Any:
     node: Any = config
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
-            return None
+            return _ABSENT
         node = node[part]
     return node
 
 
+def config_value(config: dict[str, Any], dotted: str) -> Any:
+    """The value at ``head.kind`` of a nested config (None when absent)."""
+    value = _lookup(config, dotted)
+    return None if value is _ABSENT else value
+
+
 def has_config(config: dict[str, Any], dotted: str) -> bool:
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
+    """Whether the nested config holds ``dotted`` (also when its value is None)."""
+    return _lookup(config, dotted) is not _ABSENT
