@@ -10,6 +10,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from mrl.errors import MRLError
+
 
 class EpochShuffleSampler(Sampler[int]):
     """A random order that is a function of ``(seed, epoch)`` alone.
@@ -41,6 +43,11 @@ class MRLDataModule(L.LightningDataModule):
 
     num_classes: int
     """Classes of the data set (the head's output size)."""
+    classes: tuple[str, ...]
+    """The classes' names in label order (label ``i`` is ``classes[i]``), each usable as a folder name: the
+    class folders of an ImageFolder tree or shards (WNIDs for ImageNet), torchvision's names for
+    Fashion-MNIST and CIFAR. Query sets given as folder trees (mrl-eval's robustness sets) are labelled
+    by these names."""
     in_chans: int
     """Channels of the model's input images."""
     img_size: int
@@ -102,6 +109,22 @@ class MRLDataModule(L.LightningDataModule):
 
     def configure_transforms(self, data_config: dict[str, Any]) -> None:
         """Receive the backbone's timm data config (mean, std, interpolation, crop). Default: unused."""
+
+    def image_file_transform(self) -> Callable[..., Any] | None:
+        """What the evaluation loader makes of one image file: its bytes (a uint8 tensor, as torchvision's
+        ``read_file`` gives them) -> the loader's image, so that files batched as the eval loader batches
+        (:func:`mrl.data.image_folder.image_files_loader`) become, through :meth:`model_inputs`, model
+        inputs preprocessed exactly like this data set's evaluation images. None: the loader hands over
+        the encoded bytes and :meth:`model_inputs` decodes them (``decode=gpu``)."""
+        raise MRLError(
+            f"{type(self).__name__} serves generated tensors, not images read from files, so image files "
+            "cannot be preprocessed the way its model saw its data. Evaluate image folders with a model "
+            "trained on images (data=imagefolder, shards, fashion_mnist, cifar10, ...)."
+        )
+
+    def loader_workers(self) -> int:
+        """Loader worker processes of this data set's loaders."""
+        return self.num_workers
 
     def _loader(self, split: str, train: bool, **options: Any) -> DataLoader:
         """The loader of ``split``; ``options`` override DataLoader arguments (workers, collate_fn)."""

@@ -11,6 +11,27 @@ import torch
 from mrl.data.in_memory import Arrays, InMemoryImageDataModule
 from mrl.errors import MRLError
 
+# the releases' label names (batches.meta's label_names, meta's fine_label_names), in label order; the
+# files are not read for them because a datamodule is built without its data (mrl.load, deployment)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# fmt: off
+CIFAR100_CLASSES = (
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle",
+    "bicycle", "bottle", "bowl", "boy", "bridge", "bus", "butterfly", "camel",
+    "can", "castle", "caterpillar", "cattle", "chair", "chimpanzee", "clock", "cloud",
+    "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant",
+    "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard",
+    "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree",
+    "motorcycle", "mountain", "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter",
+    "palm_tree", "pear", "pickup_truck", "pine_tree", "plain", "plate", "poppy", "porcupine",
+    "possum", "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea",
+    "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
+    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television",
+    "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale",
+    "willow_tree", "wolf", "woman", "worm",
+)
+# fmt: on
+
 
 class _CIFARDataModule(InMemoryImageDataModule):
     """CIFAR from the python-pickle release (``cifar-10-batches-py`` / ``cifar-100-python``).
@@ -82,6 +103,7 @@ class CIFAR10DataModule(_CIFARDataModule):
     """CIFAR-10: 10 classes, 50k training (minus ``val_size`` held out) and 10k test images."""
 
     num_classes = 10
+    classes = CIFAR10_CLASSES
     folder = "cifar-10-batches-py"
     train_files = tuple(f"data_batch_{i}" for i in range(1, 6))
     test_file = "test_batch"
@@ -95,6 +117,7 @@ class CIFAR100DataModule(_CIFARDataModule):
     """CIFAR-100: 100 fine classes, 50k training (minus ``val_size`` held out) and 10k test images."""
 
     num_classes = 100
+    classes = CIFAR100_CLASSES
     folder = "cifar-100-python"
     train_files = ("train",)
     test_file = "test"

@@ -186,6 +186,10 @@ class EncodedImageDataModule(MRLDataModule):
             self._batch_transform = BatchTransform(self.mean, self.std, self.augment)
         return self._batch_transform
 
+    def image_file_transform(self) -> ImageTransform | None:
+        # the eval split's own per-image half; decode=gpu hands over the bytes, as its loaders do
+        return None if self.decode == "gpu" else self.image_transform(train=False)
+
     def loader_workers(self) -> int:
         if not self.auto_workers:
             return self.num_workers

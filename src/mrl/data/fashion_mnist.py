@@ -19,6 +19,19 @@ FILES = {
 }
 # Channel statistics of the Fashion-MNIST training images.
 MEAN, STD = (0.2860,), (0.3530,)
+# torchvision's FashionMNIST.classes, as folder names ('T-shirt/top' with '_' for the '/')
+CLASSES = (
+    "T-shirt_top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 
 def _find(data_dir: Path, stem: str) -> Path | None:
@@ -66,6 +79,7 @@ class FashionMNISTDataModule(InMemoryImageDataModule):
 
     dataset_name = "Fashion-MNIST"
     num_classes = 10
+    classes = CLASSES
     in_chans = 1
     native_size = 28
     mean, std = MEAN, STD

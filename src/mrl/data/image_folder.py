@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.io import read_file
 
-from mrl.data.encoded import EncodedImageDataModule, EncodedSample
+from mrl.data.base import MRLDataModule
+from mrl.data.encoded import EncodedImageDataModule, EncodedSample, collate_encoded
 from mrl.data.preprocess import ImageTransform, decode_reason
 from mrl.errors import MRLError
 
@@ -120,9 +121,9 @@ class ImageFolderDataModule(EncodedImageDataModule):
             "val": list_image_folder(self.root / self.split_dirs["val"]),
             "test": list_image_folder(test_dir),
         }
-        self.classes = self.listings["train"].classes
+        self.classes = tuple(self.listings["train"].classes)
         for split, listing in self.listings.items():
-            if listing.classes != self.classes:
+            if tuple(listing.classes) != self.classes:
                 raise MRLError(
                     f"The {split} split's class folders differ from train's in {self.root}: every split "
                     "needs the same set of class folders."
@@ -140,3 +141,20 @@ class ImageFolderDataModule(EncodedImageDataModule):
 
     def _loader(self, split: str, train: bool) -> torch.utils.data.DataLoader:
         return super()._loader(split, train, **self._loader_options())
+
+
+def image_files_loader(datamodule: MRLDataModule, listing: ImageFolder) -> DataLoader:
+    """A loader over the files of ``listing`` (its targets: ``datamodule``'s labels) whose batches
+    ``datamodule.model_inputs`` turns into model inputs exactly as it turns its evaluation split's: the
+    same per-image half (:meth:`~mrl.data.base.MRLDataModule.image_file_transform`), batch size and
+    collation. Unshuffled, so its items come in the listing's order."""
+    transform = datamodule.image_file_transform()
+    workers = datamodule.loader_workers()
+    return DataLoader(
+        EncodedImageFolder(listing, transform),
+        batch_size=datamodule.eval_batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_encoded if transform is None else None,
+        persistent_workers=False,
+    )

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset, random_split
 
 from mrl.data.base import MRLDataModule
-from mrl.data.preprocess import normalize_uint8_batch, random_crop
+from mrl.data.preprocess import CropSpec, ImageTransform, normalize_uint8_batch, random_crop
 from mrl.errors import MRLError
 
 # (images uint8 (N, C, H, W), labels int64 (N,))
@@ -116,6 +116,12 @@ class InMemoryImageDataModule(MRLDataModule):
             "val": first(val_part, self.limit_eval),
             "test": first(TensorDataset(*test), self.limit_eval),
         }
+
+    def image_file_transform(self) -> ImageTransform:
+        # Files become what this data set stores: its channels (grey for Fashion-MNIST), whole images
+        # scaled (shorter side) to the native size and centre-cropped square; the batch transform then
+        # resizes them to img_size and normalises them, as it does the stored images.
+        return ImageTransform(CropSpec(self.native_size, crop_pct=1.0), train=False, in_chans=self.in_chans)
 
     def on_after_batch_transfer(self, batch: Arrays, dataloader_idx: int) -> Arrays:
         x, y = batch

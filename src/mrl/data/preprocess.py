@@ -125,6 +125,18 @@ def decode_rgb(data: torch.Tensor | bytes | np.ndarray) -> torch.Tensor:
     return decode_image(data, mode=ImageReadMode.RGB)
 
 
+def decode_channels(data: torch.Tensor | bytes | np.ndarray, in_chans: int) -> torch.Tensor:
+    """Encoded image bytes -> ``uint8 (in_chans, H, W)``: RGB (:func:`decode_rgb`) or, for a 1-channel
+    model, grey (colour converted to luminance by the decoder)."""
+    if in_chans == 3:
+        return decode_rgb(data)
+    if in_chans != 1:
+        raise MRLError(f"Image files are read as grey or RGB images (1 or 3 channels), not {in_chans}.")
+    if isinstance(data, bytes | bytearray | memoryview | np.ndarray):
+        data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return decode_image(data, mode=ImageReadMode.GRAY)
+
+
 def decode_reason(err: BaseException) -> str:
     """torchvision's decode error in a few words: without its C++ source location and later sentences."""
     text = re.sub(r"^\w+, \S+:\d+, ", "", " ".join(str(err).split()))
@@ -234,12 +246,19 @@ class ImageTransform:
     train: bool
     augment: dict[str, Any] = field(default_factory=dict)
     mean: Sequence[float] = (0.485, 0.456, 0.406)
+    # channels of the decoded image: 3 (RGB) for the file-reading datamodules; 1 (grey) where a grey
+    # in-memory data set's model evaluates image files
+    in_chans: int = 3
 
     def __post_init__(self) -> None:
         self._secondary = _secondary_augment(self.augment, self.spec, self.mean) if self.train else None
 
     def __call__(self, data: Any, rng: random.Random | None = None) -> torch.Tensor:
-        image = data if isinstance(data, torch.Tensor) and data.dim() == 3 else decode_rgb(data)
+        image = (
+            data
+            if isinstance(data, torch.Tensor) and data.dim() == 3
+            else decode_channels(data, self.in_chans)
+        )
         if not self.train:
             return eval_crop(image, self.spec)
         rng = rng or random.Random()

@@ -163,7 +163,7 @@ class ShardDataModule(EncodedImageDataModule):
         self.storage_options = dict(storage_options or {})
         self.shuffle = bool(shuffle)
         self.metadata = read_metadata(self.input_dir, self.storage_options)
-        self.classes = list(self.metadata["classes"])
+        self.classes = tuple(self.metadata["classes"])
         self.num_classes = len(self.classes)
 
     def _eval_batch_size(self, split: str) -> int:

@@ -148,6 +148,7 @@ class SyntheticDataModule(MRLDataModule):
     ) -> None:
         super().__init__(seed=seed, **loader_kwargs)
         self.num_classes = int(num_classes)
+        self.classes = tuple(str(i) for i in range(self.num_classes))  # unnamed: the labels themselves
         self.in_chans = int(in_chans)
         self.img_size = int(img_size)
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
