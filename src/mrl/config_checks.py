@@ -13,6 +13,7 @@ import inspect
 import math
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from mrl.errors import MRLError
@@ -475,6 +476,8 @@ def check_eval_config(cfg: Node, prefix: str = "") -> None:
     chunks = mapping(cfg.get("chunks"), f"{p}chunks", f"{p}chunks.query=4096")
     for key in chunks:
         positive_int(chunks, key, f"{p}chunks.", f"{p}chunks.{key}=4096")
+    if "robustness" in cfg:
+        robustness_sets(cfg["robustness"], p)
 
 
 def _check_adaptive_classification(ac: Node, p: str) -> None:
@@ -535,3 +538,47 @@ def _check_adaptive_retrieval(ar: Node, p: str) -> None:
     boolean(ar, "hnsw", q)
     for key in ("hnsw_m", "hnsw_ef_search", "hnsw_ef_construction"):
         positive_int(ar, key, q, f"{q}{key}=40")
+
+
+# ---- mrl-eval's robustness sets -----------------------------------------------------------------
+
+ROBUSTNESS_SET_KEYS = ("root", "restrict")
+
+
+def robustness_sets(node: Any, p: str) -> dict[str, dict[str, Any]]:
+    """``robustness.sets`` checked, as ``{name: {"root": Path, "restrict": bool}}`` (a set's own
+    ``restrict`` or ``robustness.restrict``): every name usable in file names, every root an existing
+    folder. Whether its folders are training classes is checked once the checkpoint's data is known
+    (:mod:`mrl.eval.robustness`)."""
+    q = f"{p}robustness."
+    robustness = mapping(node, f"{p}robustness", f"+{q}sets.v2=/data/imagenetv2")
+    boolean(robustness, "restrict", q)
+    sets = mapping(robustness.get("sets"), f"{q}sets", f"+{q}sets.v2=/data/imagenetv2")
+    out = {}
+    for name, spec in sets.items():
+        key = f"{q}sets.{name}"
+        require(
+            re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(name)) is not None,
+            f"{q}sets",
+            name,
+            "named with letters, digits, '_', '-' and '.' (the name is part of file names)",
+            f"+{q}sets.imagenet_a=/data/imagenet-a",
+        )
+        spec = {"root": spec} if isinstance(spec, str) else mapping(spec, key, f"+{key}=/data/{name}")
+        unknown = sorted(set(spec) - set(ROBUSTNESS_SET_KEYS))
+        if unknown or not isinstance(spec.get("root"), str):
+            raise MRLError(
+                f"{key}={spec!r} is not valid: give the set's folder ({key}=<dir>) or "
+                f"{{root: <dir>, restrict: true|false}} (keys {', '.join(ROBUSTNESS_SET_KEYS)}"
+                f"{'; unknown: ' + ', '.join(unknown) if unknown else ''})."
+            )
+        boolean(spec, "restrict", f"{key}.")
+        root = Path(spec["root"]).expanduser()
+        if not root.is_dir():
+            raise MRLError(
+                f"{key}: {root} {'is not a folder' if root.exists() else 'does not exist'}. Give the root "
+                "of an ImageFolder tree, <root>/<class>/<image>, whose folders are named after the "
+                "training data's classes (WNIDs for ImageNet)."
+            )
+        out[str(name)] = {"root": root, "restrict": bool(spec.get("restrict", robustness["restrict"]))}
+    return out

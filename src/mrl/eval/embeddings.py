@@ -87,19 +87,41 @@ def export_split(
             f"The data set has no '{split}' split (it has: {', '.join(sorted(datamodule.datasets))}). "
             "Choose database_split / query_split among those."
         )
-    emb_path, lbl_path, meta_path = embedding_paths(out_dir, split)
+    n = len(datamodule.datasets[split])
+    loader = datamodule.split_loader(split)
+    return export_loader(module, datamodule, loader, n, split, out_dir, fingerprint, dtype, device, precision)
+
+
+def export_loader(
+    module: torch.nn.Module,
+    datamodule,
+    loader,
+    n: int,
+    name: str,
+    out_dir: Path,
+    fingerprint: dict[str, Any],
+    dtype: str,
+    device: torch.device,
+    precision: str | int | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The embeddings of the ``n`` items of ``loader`` (batches ``datamodule.model_inputs`` takes), written
+    to ``<name>_embeddings.npy`` / ``<name>_labels.npy`` in ``out_dir`` as :func:`export_split` writes a
+    split's (reused while ``fingerprint`` is unchanged)."""
+    cached = load_cached(out_dir, name, fingerprint)
+    if cached is not None:
+        log.info("Reusing %s embeddings from %s", name, out_dir)
+        return cached
+    emb_path, lbl_path, meta_path = embedding_paths(out_dir, name)
     meta_path.unlink(missing_ok=True)  # the old files are invalid from here on
     module = module.to(device).eval()
-    n = len(datamodule.datasets[split])
     out = None
     labels = np.empty(n, dtype=np.int64)
     row = 0
-    loader = datamodule.split_loader(split)
     try:
         batches = len(loader)
     except TypeError:  # an iterable data set may not know its length
         batches = None
-    progress = Progress(f"embeddings: {split} batches", batches)
+    progress = Progress(f"embeddings: {name} batches", batches)
     # both files are complete before either appears; the fingerprint, written last, marks them valid
     with atomic_path(emb_path) as tmp_emb, atomic_path(lbl_path) as tmp_lbl:
         with torch.inference_mode(), _autocast(device, precision):
@@ -113,7 +135,7 @@ def export_split(
                 row += len(z)
                 progress.step()
         if out is None or row != n:
-            raise MRLError(f"The '{split}' split yielded {row} of its {n} items; cannot export embeddings.")
+            raise MRLError(f"The '{name}' split yielded {row} of its {n} items; cannot export embeddings.")
         out.flush()
         del out
         with open(tmp_lbl, "wb") as f:

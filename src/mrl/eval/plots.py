@@ -25,8 +25,8 @@ def _plt():
 
 
 def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
-    """``acc_vs_size.png`` (every method), ``adaptive_classification.png``, ``adaptive_retrieval.png``;
-    a plot whose methods did not run is not written."""
+    """``acc_vs_size.png`` (every method), ``adaptive_classification.png``, ``adaptive_retrieval.png``,
+    ``robustness.png``; a plot whose methods did not run is not written."""
     paths = []
     curves = _size_curves(report)
     if curves:
@@ -37,6 +37,8 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
         paths.append(_adaptive_classification_plot(report, out_dir / "adaptive_classification.png"))
     if report["adaptive_retrieval"]:
         paths.append(_adaptive_retrieval_plot(report, out_dir / "adaptive_retrieval.png"))
+    if report.get("robustness"):
+        paths.append(_robustness_plot(report, out_dir / "robustness.png"))
     return paths
 
 
@@ -96,3 +98,14 @@ def _adaptive_retrieval_plot(report: dict[str, Any], path: Path) -> Path:
     axes[1].legend(fontsize=7)
     fig.suptitle("Adaptive retrieval: quality against cost")
     return save_figure(fig, path)
+
+
+def _robustness_plot(report: dict[str, Any], path: Path) -> Path:
+    """Linear top-1 vs size: the standard query split, and one line per robustness set."""
+    curves = {}
+    if report["linear"]:
+        curves["query split"] = _curve(report["linear"], "top1")
+    for name, entry in report["robustness"].items():
+        restricted = f", {entry['classes']} classes" if entry["restricted"] else ""
+        curves[f"{name} ({entry['images']} images{restricted})"] = _curve(entry["top1"])
+    return plot_accuracy_vs_size(curves, path, "Robustness sets: linear top-1 vs size", "top-1")

@@ -19,6 +19,7 @@ REPORT_KEYS = (
     "adaptive_retrieval",
     "exact_retrieval",
     "baselines",
+    "robustness",
     "checkpoint",
 )
 
@@ -47,6 +48,8 @@ def build_report(sizes: list[int], sections: Mapping[str, Any], checkpoint: dict
             "svd_1nn": _str_keys(baselines.get("svd_1nn", {})),
             "slice_1nn": _str_keys(baselines.get("slice_1nn", {})),
         },
+        # per robustness set: root, images, classes covered, restricted, top1 per size (mrl.eval.robustness)
+        "robustness": dict(sections.get("robustness", {})),
         "checkpoint": dict(checkpoint),
     }
 

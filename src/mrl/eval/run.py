@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mrl.checkpoints import require_checkpoint_file
+from mrl.config_checks import robustness_sets
 from mrl.errors import MRLError
 from mrl.eval.context import EvalContext
 from mrl.eval.embeddings import export_split
@@ -21,6 +22,7 @@ from mrl.eval.locations import checkpoint_id, checkpoint_record, claim_output_di
 from mrl.eval.model import fingerprint, load_for_eval
 from mrl.eval.plots import write_plots
 from mrl.eval.report_file import build_report, write_report
+from mrl.eval.robustness import SetEmbeddings, export_sets, open_sets, robustness_section
 from mrl.eval.summary import summary_text
 from mrl.eval.wandb_tables import log_report
 
@@ -78,12 +80,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.embedding_dtype not in ("float32", "float16"):
         raise MRLError(f"embedding_dtype must be float32 or float16, got {cfg.embedding_dtype}.")
     check_settings(cfg)  # the evaluators' options, before any work
+    robustness_sets(OmegaConf.to_container(cfg.robustness), "")  # the sets' roots exist, before any work
     ckpt_id = checkpoint_id(cfg.ckpt_path)
     claim_output_dir(out_dir, cfg.ckpt_path, ckpt_id)  # refuses another checkpoint's results first
     OmegaConf.save(cfg, out_dir / "eval_config.yaml")
     _seed_and_threads(cfg)
     clock = StageClock()
-    ctx, train_cfg = _context(cfg, out_dir)
+    ctx, train_cfg, robust = _context(cfg, out_dir)
     log.info(
         "embeddings ready after %.1fs: database %s, queries %s",
         clock.mark("embeddings"),
@@ -91,6 +94,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         ctx.queries.shape,
     )
     sections = run_evaluators(ctx, cfg, clock.lap)
+    if robust:  # the extra query sets (robustness.sets), by the same trained heads
+        sections["robustness"] = robustness_section(ctx.head, robust, ctx.sizes, ctx.chunks.head)
+        clock.lap("robustness")
     report = build_report(ctx.sizes, sections, checkpoint_record(cfg.ckpt_path, ckpt_id))
     write_report(report, out_dir)
     link_to_training_run(out_dir, cfg.ckpt_path, ckpt_id)
@@ -109,19 +115,24 @@ def _seed_and_threads(cfg: DictConfig) -> None:
         faiss.omp_set_num_threads(int(cfg.threads))
 
 
-def _context(cfg: DictConfig, out_dir: Path) -> tuple[EvalContext, dict]:
+def _context(cfg: DictConfig, out_dir: Path) -> tuple[EvalContext, dict, list[SetEmbeddings]]:
     """The checkpoint's model and data, its exported embeddings, and the evaluators' shared context;
-    also the training run's config."""
+    also the training run's config and the robustness sets' embeddings."""
     data_overrides = OmegaConf.to_container(cfg.data, resolve=True) if cfg.data else None
     module, datamodule, train_cfg = load_for_eval(cfg.ckpt_path, data_overrides)
     requested = OmegaConf.to_container(cfg.sizes) if cfg.sizes is not None else None
     sizes = report_sizes(requested, list(module.nesting), module.head.in_features)
     device = _device(str(cfg.device))
+    sets = open_sets(OmegaConf.to_container(cfg.robustness), datamodule)  # folders named as classes
     emb = _export_embeddings(cfg, module, datamodule, train_cfg, out_dir, device)
+    precision = (train_cfg.get("trainer") or {}).get("precision")
+    robust = export_sets(
+        module, datamodule, sets, out_dir, cfg.ckpt_path, train_cfg, cfg.embedding_dtype, device, precision
+    )
     kind = (train_cfg.get("head") or {}).get("kind")
     database, queries = emb[cfg.database_split], emb[cfg.query_split]
     ctx = EvalContext.from_config(cfg, database, queries, module.head, sizes, kind, device)
-    return ctx, train_cfg
+    return ctx, train_cfg, robust
 
 
 def _export_embeddings(

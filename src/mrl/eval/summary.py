@@ -35,6 +35,7 @@ def summary_text(report: dict[str, Any]) -> str:
             f"{100 * r['map@10']:.2f}, top-1 {100 * r['top1']:.2f}, {r['mflops_per_query']:.3f} MFLOPs, "
             f"{1e3 * r['seconds_per_query']:.3f} ms/query ({speedup:.1f}x faster than exact)"
         )
+    lines += _robustness_lines(report)
     if report["adaptive_classification"]:
         lines.append("")
         lines.append("adaptive classification (accuracy | expected size | total size):")
@@ -43,3 +44,17 @@ def summary_text(report: dict[str, Any]) -> str:
                 f"  {100 * r['accuracy']:6.2f}% | {r['expected_size']:8.1f} | {r['total_size']:8.1f}"
             )
     return "\n".join(lines)
+
+
+def _robustness_lines(report: dict[str, Any]) -> list[str]:
+    """Linear top-1 (%) per size of each robustness set, with its images and classes."""
+    sets = report.get("robustness") or {}
+    if not sets:
+        return []
+    sizes = list(next(iter(sets.values()))["top1"])
+    lines = ["", "robustness sets, linear top-1 (%):", f"{'set':>16}" + "".join(f"{d:>8}" for d in sizes)]
+    for name, e in sets.items():
+        masked = ", logits of these classes only" if e["restricted"] else ""
+        values = "".join(f"{100 * e['top1'][d]:>8.2f}" for d in sizes)
+        lines.append(f"{name:>16}{values}  ({e['images']} images, {e['classes']} classes{masked})")
+    return lines

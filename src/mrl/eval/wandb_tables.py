@@ -28,6 +28,8 @@ def log_report(run, report: dict[str, Any], pngs: list[Path]) -> None:
         data |= _adaptive_classification_table(report["adaptive_classification"])
     if report["adaptive_retrieval"]:
         data |= _adaptive_retrieval_table(report["adaptive_retrieval"])
+    if report.get("robustness"):
+        data |= _robustness_table(report)
     for png in pngs:
         data[f"eval/{png.stem}_png"] = wandb.Image(str(png))
     run.log(data)
@@ -78,6 +80,27 @@ def _adaptive_retrieval_table(rows: list[dict]) -> dict[str, Any]:
     }
 
 
+def _robustness_table(report: dict[str, Any]) -> dict[str, Any]:
+    """One row per (set, size), the standard query split's linear top-1 as the set ``query split``,
+    and a chart of top-1 vs size with one line per set."""
+    import wandb
+
+    cols = ["set", "size", "top1", "images", "classes", "restricted"]
+    rows = [
+        [name, int(d), v, e["images"], e["classes"], e["restricted"]]
+        for name, e in report["robustness"].items()
+        for d, v in e["top1"].items()
+    ]
+    rows += [["query split", int(d), v["top1"], None, None, False] for d, v in report["linear"].items()]
+    table = wandb.Table(columns=cols, data=rows)
+    return {
+        "eval/robustness": table,
+        "eval/robustness_chart": wandb.plot.line(
+            table, "size", "top1", stroke="set", title="Robustness sets: linear top-1 vs size"
+        ),
+    }
+
+
 def _summary_numbers(report: dict[str, Any]) -> dict[str, float]:
     summary = {}
     for section in ("linear", "knn", "retrieval"):  # every per-size number (retrieval: every k)
@@ -89,4 +112,7 @@ def _summary_numbers(report: dict[str, Any]) -> dict[str, float]:
             summary[f"eval/baselines/{name}@{d}"] = value
     for key, value in report["exact_retrieval"].items():
         summary[f"eval/exact_retrieval/{key}"] = value
+    for name, entry in report.get("robustness", {}).items():
+        for d, value in entry["top1"].items():
+            summary[f"eval/robustness/{name}/top1@{d}"] = value
     return summary
