@@ -22,6 +22,7 @@ OPTIONS = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
 # What training, evaluation and deployment read from a datamodule.
 ATTRIBUTES = {
     "num_classes": int,
+    "classes": tuple,
     "in_chans": int,
     "img_size": int,
     "img_size_fixed": bool,
@@ -34,7 +35,16 @@ ATTRIBUTES = {
     "seed": int,
     "datasets": dict,
 }
-METHODS = ("resize", "configure_transforms", "split_loader", "model_inputs", "setup", "prepare_data")
+METHODS = (
+    "resize",
+    "configure_transforms",
+    "split_loader",
+    "model_inputs",
+    "setup",
+    "prepare_data",
+    "image_file_transform",
+    "loader_workers",
+)
 # a backbone's timm data config, unlike timm's ImageNet defaults the file-reading modules start from
 BACKBONE_CONFIG = {
     "input_size": (3, 224, 224),
@@ -81,6 +91,9 @@ def check_declared(dm: Any) -> None:
         assert isinstance(value, kind), (name, value)
     assert dm.num_classes > 0 and dm.in_chans > 0 and dm.img_size > 0 and dm.eval_img_size > 0
     assert len(dm.mean) == len(dm.std) == dm.in_chans
+    # class names in label order, one per class, each a folder name (robustness sets are labelled by them)
+    assert len(set(dm.classes)) == len(dm.classes) == dm.num_classes
+    assert all(isinstance(c, str) and c and "/" not in c for c in dm.classes)
     assert all(isinstance(v, float) for v in (*dm.mean, *dm.std)) and all(v > 0 for v in dm.std)
     assert dm.upsizable == (dm.resizable and not dm.img_size_fixed)
     for method in METHODS:

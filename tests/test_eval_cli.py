@@ -25,6 +25,7 @@ REPORT_KEYS = {
     "adaptive_retrieval",
     "exact_retrieval",
     "baselines",
+    "robustness",
     "checkpoint",
 }
 SIZES = ["2", "4", "8", "16"]  # the trained sizes of the module's checkpoint, as report.json keys
@@ -119,6 +120,7 @@ def evaluated(trained, tmp_path_factory) -> Evaluated:
 def test_eval_reports_every_section_at_every_size(evaluated, trained):
     report = evaluated.report
     assert set(report) == REPORT_KEYS
+    assert report["robustness"] == {}  # no robustness.sets given (tests/test_robustness.py)
     assert report["sizes"] == [2, 4, 8, 16]
     assert list(report["linear"]) == list(report["knn"]) == list(report["retrieval"]) == SIZES
     for d in SIZES:

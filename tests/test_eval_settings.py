@@ -25,6 +25,7 @@ from mrl.eval import (
     knn,
     linear,
     retrieval,
+    robustness,
 )
 from mrl.eval.context import EvalContext
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
@@ -40,6 +41,7 @@ EVALUATOR_MODULES = (
     knn,
     linear,
     retrieval,
+    robustness,
 )
 # Parameters with a default that is no setting of conf/eval.yaml: optional inputs and what the caller may
 # already have computed
@@ -311,3 +313,29 @@ def test_an_evaluator_sees_only_its_own_sections(monkeypatch):
     evaluators.run_evaluators(_context(cfg), cfg, lambda name: None)
     assert seen == {e.name: set(e.settings) for e in recording}
     assert seen["knn+retrieval"] == {"knn", "retrieval"} and seen["linear"] == set()
+
+
+def test_robustness_settings_reach_the_sets(tiny_image_tree):
+    """``robustness.restrict`` and each set's own ``restrict`` and ``root`` (conf/eval.yaml) reach the sets
+    ``mrl-eval`` evaluates (run.py passes ``cfg.robustness`` to ``open_sets``)."""
+    from hydra.utils import instantiate
+
+    from mrl.data.image_folder import ImageFolderDataModule
+
+    val = tiny_image_tree / "val"
+    cfg = _compose(
+        "robustness.restrict=false",
+        f"+robustness.sets.a={val}",
+        f"+robustness.sets.b={{root:{val},restrict:true}}",
+    )
+    assert _compose().robustness.restrict is True  # the defaults: restrict, no sets
+    datamodule = instantiate(
+        {
+            "_target_": f"{ImageFolderDataModule.__module__}.ImageFolderDataModule",
+            "root": str(tiny_image_tree),
+            "num_workers": 0,
+        }
+    )
+    a, b = robustness.open_sets(OmegaConf.to_container(cfg.robustness), datamodule)
+    assert (a.name, a.root, a.restrict) == ("a", val, False)
+    assert (b.name, b.root, b.restrict) == ("b", val, True)
