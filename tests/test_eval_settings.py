@@ -315,27 +315,27 @@ def test_an_evaluator_sees_only_its_own_sections(monkeypatch):
     assert seen["knn+retrieval"] == {"knn", "retrieval"} and seen["linear"] == set()
 
 
-def test_robustness_settings_reach_the_sets(tiny_image_tree):
-    """``robustness.restrict`` and each set's own ``restrict`` and ``root`` (conf/eval.yaml) reach the sets
-    ``mrl-eval`` evaluates (run.py passes ``cfg.robustness`` to ``open_sets``)."""
+def test_robustness_settings_reach_the_sets(tiny_image_tree, tmp_path):
+    """``robustness.restrict`` / ``robustness.folders`` and each set's own ``root``, ``restrict`` and
+    ``folders`` (conf/eval.yaml) reach the sets ``mrl-eval`` evaluates (run.py passes ``cfg.robustness``
+    to ``open_sets``)."""
     from hydra.utils import instantiate
 
-    from mrl.data.image_folder import ImageFolderDataModule
-
-    val = tiny_image_tree / "val"
+    val, numbered = tiny_image_tree / "val", tmp_path / "numbered"
+    numbered.mkdir()
+    for label in range(4):
+        (numbered / str(label)).symlink_to(val / f"class_{label:04d}")
     cfg = _compose(
         "robustness.restrict=false",
-        f"+robustness.sets.a={val}",
-        f"+robustness.sets.b={{root:{val},restrict:true}}",
+        "robustness.folders=indices",
+        f"+robustness.sets.a={numbered}",
+        f"+robustness.sets.b={{root:{val},restrict:true,folders:names}}",
     )
-    assert _compose().robustness.restrict is True  # the defaults: restrict, no sets
-    datamodule = instantiate(
-        {
-            "_target_": f"{ImageFolderDataModule.__module__}.ImageFolderDataModule",
-            "root": str(tiny_image_tree),
-            "num_workers": 0,
-        }
-    )
+    defaults = _compose().robustness
+    assert (defaults.restrict, defaults.folders, dict(defaults.sets)) == (True, "names", {})
+    target = "mrl.data.image_folder.ImageFolderDataModule"
+    datamodule = instantiate({"_target_": target, "root": str(tiny_image_tree), "num_workers": 0})
     a, b = robustness.open_sets(OmegaConf.to_container(cfg.robustness), datamodule)
-    assert (a.name, a.root, a.restrict) == ("a", val, False)
-    assert (b.name, b.root, b.restrict) == ("b", val, True)
+    assert (a.name, a.root, a.restrict, a.covered) == ("a", numbered, False, (0, 1, 2, 3))
+    assert (b.name, b.root, b.restrict, b.covered) == ("b", val, True, (0, 1, 2, 3))
+    assert [t for _, t in a.listing.samples] == [t for _, t in b.listing.samples]

@@ -15,6 +15,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import BIN, wandb_inspect, wandb_run_dirs
@@ -27,7 +28,10 @@ from mrl.eval.robustness import class_labels, masked_top1, open_sets
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 from mrl.resolvers import register_resolvers
 
-SETTINGS = {"restrict": True, "sets": {}}
+
+def settings(sets: dict, restrict: bool = True, folders: str = "names") -> dict:
+    """conf/eval.yaml's ``robustness`` section with ``sets``."""
+    return {"restrict": restrict, "folders": folders, "sets": sets}
 
 
 # ---- mapping by name, masking -----------------------------------------------------------------
@@ -69,24 +73,28 @@ def test_masked_top1_is_the_argmax_over_the_covered_classes(efficient):
 # ---- settings and bad input -------------------------------------------------------------------
 
 
-def test_settings_forms_and_restrict(tmp_path):
+def test_settings_forms_restrict_and_folders(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     sets = robustness_sets(
-        {"restrict": True, "sets": {"v2": str(a), "r": {"root": str(b), "restrict": False}}}, ""
+        settings({"v2": str(a), "r": {"root": str(b), "restrict": False, "folders": "indices"}}), ""
     )
-    assert sets == {"v2": {"root": a, "restrict": True}, "r": {"root": b, "restrict": False}}
-    assert robustness_sets({"restrict": False, "sets": {"v2": str(a)}}, "")["v2"]["restrict"] is False
+    assert sets == {
+        "v2": {"root": a, "restrict": True, "folders": "names"},
+        "r": {"root": b, "restrict": False, "folders": "indices"},
+    }
+    other = robustness_sets(settings({"v2": str(a)}, restrict=False, folders="indices"), "")
+    assert other["v2"] == {"root": a, "restrict": False, "folders": "indices"}
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(
             "eval",
             overrides=[
                 "ckpt_path=x",
                 f"+robustness.sets.v2={a}",
-                f"+robustness.sets.r={{root:{b},restrict:false}}",
+                f"+robustness.sets.r={{root:{b},restrict:false,folders:indices}}",
             ],
         )
-    assert robustness_sets(dict(cfg.robustness), "") == sets
+    assert robustness_sets(OmegaConf.to_container(cfg.robustness), "") == sets
 
 
 @pytest.mark.parametrize(
@@ -94,10 +102,14 @@ def test_settings_forms_and_restrict(tmp_path):
     [
         ({"v2": "MISSING"}, ["robustness.sets.v2", "does not exist", "ImageFolder tree"]),
         ({"v2": "FILE"}, ["is not a folder"]),
-        ({"v2": {"root": "ROOT", "mask": True}}, ["unknown: mask", "{root: <dir>, restrict: true|false}"]),
+        (
+            {"v2": {"root": "ROOT", "mask": True}},
+            ["unknown: mask", "{root: <dir>, restrict: true|false, folders: names|indices}"],
+        ),
         ({"v2": {"restrict": True}}, ["give the set's folder"]),
         ({"v 2": "ROOT"}, ["letters, digits"]),
         ({"v2": {"root": "ROOT", "restrict": "yes"}}, ["robustness.sets.v2.restrict", "true or false"]),
+        ({"v2": {"root": "ROOT", "folders": "wnids"}}, ["robustness.sets.v2.folders", "names or indices"]),
     ],
 )
 def test_bad_settings_are_refused(tmp_path, sets, words):
@@ -108,7 +120,7 @@ def test_bad_settings_are_refused(tmp_path, sets, words):
         return {k: fill(x) for k, x in v.items()} if isinstance(v, dict) else paths.get(v, v)
 
     with pytest.raises(MRLError) as err:
-        robustness_sets({"restrict": True, "sets": fill(sets)}, "")
+        robustness_sets(settings(fill(sets)), "")
     for word in words:
         assert word in str(err.value)
 
@@ -125,18 +137,32 @@ def test_bad_trees_are_refused_before_any_work(tiny_image_tree, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(MRLError, match="holds no class folders"):
-        open_sets({"restrict": True, "sets": {"e": str(empty)}}, dm)
+        open_sets(settings({"e": str(empty)}), dm)
     (empty / "class_0001").mkdir()
     with pytest.raises(MRLError, match="class folders without image files"):
-        open_sets({"restrict": True, "sets": {"e": str(empty)}}, dm)
+        open_sets(settings({"e": str(empty)}), dm)
     stray = tmp_path / "stray"
     shutil.copytree(tiny_image_tree / "val" / "class_0001", stray / "class_0001")
     shutil.copytree(tiny_image_tree / "val" / "class_0002", stray / "dog")
     with pytest.raises(MRLError, match=r"not classes of the training data: dog\. .*class_0000, class_0001"):
-        open_sets({"restrict": True, "sets": {"s": str(stray)}}, dm)
+        open_sets(settings({"s": str(stray)}), dm)
     synthetic = _datamodule("synthetic", "data.num_classes=4")
     with pytest.raises(MRLError, match="generated tensors, not images"):
-        open_sets({"restrict": True, "sets": {"s": str(tiny_image_tree / "val")}}, synthetic)
+        open_sets(settings({"s": str(tiny_image_tree / "val")}), synthetic)
+
+
+def test_folders_named_by_label_index(tiny_image_tree, tmp_path):
+    """``folders: indices`` (ImageNet-V2's layout): folder ``3`` is label 3, whatever the names."""
+    dm = _datamodule("imagefolder", f"data.root={tiny_image_tree}", "data.num_workers=0")
+    numbered = tmp_path / "numbered"
+    for label in (3, 1):
+        shutil.copytree(tiny_image_tree / "val" / dm.classes[label], numbered / str(label))
+    (s,) = open_sets(settings({"n": str(numbered)}, folders="indices"), dm)
+    assert s.covered == (1, 3) and sorted(set(s.listing.targets)) == [1, 3]
+    assert all(Path(p).parent.name == str(t) for p, t in s.listing.samples)
+    (numbered / "3").rename(numbered / "4")  # the tree has 4 classes: 0 ... 3
+    with pytest.raises(MRLError, match=r"class folders 4 are not label indices 0 \.\.\. 3"):
+        open_sets(settings({"n": str(numbered)}, folders="indices"), dm)
 
 
 # ---- the checkpoint's own evaluation preprocessing -----------------------------------------------
@@ -163,7 +189,7 @@ def test_image_files_become_the_eval_splits_own_model_inputs(tiny_image_tree, de
         {"interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.25,) * 3, "crop_pct": 0.9}
     )
     dm.setup()
-    (s,) = open_sets({"restrict": True, "sets": {"val": str(tiny_image_tree / "val")}}, dm)
+    (s,) = open_sets(settings({"val": str(tiny_image_tree / "val")}), dm)
     x, y = _inputs(dm, image_files_loader(dm, s.listing))
     x_ref, y_ref = _inputs(dm, dm.split_loader("val"))
     assert torch.equal(y, y_ref) and torch.equal(x, x_ref)
@@ -184,7 +210,7 @@ def test_rgb_files_for_a_grey_model_are_read_as_its_own_images(tiny_fashion_mnis
             folder.mkdir(parents=True, exist_ok=True)
             rgb = Image.fromarray(image[0].numpy()).convert("RGB")
             rgb.resize((side, side), Image.Resampling.BICUBIC).save(folder / f"{i:03d}.png")
-        (s,) = open_sets({"restrict": False, "sets": {"f": str(root)}}, dm)
+        (s,) = open_sets(settings(restrict=False, sets={"f": str(root)}), dm)
         x, y = _inputs(dm, image_files_loader(dm, s.listing))
         files = [Path(p) for p, _ in s.listing.samples]
         # the plain way: grey pixels, antialiased down to 28 px, rounded to uint8, then the data's batch path
@@ -270,6 +296,9 @@ def test_eval_robustness_sets_end_to_end(trained_on_a_tree, tmp_path):
     subset = tmp_path / "subset"
     for name in ("class_0004", "class_0001", "class_0003"):
         shutil.copytree(tree / "val" / name, subset / name)
+    numbered = tmp_path / "numbered"  # the same classes named by label (ImageNet-V2's layout)
+    for label in (4, 1, 3):
+        shutil.copytree(tree / "val" / f"class_{label:04d}", numbered / str(label))
     log_dir = tmp_path / "logs"
     proc = _cli(
         "mrl-eval",
@@ -284,12 +313,13 @@ def test_eval_robustness_sets_end_to_end(trained_on_a_tree, tmp_path):
         f"+robustness.sets.full={tree / 'val'}",
         f"+robustness.sets.subset={subset}",
         f"+robustness.sets.open={{root:{subset},restrict:false}}",
+        f"+robustness.sets.numbered={{root:{numbered},folders:indices}}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (out,) = (log_dir / "eval" / "runs").glob("*")
     report = json.loads((out / "report.json").read_text())
     rob = report["robustness"]
-    assert list(rob) == ["full", "subset", "open"]
+    assert list(rob) == ["full", "subset", "open", "numbered"]
     assert {k: rob["full"][k] for k in ("images", "classes", "restricted")} == {
         "images": 30,
         "classes": 5,
@@ -309,6 +339,7 @@ def test_eval_robustness_sets_end_to_end(trained_on_a_tree, tmp_path):
     assert rob["full"]["top1"] == pytest.approx(_reference(ckpt, tree / "val", None), abs=1e-9)
     assert rob["subset"]["top1"] == pytest.approx(_reference(ckpt, subset, [1, 3, 4]), abs=1e-9)
     assert rob["open"]["top1"] == pytest.approx(_reference(ckpt, subset, None), abs=1e-9)
+    assert rob["numbered"]["top1"] == rob["subset"]["top1"] and rob["numbered"]["classes"] == 3
     labels = np.load(out / "robustness_subset_labels.npy")
     assert sorted(set(labels.tolist())) == [1, 3, 4] and np.bincount(labels).tolist() == [0, 6, 0, 6, 6]
     assert (out / "robustness.png").stat().st_size > 1000
@@ -321,7 +352,7 @@ def test_eval_robustness_sets_end_to_end(trained_on_a_tree, tmp_path):
             assert summary["summary"][f"eval/robustness/{name}/top1@{d}"] == pytest.approx(entry["top1"][d])
     logged = {k: v for row in history for k, v in row.items()}
     assert logged["eval/robustness._type"] == "table-file"
-    assert logged["eval/robustness.nrows"] == 3 * 4 + 4  # every set and the query split, at every size
+    assert logged["eval/robustness.nrows"] == 4 * 4 + 4  # every set and the query split, at every size
     assert "eval/robustness_png._type" in logged
 
 

@@ -542,43 +542,52 @@ def _check_adaptive_retrieval(ar: Node, p: str) -> None:
 
 # ---- mrl-eval's robustness sets -----------------------------------------------------------------
 
-ROBUSTNESS_SET_KEYS = ("root", "restrict")
+ROBUSTNESS_SET_KEYS = ("root", "restrict", "folders")
+# how a set's class folders name the training classes: by class name, or by label index (ImageNet-V2)
+ROBUSTNESS_FOLDERS = ("names", "indices")
 
 
 def robustness_sets(node: Any, p: str) -> dict[str, dict[str, Any]]:
-    """``robustness.sets`` checked, as ``{name: {"root": Path, "restrict": bool}}`` (a set's own
-    ``restrict`` or ``robustness.restrict``): every name usable in file names, every root an existing
-    folder. Whether its folders are training classes is checked once the checkpoint's data is known
-    (:mod:`mrl.eval.robustness`)."""
+    """``robustness.sets`` checked, as ``{name: {"root": Path, "restrict": bool, "folders": str}}`` (a
+    set's own ``restrict`` / ``folders``, else ``robustness.restrict`` / ``robustness.folders``): every
+    name usable in file names, every root an existing folder. Whether its folders are training classes
+    is checked once the checkpoint's data is known (:mod:`mrl.eval.robustness`)."""
     q = f"{p}robustness."
     robustness = mapping(node, f"{p}robustness", f"+{q}sets.v2=/data/imagenetv2")
     boolean(robustness, "restrict", q)
+    one_of(robustness, "folders", q, ROBUSTNESS_FOLDERS)
     sets = mapping(robustness.get("sets"), f"{q}sets", f"+{q}sets.v2=/data/imagenetv2")
-    out = {}
-    for name, spec in sets.items():
-        key = f"{q}sets.{name}"
-        require(
-            re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(name)) is not None,
-            f"{q}sets",
-            name,
-            "named with letters, digits, '_', '-' and '.' (the name is part of file names)",
-            f"+{q}sets.imagenet_a=/data/imagenet-a",
+    return {str(name): _robustness_set(str(name), spec, robustness, q) for name, spec in sets.items()}
+
+
+def _robustness_set(name: str, spec: Any, defaults: Node, q: str) -> dict[str, Any]:
+    key = f"{q}sets.{name}"
+    require(
+        re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) is not None,
+        f"{q}sets",
+        name,
+        "named with letters, digits, '_', '-' and '.' (the name is part of file names)",
+        f"+{q}sets.imagenet_a=/data/imagenet-a",
+    )
+    spec = {"root": spec} if isinstance(spec, str) else mapping(spec, key, f"+{key}=/data/{name}")
+    unknown = sorted(set(spec) - set(ROBUSTNESS_SET_KEYS))
+    if unknown or not isinstance(spec.get("root"), str):
+        raise MRLError(
+            f"{key}={spec!r} is not valid: give the set's folder ({key}=<dir>) or "
+            f"{{root: <dir>, restrict: true|false, folders: names|indices}} (keys "
+            f"{', '.join(ROBUSTNESS_SET_KEYS)}{'; unknown: ' + ', '.join(unknown) if unknown else ''})."
         )
-        spec = {"root": spec} if isinstance(spec, str) else mapping(spec, key, f"+{key}=/data/{name}")
-        unknown = sorted(set(spec) - set(ROBUSTNESS_SET_KEYS))
-        if unknown or not isinstance(spec.get("root"), str):
-            raise MRLError(
-                f"{key}={spec!r} is not valid: give the set's folder ({key}=<dir>) or "
-                f"{{root: <dir>, restrict: true|false}} (keys {', '.join(ROBUSTNESS_SET_KEYS)}"
-                f"{'; unknown: ' + ', '.join(unknown) if unknown else ''})."
-            )
-        boolean(spec, "restrict", f"{key}.")
-        root = Path(spec["root"]).expanduser()
-        if not root.is_dir():
-            raise MRLError(
-                f"{key}: {root} {'is not a folder' if root.exists() else 'does not exist'}. Give the root "
-                "of an ImageFolder tree, <root>/<class>/<image>, whose folders are named after the "
-                "training data's classes (WNIDs for ImageNet)."
-            )
-        out[str(name)] = {"root": root, "restrict": bool(spec.get("restrict", robustness["restrict"]))}
-    return out
+    boolean(spec, "restrict", f"{key}.")
+    one_of(spec, "folders", f"{key}.", ROBUSTNESS_FOLDERS)
+    root = Path(spec["root"]).expanduser()
+    if not root.is_dir():
+        raise MRLError(
+            f"{key}: {root} {'is not a folder' if root.exists() else 'does not exist'}. Give the root "
+            "of an ImageFolder tree, <root>/<class>/<image>, whose folders are named after the "
+            "training data's classes (WNIDs for ImageNet)."
+        )
+    return {
+        "root": root,
+        "restrict": bool(spec.get("restrict", defaults["restrict"])),
+        "folders": str(spec.get("folders", defaults["folders"])),
+    }

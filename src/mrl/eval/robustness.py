@@ -70,6 +70,19 @@ def class_labels(folders: Sequence[str], classes: Sequence[str], name: str, root
     return [index[f] for f in folders]
 
 
+def index_labels(folders: Sequence[str], num_classes: int, name: str, root: Path) -> list[int]:
+    """``folders: indices``: each class folder is named by its training label (ImageNet-V2's 0 ... 999)."""
+    bad = [f for f in folders if not (f.isdigit() and int(f) < num_classes)]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f", ... ({len(bad)} in all)" if len(bad) > 5 else "")
+        raise MRLError(
+            f"Robustness set '{name}' ({root}) is read with folders: indices, but its class folders {shown} "
+            f"are not label indices 0 ... {num_classes - 1}. Name the folders by label, or by class name "
+            "with folders: names."
+        )
+    return [int(f) for f in folders]
+
+
 def list_set(name: str, root: Path) -> ImageFolder:
     """torchvision's listing of a set's tree (``root/<class>/<image>``), its empty cases told as what to
     fix."""
@@ -108,7 +121,10 @@ def open_sets(robustness: Any, datamodule) -> list[RobustnessSet]:
     sets = []
     for name, spec in specs.items():
         listing = list_set(name, spec["root"])
-        labels = class_labels(listing.classes, datamodule.classes, name, spec["root"])
+        if spec["folders"] == "indices":
+            labels = index_labels(listing.classes, datamodule.num_classes, name, spec["root"])
+        else:
+            labels = class_labels(listing.classes, datamodule.classes, name, spec["root"])
         sets.append(
             RobustnessSet(
                 name, spec["root"], label_set(listing, labels), tuple(sorted(labels)), spec["restrict"]
