@@ -579,7 +579,7 @@ def _robustness_set(name: str, spec: Any, defaults: Node, q: str) -> dict[str, A
         )
     boolean(spec, "restrict", f"{key}.")
     one_of(spec, "folders", f"{key}.", ROBUSTNESS_FOLDERS)
-    root = Path(spec["root"]).expanduser()
+    root = Path(spec["root"]).expanduser().absolute()
     if not root.is_dir():
         raise MRLError(
             f"{key}: {root} {'is not a folder' if root.exists() else 'does not exist'}. Give the root "
