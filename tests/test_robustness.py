@@ -160,6 +160,10 @@ def test_folders_named_by_label_index(tiny_image_tree, tmp_path):
     (s,) = open_sets(settings({"n": str(numbered)}, folders="indices"), dm)
     assert s.covered == (1, 3) and sorted(set(s.listing.targets)) == [1, 3]
     assert all(Path(p).parent.name == str(t) for p, t in s.listing.samples)
+    (numbered / "1").rename(numbered / "01")
+    with pytest.raises(MRLError, match=r"class folders 01 are not label indices"):
+        open_sets(settings({"n": str(numbered)}, folders="indices"), dm)
+    (numbered / "01").rename(numbered / "1")
     (numbered / "3").rename(numbered / "4")  # the tree has 4 classes: 0 ... 3
     with pytest.raises(MRLError, match=r"class folders 4 are not label indices 0 \.\.\. 3"):
         open_sets(settings({"n": str(numbered)}, folders="indices"), dm)

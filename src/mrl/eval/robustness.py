@@ -72,7 +72,8 @@ def class_labels(folders: Sequence[str], classes: Sequence[str], name: str, root
 
 def index_labels(folders: Sequence[str], num_classes: int, name: str, root: Path) -> list[int]:
     """``folders: indices``: each class folder is named by its training label (ImageNet-V2's 0 ... 999)."""
-    bad = [f for f in folders if not (f.isdigit() and int(f) < num_classes)]
+    # canonical numbers only: "01" beside "1" would give one label two folders
+    bad = [f for f in folders if not (f.isdigit() and str(int(f)) == f and int(f) < num_classes)]
     if bad:
         shown = ", ".join(bad[:5]) + (f", ... ({len(bad)} in all)" if len(bad) > 5 else "")
         raise MRLError(
