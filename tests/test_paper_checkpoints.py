@@ -161,10 +161,10 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     ("name", "kind", "nesting"),
     [
         ("mrl", "mrl", NESTING),
-        ("mrl_e", "mrl_e", NESTING),
+        pytest.param("mrl_e", "mrl_e", NESTING, marks=pytest.mark.slow),
         ("ff", "ff", [FF_DIM]),
-        ("standard", "standard", [2048]),
-        ("old_mrl_e", "mrl_e", NESTING),
+        pytest.param("standard", "standard", [2048], marks=pytest.mark.slow),
+        pytest.param("old_mrl_e", "mrl_e", NESTING, marks=pytest.mark.slow),
     ],
 )
 def test_load_matches_the_reference_forward(paper, name, kind, nesting):
@@ -195,6 +195,7 @@ def test_blurpool_changes_the_features(paper):
     assert (plain - blurred).abs().max() > 1e-2 * blurred.abs().max()
 
 
+@pytest.mark.slow
 def test_paper_head_names_the_ambiguous_full_width_fc(paper):
     as_mrl_e = mrl.load(paper.paths["standard"], paper_head="mrl_e")
     assert as_mrl_e.spec["head"]["kind"] == "mrl_e" and as_mrl_e.nesting == NESTING
@@ -208,6 +209,7 @@ def test_paper_head_names_the_ambiguous_full_width_fc(paper):
         mrl.load(paper.paths["ff"], paper_head="standard")
 
 
+@pytest.mark.slow
 def test_export_keeps_the_weights_and_the_papers_preprocessing(paper, tmp_path):
     from PIL import Image
     from torchvision import transforms
@@ -234,13 +236,10 @@ def test_export_keeps_the_weights_and_the_papers_preprocessing(paper, tmp_path):
         torch.testing.assert_close(loaded.preprocess(image)[0], paper_transform(image), rtol=0, atol=1e-5)
 
 
-def _bad(path: Path, state: dict) -> Path:
-    torch.save(state, path)
-    return path
-
-
-def test_layouts_that_fit_nothing_are_named(paper, tmp_path):
-    from mrl.eval.model import load_for_eval
+def test_layouts_that_fit_nothing_are_named(paper):
+    """read_paper_state_dict on state dicts of other layouts: each MRLError says what was found and what
+    was expected."""
+    from mrl.models.paper_layout import read_paper_state_dict
 
     state = torch.load(paper.paths["mrl_e"], weights_only=True)
     backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
@@ -260,20 +259,45 @@ def test_layouts_that_fit_nothing_are_named(paper, tmp_path):
             },
             r"in_features \[64, 16\]",
         ),
+        "classes.pt": (
+            {
+                **backbone,
+                "fc.nesting_classifier_0.weight": torch.zeros(NUM_CLASSES, 8),
+                "fc.nesting_classifier_1.weight": torch.zeros(NUM_CLASSES + 1, 16),
+            },
+            "all the same C",
+        ),
         "wide_fc.pt": ({**backbone, "fc.weight": torch.zeros(NUM_CLASSES, 4096)}, r"fc.weight \(4, 4096\)"),
         "blur.pt": (
             {**state, "layer2.0.conv2.blur_filter": torch.ones(128, 1, 3, 3)},
             "not FFCV's 3x3 binomial BlurPool filter",
         ),
-        "conv1.pt": ({**state, "conv1.weight": torch.zeros(64, 3, 3, 3)}, r"conv1.weight \(64, 3, 3, 3\)"),
-        "stray.pt": ({**state, "layer1.0.extra": torch.zeros(1)}, "unexpected layer1.0.extra"),
     }
     for name, (bad_state, words) in cases.items():
-        path = _bad(tmp_path / name, bad_state)
-        for load in (mrl.load, lambda p: load_for_eval(p, {"_target_": "unused"})):
+        with pytest.raises(MRLError, match=words) as err:
+            read_paper_state_dict(bad_state, name)
+        assert "fc.nesting_classifier_<i>" in str(err.value), name  # says what it expected
+    with pytest.raises(MRLError, match=r"paper_head='mrl_x'.*none of the head kinds"):
+        read_paper_state_dict(state, "x.pt", "mrl_x")
+
+
+@pytest.mark.slow
+def test_weights_that_do_not_fit_timms_resnet_are_named(paper, tmp_path):
+    """Keys of the layout, but a tensor timm's ResNet-50 does not have or of another shape: mrl.load and
+    mrl-eval's loader name it (as the file names it) before any data is read."""
+    from mrl.eval.model import load_for_eval
+
+    state = torch.load(paper.paths["mrl_e"], weights_only=True)
+    for name, bad, words in (
+        ("conv1.pt", {"conv1.weight": torch.zeros(64, 3, 3, 3)}, r"shapes conv1.weight \(64, 3, 3, 3\)"),
+        ("stray.pt", {"layer1.0.extra": torch.zeros(1)}, "unexpected layer1.0.extra"),
+    ):
+        path = tmp_path / name
+        torch.save({**state, **bad}, path)
+        for load in (mrl.load, lambda p: load_for_eval(p, {"_target_": "not.read.yet"})):
             with pytest.raises(MRLError, match=words) as err:
                 load(path)
-            assert "fc.nesting_classifier_<i>" in str(err.value), name  # says what it expected
+            assert "fc.nesting_classifier_<i>" in str(err.value)
 
 
 def test_corrupt_and_missing_paper_files(paper, tmp_path):
@@ -369,6 +393,8 @@ def test_mrl_eval_on_a_paper_checkpoint(paper, tiny_image_tree, tmp_path):
         "adaptive_retrieval.funnel.shortlists=[40,30,20,15,10]",
         "retrieval.ks=[10]",
         "baselines.max_train=100",
+        "baselines.max_iter=20",
+        "baselines.interpolation=false",
     ]
     proc = subprocess.run(
         [str(BIN / "mrl-eval"), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
@@ -377,10 +403,12 @@ def test_mrl_eval_on_a_paper_checkpoint(paper, tiny_image_tree, tmp_path):
     (out,) = sorted((tmp_path / "logs" / "eval" / "runs").glob("*"))
     report = json.loads((out / "report.json").read_text())
     assert report["sizes"] == NESTING
+    assert "RAIVNLab/MRL checkpoint: resnet50 MRL 8..2048 (9 sizes), 4 classes, BlurPool" in proc.stderr
+    assert list(report["knn"]) == list(report["retrieval"]) == [str(m) for m in NESTING]
     queries = np.load(out / "test_embeddings.npy")
     labels = np.load(out / "test_labels.npy")
     assert queries.shape == (NUM_CLASSES * 4, 2048)
-    _, logits = None, reference_logits("mrl", paper.fc["mrl"], torch.from_numpy(queries).float())
+    logits = reference_logits("mrl", paper.fc["mrl"], torch.from_numpy(queries).float())
     for m in NESTING:
         expected = float((logits[m].argmax(1).numpy() == labels).mean())
         assert report["linear"][str(m)]["top1"] == pytest.approx(expected), m

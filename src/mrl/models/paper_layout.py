@@ -29,6 +29,7 @@ import torch
 
 from mrl.errors import MRLError
 from mrl.models.blurpool import binomial_filter
+from mrl.models.heads import HEAD_KINDS
 from mrl.nn.nesting import default_nesting
 
 SOURCE = "RAIVNLab/MRL"
@@ -80,7 +81,7 @@ class PaperCheckpoint:
     mrl's names (``backbone.model.*``, ``head.weight``, ``head.bias``)."""
 
     arch: str  # the timm (and torchvision) model name
-    kind: str  # mrl, mrl_e, ff or standard (mrl.models.heads.HEAD_KINDS)
+    kind: str  # one of HEAD_KINDS
     nesting: list[int]
     num_classes: int
     feature_dim: int
@@ -131,6 +132,12 @@ def read_paper_state_dict(
 
     ``head_kind`` (mrl, mrl_e, ff, standard; None: from the keys, and the file name for a full-width
     ``fc``) must agree with the keys where they decide."""
+    if head_kind is not None and head_kind not in HEAD_KINDS:
+        raise MRLError(
+            f"paper_head={head_kind!r} (for {path}) is none of the head kinds {', '.join(HEAD_KINDS)}: "
+            "set it to one of those (mrl-eval paper_head=..., mrl.load(path, paper_head=...)), or leave it "
+            "unset to read the head from the weights."
+        )
     notes = []
     if all(k.startswith(DDP_PREFIX) for k in state):
         state = {k[len(DDP_PREFIX) :]: v for k, v in state.items()}
@@ -274,6 +281,6 @@ def _agree(requested: str | None, found: str, path: str | Path, what: str) -> st
     if requested is not None and requested != found:
         raise MRLError(
             f"{path} holds {what}, which is read as head kind '{found}', not the requested '{requested}'. "
-            f"Drop the head kind setting (paper_head= for mrl-eval, head= for mrl.load) or set it to {found}."
+            f"Leave paper_head unset (mrl-eval paper_head=null, mrl.load(path)) or set it to {found}."
         )
     return found
