@@ -359,7 +359,7 @@ def test_paper_head_setting_reaches_the_loader(monkeypatch, tmp_path):
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("eval", overrides=["ckpt_path=x.pt", "paper_head=mrl_e", "+data=imagefolder"])
-    assert compose is not None and cfg.data._target_.endswith("ImageFolderDataModule")
+    assert cfg.data._target_.endswith("ImageFolderDataModule")
     seen = {}
 
     def spy(path, data, paper_head):
@@ -403,7 +403,8 @@ def test_mrl_eval_on_a_paper_checkpoint(paper, tiny_image_tree, tmp_path):
     (out,) = sorted((tmp_path / "logs" / "eval" / "runs").glob("*"))
     report = json.loads((out / "report.json").read_text())
     assert report["sizes"] == NESTING
-    assert "RAIVNLab/MRL checkpoint: resnet50 MRL 8..2048 (9 sizes), 4 classes, BlurPool" in proc.stderr
+    read_as = "RAIVNLab/MRL checkpoint: resnet50 MRL 8..2048 (9 sizes), 4 classes, BlurPool"
+    assert read_as in proc.stdout + proc.stderr
     assert list(report["knn"]) == list(report["retrieval"]) == [str(m) for m in NESTING]
     queries = np.load(out / "test_embeddings.npy")
     labels = np.load(out / "test_labels.npy")
