@@ -325,6 +325,7 @@ def test_eval_needs_a_data_config_with_the_models_classes(paper, tmp_path):
         load_for_eval(paper.paths["mrl"], data)
 
 
+@pytest.mark.slow
 def test_eval_model_reads_the_data_with_the_papers_crop(paper, tiny_image_tree):
     """load_for_eval's module and datamodule: the paper's crop, and features equal to the reference on
     the datamodule's own model inputs."""
