@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mrl.errors import MRLError
+from mrl.models.paper_layout import EXPECTED, PaperCheckpoint, is_state_dict, read_paper_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,26 @@ def require_checkpoint_file(path: str | Path) -> Path:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a Lightning checkpoint safely; any problem becomes an :class:`MRLError` saying what to do."""
     path = require_checkpoint_file(path)
+    return _lightning_checkpoint(_read_torch_file(path), path)
+
+
+def load_model_file(path: str | Path, paper_head: str | None = None) -> dict[str, Any] | PaperCheckpoint:
+    """What a model can be read from: a Lightning checkpoint of ``mrl-train`` (a dict), or a checkpoint of
+    the paper's repository (a plain torchvision ResNet state dict, :mod:`mrl.models.paper_layout`), read
+    safely as :func:`load_checkpoint` reads. ``paper_head`` names the head kind of a paper checkpoint
+    (None: read from its keys)."""
+    path = require_checkpoint_file(path)
+    obj = _read_torch_file(path)
+    if is_state_dict(obj):
+        paper = read_paper_state_dict(obj, path, paper_head)
+        log.info("Read %s as %s", path, paper.describe())
+        return paper
+    return _lightning_checkpoint(obj, path)
+
+
+def _read_torch_file(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; a file that is no checkpoint, corrupt or holds
+    pickled objects other than tensors and plain values is an :class:`MRLError`."""
     not_a_checkpoint = _not_a_checkpoint(path)
     if not_a_checkpoint:
         raise CorruptCheckpoint(
@@ -50,7 +71,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"(a run's {CHECKPOINT_DIR}/{LAST} or its best epoch*.ckpt)."
         )
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # weights_only refuses any pickled object that is not a tensor or plain container: that is
         # how a malicious checkpoint would run code. Never fall back to weights_only=False here, and never
@@ -66,6 +87,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise _corrupt(path, detail) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as err:
         raise _corrupt(path, _torch_detail(err)) from None
+
+
+def _lightning_checkpoint(ckpt: Any, path: Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise MRLError(
             f"{path} is not a Lightning checkpoint written by mrl-train (no state_dict). Give the "
@@ -128,6 +152,22 @@ def state_dict_differences(expected: dict[str, Any], stored: dict[str, Any]) -> 
         f"shapes {', '.join(mismatched[:3])}" if mismatched else "",
     )
     return "; ".join(p for p in parts if p)
+
+
+def load_paper_weights(model: nn.Module, paper: PaperCheckpoint, path: str | Path) -> None:
+    """Load a paper checkpoint's weights into ``model``, an mrl model (LitModule or deployable model)
+    built from ``paper.config()``; an :class:`MRLError` names what does not fit timm's model."""
+    expected = {k: v for k, v in model.state_dict().items() if k.startswith(("backbone.", "head."))}
+    # named as in the file (less its DDP prefix), not as mrl's model names them
+    detail = state_dict_differences(expected, paper.state).replace("backbone.model.", "")
+    if detail:
+        raise MRLError(
+            f"{path} reads as a {paper.describe()}, but its weights do not fit timm's {paper.arch} "
+            f"({detail}). Expected {EXPECTED}."
+        )
+    # every backbone and head tensor is in the file (checked above); the model's other state (none in a
+    # deployable model) keeps its values
+    model.load_state_dict(paper.state, strict=False)
 
 
 def check_compatible(ckpt: dict[str, Any], module: nn.Module, path: str | Path, config: dict) -> None:

@@ -33,6 +33,7 @@ from mrl.errors import MRLError
 from mrl.files import atomic_path
 from mrl.models.backbone import TimmBackbone, build_with_upsizing
 from mrl.models.heads import build_head
+from mrl.models.paper_layout import PAPER_EVAL_SIZE, PaperCheckpoint, paper_eval_data_config
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 
 log = logging.getLogger(__name__)
@@ -322,9 +323,13 @@ def _match_channels(array: np.ndarray, in_chans: int) -> np.ndarray:
 # ---- loading ------------------------------------------------------------------------------------
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> MatryoshkaModel:
-    """A :class:`MatryoshkaModel` in eval mode on ``device``, from an ``mrl-train`` checkpoint or a
-    ``.safetensors`` export. Needs neither Hydra nor the training data."""
+def load(
+    path: str | Path, device: str | torch.device = "cpu", paper_head: str | None = None
+) -> MatryoshkaModel:
+    """A :class:`MatryoshkaModel` in eval mode on ``device``, from an ``mrl-train`` checkpoint, a
+    ``.safetensors`` export or a checkpoint of the paper's repository (RAIVNLab/MRL: a torchvision ResNet
+    state dict, :mod:`mrl.models.paper_layout`; ``paper_head`` may name its head kind, None: read from the
+    weights). Needs neither Hydra nor the training data."""
     path = Path(path)
     if not path.is_file():
         raise MRLError(
@@ -332,7 +337,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> MatryoshkaMode
             "MatryoshkaModel.save) or of a checkpoint written by mrl-train (checkpoints/last.ckpt)."
         )
     target = _check_device(device)
-    model = _load_export(path) if _is_safetensors(path) else _load_checkpoint(path)
+    model = _load_export(path) if _is_safetensors(path) else _load_checkpoint(path, paper_head)
     return model.to(target).eval()
 
 
@@ -410,10 +415,12 @@ def _corrupt(path: Path, err: BaseException) -> MRLError:
     )
 
 
-def _load_checkpoint(path: Path) -> MatryoshkaModel:
-    from mrl.checkpoints import checkpoint_config, load_checkpoint
+def _load_checkpoint(path: Path, paper_head: str | None = None) -> MatryoshkaModel:
+    from mrl.checkpoints import checkpoint_config, load_model_file
 
-    ckpt = load_checkpoint(path)  # weights_only=True: never runs code from the file
+    ckpt = load_model_file(path, paper_head)  # weights_only=True: never runs code from the file
+    if isinstance(ckpt, PaperCheckpoint):
+        return _load_paper(path, ckpt)
     config = checkpoint_config(ckpt, path)
     state = {k: v for k, v in ckpt["state_dict"].items() if k.startswith(("backbone.", "head."))}
     if not isinstance(state.get("head.weight"), torch.Tensor):
@@ -447,6 +454,22 @@ def _load_checkpoint(path: Path) -> MatryoshkaModel:
         _spec(config, backbone, head, _preprocessing(datamodule, backbone, config["data"])), backbone, head
     )
     _load_weights(model, state, path)
+    return model
+
+
+def _load_paper(path: Path, paper: PaperCheckpoint) -> MatryoshkaModel:
+    """A checkpoint of the paper's repository: its ResNet with the paper's evaluation preprocessing."""
+    from mrl.checkpoints import load_paper_weights
+
+    config = paper.config()
+    backbone = _timm_backbone(config["backbone"], 3, PAPER_EVAL_SIZE)
+    head = build_head(
+        paper.kind, backbone.embed_dim, paper.num_classes, paper.nesting, dim=paper.dim, bias=paper.bias
+    )
+    data_config = paper_eval_data_config(backbone.data_config())
+    preprocessing = _timm_preprocessing(data_config, backbone.in_chans, PAPER_EVAL_SIZE)
+    model = MatryoshkaModel(_spec(config, backbone, head, preprocessing), backbone, head)
+    load_paper_weights(model, paper, path)
     return model
 
 
@@ -536,6 +559,7 @@ def _timm_backbone(
             embed_dim=config.get("embed_dim"),
             drop_path_rate=config.get("drop_path_rate"),
             model_kwargs=model_kwargs,
+            blur_strided_convs=bool(config.get("blur_strided_convs", False)),
         )
 
     return build_with_upsizing(build, img_size, resizable)[0]
@@ -553,28 +577,29 @@ def _preprocessing(datamodule: Any, backbone: TimmBackbone, data: dict[str, Any]
         eval_size = (
             datamodule.eval_img_size if datamodule is not None else data.get("eval_img_size") or img_size
         )
-        img_size = int(eval_size)
-        data_config = {
-            **(data_config or backbone.data_config()),
-            "input_size": (in_chans, img_size, img_size),
-        }
-        data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
-        keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-        data_config = {k: data_config[k] for k in keys if k in data_config}
-        return {
-            "kind": TIMM,
-            "in_chans": in_chans,
-            "img_size": img_size,
-            "mean": data_config.get("mean"),
-            "std": data_config.get("std"),
-            "data_config": data_config,
-        }
+        return _timm_preprocessing(data_config or backbone.data_config(), in_chans, int(eval_size))
     base = {"in_chans": in_chans, "img_size": img_size}
     mean, std = datamodule.mean, datamodule.std
     if mean is not None and std is not None:
         as_list = lambda v: [float(x) for x in torch.as_tensor(v).flatten()]  # noqa: E731
         return {"kind": UINT8, **base, "mean": as_list(mean), "std": as_list(std)}
     return {"kind": NONE, **base, "mean": None, "std": None}
+
+
+def _timm_preprocessing(data_config: dict[str, Any], in_chans: int, img_size: int) -> dict[str, Any]:
+    """The ``timm_transform`` preprocessing of a timm data config at ``img_size`` px."""
+    data_config = {**data_config, "input_size": (in_chans, img_size, img_size)}
+    data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    data_config = {k: data_config[k] for k in keys if k in data_config}
+    return {
+        "kind": TIMM,
+        "in_chans": in_chans,
+        "img_size": img_size,
+        "mean": data_config.get("mean"),
+        "std": data_config.get("std"),
+        "data_config": data_config,
+    }
 
 
 def _spec(
@@ -596,6 +621,7 @@ def _spec(
             "embed_dim": backbone.embed_dim if isinstance(backbone.projection, nn.Linear) else None,
             "drop_path_rate": b.get("drop_path_rate"),
             "model_kwargs": b.get("model_kwargs") or {},
+            "blur_strided_convs": backbone.blur_strided_convs,
         },
         "embed_dim": backbone.embed_dim,
         "head": {

@@ -8,16 +8,25 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mrl.checkpoints import check_compatible, checkpoint_config, load_checkpoint
+from mrl.checkpoints import check_compatible, checkpoint_config, load_model_file
 from mrl.config_checks import check_known_keys
+from mrl.models.paper_layout import PaperCheckpoint
 
 
-def load_for_eval(ckpt_path: str | Path, data_overrides: dict[str, Any] | None = None):
+def load_for_eval(
+    ckpt_path: str | Path, data_overrides: dict[str, Any] | None = None, paper_head: str | None = None
+):
     """``(module, datamodule, train_config)`` of a checkpoint, the module in eval mode on the CPU.
 
-    ``data_overrides`` are merged into the run's data config (another ``data_dir``, batch size, ...).
+    ``data_overrides`` are merged into the run's data config (another ``data_dir``, batch size, ...). A
+    checkpoint of the paper's repository has none: ``data_overrides`` is then the whole data config, and
+    ``paper_head`` may name its head kind (:mod:`mrl.eval.paper_model`).
     """
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_model_file(ckpt_path, paper_head)
+    if isinstance(ckpt, PaperCheckpoint):
+        from mrl.eval.paper_model import load_paper_for_eval
+
+        return load_paper_for_eval(ckpt, ckpt_path, data_overrides)
     config = checkpoint_config(ckpt, ckpt_path)
     cfg: DictConfig = OmegaConf.create(config)
     if data_overrides:

@@ -119,7 +119,7 @@ def _context(cfg: DictConfig, out_dir: Path) -> tuple[EvalContext, dict, list[Se
     """The checkpoint's model and data, its exported embeddings, and the evaluators' shared context;
     also the training run's config and the robustness sets' embeddings."""
     data_overrides = OmegaConf.to_container(cfg.data, resolve=True) if cfg.data else None
-    module, datamodule, train_cfg = load_for_eval(cfg.ckpt_path, data_overrides)
+    module, datamodule, train_cfg = load_for_eval(cfg.ckpt_path, data_overrides, cfg.paper_head)
     requested = OmegaConf.to_container(cfg.sizes) if cfg.sizes is not None else None
     sizes = report_sizes(requested, list(module.nesting), module.head.in_features)
     device = _device(str(cfg.device))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mrl.errors import MRLError
+from mrl.models import blurpool
 
 
 class ImageTooSmallError(MRLError):
@@ -157,7 +158,8 @@ class TimmBackbone(nn.Module):
     The pooled feature size is measured with a forward pass, since it is not always
     ``model.num_features`` (models with a head projection, for example MobileNetV3, differ).
     ``embed_dim`` adds a linear projection after pooling, so that for example a 512-d ResNet-18 can
-    learn a 2048-d Matryoshka embedding.
+    learn a 2048-d Matryoshka embedding. ``blur_strided_convs`` adds FFCV's BlurPool before every strided
+    convolution (:mod:`mrl.models.blurpool`), the architecture of the paper's published ResNet-50s.
     """
 
     def __init__(
@@ -170,6 +172,7 @@ class TimmBackbone(nn.Module):
         pretrained_path: str | None = None,
         drop_path_rate: float | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        blur_strided_convs: bool = False,
     ) -> None:
         super().__init__()
         check_model_name(name)
@@ -190,6 +193,9 @@ class TimmBackbone(nn.Module):
                 "to the Hugging Face cache, ~/.cache/huggingface) or save them to a file and pass "
                 "backbone.pretrained_path=<file>; or train from scratch with backbone.pretrained=false."
             ) from err
+        self.blur_strided_convs = bool(blur_strided_convs)
+        if self.blur_strided_convs:
+            blurpool.blur_strided_convs(self.model)
         self.name = name
         self.in_chans = in_chans
         self.img_size = img_size

@@ -1,0 +1,50 @@
+"""``mrl-eval`` on a checkpoint of the paper's repository (RAIVNLab/MRL): the model comes from the
+weights (:mod:`mrl.models.paper_layout`), the data from ``mrl-eval``'s ``data`` setting, since those
+files hold no data config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from mrl.checkpoints import load_paper_weights
+from mrl.errors import MRLError
+from mrl.models.paper_layout import PAPER_EVAL_SIZE, SOURCE, PaperCheckpoint, paper_eval_data_config
+
+DATA_EXAMPLE = (
+    "+data=imagefolder data.root=<ImageNet dir with train/ and val/ class folders> (the paper's evaluation: "
+    "resize to 256, center crop 224), or +data=imagenet data.input_dir=<shards from mrl-prepare-data>"
+)
+
+
+def load_paper_for_eval(paper: PaperCheckpoint, path: str | Path, data: dict[str, Any] | None):
+    """``(module, datamodule, config)`` as :func:`mrl.eval.model.load_for_eval` returns them: the paper's
+    model in eval mode on the CPU, the datamodule of ``data`` (a whole data config) with the paper's
+    evaluation preprocessing, and the config of an ``mrl-train`` run with this model."""
+    if not data or "_target_" not in data:
+        given = f" (got data={data})" if data else ""
+        raise MRLError(
+            f"{path} is a checkpoint of the paper's repository ({SOURCE}): it holds the weights only, no "
+            f"data config{given}. Tell mrl-eval which data set to evaluate on with a whole data config: "
+            f"{DATA_EXAMPLE}. Its classes must be the model's {paper.num_classes}, in the same order."
+        )
+    cfg = OmegaConf.create({"data": data, **paper.config()})
+    from mrl.instantiate import instantiate
+    from mrl.lightning_module import build_module
+
+    # the weights are checked before the data is listed (an ImageNet tree takes a while); a ResNet's
+    # modules do not depend on the image size
+    module = build_module(cfg, paper.num_classes, 3, PAPER_EVAL_SIZE)
+    load_paper_weights(module, paper, path)
+    datamodule = instantiate(cfg.data)
+    if datamodule.in_chans != 3 or datamodule.num_classes != paper.num_classes:
+        raise MRLError(
+            f"{path} ({paper.describe()}) classifies RGB images into {paper.num_classes} classes, but the "
+            f"data ({data['_target_']}) has {datamodule.num_classes} classes of "
+            f"{datamodule.in_chans}-channel images. Evaluate on the data set it was trained for: "
+            f"{DATA_EXAMPLE}."
+        )
+    datamodule.configure_transforms(paper_eval_data_config(module.backbone.data_config()))
+    return module.eval(), datamodule, OmegaConf.to_container(cfg, resolve=True)
