@@ -100,3 +100,38 @@ def test_the_checkpoint_loads_in_mrl_eval_and_mrl_load(job, run_cli):
     (out,) = result.run_dirs("eval")
     report = json.loads((out / "report.json").read_text())
     assert [int(d) for d in report["sizes"]] == NESTING
+
+
+BAD = [
+    (["head.sizes_per_step=-1"], ["head.sizes_per_step=-1 is not valid", "an integer >= 0"]),
+    (
+        ["head.nesting=[4,8,16]", "head.sizes_per_step=3"],
+        [
+            "head.sizes_per_step=3 is more than the head's other sizes",
+            "at most 2",
+            "head.sizes_per_step=null",
+        ],
+    ),
+    (["head.depth_stages=2"], ["head.depth_stages=2 is not valid", "distinct stage indices", "[2,3]"]),
+    (["head.depth_weight=-1"], ["head.depth_weight=-1 is not valid", "a number >= 0"]),
+    # judged once the backbone is built: the message lists its stages
+    (
+        ["head.depth_stages=[1,9]"],
+        [
+            "head.depth_stages=[1, 9] is not valid for backbone 'test_byobnet'",
+            "0 (stem, 24 channels)",
+            "final_conv",
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), BAD, ids=[" ".join(c[0]) for c in BAD])
+def test_bad_settings_are_explained_before_training(run_cli, overrides, expected):
+    result = run_cli("mrl-train", *TINY, "logger=none", *overrides)
+    assert result.returncode != 0
+    assert "Traceback" not in result.output
+    assert "Epoch 0" not in result.output  # refused before any training step
+    for text in expected:
+        assert text in result.output, result.output
+    assert not list((result.log_dir / "train" / "runs").glob("*/results.json"))

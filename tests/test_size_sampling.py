@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from collections import Counter
 
 import numpy as np
@@ -154,3 +155,23 @@ def test_the_draw_stays_on_the_gpu_without_a_sync():
     assert all(len(d) == 3 and len(NESTING) - 1 in d for d in draws)
     again = SizeSampler(len(NESTING), 2, seed=0)
     assert [drawn(again.step_weights(s, "cuda").cpu()) for s in range(50)] == draws
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        ({"sizes_per_step": -1}, "head.sizes_per_step=-1 is not valid"),
+        ({"sizes_per_step": 1.5}, "head.sizes_per_step=1.5 is not valid"),
+        ({"nesting": [4, 8, 16], "sizes_per_step": 3}, "at most 2 can be drawn each step"),
+        ({"kind": "ff", "dim": 8, "sizes_per_step": 1}, "at most 0 can be drawn each step"),
+        ({"depth_stages": [1, 1]}, "head.depth_stages=[1, 1] is not valid"),
+        ({"depth_stages": [-1]}, "a list of distinct stage indices >= 0"),
+        ({"depth_weight": "high"}, "head.depth_weight='high' is not valid"),
+    ],
+)
+def test_preflight_refuses_bad_sampling_and_depth_settings(head, expected):
+    from mrl.config_checks import check_head
+
+    with pytest.raises(MRLError, match=re.escape(expected)):
+        check_head(head)
+    check_head({"nesting": [4, 8, 16], "sizes_per_step": 2, "depth_stages": [0, 2], "depth_weight": 0.5})

@@ -204,7 +204,7 @@ def check_head_training_options(head: Node) -> None:
         raise MRLError(
             f"head.sizes_per_step={per_step} is more than the head's other sizes: it trains {sizes}, so "
             f"besides the full size at most {len(sizes) - 1} can be drawn each step. Use "
-            f"head.sizes_per_step={max(0, len(sizes) - 2)} or less, or head.sizes_per_step=null to train "
+            f"head.sizes_per_step={len(sizes) - 1} or less, or head.sizes_per_step=null to train "
             "every size every step."
         )
     stages = head.get("depth_stages")

@@ -43,7 +43,8 @@ class MatryoshkaLitModule(L.LightningModule):
     Optional training helpers: ``size_sampler`` trains the full size plus a random few others each step
     (``head.sizes_per_step``; logs ``train/sampled@{d}``, the fraction of steps that trained size ``d``);
     ``depth`` adds Matryoshka heads on earlier backbone stages (``head.depth_stages``; logs
-    ``{stage}/depth{s}/acc@{d}`` and ``loss@{d}``). Evaluation always measures every size.
+    ``{stage}/depth{s}/acc@{d}`` and ``loss@{d}``; their loss is added to the minimised one while
+    ``{stage}/loss`` stays the final head's). Evaluation always measures every size.
     """
 
     def __init__(
