@@ -148,3 +148,37 @@ def test_a_backbone_without_intermediate_features_is_refused():
         MRLError, match=r"intermediate features \(timm.s feature_info and forward_intermediates\).*does not"
     ):
         check_depth_stages(backbone, [1])
+
+
+@pytest.mark.parametrize("name", ["resnet18", "test_vit", "test_convnext", "test_efficientnet"])
+def test_other_timm_families_build_depth_heads_of_their_stage_widths(name):
+    from mrl.models.depth import DepthMatryoshka
+    from mrl.nn.matryoshka_linear import MatryoshkaLinear
+    from mrl.nn.matryoshka_loss import MatryoshkaLoss
+
+    backbone = TimmBackbone(name, in_chans=3, img_size=32, embed_dim=16)
+    stages = [0, 1]
+    depth = DepthMatryoshka(backbone, MatryoshkaLinear(16, 5, NESTING), stages, MatryoshkaLoss())
+    widths = [backbone.model.feature_info[s]["num_chs"] for s in stages]
+    assert [p.in_features for p in depth.heads.projections] == widths
+    x, y = _batch()
+    z, stage_z = depth.embed(backbone, x)
+    assert z.shape == (6, 16) and all(s.shape == (6, 16) for s in stage_z)
+    assert depth.step_loss(stage_z, y, "train").isfinite()
+
+
+def test_a_backbone_whose_intermediates_miss_its_own_embedding_is_refused():
+    from mrl.models.depth import DepthMatryoshka
+    from mrl.nn.matryoshka_linear import MatryoshkaLinear
+    from mrl.nn.matryoshka_loss import MatryoshkaLoss
+
+    backbone = TimmBackbone("test_byobnet", in_chans=3, img_size=32)
+    original = backbone.model.forward_intermediates
+
+    def shifted(x, indices=None, intermediates_only=False, **kwargs):  # final features forward() never sees
+        out = original(x, indices=indices, intermediates_only=intermediates_only, **kwargs)
+        return out if intermediates_only else (out[0] + 1.0, out[1])
+
+    backbone.model.forward_intermediates = shifted
+    with pytest.raises(MRLError, match="does not reproduce the model's own embedding"):
+        DepthMatryoshka(backbone, MatryoshkaLinear(backbone.embed_dim, 5, NESTING), [1], MatryoshkaLoss())

@@ -61,17 +61,24 @@ def check_depth_stages(backbone: TimmBackbone, stages: Sequence[int]) -> list[in
 
 @torch.no_grad()
 def measure_stage_channels(backbone: TimmBackbone, stages: Sequence[int]) -> list[int]:
-    """The channel count of each stage's map, measured with one forward pass on a zero image (the size
-    the backbone was built for), which also checks that timm returns NCHW maps for these stages."""
+    """The channel count of each stage's map, measured with one forward pass on a random image of the
+    size the backbone was built for. It also checks that timm returns NCHW maps for these stages and
+    that the one-pass embedding is the backbone's own (``forward_head`` of the final features)."""
     size = backbone.img_size or backbone.data_config()["input_size"][-1]
-    was_training = backbone.model.training
-    backbone.model.eval()
+    x = torch.rand(2, backbone.in_chans, size, size, generator=torch.Generator().manual_seed(0))
+    was_training = backbone.training
+    backbone.eval()
     try:
-        maps = backbone.model.forward_intermediates(
-            torch.zeros(1, backbone.in_chans, size, size), indices=list(stages), intermediates_only=True
-        )
+        z, maps = forward_with_stages(backbone, x, stages)
+        same = torch.allclose(z, backbone(x), rtol=1e-4, atol=1e-5)
     finally:
-        backbone.model.train(was_training)
+        backbone.train(was_training)
+    if not same:
+        raise MRLError(
+            f"Backbone '{backbone.name}': timm's forward_intermediates does not reproduce the model's own "
+            "embedding (its forward does more than forward_head(forward_features(x))), so depth heads "
+            "cannot share its forward pass. Use another backbone, or head.depth_stages=null."
+        )
     if any(m.dim() != 4 for m in maps):
         raise MRLError(
             f"Backbone '{backbone.name}' returns intermediate features of shapes "

@@ -6,7 +6,9 @@ trained over many steps. Here the full size is always in the subset (the embeddi
 cut from), the other ``k`` are drawn uniformly without replacement from the rest.
 
 The draw is a function of ``(seed, step)`` only: a run, and a run resumed from a checkpoint (same global
-step), trains the same sizes at the same steps, and every DDP process draws the same sizes. It is drawn
+step), trains the same sizes at the same steps, every DDP process draws the same sizes, and the micro-batches
+of one optimizer step (gradient accumulation) share one draw. CPU and CUDA generators give different
+draws for the same seed: the sequence is fixed per device type. It is drawn
 by a generator on the losses' device and stays there: the step's weights are a device tensor, so no step
 waits for the host (tests/test_no_host_sync.py).
 
@@ -65,7 +67,7 @@ class SizeSampler:
             # k smallest of G - 1 independent uniforms: a uniformly random k-subset, drawn on the device
             scores = torch.rand(others, device=device, generator=self._generator(device, step))
             weights.index_fill_(0, scores.topk(self.per_step, largest=False).indices, 1.0)
-        self._drawn = weights if self._drawn is None else self._drawn + weights
+        self._drawn = weights.clone() if self._drawn is None else self._drawn + weights
         self._steps += 1
         return weights
 
