@@ -5,6 +5,8 @@ projected stage embedding with its own Matryoshka head (:class:`mrl.nn.stage_hea
 training loss becomes ``final + depth_weight * sum_s sum_m c_m * CE_{s,m}``. The stage heads are trained
 with the model and evaluated on every split, but they are not the model: ``mrl-eval`` embeddings and
 ``mrl.load`` use the final embedding only (``mrl.load`` reads the ``backbone.`` and ``head.`` weights).
+The backbone pass goes through timm's ``forward_intermediates``, not ``backbone(x)``, so ``compile=true``
+(which compiles ``backbone(x)``) does not speed it up.
 """
 
 from __future__ import annotations
