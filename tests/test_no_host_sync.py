@@ -3,7 +3,8 @@
 Runs a real training job in this process on the CPU with the GPU's policy (``host_reads_are_free``
 False: what a CUDA device gets) and records every host read issued from mrl's own frames (see
 ``host_sync.py``), for each data path: synthetic keys rendered on the device, synthetic uint8 in memory,
-shards decoded in the loader, shards decoded in the transfer hook (``decode=gpu``), both heads.
+shards decoded in the loader, shards decoded in the transfer hook (``decode=gpu``), both heads, and random
+sizes per step with depth heads.
 """
 
 from __future__ import annotations
@@ -61,7 +62,14 @@ def gpu_policy(monkeypatch):
 
 @pytest.mark.parametrize(
     "case",
-    ["synthetic", "synthetic_in_memory", "synthetic_mrl_e", "shards_cpu_decode", "shards_gpu_decode"],
+    [
+        "synthetic",
+        "synthetic_in_memory",
+        "synthetic_mrl_e",
+        "synthetic_sampled_2d",
+        "shards_cpu_decode",
+        "shards_gpu_decode",
+    ],
 )
 def test_training_steps_read_nothing_back(case, tmp_path, request, monkeypatch):
     if case.startswith("shards"):
@@ -69,6 +77,8 @@ def test_training_steps_read_nothing_back(case, tmp_path, request, monkeypatch):
     else:
         overrides = [*SYNTHETIC, *(["data.in_memory=true"] if "memory" in case else [])]
         overrides += ["head=mrl_e"] if case.endswith("mrl_e") else []
+        # random sizes per step and depth heads (head.sizes_per_step, head.depth_stages)
+        overrides += ["head.sizes_per_step=1", "head.depth_stages=[1,2]"] if case.endswith("2d") else []
     recorder = run(tmp_path, overrides, monkeypatch)
     assert recorder.watched >= 8, f"only {recorder.watched} steps were watched"
     assert recorder.events == [], "\n".join(recorder.events)

@@ -175,6 +175,7 @@ def check_head(head: Node) -> None:
             )
     for key in ("bias", "fused"):
         boolean(head, key, "head.")
+    check_head_training_options(head)
     weights = head.get("weights")
     if weights is not None:
         ok = isinstance(weights, list | tuple) and bool(weights)
@@ -192,6 +193,33 @@ def check_head(head: Node) -> None:
                 f"head.weights has {len(weights)} entries but the head trains {len(sizes)} sizes {sizes}: "
                 "give one relative importance weight per size, or head.weights=null."
             )
+
+
+def check_head_training_options(head: Node) -> None:
+    """``head.sizes_per_step`` (random sizes per step) and ``head.depth_stages`` / ``depth_weight`` (2D
+    Matryoshka); the stage indices are judged against the backbone's stages once it is built."""
+    example = "head.sizes_per_step=2 (or null: every size every step)"
+    non_negative_int(head, "sizes_per_step", "head.", example, optional=True)
+    sizes, per_step = config_nesting(head, None), head.get("sizes_per_step")
+    if sizes is not None and is_int(per_step) and per_step > len(sizes) - 1:
+        raise MRLError(
+            f"head.sizes_per_step={per_step} is more than the head's other sizes: it trains {sizes}, so "
+            f"besides the full size at most {len(sizes) - 1} can be drawn each step. Use "
+            f"head.sizes_per_step={len(sizes) - 1} or less, or head.sizes_per_step=null to train "
+            "every size every step."
+        )
+    stages = head.get("depth_stages")
+    if stages is not None:
+        ok = isinstance(stages, list | tuple) and bool(stages)
+        ok = ok and all(is_int(s) and s >= 0 for s in stages) and len(set(stages)) == len(stages)
+        require(
+            ok,
+            "head.depth_stages",
+            stages,
+            "a list of distinct stage indices >= 0 (timm feature_info positions), or null",
+            "head.depth_stages=[2,3]",
+        )
+    number_in(head, "depth_weight", "head.", 0, math.inf, "head.depth_weight=1.0")
 
 
 def config_nesting(head: Node, embed_dim: int | None) -> list[int] | None:

@@ -15,9 +15,11 @@ from torch import nn
 from mrl.instantiate import instantiate
 from mrl.models.backbone import TimmBackbone, build_with_upsizing
 from mrl.models.build import build_parts
+from mrl.models.depth import DepthMatryoshka
 from mrl.nn.matryoshka_accuracy import MatryoshkaAccuracy
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 from mrl.nn.matryoshka_loss import MatryoshkaLoss
+from mrl.nn.size_sampling import SizeSampler
 from mrl.tracking.charts import log_accuracy_vs_size
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,12 @@ class MatryoshkaLitModule(L.LightningModule):
     off biases and norms), ``scheduler`` a partial taking the optimizer and ``num_epochs`` /
     ``updates_per_epoch`` (timm's ``create_scheduler_v2``), stepped after every optimizer update.
     ``config`` (the run's resolved config) is stored in every checkpoint so evaluation can rebuild it.
+
+    Optional training helpers: ``size_sampler`` trains the full size plus a random few others each step
+    (``head.sizes_per_step``; logs ``train/sampled@{d}``, the fraction of steps that trained size ``d``);
+    ``depth`` adds Matryoshka heads on earlier backbone stages (``head.depth_stages``; logs
+    ``{stage}/depth{s}/acc@{d}`` and ``loss@{d}``; their loss is added to the minimised one while
+    ``{stage}/loss`` stays the final head's). Evaluation always measures every size.
     """
 
     def __init__(
@@ -49,11 +57,15 @@ class MatryoshkaLitModule(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         config: dict[str, Any] | None = None,
+        size_sampler: SizeSampler | None = None,
+        depth: DepthMatryoshka | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.criterion = loss
+        self.size_sampler = size_sampler
+        self.depth = depth
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.channels_last = channels_last
@@ -92,18 +104,35 @@ class MatryoshkaLitModule(L.LightningModule):
         """Per-size logits ``(G, B, C)``."""
         return self.head(self(x))
 
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``z`` and, with ``depth``, the earlier stages' embeddings (from the same backbone pass)."""
+        if self.depth is None:
+            return self(x), []
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.depth.embed(self.backbone, x)
+
     def _shared_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, log_loss: bool = True
     ) -> torch.Tensor:
         x, y = batch
-        if stage == "train" and torch.is_grad_enabled():
+        z, stage_z = self._embed(x)
+        training = stage == "train" and torch.is_grad_enabled()
+        if training:
             # Training needs only the losses and each size's top-1 class: head and cross-entropy run as
             # one node (fused=True), without keeping the (G, B, C) logits for the metrics.
-            per_size, scores = self.criterion.per_size_from_embedding(self.head, self(x), y, predict=True)
+            per_size, scores = self.criterion.per_size_from_embedding(self.head, z, y, predict=True)
         else:
-            scores = self.logits(x)  # evaluation keeps the logits: top-5 accuracy needs them
+            scores = self.head(z)  # evaluation keeps the logits: top-5 accuracy needs them
             per_size = self.criterion.per_size(scores, y)
-        loss = self.criterion.combine(per_size)
+        # Size sampling weighs this step's undrawn sizes by 0 (a device tensor: no host sync); the
+        # per-size losses logged below stay those of every size.
+        sampled = self.size_sampler is not None and training
+        size_weights = self.size_sampler.step_weights(self.global_step, y.device) if sampled else None
+        loss = self.criterion.combine(per_size if size_weights is None else per_size * size_weights)
+        # {stage}/loss stays the final head's loss (the exported model's; val/loss picks the best
+        # checkpoint); the stage heads' losses are added to what is minimised and logged per size.
+        depth_loss = None if self.depth is None else self.depth.step_loss(stage_z, y, stage, size_weights)
         on_step = stage == "train"
         # train/loss is logged per step (the key stays plain "train/loss"); eval losses per epoch.
         if log_loss:
@@ -124,7 +153,7 @@ class MatryoshkaLitModule(L.LightningModule):
         self.metrics[f"{stage}_acc"].update(detached, y)
         if self.has_top5 and stage != "train":
             self.metrics[f"{stage}_top5"].update(detached, y)
-        return loss
+        return loss if depth_loss is None else loss + depth_loss
 
     def _log_epoch_metrics(self, stage: str) -> list[float]:
         """Log ``{stage}/acc@{d}``, ``top5@{d}`` and ``loss@{d}`` for the epoch; return top-1 per size.
@@ -140,7 +169,20 @@ class MatryoshkaLitModule(L.LightningModule):
                 self.log(f"{stage}/top5@{d}", top5[g])
             if sums is not None:
                 self.log(f"{stage}/loss@{d}", sums[g] / count, sync_dist=True)
+        self._log_helper_metrics(stage)
         return top1.tolist()
+
+    def _log_helper_metrics(self, stage: str) -> None:
+        """The epoch's metrics of the optional training helpers (size sampling, depth heads)."""
+        if self.depth is not None:
+            accuracies, losses = self.depth.epoch_metrics(stage)
+            for key, value in accuracies.items():
+                self.log(key, value)
+            for key, value in losses.items():
+                self.log(key, value, sync_dist=True)
+        fractions = self.size_sampler.drawn_fractions() if self.size_sampler and stage == "train" else None
+        for d, fraction in zip(self.nesting, [] if fractions is None else fractions, strict=False):
+            self.log(f"train/sampled@{d}", fraction)
 
     def _compute_and_reset(self, name: str) -> torch.Tensor:
         metric = self.metrics[name]
@@ -252,18 +294,20 @@ class MatryoshkaLitModule(L.LightningModule):
 
 def build_module(cfg: DictConfig, num_classes: int, in_chans: int, img_size: int) -> MatryoshkaLitModule:
     """Backbone, head and loss from config (also used by ``mrl-eval`` to rebuild a checkpoint's model)."""
-    backbone, head, loss = build_parts(cfg, num_classes, in_chans, img_size)
+    parts = build_parts(cfg, num_classes, in_chans, img_size)
     optimizer = instantiate(cfg.optim) if cfg.get("optim") else None
     scheduler = instantiate(cfg.sched) if cfg.get("sched") and cfg.sched.get("_target_") else None
     return MatryoshkaLitModule(
-        backbone,
-        head,
-        loss,
+        parts.backbone,
+        parts.head,
+        parts.loss,
         optimizer,
         scheduler,
         channels_last=bool(cfg.get("channels_last", False)),
         compile=bool(cfg.get("compile", False)),
         config=OmegaConf.to_container(cfg, resolve=True),
+        size_sampler=parts.size_sampler,
+        depth=parts.depth,
     )
 
 

@@ -11,21 +11,27 @@ from omegaconf import DictConfig, OmegaConf
 from mrl.errors import MRLError
 from mrl.instantiate import instantiate
 from mrl.models.backbone import TimmBackbone
+from mrl.models.depth import DepthMatryoshka
 from mrl.models.heads import build_head
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 from mrl.nn.matryoshka_loss import MatryoshkaLoss
+from mrl.nn.size_sampling import SizeSampler
 
 
 class ModelParts(NamedTuple):
     backbone: TimmBackbone
     head: MatryoshkaLinear
     loss: MatryoshkaLoss
+    # training-only helpers, None when off: random sizes per step, stage heads (2D Matryoshka)
+    size_sampler: SizeSampler | None = None
+    depth: DepthMatryoshka | None = None
 
 
 # The `head` config group is what users override (head=mrl_e, head.nesting, head.weights): its keys
-# configure the head itself or, for these, the Matryoshka loss that trains it.
+# configure the head itself or, for these, the Matryoshka loss that trains it (sizes_per_step: random
+# sizes per step; depth_*: prefix losses on earlier stages, see mrl.models.depth).
 HEAD_KEYS = ("kind", "nesting", "min_size", "dim", "bias")
-LOSS_KEYS = ("weights", "fused")
+LOSS_KEYS = ("weights", "fused", "sizes_per_step", "depth_stages", "depth_weight")
 
 
 def split_head_config(head_cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -49,8 +55,17 @@ def build_parts(cfg: DictConfig, num_classes: int, in_chans: int, img_size: int)
     head = build_head(embed_dim=backbone.embed_dim, num_classes=num_classes, **head_settings)
     weights = loss_settings.get("weights")
     check_loss_weights(weights, head.nesting)
-    loss = MatryoshkaLoss(weights=weights, fused=loss_settings.get("fused", True), **cfg.get("loss", {}))
-    return ModelParts(backbone, head, loss)
+
+    def new_loss() -> MatryoshkaLoss:
+        return MatryoshkaLoss(weights=weights, fused=loss_settings.get("fused", True), **cfg.get("loss", {}))
+
+    per_step = loss_settings.get("sizes_per_step")
+    sampler = None if per_step is None else SizeSampler(len(head.nesting), per_step, cfg.get("seed") or 0)
+    stages = loss_settings.get("depth_stages")
+    depth = None
+    if stages is not None:
+        depth = DepthMatryoshka(backbone, head, stages, new_loss(), loss_settings.get("depth_weight", 1.0))
+    return ModelParts(backbone, head, new_loss(), sampler, depth)
 
 
 def check_loss_weights(weights: list | None, nesting: list[int]) -> None:
