@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mrl.eval.quantized_outputs import quantized_plot
 from mrl.eval.report_file import retrieval_k
 from mrl.tracking.charts import plot_accuracy_vs_size, save_figure
 
@@ -25,8 +26,8 @@ def _plt():
 
 
 def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
-    """``acc_vs_size.png`` (every method), ``adaptive_classification.png``, ``adaptive_retrieval.png``;
-    a plot whose methods did not run is not written."""
+    """``acc_vs_size.png`` (every method), ``adaptive_classification.png``, ``adaptive_retrieval.png``,
+    ``quantized.png``; a plot whose methods did not run is not written."""
     paths = []
     curves = _size_curves(report)
     if curves:
@@ -37,6 +38,8 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
         paths.append(_adaptive_classification_plot(report, out_dir / "adaptive_classification.png"))
     if report["adaptive_retrieval"]:
         paths.append(_adaptive_retrieval_plot(report, out_dir / "adaptive_retrieval.png"))
+    if report["quantized"]:
+        paths.append(quantized_plot(report["quantized"], out_dir / "quantized.png"))
     return paths
 
 

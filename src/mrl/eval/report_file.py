@@ -19,6 +19,7 @@ REPORT_KEYS = (
     "adaptive_retrieval",
     "exact_retrieval",
     "baselines",
+    "quantized",
     "checkpoint",
 )
 
@@ -47,6 +48,8 @@ def build_report(sizes: list[int], sections: Mapping[str, Any], checkpoint: dict
             "svd_1nn": _str_keys(baselines.get("svd_1nn", {})),
             "slice_1nn": _str_keys(baselines.get("slice_1nn", {})),
         },
+        # {format: {d: {bytes, map@k, 1nn}}}: float32 and the quantised formats (mrl.eval.quantized)
+        "quantized": {fmt: _str_keys(rows) for fmt, rows in sections.get("quantized", {}).items()},
         "checkpoint": dict(checkpoint),
     }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mrl.eval.quantized_outputs import quantized_summary, quantized_wandb
 from mrl.eval.report_file import per_size_rows, retrieval_k
 
 FUNNEL_COLUMNS = (
@@ -28,6 +29,8 @@ def log_report(run, report: dict[str, Any], pngs: list[Path]) -> None:
         data |= _adaptive_classification_table(report["adaptive_classification"])
     if report["adaptive_retrieval"]:
         data |= _adaptive_retrieval_table(report["adaptive_retrieval"])
+    if report["quantized"]:
+        data |= quantized_wandb(report["quantized"])
     for png in pngs:
         data[f"eval/{png.stem}_png"] = wandb.Image(str(png))
     run.log(data)
@@ -89,4 +92,5 @@ def _summary_numbers(report: dict[str, Any]) -> dict[str, float]:
             summary[f"eval/baselines/{name}@{d}"] = value
     for key, value in report["exact_retrieval"].items():
         summary[f"eval/exact_retrieval/{key}"] = value
+    summary |= quantized_summary(report["quantized"])
     return summary
