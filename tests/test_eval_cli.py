@@ -458,7 +458,7 @@ def test_eval_quantized_prefixes_in_the_report_png_and_wandb(evaluated):
     assert summary["summary"]["eval/quantized/int8/bytes@8"] == 8
     logged = {k: v for row in history for k, v in row.items()}
     assert logged["eval/quantized._type"] == "table-file" and logged["eval/quantized.nrows"] == 12
-    assert "eval/quantized_png._type" in logged
+    assert "eval/quantized_png._type" in logged and "eval/quantized_chart_table._type" in logged
     written = (out / "report.json").read_text()
     bad = evaluated.again("quantized.formats=[int8,int4]", "logger=none")
     assert bad.returncode != 0 and "Traceback" not in bad.output

@@ -15,9 +15,13 @@ quantisation itself.
   codes: only the stored database is quantised, and bytes per vector counts what is stored.
 * ``binary``: one bit per feature, set where the normalised prefix exceeds a threshold (``zero``: the
   sign, which normalising does not change; ``mean``: each dimension's database mean, calibrated like
-  int8's ranges), packed eight per byte and searched by Hamming distance (``IndexBinaryFlat``, whose
-  ties go to the lower database index as exact search's do). A size that is not a multiple of 8 is
-  padded with zero bits on both sides, which add nothing to any distance: ``ceil(d / 8)`` bytes.
+  int8's ranges), packed eight per byte and searched by Hamming distance (``IndexBinaryFlat``; equal
+  distances rank the lower database index first). A size that is not a multiple of 8 is padded with
+  zero bits on both sides, which add nothing to any distance: ``ceil(d / 8)`` bytes.
+
+Exactly equal scores (identical normalised prefixes, e.g. of ReLU features at small d; codes that
+coincide; integer Hamming distances) come in each index's own order, so at sizes where many items tie
+the formats' numbers also differ by which tied items fill the top k.
 
 The database is read in chunks (``chunk_rows``, as exact search does), so only the codes, the very
 thing whose size is reported, are held whole; queries are searched in chunks as well.

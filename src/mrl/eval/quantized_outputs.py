@@ -9,6 +9,7 @@ from typing import Any
 from mrl.tracking.charts import save_figure
 
 MARKERS = {"float32": "o", "int8": "s", "binary": "^"}
+LABEL_OFFSETS = ((3, -11), (-9, 5), (4, 4))  # points, per format in the section's order
 
 
 def quantized_k(section: dict[str, dict[str, dict]]) -> int:
@@ -39,13 +40,22 @@ def quantized_plot(section: dict[str, dict[str, dict]], path: Path) -> Path:
     k = quantized_k(section)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
     for ax, key, label in ((axes[0], f"map@{k}", f"mAP@{k} (%)"), (axes[1], "1nn", "1-NN accuracy (%)")):
-        for fmt, per_size in section.items():
+        for i, (fmt, per_size) in enumerate(section.items()):
             sizes = sorted(per_size, key=int)
             xs = [per_size[d]["bytes"] for d in sizes]
             ys = [100 * per_size[d][key] for d in sizes]
-            ax.plot(xs, ys, marker=MARKERS.get(fmt, "o"), label=fmt)
+            (line,) = ax.plot(xs, ys, marker=MARKERS.get(fmt, "o"), label=fmt)
+            # each format's size labels in its colour, on its own side, where the curves meet at the top
+            offset = LABEL_OFFSETS[i % len(LABEL_OFFSETS)]
             for d, x, y in zip(sizes, xs, ys, strict=True):
-                ax.annotate(str(d), (x, y), textcoords="offset points", xytext=(3, 4), fontsize=7)
+                ax.annotate(
+                    str(d),
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=offset,
+                    fontsize=7,
+                    color=line.get_color(),
+                )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("bytes per vector")
         ax.set_ylabel(label)
