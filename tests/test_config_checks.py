@@ -179,6 +179,10 @@ EVAL_CASES = [
     ("baselines.knn", 1, ["baselines.knn=1"]),
     ("chunks.query", 0, ["chunks.query=0"]),
     ("threads", -2, ["threads=-2"]),
+    ("quantized.formats", ["int8", "int4"], ["quantized.formats=['int8', 'int4']", "among int8, binary"]),
+    ("quantized.formats", ["binary", "binary"], ["distinct formats"]),
+    ("quantized.k", 0, ["quantized.k=0", "positive integer"]),
+    ("quantized.binary_threshold", "median", ["quantized.binary_threshold='median'", "must be zero or mean"]),
 ]
 
 

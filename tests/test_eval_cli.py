@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import BIN, TINY, CLIResult, wandb_inspect, wandb_run_dirs
+from test_eval_quantized import reference_binary, reference_int8, reference_metrics
 
 REPORT_KEYS = {
     "sizes",
@@ -26,6 +27,7 @@ REPORT_KEYS = {
     "exact_retrieval",
     "baselines",
     "robustness",
+    "quantized",
     "checkpoint",
 }
 SIZES = ["2", "4", "8", "16"]  # the trained sizes of the module's checkpoint, as report.json keys
@@ -419,3 +421,48 @@ def test_evaluation_places_are_unique_to_the_checkpoint_content(tmp_path):
     before = eval_dir_name(str(first))
     first.write_bytes(b"one, trained further")  # a resumed run rewrote last.ckpt: a new place
     assert eval_dir_name(str(first)) not in (before, eval_dir_name(str(second)))
+
+
+@pytest.mark.slow
+def test_eval_quantized_prefixes_in_the_report_png_and_wandb(evaluated):
+    """Each size stored as float32, int8 and sign bits: exact bytes per vector, float32 = the exact
+    search's numbers, int8 and binary recomputed from the exported embeddings by hand; quantized.png, the
+    W&B table and summary; an unknown format refused before anything is written."""
+    report, out = evaluated.report, evaluated.out
+    quant = report["quantized"]
+    assert list(quant) == ["float32", "int8", "binary"] and all(
+        list(rows) == SIZES for rows in quant.values()
+    )
+    db, db_y = np.load(out / "train_embeddings.npy"), np.load(out / "train_labels.npy")
+    q, q_y = np.load(out / "test_embeddings.npy"), np.load(out / "test_labels.npy")
+    for d in SIZES:
+        n = int(d)
+        assert [quant[fmt][d]["bytes"] for fmt in quant] == [4 * n, n, -(-n // 8)]
+        assert quant["float32"][d] == {
+            "bytes": 4 * n,
+            "map@10": report["retrieval"][d]["map@10"],
+            "1nn": report["knn"][d]["1nn"],
+        }
+        ids = np.argsort(reference_binary(db, q, n, "zero"), axis=1, kind="stable")[:, :10]
+        assert quant["binary"][d] == pytest.approx(
+            {"bytes": -(-n // 8), **reference_metrics(ids, db_y, q_y, 10)}
+        )
+        if n > 2:  # d=2: int8 codes of distinct items can coincide, and tied items come in faiss's order
+            ids = np.argsort(-reference_int8(db, q, n)[1], axis=1, kind="stable")[:, :10]
+            assert quant["int8"][d] == pytest.approx({"bytes": n, **reference_metrics(ids, db_y, q_y, 10)})
+    assert (out / "quantized.png").stat().st_size > 1000
+    assert "quantized prefixes" in evaluated.result.output
+    (run_dir,) = evaluated.wandb_runs
+    summary, history = wandb_inspect(run_dir)
+    assert summary["summary"]["eval/quantized/binary/map@10@16"] == pytest.approx(
+        quant["binary"]["16"]["map@10"]
+    )
+    assert summary["summary"]["eval/quantized/int8/bytes@8"] == 8
+    logged = {k: v for row in history for k, v in row.items()}
+    assert logged["eval/quantized._type"] == "table-file" and logged["eval/quantized.nrows"] == 12
+    assert "eval/quantized_png._type" in logged and "eval/quantized_chart_table._type" in logged
+    written = (out / "report.json").read_text()
+    bad = evaluated.again("quantized.formats=[int8,int4]", "logger=none")
+    assert bad.returncode != 0 and "Traceback" not in bad.output
+    assert "quantized.formats=['int8', 'int4']" in bad.stderr and "among int8, binary" in bad.stderr
+    assert (out / "report.json").read_text() == written

@@ -24,6 +24,7 @@ from mrl.eval import (
     evaluators,
     knn,
     linear,
+    quantized,
     retrieval,
     robustness,
 )
@@ -40,6 +41,7 @@ EVALUATOR_MODULES = (
     evaluators,
     knn,
     linear,
+    quantized,
     retrieval,
     robustness,
 )
@@ -81,6 +83,9 @@ OVERRIDES = [
     "baselines.knn=true",
     "baselines.max_train=150",
     "baselines.max_iter=20",
+    "quantized.formats=[binary]",
+    "quantized.k=5",
+    "quantized.binary_threshold=mean",
     "chunks.query=13",
     "chunks.database=101",
     "chunks.rerank=4099",
@@ -148,6 +153,7 @@ def _record(monkeypatch) -> dict[str, list[dict]]:
         "adaptive_retrieval",
         "posthoc_baselines",
         "posthoc_one_nn",
+        "quantized_retrieval",
     ):
         real = getattr(evaluators, name)
 
@@ -186,6 +192,7 @@ def test_evaluators_take_every_setting_from_conf_eval_yaml(monkeypatch):
         "adaptive_retrieval",
         "exact_retrieval",
         "baselines",
+        "quantized",
     }
     (lin,), (soft,) = calls["linear_accuracy"], calls["max_softmax_predictions"]
     (curve,), (exact,), (funnels,) = (
@@ -194,6 +201,7 @@ def test_evaluators_take_every_setting_from_conf_eval_yaml(monkeypatch):
         calls["adaptive_retrieval"],
     )
     (probes,), (one_nn,) = calls["posthoc_baselines"], calls["posthoc_one_nn"]
+    (quant,) = calls["quantized_retrieval"]
     checked = {
         # setting: (value it must have, where it went)
         "seed": [curve["seed"], probes["seed"]],
@@ -210,10 +218,15 @@ def test_evaluators_take_every_setting_from_conf_eval_yaml(monkeypatch):
         "adaptive_retrieval.hnsw_ef_construction": [funnels["settings"].hnsw_ef_construction],
         "baselines.max_train": [probes["max_train"]],
         "baselines.max_iter": [probes["max_iter"]],
+        "quantized.formats": [list(quant["settings"].formats)],
+        "quantized.k": [quant["settings"].k],
+        "quantized.binary_threshold": [quant["settings"].binary_threshold],
         "chunks.query": [exact["query_chunk"], one_nn["query_chunk"], funnels["settings"].query_chunk]
-        + [c["query_chunk"] for c in calls["exact_search"]],
+        + [c["query_chunk"] for c in calls["exact_search"]]
+        + [quant["settings"].query_chunk],
         "chunks.database": [exact["db_chunk"], one_nn["db_chunk"], funnels["settings"].db_chunk]
-        + [c["db_chunk"] for c in calls["exact_search"]],
+        + [c["db_chunk"] for c in calls["exact_search"]]
+        + [quant["settings"].db_chunk],
         "chunks.rerank": [funnels["settings"].block_floats],
         "chunks.head": [lin["chunk"], soft["chunk"]],
     }
@@ -232,6 +245,9 @@ def test_evaluators_take_every_setting_from_conf_eval_yaml(monkeypatch):
         "adaptive_retrieval.hnsw_ef_construction": 17,
         "baselines.max_train": 150,
         "baselines.max_iter": 20,
+        "quantized.formats": ["binary"],
+        "quantized.k": 5,
+        "quantized.binary_threshold": "mean",
         "chunks.query": 13,
         "chunks.database": 101,
         "chunks.rerank": 4099,
@@ -247,6 +263,12 @@ def test_evaluators_take_every_setting_from_conf_eval_yaml(monkeypatch):
     assert calls["exact_search"][0]["k"] == 7  # max(knn.k, retrieval.ks)
     assert probes["svd_sizes"] == [4, 8] and probes["slice_sizes"] == [3, 4, 6, 8, 12]  # + interpolation
     assert one_nn["known_slice_1nn"] == {d: v["1nn"] for d, v in sections["knn"].items()}
+    # the quantised rows at every reported size; float32 from the kNN and retrieval stage's search
+    assert quant["sizes"] == [2, 4, 8, 16] and set(sections["quantized"]) == {"float32", "binary"}
+    assert quant["known_float32"] == {
+        d: {"map@5": sections["retrieval"][d]["map@5"], "1nn": sections["knn"][d]["1nn"]}
+        for d in (2, 4, 8, 16)
+    }
     decided = {
         "adaptive_retrieval.funnel.shortlist_size",
         "adaptive_retrieval.funnel.rerank_sizes",
@@ -291,7 +313,7 @@ def test_baselines_settings_choose_what_is_measured(monkeypatch, overrides, kind
 
 def test_evaluators_of_methods_that_are_off_do_not_run(monkeypatch):
     off = [f"methods.{m}=false" for m in ("linear", "knn", "adaptive_classification", "adaptive_retrieval")]
-    cfg = _compose(*off, "methods.baselines=false")
+    cfg = _compose(*off, "methods.baselines=false", "methods.quantized=false")
     calls = _record(monkeypatch)
     done = []
     sections = evaluators.run_evaluators(_context(cfg), cfg, done.append)

@@ -25,6 +25,9 @@ Node = Mapping[str, Any]
 # What MatryoshkaLitModule logs per stage and size: "{stage}/{name}@{d}" (top5 only with >= 5 classes).
 PER_SIZE_METRICS = {"train": ("acc", "loss"), "val": ("acc", "top5", "loss"), "test": ("acc", "top5", "loss")}
 FULL = "full"
+# mrl-eval's quantised storage formats (mrl.eval.quantized) and binary thresholds
+QUANTIZED_FORMATS = ("int8", "binary")
+BINARY_THRESHOLDS = ("zero", "mean")
 
 
 # ---- value predicates ---------------------------------------------------------------------------
@@ -501,11 +504,30 @@ def check_eval_config(cfg: Node, prefix: str = "") -> None:
     int_list(baselines, "sizes", f"{p}baselines.", f"{p}baselines.sizes=[8,16,32]")
     positive_int(baselines, "max_train", f"{p}baselines.", f"{p}baselines.max_train=5000")
     positive_int(baselines, "max_iter", f"{p}baselines.", f"{p}baselines.max_iter=100")
+    check_quantized(mapping(cfg.get("quantized"), f"{p}quantized", f"{p}quantized.k=10"), p)
     chunks = mapping(cfg.get("chunks"), f"{p}chunks", f"{p}chunks.query=4096")
     for key in chunks:
         positive_int(chunks, key, f"{p}chunks.", f"{p}chunks.{key}=4096")
     if "robustness" in cfg:
         robustness_sets(cfg["robustness"], p)
+
+
+def check_quantized(qc: Node, p: str) -> None:
+    """``quantized``: distinct known formats (float32 is always the reference), k, binary threshold."""
+    q = f"{p}quantized."
+    if "formats" in qc:
+        value = qc["formats"]
+        ok = isinstance(value, list | tuple) and bool(value) and len(set(map(str, value))) == len(value)
+        require(
+            ok and all(v in QUANTIZED_FORMATS for v in value),
+            f"{q}formats",
+            value,
+            f"a list of distinct formats among {', '.join(QUANTIZED_FORMATS)} (float32 is always measured "
+            f"as the reference; methods.quantized=false turns the measurement off)",
+            f"{q}formats=[int8,binary]",
+        )
+    positive_int(qc, "k", q, f"{q}k=10")
+    one_of(qc, "binary_threshold", q, BINARY_THRESHOLDS)
 
 
 def _check_adaptive_classification(ac: Node, p: str) -> None:

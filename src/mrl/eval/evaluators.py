@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from mrl.config_checks import check_quantized
 from mrl.errors import MRLError
 from mrl.eval.adaptive_classification import adaptive_classification
 from mrl.eval.adaptive_retrieval import Funnel, FunnelSettings, adaptive_retrieval, exact_retrieval
@@ -22,6 +23,7 @@ from mrl.eval.baselines import interpolation_sizes, pca_fit, posthoc_baselines
 from mrl.eval.context import EvalContext
 from mrl.eval.knn import exact_search, knn_accuracy
 from mrl.eval.linear import linear_accuracy, max_softmax_predictions
+from mrl.eval.quantized import QuantizedSettings, quantized_retrieval
 from mrl.eval.retrieval import retrieval_metrics
 from mrl.nn.nesting import default_nesting
 
@@ -146,6 +148,28 @@ def measure_baselines(ctx: EvalContext, settings: DictConfig) -> dict[str, Any]:
     return {"baselines": out}
 
 
+def measure_quantized(ctx: EvalContext, settings: DictConfig) -> dict[str, Any]:
+    """``quantized``: bytes per vector, mAP@k and 1-NN of every size stored as float32, int8, binary."""
+    q = settings.quantized
+    qs = QuantizedSettings(
+        formats=tuple(q.formats),
+        k=int(q.k),
+        binary_threshold=str(q.binary_threshold),
+        query_chunk=ctx.chunks.query,
+        db_chunk=ctx.chunks.database,
+    )
+    # the float32 rows are the knn+retrieval stage's exact search where it measured map@k and 1-NN
+    knn, ret = ctx.sections.get("knn", {}), ctx.sections.get("retrieval", {})
+    known = {
+        d: {f"map@{qs.k}": ret[d][f"map@{qs.k}"], "1nn": knn[d]["1nn"]}
+        for d in ctx.sizes
+        if d in knn and f"map@{qs.k}" in ret.get(d, {})
+    }
+    use_gpu = None if ctx.device.type == "cuda" else False
+    data = (ctx.database, ctx.db_labels, ctx.queries, ctx.query_labels)
+    return {"quantized": quantized_retrieval(*data, ctx.sizes, qs, use_gpu, known)}
+
+
 def _baseline_sizes(ctx: EvalContext, sizes: Any) -> list[int]:
     """``baselines.sizes``, else the reported sizes, else (a one-size model) the paper's powers of two."""
     if sizes is not None:
@@ -169,6 +193,7 @@ EVALUATORS: tuple[Evaluator, ...] = (
     ),
     # after knn+retrieval: its 1-NN at the reported sizes is reused
     Evaluator("baselines", ("baselines",), ("baselines",), measure_baselines),
+    Evaluator("quantized", ("quantized",), ("quantized",), measure_quantized),
 )
 
 
@@ -214,6 +239,8 @@ def check_settings(cfg: DictConfig) -> None:
         raise MRLError(f"baselines.models must be all or standard, got {cfg.baselines.models!r}.")
     if cfg.baselines.knn not in (True, False, "auto"):
         raise MRLError(f"baselines.knn must be true, false or auto, got {cfg.baselines.knn!r}.")
+    if cfg.methods.get("quantized"):
+        check_quantized(OmegaConf.to_container(cfg.quantized, resolve=True), "")
 
 
 def baselines_one_nn(setting: bool | str, kind: str | None) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mrl.eval.quantized_outputs import quantized_plot
 from mrl.eval.report_file import retrieval_k
 from mrl.tracking.charts import plot_accuracy_vs_size, save_figure
 
@@ -26,7 +27,7 @@ def _plt():
 
 def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     """``acc_vs_size.png`` (every method), ``adaptive_classification.png``, ``adaptive_retrieval.png``,
-    ``robustness.png``; a plot whose methods did not run is not written."""
+    ``robustness.png``, ``quantized.png``; a plot whose methods did not run is not written."""
     paths = []
     curves = _size_curves(report)
     if curves:
@@ -39,6 +40,8 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
         paths.append(_adaptive_retrieval_plot(report, out_dir / "adaptive_retrieval.png"))
     if report.get("robustness"):
         paths.append(_robustness_plot(report, out_dir / "robustness.png"))
+    if report["quantized"]:
+        paths.append(quantized_plot(report["quantized"], out_dir / "quantized.png"))
     return paths
 
 

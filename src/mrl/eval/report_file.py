@@ -20,6 +20,7 @@ REPORT_KEYS = (
     "exact_retrieval",
     "baselines",
     "robustness",
+    "quantized",
     "checkpoint",
 )
 
@@ -50,6 +51,8 @@ def build_report(sizes: list[int], sections: Mapping[str, Any], checkpoint: dict
         },
         # per robustness set: root, images, classes covered, restricted, top1 per size (mrl.eval.robustness)
         "robustness": dict(sections.get("robustness", {})),
+        # {format: {d: {bytes, map@k, 1nn}}}: float32 and the quantised formats (mrl.eval.quantized)
+        "quantized": {fmt: _str_keys(rows) for fmt, rows in sections.get("quantized", {}).items()},
         "checkpoint": dict(checkpoint),
     }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mrl.eval.quantized_outputs import quantized_text
 from mrl.eval.report_file import per_size_rows
 
 
@@ -43,6 +44,8 @@ def summary_text(report: dict[str, Any]) -> str:
             lines.append(
                 f"  {100 * r['accuracy']:6.2f}% | {r['expected_size']:8.1f} | {r['total_size']:8.1f}"
             )
+    if report["quantized"]:
+        lines += ["", *quantized_text(report["quantized"])]
     return "\n".join(lines)
 
 

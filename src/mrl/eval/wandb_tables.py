@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mrl.eval.quantized_outputs import quantized_summary, quantized_wandb
 from mrl.eval.report_file import per_size_rows, retrieval_k
 
 FUNNEL_COLUMNS = (
@@ -30,6 +31,8 @@ def log_report(run, report: dict[str, Any], pngs: list[Path]) -> None:
         data |= _adaptive_retrieval_table(report["adaptive_retrieval"])
     if report.get("robustness"):
         data |= _robustness_table(report)
+    if report["quantized"]:
+        data |= quantized_wandb(report["quantized"])
     for png in pngs:
         data[f"eval/{png.stem}_png"] = wandb.Image(str(png))
     run.log(data)
@@ -115,4 +118,5 @@ def _summary_numbers(report: dict[str, Any]) -> dict[str, float]:
     for name, entry in report.get("robustness", {}).items():
         for d, value in entry["top1"].items():
             summary[f"eval/robustness/{name}/top1@{d}"] = value
+    summary |= quantized_summary(report["quantized"])
     return summary

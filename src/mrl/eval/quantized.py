@@ -1,0 +1,187 @@
+"""Quantised prefixes: retrieval with each size-d prefix stored as int8 codes or as sign bits, beside
+float32, measured as bytes per stored vector against mAP@k and 1-NN (the memory/quality frontier of a
+deployed index).
+
+Every format quantises the vector the float32 search compares (``mrl.eval.knn``): the prefix
+``z[:, :d]`` L2-normalised *after* truncation, so the only difference from the float32 rows is the
+quantisation itself.
+
+* ``int8``: faiss's ``ScalarQuantizer`` ``QT_8bit`` (one byte per feature), each dimension's range the
+  [min, max] of the database's normalised prefixes (``RS_minmax``, as faiss trains it and as
+  sentence-transformers' ``quantize_embeddings`` calibrates on its corpus). Quantising the normalised
+  prefix matters: ranges calibrated on raw prefixes would spend the 256 levels on the vectors' norms,
+  which cosine search discards, and inner products of decoded raw vectors would rank by norm as well.
+  Search (``IndexScalarQuantizer``, inner product) compares the float32 query with the decoded database
+  codes: only the stored database is quantised, and bytes per vector counts what is stored.
+* ``binary``: one bit per feature, set where the normalised prefix exceeds a threshold (``zero``: the
+  sign, which normalising does not change; ``mean``: each dimension's database mean, calibrated like
+  int8's ranges), packed eight per byte and searched by Hamming distance (``IndexBinaryFlat``; equal
+  distances rank the lower database index first). A size that is not a multiple of 8 is padded with
+  zero bits on both sides, which add nothing to any distance: ``ceil(d / 8)`` bytes.
+
+Exactly equal scores (identical normalised prefixes, e.g. of ReLU features at small d; codes that
+coincide; integer Hamming distances) come in each index's own order, so at sizes where many items tie
+the formats' numbers also differ by which tied items fill the top k.
+
+The database is read in chunks (``chunk_rows``, as exact search does), so only the codes, the very
+thing whose size is reported, are held whole; queries are searched in chunks as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from mrl.config_checks import check_quantized
+from mrl.errors import MRLError
+from mrl.eval.knn import chunk_rows, exact_search, knn_predict, normalized_prefix
+from mrl.eval.progress import Progress
+from mrl.eval.retrieval import retrieval_metrics
+
+FLOAT32 = "float32"  # the reference rows: the exact search of mrl.eval.knn, 4 bytes per feature
+
+
+@dataclass(frozen=True)
+class QuantizedSettings:
+    """``quantized`` of conf/eval.yaml (what each setting does is said there) and the chunk sizes."""
+
+    formats: tuple[str, ...]
+    k: int
+    binary_threshold: str
+    query_chunk: int
+    db_chunk: int
+
+    def __post_init__(self) -> None:
+        settings = {"formats": list(self.formats), "k": self.k, "binary_threshold": self.binary_threshold}
+        check_quantized(settings, "")  # the pre-flight's checks, for callers that skip the CLI
+
+
+@dataclass(frozen=True)
+class PrefixStats:
+    """Per-dimension statistics of the database's normalised size-d prefixes: the calibration."""
+
+    low: np.ndarray
+    high: np.ndarray
+    mean: np.ndarray
+
+
+def _blocks(database: np.ndarray, d: int, db_chunk: int):
+    """The database's normalised size-``d`` prefixes, one float32 chunk at a time."""
+    rows = chunk_rows(db_chunk, d)
+    for start in range(0, len(database), rows):
+        yield normalized_prefix(database[start : start + rows], d)
+
+
+def prefix_stats(database: np.ndarray, d: int, db_chunk: int) -> PrefixStats:
+    """Min, max and mean of each feature of the normalised size-``d`` prefixes, in one chunked pass."""
+    low = np.full(d, np.inf, dtype=np.float32)
+    high = np.full(d, -np.inf, dtype=np.float32)
+    total = np.zeros(d, dtype=np.float64)
+    for block in _blocks(database, d, db_chunk):
+        np.minimum(low, block.min(axis=0), out=low)
+        np.maximum(high, block.max(axis=0), out=high)
+        total += block.sum(axis=0, dtype=np.float64)
+    return PrefixStats(low, high, (total / max(len(database), 1)).astype(np.float32))
+
+
+def int8_index(database: np.ndarray, d: int, stats: PrefixStats, db_chunk: int) -> faiss.Index:
+    """A faiss ``IndexScalarQuantizer`` (``QT_8bit``, inner product) of the normalised prefixes."""
+    index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+    index.sq.rangestat = faiss.ScalarQuantizer.RS_minmax
+    # RS_minmax takes each dimension's min and max over the training rows, so training on the two rows
+    # of per-dimension extremes gives the whole database's ranges without holding it in memory
+    index.train(np.ascontiguousarray(np.stack([stats.low, stats.high])))
+    for block in _blocks(database, d, db_chunk):
+        index.add(block)
+    return index
+
+
+def binary_codes(prefix: np.ndarray, threshold: np.ndarray | float) -> np.ndarray:
+    """Bits ``prefix > threshold``, packed eight per byte, zero-padded to whole bytes."""
+    return np.packbits(prefix > threshold, axis=1)
+
+
+def binary_index(database: np.ndarray, d: int, threshold: np.ndarray | float, db_chunk: int) -> faiss.Index:
+    """A faiss ``IndexBinaryFlat`` (Hamming distance) of the normalised prefixes' bits."""
+    index = faiss.IndexBinaryFlat(8 * ((d + 7) // 8))
+    for block in _blocks(database, d, db_chunk):
+        index.add(binary_codes(block, threshold))
+    return index
+
+
+def quantized_index(
+    fmt: str, database: np.ndarray, d: int, stats: PrefixStats, settings: QuantizedSettings
+) -> tuple[faiss.Index, Callable[[np.ndarray], np.ndarray]]:
+    """The index of format ``fmt`` and how a normalised query prefix is encoded to search it."""
+    if fmt == "int8":
+        return int8_index(database, d, stats, settings.db_chunk), lambda q: q
+    threshold = stats.mean if settings.binary_threshold == "mean" else 0.0
+    index = binary_index(database, d, threshold, settings.db_chunk)
+    return index, lambda q: binary_codes(q, threshold)
+
+
+def search_index(
+    index: faiss.Index,
+    encode: Callable[[np.ndarray], np.ndarray],
+    queries: np.ndarray,
+    d: int,
+    k: int,
+    query_chunk: int,
+) -> np.ndarray:
+    """Ids of the top-``k`` database rows of every query, best first, searched ``query_chunk`` at a time."""
+    ids = [
+        index.search(encode(normalized_prefix(queries[s : s + query_chunk], d)), k)[1]
+        for s in range(0, len(queries), query_chunk)
+    ]
+    return np.concatenate(ids) if ids else np.empty((0, k), dtype=np.int64)
+
+
+def ranking_metrics(
+    neighbor_ids: np.ndarray, db_labels: np.ndarray, query_labels: np.ndarray, k: int
+) -> dict[str, float]:
+    """``map@k`` and ``1nn`` of ranked neighbours, as the retrieval and kNN sections define them."""
+    neighbor_labels = db_labels[neighbor_ids]
+    return {
+        f"map@{k}": retrieval_metrics(neighbor_labels, query_labels, db_labels, [k])[f"map@{k}"],
+        "1nn": float(np.mean(knn_predict(neighbor_labels, 1) == query_labels)),
+    }
+
+
+def quantized_retrieval(
+    database: np.ndarray,
+    db_labels: np.ndarray,
+    queries: np.ndarray,
+    query_labels: np.ndarray,
+    sizes: Sequence[int],
+    settings: QuantizedSettings,
+    use_gpu: bool | None,
+    known_float32: Mapping[int, Mapping[str, float]],
+) -> dict[str, dict[int, dict[str, float]]]:
+    """``{format: {d: {"bytes", "map@k", "1nn"}}}`` for float32 and every format of ``settings``.
+
+    ``known_float32``: the float32 ``map@k`` and ``1nn`` already measured (the retrieval and kNN
+    sections' exact search); the other sizes are searched here (``use_gpu`` as ``exact_search``).
+    """
+    k = settings.k
+    if k > len(database):
+        raise MRLError(
+            f"The database has {len(database)} items, fewer than quantized.k={k}; lower quantized.k."
+        )
+    out: dict[str, dict[int, dict[str, float]]] = {FLOAT32: {}, **{f: {} for f in settings.formats}}
+    progress = Progress("quantized searches", len(sizes) * len(settings.formats))
+    for d in sizes:
+        row = known_float32.get(d)
+        if row is None:
+            ids = exact_search(database, queries, d, k, settings.query_chunk, settings.db_chunk, use_gpu)[1]
+            row = ranking_metrics(ids, db_labels, query_labels, k)
+        out[FLOAT32][d] = {"bytes": 4 * d, f"map@{k}": row[f"map@{k}"], "1nn": row["1nn"]}
+        stats = prefix_stats(database, d, settings.db_chunk)
+        for fmt in settings.formats:
+            index, encode = quantized_index(fmt, database, d, stats, settings)
+            ids = search_index(index, encode, queries, d, k, settings.query_chunk)
+            out[fmt][d] = {"bytes": int(index.code_size), **ranking_metrics(ids, db_labels, query_labels, k)}
+            progress.step(f"{fmt} d={d}")
+    return out
