@@ -14,8 +14,9 @@ from torch import nn
 
 from mrl.instantiate import instantiate
 from mrl.models.backbone import TimmBackbone, build_with_upsizing
-from mrl.models.build import build_parts
+from mrl.models.build import build_objective, build_parts
 from mrl.nn.matryoshka_accuracy import MatryoshkaAccuracy
+from mrl.nn.matryoshka_contrastive import MatryoshkaContrastiveLoss
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 from mrl.nn.matryoshka_loss import MatryoshkaLoss
 from mrl.tracking.charts import log_accuracy_vs_size
@@ -37,6 +38,12 @@ class MatryoshkaLitModule(L.LightningModule):
     off biases and norms), ``scheduler`` a partial taking the optimizer and ``num_epochs`` /
     ``updates_per_epoch`` (timm's ``create_scheduler_v2``), stepped after every optimizer update.
     ``config`` (the run's resolved config) is stored in every checkpoint so evaluation can rebuild it.
+
+    With a contrastive ``objective`` (``objective=supcon|infonce``) training batches hold several views
+    ``(V, B, C, H, W)``: the backbone is trained by the Matryoshka contrastive loss alone, logged as
+    ``train/contrastive_loss`` and ``train/contrastive_loss@{d}``, and the head is an online linear probe
+    on the detached embedding of every view (its cross-entropy reaches the head, never the backbone), so
+    ``{stage}/acc@{d}`` and ``{stage}/loss`` keep their meaning: the head's.
     """
 
     def __init__(
@@ -49,11 +56,13 @@ class MatryoshkaLitModule(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         config: dict[str, Any] | None = None,
+        objective: MatryoshkaContrastiveLoss | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.criterion = loss
+        self.objective = objective
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.channels_last = channels_last
@@ -96,10 +105,12 @@ class MatryoshkaLitModule(L.LightningModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, log_loss: bool = True
     ) -> torch.Tensor:
         x, y = batch
+        contrastive = None
         if stage == "train" and torch.is_grad_enabled():
+            z, y, contrastive = self._training_embedding(x, y, log_loss)
             # Training needs only the losses and each size's top-1 class: head and cross-entropy run as
             # one node (fused=True), without keeping the (G, B, C) logits for the metrics.
-            per_size, scores = self.criterion.per_size_from_embedding(self.head, self(x), y, predict=True)
+            per_size, scores = self.criterion.per_size_from_embedding(self.head, z, y, predict=True)
         else:
             scores = self.logits(x)  # evaluation keeps the logits: top-5 accuracy needs them
             per_size = self.criterion.per_size(scores, y)
@@ -124,7 +135,34 @@ class MatryoshkaLitModule(L.LightningModule):
         self.metrics[f"{stage}_acc"].update(detached, y)
         if self.has_top5 and stage != "train":
             self.metrics[f"{stage}_top5"].update(detached, y)
-        return loss
+        return loss if contrastive is None else loss + contrastive
+
+    def _training_embedding(
+        self, x: torch.Tensor, y: torch.Tensor, log_loss: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(z for the head, its targets, the contrastive loss or None)`` of a training batch.
+
+        With a contrastive objective the views ``(V, B, ...)`` go through the backbone as one batch; the
+        head sees the embedding detached (stop-gradient: an online linear probe).
+        """
+        if self.objective is None:
+            return self(x), y, None
+        if x.dim() != 5 or x.shape[0] != self.objective.views:
+            raise RuntimeError(
+                f"objective={self.objective.kind} needs {self.objective.views} views per training batch "
+                f"(V, B, C, H, W), got a batch of shape {tuple(x.shape)}: the datamodule was not given "
+                "objective.views (datamodule.configure_views)"
+            )
+        z = self(x.flatten(0, 1))
+        per_size = self.objective.per_size(z, y)
+        # One place combines per-size losses with the relative weights c_m: the criterion's.
+        loss = self.criterion.combine(per_size)
+        if log_loss:
+            self.log("train/contrastive_loss", loss, on_step=True, on_epoch=False, batch_size=y.shape[0])
+        key = "train_contrastive"
+        self._loss_sums[key] = self._loss_sums.get(key, 0) + per_size.detach() * y.shape[0]
+        self._loss_counts[key] = self._loss_counts.get(key, 0) + y.shape[0]
+        return z.detach(), y.repeat(x.shape[0]), loss
 
     def _log_epoch_metrics(self, stage: str) -> list[float]:
         """Log ``{stage}/acc@{d}``, ``top5@{d}`` and ``loss@{d}`` for the epoch; return top-1 per size.
@@ -211,6 +249,10 @@ class MatryoshkaLitModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         self._raise_if_nonfinite()
         self._log_epoch_metrics("train")
+        sums = self._loss_sums.pop("train_contrastive", None)
+        count = self._loss_counts.pop("train_contrastive", 0)
+        for g, d in enumerate(self.nesting if sums is not None else ()):
+            self.log(f"train/contrastive_loss@{d}", sums[g] / count, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         accs = self._log_epoch_metrics("val")
@@ -264,6 +306,7 @@ def build_module(cfg: DictConfig, num_classes: int, in_chans: int, img_size: int
         channels_last=bool(cfg.get("channels_last", False)),
         compile=bool(cfg.get("compile", False)),
         config=OmegaConf.to_container(cfg, resolve=True),
+        objective=build_objective(cfg, head),
     )
 
 
