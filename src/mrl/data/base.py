@@ -13,6 +13,16 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from mrl.errors import MRLError
 
 
+def views_refusal(views: int, datamodule: str) -> str:
+    """What to do when ``objective.views`` asks a one-view datamodule for several views."""
+    return (
+        f"objective.views={views}: the contrastive objectives need {views} augmented views of each "
+        f"training image, and {datamodule} serves one (image-file data crops each image once, in the "
+        "loader workers). Two views work with data=fashion_mnist, cifar10, cifar100 and synthetic; with "
+        "this data use objective=ce."
+    )
+
+
 class EpochShuffleSampler(Sampler[int]):
     """A random order that is a function of ``(seed, epoch)`` alone.
 
@@ -110,12 +120,7 @@ class MRLDataModule(L.LightningDataModule):
         """Serve ``views`` independently augmented views of each training image: training batches become
         ``(uint8 images as floats (views, B, C, H, W), labels (B,))``; evaluation batches stay one view."""
         if views != 1 and not self.multi_view:
-            raise MRLError(
-                f"objective.views={views}: the contrastive objectives need {views} augmented views of each "
-                f"training image, and {type(self).__name__} serves one (image-file data crops each image "
-                "once, in the loader workers). Two views work with data=fashion_mnist, cifar10, cifar100 "
-                "and synthetic; with this data use objective=ce."
-            )
+            raise MRLError(views_refusal(views, type(self).__name__))
         self.views = int(views)
 
     def configure_transforms(self, data_config: dict[str, Any]) -> None:
