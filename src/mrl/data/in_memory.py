@@ -26,8 +26,8 @@ class InMemoryImageDataModule(MRLDataModule):
     ``img_size`` resizes the images per batch (null: the native size, which training may raise for a
     backbone that needs more). Training batches are randomly cropped after ``crop_padding`` px of zero
     padding (0: not cropped) and flipped; with several views (``configure_views``, contrastive objectives)
-    each view is cropped and flipped independently. ``limit_train`` / ``limit_eval`` keep only the first images of
-    the splits (quick runs and tests). With ``download=true`` missing files are fetched in
+    each view is cropped and flipped independently. ``limit_train`` / ``limit_eval`` keep only the first
+    images of the splits (quick runs and tests). With ``download=true`` missing files are fetched in
     ``prepare_data``. ``__init__`` reads no file: deployment builds the datamodule from a checkpoint's
     config only to learn the image shape and preprocessing.
     """
