@@ -10,7 +10,7 @@ from mrl.config_path import config_dir
 from mrl.resolvers import register_resolvers
 
 CONF = Path(config_dir())
-GROUPS = ["data", "backbone", "head", "optim", "sched", "trainer", "logger", "callbacks"]
+GROUPS = ["data", "backbone", "head", "objective", "optim", "sched", "trainer", "logger", "callbacks"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 

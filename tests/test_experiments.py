@@ -143,6 +143,9 @@ def _few_step_args(recipe: str, tmp_path: Path) -> list[str]:
         # one job of the sweep, with its evaluation
         args += ["hydra.mode=RUN", "head={kind:ff,dim:4}", "evaluate.baselines.max_train=8"]
         args += ["+evaluate.retrieval.ks=[2]", "+evaluate.knn.k=2"]  # 8 database items
+    if recipe == "fashion_mnist_contrastive":
+        # one contrastive job of the sweep, with its evaluation
+        args += ["hydra.mode=RUN", "objective=supcon", "+evaluate.retrieval.ks=[2]", "+evaluate.knn.k=2"]
     args += [f"~data.{key}" for key in _keys_synthetic_lacks(recipe)]
     if recipe == "imagenet_r50_mrl":
         args.append("trainer.precision=bf16-mixed")  # the recipes' precision, on the CPU
@@ -170,5 +173,5 @@ def test_recipe_trains_a_few_steps(recipe, run_cli, tmp_path):
     sizes = [cfg.head.dim] if cfg.head.kind == "ff" else (cfg.head.nesting or [])
     for d in sizes:
         assert f"test/acc@{d}" in results
-    if recipe == "fashion_mnist_compare":
+    if recipe in ("fashion_mnist_compare", "fashion_mnist_contrastive"):
         assert len(find_evaluations(job)) == 1

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mrl.errors import MRLError
-from mrl.models.build import split_head_config
+from mrl.models.build import OBJECTIVE_KINDS, split_head_config
 from mrl.models.heads import HEAD_KINDS
 from mrl.nn.nesting import default_nesting, validate_nesting
 
@@ -125,6 +125,9 @@ def check_train_config(cfg: Node) -> None:
         mapping(cfg.get("trainer"), "trainer", "trainer=cpu"), has_schedule=bool(sched.get("_target_"))
     )
     check_job(cfg)
+    objective = mapping(cfg.get("objective"), "objective", "objective=supcon")
+    check_objective(objective)
+    check_depth_with_objective(head, objective)
     embed_dim = (cfg.get("backbone") or {}).get("embed_dim")
     check_optimized_metric(cfg.get("optimized_metric"), config_nesting(head, embed_dim), logged_stages(cfg))
 
@@ -150,6 +153,46 @@ def check_job(cfg: Node) -> None:
     if metric is not None and not isinstance(metric, str):
         raise MRLError(
             f"optimized_metric={metric!r} is not valid: name a metric, e.g. optimized_metric=val/acc@full."
+        )
+
+
+OBJECTIVE_KEYS = ("kind", "temperature", "views")
+
+
+def check_objective(objective: Node) -> None:
+    """``objective``: cross-entropy on one view, or a contrastive loss on two or more views."""
+    unknown = sorted(set(objective) - set(OBJECTIVE_KEYS))
+    if unknown:
+        raise MRLError(
+            f"objective.{unknown[0]} is not an objective setting. The objective takes "
+            f"{', '.join(OBJECTIVE_KEYS)} (conf/objective/supcon.yaml); fix the spelling or drop it."
+        )
+    one_of(objective, "kind", "objective.", OBJECTIVE_KINDS)
+    number_in(objective, "temperature", "objective.", 1e-6, math.inf, "objective.temperature=0.1")
+    positive_int(objective, "views", "objective.", "objective.views=2")
+    kind, views = objective.get("kind", "ce"), objective.get("views", 1)
+    if kind == "ce" and views != 1:
+        raise MRLError(
+            f"objective.views={views} with objective=ce: cross-entropy trains on one view of each image. "
+            "Use objective=supcon or objective=infonce for several views, or objective.views=1."
+        )
+    if kind != "ce" and views < 2:
+        raise MRLError(
+            f"objective.views={views} with objective={kind}: a contrastive loss compares at least two "
+            "augmented views of each image. Set objective.views=2."
+        )
+
+
+def check_depth_with_objective(head: Node, objective: Node) -> None:
+    """Depth heads (``head.depth_stages``) train with cross-entropy; a contrastive objective trains the
+    backbone with its loss alone (the head is a detached probe), so the two do not combine."""
+    kind = objective.get("kind", "ce")
+    if head.get("depth_stages") and kind != "ce":
+        raise MRLError(
+            f"head.depth_stages={list(head.get('depth_stages'))} with objective={kind}: the depth heads add "
+            "cross-entropy losses on earlier stages, while a contrastive objective trains the backbone "
+            "with its own loss alone. Use head.depth_stages with objective=ce, or drop head.depth_stages "
+            f"(head.depth_stages=null) to train with objective={kind}."
         )
 
 

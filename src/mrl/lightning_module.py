@@ -14,9 +14,10 @@ from torch import nn
 
 from mrl.instantiate import instantiate
 from mrl.models.backbone import TimmBackbone, build_with_upsizing
-from mrl.models.build import build_parts
+from mrl.models.build import build_objective, build_parts
 from mrl.models.depth import DepthMatryoshka
 from mrl.nn.matryoshka_accuracy import MatryoshkaAccuracy
+from mrl.nn.matryoshka_contrastive import MatryoshkaContrastiveLoss
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 from mrl.nn.matryoshka_loss import MatryoshkaLoss
 from mrl.nn.size_sampling import SizeSampler
@@ -45,6 +46,12 @@ class MatryoshkaLitModule(L.LightningModule):
     ``depth`` adds Matryoshka heads on earlier backbone stages (``head.depth_stages``; logs
     ``{stage}/depth{s}/acc@{d}`` and ``loss@{d}``; their loss is added to the minimised one while
     ``{stage}/loss`` stays the final head's). Evaluation always measures every size.
+
+    With a contrastive ``objective`` (``objective=supcon|infonce``) training batches hold several views
+    ``(V, B, C, H, W)``: the backbone is trained by the Matryoshka contrastive loss alone, logged as
+    ``train/contrastive_loss`` and ``train/contrastive_loss@{d}``, and the head is an online linear probe
+    on the detached embedding of every view (its cross-entropy reaches the head, never the backbone), so
+    ``{stage}/acc@{d}`` and ``{stage}/loss`` keep their meaning: the head's.
     """
 
     def __init__(
@@ -59,6 +66,7 @@ class MatryoshkaLitModule(L.LightningModule):
         config: dict[str, Any] | None = None,
         size_sampler: SizeSampler | None = None,
         depth: DepthMatryoshka | None = None,
+        objective: MatryoshkaContrastiveLoss | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -66,6 +74,7 @@ class MatryoshkaLitModule(L.LightningModule):
         self.criterion = loss
         self.size_sampler = size_sampler
         self.depth = depth
+        self.objective = objective
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.channels_last = channels_last
@@ -116,20 +125,22 @@ class MatryoshkaLitModule(L.LightningModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, log_loss: bool = True
     ) -> torch.Tensor:
         x, y = batch
-        z, stage_z = self._embed(x)
         training = stage == "train" and torch.is_grad_enabled()
+        # Size sampling weighs this step's undrawn sizes by 0 (a device tensor: no host sync), in every
+        # per-size loss that is minimised; the per-size losses logged below stay those of every size.
+        sampled = self.size_sampler is not None and training
+        size_weights = self.size_sampler.step_weights(self.global_step, y.device) if sampled else None
+        contrastive = None
         if training:
+            z, stage_z, y, contrastive = self._training_embedding(x, y, log_loss, size_weights)
             # Training needs only the losses and each size's top-1 class: head and cross-entropy run as
             # one node (fused=True), without keeping the (G, B, C) logits for the metrics.
             per_size, scores = self.criterion.per_size_from_embedding(self.head, z, y, predict=True)
         else:
+            z, stage_z = self._embed(x)
             scores = self.head(z)  # evaluation keeps the logits: top-5 accuracy needs them
             per_size = self.criterion.per_size(scores, y)
-        # Size sampling weighs this step's undrawn sizes by 0 (a device tensor: no host sync); the
-        # per-size losses logged below stay those of every size.
-        sampled = self.size_sampler is not None and training
-        size_weights = self.size_sampler.step_weights(self.global_step, y.device) if sampled else None
-        loss = self.criterion.combine(per_size if size_weights is None else per_size * size_weights)
+        loss = self.criterion.combine(self._weighted(per_size, size_weights))
         # {stage}/loss stays the final head's loss (the exported model's; val/loss picks the best
         # checkpoint); the stage heads' losses are added to what is minimised and logged per size.
         depth_loss = None if self.depth is None else self.depth.step_loss(stage_z, y, stage, size_weights)
@@ -153,7 +164,44 @@ class MatryoshkaLitModule(L.LightningModule):
         self.metrics[f"{stage}_acc"].update(detached, y)
         if self.has_top5 and stage != "train":
             self.metrics[f"{stage}_top5"].update(detached, y)
-        return loss if depth_loss is None else loss + depth_loss
+        for extra in (depth_loss, contrastive):
+            loss = loss if extra is None else loss + extra
+        return loss
+
+    @staticmethod
+    def _weighted(per_size: torch.Tensor, size_weights: torch.Tensor | None) -> torch.Tensor:
+        """The per-size losses with this step's sampled sizes only (the others weigh 0)."""
+        return per_size if size_weights is None else per_size * size_weights
+
+    def _training_embedding(
+        self, x: torch.Tensor, y: torch.Tensor, log_loss: bool, size_weights: torch.Tensor | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
+        """``(z for the head, the earlier stages' embeddings, the head's targets, the contrastive loss
+        or None)`` of a training batch.
+
+        With a contrastive objective the views ``(V, B, ...)`` go through the backbone as one batch; the
+        head sees the embedding detached (stop-gradient: an online linear probe). Depth heads train with
+        cross-entropy only, so the config checks refuse them beside a contrastive objective.
+        """
+        if self.objective is None:
+            z, stage_z = self._embed(x)
+            return z, stage_z, y, None
+        if x.dim() != 5 or x.shape[0] != self.objective.views:
+            raise RuntimeError(
+                f"objective={self.objective.kind} needs {self.objective.views} views per training batch "
+                f"(V, B, C, H, W), got a batch of shape {tuple(x.shape)}: the datamodule was not given "
+                "objective.views (datamodule.configure_views)"
+            )
+        z = self(x.flatten(0, 1))
+        per_size = self.objective.per_size(z, y)
+        # One place combines per-size losses with the relative weights c_m: the criterion's.
+        loss = self.criterion.combine(self._weighted(per_size, size_weights))
+        if log_loss:
+            self.log("train/contrastive_loss", loss, on_step=True, on_epoch=False, batch_size=y.shape[0])
+        key = "train_contrastive"
+        self._loss_sums[key] = self._loss_sums.get(key, 0) + per_size.detach() * y.shape[0]
+        self._loss_counts[key] = self._loss_counts.get(key, 0) + y.shape[0]
+        return z.detach(), [], y.repeat(x.shape[0]), loss
 
     def _log_epoch_metrics(self, stage: str) -> list[float]:
         """Log ``{stage}/acc@{d}``, ``top5@{d}`` and ``loss@{d}`` for the epoch; return top-1 per size.
@@ -253,6 +301,10 @@ class MatryoshkaLitModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         self._raise_if_nonfinite()
         self._log_epoch_metrics("train")
+        sums = self._loss_sums.pop("train_contrastive", None)
+        count = self._loss_counts.pop("train_contrastive", 0)
+        for g, d in enumerate(self.nesting if sums is not None else ()):
+            self.log(f"train/contrastive_loss@{d}", sums[g] / count, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         accs = self._log_epoch_metrics("val")
@@ -308,6 +360,7 @@ def build_module(cfg: DictConfig, num_classes: int, in_chans: int, img_size: int
         config=OmegaConf.to_container(cfg, resolve=True),
         size_sampler=parts.size_sampler,
         depth=parts.depth,
+        objective=build_objective(cfg, parts.head),
     )
 
 

@@ -73,9 +73,27 @@ def check_train(cfg: DictConfig) -> None:
     checks.check_train_config(config)
     data = config.get("data") or {}
     checks.check_known_keys(data, "data", how="; settings added with +data.<key>=... must be ones it takes")
+    check_views(config)
     probe_optimizer(config)
     if config.get("evaluate") is not None:
         check_evaluate(cfg)
+
+
+def check_views(config: dict[str, Any]) -> None:
+    """Several views of each image (a contrastive objective) need a datamodule that serves them: one that
+    cannot is refused now (``configure_views`` refuses it too, for configs that skip the CLI)."""
+    import importlib
+
+    from mrl.data.base import views_refusal
+
+    views = (config.get("objective") or {}).get("views", 1)
+    target = str((config.get("data") or {}).get("_target_", ""))
+    if views == 1 or not target.startswith("mrl."):
+        return
+    module, _, name = target.rpartition(".")
+    datamodule = getattr(importlib.import_module(module), name, None)
+    if datamodule is not None and not getattr(datamodule, "multi_view", False):
+        raise MRLError(views_refusal(views, name))
 
 
 def probe_optimizer(config: dict[str, Any]) -> None:

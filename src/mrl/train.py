@@ -68,6 +68,7 @@ def train(cfg: DictConfig) -> TrainResult:
         torch.set_num_threads(int(cfg.threads))
 
     datamodule = instantiate(cfg.data)
+    datamodule.configure_views(int((cfg.get("objective") or {}).get("views", 1)))
     module = build_module_for_data(cfg, datamodule)
     check_built(cfg, module.nesting, module.has_top5)  # metric and size names, now that sizes are known
     datamodule.configure_transforms(module.backbone.data_config())

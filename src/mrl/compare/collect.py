@@ -30,7 +30,17 @@ CONFIG = "resolved_config.yaml"
 OVERRIDES = Path(".hydra") / "overrides.yaml"
 # Overrides that say which method or seed a job is (the row's name, head.weights included, and what is
 # averaged over), not which variant of the experiment it belongs to.
-IDENTITY_KEYS = {"seed", "head", "head.kind", "head.dim", "head.weights", "resume"}
+# The objective's kind (objective=supcon) is part of the method's name too (method_label).
+IDENTITY_KEYS = {
+    "seed",
+    "head",
+    "head.kind",
+    "head.dim",
+    "head.weights",
+    "objective",
+    "objective.kind",
+    "resume",
+}
 # Overrides that cannot change what is trained (model, data, optimisation settings), only how the job
 # runs, where it writes and what it records: they never split a row. Everything else may (an unknown
 # key is assumed to matter: two rows that should be one are visible, one row mixing two models is not).
@@ -187,11 +197,16 @@ def variant_labels(jobs: list[Path]) -> dict[Path, str]:
     return {job: ",".join(f"{k}={settings[job][k][1]}" for k in varying) for job in jobs}
 
 
-def method_label(head: dict[str, Any]) -> str:
-    """The method a job trained, from its head config: its kind, plus ``[w=...]`` when it weighted the
-    sizes' losses unevenly (the paper's relative importance c_m), so such a run is its own row, not
+def method_label(head: dict[str, Any], objective: dict[str, Any] | None = None) -> str:
+    """The method a job trained, from its head and objective configs: the head's kind, ``+<objective>``
+    when a contrastive loss trained the backbone (``mrl+supcon``: its own row, never averaged with the
+    cross-entropy runs; plain ``mrl`` for cross-entropy, the default), plus ``[w=...]`` when it weighted
+    the sizes' losses unevenly (the paper's relative importance c_m), so such a run is its own row, not
     averaged with the plain MRL seeds."""
     kind = str(head.get("kind", "mrl"))
+    objective_kind = str((objective or {}).get("kind", "ce"))
+    if objective_kind != "ce":
+        kind = f"{kind}+{objective_kind}"
     weights = head.get("weights")
     if weights and len({float(w) for w in weights}) > 1:
         return f"{kind} [w={','.join(f'{float(w):g}' for w in weights)}]"
@@ -255,7 +270,7 @@ def read_job(job: Path, variant: str = "", root: Path | None = None) -> tuple[li
     head = config.get("head") or {}
     kind = str(head.get("kind", "mrl"))
     seed = int(config.get("seed", 0))
-    method = method_label(head) + (f" [{variant}]" if variant else "")
+    method = method_label(head, config.get("objective")) + (f" [{variant}]" if variant else "")
     records: list[Record] = []
 
     def add(m: str, size: Any, metric: str, value: Any) -> None:

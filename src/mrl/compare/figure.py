@@ -10,12 +10,23 @@ from mrl.compare.table import METRIC_TITLES, Cell
 STYLES = {
     "mrl": {"marker": "o", "linestyle": "-"},
     "mrl_e": {"marker": "s", "linestyle": "--"},
+    "mrl+supcon": {"marker": "D", "linestyle": "-"},
+    "mrl+infonce": {"marker": "P", "linestyle": "-"},
     "ff": {"marker": "^", "linestyle": ":"},
     "standard": {"marker": "*", "linestyle": "none", "markersize": 10},
     "svd": {"marker": "v", "linestyle": "-."},
     "slice": {"marker": "x", "linestyle": "-."},
 }
-LABELS = {"mrl": "MRL", "mrl_e": "MRL-E", "ff": "FF", "standard": "standard", "svd": "SVD", "slice": "slice"}
+LABELS = {
+    "mrl": "MRL",
+    "mrl_e": "MRL-E",
+    "mrl+supcon": "MRL, SupCon",
+    "mrl+infonce": "MRL, InfoNCE",
+    "ff": "FF",
+    "standard": "standard",
+    "svd": "SVD",
+    "slice": "slice",
+}
 
 
 def write_figure(tables: dict[str, dict[str, dict[int, Cell]]], path: Path, title: str = "") -> Path:

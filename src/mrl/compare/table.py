@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from mrl.compare.collect import METRICS, JobInfo, Record
 
 # The paper's order; anything else (variants) follows alphabetically.
-METHOD_ORDER = ("mrl", "mrl_e", "ff", "standard", "svd", "slice")
+METHOD_ORDER = ("mrl", "mrl_e", "mrl+supcon", "mrl+infonce", "ff", "standard", "svd", "slice")
 METRIC_TITLES = {
     "top1": "Top-1 accuracy (%)",
     "val_top1": "Validation top-1 accuracy (%)",

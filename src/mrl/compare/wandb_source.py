@@ -24,7 +24,7 @@ def run_records(config: dict[str, Any], summary: dict[str, Any], job_type: str, 
     train_cfg = config.get("train", config) if job_type == "eval" else config
     head = train_cfg.get("head") or {}
     kind = str(head.get("kind", "mrl"))
-    method = method_label(head)
+    method = method_label(head, train_cfg.get("objective"))
     seed = int(train_cfg.get("seed", 0))
     records = []
 

@@ -13,6 +13,16 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from mrl.errors import MRLError
 
 
+def views_refusal(views: int, datamodule: str) -> str:
+    """What to do when ``objective.views`` asks a one-view datamodule for several views."""
+    return (
+        f"objective.views={views}: the contrastive objectives need {views} augmented views of each "
+        f"training image, and {datamodule} serves one (image-file data crops each image once, in the "
+        "loader workers). Two views work with data=fashion_mnist, cifar10, cifar100 and synthetic; with "
+        "this data use objective=ce."
+    )
+
+
 class EpochShuffleSampler(Sampler[int]):
     """A random order that is a function of ``(seed, epoch)`` alone.
 
@@ -65,6 +75,10 @@ class MRLDataModule(L.LightningDataModule):
     """Seed of the split, the training order and the per-batch augmentation."""
     datasets: dict[str, Dataset]
     """The splits by name, filled by ``setup``."""
+    views: int = 1
+    """Independently augmented views of each image per training batch (:meth:`configure_views`)."""
+    multi_view: bool = False
+    """Whether this datamodule can serve several views (contrastive objectives)."""
 
     def __init__(
         self,
@@ -106,6 +120,13 @@ class MRLDataModule(L.LightningDataModule):
         if not self.resizable:
             raise NotImplementedError(f"{type(self).__name__} cannot resize its images")
         self.img_size = int(img_size)
+
+    def configure_views(self, views: int) -> None:
+        """Serve ``views`` independently augmented views of each training image: training batches become
+        ``(uint8 images as floats (views, B, C, H, W), labels (B,))``; evaluation batches stay one view."""
+        if views != 1 and not self.multi_view:
+            raise MRLError(views_refusal(views, type(self).__name__))
+        self.views = int(views)
 
     def configure_transforms(self, data_config: dict[str, Any]) -> None:
         """Receive the backbone's timm data config (mean, std, interpolation, crop). Default: unused."""

@@ -25,13 +25,15 @@ class InMemoryImageDataModule(MRLDataModule):
     The last ``val_size`` images of a seeded shuffle of the training set are held out for validation.
     ``img_size`` resizes the images per batch (null: the native size, which training may raise for a
     backbone that needs more). Training batches are randomly cropped after ``crop_padding`` px of zero
-    padding (0: not cropped) and flipped. ``limit_train`` / ``limit_eval`` keep only the first images of
-    the splits (quick runs and tests). With ``download=true`` missing files are fetched in
+    padding (0: not cropped) and flipped; with several views (``configure_views``, contrastive objectives)
+    each view is cropped and flipped independently. ``limit_train`` / ``limit_eval`` keep only the first
+    images of the splits (quick runs and tests). With ``download=true`` missing files are fetched in
     ``prepare_data``. ``__init__`` reads no file: deployment builds the datamodule from a checkpoint's
     config only to learn the image shape and preprocessing.
     """
 
     resizable = True
+    multi_view = True
     dataset_name: str
     """The data set's name in messages."""
     native_size: int
@@ -125,12 +127,22 @@ class InMemoryImageDataModule(MRLDataModule):
 
     def on_after_batch_transfer(self, batch: Arrays, dataloader_idx: int) -> Arrays:
         x, y = batch
-        train = self.trainer is not None and self.trainer.training and self.augment
-        generator = self.augmentation_generator(x.device) if train else None
-        if train and self.crop_padding:
+        training = self.trainer is not None and self.trainer.training
+        views = self.views if training else 1
+        generator = self.augmentation_generator(x.device) if training and self.augment else None
+        # Several views are drawn one after the other from the step's generator: independent of each
+        # other, and the same in a resumed run.
+        out = [self._prepared(x, generator) for _ in range(views)]
+        return (out[0] if views == 1 else torch.stack(out)), y
+
+    def _prepared(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """The uint8 batch normalised; with a ``generator`` (training) randomly cropped and flipped."""
+        augment = generator is not None
+        if augment and self.crop_padding:
             x = random_crop(x, self.crop_padding, generator=generator)
-        x = normalize_uint8_batch(x, *self._stats, flip=train, img_size=self.img_size, generator=generator)
-        return x, y
+        return normalize_uint8_batch(
+            x, *self._stats, flip=augment, img_size=self.img_size, generator=generator
+        )
 
 
 def first(dataset: Dataset, limit: int | None) -> Dataset:

@@ -127,11 +127,14 @@ def fetched_batch(batch: Any) -> Any:
 
 
 class SyntheticDataModule(MRLDataModule):
-    """Random learnable images; train, val and test are disjoint draws of the same classes.
+    """Random learnable images; train, val and test are disjoint draws of the same classes. Training
+    batches are flipped at random (several views: independent flips, ``configure_views``).
 
     ``noise`` is the noise's standard deviation relative to the prototypes'. ``in_memory=True`` renders
     every split once into host memory (see the module docstring).
     """
+
+    multi_view = True
 
     def __init__(
         self,
@@ -178,5 +181,7 @@ class SyntheticDataModule(MRLDataModule):
         if x.dim() == 1:  # item keys: render the images here, on the device
             x = self.renderer.render(x, y)
         train = self.trainer is not None and self.trainer.training
-        gen = self.augmentation_generator(x.device) if train else None
-        return normalize_uint8_batch(x, *self._stats, flip=train, generator=gen), y
+        views = self.views if train else 1
+        gen = self.augmentation_generator(x.device) if train else None  # views: drawn one after the other
+        out = [normalize_uint8_batch(x, *self._stats, flip=train, generator=gen) for _ in range(views)]
+        return (out[0] if views == 1 else torch.stack(out)), y

@@ -13,6 +13,8 @@ from mrl.instantiate import instantiate
 from mrl.models.backbone import TimmBackbone
 from mrl.models.depth import DepthMatryoshka
 from mrl.models.heads import build_head
+from mrl.nn.matryoshka_contrastive import KINDS as CONTRASTIVE_KINDS
+from mrl.nn.matryoshka_contrastive import MatryoshkaContrastiveLoss
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 from mrl.nn.matryoshka_loss import MatryoshkaLoss
 from mrl.nn.size_sampling import SizeSampler
@@ -88,3 +90,25 @@ def check_loss_weights(weights: list | None, nesting: list[int]) -> None:
             "and at least one must be positive (the loss is their weighted sum). Use e.g. "
             f"head.weights=[{','.join('1' for _ in nesting)}] or head.weights=null."
         )
+
+
+OBJECTIVE_KINDS = ("ce", *CONTRASTIVE_KINDS)
+
+
+def build_objective(cfg: DictConfig, head: MatryoshkaLinear) -> MatryoshkaContrastiveLoss | None:
+    """The contrastive objective of ``cfg.objective`` over the head's sizes, or None for cross-entropy
+    (``objective=ce``, the default, and configs written before the ``objective`` group existed).
+
+    Its per-size losses are combined by the Matryoshka loss's ``combine`` (``head.weights``), in the
+    LitModule: the weights are not given here, so one place applies them.
+    """
+    objective = cfg.get("objective") or {}
+    kind = str(objective.get("kind", "ce"))
+    if kind == "ce":
+        return None
+    return MatryoshkaContrastiveLoss(
+        head.nesting,
+        kind=kind,
+        temperature=float(objective.get("temperature", 0.1)),
+        views=int(objective.get("views", 2)),
+    )

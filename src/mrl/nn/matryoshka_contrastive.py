@@ -1,0 +1,137 @@
+"""Matryoshka contrastive losses: supervised-contrastive (SupCon) and InfoNCE (SimCLR's NT-Xent) on every
+prefix ``z[:, :m]`` of an embedding of several augmented views, each prefix L2-normalised after truncation.
+
+For views ``z`` of shape ``(V * B, D)`` (view-major: rows ``v * B + i`` are the views of image ``i``) and a
+size ``m``, the cosine similarities of the normalised prefixes divided by the temperature are the logits;
+each row is an anchor, every other row a candidate (the anchor itself is left out), and the loss of an
+anchor is minus the mean log-probability of its positives:
+
+- ``infonce``: the positives are the other views of the same image (with two views: SimCLR's NT-Xent);
+- ``supcon``: every other row of the same class (Khosla et al. 2020, the ``L_out`` form).
+
+The loss of a size is the mean over anchors; sizes are combined as ``sum_m c_m * loss_m``, the relative
+importance weights of :class:`mrl.nn.matryoshka_loss.MatryoshkaLoss`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import pairwise
+
+import torch
+from torch import nn
+
+KINDS = ("supcon", "infonce")
+
+
+def prefix_cosine_similarities(z: torch.Tensor, nesting: Sequence[int], eps: float = 1e-12) -> torch.Tensor:
+    """Cosine similarities of the L2-normalised prefixes ``z[:, :m]`` for every ``m`` in ``nesting``,
+    shape ``(G, N, N)``.
+
+    Computed in one pass over the features: the dot products of the feature blocks between consecutive
+    sizes, summed cumulatively, are the prefixes' dot products (one ``N x N x D`` matmul in all, not one per
+    size), and the prefixes' squared norms are cumulative sums of squares.
+    """
+    bounds = [0, *(int(m) for m in nesting)]
+    blocks = torch.stack([z[:, lo:hi] @ z[:, lo:hi].T for lo, hi in pairwise(bounds)])
+    dots = blocks.cumsum(0)  # (G, N, N): z_i[:m] . z_j[:m]
+    index = torch.as_tensor(bounds[1:], device=z.device) - 1
+    norms = z.square().cumsum(1)[:, index].T.sqrt().clamp_min(eps)  # (G, N), as F.normalize's eps
+    return dots / (norms[:, :, None] * norms[:, None, :])
+
+
+def positive_mask(keys: torch.Tensor) -> torch.Tensor:
+    """``(N, N)`` bool: row ``i`` and column ``j != i`` share a key (a label, or an image's index)."""
+    same = keys[:, None] == keys[None, :]
+    return same & ~torch.eye(len(keys), dtype=torch.bool, device=keys.device)
+
+
+def matryoshka_contrastive_per_size(
+    z: torch.Tensor,
+    nesting: Sequence[int],
+    views: int,
+    labels: torch.Tensor | None = None,
+    temperature: float = 0.1,
+) -> torch.Tensor:
+    """The contrastive loss of every size, shape ``(G,)``, for view-major views ``z`` ``(views * B, D)``.
+
+    With ``labels`` ``(B,)`` the positives are the same class (SupCon); without, the other views of the
+    same image (InfoNCE). An anchor without positives (a class seen once, one view) adds nothing, and the
+    mean runs over the anchors that have some.
+    """
+    n = z.shape[0]
+    if views < 2 or n % views:
+        raise ValueError(f"contrastive losses need >= 2 views of each image; got {n} rows for {views} views")
+    batch = n // views
+    image = torch.arange(batch, device=z.device).repeat(views)
+    keys = image if labels is None else labels.to(z.device).repeat(views)
+    positives = positive_mask(keys)
+    logits = prefix_cosine_similarities(z, nesting) / temperature  # (G, N, N)
+    self_pairs = torch.eye(n, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_pairs, float("-inf"))
+    log_prob = logits - logits.logsumexp(dim=2, keepdim=True)
+    counts = positives.sum(1)  # (N,)
+    has = counts > 0
+    # masked_fill, not multiply: the anchor's own -inf log-probability times 0 would be nan
+    summed = log_prob.masked_fill(~positives, 0.0).sum(2)  # (G, N)
+    per_anchor = -summed[:, has] / counts[has].to(z.dtype)
+    return per_anchor.mean(1)
+
+
+def weighted_sum(per_size: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """``sum_g c_g * per_size[g]`` (``weights`` None: 1 for every size)."""
+    if weights is None:
+        return per_size.sum()
+    if weights.numel() != per_size.shape[0]:
+        raise ValueError(
+            f"{weights.numel()} relative importance weights for {per_size.shape[0]} sizes; give one weight "
+            "per size in head.nesting."
+        )
+    return (weights.to(device=per_size.device, dtype=per_size.dtype) * per_size).sum()
+
+
+class MatryoshkaContrastiveLoss(nn.Module):
+    """``sum_m c_m * L_m`` where ``L_m`` is the ``kind`` contrastive loss of the normalised prefixes of size
+    ``m`` (see the module docstring); ``weights`` are the ``c_m`` (default 1 each).
+
+    Holds no state that checkpoints save (the weights are a non-persistent buffer): a contrastive run's
+    checkpoint has the same keys as a cross-entropy run's.
+    """
+
+    def __init__(
+        self,
+        nesting: Sequence[int],
+        kind: str = "supcon",
+        temperature: float = 0.1,
+        views: int = 2,
+        weights: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown contrastive loss {kind!r}; one of {KINDS}")
+        self.nesting = [int(m) for m in nesting]
+        self.kind = kind
+        self.temperature = float(temperature)
+        self.views = int(views)
+        self.register_buffer(
+            "weights",
+            None if weights is None else torch.as_tensor(weights, dtype=torch.float32),
+            persistent=False,
+        )
+
+    def per_size(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The unweighted loss of every size ``(G,)`` for view-major views ``z`` and labels ``(B,)``."""
+        return matryoshka_contrastive_per_size(
+            z,
+            self.nesting,
+            self.views,
+            labels=labels if self.kind == "supcon" else None,
+            temperature=self.temperature,
+        )
+
+    def combine(self, per_size: torch.Tensor) -> torch.Tensor:
+        """The weighted sum ``sum_g c_g * per_size[g]``."""
+        return weighted_sum(per_size, self.weights)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.combine(self.per_size(z, labels))
