@@ -396,7 +396,7 @@ def test_evaluations_of_two_runs_with_the_same_job_name_never_share_a_place(run_
         assert find_evaluations(ckpt.parent.parent) == [(outs[name] / "report.json").resolve()]
 
     again = run_cli("mrl-eval", f"ckpt_path={ckpt_a}", *EVAL_QUICK)
-    assert again.returncode == 0 and "Reusing" in again.output
+    assert again.returncode == 0 and "Reusing" in again.output, again.output[-3000:]
     assert again.run_dirs("eval") == sorted(outs.values())
 
     before = {p: p.read_bytes() for p in outs["b"].rglob("*") if p.is_file()}
