@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, read_results, wandb_history, wandb_run_dirs
+from conftest import TINY, read_results, wandb_history, wandb_metric_definitions, wandb_run_dirs
 from mrl.nn.size_sampling import SizeSampler
 
 pytestmark = pytest.mark.slow
@@ -72,6 +72,14 @@ def test_wandb_got_the_new_keys_beside_the_usual_ones(job):
         assert {f"val/acc@{d}", f"train/acc@{d}", f"train/sampled@{d}"} <= keys
         for s in STAGES:
             assert {f"val/depth{s}/acc@{d}", f"train/depth{s}/loss@{d}", f"test/depth{s}/acc@{d}"} <= keys
+    # the stages' accuracy curves are plotted against `epoch` and summarised by best and last, as the
+    # final stage's are
+    definitions = wandb_metric_definitions(run)
+    for d in NESTING:
+        stage_keys = [f"{split}/depth{s}/acc@{d}" for s in STAGES for split in ("train", "val")]
+        for key in [f"val/acc@{d}", *stage_keys]:
+            assert definitions[key]["step_metric"] == "epoch", key
+            assert definitions[key]["summary"] == {"max": True, "last": True}, key
 
 
 def test_the_checkpoint_loads_in_mrl_eval_and_mrl_load(job, run_cli):

@@ -27,7 +27,7 @@ from mrl.checkpoints import CHECKPOINT_DIR, LAST, check_compatible, load_checkpo
 from mrl.errors import MRLError
 from mrl.files import write_json
 from mrl.instantiate import instantiate
-from mrl.lightning_module import build_module_for_data
+from mrl.lightning_module import MatryoshkaLitModule, build_module_for_data
 from mrl.preflight import check_built
 from mrl.tracking.charts import plot_accuracy_vs_size
 from mrl.tracking.results import RESULTS_NAME, metrics_to_floats, read_results, size_table
@@ -84,7 +84,7 @@ def train(cfg: DictConfig) -> TrainResult:
     for logger in loggers:
         logger.log_hyperparams(module.config)
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
-            define_metrics(logger.experiment, module.nesting)
+            define_metrics(logger.experiment, module.nesting, depth_stages(module))
     try:
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -99,7 +99,7 @@ def train(cfg: DictConfig) -> TrainResult:
             trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
             results.update(metrics_to_floats(trainer.callback_metrics))
         if trainer.is_global_zero:
-            _report(results, module.nesting, output_dir, loggers)
+            _report(results, module.nesting, output_dir, loggers, depth_stages(module))
     finally:
         if trainer.is_global_zero and any(isinstance(x, WandbLogger) for x in loggers):
             import wandb
@@ -168,7 +168,18 @@ def _best_checkpoint(trainer: L.Trainer, output_dir: Path) -> str | None:
     return str(path) if path.is_file() else None
 
 
-def _report(results: dict[str, float], sizes: list[int], output_dir: Path, loggers: list[Logger]) -> None:
+def depth_stages(module: MatryoshkaLitModule) -> tuple[int, ...]:
+    """The earlier stages with Matryoshka heads (``head.depth_stages``), none without."""
+    return () if module.depth is None else tuple(module.depth.stages)
+
+
+def _report(
+    results: dict[str, float],
+    sizes: list[int],
+    output_dir: Path,
+    loggers: list[Logger],
+    stages: tuple[int, ...] = (),
+) -> None:
     """results.json, the accuracy-vs-size PNG, W&B summary and the terminal table (rank zero only)."""
     write_json(output_dir / RESULTS_NAME, results)
     stage = "test" if any(f"test/acc@{d}" in results for d in sizes) else "val"
@@ -183,7 +194,7 @@ def _report(results: dict[str, float], sizes: list[int], output_dir: Path, logge
             import wandb
 
             # the per-size validation metrics keep W&B's own best/last summaries (define_metrics)
-            kept = aggregated(sizes)
+            kept = aggregated(sizes, stages)
             logger.experiment.summary.update({k: v for k, v in results.items() if k not in kept})
             logger.experiment.log({"acc_vs_size_png": wandb.Image(str(png))})
             wandb_dir = logger.experiment.dir

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 from lightning.pytorch.loggers import Logger, WandbLogger
@@ -89,22 +90,24 @@ def wandb_server_unreachable(timeout: float = 5.0) -> str | None:
         return f"the W&B server {url.hostname}:{port} is not reachable ({err.strerror or err})"
 
 
-def define_metrics(run: Any, sizes: list[int]) -> None:
+def define_metrics(run: Any, sizes: list[int], depth_stages: Sequence[int] = ()) -> None:
     """How W&B shows the run's metrics: epoch-level curves against ``epoch``, and each size's validation
     accuracy (and top-5) summarised by its best and its last value, the loss by its lowest and last, so
     the runs table and sweep views show every size's best accuracy without custom code. Exact names,
-    not globs: they take precedence over Lightning's ``*`` -> ``trainer/global_step`` definition."""
+    not globs: they take precedence over Lightning's ``*`` -> ``trainer/global_step`` definition.
+    ``depth_stages``: the earlier stages' accuracies (``head.depth_stages``) are shown the same way."""
     run.define_metric("epoch")
-    for d in sizes:
-        for name in (f"val/acc@{d}", f"val/top5@{d}", f"train/acc@{d}"):
-            run.define_metric(name, step_metric="epoch", summary="max,last")
-    run.define_metric("val/loss", step_metric="epoch", summary="min,last")
+    for name in sorted(aggregated(sizes, depth_stages)):
+        run.define_metric(name, step_metric="epoch", summary="min,last" if name == "val/loss" else "max,last")
 
 
-def aggregated(sizes: list[int]) -> set[str]:
+def aggregated(sizes: list[int], depth_stages: Sequence[int] = ()) -> set[str]:
     """The keys :func:`define_metrics` summarises itself (the final summary must not overwrite them)."""
+    prefixes = ["", *(f"depth{s}/" for s in depth_stages)]
     return {
-        f"{stage}/{name}@{d}"
+        f"{stage}/{prefix}{name}@{d}"
         for d in sizes
+        for prefix in prefixes
         for stage, name in (("val", "acc"), ("val", "top5"), ("train", "acc"))
+        if not (prefix and name == "top5")
     } | {"val/loss"}
