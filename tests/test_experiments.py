@@ -184,7 +184,8 @@ def _few_step_args(recipe: str, tmp_path: Path) -> list[str]:
         args += ["hydra.mode=RUN", "head={kind:ff,dim:1}"]  # one job of the sweep (no evaluation)
     if recipe == "fashion_mnist_relu_baselines":
         # one job of the sweep: MRL nested on the un-projected pooled ReLU features, with its evaluation
-        args += ["hydra.mode=RUN", "head={kind:mrl}", "backbone.embed_dim=null", "+evaluate.knn.k=2"]
+        args += ["hydra.mode=RUN", "head={kind:mrl}", "backbone.embed_dim=null"]
+        args += ["+evaluate.retrieval.ks=[2]", "+evaluate.knn.k=2"]  # 8 database items
     args += [f"~data.{key}" for key in _keys_synthetic_lacks(recipe)]
     if recipe == "imagenet_r50_mrl":
         args.append("trainer.precision=bf16-mixed")  # the recipes' precision, on the CPU
