@@ -112,7 +112,7 @@ def _sweep(recipe: str) -> dict[str, list]:
 def test_claim_recipes_sweep_what_their_claims_need():
     """fashion_mnist_seeds: MRL and FF at d=1 on 5 seeds, the compare recipe's model, no evaluation;
     fashion_mnist_relu_baselines: standard and MRL with and without the linear embedding on >= 3 seeds,
-    the standard models' baselines evaluated at every nested size."""
+    the standard models' baselines evaluated up to d=8 as the compare recipe does."""
     compare = _resolved(_compose("experiment=fashion_mnist_compare", "paths.output_dir=/tmp/j"))
     seeds_cfg = _resolved(_compose("experiment=fashion_mnist_seeds", "paths.output_dir=/tmp/j"))
     seeds = _sweep("fashion_mnist_seeds")
@@ -131,7 +131,10 @@ def test_claim_recipes_sweep_what_their_claims_need():
     }
     for key in ("head", "trainer", "optim", "loss", "data"):
         assert relu_cfg[key] == compare[key], key
-    assert relu_cfg["evaluate"]["baselines"] == compare["evaluate"]["baselines"]
+    relu_baselines, compare_baselines = relu_cfg["evaluate"]["baselines"], compare["evaluate"]["baselines"]
+    assert relu_baselines.pop("sizes") == [1, 2, 4, 8]  # the sizes the claims compare (up to d=8)
+    compare_baselines.pop("sizes")
+    assert relu_baselines == compare_baselines  # the same probes
     assert relu_cfg["evaluate"]["methods"]["baselines"] is True
 
 
