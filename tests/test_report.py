@@ -417,6 +417,53 @@ def test_embedding_variants_are_rows_of_their_own_checked_against_their_own_base
     assert len(svd) == 1 and "d=1: +15.00, d=2: +10.00" in claims[svd[0]]["detail"]
 
 
+def test_jobs_of_two_recipes_are_told_apart_by_what_the_recipes_set(tmp_path):
+    """A folder with a fashion_mnist_seeds sweep (the recipe sets backbone.embed_dim: 64) and a
+    fashion_mnist_relu_baselines sweep (which sweeps backbone.embed_dim=64,null): rows are named by the
+    setting that differs, not by the recipe, and the 64-d MRL of both recipes is one row. A job's own
+    paths, settings following the seed, and incidental keys (tags, evaluate) differ too, and split nothing."""
+
+    def job(sweep: str, name: str, recipe: str, head: dict, seed: int, embed_dim, *overrides: str) -> Path:
+        out = str(tmp_path / sweep / name)
+        config = {
+            "backbone": {"name": "test_byobnet", "embed_dim": embed_dim},
+            "data": {"seed": seed, "batch_size": 256},
+            "trainer": {"max_epochs": 4, "default_root_dir": out},
+            "callbacks": {"model_checkpoint": {"dirpath": out + "/checkpoints"}},
+            "paths": {"output_dir": out},
+            "tags": [recipe],
+            "evaluate": None if recipe == "seeds" else {"methods": {"baselines": True}},
+        }
+        return _job(Path(out), head, seed, _top1({1: 0.5}), (f"experiment={recipe}", *overrides), **config)
+
+    seeds = [job("a", f"{s}", "seeds", {"kind": "mrl"}, s, 64) for s in (0, 1)]
+    seeds.append(job("a", "2", "seeds", {"kind": "ff", "dim": 1}, 0, 64))
+    relu = [
+        job("b", f"{e}{s}", "relu", {"kind": "mrl"}, s, e, f"backbone.embed_dim={'null' if e is None else e}")
+        for e in (64, None)
+        for s in (0, 1)
+    ]
+    labels = variant_labels([*seeds, *relu])
+    assert [labels[j] for j in seeds] == ["backbone.embed_dim=64"] * 3
+    assert [labels[j] for j in relu] == ["backbone.embed_dim=64"] * 2 + ["backbone.embed_dim=null"] * 2
+    top1 = aggregate(collect(tmp_path))["top1"]
+    assert top1["mrl [backbone.embed_dim=64]"][1].n == 4  # both recipes' 64-d MRL jobs, seeds 0, 1 twice
+    assert set(top1) == {
+        "mrl [backbone.embed_dim=64]",
+        "mrl [backbone.embed_dim=null]",
+        "ff [backbone.embed_dim=64]",
+    }
+    # one recipe alone: its settings are the same for every job, so no variant at all
+    assert set(variant_labels(seeds).values()) == {""}
+    # a recipe changing a setting that matters (the epochs) is its own row, named by that setting
+    longer = job("c", "0", "longer", {"kind": "mrl"}, 0, 64)
+    config = yaml.safe_load((longer / "resolved_config.yaml").read_text())
+    config["trainer"]["max_epochs"] = 8
+    (longer / "resolved_config.yaml").write_text(yaml.safe_dump(config))
+    labels = variant_labels([*seeds, longer])
+    assert labels[longer] == "trainer.max_epochs=8" and labels[seeds[0]] == "trainer.max_epochs=4"
+
+
 def test_wandb_records_from_train_and_eval_runs():
     train = run_records(
         {"head": {"kind": "mrl"}, "seed": 1}, {"test/acc@8": 0.9, "test/acc@16": 0.95}, "train", "r"
