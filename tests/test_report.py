@@ -150,6 +150,8 @@ def test_a_missed_claim_says_whether_the_miss_exceeds_the_seed_noise():
     points with a 0.2-point spread: a real miss. p-values as scipy's Welch test computes them."""
     from scipy import stats
 
+    from mrl.compare.significance import p_value
+
     mrl = {1: [0.632, 0.723, 0.541, 0.700, 0.488], 2: [0.861, 0.863, 0.859, 0.860, 0.862], 4: [0.9] * 5}
     ff = {1: [0.661, 0.648, 0.675, 0.659, 0.680], 2: [0.881, 0.879, 0.883, 0.880, 0.882], 4: [0.9] * 5}
     claims = check_claims(aggregate(_seed_records({"mrl": mrl, "ff": ff})))
@@ -164,7 +166,7 @@ def test_a_missed_claim_says_whether_the_miss_exceeds_the_seed_noise():
     assert d1.startswith(f"d=1: {gap:+.2f} ± {se:.2f} (standard error")
     assert f"p={p1:.2f} against no difference, p={p1_bound:.2f} against -1: within the seeds' noise" in d1
     p2_bound = stats.ttest_ind([v + 1 for v in pct[2][0]], pct[2][1], equal_var=False).pvalue
-    assert p2_bound < 0.05 and f"p={p2_bound:.2f} against -1: misses the bound by more than" in d2
+    assert p2_bound < 0.05 and f"{p_value(p2_bound)} against -1: misses the bound by more than" in d2
     assert "d=4" not in ff_claim.noise  # only the sizes that miss are tested
     from mrl.compare.claims import claims_markdown
 

@@ -7,7 +7,7 @@ import math
 import pytest
 from scipy import stats
 
-from mrl.compare.significance import exceeds_noise, welch
+from mrl.compare.significance import exceeds_noise, p_value, welch
 
 
 def test_welch_matches_hand_numbers():
@@ -51,3 +51,13 @@ def test_welch_edge_cases():
     assert equal.p == 1.0 and not exceeds_noise(equal)
     assert exceeds_noise(welch([90.1, 90.5, 89.7], [88.0, 88.4, 87.9]))
     assert not exceeds_noise(welch([63.2, 72.3, 54.1, 70.0, 58.8], [66.1, 64.8, 67.5, 65.9, 68.0]))
+
+
+def test_p_value_keeps_small_values_readable():
+    assert [p_value(p) for p in (0.5, 0.125, 0.0104, 0.0042, 0.0009)] == [
+        "p=0.50",
+        "p=0.12",
+        "p=0.01",
+        "p=0.004",
+        "p<0.001",
+    ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mrl.compare.significance import exceeds_noise, welch
+from mrl.compare.significance import exceeds_noise, p_value, welch
 from mrl.compare.table import Cell
 
 
@@ -50,8 +50,8 @@ def _noise(d: int, a: Cell, b: Cell, bound: float) -> str:
         verdict = "within the seeds' noise (neither the bound nor no difference is excluded)"
     return (
         f"d={d}: {against_zero.gap:+.2f} ± {against_zero.se:.2f} (standard error, Welch df "
-        f"{against_zero.df:.1f}), p={against_zero.p:.2f} against no difference, p={against_bound.p:.2f} "
-        f"against {bound:+g}: {verdict}"
+        f"{against_zero.df:.1f}), {p_value(against_zero.p)} against no difference, "
+        f"{p_value(against_bound.p)} against {bound:+g}: {verdict}"
     )
 
 

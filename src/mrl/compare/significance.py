@@ -61,3 +61,11 @@ def welch(a: Sequence[float], b: Sequence[float], delta: float = 0.0) -> Welch |
 def exceeds_noise(test: Welch, alpha: float = ALPHA) -> bool:
     """Whether the gap differs from ``test.delta`` by more than the seeds' noise at level ``alpha``."""
     return test.p < alpha
+
+
+def p_value(p: float) -> str:
+    """``p=0.13`` with two decimals, more where they would round a small p to 0.00 (``p=0.004``,
+    ``p<0.001``)."""
+    if p < 0.001:
+        return "p<0.001"
+    return f"p={p:.3f}" if p < 0.01 else f"p={p:.2f}"
