@@ -175,6 +175,28 @@ def test_a_missed_claim_says_whether_the_miss_exceeds_the_seed_noise():
     assert "d=1: fewer than 2 seeds on a side, no noise estimate" in _claim(one_seed, "below FF").noise
 
 
+def test_a_method_has_one_colour_in_every_panel(tmp_path, monkeypatch):
+    """The 1-NN panel lacks the MRL-E row here; FF must keep its top-1 colour, not take MRL-E's."""
+    from mrl.compare.figure import write_figure
+    from mrl.tracking import charts
+
+    figures = []
+    monkeypatch.setattr(charts, "save_figure", lambda fig, path: figures.append(fig) or path)
+    records = [
+        Record(method, 1, metric, 0.5, 0, method)
+        for method in ("mrl", "ff", "mrl_e")
+        for metric in ("top1", "1nn")
+        if not (method == "mrl_e" and metric == "1nn")
+    ]
+    write_figure(aggregate(records), tmp_path / "c.png")
+    colours = [
+        {bars.get_label(): bars.lines[0].get_color() for bars in ax.containers} for ax in figures[0].axes
+    ]
+    top1, one_nn = colours
+    assert set(top1) == {"MRL", "MRL-E", "FF"} and set(one_nn) == {"MRL", "FF"}
+    assert one_nn["FF"] == top1["FF"] != top1["MRL-E"] and one_nn["MRL"] == top1["MRL"]
+
+
 # Hand-made sweeps: what mrl-train and mrl-eval leave in a job directory, without training anything.
 def _job(
     job: Path, head: dict, seed: int, results: dict | None, overrides: tuple[str, ...] = (), **config
