@@ -98,6 +98,46 @@ def test_paper_r50_recipe():
     assert ff.head.kind == "ff" and ff.optim.weight_decay == pytest.approx(1e-4)
 
 
+def _sweep(recipe: str) -> dict[str, list]:
+    """The values a multirun recipe sweeps, per key, as Hydra's sweeper parses them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    params = _compose(f"experiment={recipe}", "paths.output_dir=/tmp/j").hydra.sweeper.params
+    return {
+        key: list(parser.parse_override(f"{key}={value}").sweep_iterator()) for key, value in params.items()
+    }
+
+
+def test_claim_recipes_sweep_what_their_claims_need():
+    """fashion_mnist_seeds: MRL and FF at d=1 on 20 seeds, the compare recipe's model, no evaluation;
+    fashion_mnist_relu_baselines: standard and MRL with and without the linear embedding on 5 seeds,
+    the standard models' baselines evaluated up to d=8 as the compare recipe does."""
+    compare = _resolved(_compose("experiment=fashion_mnist_compare", "paths.output_dir=/tmp/j"))
+    seeds_cfg = _resolved(_compose("experiment=fashion_mnist_seeds", "paths.output_dir=/tmp/j"))
+    seeds = _sweep("fashion_mnist_seeds")
+    assert seeds["head"] == [{"kind": "mrl"}, {"kind": "ff", "dim": 1}]
+    assert seeds["seed"] == list(range(20))
+    for key in ("backbone", "head", "trainer", "optim", "loss", "data"):
+        assert seeds_cfg[key] == compare[key], key
+    assert seeds_cfg["evaluate"] is None
+    relu_cfg = _resolved(_compose("experiment=fashion_mnist_relu_baselines", "paths.output_dir=/tmp/j"))
+    relu = _sweep("fashion_mnist_relu_baselines")
+    assert relu["head"] == [{"kind": "standard"}, {"kind": "mrl"}]
+    assert relu["backbone.embed_dim"] == [64, None]
+    assert relu["seed"] == [0, 1, 2, 3, 4]
+    assert {k: v for k, v in relu_cfg["backbone"].items() if k != "embed_dim"} == {
+        k: v for k, v in compare["backbone"].items() if k != "embed_dim"
+    }
+    for key in ("head", "trainer", "optim", "loss", "data"):
+        assert relu_cfg[key] == compare[key], key
+    relu_baselines, compare_baselines = relu_cfg["evaluate"]["baselines"], compare["evaluate"]["baselines"]
+    assert relu_baselines.pop("sizes") == [1, 2, 4, 8]  # the sizes the claims compare (up to d=8)
+    compare_baselines.pop("sizes")
+    assert relu_baselines == compare_baselines  # the same probes
+    assert relu_cfg["evaluate"]["methods"]["baselines"] is True
+
+
 def test_linear_lr_scaling_rule():
     assert linear_lr(1.7, 4096, 512, 8) == pytest.approx(1.7)
     assert linear_lr(1.7, 4096, 512, 2, 2) == pytest.approx(0.85)
@@ -146,6 +186,12 @@ def _few_step_args(recipe: str, tmp_path: Path) -> list[str]:
     if recipe == "fashion_mnist_contrastive":
         # one contrastive job of the sweep, with its evaluation
         args += ["hydra.mode=RUN", "objective=supcon", "+evaluate.retrieval.ks=[2]", "+evaluate.knn.k=2"]
+    if recipe == "fashion_mnist_seeds":
+        args += ["hydra.mode=RUN", "head={kind:ff,dim:1}"]  # one job of the sweep (no evaluation)
+    if recipe == "fashion_mnist_relu_baselines":
+        # one job of the sweep: MRL nested on the un-projected pooled ReLU features, with its evaluation
+        args += ["hydra.mode=RUN", "head={kind:mrl}", "backbone.embed_dim=null"]
+        args += ["+evaluate.retrieval.ks=[2]", "+evaluate.knn.k=2"]  # 8 database items
     args += [f"~data.{key}" for key in _keys_synthetic_lacks(recipe)]
     if recipe == "imagenet_r50_mrl":
         args.append("trainer.precision=bf16-mixed")  # the recipes' precision, on the CPU
@@ -173,5 +219,7 @@ def test_recipe_trains_a_few_steps(recipe, run_cli, tmp_path):
     sizes = [cfg.head.dim] if cfg.head.kind == "ff" else (cfg.head.nesting or [])
     for d in sizes:
         assert f"test/acc@{d}" in results
-    if recipe in ("fashion_mnist_compare", "fashion_mnist_contrastive"):
+    if recipe in ("fashion_mnist_compare", "fashion_mnist_contrastive", "fashion_mnist_relu_baselines"):
         assert len(find_evaluations(job)) == 1
+    if recipe == "fashion_mnist_seeds":
+        assert not find_evaluations(job)  # the claim needs only the trained heads' top-1

@@ -136,6 +136,67 @@ def test_weighted_mrl_is_its_own_row_with_its_own_claims():
     assert len(slice_claims) == 2 and "d=1: +41.00" in slice_claims[1].detail
 
 
+def _seed_records(per_method: dict[str, dict[int, list[float]]]) -> list[Record]:
+    return [
+        Record(method, d, "top1", v, seed, f"{method}-{seed}")
+        for method, row in per_method.items()
+        for d, values in row.items()
+        for seed, v in enumerate(values)
+    ]
+
+
+def test_a_missed_claim_says_whether_the_miss_exceeds_the_seed_noise():
+    """MRL below FF at d=1 by 3 points with a 9-point spread over seeds: within the noise; at d=2 by 2
+    points with a 0.2-point spread: a real miss. p-values as scipy's Welch test computes them."""
+    from scipy import stats
+
+    from mrl.compare.significance import p_value
+
+    mrl = {1: [0.632, 0.723, 0.541, 0.700, 0.488], 2: [0.861, 0.863, 0.859, 0.860, 0.862], 4: [0.9] * 5}
+    ff = {1: [0.661, 0.648, 0.675, 0.659, 0.680], 2: [0.881, 0.879, 0.883, 0.880, 0.882], 4: [0.9] * 5}
+    claims = check_claims(aggregate(_seed_records({"mrl": mrl, "ff": ff})))
+    ff_claim = _claim(claims, "below FF")
+    assert ff_claim.holds is False
+    d1, d2 = ff_claim.noise.split("; ")
+    pct = {d: ([100 * v for v in mrl[d]], [100 * v for v in ff[d]]) for d in (1, 2)}
+    p1 = stats.ttest_ind(*pct[1], equal_var=False).pvalue
+    p1_bound = stats.ttest_ind([v + 1 for v in pct[1][0]], pct[1][1], equal_var=False).pvalue
+    gap = sum(pct[1][0]) / 5 - sum(pct[1][1]) / 5
+    se = (stats.tstd(pct[1][0]) ** 2 / 5 + stats.tstd(pct[1][1]) ** 2 / 5) ** 0.5
+    assert d1.startswith(f"d=1: {gap:+.2f} ± {se:.2f} (standard error")
+    assert f"p={p1:.2f} against no difference, p={p1_bound:.2f} against -1: within the seeds' noise" in d1
+    p2_bound = stats.ttest_ind([v + 1 for v in pct[2][0]], pct[2][1], equal_var=False).pvalue
+    assert p2_bound < 0.05 and f"{p_value(p2_bound)} against -1: misses the bound by more than" in d2
+    assert "d=4" not in ff_claim.noise  # only the sizes that miss are tested
+    from mrl.compare.claims import claims_markdown
+
+    assert f"; seed noise: {ff_claim.noise}" in claims_markdown(claims)
+    one_seed = check_claims(aggregate(_seed_records({"mrl": {1: [0.5]}, "ff": {1: [0.6, 0.62]}})))
+    assert "d=1: fewer than 2 seeds on a side, no noise estimate" in _claim(one_seed, "below FF").noise
+
+
+def test_a_method_has_one_colour_in_every_panel(tmp_path, monkeypatch):
+    """The 1-NN panel lacks the MRL-E row here; FF must keep its top-1 colour, not take MRL-E's."""
+    from mrl.compare.figure import write_figure
+    from mrl.tracking import charts
+
+    figures = []
+    monkeypatch.setattr(charts, "save_figure", lambda fig, path: figures.append(fig) or path)
+    records = [
+        Record(method, 1, metric, 0.5, 0, method)
+        for method in ("mrl", "ff", "mrl_e")
+        for metric in ("top1", "1nn")
+        if not (method == "mrl_e" and metric == "1nn")
+    ]
+    write_figure(aggregate(records), tmp_path / "c.png")
+    colours = [
+        {bars.get_label(): bars.lines[0].get_color() for bars in ax.containers} for ax in figures[0].axes
+    ]
+    top1, one_nn = colours
+    assert set(top1) == {"MRL", "MRL-E", "FF"} and set(one_nn) == {"MRL", "FF"}
+    assert one_nn["FF"] == top1["FF"] != top1["MRL-E"] and one_nn["MRL"] == top1["MRL"]
+
+
 # Hand-made sweeps: what mrl-train and mrl-eval leave in a job directory, without training anything.
 def _job(
     job: Path, head: dict, seed: int, results: dict | None, overrides: tuple[str, ...] = (), **config
@@ -253,7 +314,7 @@ def test_mrl_report_after_mrl_eval_checks_the_claims_on_its_numbers(tmp_path, ca
     printed, summary = _reported(sweep, capsys)
     assert "does not hold" not in printed, printed
     assert set(summary["tables"]["1nn"]) == {"mrl", "ff", "standard", "svd"}
-    assert summary["tables"]["1nn"]["mrl"]["1"] == {"mean": 50.0, "std": 0.0, "n": 2}
+    assert summary["tables"]["1nn"]["mrl"]["1"] == {"mean": 50.0, "std": 0.0, "n": 2, "values": [50.0, 50.0]}
     assert summary["tables"]["top1"]["slice"]["2"]["mean"] == pytest.approx(40.0)
     assert [c["holds"] for c in summary["claims"]] == [True, None, True, True], summary["claims"]
     assert "MRL-E top-1 at most 2 points below MRL" in printed
@@ -270,7 +331,12 @@ def test_jobs_without_results_or_test_metrics_are_listed_not_dropped(tmp_path, c
     _job(sweep / "1", {"kind": "mrl"}, 1, _top1({4: 0.5}, split="val"), ("test=false",))
     _job(sweep / "2", {"kind": "mrl"}, 2, None)  # unfinished or failed: no results.json
     printed, summary = _reported(sweep, capsys)
-    assert summary["tables"]["top1"]["mrl"]["4"] == {"mean": 90.0, "std": 0.0, "n": 1}  # test only
+    assert summary["tables"]["top1"]["mrl"]["4"] == {
+        "mean": 90.0,
+        "std": 0.0,
+        "n": 1,
+        "values": [90.0],
+    }  # test
     assert summary["tables"]["val_top1"]["mrl"]["4"]["mean"] == pytest.approx(50.0)
     assert "Comparison of 3 jobs" in printed and "**Validation top-1 accuracy (%)**" in printed
     assert "- no results.json (unfinished or failed), so no top-1: 2" in printed
@@ -314,6 +380,112 @@ def test_overrides_that_cannot_change_the_model_make_no_variant(tmp_path):
     labels = variant_labels([*jobs, longer])
     assert labels[longer] == "backbone=resnet50,trainer.max_epochs=8"
     assert labels[jobs[0]] == "backbone=default,trainer.max_epochs=4"  # given explicitly, or the default
+
+
+def test_embedding_variants_are_rows_of_their_own_checked_against_their_own_baselines(tmp_path, capsys):
+    """fashion_mnist_relu_baselines: standard and MRL with the linear 64-d embedding and without it
+    (backbone.embed_dim=null). Each kind is its own row, its baselines come from its own standard model,
+    and each claim names the baseline it compares."""
+    sweep = tmp_path / "sweep"
+    kinds = {"64": (64, 0.6, 0.45), "null": (None, 0.3, 0.10)}  # (embed_dim, MRL d=1, truncation d=1)
+    for i, (kind, (embed_dim, mrl_d1, slice_d1)) in enumerate(kinds.items()):
+        for seed in (0, 1):
+            override = (f"backbone.embed_dim={kind}",)
+            backbone = {"embed_dim": embed_dim, "name": "test_byobnet"}
+            mrl = _job(
+                sweep / f"{i}{seed}m",
+                {"kind": "mrl"},
+                seed,
+                _top1({1: mrl_d1, 2: 0.8}),
+                override,
+                backbone=backbone,
+            )
+            _evaluate(mrl, _report({1: 0.2}), "evaluate")
+            standard = _job(
+                sweep / f"{i}{seed}s",
+                {"kind": "standard"},
+                seed,
+                _top1({256: 0.9}),
+                override,
+                backbone=backbone,
+            )
+            baselines = {"slice": {"1": slice_d1, "2": 0.5}, "svd": {"1": slice_d1 + 0.05, "2": 0.7}}
+            _evaluate(standard, _report({256: 0.88}, baselines), "evaluate")
+    printed, summary = _reported(sweep, capsys)
+    top1 = summary["tables"]["top1"]
+    assert top1["mrl [backbone.embed_dim=64]"]["1"]["mean"] == pytest.approx(60.0)
+    assert top1["mrl [backbone.embed_dim=null]"]["1"]["mean"] == pytest.approx(30.0)
+    assert top1["slice [backbone.embed_dim=64]"]["1"]["mean"] == pytest.approx(45.0)
+    assert top1["slice [backbone.embed_dim=null]"]["1"]["mean"] == pytest.approx(10.0)
+    assert top1["standard [backbone.embed_dim=null]"]["256"]["n"] == 2
+    assert "mrl" not in top1 and "slice" not in top1  # no row mixing the two kinds
+    assert "| slice [backbone.embed_dim=null] | 10.00 ± 0.00 |" in printed
+    claims = {c["text"]: c for c in summary["claims"]}
+    truncation = [t for t in claims if "truncation" in t]
+    assert truncation == [
+        "MRL [backbone.embed_dim=64] top-1 at least 20 points above truncation (of the standard "
+        "[backbone.embed_dim=64] model) at its two smallest sizes "
+        "(mrl [backbone.embed_dim=64] - slice [backbone.embed_dim=64] >= 20)",
+        "MRL [backbone.embed_dim=null] top-1 at least 20 points above truncation (of the standard "
+        "[backbone.embed_dim=null] model) at its two smallest sizes "
+        "(mrl [backbone.embed_dim=null] - slice [backbone.embed_dim=null] >= 20)",
+    ]
+    # 60 - 45 misses by 5 at d=1 (no spread over the seeds: beyond their noise); 30 - 10 holds at d=1
+    assert (
+        claims[truncation[0]]["holds"] is False
+        and "d=1: +15.00, d=2: +30.00" in claims[truncation[0]]["detail"]
+    )
+    assert "misses the bound by more than the seeds' noise" in claims[truncation[0]]["noise"]
+    assert claims[truncation[1]]["holds"] is True and "d=1: +20.00" in claims[truncation[1]]["detail"]
+    svd = [t for t in claims if "PCA/SVD (of the standard [backbone.embed_dim=null] model)" in t]
+    assert len(svd) == 1 and "d=1: +15.00, d=2: +10.00" in claims[svd[0]]["detail"]
+
+
+def test_jobs_of_two_recipes_are_told_apart_by_what_the_recipes_set(tmp_path):
+    """A folder with a fashion_mnist_seeds sweep (the recipe sets backbone.embed_dim: 64) and a
+    fashion_mnist_relu_baselines sweep (which sweeps backbone.embed_dim=64,null): rows are named by the
+    setting that differs, not by the recipe, and the 64-d MRL of both recipes is one row. A job's own
+    paths, settings following the seed, and incidental keys (tags, evaluate) differ too, and split nothing."""
+
+    def job(sweep: str, name: str, recipe: str, head: dict, seed: int, embed_dim, *overrides: str) -> Path:
+        out = str(tmp_path / sweep / name)
+        config = {
+            "backbone": {"name": "test_byobnet", "embed_dim": embed_dim},
+            "data": {"seed": seed, "batch_size": 256},
+            "trainer": {"max_epochs": 4, "default_root_dir": out},
+            "callbacks": {"model_checkpoint": {"dirpath": out + "/checkpoints"}},
+            "paths": {"output_dir": out},
+            "tags": [recipe],
+            "evaluate": None if recipe == "seeds" else {"methods": {"baselines": True}},
+        }
+        return _job(Path(out), head, seed, _top1({1: 0.5}), (f"experiment={recipe}", *overrides), **config)
+
+    seeds = [job("a", f"{s}", "seeds", {"kind": "mrl"}, s, 64) for s in (0, 1)]
+    seeds.append(job("a", "2", "seeds", {"kind": "ff", "dim": 1}, 0, 64))
+    relu = [
+        job("b", f"{e}{s}", "relu", {"kind": "mrl"}, s, e, f"backbone.embed_dim={'null' if e is None else e}")
+        for e in (64, None)
+        for s in (0, 1)
+    ]
+    labels = variant_labels([*seeds, *relu])
+    assert [labels[j] for j in seeds] == ["backbone.embed_dim=64"] * 3
+    assert [labels[j] for j in relu] == ["backbone.embed_dim=64"] * 2 + ["backbone.embed_dim=null"] * 2
+    top1 = aggregate(collect(tmp_path))["top1"]
+    assert top1["mrl [backbone.embed_dim=64]"][1].n == 4  # both recipes' 64-d MRL jobs, seeds 0, 1 twice
+    assert set(top1) == {
+        "mrl [backbone.embed_dim=64]",
+        "mrl [backbone.embed_dim=null]",
+        "ff [backbone.embed_dim=64]",
+    }
+    # one recipe alone: its settings are the same for every job, so no variant at all
+    assert set(variant_labels(seeds).values()) == {""}
+    # a recipe changing a setting that matters (the epochs) is its own row, named by that setting
+    longer = job("c", "0", "longer", {"kind": "mrl"}, 0, 64)
+    config = yaml.safe_load((longer / "resolved_config.yaml").read_text())
+    config["trainer"]["max_epochs"] = 8
+    (longer / "resolved_config.yaml").write_text(yaml.safe_dump(config))
+    labels = variant_labels([*seeds, longer])
+    assert labels[longer] == "trainer.max_epochs=8" and labels[seeds[0]] == "trainer.max_epochs=4"
 
 
 def test_wandb_records_from_train_and_eval_runs():

@@ -234,7 +234,8 @@ def _log_wandb(target: dict, tables: dict, claims: list, infos: list, png: Path)
                     columns=["method", "size", "mean", "std", "seeds"], data=rows
                 )
         data["report/claims"] = wandb.Table(
-            columns=["claim", "holds", "detail"], data=[[c.text, str(c.holds), c.detail] for c in claims]
+            columns=["claim", "holds", "detail", "seed noise"],
+            data=[[c.text, str(c.holds), c.detail, c.noise] for c in claims],
         )
         if infos:
             columns = list(asdict(infos[0]))

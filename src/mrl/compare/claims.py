@@ -7,14 +7,16 @@ over a post-hoc reduction; being better than that is not a failure. Sizes where 
 has no number are listed as not measured; a claim with no size measured for both is "not measured"
 (``holds=None``), never "does not hold". The thresholds are arguments (defaults: the claims the
 Fashion-MNIST comparison is meant to test), so the verdicts come from the measured table and nothing
-else.
+else. Where the means miss a claim's bound, the claim also says whether the miss is larger than the
+seeds' noise (Welch's t-test on the seeds' numbers, :mod:`mrl.compare.significance`): a verdict on
+means of a few seeds is only as firm as their spread allows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
+from mrl.compare.significance import exceeds_noise, p_value, welch
 from mrl.compare.table import Cell
 
 
@@ -23,6 +25,8 @@ class Claim:
     text: str
     holds: bool | None  # None: not measured (the sweep lacks the rows or sizes to decide)
     detail: str
+    # at each size where the means miss the bound: is the miss larger than the seeds' noise (Welch)?
+    noise: str = ""
 
 
 Row = dict[int, Cell]
@@ -32,16 +36,37 @@ def _row(tables: dict, metric: str, method: str) -> Row:
     return tables.get(metric, {}).get(method, {})
 
 
+def _noise(d: int, a: Cell, b: Cell, bound: float) -> str:
+    """Where ``a - b`` misses ``bound``: the gap with its standard error and Welch's test against no
+    difference and against the bound, and what that says (a real miss, or within the seeds' noise)."""
+    against_zero, against_bound = welch(a.values, b.values), welch(a.values, b.values, delta=bound)
+    if against_zero is None or against_bound is None:
+        return f"d={d}: fewer than 2 seeds on a side, no noise estimate"
+    if exceeds_noise(against_bound):
+        verdict = "misses the bound by more than the seeds' noise"
+    elif exceeds_noise(against_zero):
+        verdict = "a gap beyond the seeds' noise, but not distinguishable from the bound"
+    else:
+        verdict = "within the seeds' noise (neither the bound nor no difference is excluded)"
+    return (
+        f"d={d}: {against_zero.gap:+.2f} ± {against_zero.se:.2f} (standard error, Welch df "
+        f"{against_zero.df:.1f}), {p_value(against_zero.p)} against no difference, "
+        f"{p_value(against_bound.p)} against {bound:+g}: {verdict}"
+    )
+
+
 def _check(
     text: str,
     a: tuple[str, Row],
     b: tuple[str, Row],
     sizes: list[int],
-    ok: Callable[[float], bool],
+    bound: float,
+    strict: bool = False,
     need_all: bool = False,
 ) -> Claim:
-    """``ok(a - b)`` at every size of ``sizes`` where both rows (name, cells) have a number; ``need_all``:
-    the claim is about exactly these sizes, so any one not measured leaves it undecided."""
+    """``a - b >= bound`` (``> bound`` when ``strict``) at every size of ``sizes`` where both rows (name,
+    cells) have a number; ``need_all``: the claim is about exactly these sizes, so any one not measured
+    leaves it undecided. Each size that misses the bound gets a Welch test of the miss (``noise``)."""
     a_row, b_row = a[1], b[1]
     absent = [name for name, row in (a, b) if not row]
     if absent:
@@ -52,7 +77,9 @@ def _check(
     if unmeasured:
         details.append("not measured at " + ", ".join(f"d={d}" for d in unmeasured))
     decided = bool(gaps) and not (need_all and unmeasured)
-    return Claim(text, all(ok(g) for _, g in gaps) if decided else None, "; ".join(details))
+    missed = [d for d, g in gaps if not (g > bound if strict else g >= bound)]
+    noise = "; ".join(_noise(d, a_row[d], b_row[d], bound) for d in missed)
+    return Claim(text, not missed if decided else None, "; ".join(details), noise)
 
 
 def _variant(method: str, base: str) -> str | None:
@@ -70,6 +97,14 @@ def _partner(tables: dict, metric: str, base: str, suffix: str) -> tuple[str, Ro
     if name in tables.get(metric, {}):
         return name, _row(tables, metric, name)
     return base, _row(tables, metric, base)
+
+
+def _baseline(name: str) -> str:
+    """Which model a post-hoc baseline row reduces: ``slice [x]`` and ``svd [x]`` come from the
+    ``standard [x]`` jobs of the same variant (so a reader sees e.g. the linear-embedding or the plain
+    ReLU-feature standard model)."""
+    variant = name[name.index(" [") :] if " [" in name else ""
+    return f"of the standard{variant} model"
 
 
 def _points(x: float) -> str:
@@ -108,7 +143,7 @@ def check_claims(
                 (method, mrl),
                 (ff_name, ff),
                 sorted(set(mrl) | set(ff)),
-                lambda g: g >= -ff_tolerance,
+                -ff_tolerance,
             )
         )
         if mrl_e_name == "mrl_e" + suffix:  # MRL-E is compared with its own variant's MRL only
@@ -119,27 +154,29 @@ def check_claims(
                     (mrl_e_name, mrl_e),
                     (method, mrl),
                     [d for d in sorted(set(mrl) | set(mrl_e)) if d >= mrl_e_min_size],
-                    lambda g: g >= -mrl_e_tolerance,
+                    -mrl_e_tolerance,
                 )
             )
         claims.append(
             _check(
-                f"{label} top-1 at least {_points(slice_margin)} above truncation at its two smallest "
-                f"sizes ({method} - {slice_name} >= {slice_margin:g})",
+                f"{label} top-1 at least {_points(slice_margin)} above truncation ({_baseline(slice_name)}) "
+                f"at its two smallest sizes ({method} - {slice_name} >= {slice_margin:g})",
                 (method, mrl),
                 (slice_name, slice_),
                 sorted(mrl)[:2],
-                lambda g: g >= slice_margin,
+                slice_margin,
                 need_all=True,
             )
         )
         claims.append(
             _check(
-                f"{label} top-1 above PCA/SVD at each size <= {svd_max_size} ({method} - {svd_name} > 0)",
+                f"{label} top-1 above PCA/SVD ({_baseline(svd_name)}) at each size <= {svd_max_size} "
+                f"({method} - {svd_name} > 0)",
                 (method, mrl),
                 (svd_name, svd),
                 [d for d in sorted(set(mrl) | set(svd)) if d <= svd_max_size],
-                lambda g: g > 0,
+                0.0,
+                strict=True,
             )
         )
     return claims
@@ -149,4 +186,12 @@ VERDICTS = {True: "holds", False: "**does not hold**", None: "not measured"}
 
 
 def claims_markdown(claims: list[Claim]) -> str:
-    return "\n".join(f"- {c.text}: {VERDICTS[c.holds]} ({c.detail})" for c in claims) + "\n"
+    """One line per claim: its text, verdict and per-size gaps; where it misses, whether the miss is
+    larger than the seeds' noise."""
+    return (
+        "\n".join(
+            f"- {c.text}: {VERDICTS[c.holds]} ({c.detail})" + (f"; seed noise: {c.noise}" if c.noise else "")
+            for c in claims
+        )
+        + "\n"
+    )

@@ -76,6 +76,10 @@ INCIDENTAL_KEYS = (
     "task_name",
 )
 METRICS = ("top1", "val_top1", "1nn", "map@10")
+# Config groups that pick a whole recipe (experiment=<name>): jobs of different recipes are told apart
+# by the resolved settings the recipes set differently (``backbone.embed_dim=null``), not by the recipe
+# names, so two recipes that train the same model share a row and a row's name says what differs.
+RECIPE_GROUPS = ("experiment",)
 
 
 @dataclass(frozen=True)
@@ -179,9 +183,44 @@ def _setting(config: dict[str, Any], key: str, overridden: dict[str, str]) -> tu
     return (shown or "default"), (shown or "default")
 
 
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{dotted key: value}`` of a resolved config's leaves (a list is one value)."""
+    if not isinstance(node, dict) or not node:
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _inside(value: Any, output_dir: Any) -> bool:
+    """Whether ``value`` is a path in the job's own output dir (differs between any two jobs)."""
+    return isinstance(value, str) and isinstance(output_dir, str) and output_dir in value
+
+
+def recipe_settings(configs: dict[Path, dict[str, Any]]) -> dict[Path, dict[str, tuple[str, str]]]:
+    """Per job, the resolved settings in which the jobs differ and which can change the model: what
+    different recipes set differently. Not the method or seed, incidental keys, a job's own paths
+    (``trainer.default_root_dir``) or settings that follow the seed (``data.seed: ${seed}``)."""
+    leaves = {job: _leaves(config) for job, config in configs.items()}
+    out: dict[Path, dict[str, tuple[str, str]]] = {job: {} for job in configs}
+    for key in sorted({k for per_job in leaves.values() for k in per_job}):
+        if key in IDENTITY_KEYS or not changes_the_model(key):
+            continue
+        values = {job: per_job.get(key) for job, per_job in leaves.items()}
+        shown = {job: json.dumps(v, sort_keys=True) for job, v in values.items()}
+        own_path = any(_inside(v, _select(configs[job], "paths.output_dir")) for job, v in values.items())
+        follows_seed = all(v == configs[job].get("seed") for job, v in values.items())
+        if len(set(shown.values())) > 1 and not own_path and not follows_seed:
+            for job in configs:
+                out[job][key] = (shown[job], shown[job].strip('"'))
+    return out
+
+
 def variant_labels(jobs: list[Path]) -> dict[Path, str]:
     """Per job, the settings that tell the sweep's variants apart: overrides of keys that can change the
-    model (not method, seed or incidental keys) whose values differ between the jobs."""
+    model (not method, seed or incidental keys) whose values differ between the jobs; where the jobs come
+    from different recipes (``RECIPE_GROUPS``), the resolved settings the recipes set differently."""
     overridden = {job: {override_key(o): o.partition("=")[2] or "~" for o in _overrides(job)} for job in jobs}
     keys = sorted(
         {
@@ -194,6 +233,12 @@ def variant_labels(jobs: list[Path]) -> dict[Path, str]:
     configs = {job: _read_config(job) for job in jobs}
     settings = {job: {k: _setting(configs[job], k, overridden[job]) for k in keys} for job in jobs}
     varying = [k for k in keys if len({settings[job][k][0] for job in jobs}) > 1]
+    if any(k in RECIPE_GROUPS for k in varying):
+        resolved = recipe_settings(configs)
+        varying = [k for k in varying if k not in RECIPE_GROUPS]
+        for job in jobs:  # a key both overridden and set by a recipe: the resolved value says it all
+            settings[job] = {**{k: settings[job][k] for k in varying}, **resolved[job]}
+        varying = sorted({*varying, *(k for per_job in resolved.values() for k in per_job)})
     return {job: ",".join(f"{k}={settings[job][k][1]}" for k in varying) for job in jobs}
 
 

@@ -37,6 +37,8 @@ def write_figure(tables: dict[str, dict[str, dict[int, Cell]]], path: Path, titl
     import matplotlib.pyplot as plt
 
     metrics = [m for m, t in tables.items() if t]
+    # one colour per method in every panel (a panel lacking a method would shift the colour cycle)
+    methods = list(dict.fromkeys(method for m in metrics for method in tables[m]))
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.2), dpi=120, squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
         for method, row in tables[metric].items():
@@ -49,6 +51,7 @@ def write_figure(tables: dict[str, dict[str, dict[int, Cell]]], path: Path, titl
                 [row[d].mean for d in sizes],
                 yerr=[row[d].std for d in sizes],
                 label=label,
+                color=f"C{methods.index(method) % 10}",
                 capsize=2,
                 **style,
             )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mrl.compare.collect import METRICS, JobInfo, Record
 
@@ -22,11 +22,13 @@ METRIC_NOTES = {"val_top1": "of the jobs without test metrics, kept apart from t
 
 @dataclass(frozen=True)
 class Cell:
-    """Mean and sample standard deviation (0 for one seed) over ``n`` seeds, in percent."""
+    """Mean and sample standard deviation (0 for one seed) over ``n`` seeds, in percent; ``values``: the
+    seeds' own numbers (what a significance test of two cells needs)."""
 
     mean: float
     std: float
     n: int
+    values: tuple[float, ...] = field(default=(), compare=False)
 
 
 def _method_key(method: str) -> tuple[int, str]:
@@ -43,7 +45,7 @@ def aggregate(records: list[Record]) -> dict[str, dict[str, dict[int, Cell]]]:
     for (metric, method, size), vs in sorted(values.items()):
         mean = sum(vs) / len(vs)
         std = math.sqrt(sum((v - mean) ** 2 for v in vs) / (len(vs) - 1)) if len(vs) > 1 else 0.0
-        out.setdefault(metric, {}).setdefault(method, {})[size] = Cell(mean, std, len(vs))
+        out.setdefault(metric, {}).setdefault(method, {})[size] = Cell(mean, std, len(vs), tuple(vs))
     return {
         metric: dict(sorted(rows.items(), key=lambda kv: _method_key(kv[0]))) for metric, rows in out.items()
     }
@@ -85,7 +87,10 @@ def markdown(tables: dict[str, dict[str, dict[int, Cell]]]) -> str:
 def to_json(tables: dict[str, dict[str, dict[int, Cell]]]) -> dict:
     return {
         metric: {
-            method: {str(d): {"mean": c.mean, "std": c.std, "n": c.n} for d, c in row.items()}
+            method: {
+                str(d): {"mean": c.mean, "std": c.std, "n": c.n, "values": list(c.values)}
+                for d, c in row.items()
+            }
             for method, row in table.items()
         }
         for metric, table in tables.items()
