@@ -31,3 +31,12 @@ def test_truncated_file_is_explained(tiny_fashion_mnist):
         f.write(data[: len(data) // 2])
     with pytest.raises(MRLError, match=r"truncated or corrupt.*Delete it and get it again"):
         FashionMNISTDataModule(data_dir=str(tiny_fashion_mnist), val_size=50).setup()
+
+
+def test_class_names_are_torchvisions_usable_as_folder_names():
+    # written out in mrl (importing torchvision's datasets would slow `import mrl.data`), checked here
+    from torchvision.datasets import FashionMNIST
+
+    from mrl.data.fashion_mnist import CLASSES
+
+    assert list(CLASSES) == [name.replace("/", "_") for name in FashionMNIST.classes]

@@ -78,17 +78,13 @@ def export_split(
 
     ``embeddings`` is a read-only memmap of shape ``(N, D)`` in ``dtype``; ``labels`` an int64 array.
     """
-    cached = load_cached(out_dir, split, fingerprint)
-    if cached is not None:
-        log.info("Reusing %s embeddings from %s", split, out_dir)
-        return cached
     if split not in datamodule.datasets:
         raise MRLError(
             f"The data set has no '{split}' split (it has: {', '.join(sorted(datamodule.datasets))}). "
             "Choose database_split / query_split among those."
         )
     n = len(datamodule.datasets[split])
-    loader = datamodule.split_loader(split)
+    loader = datamodule.split_loader(split)  # no worker starts unless export_loader finds no valid cache
     return export_loader(module, datamodule, loader, n, split, out_dir, fingerprint, dtype, device, precision)
 
 
