@@ -41,6 +41,18 @@ class CLIResult:
         )
 
 
+def compose_train(*overrides: str):
+    """The config ``mrl-train <overrides>`` composes, outside a Hydra job (for building modules in tests)."""
+    from hydra import compose, initialize_config_dir
+
+    from mrl.config_path import config_dir
+    from mrl.resolvers import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("train", overrides=["paths.output_dir=/tmp/unused", *overrides])
+
+
 @pytest.fixture
 def run_cli(tmp_path):
     """Run a console script (``mrl-train`` ...) with its logs under ``tmp_path/logs``."""

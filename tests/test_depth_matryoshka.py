@@ -5,34 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from torch import nn
 
-from mrl.config_path import config_dir
+from conftest import compose_train
 from mrl.errors import MRLError
 from mrl.lightning_module import build_module
 from mrl.models.backbone import TimmBackbone
 from mrl.models.stage_features import check_depth_stages, forward_with_stages
-from mrl.resolvers import register_resolvers
 
 NESTING = [2, 4, 8, 16]
 C = [3, 1, 2, 1]  # relative importance c_m
 
 
 def _module(*overrides: str):
-    register_resolvers()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                "backbone.name=test_byobnet",
-                "backbone.embed_dim=16",
-                f"head.nesting=[{','.join(map(str, NESTING))}]",
-                f"head.weights=[{','.join(map(str, C))}]",
-                "paths.output_dir=/tmp/unused",
-                *overrides,
-            ],
-        )
+    cfg = compose_train(
+        "backbone.name=test_byobnet",
+        "backbone.embed_dim=16",
+        f"head.nesting=[{','.join(map(str, NESTING))}]",
+        f"head.weights=[{','.join(map(str, C))}]",
+        *overrides,
+    )
     torch.manual_seed(0)
     return build_module(cfg, num_classes=5, in_chans=3, img_size=32).train()
 

@@ -4,6 +4,7 @@ they call has a default that could stand in for a forgotten setting."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 from collections import defaultdict
 
@@ -14,36 +15,26 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from mrl.config_path import config_dir
-from mrl.eval import (
-    adaptive_classification,
-    adaptive_retrieval,
-    baseline_knn,
-    baselines,
-    context,
-    embeddings,
-    evaluators,
-    knn,
-    linear,
-    quantized,
-    retrieval,
-    robustness,
-)
+from mrl.eval import evaluators, robustness
 from mrl.eval.context import EvalContext
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 
-EVALUATOR_MODULES = (
-    adaptive_classification,
-    adaptive_retrieval,
-    baseline_knn,
-    baselines,
-    context,
-    embeddings,
-    evaluators,
-    knn,
-    linear,
-    quantized,
-    retrieval,
-    robustness,
+EVALUATOR_MODULES = tuple(
+    importlib.import_module(f"mrl.eval.{name}")
+    for name in (
+        "adaptive_classification",
+        "adaptive_retrieval",
+        "baseline_knn",
+        "baselines",
+        "context",
+        "embeddings",
+        "evaluators",
+        "knn",
+        "linear",
+        "quantized",
+        "retrieval",
+        "robustness",
+    )
 )
 # Parameters with a default that is no setting of conf/eval.yaml: optional inputs and what the caller may
 # already have computed

@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from conftest import TINY, read_results, wandb_history, wandb_run_dirs
-from mrl.config_path import config_dir
+from conftest import TINY, compose_train, read_results, wandb_history, wandb_run_dirs
 from mrl.data.fashion_mnist import FashionMNISTDataModule
 from mrl.data.preprocess import normalize_uint8_batch
 from mrl.data.synthetic import SyntheticDataModule
 from mrl.errors import MRLError
 from mrl.lightning_module import build_module
 from mrl.nn.matryoshka_contrastive import MatryoshkaContrastiveLoss, matryoshka_contrastive_per_size
-from mrl.resolvers import register_resolvers
 
 NESTING = [1, 2, 4, 8, 16]
 
@@ -80,18 +76,11 @@ def test_infonce_with_two_views_is_nt_xent_and_supcon_without_shared_classes_equ
     )
 
 
-def _tiny_module(objective: str):
-    register_resolvers()
-    overrides = [*TINY, f"objective={objective}", "head.nesting=[2,4,8]", "backbone.embed_dim=8"]
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, "paths.output_dir=/tmp/job"], return_hydra_config=True)
-    # what build_module reads (the rest refers to Hydra's job)
-    return build_module(
-        OmegaConf.masked_copy(cfg, ["backbone", "head", "loss", "objective", "optim", "sched"]),
-        num_classes=4,
-        in_chans=3,
-        img_size=16,
-    ).double()
+def _tiny_module(objective: str, *overrides: str):
+    cfg = compose_train(
+        *TINY, f"objective={objective}", "head.nesting=[2,4,8]", "backbone.embed_dim=8", *overrides
+    )
+    return build_module(cfg, num_classes=4, in_chans=3, img_size=16).double()
 
 
 def _grads(module, loss):
@@ -178,12 +167,8 @@ def test_fashion_mnist_views_are_each_a_crop_and_flip_of_the_image(tiny_fashion_
 def test_size_sampling_weighs_the_contrastive_losses_of_undrawn_sizes_by_zero(monkeypatch):
     """objective=supcon with head.sizes_per_step: the contrastive loss is the weighted sum over this
     step's drawn sizes only (the reference loop above restricted to them), the probe's likewise."""
-    register_resolvers()
-    overrides = [*TINY, "objective=supcon", "head.nesting=[2,4,8]", "backbone.embed_dim=8"]
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, "head.sizes_per_step=1", "paths.output_dir=/tmp/job"])
     torch.manual_seed(0)
-    module = build_module(cfg, num_classes=4, in_chans=3, img_size=16).double().train()
+    module = _tiny_module("supcon", "head.sizes_per_step=1").train()
     monkeypatch.setattr(type(module), "global_step", property(lambda self: 3))
     weights = module.size_sampler.step_weights(3, torch.device("cpu"))
     drawn = [g for g in range(3) if weights[g] > 0]

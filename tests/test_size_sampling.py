@@ -10,13 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 
-from mrl.config_path import config_dir
+from conftest import compose_train
 from mrl.errors import MRLError
 from mrl.lightning_module import build_module
 from mrl.nn.size_sampling import SizeSampler
-from mrl.resolvers import register_resolvers
 
 NESTING = [2, 4, 8, 16, 32]
 
@@ -78,20 +76,14 @@ def test_bad_sizes_per_step(bad):
 
 
 def _module(*overrides: str):
-    register_resolvers()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                "backbone.name=test_byobnet",
-                "backbone.embed_dim=32",
-                f"head.nesting=[{','.join(map(str, NESTING))}]",
-                "head.weights=[5,4,3,2,1]",
-                "seed=3",
-                "paths.output_dir=/tmp/unused",
-                *overrides,
-            ],
-        )
+    cfg = compose_train(
+        "backbone.name=test_byobnet",
+        "backbone.embed_dim=32",
+        f"head.nesting=[{','.join(map(str, NESTING))}]",
+        "head.weights=[5,4,3,2,1]",
+        "seed=3",
+        *overrides,
+    )
     torch.manual_seed(0)
     return build_module(cfg, num_classes=6, in_chans=3, img_size=32).train()
 
