@@ -39,13 +39,22 @@ HOST_READS = {
 }
 
 
+def _boolean_mask_indexing(func, args) -> bool:
+    """``t[mask]`` with a bool mask: its output's size is the mask's count, read back from the device (the
+    kernel's own nonzero does not pass through the dispatch mode)."""
+    if func not in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default):
+        return False
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+
+
 class _Recorder(TorchDispatchMode):
     def __init__(self, events: list[str], step: int) -> None:
         super().__init__()
         self.events, self.step = events, step
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in HOST_READS:
+        if func in HOST_READS or _boolean_mask_indexing(func, args):
             frame = sys._getframe(1)
             while frame is not None and frame.f_code.co_filename.startswith((TORCH_DIR, __file__)):
                 frame = frame.f_back

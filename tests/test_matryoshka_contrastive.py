@@ -14,6 +14,7 @@ from mrl.data.synthetic import SyntheticDataModule
 from mrl.errors import MRLError
 from mrl.lightning_module import build_module
 from mrl.nn.matryoshka_contrastive import MatryoshkaContrastiveLoss, matryoshka_contrastive_per_size
+from mrl.nn.matryoshka_loss import MatryoshkaLoss
 
 NESTING = [1, 2, 4, 8, 16]
 
@@ -49,9 +50,9 @@ def test_per_size_losses_and_gradients_match_the_reference(kind, views):
     z = torch.randn(views * batch, 16, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([0, 1, 1, 2, 0, 3])  # class 3 once: its anchors' positives are its other views
     weights = [4.0, 2.0, 1.0, 0.5, 1.0]
-    loss_fn = MatryoshkaContrastiveLoss(NESTING, kind=kind, temperature=0.3, views=views, weights=weights)
+    loss_fn = MatryoshkaContrastiveLoss(NESTING, kind=kind, temperature=0.3, views=views)
     per_size = loss_fn.per_size(z, labels)
-    total = loss_fn.combine(per_size)
+    total = MatryoshkaLoss(weights=weights).combine(per_size)  # the one weighting of per-size losses
     ref_per_size, ref_total = reference(z, NESTING, views, labels if kind == "supcon" else None, 0.3, weights)
     torch.testing.assert_close(per_size, ref_per_size)
     torch.testing.assert_close(total, ref_total)
@@ -100,7 +101,7 @@ def test_backbone_learns_from_the_contrastive_loss_only_and_the_probe_from_the_h
     backbone_total, head_total = _grads(module, total)
     # the contrastive loss alone, computed by hand from the same forward pass
     z = module(x.flatten(0, 1))
-    contrastive = module.objective.combine(module.objective.per_size(z, y))
+    contrastive = module.criterion.combine(module.objective.per_size(z, y))
     backbone_contrastive, head_contrastive = _grads(module, contrastive)
     # the gradient reaches the first layer (some residual branches start at zero, so not every tensor)
     first = next(iter(backbone_total))

@@ -67,6 +67,7 @@ def gpu_policy(monkeypatch):
         "synthetic_in_memory",
         "synthetic_mrl_e",
         "synthetic_sampled_2d",
+        "synthetic_supcon",
         "shards_cpu_decode",
         "shards_gpu_decode",
     ],
@@ -79,6 +80,8 @@ def test_training_steps_read_nothing_back(case, tmp_path, request, monkeypatch):
         overrides += ["head=mrl_e"] if case.endswith("mrl_e") else []
         # random sizes per step and depth heads (head.sizes_per_step, head.depth_stages)
         overrides += ["head.sizes_per_step=1", "head.depth_stages=[1,2]"] if case.endswith("2d") else []
+        # a contrastive objective on two views, with sampled sizes
+        overrides += ["objective=supcon", "head.sizes_per_step=1"] if case.endswith("supcon") else []
     recorder = run(tmp_path, overrides, monkeypatch)
     assert recorder.watched >= 8, f"only {recorder.watched} steps were watched"
     assert recorder.events == [], "\n".join(recorder.events)

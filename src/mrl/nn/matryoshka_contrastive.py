@@ -9,8 +9,9 @@ anchor is minus the mean log-probability of its positives:
 - ``infonce``: the positives are the other views of the same image (with two views: SimCLR's NT-Xent);
 - ``supcon``: every other row of the same class (Khosla et al. 2020, the ``L_out`` form).
 
-The loss of a size is the mean over anchors; sizes are combined as ``sum_m c_m * loss_m``, the relative
-importance weights of :class:`mrl.nn.matryoshka_loss.MatryoshkaLoss`.
+The loss of a size is the mean over anchors. Sizes are combined as ``sum_m c_m * loss_m`` by
+:meth:`mrl.nn.matryoshka_loss.MatryoshkaLoss.combine` (``head.weights``), the one place that weighs
+per-size losses, whatever the objective.
 """
 
 from __future__ import annotations
@@ -40,12 +41,6 @@ def prefix_cosine_similarities(z: torch.Tensor, nesting: Sequence[int], eps: flo
     return dots / (norms[:, :, None] * norms[:, None, :])
 
 
-def positive_mask(keys: torch.Tensor) -> torch.Tensor:
-    """``(N, N)`` bool: row ``i`` and column ``j != i`` share a key (a label, or an image's index)."""
-    same = keys[:, None] == keys[None, :]
-    return same & ~torch.eye(len(keys), dtype=torch.bool, device=keys.device)
-
-
 def matryoshka_contrastive_per_size(
     z: torch.Tensor,
     nesting: Sequence[int],
@@ -56,8 +51,7 @@ def matryoshka_contrastive_per_size(
     """The contrastive loss of every size, shape ``(G,)``, for view-major views ``z`` ``(views * B, D)``.
 
     With ``labels`` ``(B,)`` the positives are the same class (SupCon); without, the other views of the
-    same image (InfoNCE). An anchor without positives (a class seen once, one view) adds nothing, and the
-    mean runs over the anchors that have some.
+    same image (InfoNCE). With at least two views every anchor has positives (its image's other views).
     """
     n = z.shape[0]
     if views < 2 or n % views:
@@ -65,37 +59,22 @@ def matryoshka_contrastive_per_size(
     batch = n // views
     image = torch.arange(batch, device=z.device).repeat(views)
     keys = image if labels is None else labels.to(z.device).repeat(views)
-    positives = positive_mask(keys)
-    logits = prefix_cosine_similarities(z, nesting) / temperature  # (G, N, N)
     self_pairs = torch.eye(n, dtype=torch.bool, device=z.device)
+    positives = (keys[:, None] == keys[None, :]) & ~self_pairs
+    logits = prefix_cosine_similarities(z, nesting) / temperature  # (G, N, N)
     logits = logits.masked_fill(self_pairs, float("-inf"))
     log_prob = logits - logits.logsumexp(dim=2, keepdim=True)
-    counts = positives.sum(1)  # (N,)
-    has = counts > 0
-    # masked_fill, not multiply: the anchor's own -inf log-probability times 0 would be nan
+    # masked_fill, not multiply: the anchor's own -inf log-probability times 0 would be nan. No boolean
+    # indexing: its result's size would have to be read back from the GPU every step.
     summed = log_prob.masked_fill(~positives, 0.0).sum(2)  # (G, N)
-    per_anchor = -summed[:, has] / counts[has].to(z.dtype)
-    return per_anchor.mean(1)
-
-
-def weighted_sum(per_size: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """``sum_g c_g * per_size[g]`` (``weights`` None: 1 for every size)."""
-    if weights is None:
-        return per_size.sum()
-    if weights.numel() != per_size.shape[0]:
-        raise ValueError(
-            f"{weights.numel()} relative importance weights for {per_size.shape[0]} sizes; give one weight "
-            "per size in head.nesting."
-        )
-    return (weights.to(device=per_size.device, dtype=per_size.dtype) * per_size).sum()
+    return (-summed / positives.sum(1).to(z.dtype)).mean(1)
 
 
 class MatryoshkaContrastiveLoss(nn.Module):
-    """``sum_m c_m * L_m`` where ``L_m`` is the ``kind`` contrastive loss of the normalised prefixes of size
-    ``m`` (see the module docstring); ``weights`` are the ``c_m`` (default 1 each).
+    """The ``kind`` contrastive loss ``L_m`` of the normalised prefixes of every size ``m`` (see the module
+    docstring), to be weighed by ``MatryoshkaLoss.combine``.
 
-    Holds no state that checkpoints save (the weights are a non-persistent buffer): a contrastive run's
-    checkpoint has the same keys as a cross-entropy run's.
+    Holds no state, so a contrastive run's checkpoint has the same keys as a cross-entropy run's.
     """
 
     def __init__(
@@ -104,7 +83,6 @@ class MatryoshkaContrastiveLoss(nn.Module):
         kind: str = "supcon",
         temperature: float = 0.1,
         views: int = 2,
-        weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -113,11 +91,6 @@ class MatryoshkaContrastiveLoss(nn.Module):
         self.kind = kind
         self.temperature = float(temperature)
         self.views = int(views)
-        self.register_buffer(
-            "weights",
-            None if weights is None else torch.as_tensor(weights, dtype=torch.float32),
-            persistent=False,
-        )
 
     def per_size(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The unweighted loss of every size ``(G,)`` for view-major views ``z`` and labels ``(B,)``."""
@@ -129,9 +102,4 @@ class MatryoshkaContrastiveLoss(nn.Module):
             temperature=self.temperature,
         )
 
-    def combine(self, per_size: torch.Tensor) -> torch.Tensor:
-        """The weighted sum ``sum_g c_g * per_size[g]``."""
-        return weighted_sum(per_size, self.weights)
-
-    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.combine(self.per_size(z, labels))
+    forward = per_size  # calling the loss gives the per-size losses too
