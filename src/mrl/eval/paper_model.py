@@ -4,6 +4,7 @@ files hold no data config."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,12 @@ from mrl.checkpoints import load_paper_weights
 from mrl.errors import MRLError
 from mrl.models.paper_layout import PAPER_EVAL_SIZE, SOURCE, PaperCheckpoint, paper_eval_data_config
 
+log = logging.getLogger(__name__)
+
 DATA_EXAMPLE = (
     "+data=imagefolder data.root=<ImageNet dir with train/ and val/ class folders> (the paper's evaluation: "
-    "resize to 256, center crop 224), or +data=imagenet data.input_dir=<shards from mrl-prepare-data>"
+    "resize to 256, center crop 224), or +data=imagenet data.input_dir=<shards from mrl-prepare-data> "
+    f"data.eval_img_size={PAPER_EVAL_SIZE}"
 )
 
 
@@ -47,4 +51,14 @@ def load_paper_for_eval(paper: PaperCheckpoint, path: str | Path, data: dict[str
             f"{DATA_EXAMPLE}."
         )
     datamodule.configure_transforms(paper_eval_data_config(module.backbone.data_config()))
+    if datamodule.eval_img_size != PAPER_EVAL_SIZE:
+        # kept (a smaller crop is a quick check, a larger one a study of its own), but said: data=imagenet
+        # crops at 256 for mrl's own models, which is not the paper's evaluation of these weights
+        log.warning(
+            "Evaluating %s at a %d px center crop; the paper evaluates it at %d px (data.eval_img_size=%d).",
+            path,
+            datamodule.eval_img_size,
+            PAPER_EVAL_SIZE,
+            PAPER_EVAL_SIZE,
+        )
     return module.eval(), datamodule, OmegaConf.to_container(cfg, resolve=True)
