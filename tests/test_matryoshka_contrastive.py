@@ -165,6 +165,13 @@ def test_fashion_mnist_views_are_each_a_crop_and_flip_of_the_image(tiny_fashion_
     assert not torch.equal(views[0], views[1])
 
 
+def test_views_without_augmentation_are_refused(tiny_fashion_mnist):
+    dm = FashionMNISTDataModule(str(tiny_fashion_mnist), val_size=50, batch_size=16, augment=False)
+    with pytest.raises(MRLError, match=r"objective.views=2 with data.augment=false"):
+        dm.configure_views(2)
+    dm.configure_views(1)
+
+
 def test_size_sampling_weighs_the_contrastive_losses_of_undrawn_sizes_by_zero(monkeypatch):
     """objective=supcon with head.sizes_per_step: the contrastive loss is the weighted sum over this
     step's drawn sizes only (the reference loop above restricted to them), the probe's likewise."""

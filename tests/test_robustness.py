@@ -15,7 +15,6 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import BIN, wandb_inspect, wandb_run_dirs
@@ -25,6 +24,7 @@ from mrl.data.fashion_mnist import CLASSES as FASHION_CLASSES
 from mrl.data.image_folder import image_files_loader
 from mrl.errors import MRLError
 from mrl.eval.robustness import class_labels, masked_top1, open_sets
+from mrl.eval.run import robustness_settings
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 from mrl.resolvers import register_resolvers
 
@@ -94,7 +94,16 @@ def test_settings_forms_restrict_and_folders(tmp_path):
                 f"+robustness.sets.r={{root:{b},restrict:false,folders:indices}}",
             ],
         )
-    assert robustness_sets(OmegaConf.to_container(cfg.robustness), "") == sets
+    assert robustness_sets(robustness_settings(cfg), "") == sets
+
+
+def test_set_roots_are_resolved(tmp_path, monkeypatch):
+    """A root written with an interpolation (an environment variable) is resolved before it is checked."""
+    (tmp_path / "v2").mkdir()
+    monkeypatch.setenv("MRL_TEST_DATA", str(tmp_path))
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("eval", overrides=["ckpt_path=x", "+robustness.sets.v2=${oc.env:MRL_TEST_DATA}/v2"])
+    assert robustness_sets(robustness_settings(cfg), "")["v2"]["root"] == tmp_path / "v2"
 
 
 @pytest.mark.parametrize(

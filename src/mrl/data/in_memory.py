@@ -119,6 +119,15 @@ class InMemoryImageDataModule(MRLDataModule):
             "test": first(TensorDataset(*test), self.limit_eval),
         }
 
+    def configure_views(self, views: int) -> None:
+        if views > 1 and not self.augment:
+            raise MRLError(
+                f"objective.views={views} with data.augment=false: every view of an image would be the same "
+                "unaugmented image, and a contrastive loss would only learn to match each image with itself. "
+                "Drop data.augment=false (views are random crops and flips), or use objective=ce."
+            )
+        super().configure_views(views)
+
     def image_file_transform(self) -> ImageTransform:
         # Files become what this data set stores: its channels (grey for Fashion-MNIST), whole images
         # scaled (shorter side) to the native size and centre-cropped square; the batch transform then

@@ -73,6 +73,11 @@ class StageClock:
         log.info("%s done in %.1fs", name, self.mark(name))
 
 
+def robustness_settings(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg.robustness`` as plain values, its interpolations (``${oc.env:DATA}/imagenetv2``) resolved."""
+    return OmegaConf.to_container(cfg.robustness, resolve=True)
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run every enabled evaluator on ``cfg.ckpt_path``; write report.json, plots, W&B; return the report."""
     out_dir = Path(cfg.paths.output_dir)
@@ -80,7 +85,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.embedding_dtype not in ("float32", "float16"):
         raise MRLError(f"embedding_dtype must be float32 or float16, got {cfg.embedding_dtype}.")
     check_settings(cfg)  # the evaluators' options, before any work
-    robustness_sets(OmegaConf.to_container(cfg.robustness), "")  # the sets' roots exist, before any work
+    robustness_sets(robustness_settings(cfg), "")  # the sets' roots exist, before any work
     ckpt_id = checkpoint_id(cfg.ckpt_path)
     claim_output_dir(out_dir, cfg.ckpt_path, ckpt_id)  # refuses another checkpoint's results first
     OmegaConf.save(cfg, out_dir / "eval_config.yaml")
@@ -123,7 +128,7 @@ def _context(cfg: DictConfig, out_dir: Path) -> tuple[EvalContext, dict, list[Se
     requested = OmegaConf.to_container(cfg.sizes) if cfg.sizes is not None else None
     sizes = report_sizes(requested, list(module.nesting), module.head.in_features)
     device = _device(str(cfg.device))
-    sets = open_sets(OmegaConf.to_container(cfg.robustness), datamodule)  # folders named as classes
+    sets = open_sets(robustness_settings(cfg), datamodule)  # folders named as classes
     emb = _export_embeddings(cfg, module, datamodule, train_cfg, out_dir, device)
     precision = (train_cfg.get("trainer") or {}).get("precision")
     robust = export_sets(
