@@ -174,7 +174,8 @@ def test_views_without_augmentation_are_refused(tiny_fashion_mnist):
 
 def test_size_sampling_weighs_the_contrastive_losses_of_undrawn_sizes_by_zero(monkeypatch):
     """objective=supcon with head.sizes_per_step: the contrastive loss is the weighted sum over this
-    step's drawn sizes only (the reference loop above restricted to them), the probe's likewise."""
+    step's drawn sizes only (the reference loop above restricted to them), while the detached probe's
+    cross-entropy counts every size."""
     torch.manual_seed(0)
     module = _tiny_module("supcon", "head.sizes_per_step=1").train()
     monkeypatch.setattr(type(module), "global_step", property(lambda self: 3))
@@ -183,13 +184,22 @@ def test_size_sampling_weighs_the_contrastive_losses_of_undrawn_sizes_by_zero(mo
     assert len(drawn) == 2 and 2 in drawn  # the full size and one other
     x = torch.randn(2, 6, 3, 16, 16, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 3, 0, 1])
-    module._shared_step((x, y), "train", log_loss=False)
+    total = module._shared_step((x, y), "train", log_loss=False)
     z = module(x.flatten(0, 1))
     per_size, _ = reference(z, [2, 4, 8], 2, y.repeat(2), 0.1, [1, 1, 1])
     expected = sum(per_size[g] for g in drawn)
     # the contrastive loss, recomputed by the module's own path for the same step
     _, _, _, contrastive = module._training_embedding(x, y, False, weights)
     torch.testing.assert_close(contrastive, expected)
+    probe = sum(
+        torch.nn.functional.cross_entropy(
+            z[:, :m] @ module.head.size_weight(g).T + module.head.size_bias(g),
+            y.repeat(2),
+            label_smoothing=0.1,
+        )
+        for g, m in enumerate([2, 4, 8])
+    )
+    torch.testing.assert_close(total, expected + probe)
 
 
 def test_depth_heads_beside_a_contrastive_objective_are_refused_before_training():

@@ -140,7 +140,10 @@ class MatryoshkaLitModule(L.LightningModule):
             z, stage_z = self._embed(x)
             scores = self.head(z)  # evaluation keeps the logits: top-5 accuracy needs them
             per_size = self.criterion.per_size(scores, y)
-        loss = self.criterion.combine(self._weighted(per_size, size_weights))
+        # A contrastive objective's probe trains on the detached embedding: masking its sizes would save
+        # no backbone work and only leave the small sizes' probes behind, so it trains every size.
+        probe_weights = None if self.objective is not None else size_weights
+        loss = self.criterion.combine(self._weighted(per_size, probe_weights))
         # {stage}/loss stays the final head's loss (the exported model's; val/loss picks the best
         # checkpoint); the stage heads' losses are added to what is minimised and logged per size.
         depth_loss = None if self.depth is None else self.depth.step_loss(stage_z, y, stage, size_weights)
