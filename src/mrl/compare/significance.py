@@ -12,7 +12,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from scipy.special import stdtr
+import numpy as np
+from scipy import stats
 
 # The usual two-sided level below which a gap is called larger than the seeds' noise.
 ALPHA = 0.05
@@ -31,31 +32,23 @@ class Welch:
     delta: float = 0.0
 
 
-def _mean_var(values: Sequence[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    return mean, sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-
-
 def welch(a: Sequence[float], b: Sequence[float], delta: float = 0.0) -> Welch | None:
-    """Welch's t-test of ``mean(a) - mean(b) == delta``; None when either side has fewer than 2 values
-    (no variance to compare with). Without any spread (both variances 0) a gap is either exactly
-    ``delta`` (p = 1) or infinitely many standard errors from it (p = 0)."""
+    """Welch's t-test of ``mean(a) - mean(b) == delta`` (scipy's ``ttest_ind(equal_var=False)``); None when
+    either side has fewer than 2 values (no variance to compare with). Without any spread (both variances
+    0, where scipy gives nan) a gap is either exactly ``delta`` (p = 1) or infinitely many standard errors
+    from it (p = 0)."""
     if len(a) < 2 or len(b) < 2:
         return None
-    (mean_a, var_a), (mean_b, var_b) = _mean_var(a), _mean_var(b)
-    gap = mean_a - mean_b
-    qa, qb = var_a / len(a), var_b / len(b)
-    se = math.sqrt(qa + qb)
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    gap = float(x.mean() - y.mean())
+    se = math.sqrt(x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y))
     if se == 0.0:
         same = gap == delta
         return Welch(
             gap, 0.0, 0.0 if same else math.copysign(math.inf, gap - delta), math.nan, float(same), delta
         )
-    t = (gap - delta) / se
-    df = (qa + qb) ** 2 / (qa**2 / (len(a) - 1) + qb**2 / (len(b) - 1))
-    # two-sided: twice the t distribution's tail beyond |t| (stdtr is its CDF)
-    p = 2.0 * float(stdtr(df, -abs(t)))
-    return Welch(gap, se, t, df, p, delta)
+    result = stats.ttest_ind(x - delta, y, equal_var=False)
+    return Welch(gap, se, float(result.statistic), float(result.df), float(result.pvalue), delta)
 
 
 def exceeds_noise(test: Welch, alpha: float = ALPHA) -> bool:
