@@ -37,7 +37,7 @@ import numpy as np
 
 from mrl.config_checks import check_quantized
 from mrl.errors import MRLError
-from mrl.eval.knn import chunk_rows, exact_search, knn_predict, normalized_prefix
+from mrl.eval.knn import chunk_rows, exact_search, knn_accuracy, normalized_prefix
 from mrl.eval.progress import Progress
 from mrl.eval.retrieval import retrieval_metrics
 
@@ -113,7 +113,7 @@ def binary_index(database: np.ndarray, d: int, threshold: np.ndarray | float, db
 
 
 def quantized_index(
-    fmt: str, database: np.ndarray, d: int, stats: PrefixStats, settings: QuantizedSettings
+    fmt: str, database: np.ndarray, d: int, stats: PrefixStats | None, settings: QuantizedSettings
 ) -> tuple[faiss.Index, Callable[[np.ndarray], np.ndarray]]:
     """The index of format ``fmt`` and how a normalised query prefix is encoded to search it."""
     if fmt == "int8":
@@ -146,8 +146,15 @@ def ranking_metrics(
     neighbor_labels = db_labels[neighbor_ids]
     return {
         f"map@{k}": retrieval_metrics(neighbor_labels, query_labels, db_labels, [k])[f"map@{k}"],
-        "1nn": float(np.mean(knn_predict(neighbor_labels, 1) == query_labels)),
+        "1nn": knn_accuracy(neighbor_labels, query_labels, 1, num_classes=0),  # 1-NN: no class count used
     }
+
+
+def needs_stats(settings: QuantizedSettings) -> bool:
+    """Whether a format of ``settings`` is calibrated on the database (:func:`prefix_stats`)."""
+    return "int8" in settings.formats or (
+        "binary" in settings.formats and settings.binary_threshold == "mean"
+    )
 
 
 def quantized_retrieval(
@@ -178,7 +185,8 @@ def quantized_retrieval(
             ids = exact_search(database, queries, d, k, settings.query_chunk, settings.db_chunk, use_gpu)[1]
             row = ranking_metrics(ids, db_labels, query_labels, k)
         out[FLOAT32][d] = {"bytes": 4 * d, f"map@{k}": row[f"map@{k}"], "1nn": row["1nn"]}
-        stats = prefix_stats(database, d, settings.db_chunk)
+        # the calibration pass only where a format uses it (int8's ranges, binary's mean threshold)
+        stats = prefix_stats(database, d, settings.db_chunk) if needs_stats(settings) else None
         for fmt in settings.formats:
             index, encode = quantized_index(fmt, database, d, stats, settings)
             ids = search_index(index, encode, queries, d, k, settings.query_chunk)
