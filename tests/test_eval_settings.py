@@ -47,6 +47,7 @@ NOT_SETTINGS = {
     "knn.exact_search.transform",
     "knn.knn_predict.num_classes",  # not needed by the vote
     "context.EvalContext.__init__.sections",  # filled as the evaluators run
+    "linear.linear_accuracy.covered",  # robustness sets covering a subset of the classes
 }
 
 # Every evaluator setting of conf/eval.yaml, set away from its default (a value that reaches a function

@@ -23,7 +23,8 @@ from mrl.config_path import config_dir
 from mrl.data.fashion_mnist import CLASSES as FASHION_CLASSES
 from mrl.data.image_folder import image_files_loader
 from mrl.errors import MRLError
-from mrl.eval.robustness import class_labels, masked_top1, open_sets
+from mrl.eval.linear import linear_accuracy
+from mrl.eval.robustness import class_labels, open_sets
 from mrl.eval.run import robustness_settings
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 from mrl.resolvers import register_resolvers
@@ -49,21 +50,22 @@ def test_folders_map_to_training_labels_by_name_not_by_sorted_order():
 
 
 @pytest.mark.parametrize("efficient", [False, True])
-def test_masked_top1_is_the_argmax_over_the_covered_classes(efficient):
+def test_covered_classes_top1_is_the_argmax_over_their_logits(efficient):
     torch.manual_seed(0)
     head = MatryoshkaLinear(16, 10, [2, 4, 8, 16], efficient=efficient)
     rng = np.random.default_rng(0)
     z = rng.normal(size=(53, 16)).astype(np.float32)
     covered = [1, 4, 6, 9]
     y = rng.choice(covered, size=53)
-    got = masked_top1(head, z, y, covered, chunk=7)  # several chunks, the last one short
+    top1 = {d: acc["top1"] for d, acc in linear_accuracy(head, z, y, 7, covered).items()}  # short last chunk
+    got = top1
     with torch.no_grad():
         logits = head(torch.from_numpy(z))  # (G, N, C)
     for g, d in enumerate(head.nesting):
         masked = np.full(logits.shape[1:], -np.inf, dtype=np.float32)
         masked[:, covered] = logits[g][:, covered].numpy()
         assert got[d] == pytest.approx((masked.argmax(1) == y).mean(), abs=1e-12)
-    plain = masked_top1(head, z, y, None, chunk=7)
+    plain = {d: acc["top1"] for d, acc in linear_accuracy(head, z, y, 7).items()}
     for g, d in enumerate(head.nesting):
         assert plain[d] == pytest.approx((logits[g].argmax(-1).numpy() == y).mean(), abs=1e-12)
     # the mask matters here: an untrained head often prefers a class the set does not have

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -35,15 +35,27 @@ def max_softmax_predictions(
 
 
 def linear_accuracy(
-    head: MatryoshkaLinear, embeddings: np.ndarray, labels: np.ndarray, chunk: int
+    head: MatryoshkaLinear,
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    chunk: int,
+    covered: Sequence[int] | None = None,
 ) -> dict[int, dict[str, float]]:
-    """``{d: {"top1", "top5"}}`` for every trained size ``d`` (top-5 becomes top-C with fewer classes)."""
-    k = min(5, head.num_classes)
+    """``{d: {"top1", "top5"}}`` for every trained size ``d`` (top-5 becomes top-C with fewer classes).
+
+    ``covered``: rank only these classes (a query set covering a subset of the classes, as the paper
+    evaluates ImageNet-A and -R); softmax keeps the logits' order, so ranking its subset ranks theirs.
+    """
+    keep = None if covered is None else torch.as_tensor(list(covered), dtype=torch.long)
+    k = min(5, head.num_classes if keep is None else len(keep))
     y = torch.from_numpy(np.asarray(labels))
     top1 = torch.zeros(len(head.nesting), dtype=torch.long)
     top5 = torch.zeros(len(head.nesting), dtype=torch.long)
     for rows, probs in head_probabilities(head, embeddings, chunk):
-        topk = probs.topk(k, dim=-1).indices  # (G, B, k)
+        if keep is None:
+            topk = probs.topk(k, dim=-1).indices  # (G, B, k)
+        else:
+            topk = keep[probs[..., keep].topk(k, dim=-1).indices]
         hit = topk == y[rows][None, :, None]
         top1 += hit[..., 0].sum(1)
         top5 += hit.any(-1).sum(1)

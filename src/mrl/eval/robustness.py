@@ -28,7 +28,7 @@ from mrl.config_checks import robustness_sets
 from mrl.data.image_folder import image_files_loader
 from mrl.errors import MRLError
 from mrl.eval.embeddings import export_loader
-from mrl.eval.linear import head_probabilities
+from mrl.eval.linear import linear_accuracy
 from mrl.eval.model import fingerprint
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 
@@ -162,25 +162,6 @@ def export_sets(
     return out
 
 
-def masked_top1(
-    head: MatryoshkaLinear,
-    embeddings: np.ndarray,
-    labels: np.ndarray,
-    covered: Sequence[int] | None,
-    chunk: int,
-) -> dict[int, float]:
-    """Top-1 of every trained size; with ``covered``, the argmax over those classes' logits only."""
-    keep = torch.as_tensor(list(covered), dtype=torch.long) if covered is not None else None
-    y = torch.from_numpy(np.asarray(labels))
-    hits = torch.zeros(len(head.nesting), dtype=torch.long)
-    # softmax keeps the order of the logits, so its argmax over a subset is the logits'
-    for rows, probs in head_probabilities(head, embeddings, chunk):
-        pred = probs.argmax(-1) if keep is None else keep[probs[..., keep].argmax(-1)]  # (G, B)
-        hits += (pred == y[rows][None]).sum(1)
-    n = max(len(labels), 1)
-    return {d: float(hits[g]) / n for g, d in enumerate(head.nesting)}
-
-
 def robustness_section(
     head: MatryoshkaLinear, sets: list[SetEmbeddings], sizes: list[int], chunk: int
 ) -> dict[str, dict[str, Any]]:
@@ -190,13 +171,14 @@ def robustness_section(
     for item in sets:
         s = item.set
         restricted = s.restrict and len(s.covered) < head.num_classes
-        top1 = masked_top1(head, item.embeddings, item.labels, s.covered if restricted else None, chunk)
+        covered = s.covered if restricted else None
+        accuracy = linear_accuracy(head, item.embeddings, item.labels, chunk, covered)
         section[s.name] = {
             "root": str(s.root),
             "images": len(item.labels),
             "classes": len(s.covered),
             "restricted": restricted,
-            "top1": {str(d): top1[d] for d in sizes},
+            "top1": {str(d): accuracy[d]["top1"] for d in sizes},
         }
         log.info("robustness set %s: %d images, %d classes", s.name, len(item.labels), len(s.covered))
     return section
