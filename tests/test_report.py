@@ -609,3 +609,16 @@ def test_unknown_evaluate_key_is_a_clear_error(tmp_path):
         eval_config_after_training(
             {"methods": {"linaer": True}}, Path("x.ckpt"), tmp_path, OmegaConf.create({})
         )
+
+
+def test_a_switch_that_differs_between_seeds_is_not_mistaken_for_the_seed():
+    """Jobs of seeds 0 and 1 with data.augment false / true: the switch is a setting of its own, not a
+    value that follows the seed (False == 0 and True == 1 in Python)."""
+    from mrl.compare.collect import recipe_settings
+
+    configs = {
+        Path(f"/s/{seed}"): {"seed": seed, "data": {"augment": bool(seed), "seed": seed}} for seed in (0, 1)
+    }
+    settings = recipe_settings(configs)
+    assert set(settings[Path("/s/0")]) == {"data.augment"}
+    assert settings[Path("/s/0")]["data.augment"] != settings[Path("/s/1")]["data.augment"]

@@ -210,7 +210,8 @@ def recipe_settings(configs: dict[Path, dict[str, Any]]) -> dict[Path, dict[str,
         values = {job: per_job.get(key) for job, per_job in leaves.items()}
         shown = {job: json.dumps(v, sort_keys=True) for job, v in values.items()}
         own_path = any(_inside(v, _select(configs[job], "paths.output_dir")) for job, v in values.items())
-        follows_seed = all(v == configs[job].get("seed") for job, v in values.items())
+        # compared as JSON: True == 1 and False == 0 would make a switch set per job look like the seed
+        follows_seed = all(shown[job] == json.dumps(configs[job].get("seed")) for job in values)
         if len(set(shown.values())) > 1 and not own_path and not follows_seed:
             for job in configs:
                 out[job][key] = (shown[job], shown[job].strip('"'))
