@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from mrl.config_path import config_dir
 from mrl.instantiate import instantiate
-from mrl.lightning_module import build_module_for_data
+from mrl.training.module import build_module_for_data
 
 BIN = Path(sys.executable).parent
 # Train only: no validation, test, checkpoints; the epoch clock is the EpochTimer callback.

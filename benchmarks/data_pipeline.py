@@ -21,7 +21,7 @@ from types import SimpleNamespace
 from _common import compose_cfg
 
 from mrl.instantiate import instantiate
-from mrl.lightning_module import build_module_for_data
+from mrl.training.module import build_module_for_data
 
 
 def main(argv: list[str] | None = None) -> tuple[float, float]:

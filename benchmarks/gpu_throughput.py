@@ -46,7 +46,7 @@ SKIP_BATCHES = 5
 def bare_step_rate(overrides: list[str], device: str, bf16: bool, compiled: bool, steps: int) -> float:
     """Images/s of training steps on one device-resident batch, the model built as mrl-train builds it."""
     from mrl.instantiate import instantiate
-    from mrl.lightning_module import build_module_for_data
+    from mrl.training.module import build_module_for_data
 
     with tempfile.TemporaryDirectory() as out:
         cfg = compose_cfg(overrides, out)

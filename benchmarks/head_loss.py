@@ -490,7 +490,7 @@ def default_job_head() -> tuple[int, int, int, list[int]]:
     from _common import compose_cfg  # imported here: tests load this file for its helpers alone
 
     from mrl.instantiate import instantiate
-    from mrl.lightning_module import build_module_for_data
+    from mrl.training.module import build_module_for_data
 
     with tempfile.TemporaryDirectory() as out:
         cfg = compose_cfg([], out)

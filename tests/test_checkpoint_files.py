@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mrl.checkpoints import load_checkpoint
 from mrl.errors import MRLError
+from mrl.training.checkpoints import load_checkpoint
 
 
 class Evil:

@@ -12,9 +12,9 @@ from mrl.data.fashion_mnist import FashionMNISTDataModule
 from mrl.data.preprocess import normalize_uint8_batch
 from mrl.data.synthetic import SyntheticDataModule
 from mrl.errors import MRLError
-from mrl.lightning_module import build_module
 from mrl.nn.matryoshka_contrastive import MatryoshkaContrastiveLoss, matryoshka_contrastive_per_size
 from mrl.nn.matryoshka_loss import MatryoshkaLoss
+from mrl.training.module import build_module
 
 NESTING = [1, 2, 4, 8, 16]
 

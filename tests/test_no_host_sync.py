@@ -16,7 +16,7 @@ from host_sync import HostSyncRecorder
 from mrl.config_path import config_dir
 from mrl.nn import fused_cross_entropy
 from mrl.resolvers import register_resolvers
-from mrl.train import train
+from mrl.training.job import train
 
 COMMON = [
     "logger=none",
@@ -97,7 +97,7 @@ def test_the_recorder_sees_a_host_read(tmp_path, monkeypatch):
 def test_progress_bar_reads_metrics_by_time_not_every_step(tmp_path, monkeypatch):
     """Lightning's own bar reads the logged metrics back after every batch; ours at most once per
     progress_bar_refresh_s (and at each epoch's last batch)."""
-    from mrl import callbacks
+    from mrl.training import callbacks
 
     reads = []
     for bar in (callbacks.TimedRichProgressBar, callbacks.TimedTQDMProgressBar):

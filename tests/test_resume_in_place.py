@@ -117,8 +117,8 @@ def test_zero_loss_weights_are_refused_before_training(run_cli):
 
 def test_a_checkpoint_write_that_fails_leaves_the_previous_file_whole(tmp_path, monkeypatch):
     """A full disk in the middle of a checkpoint: the old last.ckpt stays loadable, no partial file."""
-    from mrl.checkpoint_io import AtomicCheckpointIO
-    from mrl.checkpoints import load_checkpoint
+    from mrl.training.checkpoint_io import AtomicCheckpointIO
+    from mrl.training.checkpoints import load_checkpoint
 
     path = tmp_path / "checkpoints" / "last.ckpt"
     io = AtomicCheckpointIO()

@@ -23,7 +23,7 @@ from mrl.data.preprocess import decode_rgb
 from mrl.data.shards import METADATA_NAME, ShardDataModule
 from mrl.errors import MRLError
 from mrl.instantiate import instantiate
-from mrl.lightning_module import build_module_for_data
+from mrl.training.module import build_module_for_data
 
 RESNET_CONFIG = {"interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 

@@ -5,7 +5,7 @@
 The export is self-describing: the safetensors metadata holds a JSON document (:attr:`MatryoshkaModel.spec`)
 with the backbone, head, nesting, class count and eval preprocessing, and its tensors are the backbone
 and head weights. Loading it never unpickles anything; loading a checkpoint uses
-``torch.load(weights_only=True)`` (:func:`mrl.checkpoints.load_checkpoint`).
+``torch.load(weights_only=True)`` (:func:`mrl.training.checkpoints.load_checkpoint`).
 
     model = mrl.load("logs/eval/runs/<job>_last/model.safetensors")
     z = model.embed(images, dim=64)          # (B, 64), L2-normalised
@@ -416,7 +416,7 @@ def _corrupt(path: Path, err: BaseException) -> MRLError:
 
 
 def _load_checkpoint(path: Path, paper_head: str | None = None) -> MatryoshkaModel:
-    from mrl.checkpoints import checkpoint_config, load_model_file
+    from mrl.training.checkpoints import checkpoint_config, load_model_file
 
     ckpt = load_model_file(path, paper_head)  # weights_only=True: never runs code from the file
     if isinstance(ckpt, PaperCheckpoint):
@@ -436,7 +436,7 @@ def _load_checkpoint(path: Path, paper_head: str | None = None) -> MatryoshkaMod
     datamodule, in_chans, img_size, resizable = _data_shape(config["data"], path)
     backbone = _timm_backbone(b, in_chans, img_size, resizable)
     if datamodule is not None and backbone.img_size != datamodule.img_size:
-        # upsized for the backbone in training (mrl.lightning_module.build_module_for_data): the exported
+        # upsized for the backbone in training (mrl.training.module.build_module_for_data): the exported
         # preprocessing must resize stored images the same way
         datamodule.resize(backbone.img_size)
     h = config["head"]
@@ -459,7 +459,7 @@ def _load_checkpoint(path: Path, paper_head: str | None = None) -> MatryoshkaMod
 
 def _load_paper(path: Path, paper: PaperCheckpoint) -> MatryoshkaModel:
     """A checkpoint of the paper's repository: its ResNet with the paper's evaluation preprocessing."""
-    from mrl.checkpoints import load_paper_weights
+    from mrl.training.checkpoints import load_paper_weights
 
     config = paper.config()
     backbone = _timm_backbone(config["backbone"], 3, PAPER_EVAL_SIZE)
@@ -637,7 +637,7 @@ def _spec(
 
 
 def _load_weights(model: MatryoshkaModel, state: dict[str, torch.Tensor], path: Path) -> None:
-    from mrl.checkpoints import state_dict_differences
+    from mrl.training.checkpoints import state_dict_differences
 
     detail = state_dict_differences(model.state_dict(), state)
     if detail:

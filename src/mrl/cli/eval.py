@@ -42,7 +42,7 @@ def check_before_hydra(argv: list[str]) -> None:
     ckpt = args.get("ckpt_path")
     if not ckpt or "${" in ckpt:
         return
-    from mrl.checkpoints import require_checkpoint_file  # imports torch: only when there is a path
+    from mrl.training.checkpoints import require_checkpoint_file  # imports torch: only when there is a path
 
     try:
         require_checkpoint_file(ckpt)

@@ -16,8 +16,8 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mrl.checkpoints import last_checkpoint
 from mrl.errors import MRLError
+from mrl.training.checkpoints import last_checkpoint, renamed_targets
 
 RESOLVED_CONFIG_NAME = "resolved_config.yaml"
 
@@ -46,7 +46,8 @@ def resume_argv(argv: list[str]) -> list[str]:
 def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
     """The stopped run's config with the command line's ``key=value`` overrides, starting from its
     newest checkpoint (``ckpt_path`` unless one was given)."""
-    cfg = relocate(OmegaConf.load(run_dir / RESOLVED_CONFIG_NAME), run_dir)
+    stored = OmegaConf.to_container(OmegaConf.load(run_dir / RESOLVED_CONFIG_NAME))
+    cfg = relocate(OmegaConf.create(renamed_targets(stored)), run_dir)
     explicit_ckpt = False
     for override in OverridesParser.create().parse_overrides(overrides):
         key = override.key_or_group

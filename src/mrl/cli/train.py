@@ -51,7 +51,7 @@ def _fill_run_names(cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> float | None:
     from mrl.logs import quiet_third_party_logs
     from mrl.preflight import check_run_config_file, check_train, resolve
-    from mrl.train import train  # heavy imports after Hydra has parsed the command line
+    from mrl.training.job import train  # heavy imports after Hydra has parsed the command line
 
     quiet_third_party_logs()
     out = Path(HydraConfig.get().runtime.output_dir)
@@ -105,7 +105,7 @@ def optimized_value(results: dict[str, float], metric: str | None) -> float | No
 @report_user_errors
 def run_ddp_worker() -> None:
     from mrl.logs import quiet_third_party_logs
-    from mrl.train import train
+    from mrl.training.job import train
 
     quiet_third_party_logs()
 

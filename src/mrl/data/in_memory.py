@@ -55,7 +55,7 @@ class InMemoryImageDataModule(MRLDataModule):
         super().__init__(seed=seed, **loader_kwargs)
         self.data_dir = Path(data_dir).expanduser()
         self.download = bool(download)
-        # null: the native size, or the smallest size the backbone accepts (see mrl.train)
+        # null: the native size, or the smallest size the backbone accepts (see mrl.training.job)
         self.img_size = int(img_size) if img_size else self.native_size
         self.img_size_fixed = img_size is not None
         self.val_size = int(val_size)

@@ -8,9 +8,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mrl.checkpoints import check_compatible, checkpoint_config, load_model_file
 from mrl.config_checks import check_known_keys
 from mrl.models.paper_layout import PaperCheckpoint
+from mrl.training.checkpoints import check_compatible, checkpoint_config, load_model_file
 
 
 def load_for_eval(
@@ -35,7 +35,7 @@ def load_for_eval(
         cfg.data = OmegaConf.merge(cfg.data, OmegaConf.create(dict(data_overrides)))
     # Lightning and timm are imported only once we know the checkpoint is usable.
     from mrl.instantiate import instantiate
-    from mrl.lightning_module import build_module_for_data
+    from mrl.training.module import build_module_for_data
 
     datamodule = instantiate(cfg.data)
     module = build_module_for_data(cfg, datamodule)

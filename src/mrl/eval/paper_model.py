@@ -10,9 +10,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from mrl.checkpoints import load_paper_weights
 from mrl.errors import MRLError
 from mrl.models.paper_layout import PAPER_EVAL_SIZE, SOURCE, PaperCheckpoint, paper_eval_data_config
+from mrl.training.checkpoints import load_paper_weights
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def load_paper_for_eval(paper: PaperCheckpoint, path: str | Path, data: dict[str
         )
     cfg = OmegaConf.create({"data": data, **paper.config()})
     from mrl.instantiate import instantiate
-    from mrl.lightning_module import build_module
+    from mrl.training.module import build_module
 
     # the weights are checked before the data is listed (an ImageNet tree takes a while); a ResNet's
     # modules do not depend on the image size

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mrl.checkpoints import require_checkpoint_file
 from mrl.config_checks import robustness_sets
 from mrl.errors import MRLError
 from mrl.eval.context import EvalContext
@@ -25,6 +24,7 @@ from mrl.eval.report_file import build_report, write_report
 from mrl.eval.robustness import SetEmbeddings, export_sets, open_sets, robustness_section
 from mrl.eval.summary import summary_text
 from mrl.eval.wandb_tables import log_report
+from mrl.training.checkpoints import require_checkpoint_file
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ WIDE = 24  # a report's panel grid is 24 units wide
 
 @dataclass
 class SweepReport:
-    """What the report shows; every key in it was read from the runs (see ``mrl.cli.report``)."""
+    """What the report shows; every key in it was read from the runs (see ``mrl.compare.job``)."""
 
     project: str
     group: str

@@ -209,6 +209,25 @@ GET_CLASS = "hydra.utils.get_class"
 ALLOWED_CLASSES = ("timm.layers.",)
 
 
+# Components that moved into the training wing: configs stored before the move name their old place.
+RENAMED_TARGETS = {"mrl.schedules.": "mrl.training.schedules.", "mrl.ema.": "mrl.training.ema."}
+
+
+def renamed_targets(config: Any) -> Any:
+    """``config`` (a plain dict/list tree) with every ``_target_`` of a moved mrl component renamed to
+    its current place, so checkpoints and run directories written before the move still load."""
+    if isinstance(config, dict):
+        out = {key: renamed_targets(value) for key, value in config.items()}
+        target = out.get("_target_")
+        for old, new in RENAMED_TARGETS.items():
+            if isinstance(target, str) and target.startswith(old):
+                out["_target_"] = new + target.removeprefix(old)
+        return out
+    if isinstance(config, list):
+        return [renamed_targets(value) for value in config]
+    return config
+
+
 def check_config_targets(config: Any, path: str | Path, where: str = "mrl_config") -> None:
     """Raise an :class:`MRLError` when ``config`` names a ``_target_`` outside mrl, timm's optimizer,
     scheduler and layer factories, and Lightning (checked before anything is instantiated)."""
@@ -244,6 +263,7 @@ def checkpoint_config(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]:
             "mrl-eval cannot rebuild its model and data. Evaluate a checkpoint written by mrl-train (the "
             "run's checkpoints/last.ckpt or its best epoch*.ckpt)."
         )
+    config = renamed_targets(config)
     check_config_targets(config, path)
     return config
 

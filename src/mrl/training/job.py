@@ -21,17 +21,17 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 
-from mrl.callbacks import RestoreLoaderPosition, progress_bar
-from mrl.checkpoint_io import AtomicCheckpointIO
-from mrl.checkpoints import CHECKPOINT_DIR, LAST, check_compatible, load_checkpoint
 from mrl.errors import MRLError
 from mrl.files import write_json
 from mrl.instantiate import instantiate
-from mrl.lightning_module import MatryoshkaLitModule, build_module_for_data
 from mrl.preflight import check_built
 from mrl.tracking.charts import plot_accuracy_vs_size
 from mrl.tracking.results import RESULTS_NAME, metrics_to_floats, read_results, size_table
 from mrl.tracking.wandb_setup import aggregated, build_loggers, define_metrics
+from mrl.training.callbacks import RestoreLoaderPosition, progress_bar
+from mrl.training.checkpoint_io import AtomicCheckpointIO
+from mrl.training.checkpoints import CHECKPOINT_DIR, LAST, check_compatible, load_checkpoint
+from mrl.training.module import MatryoshkaLitModule, build_module_for_data
 
 log = logging.getLogger(__name__)
 
