@@ -9,19 +9,18 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mrl.instantiate import instantiate
-from mrl.models.backbone import TimmBackbone, build_with_upsizing
-from mrl.models.build import build_objective, build_parts
+from mrl.models.backbone import TimmBackbone
 from mrl.models.depth import DepthMatryoshka
+from mrl.models.spec import ModelSpec
 from mrl.nn.matryoshka_accuracy import MatryoshkaAccuracy
 from mrl.nn.matryoshka_contrastive import MatryoshkaContrastiveLoss
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 from mrl.nn.matryoshka_loss import MatryoshkaLoss
 from mrl.nn.size_sampling import SizeSampler
 from mrl.tracking.charts import log_accuracy_vs_size
+from mrl.training.checkpoints import SPEC_KEY
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +66,10 @@ class MatryoshkaLitModule(L.LightningModule):
         size_sampler: SizeSampler | None = None,
         depth: DepthMatryoshka | None = None,
         objective: MatryoshkaContrastiveLoss | None = None,
+        spec: ModelSpec | None = None,
     ) -> None:
         super().__init__()
+        self.spec = spec  # the model's description, stored in every checkpoint beside the config
         self.backbone = backbone
         self.head = head
         self.criterion = loss
@@ -345,43 +346,5 @@ class MatryoshkaLitModule(L.LightningModule):
         self._raise_if_nonfinite()
         checkpoint["mrl_config"] = self.config
         checkpoint["mrl_nesting"] = self.nesting
-
-
-def build_module(cfg: DictConfig, num_classes: int, in_chans: int, img_size: int) -> MatryoshkaLitModule:
-    """Backbone, head and loss from config (also used by ``mrl-eval`` to rebuild a checkpoint's model)."""
-    parts = build_parts(cfg, num_classes, in_chans, img_size)
-    optimizer = instantiate(cfg.optim) if cfg.get("optim") else None
-    scheduler = instantiate(cfg.sched) if cfg.get("sched") and cfg.sched.get("_target_") else None
-    return MatryoshkaLitModule(
-        parts.backbone,
-        parts.head,
-        parts.loss,
-        optimizer,
-        scheduler,
-        channels_last=bool(cfg.get("channels_last", False)),
-        compile=bool(cfg.get("compile", False)),
-        config=OmegaConf.to_container(cfg, resolve=True),
-        size_sampler=parts.size_sampler,
-        depth=parts.depth,
-        objective=build_objective(cfg, parts.head),
-    )
-
-
-def build_module_for_data(cfg: DictConfig, datamodule) -> MatryoshkaLitModule:
-    """:func:`build_module` for ``datamodule``'s images, upsizing resizable small images (Fashion-MNIST's
-    28 px) to the smallest power of two a backbone with many downsampling stages accepts."""
-    resizable = datamodule.upsizable
-    module, size = build_with_upsizing(
-        lambda px: build_module(cfg, datamodule.num_classes, datamodule.in_chans, px),
-        datamodule.img_size,
-        resizable,
-    )
-    if size != datamodule.img_size:
-        log.warning(
-            "Backbone %s needs images larger than %d px: resizing them to %d (set data.img_size to choose).",
-            cfg.backbone.name,
-            datamodule.img_size,
-            size,
-        )
-        datamodule.resize(size)
-    return module
+        if self.spec is not None:
+            checkpoint[SPEC_KEY] = self.spec.to_dict()
