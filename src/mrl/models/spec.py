@@ -57,7 +57,7 @@ class Preprocessing:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["mean"], out["std"] = _floats(self.mean), _floats(self.std)
+        out["mean"], out["std"] = (list(v) if v is not None else None for v in (self.mean, self.std))
         return out
 
     @classmethod
@@ -218,7 +218,7 @@ class ModelSpec:
         if self.head == "ff":
             head["dim"] = self.nesting[0] if self.nesting else None
         elif self.head != "standard":
-            head.update({"nesting": list(self.nesting)} if self.nesting else {"min_size": self.min_size})
+            head.update(nesting=list(self.nesting) if self.nesting else None, min_size=self.min_size)
         return {"backbone": backbone, "head": head}
 
 
