@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import tracemalloc
 
 import numpy as np
@@ -16,7 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from mrl.data.feature_cache import (
+    CachedFeatures,
     extract_features,
+    extract_splits,
     feature_cache_key,
     feature_loader,
     open_split,
@@ -86,6 +89,15 @@ def test_the_cache_is_reused_when_nothing_changed(tmp_path):
     calls = model.calls
     again = extract_features(model, loader(), tmp_path, key_of(CountingModel()), "train")
     assert model.calls == calls == 3 and again == first
+
+
+def test_every_split_of_one_key_is_cached_beside_the_others(tmp_path):
+    model = CountingModel()
+    loaders = {"train": loader(40), "val": loader(20), "test": loader(8)}
+    splits = extract_splits(model, loaders, tmp_path, key_of(model), progress=False)
+    assert {name: s.count for name, s in splits.items()} == {"train": 40, "val": 20, "test": 8}
+    assert model.calls == 3 + 2 + 1
+    assert extract_splits(model, loaders, tmp_path, key_of(model)) == splits and model.calls == 6
 
 
 def test_a_changed_source_data_or_preprocessing_gets_a_new_key(tmp_path):
@@ -231,3 +243,15 @@ def test_the_cached_loader_works_in_worker_processes(tmp_path):
     split = extract_features(model, loader(), tmp_path, key_of(model), "train", dtype="float32")
     rows = [b[0] for b in feature_loader(split, batch_size=10, shuffle=False, num_workers=2)]
     np.testing.assert_array_equal(torch.cat(rows).numpy(), split.features())
+
+
+def test_the_dataset_pickles_without_its_mapped_arrays(tmp_path):
+    """A loader's workers started by spawn get the dataset pickled: the paths, not the features."""
+    model = CountingModel()
+    split = extract_features(model, loader(400), tmp_path, key_of(model), "train", dtype="float32")
+    dataset = CachedFeatures(split)
+    first = dataset[3]
+    data = pickle.dumps(dataset)
+    assert len(data) < 2048  # 400 x 5 float32 features would be 8000 bytes
+    copy = pickle.loads(data)
+    assert torch.equal(copy[3][0], first[0]) and copy[3][1] == first[1]

@@ -223,7 +223,14 @@ def _chain(first: Rows, rest: Iterator[Rows]) -> Iterator[Rows]:
 
 
 def _write_split(
-    model: nn.Module, loader: DataLoader, directory: Path, split: str, key: str, dtype: str, device
+    model: nn.Module,
+    loader: DataLoader,
+    directory: Path,
+    split: str,
+    key: str,
+    dtype: str,
+    device: torch.device,
+    progress: bool,
 ) -> FeatureSplit:
     count = _sample_count(loader)
     _marker_path(directory, split).unlink(missing_ok=True)  # no old marker may vouch for new files
@@ -235,7 +242,9 @@ def _write_split(
     with ExitStack() as stack:
         features_tmp = stack.enter_context(atomic_path(names.features_path))
         labels_tmp = stack.enter_context(atomic_path(names.labels_path)) if names.has_labels else None
-        bar = stack.enter_context(tqdm(total=len(loader), desc=f"Features of {split}", unit="batch"))
+        bar = stack.enter_context(
+            tqdm(total=len(loader), desc=f"Features of {split}", unit="batch", disable=not progress)
+        )
         written = _stream(outputs, (features_tmp, labels_tmp), first, count, dtype, bar)
         if written != count:
             raise MRLError(f"The loader of split {split!r} gave {written} rows for a data set of {count}.")
@@ -260,10 +269,12 @@ def extract_features(
     split: str,
     dtype: str = "float16",
     device: torch.device | str | None = None,
+    progress: bool = True,
 ) -> FeatureSplit:
     """The cached features of ``split``: reused when a complete cache with ``key`` is there, otherwise
     computed with ``model`` (in eval mode, on ``device``: default the model's) over ``loader`` (in
-    order, not shuffled) and written as the module docstring says. A damaged cache is rebuilt."""
+    order, not shuffled) and written as the module docstring says, with a progress bar unless
+    ``progress`` is false. A damaged cache is rebuilt."""
     if dtype not in DTYPES:
         raise MRLError(f"Features are cached as one of {DTYPES}, not {dtype!r}.")
     try:
@@ -278,9 +289,26 @@ def extract_features(
     was_training = model.training
     model.eval()
     try:
-        return _write_split(model, loader, Path(root) / key, split, key, dtype, torch.device(device))
+        directory = Path(root) / key
+        return _write_split(model, loader, directory, split, key, dtype, torch.device(device), progress)
     finally:
         model.train(was_training)
+
+
+def extract_splits(
+    model: nn.Module,
+    loaders: Mapping[str, DataLoader],
+    root: str | Path,
+    key: str,
+    dtype: str = "float16",
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> dict[str, FeatureSplit]:
+    """:func:`extract_features` of every ``{split: loader}`` under one key."""
+    return {
+        split: extract_features(model, loader, root, key, split, dtype, device, progress)
+        for split, loader in loaders.items()
+    }
 
 
 class CachedFeatures(Dataset):
