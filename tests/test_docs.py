@@ -1,5 +1,6 @@
-"""The README and docs/ cannot drift: every command they show is run by a test, every relative link and
-anchor resolves, and every repository path they name exists.
+"""The README and docs/ cannot drift: every command they show is run by a test, their Python examples run
+(or, where they load a trained model from a file, call the API as it is), every relative link and anchor
+resolves, and every repository path they name exists.
 
 A command is a line of a ```bash block (continuation lines joined, its trailing comment dropped, a
 ``.venv/bin/`` prefix read as the bare script). Each has one row in ``COMMANDS`` saying how it runs:
@@ -465,6 +466,51 @@ def test_repository_paths_named_in_the_docs_exist():
     spans = [re.findall(r"`([^`\n]+)`", without_code_blocks(page.read_text())) for page in DOC_PAGES]
     named = {s for s in itertools.chain(*spans) if re.fullmatch(REPOSITORY_PATH, s)}
     assert named and not sorted(s for s in named if not (REPO / s).exists())
+
+
+def api_calls(tree: ast.Module) -> list[tuple[ast.Call, object, bool]]:
+    """The block's calls of ``mrl.<name>(...)`` and of methods of the models ``mrl.load`` returned, as
+    (the call, the callable it names, whether that is a method taking ``self``)."""
+    import mrl
+
+    models = {
+        t.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign) and "mrl.load(" in ast.unparse(node.value)
+        for t in node.targets
+        if isinstance(t, ast.Name)
+    }
+    found = []
+    for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
+        func = call.func
+        if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+            owner = {"mrl": mrl, **dict.fromkeys(models, mrl.MatryoshkaModel)}.get(func.value.id)
+            if owner is not None:
+                found.append((call, getattr(owner, func.attr, None), owner is not mrl))
+    return found
+
+
+def test_python_examples_run_or_call_the_api_as_it_is():
+    """The docs' ```python blocks run, in order in one namespace per page; a block that loads a trained
+    model from a file (``mrl.load``; its loading is run by tests/test_deploy.py) is checked instead: every
+    ``mrl.<name>`` and model method it calls exists and takes the arguments it is given."""
+    import inspect
+
+    wrong = []
+    for page in DOC_PAGES:
+        namespace: dict = {}
+        for block in re.findall(r"^```python\n(.*?)^```", page.read_text(), flags=re.S | re.M):
+            tree = ast.parse(block)
+            calls = api_calls(tree)
+            if not any(ast.unparse(call.func) == "mrl.load" for call, _, _ in calls):
+                exec(compile(tree, str(page), "exec"), namespace)
+            for call, target, method in calls:
+                args = [None] * (len(call.args) + method)
+                try:
+                    inspect.signature(target).bind(*args, **{k.arg: None for k in call.keywords})
+                except (TypeError, ValueError) as err:
+                    wrong.append(f"{page.relative_to(REPO)}: {ast.unparse(call)} ({err})")
+    assert not wrong, wrong
 
 
 def test_the_readme_is_a_front_page():
