@@ -15,17 +15,16 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import BIN, wandb_inspect, wandb_run_dirs
-from mrl.config_checks import robustness_sets
 from mrl.config_path import config_dir
 from mrl.data.fashion_mnist import CLASSES as FASHION_CLASSES
-from mrl.data.image_folder import image_files_loader
+from mrl.data.image_folder import image_files
 from mrl.errors import MRLError
 from mrl.eval.linear import linear_accuracy
-from mrl.eval.robustness import class_labels, open_sets
-from mrl.eval.run import robustness_settings
+from mrl.eval.robustness import class_labels, open_sets, robustness_sets
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 from mrl.resolvers import register_resolvers
 
@@ -33,6 +32,11 @@ from mrl.resolvers import register_resolvers
 def settings(sets: dict, restrict: bool = True, folders: str = "names") -> dict:
     """conf/eval.yaml's ``robustness`` section with ``sets``."""
     return {"restrict": restrict, "folders": folders, "sets": sets}
+
+
+def configured(cfg) -> dict:
+    """The sets of an eval config, as the robustness evaluator reads them (its section, resolved)."""
+    return robustness_sets(OmegaConf.to_container(cfg.robustness, resolve=True), "")
 
 
 # ---- mapping by name, masking -----------------------------------------------------------------
@@ -96,7 +100,7 @@ def test_settings_forms_restrict_and_folders(tmp_path):
                 f"+robustness.sets.r={{root:{b},restrict:false,folders:indices}}",
             ],
         )
-    assert robustness_sets(robustness_settings(cfg), "") == sets
+    assert configured(cfg) == sets
 
 
 def test_set_roots_are_resolved(tmp_path, monkeypatch):
@@ -105,7 +109,7 @@ def test_set_roots_are_resolved(tmp_path, monkeypatch):
     monkeypatch.setenv("MRL_TEST_DATA", str(tmp_path))
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("eval", overrides=["ckpt_path=x", "+robustness.sets.v2=${oc.env:MRL_TEST_DATA}/v2"])
-    assert robustness_sets(robustness_settings(cfg), "")["v2"]["root"] == tmp_path / "v2"
+    assert configured(cfg)["v2"]["root"] == tmp_path / "v2"
 
 
 @pytest.mark.parametrize(
@@ -205,7 +209,7 @@ def test_image_files_become_the_eval_splits_own_model_inputs(tiny_image_tree, de
     )
     dm.setup()
     (s,) = open_sets(settings({"val": str(tiny_image_tree / "val")}), dm)
-    x, y = _inputs(dm, image_files_loader(dm, s.listing))
+    x, y = _inputs(dm, dm.loader(image_files(dm, s.listing)))
     x_ref, y_ref = _inputs(dm, dm.split_loader("val"))
     assert torch.equal(y, y_ref) and torch.equal(x, x_ref)
 
@@ -226,7 +230,7 @@ def test_rgb_files_for_a_grey_model_are_read_as_its_own_images(tiny_fashion_mnis
             rgb = Image.fromarray(image[0].numpy()).convert("RGB")
             rgb.resize((side, side), Image.Resampling.BICUBIC).save(folder / f"{i:03d}.png")
         (s,) = open_sets(settings(restrict=False, sets={"f": str(root)}), dm)
-        x, y = _inputs(dm, image_files_loader(dm, s.listing))
+        x, y = _inputs(dm, dm.loader(image_files(dm, s.listing)))
         files = [Path(p) for p, _ in s.listing.samples]
         # the plain way: grey pixels, antialiased down to 28 px, rounded to uint8, then the data's batch path
         grey = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("L"))) for f in files])
