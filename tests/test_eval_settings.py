@@ -341,8 +341,8 @@ def test_an_evaluator_sees_only_its_own_sections(monkeypatch):
 
 def test_robustness_settings_reach_the_sets(tiny_image_tree, tmp_path):
     """``robustness.restrict`` / ``robustness.folders`` and each set's own ``root``, ``restrict`` and
-    ``folders`` (conf/eval.yaml) reach the sets ``mrl-eval`` evaluates (run.py passes ``cfg.robustness``
-    to ``open_sets``)."""
+    ``folders`` (conf/eval.yaml) reach the sets ``mrl-eval`` evaluates (the robustness evaluator passes
+    its ``robustness`` section to ``open_sets``)."""
     from hydra.utils import instantiate
 
     val, numbered = tiny_image_tree / "val", tmp_path / "numbered"

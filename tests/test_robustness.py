@@ -393,3 +393,52 @@ def test_eval_refuses_a_set_with_foreign_folders_before_any_work(trained_on_a_tr
         for word in words:
             assert word in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-2000:]
         assert not list(log_dir.rglob("*.npy")) and not list(log_dir.rglob("report.json"))
+
+
+@pytest.mark.slow
+def test_sets_are_exported_with_the_splits_in_one_pass_and_reused(
+    trained_on_a_tree, tmp_path, monkeypatch, caplog
+):
+    """In-process: the robustness evaluator's sets are exported with the splits (the model goes back to
+    the CPU once), its section comes from the registered loop, and a second call reuses every export."""
+    from mrl.eval import run
+
+    tree, ckpt = trained_on_a_tree
+    moves: list[str] = []
+    real_load = run.load_for_eval
+
+    def load(*args, **kwargs):
+        module, datamodule, train_cfg = real_load(*args, **kwargs)
+        to_cpu = module.cpu
+        module.cpu = lambda: moves.append("cpu") or to_cpu()
+        return module, datamodule, train_cfg
+
+    monkeypatch.setattr(run, "load_for_eval", load)
+    off = [
+        f"methods.{m}=false" for m in ("knn", "retrieval", "adaptive_classification", "adaptive_retrieval")
+    ]
+    off += ["methods.baselines=false", "methods.quantized=false"]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(
+            "eval",
+            overrides=[
+                f"ckpt_path={ckpt}",
+                f"paths.output_dir={tmp_path / 'out'}",
+                "logger=none",
+                "threads=1",
+                "export_model=false",
+                *off,
+                f"+robustness.sets.full={tree / 'val'}",
+            ],
+        )
+    (tmp_path / "out").mkdir()
+    first = run.evaluate(cfg)
+    assert moves == ["cpu"]
+    # the val split read as a set is the query split itself (no test/ folder): the same top-1
+    linear = {d: v["top1"] for d, v in first["linear"].items()}
+    assert first["robustness"]["full"]["top1"] == pytest.approx(linear, abs=1e-9)
+    caplog.set_level("INFO", logger="mrl.eval.embeddings")
+    again = run.evaluate(cfg)
+    assert again == first
+    reused = {r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("Reusing")}
+    assert reused == {"train", "test", "robustness_full"}

@@ -215,7 +215,7 @@ EVALUATORS: tuple[Evaluator, ...] = (
     # after knn+retrieval: the searches it shares through the context are already there
     Evaluator("baselines", ("baselines",), ("baselines",), (check_baselines,), measure_baselines, None),
     Evaluator("quantized", ("quantized",), ("quantized",), (check_quantized,), measure_quantized, None),
-    # on whenever robustness.sets names a set
+    # no method switch: it evaluates the sets robustness.sets names (none by default)
     Evaluator(
         "robustness",
         (),
