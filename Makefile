@@ -23,7 +23,7 @@ $(FMNIST):
 	@if command -v apt-get >/dev/null; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
-	else echo "Install Fashion-MNIST (see README) or run: mrl-train data.download=true"; exit 1; fi
+	else echo "Install Fashion-MNIST (see docs/data.md) or run: mrl-train data.download=true"; exit 1; fi
 
 # The embedded default job: MRL on Fashion-MNIST on the CPU.
 train: install data

@@ -180,7 +180,12 @@ def memory_child(folder: Path, knn_sizes: list[int], hnsw: bool, max_iter: int) 
     posthoc_baselines(db, db_y, q, q_y, knn_sizes, knn_sizes, bc.max_train, max_iter, 0)
     mark(f"baselines: PCA + probes, d={','.join(map(str, knn_sizes))}, max_iter={max_iter}")
     if bc.knn:  # the 1-NN baselines (true, or auto: what standard and FF models get)
-        posthoc_one_nn(db, db_y, q, q_y, knn_sizes, knn_sizes, chunks.query, chunks.database)
+        search = (chunks.query, chunks.database, False)
+
+        def neighbours(d: int, k: int) -> np.ndarray:  # searched again, as for a size the kNN stage skipped
+            return exact_search(db, q, d, k, *search)[1]
+
+        posthoc_one_nn(db, db_y, q, q_y, knn_sizes, knn_sizes, chunks.query, chunks.database, neighbours)
         mark(f"baselines: 1-NN of PCA + slices, d={','.join(map(str, knn_sizes))}")
     print("RESULT " + json.dumps(stages), flush=True)
     # Skip interpreter shutdown: it pages in ~120 MB of library code (destructors) after the last

@@ -21,10 +21,10 @@ LAYERS: list[tuple[str, ...]] = [
         "mrl.resolvers",
         "mrl.instantiate",
         "mrl.logs",
+        "mrl.config_checks",
     ),
     ("mrl.nn",),
     ("mrl.models",),
-    ("mrl.config_checks",),
     ("mrl.data",),
     # the training wing: reading and writing checkpoints at the bottom, the job at the top
     ("mrl.training", "mrl.training.checkpoints", "mrl.training.checkpoint_io"),

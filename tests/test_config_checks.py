@@ -1,4 +1,4 @@
-"""Pre-flight checks (mrl.config_checks, mrl.preflight): every config the project ships passes, and each
+"""Pre-flight checks (each feature's checks, mrl.preflight): every config the project ships passes, and each
 bad value gets an MRLError naming the key and what to write. The end-to-end refusals through the real
 commands are in test_bad_input.py."""
 
@@ -10,11 +10,14 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mrl import config_checks as checks
 from mrl import preflight
+from mrl.config_checks import accepted_keys, check_known_keys
 from mrl.config_path import config_dir
 from mrl.errors import MRLError, user_message
+from mrl.eval.checks import check_eval_config
+from mrl.models.checks import config_nesting
 from mrl.resolvers import register_resolvers
+from mrl.training.checks import check_optimized_metric, check_train_config, check_trainer, metric_names
 
 CONF = Path(config_dir())
 GROUPS = ["data", "backbone", "head", "optim", "sched", "trainer"]
@@ -38,15 +41,15 @@ def _train_config(*overrides: str) -> dict:
 @pytest.mark.parametrize(("group", "option"), OPTIONS)
 def test_every_shipped_option_passes(group, option):
     config = _train_config(f"{group}={option}", *NEEDS.get(option, []))
-    checks.check_train_config(config)
-    checks.check_known_keys(config["data"], "data")
+    check_train_config(config)
+    check_known_keys(config["data"], "data")
     preflight.probe_optimizer(config)
 
 
 def test_the_optuna_sweep_config_passes():
     config = _train_config("hparams_search=optuna")
     assert config["optimized_metric"]
-    checks.check_train_config(config)
+    check_train_config(config)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -59,7 +62,7 @@ def test_the_default_eval_config_passes():
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("eval", overrides=["ckpt_path=x.ckpt", "paths.output_dir=/tmp/job"])
-    checks.check_eval_config(OmegaConf.to_container(cfg, resolve=True))
+    check_eval_config(OmegaConf.to_container(cfg, resolve=True))
 
 
 def _with(config: dict, dotted: str, value) -> dict:
@@ -109,31 +112,31 @@ def test_bad_train_values_name_the_key(key, value, expected):
     if key == "head.weights":
         config["head"]["nesting"] = [4, 8, 16] if value == [1, 2] else None
     with pytest.raises(MRLError) as info:
-        checks.check_train_config(_with(config, key, value))
+        check_train_config(_with(config, key, value))
     for text in expected:
         assert text in str(info.value), str(info.value)
 
 
 def test_max_epochs_minus_one_is_fine_with_a_step_limit_or_a_constant_lr():
-    checks.check_trainer({"max_epochs": -1, "max_steps": 100}, has_schedule=True)
-    checks.check_trainer({"max_epochs": -1}, has_schedule=False)
-    checks.check_trainer({"max_epochs": 0}, has_schedule=True)  # a zero-step run is not refused here
+    check_trainer({"max_epochs": -1, "max_steps": 100}, has_schedule=True)
+    check_trainer({"max_epochs": -1}, has_schedule=False)
+    check_trainer({"max_epochs": 0}, has_schedule=True)  # a zero-step run is not refused here
 
 
 def test_optimized_metric_names_follow_the_nesting_and_stages():
     stages = ("train", "val", "test")
     for good in ("val/acc@full", "val/acc@8", "test/top5@16", "val/loss", "train/loss@8", "train/lr"):
-        checks.check_optimized_metric(good, [8, 16], stages)
+        check_optimized_metric(good, [8, 16], stages)
     with pytest.raises(
         MRLError, match=r"names size 3, which this job does not train \(its sizes \[8, 16\]\)"
     ):
-        checks.check_optimized_metric("val/acc@3", [8, 16], stages)
-    checks.check_optimized_metric("val/acc@3", None, stages)  # sizes not known yet: checked once built
+        check_optimized_metric("val/acc@3", [8, 16], stages)
+    check_optimized_metric("val/acc@3", None, stages)  # sizes not known yet: checked once built
     with pytest.raises(MRLError, match="test=false"):
-        checks.check_optimized_metric("test/acc@8", [8], ("train", "val"))
+        check_optimized_metric("test/acc@8", [8], ("train", "val"))
     with pytest.raises(MRLError, match="not a metric this job logs"):
-        checks.check_optimized_metric("val/top5@8", [8], stages, top5=False)  # fewer than 5 classes
-    assert set(checks.metric_names([8], ("train", "val"))) == {
+        check_optimized_metric("val/top5@8", [8], stages, top5=False)  # fewer than 5 classes
+    assert set(metric_names([8], ("train", "val"))) == {
         "train/loss",
         "val/loss",
         "train/lr",
@@ -146,10 +149,10 @@ def test_optimized_metric_names_follow_the_nesting_and_stages():
 
 
 def test_nesting_known_from_the_config_alone():
-    assert checks.config_nesting({"kind": "ff", "dim": 8}, None) == [8]
-    assert checks.config_nesting({"kind": "standard"}, 64) == [64]
-    assert checks.config_nesting({"kind": "mrl", "nesting": None, "min_size": 8}, 64) == [8, 16, 32, 64]
-    assert checks.config_nesting({"kind": "mrl", "nesting": None}, None) is None
+    assert config_nesting({"kind": "ff", "dim": 8}, None) == [8]
+    assert config_nesting({"kind": "standard"}, 64) == [64]
+    assert config_nesting({"kind": "mrl", "nesting": None, "min_size": 8}, 64) == [8, 16, 32, 64]
+    assert config_nesting({"kind": "mrl", "nesting": None}, None) is None
 
 
 def test_built_model_checks_metric_and_evaluate_sizes():
@@ -193,24 +196,24 @@ def test_bad_eval_values_name_the_key(key, value, expected):
         cfg = compose("eval", overrides=["ckpt_path=x.ckpt", "paths.output_dir=/tmp/job"])
     config = _with(OmegaConf.to_container(cfg, resolve=True), key, value)
     with pytest.raises(MRLError) as info:
-        checks.check_eval_config(config)
+        check_eval_config(config)
     for text in expected:
         assert text in str(info.value), str(info.value)
     with pytest.raises(MRLError, match="evaluate." + key.split(".")[0]):
-        checks.check_eval_config(config, prefix="evaluate.")
+        check_eval_config(config, prefix="evaluate.")
 
 
 def test_unknown_data_keys_are_named_with_the_valid_ones():
     data = {"_target_": "mrl.data.synthetic.SyntheticDataModule", "batch_size": 8, "img_size": 32}
-    assert {"batch_size", "eval_batch_size", "img_size", "num_classes", "pin_memory"} <= checks.accepted_keys(
+    assert {"batch_size", "eval_batch_size", "img_size", "num_classes", "pin_memory"} <= accepted_keys(
         data["_target_"]
     )
     with pytest.raises(MRLError, match=r"data has no setting 'dta_dir'.*valid data keys are: batch_size"):
-        checks.check_known_keys({**data, "dta_dir": "/x"}, "data")
-    checks.check_known_keys(data, "data", {"eval_batch_size": 4})
+        check_known_keys({**data, "dta_dir": "/x"}, "data")
+    check_known_keys(data, "data", {"eval_batch_size": 4})
     with pytest.raises(MRLError, match="'dta_dir'"):
-        checks.check_known_keys(data, "data", {"dta_dir": "/x"})
-    assert checks.accepted_keys("torch.nn.Linear") is None  # only mrl components are judged
+        check_known_keys(data, "data", {"dta_dir": "/x"})
+    assert accepted_keys("torch.nn.Linear") is None  # only mrl components are judged
 
 
 def test_optimizer_and_schedule_are_built_once_before_training():

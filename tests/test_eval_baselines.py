@@ -49,6 +49,7 @@ def test_posthoc_one_nn_equals_brute_force():
 
     from mrl.eval.baseline_knn import posthoc_one_nn
     from mrl.eval.baselines import pca_fit, pca_project
+    from mrl.eval.knn import exact_search
 
     rng = np.random.default_rng(1)
     db = rng.normal(size=(400, 12)).astype(np.float32)
@@ -60,7 +61,10 @@ def test_posthoc_one_nn_equals_brute_force():
         b = b / np.linalg.norm(b, axis=1, keepdims=True)
         return float(np.mean(db_y[np.argmax(b @ a.T, axis=1)] == q_y))
 
-    out = posthoc_one_nn(db, db_y, q, q_y, [2, 5], [3], query_chunk=4096, db_chunk=96)
+    def neighbours(d, k):
+        return exact_search(db, q, d, k, 4096, 96, False)[1]
+
+    out = posthoc_one_nn(db, db_y, q, q_y, [2, 5], [3], 4096, 96, neighbours)
     mean, comps = pca_fit(db)
     for d in (2, 5):
         expected = brute(pca_project(db, mean, comps, d), pca_project(q, mean, comps, d))
@@ -68,9 +72,9 @@ def test_posthoc_one_nn_equals_brute_force():
     assert out["slice_1nn"][3] == brute(db[:, :3], q[:, :3])
 
 
-def test_posthoc_one_nn_takes_known_prefix_results_and_a_given_pca(monkeypatch):
-    """Sizes the kNN stage already searched are not searched again, and a given PCA is not refitted;
-    the kNN stage's 1-NN (k=100 search) equals this module's own k=1 search of the same prefix."""
+def test_posthoc_one_nn_ranks_slices_by_the_shared_search_and_takes_a_given_pca(monkeypatch):
+    """A truncation's 1-NN ranks by the neighbours it is given (the kNN stage's search, shared: its
+    1-NN of a k=100 search is the 1-NN here), and a given PCA is not refitted."""
     import numpy as np
 
     from mrl.eval import baseline_knn
@@ -81,18 +85,23 @@ def test_posthoc_one_nn_takes_known_prefix_results_and_a_given_pca(monkeypatch):
     db = rng.normal(size=(300, 16)).astype(np.float32)
     q = rng.normal(size=(50, 16)).astype(np.float32)
     db_y, q_y = rng.integers(0, 5, 300), rng.integers(0, 5, 50)
-    _, ids = exact_search(db, q, 8, 100, 4096, 262_144, use_gpu=False)
-    knn_stage = knn_accuracy(db_y[ids], q_y, 1, 5)
-    searched = baseline_knn.posthoc_one_nn(db, db_y, q, q_y, [], [8], 4096, 262_144)["slice_1nn"][8]
-    assert knn_stage == searched
+    deep = {d: exact_search(db, q, d, 100, 4096, 262_144, use_gpu=False)[1] for d in (4, 8)}
+    asked = []
+
+    def neighbours(d, k):  # the kNN stage's k=100 searches, as the evaluation context shares them
+        asked.append((d, k))
+        return deep[d][:, :k]
 
     pca = pca_fit(db)
     calls = []
     monkeypatch.setattr(baseline_knn, "pca_fit", lambda *a, **k: calls.append("fit") or pca)
     real = baseline_knn.exact_search
     monkeypatch.setattr(baseline_knn, "exact_search", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
-    out = baseline_knn.posthoc_one_nn(
-        db, db_y, q, q_y, [4], [4, 8], 4096, 262_144, pca=pca, known_slice_1nn={8: 0.25}
-    )
-    assert out["slice_1nn"][8] == 0.25  # taken, not searched
-    assert calls == [4, 4]  # the SVD search and the size-4 slice search; no PCA fit
+    out = baseline_knn.posthoc_one_nn(db, db_y, q, q_y, [4], [4, 8], 4096, 262_144, neighbours, pca=pca)
+    assert asked == [(4, 1), (8, 1)]
+    assert calls == [4]  # only the SVD search; no PCA fit, no slice searched here
+    for d in (4, 8):
+        assert out["slice_1nn"][d] == knn_accuracy(db_y[deep[d]], q_y, 1, 5)
+        assert out["slice_1nn"][d] == float(
+            np.mean(db_y[exact_search(db, q, d, 1, 4096, 96, False)[1][:, 0]] == q_y)
+        )

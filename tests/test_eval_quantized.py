@@ -9,6 +9,7 @@ import pytest
 
 from mrl.errors import MRLError
 from mrl.eval import quantized as qz
+from mrl.eval.knn import exact_search
 from mrl.eval.quantized_outputs import quantized_plot, quantized_rows, quantized_summary, quantized_text
 from mrl.eval.retrieval import retrieval_metrics
 
@@ -32,6 +33,11 @@ def data(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 def settings(formats=("int8", "binary"), threshold="zero", k=K) -> qz.QuantizedSettings:
     # small chunks: the database is encoded and the queries searched over several chunks
     return qz.QuantizedSettings(tuple(formats), k, threshold, query_chunk=11, db_chunk=37)
+
+
+def searched(db: np.ndarray, q: np.ndarray):
+    """The neighbours the float32 rows rank by, searched exactly (what the evaluation context shares)."""
+    return lambda d, k: exact_search(db, q, d, k, 11, 37, False)[1]
 
 
 def unit_prefix(x: np.ndarray, d: int) -> np.ndarray:
@@ -72,7 +78,7 @@ def reference_metrics(ids: np.ndarray, db_y: np.ndarray, q_y: np.ndarray, k: int
 
 def test_int8_codes_scores_and_metrics_match_a_hand_quantisation():
     db, db_y, q, q_y = data()
-    out = qz.quantized_retrieval(db, db_y, q, q_y, SIZES, settings(["int8"]), False, {})
+    out = qz.quantized_retrieval(db, db_y, q, q_y, SIZES, settings(["int8"]), searched(db, q))
     assert list(out) == ["float32", "int8"] and list(out["int8"]) == SIZES
     for d in SIZES:
         codes, scores = reference_int8(db, q, d)
@@ -95,7 +101,7 @@ def test_int8_codes_scores_and_metrics_match_a_hand_quantisation():
 @pytest.mark.parametrize("threshold", ["zero", "mean"])
 def test_binary_hamming_search_matches_popcount_and_ranks_ties_by_index(threshold):
     db, db_y, q, q_y = data(1)
-    out = qz.quantized_retrieval(db, db_y, q, q_y, SIZES, settings(["binary"], threshold), False, {})
+    out = qz.quantized_retrieval(db, db_y, q, q_y, SIZES, settings(["binary"], threshold), searched(db, q))
     for d in SIZES:
         hamming = reference_binary(db, q, d, threshold)
         ids = np.argsort(hamming, axis=1, kind="stable")[:, :K]  # ties: the lower database index first
@@ -109,15 +115,20 @@ def test_binary_hamming_search_matches_popcount_and_ranks_ties_by_index(threshol
     assert not np.array_equal(reference_binary(db, q, 16, "zero"), reference_binary(db, q, 16, "mean"))
 
 
-def test_float32_rows_are_searched_or_taken_from_the_exact_search():
+def test_float32_rows_rank_by_the_shared_exact_search():
     db, db_y, q, q_y = data(2)
-    out = qz.quantized_retrieval(
-        db, db_y, q, q_y, [4, 16], settings(["int8"]), False, {16: {"map@7": 0.25, "1nn": 0.5}}
-    )
-    assert out["float32"][16] == {"bytes": 64, "map@7": 0.25, "1nn": 0.5}  # known: not searched again
-    cosine = unit_prefix(q, 4).astype(np.float64) @ unit_prefix(db, 4).T.astype(np.float64)
-    ids = np.argsort(-cosine, axis=1, kind="stable")[:, :K]
-    assert out["float32"][4] == pytest.approx({"bytes": 16, **reference_metrics(ids, db_y, q_y, K)})
+    asked = []
+
+    def neighbours(d: int, k: int) -> np.ndarray:
+        asked.append((d, k))
+        return searched(db, q)(d, k)
+
+    out = qz.quantized_retrieval(db, db_y, q, q_y, [4, 16], settings(["int8"]), neighbours)
+    assert asked == [(4, K), (16, K)]  # the float32 rows search nothing themselves
+    for d in (4, 16):
+        cosine = unit_prefix(q, d).astype(np.float64) @ unit_prefix(db, d).T.astype(np.float64)
+        ids = np.argsort(-cosine, axis=1, kind="stable")[:, :K]
+        assert out["float32"][d] == pytest.approx({"bytes": 4 * d, **reference_metrics(ids, db_y, q_y, K)})
 
 
 @pytest.mark.parametrize(
@@ -133,7 +144,7 @@ def test_float32_rows_are_searched_or_taken_from_the_exact_search():
 )
 def test_bad_settings_are_refused(formats, threshold, k, words):
     with pytest.raises(MRLError) as info:
-        qz.QuantizedSettings(tuple(formats), k, threshold, query_chunk=11, db_chunk=37)
+        qz.check_quantized({"quantized": {"formats": formats, "k": k, "binary_threshold": threshold}}, "")
     for word in words:
         assert word in str(info.value), str(info.value)
 
@@ -141,7 +152,7 @@ def test_bad_settings_are_refused(formats, threshold, k, words):
 def test_k_larger_than_the_database_is_refused():
     db, db_y, q, q_y = data()
     with pytest.raises(MRLError, match=r"fewer than quantized\.k=400"):
-        qz.quantized_retrieval(db, db_y, q, q_y, [4], settings(k=400), False, {})
+        qz.quantized_retrieval(db, db_y, q, q_y, [4], settings(k=400), searched(db, q))
 
 
 def test_outputs_show_every_format_and_size(tmp_path):

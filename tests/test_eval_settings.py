@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from mrl.config_path import config_dir
-from mrl.eval import evaluators, robustness
+from mrl.eval import context, evaluators, robustness
 from mrl.eval.context import EvalContext
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 
@@ -43,7 +43,6 @@ NOT_SETTINGS = {
     "baselines.pca_project.chunk",
     "baselines.posthoc_baselines.pca",
     "baseline_knn.posthoc_one_nn.pca",
-    "baseline_knn.posthoc_one_nn.known_slice_1nn",
     "knn.exact_search.transform",
     "knn.knn_predict.num_classes",  # not needed by the vote
     "context.EvalContext.__init__.sections",  # filled as the evaluators run
@@ -147,13 +146,14 @@ def _record(monkeypatch) -> dict[str, list[dict]]:
         "posthoc_one_nn",
         "quantized_retrieval",
     ):
-        real = getattr(evaluators, name)
+        module = context if name == "exact_search" else evaluators  # the context's shared search
+        real = getattr(module, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
             calls[_name].append(inspect.signature(_real).bind(*args, **kwargs).arguments)
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(evaluators, name, spy)
+        monkeypatch.setattr(module, name, spy)
     return calls
 
 
@@ -254,10 +254,18 @@ def test_evaluators_take_every_setting_from_conf_eval_yaml(monkeypatch):
     assert funnels["funnels"] == [(2, [4, 16], [30, 10]), (4, [8], [20])]
     assert calls["exact_search"][0]["k"] == 7  # max(knn.k, retrieval.ks)
     assert probes["svd_sizes"] == [4, 8] and probes["slice_sizes"] == [3, 4, 6, 8, 12]  # + interpolation
-    assert one_nn["known_slice_1nn"] == {d: v["1nn"] for d, v in sections["knn"].items()}
+    # one search per size, shared: the baselines' slices and the quantised float32 rows rank by the kNN
+    # and retrieval stage's, and only the untrained slice sizes are searched besides
+    assert sorted(c["d"] for c in calls["exact_search"]) == [2, 3, 4, 6, 8, 12, 16]
+    assert {d: sections["baselines"]["slice_1nn"][d] for d in (4, 8)} == {
+        d: sections["knn"][d]["1nn"] for d in (4, 8)
+    }
     # the quantised rows at every reported size; float32 from the kNN and retrieval stage's search
     assert quant["sizes"] == [2, 4, 8, 16] and set(sections["quantized"]) == {"float32", "binary"}
-    assert quant["known_float32"] == {
+    assert {
+        d: {k: v for k, v in row.items() if k != "bytes"}
+        for d, row in sections["quantized"]["float32"].items()
+    } == {
         d: {"map@5": sections["retrieval"][d]["map@5"], "1nn": sections["knn"][d]["1nn"]}
         for d in (2, 4, 8, 16)
     }
@@ -273,6 +281,8 @@ def test_evaluators_take_every_setting_from_conf_eval_yaml(monkeypatch):
         "baselines.interpolation",
         "baselines.knn",
         "baselines.models",
+        "robustness.restrict",  # judged in test_robustness_settings_reach_the_sets
+        "robustness.folders",
     }
     # a new setting of an evaluator's section must be added to one of the two lists above
     assert _evaluator_settings(cfg) == set(checked) | decided
@@ -331,8 +341,8 @@ def test_an_evaluator_sees_only_its_own_sections(monkeypatch):
 
 def test_robustness_settings_reach_the_sets(tiny_image_tree, tmp_path):
     """``robustness.restrict`` / ``robustness.folders`` and each set's own ``root``, ``restrict`` and
-    ``folders`` (conf/eval.yaml) reach the sets ``mrl-eval`` evaluates (run.py passes ``cfg.robustness``
-    to ``open_sets``)."""
+    ``folders`` (conf/eval.yaml) reach the sets ``mrl-eval`` evaluates (the robustness evaluator passes
+    its ``robustness`` section to ``open_sets``)."""
     from hydra.utils import instantiate
 
     val, numbered = tiny_image_tree / "val", tmp_path / "numbered"

@@ -203,7 +203,7 @@ def test_size_sampling_weighs_the_contrastive_losses_of_undrawn_sizes_by_zero(mo
 
 
 def test_depth_heads_beside_a_contrastive_objective_are_refused_before_training():
-    from mrl.config_checks import check_depth_with_objective
+    from mrl.models.checks import check_depth_with_objective
 
     with pytest.raises(MRLError, match=r"head\.depth_stages=\[1\] with objective=supcon"):
         check_depth_with_objective({"depth_stages": [1]}, {"kind": "supcon", "views": 2})
@@ -212,8 +212,8 @@ def test_depth_heads_beside_a_contrastive_objective_are_refused_before_training(
 
 
 def test_image_file_data_refuses_two_views_and_configs_refuse_mismatched_views(tiny_image_tree):
-    from mrl.config_checks import check_objective
     from mrl.data.image_folder import ImageFolderDataModule
+    from mrl.models.checks import check_objective
 
     dm = ImageFolderDataModule(root=str(tiny_image_tree), img_size=32)
     with pytest.raises(MRLError, match="Two views work with data=fashion_mnist"):

@@ -299,7 +299,8 @@ def _reported(sweep: Path, capsys) -> tuple[str, dict]:
 
 
 def test_mrl_report_after_mrl_eval_checks_the_claims_on_its_numbers(tmp_path, capsys):
-    """The README's order: train a sweep, mrl-eval each checkpoint, mrl-report. No false failure for 1-NN."""
+    """The order docs/evaluation.md shows: train a sweep, mrl-eval each checkpoint, mrl-report. No false
+    failure for 1-NN."""
     sweep = tmp_path / "train" / "multiruns" / "sweep"
     sizes = {1: 0.6, 2: 0.8, 4: 0.9}
     jobs = [

@@ -15,17 +15,16 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import BIN, wandb_inspect, wandb_run_dirs
-from mrl.config_checks import robustness_sets
 from mrl.config_path import config_dir
 from mrl.data.fashion_mnist import CLASSES as FASHION_CLASSES
-from mrl.data.image_folder import image_files_loader
+from mrl.data.image_folder import image_files
 from mrl.errors import MRLError
 from mrl.eval.linear import linear_accuracy
-from mrl.eval.robustness import class_labels, open_sets
-from mrl.eval.run import robustness_settings
+from mrl.eval.robustness import class_labels, open_sets, robustness_sets
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 from mrl.resolvers import register_resolvers
 
@@ -33,6 +32,11 @@ from mrl.resolvers import register_resolvers
 def settings(sets: dict, restrict: bool = True, folders: str = "names") -> dict:
     """conf/eval.yaml's ``robustness`` section with ``sets``."""
     return {"restrict": restrict, "folders": folders, "sets": sets}
+
+
+def configured(cfg) -> dict:
+    """The sets of an eval config, as the robustness evaluator reads them (its section, resolved)."""
+    return robustness_sets(OmegaConf.to_container(cfg.robustness, resolve=True), "")
 
 
 # ---- mapping by name, masking -----------------------------------------------------------------
@@ -96,7 +100,7 @@ def test_settings_forms_restrict_and_folders(tmp_path):
                 f"+robustness.sets.r={{root:{b},restrict:false,folders:indices}}",
             ],
         )
-    assert robustness_sets(robustness_settings(cfg), "") == sets
+    assert configured(cfg) == sets
 
 
 def test_set_roots_are_resolved(tmp_path, monkeypatch):
@@ -105,7 +109,7 @@ def test_set_roots_are_resolved(tmp_path, monkeypatch):
     monkeypatch.setenv("MRL_TEST_DATA", str(tmp_path))
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("eval", overrides=["ckpt_path=x", "+robustness.sets.v2=${oc.env:MRL_TEST_DATA}/v2"])
-    assert robustness_sets(robustness_settings(cfg), "")["v2"]["root"] == tmp_path / "v2"
+    assert configured(cfg)["v2"]["root"] == tmp_path / "v2"
 
 
 @pytest.mark.parametrize(
@@ -205,7 +209,7 @@ def test_image_files_become_the_eval_splits_own_model_inputs(tiny_image_tree, de
     )
     dm.setup()
     (s,) = open_sets(settings({"val": str(tiny_image_tree / "val")}), dm)
-    x, y = _inputs(dm, image_files_loader(dm, s.listing))
+    x, y = _inputs(dm, dm.loader(image_files(dm, s.listing)))
     x_ref, y_ref = _inputs(dm, dm.split_loader("val"))
     assert torch.equal(y, y_ref) and torch.equal(x, x_ref)
 
@@ -226,7 +230,7 @@ def test_rgb_files_for_a_grey_model_are_read_as_its_own_images(tiny_fashion_mnis
             rgb = Image.fromarray(image[0].numpy()).convert("RGB")
             rgb.resize((side, side), Image.Resampling.BICUBIC).save(folder / f"{i:03d}.png")
         (s,) = open_sets(settings(restrict=False, sets={"f": str(root)}), dm)
-        x, y = _inputs(dm, image_files_loader(dm, s.listing))
+        x, y = _inputs(dm, dm.loader(image_files(dm, s.listing)))
         files = [Path(p) for p, _ in s.listing.samples]
         # the plain way: grey pixels, antialiased down to 28 px, rounded to uint8, then the data's batch path
         grey = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("L"))) for f in files])
@@ -389,3 +393,52 @@ def test_eval_refuses_a_set_with_foreign_folders_before_any_work(trained_on_a_tr
         for word in words:
             assert word in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-2000:]
         assert not list(log_dir.rglob("*.npy")) and not list(log_dir.rglob("report.json"))
+
+
+@pytest.mark.slow
+def test_sets_are_exported_with_the_splits_in_one_pass_and_reused(
+    trained_on_a_tree, tmp_path, monkeypatch, caplog
+):
+    """In-process: the robustness evaluator's sets are exported with the splits (the model goes back to
+    the CPU once), its section comes from the registered loop, and a second call reuses every export."""
+    from mrl.eval import run
+
+    tree, ckpt = trained_on_a_tree
+    moves: list[str] = []
+    real_load = run.load_for_eval
+
+    def load(*args, **kwargs):
+        module, datamodule, train_cfg = real_load(*args, **kwargs)
+        to_cpu = module.cpu
+        module.cpu = lambda: moves.append("cpu") or to_cpu()
+        return module, datamodule, train_cfg
+
+    monkeypatch.setattr(run, "load_for_eval", load)
+    off = [
+        f"methods.{m}=false" for m in ("knn", "retrieval", "adaptive_classification", "adaptive_retrieval")
+    ]
+    off += ["methods.baselines=false", "methods.quantized=false"]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(
+            "eval",
+            overrides=[
+                f"ckpt_path={ckpt}",
+                f"paths.output_dir={tmp_path / 'out'}",
+                "logger=none",
+                "threads=1",
+                "export_model=false",
+                *off,
+                f"+robustness.sets.full={tree / 'val'}",
+            ],
+        )
+    (tmp_path / "out").mkdir()
+    first = run.evaluate(cfg)
+    assert moves == ["cpu"]
+    # the val split read as a set is the query split itself (no test/ folder): the same top-1
+    linear = {d: v["top1"] for d, v in first["linear"].items()}
+    assert first["robustness"]["full"]["top1"] == pytest.approx(linear, abs=1e-9)
+    caplog.set_level("INFO", logger="mrl.eval.embeddings")
+    again = run.evaluate(cfg)
+    assert again == first
+    reused = {r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("Reusing")}
+    assert reused == {"train", "test", "robustness_full"}

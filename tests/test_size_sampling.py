@@ -162,7 +162,7 @@ def test_the_draw_stays_on_the_gpu_without_a_sync():
     ],
 )
 def test_preflight_refuses_bad_sampling_and_depth_settings(head, expected):
-    from mrl.config_checks import check_head
+    from mrl.models.checks import check_head
 
     with pytest.raises(MRLError, match=re.escape(expected)):
         check_head(head)

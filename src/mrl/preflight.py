@@ -1,9 +1,11 @@
 """What ``mrl-train`` and ``mrl-eval`` check before they write anything or start work.
 
-:mod:`mrl.config_checks` judges single values; this module adds the checks that need a little more:
-building the optimizer and schedule on a stand-in parameter (so any setting their factories reject is
-refused now, not after the first epoch), composing ``evaluate=``'s mrl-eval config, and, once the model
-is built, the metric and size names that depend on its measured embedding size.
+Each feature's checks judge its single values (:mod:`mrl.training.checks` an ``mrl-train`` config's,
+:mod:`mrl.eval.checks` an ``mrl-eval`` config's, with the generic ones of :mod:`mrl.config_checks`);
+this module runs them and adds the checks that need a little more: building the optimizer and schedule
+on a stand-in parameter (so any setting their factories reject is refused now, not after the first
+epoch), composing ``evaluate=``'s mrl-eval config, and, once the model is built, the metric and size
+names that depend on its measured embedding size.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mrl import config_checks as checks
+from mrl.config_checks import check_known_keys
 from mrl.errors import MRLError
+from mrl.training.checks import check_optimized_metric, check_train_config, logged_stages
 
 
 def plain(cfg: Any) -> dict[str, Any]:
@@ -70,9 +73,9 @@ def check_run_config_file(path: Path) -> None:
 def check_train(cfg: DictConfig) -> None:
     """Every check of an ``mrl-train`` config that runs without data or model (seconds at most)."""
     config = plain(cfg)
-    checks.check_train_config(config)
+    check_train_config(config)
     data = config.get("data") or {}
-    checks.check_known_keys(data, "data", how="; settings added with +data.<key>=... must be ones it takes")
+    check_known_keys(data, "data", how="; settings added with +data.<key>=... must be ones it takes")
     check_views(config)
     probe_optimizer(config)
     if config.get("evaluate") is not None:
@@ -129,23 +132,20 @@ def probe_optimizer(config: dict[str, Any]) -> None:
 def check_evaluate(cfg: DictConfig) -> None:
     """``evaluate=``: mrl-eval's config for this job, composed and checked now rather than after training."""
     from mrl.eval.after_training import eval_config_after_training
+    from mrl.eval.checks import check_eval_config
 
     out = Path(str(OmegaConf.select(cfg, "paths.output_dir", default=".")))
     eval_cfg = plain(eval_config_after_training(cfg.evaluate, out / "checkpoint.ckpt", out, cfg))
-    checks.check_eval_config(eval_cfg, prefix="evaluate.")
+    check_eval_config(eval_cfg, prefix="evaluate.")
     data = plain(cfg).get("data") or {}
     extra = eval_cfg.get("data") or {}
-    checks.check_known_keys(
-        data, "evaluate.data", extra, how=" (evaluate.data is merged into the data config)"
-    )
+    check_known_keys(data, "evaluate.data", extra, how=" (evaluate.data is merged into the data config)")
 
 
 def check_built(cfg: DictConfig, nesting: list[int], has_top5: bool) -> None:
     """The checks that need the built model's sizes: ``optimized_metric`` and ``evaluate.sizes``."""
     config = plain(cfg)
-    checks.check_optimized_metric(
-        config.get("optimized_metric"), nesting, checks.logged_stages(config), has_top5
-    )
+    check_optimized_metric(config.get("optimized_metric"), nesting, logged_stages(config), has_top5)
     sizes = (config.get("evaluate") or {}).get("sizes") if isinstance(config.get("evaluate"), dict) else None
     bad = sorted({int(d) for d in sizes or []} - set(nesting))
     if bad:
@@ -159,8 +159,10 @@ def check_eval(cfg: DictConfig) -> None:
     """Every check of an ``mrl-eval`` config that runs before the checkpoint is read."""
     import torch
 
+    from mrl.eval.checks import check_eval_config
+
     config = plain(cfg)
-    checks.check_eval_config(config)
+    check_eval_config(config)
     device = str(config.get("device", "auto"))
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MRLError(f"device={device} but no CUDA GPU is available here; use device=cpu or device=auto.")

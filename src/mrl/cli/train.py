@@ -86,7 +86,7 @@ def run(cfg: DictConfig) -> float | None:
 def optimized_value(results: dict[str, float], metric: str | None) -> float | None:
     """The value a sweeper (Optuna) optimises; ``<stage>/acc@full`` names the largest trained size.
 
-    The name was checked before training (:func:`mrl.config_checks.check_optimized_metric`); the error
+    The name was checked before training (:func:`mrl.training.checks.check_optimized_metric`); the error
     below remains for metrics a run did not reach (for example no validation epoch ran)."""
     if not metric:
         return None

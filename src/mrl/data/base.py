@@ -148,9 +148,10 @@ class MRLDataModule(L.LightningDataModule):
     def image_file_transform(self) -> Callable[..., Any] | None:
         """What the evaluation loader makes of one image file: its bytes (a uint8 tensor, as torchvision's
         ``read_file`` gives them) -> the loader's image, so that files batched as the eval loader batches
-        (:func:`mrl.data.image_folder.image_files_loader`) become, through :meth:`model_inputs`, model
-        inputs preprocessed exactly like this data set's evaluation images. None: the loader hands over
-        the encoded bytes and :meth:`model_inputs` decodes them (``decode=gpu``)."""
+        (:func:`mrl.data.image_folder.image_files` through :meth:`loader`) become, through
+        :meth:`model_inputs`, model inputs preprocessed exactly like this data set's evaluation images.
+        None: the loader hands over the encoded bytes and :meth:`model_inputs` decodes them
+        (``decode=gpu``)."""
         raise MRLError(
             f"{type(self).__name__} serves generated tensors, not images read from files, so image files "
             "cannot be preprocessed the way its model saw its data. Evaluate image folders with a model "
@@ -161,19 +162,31 @@ class MRLDataModule(L.LightningDataModule):
         """Loader worker processes of this data set's loaders."""
         return self.num_workers
 
+    def _loader_options(self) -> dict[str, Any]:
+        """DataLoader arguments every loader of this data set takes beyond batch size and order: its
+        workers, and where a datamodule needs them prefetching and collation."""
+        return {"num_workers": self.loader_workers()}
+
     def _loader(self, split: str, train: bool, **options: Any) -> DataLoader:
         """The loader of ``split``; ``options`` override DataLoader arguments (workers, collate_fn)."""
         if split not in self.datasets:
             self.setup(None)
+        return self.loader(self.datasets[split], train, **options)
+
+    def loader(self, dataset: Dataset, train: bool = False, **options: Any) -> DataLoader:
+        """A loader over ``dataset`` with this data set's own options (batch size, workers, pinned memory,
+        prefetching, collation): its splits' loaders, and evaluation's over image sets beyond the splits
+        (:func:`mrl.data.image_folder.image_files`). ``train``: shuffled, as the training split is
+        served; else in order. ``options`` override DataLoader arguments."""
         # The training loader is stateful (torchdata): Lightning saves its position in every checkpoint
         # and restores it on resume, so a run resumed mid-epoch sees the batches an uninterrupted run
         # would. Its order never depends on the global RNG state: a seeded sampler on one process; under
         # DDP Lightning's DistributedSampler (seeded, set_epoch).
-        dataset = self.datasets[split]
         sampler = None
         if train and getattr(self.trainer, "world_size", 1) <= 1:
             sampler = EpochShuffleSampler(len(dataset), self.seed, self._epoch)
-        workers = int(options.pop("num_workers", self.num_workers))
+        options = {**self._loader_options(), **options}
+        workers = int(options.pop("num_workers"))
         return (StatefulDataLoader if train else DataLoader)(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,

@@ -8,17 +8,18 @@ millions of small files slowly. Both read encoded images through the same pipeli
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.io import read_file
 
 from mrl.data.base import MRLDataModule
-from mrl.data.encoded import EncodedImageDataModule, EncodedSample, collate_encoded
+from mrl.data.encoded import EncodedImageDataModule, EncodedSample
 from mrl.data.preprocess import ImageTransform, decode_reason
 from mrl.errors import MRLError
 
@@ -61,22 +62,28 @@ def unreadable_image(path: str | Path, err: BaseException) -> MRLError:
     )
 
 
-def list_image_folder(folder: Path) -> ImageFolder:
-    """torchvision's listing of a class-per-folder split, its errors told as what to fix."""
+def list_image_folder(folder: Path, refusal: Callable[[str | None], str] | None = None) -> ImageFolder:
+    """torchvision's listing of a class-per-folder tree (``folder/<class>/<image>``), its errors told as
+    what to fix: ``refusal(empty)`` says it (``empty``: the class folders without image files, None when
+    there are no class folders), by default as for a split of an ImageFolder data set."""
     try:
         return ImageFolder(str(folder), loader=read_file)
     except FileNotFoundError as err:
         text = str(err)
-        if "class folder" in text:
-            raise MRLError(
-                f"{folder} holds no class folders. Each split of an ImageFolder tree needs one folder of "
-                "images per class, the same class folders as train/ (root/<split>/<class>/<image>)."
-            ) from None
-        empty = text.split("classes ", 1)[-1].split(". Supported", 1)[0]
-        raise MRLError(
-            f"Class folder(s) {empty} in {folder} hold no image files ({', '.join(IMG_EXTENSIONS)}). Every "
-            "class needs images in every split: add images, or remove the class folder from every split."
-        ) from None
+        empty = None if "class folder" in text else text.split("classes ", 1)[-1].split(". Supported", 1)[0]
+        raise MRLError((refusal or partial(_split_refusal, folder))(empty)) from None
+
+
+def _split_refusal(folder: Path, empty: str | None) -> str:
+    if empty is None:
+        return (
+            f"{folder} holds no class folders. Each split of an ImageFolder tree needs one folder of "
+            "images per class, the same class folders as train/ (root/<split>/<class>/<image>)."
+        )
+    return (
+        f"Class folder(s) {empty} in {folder} hold no image files ({', '.join(IMG_EXTENSIONS)}). Every "
+        "class needs images in every split: add images, or remove the class folder from every split."
+    )
 
 
 class ImageFolderDataModule(EncodedImageDataModule):
@@ -139,22 +146,11 @@ class ImageFolderDataModule(EncodedImageDataModule):
             datasets[split] = EncodedImageFolder(listing, transform)
         self.datasets = datasets
 
-    def _loader(self, split: str, train: bool) -> torch.utils.data.DataLoader:
-        return super()._loader(split, train, **self._loader_options())
 
-
-def image_files_loader(datamodule: MRLDataModule, listing: ImageFolder) -> DataLoader:
-    """A loader over the files of ``listing`` (its targets: ``datamodule``'s labels) whose batches
-    ``datamodule.model_inputs`` turns into model inputs exactly as it turns its evaluation split's: the
+def image_files(datamodule: MRLDataModule, listing: ImageFolder) -> EncodedImageFolder:
+    """The files of ``listing`` (its targets: ``datamodule``'s labels) as items that
+    ``datamodule``'s evaluation loader (:meth:`~mrl.data.base.MRLDataModule.loader`) and
+    ``datamodule.model_inputs`` turn into model inputs exactly as they turn its evaluation split's: the
     same per-image half (:meth:`~mrl.data.base.MRLDataModule.image_file_transform`), batch size and
-    collation. Unshuffled, so its items come in the listing's order."""
-    transform = datamodule.image_file_transform()
-    workers = datamodule.loader_workers()
-    return DataLoader(
-        EncodedImageFolder(listing, transform),
-        batch_size=datamodule.eval_batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=collate_encoded if transform is None else None,
-        persistent_workers=False,
-    )
+    collation."""
+    return EncodedImageFolder(listing, datamodule.image_file_transform())

@@ -118,23 +118,23 @@ class CropSpec:
 
 def decode_rgb(data: torch.Tensor | bytes | np.ndarray) -> torch.Tensor:
     """Encoded image bytes (JPEG, PNG, ...) -> ``uint8 (3, H, W)`` RGB (grey and CMYK converted)."""
+    return decode_channels(data, 3)
+
+
+# how torchvision's decoder reads an image for a model of 1 (grey: colour converted to luminance) or 3
+# channels (RGB: grey and CMYK converted)
+READ_MODES = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}
+
+
+def decode_channels(data: torch.Tensor | bytes | np.ndarray, in_chans: int) -> torch.Tensor:
+    """Encoded image bytes -> ``uint8 (in_chans, H, W)``: RGB, or for a 1-channel model grey."""
+    if in_chans not in READ_MODES:
+        raise MRLError(f"Image files are read as grey or RGB images (1 or 3 channels), not {in_chans}.")
     if isinstance(data, bytes | bytearray | memoryview):
         data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     elif isinstance(data, np.ndarray):
         data = torch.from_numpy(data)
-    return decode_image(data, mode=ImageReadMode.RGB)
-
-
-def decode_channels(data: torch.Tensor | bytes | np.ndarray, in_chans: int) -> torch.Tensor:
-    """Encoded image bytes -> ``uint8 (in_chans, H, W)``: RGB (:func:`decode_rgb`) or, for a 1-channel
-    model, grey (colour converted to luminance by the decoder)."""
-    if in_chans == 3:
-        return decode_rgb(data)
-    if in_chans != 1:
-        raise MRLError(f"Image files are read as grey or RGB images (1 or 3 channels), not {in_chans}.")
-    if isinstance(data, bytes | bytearray | memoryview | np.ndarray):
-        data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return decode_image(data, mode=ImageReadMode.GRAY)
+    return decode_image(data, mode=READ_MODES[in_chans])
 
 
 def decode_reason(err: BaseException) -> str:

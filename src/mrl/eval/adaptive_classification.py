@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mrl.config_checks import Node, is_int, is_number, mapping, positive_int, require
+
 
 def cascade(conf: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
     """Index of the size that answers each query: the first ``g`` with ``conf[g] > thresholds[g]``.
@@ -105,3 +107,34 @@ def adaptive_classification(
         entry["thresholds"] = [float(v) for v in np.mean(ths, axis=0)] if ths[0] else []
         curve.append(entry)
     return curve
+
+
+def check_adaptive_classification(cfg: Node, p: str) -> None:
+    """``adaptive_classification`` of an mrl-eval config (``p``: the key prefix, ``evaluate.`` under
+    mrl-train's ``evaluate=``)."""
+    q = f"{p}adaptive_classification."
+    ac = mapping(cfg.get("adaptive_classification"), f"{p}adaptive_classification", "{}")
+    targets = ac.get("targets")
+    if targets is not None:
+        ok = (
+            isinstance(targets, list | tuple)
+            and bool(targets)
+            and all(is_number(t) and 0 < t <= 1 for t in targets)
+        )
+        require(
+            ok, f"{q}targets", targets, "a list of accuracies in (0, 1] (or null)", f"{q}targets=[0.8,0.9]"
+        )
+    positive_int(ac, "num_targets", q, f"{q}num_targets=10")
+    positive_int(ac, "num_splits", q, f"{q}num_splits=5")
+    if "grid_size" in ac:
+        value = ac["grid_size"]
+        require(is_int(value) and value >= 2, f"{q}grid_size", value, "an integer >= 2", f"{q}grid_size=101")
+    if "calibration_fraction" in ac:
+        value = ac["calibration_fraction"]
+        require(
+            is_number(value) and 0 < value < 1,
+            f"{q}calibration_fraction",
+            value,
+            "a fraction strictly between 0 and 1",
+            f"{q}calibration_fraction=0.5",
+        )

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from mrl.config_checks import FULL, Node, boolean, int_list, is_int, mapping, positive_int, require
+from mrl.errors import MRLError
 from mrl.eval.knn import exact_search, normalized_prefix
 from mrl.eval.progress import Progress
 from mrl.eval.retrieval import retrieval_metrics
@@ -277,3 +279,38 @@ def _funnel_row(funnel: Funnel, index: str, num_database: int, seconds_per_query
         "mflops_per_query": funnel_mflops(num_database, shortlist_size, rerank_sizes, shortlists),
         "seconds_per_query": seconds_per_query,
     }
+
+
+def check_adaptive_retrieval(cfg: Node, p: str) -> None:
+    """``adaptive_retrieval`` of an mrl-eval config (``p``: the key prefix, ``evaluate.`` under
+    mrl-train's ``evaluate=``)."""
+    q = f"{p}adaptive_retrieval."
+    ar = mapping(cfg.get("adaptive_retrieval"), f"{p}adaptive_retrieval", "{}")
+    funnel = ar.get("funnel")
+    if funnel:
+        funnel = mapping(funnel, f"{q}funnel", f"{q}funnel.shortlist_size=8")
+        positive_int(funnel, "shortlist_size", f"{q}funnel.", f"{q}funnel.shortlist_size=8")
+        int_list(
+            funnel, "rerank_sizes", f"{q}funnel.", f"{q}funnel.rerank_sizes=[16,32,full]", allow_full=True
+        )
+        int_list(funnel, "shortlists", f"{q}funnel.", f"{q}funnel.shortlists=[200,100,10]")
+        rerank, shortlists = funnel.get("rerank_sizes") or [], funnel.get("shortlists") or []
+        if len(rerank) != len(shortlists):
+            raise MRLError(
+                f"{q}funnel.rerank_sizes has {len(rerank)} entries but {q}funnel.shortlists has "
+                f"{len(shortlists)}: give one shortlist length per rerank size."
+            )
+    int_list(ar, "shortlist_sizes", q, f"{q}shortlist_sizes=[8,16,32]")
+    positive_int(ar, "shortlist_k", q, f"{q}shortlist_k=200")
+    if "rerank_size" in ar:
+        value = ar["rerank_size"]
+        require(
+            (is_int(value) and value > 0) or value == FULL,
+            f"{q}rerank_size",
+            value,
+            "a size or 'full'",
+            f"{q}rerank_size=full",
+        )
+    boolean(ar, "hnsw", q)
+    for key in ("hnsw_m", "hnsw_ef_search", "hnsw_ef_construction"):
+        positive_int(ar, key, q, f"{q}{key}=40")

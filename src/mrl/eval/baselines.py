@@ -18,6 +18,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from mrl.config_checks import Node, boolean, int_list, mapping, one_of, positive_int
 from mrl.eval.knn import CHUNK_BYTES
 from mrl.eval.progress import Progress
 
@@ -126,3 +127,16 @@ def posthoc_baselines(
         out["slice"][int(d)] = linear_probe(train_x[:, :d], train_y, test_x[:, :d], query_labels, max_iter)
         progress.step(f"slice d={d}")
     return out
+
+
+def check_baselines(cfg: Node, p: str) -> None:
+    """``baselines`` of an mrl-eval config (``p``: the key prefix, ``evaluate.`` under mrl-train's
+    ``evaluate=``)."""
+    baselines = mapping(cfg.get("baselines"), f"{p}baselines", f"{p}baselines.svd=true")
+    one_of(baselines, "models", f"{p}baselines.", ("all", "standard"))
+    one_of(baselines, "knn", f"{p}baselines.", (True, False, "auto"))
+    for key in ("svd", "interpolation"):
+        boolean(baselines, key, f"{p}baselines.")
+    int_list(baselines, "sizes", f"{p}baselines.", f"{p}baselines.sizes=[8,16,32]")
+    positive_int(baselines, "max_train", f"{p}baselines.", f"{p}baselines.max_train=5000")
+    positive_int(baselines, "max_iter", f"{p}baselines.", f"{p}baselines.max_iter=100")

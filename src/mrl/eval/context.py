@@ -1,5 +1,6 @@
-"""What every evaluator reads: the exported embeddings and labels, the trained head and sizes, where to
-compute, chunk sizes, seed, and the report sections of the evaluators that ran before it."""
+"""What every evaluator reads: the exported embeddings and labels (of the splits and of any query sets
+beyond them), the trained head and sizes, where to compute, chunk sizes, seed, the neighbours of each
+size (searched once, shared) and the report sections of the evaluators that ran before it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torch.utils.data import Dataset
 
+from mrl.eval.knn import exact_search
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 
 
@@ -25,6 +28,32 @@ class Chunks:
     @classmethod
     def from_config(cls, chunks: DictConfig) -> Chunks:
         return cls(int(chunks.query), int(chunks.database), int(chunks.rerank), int(chunks.head))
+
+
+def methods_on(cfg: DictConfig) -> frozenset[str]:
+    """The ``methods.<name>`` of an evaluation config that are on."""
+    return frozenset(name for name, on in cfg.methods.items() if on)
+
+
+@dataclass(frozen=True)
+class QuerySet:
+    """A set of queries beyond the data's splits that an evaluator needs embedded (a robustness set).
+    Opened, and refused, before any embedding is computed, then exported with the splits as
+    ``<evaluator>_<name>_embeddings.npy`` and reused while the checkpoint and ``identity`` are unchanged."""
+
+    name: str
+    dataset: Dataset  # its items, as the datamodule's evaluation loader batches them
+    identity: dict[str, str]  # what identifies its items beyond the checkpoint (root, files and labels)
+    spec: Any  # what its evaluator reads back (a robustness set's root, covered classes, restriction)
+
+
+@dataclass(frozen=True)
+class EmbeddedSet:
+    """A query set's exported embeddings ``(N, D)`` and labels ``(N,)``."""
+
+    set: QuerySet
+    embeddings: np.ndarray
+    labels: np.ndarray
 
 
 @dataclass
@@ -43,8 +72,13 @@ class EvalContext:
     chunks: Chunks
     seed: int
     methods: frozenset[str]  # the methods.<name> that are on
-    # report sections of the evaluators that already ran (the kNN stage's 1-NN for the baselines)
+    # report sections of the evaluators that already ran
     sections: dict[str, Any] = field(default_factory=dict)
+    # the query sets beyond the splits, by the evaluator that asked for them (exported with the splits,
+    # before any evaluator runs)
+    query_sets: dict[str, list[EmbeddedSet]] = field(init=False, default_factory=dict)
+    # each size's neighbour ids (queries x k, best first), searched on first use
+    _neighbour_ids: dict[int, np.ndarray] = field(init=False, default_factory=dict, repr=False)
 
     @classmethod
     def from_config(
@@ -71,7 +105,7 @@ class EvalContext:
             device=device,
             chunks=Chunks.from_config(cfg.chunks),
             seed=int(cfg.seed),
-            methods=frozenset(name for name, on in cfg.methods.items() if on),
+            methods=methods_on(cfg),
         )
 
     @property
@@ -81,3 +115,18 @@ class EvalContext:
     @property
     def num_classes(self) -> int:
         return self.head.num_classes
+
+    def neighbours(self, d: int, k: int) -> np.ndarray:
+        """Ids ``(Q, k)`` of each query's ``k`` nearest database items by the size-``d`` prefixes, best
+        first: one exact search per size (:func:`~mrl.eval.knn.exact_search`, on the GPU when the
+        evaluation runs on one), shared by every evaluator that ranks by it (kNN, retrieval, the
+        baselines' 1-NN, quantised retrieval's float32 rows). A size is searched again only for more
+        neighbours than its search kept, and the deeper search is kept instead."""
+        k = min(int(k), len(self.database))
+        ids = self._neighbour_ids.get(d)
+        if ids is None or ids.shape[1] < k:
+            use_gpu = None if self.device.type == "cuda" else False  # None: a GPU index when faiss has GPUs
+            chunks = (self.chunks.query, self.chunks.database)
+            ids = exact_search(self.database, self.queries, d, k, *chunks, use_gpu)[1]
+            self._neighbour_ids[d] = ids
+        return ids[:, :k]

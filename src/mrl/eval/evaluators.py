@@ -3,7 +3,10 @@
 An evaluator reads the shared :class:`~mrl.eval.context.EvalContext` and ``settings``, the sections of
 conf/eval.yaml it names (nothing else of the config reaches it), and returns its ``report.json``
 section(s). Every setting comes from conf/eval.yaml: nothing here or in the functions it calls has a
-default of its own.
+default of its own. Each evaluator also names the pre-flight checks of its sections (they live beside
+it, :func:`mrl.eval.checks.check_eval_config` runs them) and, where it evaluates more than the query
+split, the query sets it needs embedded (opened before any embedding is computed and exported with the
+splits: :func:`open_query_sets`).
 """
 
 from __future__ import annotations
@@ -14,17 +17,24 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mrl.config_checks import check_quantized
+from mrl.config_checks import Node
 from mrl.errors import MRLError
-from mrl.eval.adaptive_classification import adaptive_classification
-from mrl.eval.adaptive_retrieval import Funnel, FunnelSettings, adaptive_retrieval, exact_retrieval
+from mrl.eval import robustness
+from mrl.eval.adaptive_classification import adaptive_classification, check_adaptive_classification
+from mrl.eval.adaptive_retrieval import (
+    Funnel,
+    FunnelSettings,
+    adaptive_retrieval,
+    check_adaptive_retrieval,
+    exact_retrieval,
+)
 from mrl.eval.baseline_knn import posthoc_one_nn
-from mrl.eval.baselines import interpolation_sizes, pca_fit, posthoc_baselines
-from mrl.eval.context import EvalContext
-from mrl.eval.knn import exact_search, knn_accuracy
+from mrl.eval.baselines import check_baselines, interpolation_sizes, pca_fit, posthoc_baselines
+from mrl.eval.context import EvalContext, QuerySet, methods_on
+from mrl.eval.knn import check_knn, knn_accuracy
 from mrl.eval.linear import linear_accuracy, max_softmax_predictions
-from mrl.eval.quantized import QuantizedSettings, quantized_retrieval
-from mrl.eval.retrieval import retrieval_metrics
+from mrl.eval.quantized import QuantizedSettings, check_quantized, quantized_retrieval
+from mrl.eval.retrieval import check_retrieval, retrieval_metrics
 from mrl.nn.nesting import default_nesting
 
 # Funnels and exact search are reported by mAP@10 and top-1, as in the paper (report.json's row keys).
@@ -37,9 +47,17 @@ class Evaluator:
     """One stage of the evaluation: ``run(context, settings)`` returns its report sections."""
 
     name: str  # the stage in the log ("<name> done in ...") and the "seconds:" line
-    methods: tuple[str, ...]  # runs when any of these methods.<name> is on
+    # runs when any of these methods.<name> is on; none: always (its settings say what there is to do)
+    methods: tuple[str, ...]
     settings: tuple[str, ...]  # the conf/eval.yaml sections it reads
+    # the pre-flight checks of those sections, each (plain config, key prefix) -> raises MRLError
+    checks: tuple[Callable[[Node, str], None], ...]
     run: Callable[[EvalContext, DictConfig], dict[str, Any]]
+    # the query sets beyond the splits it evaluates, opened from (settings, datamodule); None: none
+    query_sets: Callable[[DictConfig, Any], list[QuerySet]] | None
+
+    def is_on(self, methods: frozenset[str]) -> bool:
+        return not self.methods or bool(methods.intersection(self.methods))
 
 
 def measure_linear(ctx: EvalContext, settings: DictConfig) -> dict[str, Any]:
@@ -58,13 +76,9 @@ def measure_knn_and_retrieval(ctx: EvalContext, settings: DictConfig) -> dict[st
             f"The database has {len(ctx.database)} items, fewer than the k={kmax} asked for; lower the k "
             "values."
         )
-    use_gpu = None if ctx.device.type == "cuda" else False  # None: a GPU index when faiss has GPUs
     knn, retrieval = {}, {}
     for d in ctx.sizes:
-        _, ids = exact_search(
-            ctx.database, ctx.queries, d, kmax, ctx.chunks.query, ctx.chunks.database, use_gpu
-        )
-        neighbor_labels = ctx.db_labels[ids]
+        neighbor_labels = ctx.db_labels[ctx.neighbours(d, kmax)]
         if "knn" in ctx.methods:
             knn[d] = {
                 "1nn": knn_accuracy(neighbor_labels, ctx.query_labels, 1, ctx.num_classes),
@@ -134,17 +148,9 @@ def measure_baselines(ctx: EvalContext, settings: DictConfig) -> dict[str, Any]:
         *data, svd_sizes, slice_sizes, int(bc.max_train), int(bc.max_iter), ctx.seed, pca=pca
     )
     if baselines_one_nn(bc.knn, ctx.kind):
-        # a truncation's 1-NN at a reported size is the kNN stage's 1-NN: the same search
-        known = {d: v["1nn"] for d, v in ctx.sections.get("knn", {}).items()}
-        out |= posthoc_one_nn(
-            *data,
-            svd_sizes,
-            slice_sizes,
-            ctx.chunks.query,
-            ctx.chunks.database,
-            pca=pca,
-            known_slice_1nn=known,
-        )
+        # a truncation's 1-NN ranks by the prefixes' shared search (the kNN stage's at a reported size)
+        chunks = (ctx.chunks.query, ctx.chunks.database)
+        out |= posthoc_one_nn(*data, svd_sizes, slice_sizes, *chunks, ctx.neighbours, pca=pca)
     return {"baselines": out}
 
 
@@ -158,16 +164,17 @@ def measure_quantized(ctx: EvalContext, settings: DictConfig) -> dict[str, Any]:
         query_chunk=ctx.chunks.query,
         db_chunk=ctx.chunks.database,
     )
-    # the float32 rows are the knn+retrieval stage's exact search where it measured map@k and 1-NN
-    knn, ret = ctx.sections.get("knn", {}), ctx.sections.get("retrieval", {})
-    known = {
-        d: {f"map@{qs.k}": ret[d][f"map@{qs.k}"], "1nn": knn[d]["1nn"]}
-        for d in ctx.sizes
-        if d in knn and f"map@{qs.k}" in ret.get(d, {})
-    }
-    use_gpu = None if ctx.device.type == "cuda" else False
+    # the float32 rows rank by the prefixes' shared search (the knn+retrieval stage's)
     data = (ctx.database, ctx.db_labels, ctx.queries, ctx.query_labels)
-    return {"quantized": quantized_retrieval(*data, ctx.sizes, qs, use_gpu, known)}
+    return {"quantized": quantized_retrieval(*data, ctx.sizes, qs, ctx.neighbours)}
+
+
+def measure_robustness(ctx: EvalContext, settings: DictConfig) -> dict[str, Any]:
+    """``robustness``: the linear top-1 of every robustness set (its query sets) at each reported size."""
+    sets = ctx.query_sets.get("robustness")
+    if not sets:
+        return {}
+    return {"robustness": robustness.robustness_section(ctx.head, sets, ctx.sizes, ctx.chunks.head)}
 
 
 def _baseline_sizes(ctx: EvalContext, sizes: Any) -> list[int]:
@@ -180,21 +187,60 @@ def _baseline_sizes(ctx: EvalContext, sizes: Any) -> list[int]:
 
 
 EVALUATORS: tuple[Evaluator, ...] = (
-    Evaluator("linear", ("linear",), (), measure_linear),
-    Evaluator("knn+retrieval", ("knn", "retrieval"), ("knn", "retrieval"), measure_knn_and_retrieval),
+    Evaluator("linear", ("linear",), (), (), measure_linear, None),
+    Evaluator(
+        "knn+retrieval",
+        ("knn", "retrieval"),
+        ("knn", "retrieval"),
+        (check_knn, check_retrieval),
+        measure_knn_and_retrieval,
+        None,
+    ),
     Evaluator(
         "adaptive_classification",
         ("adaptive_classification",),
         ("adaptive_classification",),
+        (check_adaptive_classification,),
         measure_adaptive_classification,
+        None,
     ),
     Evaluator(
-        "adaptive_retrieval", ("adaptive_retrieval",), ("adaptive_retrieval",), measure_adaptive_retrieval
+        "adaptive_retrieval",
+        ("adaptive_retrieval",),
+        ("adaptive_retrieval",),
+        (check_adaptive_retrieval,),
+        measure_adaptive_retrieval,
+        None,
     ),
-    # after knn+retrieval: its 1-NN at the reported sizes is reused
-    Evaluator("baselines", ("baselines",), ("baselines",), measure_baselines),
-    Evaluator("quantized", ("quantized",), ("quantized",), measure_quantized),
+    # after knn+retrieval: the searches it shares through the context are already there
+    Evaluator("baselines", ("baselines",), ("baselines",), (check_baselines,), measure_baselines, None),
+    Evaluator("quantized", ("quantized",), ("quantized",), (check_quantized,), measure_quantized, None),
+    # no method switch: it evaluates the sets robustness.sets names (none by default)
+    Evaluator(
+        "robustness",
+        (),
+        ("robustness",),
+        (robustness.check_robustness,),
+        measure_robustness,
+        robustness.query_sets,
+    ),
 )
+
+
+def _settings(cfg: DictConfig, evaluator: Evaluator) -> DictConfig:
+    return OmegaConf.masked_copy(cfg, list(evaluator.settings))
+
+
+def open_query_sets(cfg: DictConfig, datamodule) -> dict[str, list[QuerySet]]:
+    """The query sets beyond the splits that the evaluators that are on need embedded, by evaluator,
+    each opened from its own sections of ``cfg`` (every refusal of a set comes here, before any
+    embedding is computed)."""
+    methods = methods_on(cfg)
+    return {
+        e.name: e.query_sets(_settings(cfg, e), datamodule)
+        for e in EVALUATORS
+        if e.query_sets is not None and e.is_on(methods)
+    }
 
 
 def run_evaluators(ctx: EvalContext, cfg: DictConfig, done: Callable[[str], None]) -> dict[str, Any]:
@@ -202,9 +248,8 @@ def run_evaluators(ctx: EvalContext, cfg: DictConfig, done: Callable[[str], None
     ``done(name)`` after each stage (also a skipped one, so the stage timings keep every name). Returns
     the report sections (``ctx.sections``)."""
     for evaluator in EVALUATORS:
-        if ctx.methods.intersection(evaluator.methods):
-            settings = OmegaConf.masked_copy(cfg, list(evaluator.settings))
-            ctx.sections.update(evaluator.run(ctx, settings))
+        if evaluator.is_on(ctx.methods):
+            ctx.sections.update(evaluator.run(ctx, _settings(cfg, evaluator)))
         done(evaluator.name)
     return ctx.sections
 
@@ -230,17 +275,6 @@ def funnel_configs(ar: DictConfig, embed_dim: int) -> list[Funnel]:
         if int(ds) < rerank <= embed_dim:
             funnels.append((int(ds), [rerank], [int(ar.shortlist_k)]))
     return funnels
-
-
-def check_settings(cfg: DictConfig) -> None:
-    """The evaluators' options the code branches on, checked before any work (the CLI's pre-flight
-    checks them too; this keeps ``evaluate(cfg)`` as strict)."""
-    if cfg.baselines.models not in ("all", "standard"):
-        raise MRLError(f"baselines.models must be all or standard, got {cfg.baselines.models!r}.")
-    if cfg.baselines.knn not in (True, False, "auto"):
-        raise MRLError(f"baselines.knn must be true, false or auto, got {cfg.baselines.knn!r}.")
-    if cfg.methods.get("quantized"):
-        check_quantized(OmegaConf.to_container(cfg.quantized, resolve=True), "")
 
 
 def baselines_one_nn(setting: bool | str, kind: str | None) -> bool:

@@ -14,12 +14,16 @@ from collections.abc import Callable
 import faiss
 import numpy as np
 
+from mrl.config_checks import Node, mapping, positive_int
 from mrl.eval.progress import Progress
 
 # Largest float32 database chunk normalised at once (32 MiB): the chunk is the search's only working
 # copy of the database; faiss computes in 4096 x 1024 tiles anyway, and each extra chunk only adds a
 # (queries x 2k) merge.
 CHUNK_BYTES = 32 << 20
+# The nearest neighbours of the size-d prefixes, as the evaluators share them: (d, k) -> ids (Q, k), best
+# first (EvalContext.neighbours, one exact search per size).
+Neighbours = Callable[[int, int], np.ndarray]
 
 
 def normalized_prefix(x: np.ndarray, d: int) -> np.ndarray:
@@ -129,3 +133,9 @@ def knn_predict(neighbor_labels: np.ndarray, k: int, num_classes: int | None = N
 def knn_accuracy(neighbor_labels: np.ndarray, query_labels: np.ndarray, k: int, num_classes: int) -> float:
     """Fraction of queries whose k-NN majority vote is their label."""
     return float(np.mean(knn_predict(neighbor_labels, k, num_classes) == query_labels))
+
+
+def check_knn(cfg: Node, p: str) -> None:
+    """``knn`` of an mrl-eval config (``p``: the key prefix, ``evaluate.`` under mrl-train)."""
+    knn = mapping(cfg.get("knn"), f"{p}knn", f"{p}knn.k=10")
+    positive_int(knn, "k", f"{p}knn.", f"{p}knn.k=10")

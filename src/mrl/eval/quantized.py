@@ -29,19 +29,22 @@ thing whose size is reported, are held whole; queries are searched in chunks as 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
 
-from mrl.config_checks import check_quantized
+from mrl.config_checks import Node, mapping, one_of, positive_int, require
 from mrl.errors import MRLError
-from mrl.eval.knn import chunk_rows, exact_search, knn_accuracy, normalized_prefix
+from mrl.eval.knn import Neighbours, chunk_rows, knn_accuracy, normalized_prefix
 from mrl.eval.progress import Progress
 from mrl.eval.retrieval import retrieval_metrics
 
 FLOAT32 = "float32"  # the reference rows: the exact search of mrl.eval.knn, 4 bytes per feature
+# the quantised storage formats and binary thresholds (conf/eval.yaml quantized.formats, binary_threshold)
+QUANTIZED_FORMATS = ("int8", "binary")
+BINARY_THRESHOLDS = ("zero", "mean")
 
 
 @dataclass(frozen=True)
@@ -54,9 +57,25 @@ class QuantizedSettings:
     query_chunk: int
     db_chunk: int
 
-    def __post_init__(self) -> None:
-        settings = {"formats": list(self.formats), "k": self.k, "binary_threshold": self.binary_threshold}
-        check_quantized(settings, "")  # the pre-flight's checks, for callers that skip the CLI
+
+def check_quantized(cfg: Node, p: str) -> None:
+    """``quantized`` of an mrl-eval config (``p``: the key prefix, ``evaluate.`` under mrl-train's
+    ``evaluate=``): distinct known formats (float32 is always the reference), k, binary threshold."""
+    q = f"{p}quantized."
+    qc = mapping(cfg.get("quantized"), f"{p}quantized", f"{q}k=10")
+    if "formats" in qc:
+        value = qc["formats"]
+        ok = isinstance(value, list | tuple) and bool(value) and len(set(map(str, value))) == len(value)
+        require(
+            ok and all(v in QUANTIZED_FORMATS for v in value),
+            f"{q}formats",
+            value,
+            f"a list of distinct formats among {', '.join(QUANTIZED_FORMATS)} (float32 is always measured "
+            f"as the reference; methods.quantized=false turns the measurement off)",
+            f"{q}formats=[int8,binary]",
+        )
+    positive_int(qc, "k", q, f"{q}k=10")
+    one_of(qc, "binary_threshold", q, BINARY_THRESHOLDS)
 
 
 @dataclass(frozen=True)
@@ -164,13 +183,11 @@ def quantized_retrieval(
     query_labels: np.ndarray,
     sizes: Sequence[int],
     settings: QuantizedSettings,
-    use_gpu: bool | None,
-    known_float32: Mapping[int, Mapping[str, float]],
+    neighbours: Neighbours,
 ) -> dict[str, dict[int, dict[str, float]]]:
     """``{format: {d: {"bytes", "map@k", "1nn"}}}`` for float32 and every format of ``settings``.
 
-    ``known_float32``: the float32 ``map@k`` and ``1nn`` already measured (the retrieval and kNN
-    sections' exact search); the other sizes are searched here (``use_gpu`` as ``exact_search``).
+    The float32 rows rank by ``neighbours``, the exact search the kNN and retrieval sections share.
     """
     k = settings.k
     if k > len(database):
@@ -180,10 +197,7 @@ def quantized_retrieval(
     out: dict[str, dict[int, dict[str, float]]] = {FLOAT32: {}, **{f: {} for f in settings.formats}}
     progress = Progress("quantized searches", len(sizes) * len(settings.formats))
     for d in sizes:
-        row = known_float32.get(d)
-        if row is None:
-            ids = exact_search(database, queries, d, k, settings.query_chunk, settings.db_chunk, use_gpu)[1]
-            row = ranking_metrics(ids, db_labels, query_labels, k)
+        row = ranking_metrics(neighbours(d, k), db_labels, query_labels, k)
         out[FLOAT32][d] = {"bytes": 4 * d, f"map@{k}": row[f"map@{k}"], "1nn": row["1nn"]}
         # the calibration pass only where a format uses it (int8's ranges, binary's mean threshold)
         stats = prefix_stats(database, d, settings.db_chunk) if needs_stats(settings) else None

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mrl.config_checks import Node, int_list, mapping
+
 
 def retrieval_metrics(
     neighbor_labels: np.ndarray,
@@ -43,3 +45,9 @@ def retrieval_metrics(
         out[f"recall@{k}"] = float((hits / relevant).mean())
         out[f"hit@{k}"] = float((hits > 0).mean())
     return out
+
+
+def check_retrieval(cfg: Node, p: str) -> None:
+    """``retrieval`` of an mrl-eval config (``p``: the key prefix, ``evaluate.`` under mrl-train)."""
+    retrieval = mapping(cfg.get("retrieval"), f"{p}retrieval", f"{p}retrieval.ks=[10,100]")
+    int_list(retrieval, "ks", f"{p}retrieval.", f"{p}retrieval.ks=[10,25,50,100]")

@@ -4,32 +4,31 @@ classified by the trained Matryoshka heads at every size.
 A set's class folders are mapped onto the training labels by name (``datamodule.classes``), never by
 their sorted order, so a set may cover any subset of the classes in any order. When it covers a subset
 (ImageNet-A and -R: 200 of the 1000 WNIDs) and ``restrict`` is on, the argmax runs over the covered
-classes' logits only, as the paper's code masks ImageNet-A/R. The images go through the checkpoint's own
-evaluation preprocessing (:func:`mrl.data.image_folder.image_files_loader`), their embeddings are
-exported beside the splits' (``robustness_<name>_embeddings.npy``) and reused the same way.
+classes' logits only, as the paper's code masks ImageNet-A/R. The sets are the robustness evaluator's
+query sets (:func:`query_sets`): opened before any embedding is computed, their images read through the
+checkpoint's own evaluation preprocessing (:func:`mrl.data.image_folder.image_files`) and exported with
+the splits (``robustness_<name>_embeddings.npy``), reused the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+from omegaconf import DictConfig, OmegaConf
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.io import read_file
 
-from mrl.config_checks import robustness_sets
-from mrl.data.image_folder import image_files_loader
+from mrl.config_checks import Node, boolean, mapping, one_of, require
+from mrl.data.image_folder import image_files, list_image_folder
 from mrl.errors import MRLError
-from mrl.eval.embeddings import export_loader
+from mrl.eval.context import EmbeddedSet, QuerySet
 from mrl.eval.linear import linear_accuracy
-from mrl.eval.model import fingerprint
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 
 log = logging.getLogger(__name__)
@@ -44,15 +43,6 @@ class RobustnessSet:
     listing: ImageFolder  # its image files; targets (and samples' labels) are the training labels
     covered: tuple[int, ...]  # the training labels of its class folders, ascending
     restrict: bool  # argmax over the covered classes only (when they are a subset)
-
-
-@dataclass(frozen=True)
-class SetEmbeddings:
-    """A set's exported embeddings ``(N, D)`` and training labels ``(N,)``."""
-
-    set: RobustnessSet
-    embeddings: np.ndarray
-    labels: np.ndarray
 
 
 def class_labels(folders: Sequence[str], classes: Sequence[str], name: str, root: Path) -> list[int]:
@@ -87,19 +77,20 @@ def index_labels(folders: Sequence[str], num_classes: int, name: str, root: Path
 def list_set(name: str, root: Path) -> ImageFolder:
     """torchvision's listing of a set's tree (``root/<class>/<image>``), its empty cases told as what to
     fix."""
-    try:
-        return ImageFolder(str(root), loader=read_file)
-    except FileNotFoundError as err:
+
+    def refusal(empty: str | None) -> str:
         what = (
             "holds no class folders"
-            if "class folder" in str(err)
+            if empty is None
             else f"has class folders without image files ({', '.join(IMG_EXTENSIONS)})"
         )
-        raise MRLError(
+        return (
             f"Robustness set '{name}': {root} {what}. A set is an ImageFolder tree, <root>/<class>/<image>, "
             "every class folder named after a training class and holding its images; fix the tree or drop "
             f"the set (robustness.sets.{name})."
-        ) from None
+        )
+
+    return list_image_folder(root, refusal)
 
 
 def label_set(listing: ImageFolder, labels: Sequence[int]) -> ImageFolder:
@@ -134,42 +125,26 @@ def open_sets(robustness: Any, datamodule) -> list[RobustnessSet]:
     return sets
 
 
-def export_sets(
-    module: torch.nn.Module,
-    datamodule,
-    sets: list[RobustnessSet],
-    out_dir: Path,
-    ckpt_path: str,
-    train_cfg: dict,
-    dtype: str,
-    device: torch.device,
-    precision: str | int | None,
-) -> list[SetEmbeddings]:
-    """Every set's embeddings (``robustness_<name>_embeddings.npy``, reused while the checkpoint, data
-    config and the set's files and labels are unchanged); leaves the module on the CPU."""
+def query_sets(settings: DictConfig, datamodule) -> list[QuerySet]:
+    """The robustness evaluator's query sets (``settings.robustness``, conf/eval.yaml): each configured
+    set opened (:func:`open_sets`), its files read as ``datamodule``'s evaluation images, its identity
+    the listed files and their labels."""
     out = []
-    for s in sets:
-        fp = fingerprint(ckpt_path, train_cfg, f"robustness:{s.name}", dtype, datamodule.eval_img_size)
+    for s in open_sets(OmegaConf.to_container(settings.robustness, resolve=True), datamodule):
         listed = "\n".join(f"{path}\t{label}" for path, label in s.listing.samples)
-        fp |= {"root": str(s.root.resolve()), "files": hashlib.sha256(listed.encode()).hexdigest()}
-        loader = image_files_loader(datamodule, s.listing)
-        n = len(s.listing)
-        emb, labels = export_loader(
-            module, datamodule, loader, n, f"robustness_{s.name}", out_dir, fp, dtype, device, precision
-        )
-        out.append(SetEmbeddings(s, emb, labels))
-    module.cpu()
+        identity = {"root": str(s.root.resolve()), "files": hashlib.sha256(listed.encode()).hexdigest()}
+        out.append(QuerySet(s.name, image_files(datamodule, s.listing), identity, s))
     return out
 
 
 def robustness_section(
-    head: MatryoshkaLinear, sets: list[SetEmbeddings], sizes: list[int], chunk: int
+    head: MatryoshkaLinear, sets: list[EmbeddedSet], sizes: list[int], chunk: int
 ) -> dict[str, dict[str, Any]]:
     """``report.json``'s ``robustness``: per set its root, images, covered classes, whether the logits
     were restricted to them, and the top-1 of each reported size."""
     section = {}
     for item in sets:
-        s = item.set
+        s: RobustnessSet = item.set.spec
         restricted = s.restrict and len(s.covered) < head.num_classes
         covered = s.covered if restricted else None
         accuracy = linear_accuracy(head, item.embeddings, item.labels, chunk, covered)
@@ -182,3 +157,62 @@ def robustness_section(
         }
         log.info("robustness set %s: %d images, %d classes", s.name, len(item.labels), len(s.covered))
     return section
+
+
+# ---- settings ----------------------------------------------------------------------------------------
+
+ROBUSTNESS_SET_KEYS = ("root", "restrict", "folders")
+# how a set's class folders name the training classes: by class name, or by label index (ImageNet-V2)
+ROBUSTNESS_FOLDERS = ("names", "indices")
+
+
+def robustness_sets(node: Any, p: str) -> dict[str, dict[str, Any]]:
+    """``robustness.sets`` checked, as ``{name: {"root": Path, "restrict": bool, "folders": str}}`` (a
+    set's own ``restrict`` / ``folders``, else ``robustness.restrict`` / ``robustness.folders``): every
+    name usable in file names, every root an existing folder. Whether its folders are training classes
+    is checked once the checkpoint's data is known (:func:`open_sets`)."""
+    q = f"{p}robustness."
+    robustness = mapping(node, f"{p}robustness", f"+{q}sets.v2=/data/imagenetv2")
+    boolean(robustness, "restrict", q)
+    one_of(robustness, "folders", q, ROBUSTNESS_FOLDERS)
+    sets = mapping(robustness.get("sets"), f"{q}sets", f"+{q}sets.v2=/data/imagenetv2")
+    return {str(name): _robustness_set(str(name), spec, robustness, q) for name, spec in sets.items()}
+
+
+def _robustness_set(name: str, spec: Any, defaults: Node, q: str) -> dict[str, Any]:
+    key = f"{q}sets.{name}"
+    require(
+        re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) is not None,
+        f"{q}sets",
+        name,
+        "named with letters, digits, '_', '-' and '.' (the name is part of file names)",
+        f"+{q}sets.imagenet_a=/data/imagenet-a",
+    )
+    spec = {"root": spec} if isinstance(spec, str) else mapping(spec, key, f"+{key}=/data/{name}")
+    unknown = sorted(set(spec) - set(ROBUSTNESS_SET_KEYS))
+    if unknown or not isinstance(spec.get("root"), str):
+        raise MRLError(
+            f"{key}={spec!r} is not valid: give the set's folder ({key}=<dir>) or "
+            f"{{root: <dir>, restrict: true|false, folders: names|indices}} (keys "
+            f"{', '.join(ROBUSTNESS_SET_KEYS)}{'; unknown: ' + ', '.join(unknown) if unknown else ''})."
+        )
+    boolean(spec, "restrict", f"{key}.")
+    one_of(spec, "folders", f"{key}.", ROBUSTNESS_FOLDERS)
+    root = Path(spec["root"]).expanduser().absolute()
+    if not root.is_dir():
+        raise MRLError(
+            f"{key}: {root} {'is not a folder' if root.exists() else 'does not exist'}. Give the root "
+            "of an ImageFolder tree, <root>/<class>/<image>, whose folders are named after the "
+            "training data's classes (WNIDs for ImageNet)."
+        )
+    return {
+        "root": root,
+        "restrict": bool(spec.get("restrict", defaults["restrict"])),
+        "folders": str(spec.get("folders", defaults["folders"])),
+    }
+
+
+def check_robustness(cfg: Node, p: str) -> None:
+    """``robustness`` of an mrl-eval config (``p``: the key prefix, ``evaluate.`` under mrl-train's
+    ``evaluate=``): :func:`robustness_sets`' checks."""
+    robustness_sets(cfg.get("robustness"), p)

@@ -12,16 +12,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mrl.config_checks import robustness_sets
 from mrl.errors import MRLError
-from mrl.eval.context import EvalContext
-from mrl.eval.embeddings import export_split
-from mrl.eval.evaluators import check_settings, run_evaluators
+from mrl.eval.checks import check_eval_config
+from mrl.eval.context import EmbeddedSet, EvalContext, QuerySet
+from mrl.eval.embeddings import export_loader, export_split
+from mrl.eval.evaluators import open_query_sets, run_evaluators
 from mrl.eval.locations import checkpoint_id, checkpoint_record, claim_output_dir, link_to_training_run
 from mrl.eval.model import fingerprint, load_for_eval
 from mrl.eval.plots import write_plots
 from mrl.eval.report_file import build_report, write_report
-from mrl.eval.robustness import SetEmbeddings, export_sets, open_sets, robustness_section
 from mrl.eval.summary import summary_text
 from mrl.eval.wandb_tables import log_report
 from mrl.training.checkpoints import require_checkpoint_file
@@ -73,25 +72,19 @@ class StageClock:
         log.info("%s done in %.1fs", name, self.mark(name))
 
 
-def robustness_settings(cfg: DictConfig) -> dict[str, Any]:
-    """``cfg.robustness`` as plain values, its interpolations (``${oc.env:DATA}/imagenetv2``) resolved."""
-    return OmegaConf.to_container(cfg.robustness, resolve=True)
-
-
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run every enabled evaluator on ``cfg.ckpt_path``; write report.json, plots, W&B; return the report."""
     out_dir = Path(cfg.paths.output_dir)
     require_checkpoint_file(cfg.ckpt_path)
-    if cfg.embedding_dtype not in ("float32", "float16"):
-        raise MRLError(f"embedding_dtype must be float32 or float16, got {cfg.embedding_dtype}.")
-    check_settings(cfg)  # the evaluators' options, before any work
-    robustness_sets(robustness_settings(cfg), "")  # the sets' roots exist, before any work
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    check_eval_config(settings)  # before any work (the commands' pre-flight; also for direct callers)
     ckpt_id = checkpoint_id(cfg.ckpt_path)
     claim_output_dir(out_dir, cfg.ckpt_path, ckpt_id)  # refuses another checkpoint's results first
     OmegaConf.save(cfg, out_dir / "eval_config.yaml")
+    cfg = OmegaConf.create(settings)  # resolved: an evaluator's sections are read apart from the rest
     _seed_and_threads(cfg)
     clock = StageClock()
-    ctx, train_cfg, robust = _context(cfg, out_dir)
+    ctx, train_cfg = _context(cfg, out_dir)
     log.info(
         "embeddings ready after %.1fs: database %s, queries %s",
         clock.mark("embeddings"),
@@ -99,9 +92,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         ctx.queries.shape,
     )
     sections = run_evaluators(ctx, cfg, clock.lap)
-    if robust:  # the extra query sets (robustness.sets), by the same trained heads
-        sections["robustness"] = robustness_section(ctx.head, robust, ctx.sizes, ctx.chunks.head)
-        clock.lap("robustness")
     report = build_report(ctx.sizes, sections, checkpoint_record(cfg.ckpt_path, ckpt_id))
     write_report(report, out_dir)
     link_to_training_run(out_dir, cfg.ckpt_path, ckpt_id)
@@ -120,31 +110,35 @@ def _seed_and_threads(cfg: DictConfig) -> None:
         faiss.omp_set_num_threads(int(cfg.threads))
 
 
-def _context(cfg: DictConfig, out_dir: Path) -> tuple[EvalContext, dict, list[SetEmbeddings]]:
-    """The checkpoint's model and data, its exported embeddings, and the evaluators' shared context;
-    also the training run's config and the robustness sets' embeddings."""
+def _context(cfg: DictConfig, out_dir: Path) -> tuple[EvalContext, dict]:
+    """The checkpoint's model and data, its exported embeddings (the splits' and the evaluators' query
+    sets'), and the evaluators' shared context; also the training run's config."""
     data_overrides = OmegaConf.to_container(cfg.data, resolve=True) if cfg.data else None
     module, datamodule, train_cfg = load_for_eval(cfg.ckpt_path, data_overrides, cfg.paper_head)
     requested = OmegaConf.to_container(cfg.sizes) if cfg.sizes is not None else None
     sizes = report_sizes(requested, list(module.nesting), module.head.in_features)
     device = _device(str(cfg.device))
-    sets = open_sets(robustness_settings(cfg), datamodule)  # folders named as classes
-    emb = _export_embeddings(cfg, module, datamodule, train_cfg, out_dir, device)
-    precision = (train_cfg.get("trainer") or {}).get("precision")
-    robust = export_sets(
-        module, datamodule, sets, out_dir, cfg.ckpt_path, train_cfg, cfg.embedding_dtype, device, precision
-    )
+    query_sets = open_query_sets(cfg, datamodule)  # refused here, before any embedding is computed
+    emb, embedded = _export_embeddings(cfg, module, datamodule, train_cfg, out_dir, device, query_sets)
     kind = (train_cfg.get("head") or {}).get("kind")
     database, queries = emb[cfg.database_split], emb[cfg.query_split]
     ctx = EvalContext.from_config(cfg, database, queries, module.head, sizes, kind, device)
-    return ctx, train_cfg, robust
+    ctx.query_sets = embedded
+    return ctx, train_cfg
 
 
 def _export_embeddings(
-    cfg: DictConfig, module, datamodule, train_cfg: dict, out_dir: Path, device: torch.device
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{split: (embeddings, labels)}`` of the database and query splits (reused when already exported),
-    and ``model.safetensors`` unless ``export_model=false``; leaves the module on the CPU."""
+    cfg: DictConfig,
+    module,
+    datamodule,
+    train_cfg: dict,
+    out_dir: Path,
+    device: torch.device,
+    query_sets: dict[str, list[QuerySet]],
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, list[EmbeddedSet]]]:
+    """``{split: (embeddings, labels)}`` of the database and query splits and the query sets' embeddings
+    by evaluator (each reused when already exported), in one pass of the model on ``device``; and
+    ``model.safetensors`` unless ``export_model=false``. Leaves the module on the CPU."""
     datamodule.prepare_data()
     datamodule.setup(None)
     for split in (cfg.database_split, cfg.query_split):
@@ -154,18 +148,32 @@ def _export_embeddings(
                 "database_split=<split> and query_split=<split> among those."
             )
     precision = (train_cfg.get("trainer") or {}).get("precision")
-    emb = {}
-    for split in dict.fromkeys([cfg.database_split, cfg.query_split]):
-        fp = fingerprint(cfg.ckpt_path, train_cfg, split, cfg.embedding_dtype, datamodule.img_size)
-        emb[split] = export_split(
-            module, datamodule, split, out_dir, fp, cfg.embedding_dtype, device, precision
+    dtype = cfg.embedding_dtype
+
+    def identity(split: str, img_size: int) -> dict[str, Any]:
+        return fingerprint(cfg.ckpt_path, train_cfg, split, dtype, img_size)
+
+    emb = {
+        split: export_split(
+            module, datamodule, split, out_dir, identity(split, datamodule.img_size), dtype, device, precision
         )
+        for split in dict.fromkeys([cfg.database_split, cfg.query_split])
+    }
+    embedded: dict[str, list[EmbeddedSet]] = {name: [] for name in query_sets}
+    for evaluator, sets in query_sets.items():
+        for s in sets:  # read as evaluation images, at the evaluation size
+            fp = identity(f"{evaluator}:{s.name}", datamodule.eval_img_size) | s.identity
+            loader, name = datamodule.loader(s.dataset), f"{evaluator}_{s.name}"
+            z, labels = export_loader(
+                module, datamodule, loader, len(s.dataset), name, out_dir, fp, dtype, device, precision
+            )
+            embedded[evaluator].append(EmbeddedSet(s, z, labels))
     module.cpu()
     if cfg.export_model:  # the one-file deployable model (mrl.load), see mrl.deploy
         from mrl.deploy import MatryoshkaModel
 
         MatryoshkaModel.from_module(module, datamodule).save(out_dir / "model.safetensors")
-    return emb
+    return emb, embedded
 
 
 def _summary(

@@ -1,0 +1,131 @@
+"""Storage and exact retrieval of sparse codes (CSR's top-k codes) beside dense prefixes.
+
+Bytes of one stored vector:
+
+- a dense prefix of ``d`` features: ``float32`` 4 bytes each, ``float16`` 2, ``int8`` 1 (a per-dimension
+  scale shared by the whole database is not per vector), ``binary`` one bit each, packed into
+  ``ceil(d / 8)`` bytes;
+- a sparse code with ``k`` active units out of ``hidden``: a fixed-width record of ``k`` values (at the
+  value dtype) and ``k`` unit indices at the smallest unsigned width that holds ``hidden - 1``: 1 byte up
+  to 256 units, 2 up to 65,536, else 4. A row with fewer than ``k`` positive units (ReLU zeros) is
+  padded to ``k``, as a fixed-width index stores it.
+
+Retrieval ranks database codes by their inner product with each query code, computed as a sparse
+matrix product (``scipy.sparse`` CSR): a block of queries against the whole database at a time, the
+block sized so that its dense score matrix fits a memory budget, then the top ``k`` of each row. Equal
+scores rank the lower database index first, so the result is the same as an exact dense search with
+the same order of ties. The caller measures the wall-clock (it owns what counts as the search).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from mrl.errors import MRLError
+
+# Bytes per stored feature of a dense prefix (binary: one bit, see prefix_bytes)
+DENSE_BYTES = {"float32": 4, "float16": 2, "int8": 1}
+PREFIX_FORMATS = (*DENSE_BYTES, "binary")
+# Bytes of one stored value of a sparse code
+VALUE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+# Bytes of working memory per database item and query of a block: the float32 scores, the selection
+# masks and the tie counts of the top-k
+BYTES_PER_SCORE = 16
+
+
+def prefix_bytes(dim: int, fmt: str) -> int:
+    """Bytes of one stored size-``dim`` prefix in format ``fmt`` (one of :data:`PREFIX_FORMATS`)."""
+    if fmt == "binary":
+        return math.ceil(dim / 8)
+    if fmt not in DENSE_BYTES:
+        raise MRLError(f"Unknown storage format {fmt!r}: one of {', '.join(PREFIX_FORMATS)}.")
+    return DENSE_BYTES[fmt] * dim
+
+
+def index_bytes(hidden: int) -> int:
+    """The smallest unsigned integer width (1, 2 or 4 bytes) that holds every unit index of a code
+    with ``hidden`` units (``0 .. hidden - 1``)."""
+    for width in (1, 2, 4):
+        if hidden <= 256**width:
+            return width
+    raise MRLError(f"A hidden width of {hidden} units needs indices wider than 4 bytes.")
+
+
+def sparse_code_bytes(k: int, hidden: int, value_dtype: str = "float32") -> int:
+    """Bytes of one stored code: ``k`` values at ``value_dtype`` and ``k`` indices of :func:`index_bytes`."""
+    if value_dtype not in VALUE_BYTES:
+        raise MRLError(
+            f"Unknown value dtype {value_dtype!r} for sparse codes: one of {', '.join(VALUE_BYTES)}."
+        )
+    return k * (VALUE_BYTES[value_dtype] + index_bytes(hidden))
+
+
+def to_csr(codes: np.ndarray | torch.Tensor | sp.spmatrix | sp.sparray) -> sp.csr_matrix:
+    """Codes as a float32 CSR matrix: from a dense array or tensor ``(N, hidden)`` (zeros dropped) or
+    any scipy sparse matrix."""
+    if sp.issparse(codes):
+        return sp.csr_matrix(codes, dtype=np.float32)
+    if isinstance(codes, torch.Tensor):
+        codes = codes.detach().cpu().float().numpy()
+    return sp.csr_matrix(np.asarray(codes, dtype=np.float32))
+
+
+def csr_from_top_k(values: np.ndarray, indices: np.ndarray, hidden: int) -> sp.csr_matrix:
+    """The CSR matrix of codes stored as ``values`` and unit ``indices``, both ``(N, k)``; zero values
+    (padding) are dropped. Builds no dense ``(N, hidden)`` array."""
+    values, indices = np.asarray(values, dtype=np.float32), np.asarray(indices, dtype=np.int64)
+    rows = np.repeat(np.arange(values.shape[0]), values.shape[1])
+    matrix = sp.csr_matrix((values.ravel(), (rows, indices.ravel())), shape=(values.shape[0], hidden))
+    matrix.eliminate_zeros()
+    return matrix
+
+
+def top_k_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest scores of each row and their columns ``(Q, k)``, best first; equal scores rank
+    the lower column first (the order of an exact search that breaks ties by index)."""
+    n_rows = scores.shape[0]
+    kth = np.partition(scores, scores.shape[1] - k, axis=1)[:, scores.shape[1] - k]
+    above = scores > kth[:, None]
+    tied = scores == kth[:, None]
+    # of the items tied with the k-th score, the lowest columns fill the places left
+    wanted = k - above.sum(1)
+    chosen = above | (tied & (np.cumsum(tied, axis=1, dtype=np.int32) <= wanted[:, None]))
+    columns = np.nonzero(chosen)[1].reshape(n_rows, k)  # ascending columns within each row
+    values = np.take_along_axis(scores, columns, 1)
+    order = np.argsort(-values, axis=1, kind="stable")
+    return np.take_along_axis(columns, order, 1), np.take_along_axis(values, order, 1)
+
+
+def sparse_search(
+    queries: np.ndarray | torch.Tensor | sp.spmatrix,
+    database: np.ndarray | torch.Tensor | sp.spmatrix,
+    k: int,
+    block_bytes: int = 256 * 2**20,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product search of sparse codes: the ``k`` best database rows of every query as
+    ``(neighbours (Q, k) int64, scores (Q, k) float32)``, best first (ties: lower index first).
+
+    Queries are searched in blocks whose working memory (scores and top-k bookkeeping, about
+    :data:`BYTES_PER_SCORE` bytes per query and database row) stays within ``block_bytes``.
+    """
+    queries, database = to_csr(queries), to_csr(database)
+    if queries.shape[1] != database.shape[1]:
+        raise MRLError(
+            f"Query codes have {queries.shape[1]} units and database codes {database.shape[1]}: codes "
+            "from the same sparse autoencoder are needed."
+        )
+    n_db = database.shape[0]
+    if not 1 <= k <= n_db:
+        raise MRLError(f"Retrieval of the top {k} needs k between 1 and the database size {n_db}.")
+    transposed = database.T.tocsr()  # (hidden, N): each query block is one sparse product with it
+    block = max(1, block_bytes // (BYTES_PER_SCORE * n_db))
+    neighbours = np.empty((queries.shape[0], k), dtype=np.int64)
+    scores = np.empty((queries.shape[0], k), dtype=np.float32)
+    for start in range(0, queries.shape[0], block):
+        dense = (queries[start : start + block] @ transposed).toarray()
+        neighbours[start : start + block], scores[start : start + block] = top_k_rows(dense, k)
+    return neighbours, scores

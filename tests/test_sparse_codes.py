@@ -1,0 +1,110 @@
+"""Bytes per stored vector and exact sparse retrieval (mrl.eval.sparse_codes): counts by hand, and the
+sparse search against a dense search written out here on the same codes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from mrl.errors import MRLError
+from mrl.eval.sparse_codes import (
+    csr_from_top_k,
+    index_bytes,
+    prefix_bytes,
+    sparse_code_bytes,
+    sparse_search,
+    to_csr,
+    top_k_rows,
+)
+from mrl.nn.sparse_autoencoder import SparseAutoencoder
+
+
+def dense_search(queries: np.ndarray, database: np.ndarray, k: int):
+    """Every score by a dense product, each row sorted by (score descending, index ascending)."""
+    scores = queries.astype(np.float64) @ database.astype(np.float64).T
+    neighbours = [sorted(range(len(database)), key=lambda j, row=row: (-row[j], j))[:k] for row in scores]
+    return np.array(neighbours), np.take_along_axis(scores, np.array(neighbours), 1)
+
+
+def sparse_integer_codes(rows: int, hidden: int, k: int, seed: int) -> np.ndarray:
+    """Codes with k small integer values per row: every product and sum is exact in float32, so dense
+    and sparse scores are equal to the bit and ties are real ties."""
+    rng = np.random.default_rng(seed)
+    codes = np.zeros((rows, hidden), dtype=np.float32)
+    for row in codes:
+        row[rng.choice(hidden, size=k, replace=False)] = rng.integers(0, 4, size=k)
+    return codes
+
+
+@pytest.mark.parametrize(
+    ("hidden", "width"), [(2, 1), (256, 1), (257, 2), (65536, 2), (65537, 4), (2**32, 4)]
+)
+def test_index_width_is_the_smallest_that_holds_every_unit(hidden, width):
+    assert index_bytes(hidden) == width
+
+
+def test_byte_counts():
+    assert [prefix_bytes(64, fmt) for fmt in ("float32", "float16", "int8", "binary")] == [256, 128, 64, 8]
+    assert prefix_bytes(12, "binary") == 2  # 12 bits padded to two bytes
+    assert sparse_code_bytes(32, 8192) == 32 * 4 + 32 * 2
+    assert sparse_code_bytes(8, 256, "float16") == 8 * 2 + 8 * 1
+    assert sparse_code_bytes(16, 100_000, "int8") == 16 * 1 + 16 * 4
+    with pytest.raises(MRLError, match="Unknown storage format"):
+        prefix_bytes(8, "int4")
+    with pytest.raises(MRLError, match="Unknown value dtype"):
+        sparse_code_bytes(8, 64, "float64")
+    with pytest.raises(MRLError, match="wider than 4 bytes"):
+        index_bytes(2**32 + 1)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 16 * 50 * 7, 2**30])  # one query, seven, all at once
+def test_sparse_search_equals_dense_search_with_ties(block_bytes):
+    queries = sparse_integer_codes(23, 40, 4, seed=0)
+    database = sparse_integer_codes(50, 40, 4, seed=1)  # many zero and equal scores: ties decide
+    for k in (1, 5, 50):
+        neighbours, scores = sparse_search(queries, database, k, block_bytes=block_bytes)
+        want_neighbours, want_scores = dense_search(queries, database, k)
+        np.testing.assert_array_equal(neighbours, want_neighbours)
+        np.testing.assert_array_equal(scores, want_scores)
+        assert neighbours.dtype == np.int64 and scores.dtype == np.float32
+
+
+def test_sparse_search_on_autoencoder_codes_matches_dense_search():
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(16, [4, 8], expansion=4)
+    with torch.no_grad():
+        queries, database = sae.encode(torch.randn(30, 16), 4), sae.encode(torch.randn(200, 16), 4)
+    neighbours, scores = sparse_search(queries, database, 10)
+    want_neighbours, want_scores = dense_search(queries.numpy(), database.numpy(), 10)
+    np.testing.assert_array_equal(neighbours, want_neighbours)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_code_conversions_keep_the_non_zeros():
+    codes = sparse_integer_codes(6, 20, 3, seed=2)
+    matrix = to_csr(codes)
+    assert matrix.nnz == np.count_nonzero(codes) and matrix.dtype == np.float32
+    np.testing.assert_array_equal(to_csr(torch.from_numpy(codes)).toarray(), codes)
+    np.testing.assert_array_equal(to_csr(sp.coo_matrix(codes)).toarray(), codes)
+    indices = np.argsort(-codes, axis=1, kind="stable")[:, :3]
+    values = np.take_along_axis(codes, indices, 1)
+    from_top_k = csr_from_top_k(values, indices, 20)
+    np.testing.assert_array_equal(from_top_k.toarray(), codes)
+    assert from_top_k.nnz == matrix.nnz  # the zero padding is dropped
+
+
+def test_top_k_rows_breaks_ties_by_lower_index():
+    scores = np.array([[1.0, 3.0, 3.0, 0.0, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0]], dtype=np.float32)
+    columns, values = top_k_rows(scores, 2)
+    np.testing.assert_array_equal(columns, [[1, 2], [0, 1]])
+    np.testing.assert_array_equal(values, [[3.0, 3.0], [2.0, 2.0]])
+
+
+def test_bad_searches_are_refused():
+    codes = sparse_integer_codes(5, 10, 2, seed=3)
+    with pytest.raises(MRLError, match="same sparse autoencoder"):
+        sparse_search(codes, codes[:, :8], 1)
+    with pytest.raises(MRLError, match="between 1 and the database size 5"):
+        sparse_search(codes, codes, 6)
