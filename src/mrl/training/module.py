@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -21,8 +20,6 @@ from mrl.nn.matryoshka_loss import MatryoshkaLoss
 from mrl.nn.size_sampling import SizeSampler
 from mrl.tracking.charts import log_accuracy_vs_size
 from mrl.training.checkpoints import SPEC_KEY
-
-log = logging.getLogger(__name__)
 
 STAGES = ("train", "val", "test")
 
