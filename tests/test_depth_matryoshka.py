@@ -66,6 +66,24 @@ def test_depth_loss_matches_timm_intermediate_features_by_hand(kind):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.depth.parameters())
 
 
+def test_stages_reuse_the_final_heads_objective_and_checkpoints_keep_their_keys():
+    module = _module("head.depth_stages=[1,3]", "head.sizes_per_step=1")
+    assert module.depth.loss is module.criterion  # one objective: the same c_m, settings and draw
+    x, y = _batch()
+    stage_z = module.depth.embed(module.backbone, x)[1]
+    sizes = module.criterion.draw(0, "cpu")
+    with torch.no_grad():
+        per_stage = [
+            sum(C[g] * w * F.cross_entropy(head(z)[g], y, label_smoothing=0.1) for g, w in enumerate(sizes))
+            for z, head in zip(stage_z, module.depth.heads.heads, strict=True)
+        ]
+        loss = module.depth.step_loss(stage_z, y, "train", sizes)
+    assert loss.item() == pytest.approx((per_stage[0] + per_stage[1]).item(), rel=1e-5)
+    # the state a checkpoint stores: the objective's c_m under both names (the keys checkpoints have)
+    keys = {k for k in module.state_dict() if not k.startswith(("backbone.", "head.", "depth.heads."))}
+    assert keys == {"criterion.weights", "depth.loss.weights"}
+
+
 def test_depth_with_size_sampling_weighs_the_stage_losses_by_the_same_draw(monkeypatch):
     from test_size_sampling import reference_draw
 
@@ -162,7 +180,14 @@ def test_other_timm_families_build_depth_heads_of_their_stage_widths(name):
     assert depth.step_loss(stage_z, y, "train").isfinite()
 
 
-FAMILIES = ["test_byobnet", "resnet18", "test_vit", "test_convnext", "test_efficientnet", "mobilenetv3_small_050"]
+FAMILIES = [
+    "test_byobnet",
+    "resnet18",
+    "test_vit",
+    "test_convnext",
+    "test_efficientnet",
+    "mobilenetv3_small_050",
+]
 
 
 @pytest.mark.parametrize("name", FAMILIES)

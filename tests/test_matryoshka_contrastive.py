@@ -62,6 +62,16 @@ def test_per_size_losses_and_gradients_match_the_reference(kind, views):
     assert per_size.shape == (len(NESTING),)
 
 
+def test_contrastive_losses_are_a_per_size_loss_of_the_objective():
+    torch.manual_seed(0)
+    z = torch.randn(12, 16, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 1, 2, 0, 3])
+    c = [4.0, 2.0, 1.0, 0.5, 1.0]
+    loss_fn = MatryoshkaLoss(c, per_size_loss=MatryoshkaContrastiveLoss(NESTING, "supcon", 0.3, views=2))
+    _, expected = reference(z, NESTING, 2, labels, 0.3, c)
+    torch.testing.assert_close(loss_fn(z, labels), expected)
+
+
 def test_infonce_with_two_views_is_nt_xent_and_supcon_without_shared_classes_equals_it():
     torch.manual_seed(1)
     z = torch.randn(8, 4, dtype=torch.float64)
