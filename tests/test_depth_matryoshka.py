@@ -222,3 +222,44 @@ def test_stage_features_that_are_not_nchw_maps_are_refused():
     backbone.model.forward_intermediates = tokens
     with pytest.raises(MRLError, match=r"not \(B, C, H, W\) maps"):
         depth.embed(backbone, _batch()[0])
+
+
+def test_a_step_gets_the_stage_maps_from_one_call_of_the_backbone_module(monkeypatch):
+    """What compile=true compiles is the backbone module's call (configure_model): the depth heads' maps
+    come from it, in the one call that also gives the embedding."""
+    module = _module("head.depth_stages=[1,3]")
+    calls = []
+    original = TimmBackbone.forward
+    monkeypatch.setattr(
+        TimmBackbone,
+        "forward",
+        lambda self, x, stages=None: calls.append(stages) or original(self, x, stages),
+    )
+    monkeypatch.setattr(module.backbone.model, "forward_intermediates", _only_through(module.backbone, calls))
+    x, y = _batch()
+    module._shared_step((x, y), "train", log_loss=False)
+    with torch.no_grad():
+        module._shared_step((x, y), "val", log_loss=False)
+    assert calls == [[1, 3], [1, 3]]
+
+
+def _only_through(backbone, calls):
+    """timm's forward_intermediates, refusing to run outside a call of the backbone module."""
+    original = backbone.model.forward_intermediates
+
+    def guarded(*args, **kwargs):
+        assert calls and calls[-1] is not None, "stage maps taken outside the backbone module's call"
+        return original(*args, **kwargs)
+
+    return guarded
+
+
+@pytest.mark.slow
+def test_compile_covers_the_stage_maps_in_one_graph():
+    """compile=true compiles the backbone module; the depth heads' maps come from that module's call, which
+    dynamo traces as one graph (no break back to eager Python)."""
+    import torch._dynamo
+
+    backbone = TimmBackbone("test_byobnet", in_chans=3, img_size=32, embed_dim=16)
+    explained = torch._dynamo.explain(backbone)(_batch()[0], stages=[1, 3])
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
