@@ -13,6 +13,7 @@ from mrl.instantiate import instantiate
 from mrl.models.backbone import TimmBackbone
 from mrl.models.depth import DepthMatryoshka
 from mrl.models.heads import build_head
+from mrl.nn.cross_entropy import MatryoshkaCrossEntropy
 from mrl.nn.matryoshka_contrastive import KINDS as CONTRASTIVE_KINDS
 from mrl.nn.matryoshka_contrastive import MatryoshkaContrastiveLoss
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
@@ -23,10 +24,12 @@ from mrl.nn.size_sampling import SizeSampler
 class ModelParts(NamedTuple):
     backbone: TimmBackbone
     head: MatryoshkaLinear
+    # the Matryoshka objective: the head's cross-entropy or a contrastive loss, c_m, the size sampler
     loss: MatryoshkaLoss
-    # training-only helpers, None when off: random sizes per step, stage heads (2D Matryoshka)
-    size_sampler: SizeSampler | None = None
+    # stage heads (2D Matryoshka), None when off
     depth: DepthMatryoshka | None = None
+    # with a contrastive objective, the cross-entropy of the head, an online probe on the embedding
+    probe: MatryoshkaCrossEntropy | None = None
 
 
 # The `head` config group is what users override (head=mrl_e, head.nesting, head.weights): its keys
@@ -57,17 +60,17 @@ def build_parts(cfg: DictConfig, num_classes: int, in_chans: int, img_size: int)
     head = build_head(embed_dim=backbone.embed_dim, num_classes=num_classes, **head_settings)
     weights = loss_settings.get("weights")
     check_loss_weights(weights, head.nesting)
-
-    def new_loss() -> MatryoshkaLoss:
-        return MatryoshkaLoss(weights=weights, fused=loss_settings.get("fused", True), **cfg.get("loss", {}))
-
     per_step = loss_settings.get("sizes_per_step")
     sampler = None if per_step is None else SizeSampler(len(head.nesting), per_step, cfg.get("seed") or 0)
+    cross_entropy = MatryoshkaCrossEntropy(fused=loss_settings.get("fused", True), **cfg.get("loss", {}))
+    contrastive = build_objective(cfg, head)
+    per_size_loss = cross_entropy if contrastive is None else contrastive
+    loss = MatryoshkaLoss(weights, per_size_loss=per_size_loss, sampler=sampler)
     stages = loss_settings.get("depth_stages")
     depth = None
-    if stages is not None:
-        depth = DepthMatryoshka(backbone, head, stages, new_loss(), loss_settings.get("depth_weight", 1.0))
-    return ModelParts(backbone, head, new_loss(), sampler, depth)
+    if stages is not None:  # the stage heads share the final head's objective
+        depth = DepthMatryoshka(backbone, head, stages, loss, loss_settings.get("depth_weight", 1.0))
+    return ModelParts(backbone, head, loss, depth, None if contrastive is None else cross_entropy)
 
 
 def check_loss_weights(weights: list | None, nesting: list[int]) -> None:
@@ -96,11 +99,11 @@ OBJECTIVE_KINDS = ("ce", *CONTRASTIVE_KINDS)
 
 
 def build_objective(cfg: DictConfig, head: MatryoshkaLinear) -> MatryoshkaContrastiveLoss | None:
-    """The contrastive objective of ``cfg.objective`` over the head's sizes, or None for cross-entropy
+    """The contrastive per-size loss of ``cfg.objective`` over the head's sizes, or None for cross-entropy
     (``objective=ce``, the default, and configs written before the ``objective`` group existed).
 
-    Its per-size losses are combined by the Matryoshka loss's ``combine`` (``head.weights``), in the
-    LitModule: the weights are not given here, so one place applies them.
+    :func:`build_parts` wraps it in the run's :class:`MatryoshkaLoss` (``head.weights``, the size
+    sampler), the one place that weighs sizes.
     """
     objective = cfg.get("objective") or {}
     kind = str(objective.get("kind", "ce"))
