@@ -10,7 +10,7 @@ from torch import nn
 from conftest import compose_train
 from mrl.errors import MRLError
 from mrl.models.backbone import TimmBackbone
-from mrl.models.stage_features import check_depth_stages, forward_with_stages
+from mrl.models.stage_features import check_depth_stages
 from mrl.training.assemble import build_module
 
 NESTING = [2, 4, 8, 16]
@@ -66,6 +66,24 @@ def test_depth_loss_matches_timm_intermediate_features_by_hand(kind):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.depth.parameters())
 
 
+def test_stages_reuse_the_final_heads_objective_and_checkpoints_keep_their_keys():
+    module = _module("head.depth_stages=[1,3]", "head.sizes_per_step=1")
+    assert module.depth.loss is module.criterion  # one objective: the same c_m, settings and draw
+    x, y = _batch()
+    stage_z = module.depth.embed(module.backbone, x)[1]
+    sizes = module.criterion.draw(0, "cpu")
+    with torch.no_grad():
+        per_stage = [
+            sum(C[g] * w * F.cross_entropy(head(z)[g], y, label_smoothing=0.1) for g, w in enumerate(sizes))
+            for z, head in zip(stage_z, module.depth.heads.heads, strict=True)
+        ]
+        loss = module.depth.step_loss(stage_z, y, "train", sizes)
+    assert loss.item() == pytest.approx((per_stage[0] + per_stage[1]).item(), rel=1e-5)
+    # the state a checkpoint stores: the objective's c_m under both names (the keys checkpoints have)
+    keys = {k for k in module.state_dict() if not k.startswith(("backbone.", "head.", "depth.heads."))}
+    assert keys == {"criterion.weights", "depth.loss.weights"}
+
+
 def test_depth_with_size_sampling_weighs_the_stage_losses_by_the_same_draw(monkeypatch):
     from test_size_sampling import reference_draw
 
@@ -85,7 +103,7 @@ def test_depth_with_size_sampling_weighs_the_stage_losses_by_the_same_draw(monke
 def test_one_pass_gives_the_embedding_and_the_stage_maps():
     backbone = TimmBackbone("test_byobnet", in_chans=3, img_size=32, embed_dim=24).eval()
     x = _batch()[0]
-    z, maps = forward_with_stages(backbone, x, [0, 2])
+    z, maps = backbone(x, stages=[0, 2])
     assert torch.allclose(z, backbone(x), atol=1e-6)
     reference = backbone.model.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
     assert all(torch.equal(a, b) for a, b in zip(maps, reference, strict=True))
@@ -96,7 +114,10 @@ def test_eval_steps_log_every_stage_and_size_and_keep_the_final_keys():
     x, y = _batch()
     with torch.no_grad():
         module._shared_step((x, y), "val", log_loss=False)
-    accuracies, losses = module.depth.epoch_metrics("val")
+    values = module.depth.epoch_metrics("val")
+    accuracies = {k: v for k, v in values.items() if "/acc@" in k}
+    losses = {k: v for k, v in values.items() if "/loss@" in k}
+    assert values.keys() == accuracies.keys() | losses.keys()
     assert set(accuracies) == {f"val/depth{s}/acc@{d}" for s in (1, 2) for d in NESTING}
     assert set(losses) == {f"val/depth{s}/loss@{d}" for s in (1, 2) for d in NESTING}
     head = module.depth.heads.heads[0]
@@ -159,18 +180,86 @@ def test_other_timm_families_build_depth_heads_of_their_stage_widths(name):
     assert depth.step_loss(stage_z, y, "train").isfinite()
 
 
-def test_a_backbone_whose_intermediates_miss_its_own_embedding_is_refused():
+FAMILIES = [
+    "test_byobnet",
+    "resnet18",
+    "test_vit",
+    "test_convnext",
+    "test_efficientnet",
+    "mobilenetv3_small_050",
+]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_one_pass_reproduces_the_models_own_embedding_and_feature_info_widths(name):
+    """What depth heads rely on, per timm family: forward_intermediates + forward_head is the model's own
+    forward (no second pass checks it at build time), and its maps are NCHW with feature_info's widths."""
+    from mrl.models.stage_features import depth_stage_choices, stage_channels
+
+    backbone = TimmBackbone(name, in_chans=3, img_size=32, embed_dim=16).eval()
+    stages = depth_stage_choices(backbone)
+    x = _batch()[0]
+    with torch.no_grad():
+        z, maps = backbone(x, stages=stages)
+        torch.testing.assert_close(z, backbone(x), rtol=1e-4, atol=1e-5)
+    assert all(m.dim() == 4 for m in maps)
+    assert [m.shape[1] for m in maps] == stage_channels(backbone, stages)
+
+
+def test_stage_features_that_are_not_nchw_maps_are_refused():
     from mrl.models.depth import DepthMatryoshka
     from mrl.nn.matryoshka_linear import MatryoshkaLinear
     from mrl.nn.matryoshka_loss import MatryoshkaLoss
 
     backbone = TimmBackbone("test_byobnet", in_chans=3, img_size=32)
+    depth = DepthMatryoshka(backbone, MatryoshkaLinear(backbone.embed_dim, 5, NESTING), [1], MatryoshkaLoss())
     original = backbone.model.forward_intermediates
 
-    def shifted(x, indices=None, intermediates_only=False, **kwargs):  # final features forward() never sees
-        out = original(x, indices=indices, intermediates_only=intermediates_only, **kwargs)
-        return out if intermediates_only else (out[0] + 1.0, out[1])
+    def tokens(x, indices=None, **kwargs):  # (B, H*W, C) token sequences, as some ViTs can return
+        final, maps = original(x, indices=indices, **kwargs)
+        return final, [m.flatten(2).transpose(1, 2) for m in maps]
 
-    backbone.model.forward_intermediates = shifted
-    with pytest.raises(MRLError, match="does not reproduce the model's own embedding"):
-        DepthMatryoshka(backbone, MatryoshkaLinear(backbone.embed_dim, 5, NESTING), [1], MatryoshkaLoss())
+    backbone.model.forward_intermediates = tokens
+    with pytest.raises(MRLError, match=r"not \(B, C, H, W\) maps"):
+        depth.embed(backbone, _batch()[0])
+
+
+def test_a_step_gets_the_stage_maps_from_one_call_of_the_backbone_module(monkeypatch):
+    """What compile=true compiles is the backbone module's call (configure_model): the depth heads' maps
+    come from it, in the one call that also gives the embedding."""
+    module = _module("head.depth_stages=[1,3]")
+    calls = []
+    original = TimmBackbone.forward
+    monkeypatch.setattr(
+        TimmBackbone,
+        "forward",
+        lambda self, x, stages=None: calls.append(stages) or original(self, x, stages),
+    )
+    monkeypatch.setattr(module.backbone.model, "forward_intermediates", _only_through(module.backbone, calls))
+    x, y = _batch()
+    module._shared_step((x, y), "train", log_loss=False)
+    with torch.no_grad():
+        module._shared_step((x, y), "val", log_loss=False)
+    assert calls == [[1, 3], [1, 3]]
+
+
+def _only_through(backbone, calls):
+    """timm's forward_intermediates, refusing to run outside a call of the backbone module."""
+    original = backbone.model.forward_intermediates
+
+    def guarded(*args, **kwargs):
+        assert calls and calls[-1] is not None, "stage maps taken outside the backbone module's call"
+        return original(*args, **kwargs)
+
+    return guarded
+
+
+@pytest.mark.slow
+def test_compile_covers_the_stage_maps_in_one_graph():
+    """compile=true compiles the backbone module; the depth heads' maps come from that module's call, which
+    dynamo traces as one graph (no break back to eager Python)."""
+    import torch._dynamo
+
+    backbone = TimmBackbone("test_byobnet", in_chans=3, img_size=32, embed_dim=16)
+    explained = torch._dynamo.explain(backbone)(_batch()[0], stages=[1, 3])
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

@@ -62,6 +62,16 @@ def test_per_size_losses_and_gradients_match_the_reference(kind, views):
     assert per_size.shape == (len(NESTING),)
 
 
+def test_contrastive_losses_are_a_per_size_loss_of_the_objective():
+    torch.manual_seed(0)
+    z = torch.randn(12, 16, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 1, 2, 0, 3])
+    c = [4.0, 2.0, 1.0, 0.5, 1.0]
+    loss_fn = MatryoshkaLoss(c, per_size_loss=MatryoshkaContrastiveLoss(NESTING, "supcon", 0.3, views=2))
+    _, expected = reference(z, NESTING, 2, labels, 0.3, c)
+    torch.testing.assert_close(loss_fn(z, labels), expected)
+
+
 def test_infonce_with_two_views_is_nt_xent_and_supcon_without_shared_classes_equals_it():
     torch.manual_seed(1)
     z = torch.randn(8, 4, dtype=torch.float64)
@@ -101,7 +111,7 @@ def test_backbone_learns_from_the_contrastive_loss_only_and_the_probe_from_the_h
     backbone_total, head_total = _grads(module, total)
     # the contrastive loss alone, computed by hand from the same forward pass
     z = module(x.flatten(0, 1))
-    contrastive = module.criterion.combine(module.objective.per_size(z, y))
+    contrastive = module.criterion.combine(module.criterion.per_size(z, y))
     backbone_contrastive, head_contrastive = _grads(module, contrastive)
     # the gradient reaches the first layer (some residual branches start at zero, so not every tensor)
     first = next(iter(backbone_total))
@@ -179,7 +189,7 @@ def test_size_sampling_weighs_the_contrastive_losses_of_undrawn_sizes_by_zero(mo
     torch.manual_seed(0)
     module = _tiny_module("supcon", "head.sizes_per_step=1").train()
     monkeypatch.setattr(type(module), "global_step", property(lambda self: 3))
-    weights = module.size_sampler.step_weights(3, torch.device("cpu"))
+    weights = module.criterion.sampler.step_weights(3, torch.device("cpu"))
     drawn = [g for g in range(3) if weights[g] > 0]
     assert len(drawn) == 2 and 2 in drawn  # the full size and one other
     x = torch.randn(2, 6, 3, 16, 16, dtype=torch.float64)
@@ -189,7 +199,7 @@ def test_size_sampling_weighs_the_contrastive_losses_of_undrawn_sizes_by_zero(mo
     per_size, _ = reference(z, [2, 4, 8], 2, y.repeat(2), 0.1, [1, 1, 1])
     expected = sum(per_size[g] for g in drawn)
     # the contrastive loss, recomputed by the module's own path for the same step
-    _, _, _, contrastive = module._training_embedding(x, y, False, weights)
+    _, _, _, contrastive = module._contrastive_step(x, y, weights, False)
     torch.testing.assert_close(contrastive, expected)
     probe = sum(
         torch.nn.functional.cross_entropy(

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from conftest import compose_train
 from mrl.errors import MRLError
+from mrl.nn.matryoshka_loss import MatryoshkaLoss
 from mrl.nn.size_sampling import SizeSampler
 from mrl.training.assemble import build_module
 
@@ -73,6 +74,31 @@ def test_k_zero_trains_the_full_size_only_and_k_max_every_size():
 def test_bad_sizes_per_step(bad):
     with pytest.raises(MRLError, match=r"head.sizes_per_step=.* an integer from 0 to 4"):
         SizeSampler(len(NESTING), bad)
+
+
+def test_the_objective_with_weights_and_a_sampler_draw_is_the_hand_written_sum():
+    """MatryoshkaLoss(c, sampler=...): the sum over the drawn sizes of c_m * CE_m."""
+    torch.manual_seed(3)
+    logits = torch.randn(len(NESTING), 7, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 5, (7,))
+    c = [5.0, 4.0, 3.0, 2.0, 1.0]
+    loss_fn = MatryoshkaLoss(c, sampler=SizeSampler(len(NESTING), 2, seed=11), label_smoothing=0.1).double()
+    for step in (0, 7, 123):
+        drawn = reference_draw(len(NESTING), 2, 11, step)
+        expected = sum(c[g] * F.cross_entropy(logits[g], target, label_smoothing=0.1) for g in sorted(drawn))
+        torch.testing.assert_close(loss_fn(logits, target, step=step), expected, rtol=1e-12, atol=1e-12)
+        # draw + combine (what training does with several losses per batch) is the same sum
+        per_size = loss_fn.per_size(logits, target)
+        sizes = loss_fn.draw(step, "cpu")
+        torch.testing.assert_close(loss_fn.combine(per_size, sizes), expected, rtol=1e-12, atol=1e-12)
+        (grad,) = torch.autograd.grad(loss_fn(logits, target, step=step), logits)
+        assert [bool(grad[g].abs().sum() > 0) for g in range(len(NESTING))] == [
+            g in drawn for g in range(len(NESTING))
+        ]
+    # evaluation (no step) and no sampler: every size
+    every = sum(w * F.cross_entropy(lg, target, label_smoothing=0.1) for w, lg in zip(c, logits, strict=True))
+    torch.testing.assert_close(loss_fn(logits, target), every, rtol=1e-12, atol=1e-12)
+    assert MatryoshkaLoss(c).draw(5, "cpu") is None
 
 
 def _module(*overrides: str):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -225,5 +225,17 @@ class TimmBackbone(nn.Module):
         """timm's preprocessing config (input size, mean, std, interpolation, crop) of this model."""
         return timm.data.resolve_model_data_config(self.model)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projection(self.model(x))
+    def forward(
+        self, x: torch.Tensor, stages: Sequence[int] | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The embedding ``(B, embed_dim)``; with ``stages`` (indices into timm's ``feature_info``) also
+        those stages' feature maps ``(B, C_s, H_s, W_s)``, from the same pass.
+
+        One call, so ``compile=true`` (which compiles this module) covers the stage maps too. timm's
+        ``forward_intermediates`` returns the maps and the final unpooled features, which
+        ``forward_head`` pools into what ``model(x)`` gives (tests/test_depth_matryoshka.py checks both
+        across model families)."""
+        if stages is None:
+            return self.projection(self.model(x))
+        final, maps = self.model.forward_intermediates(x, indices=list(stages))
+        return self.projection(self.model.forward_head(final)), list(maps)

@@ -16,6 +16,7 @@ from mrl.models.backbone import TimmBackbone
 from mrl.models.depth import DepthMatryoshka
 from mrl.models.heads import build_head
 from mrl.models.spec import HEAD_KEYS, ModelSpec
+from mrl.nn.cross_entropy import MatryoshkaCrossEntropy
 from mrl.nn.matryoshka_contrastive import KINDS as CONTRASTIVE_KINDS
 from mrl.nn.matryoshka_contrastive import MatryoshkaContrastiveLoss
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
@@ -92,10 +93,12 @@ def spec_from_config(cfg: DictConfig, num_classes: int, in_chans: int, img_size:
 class ModelParts(NamedTuple):
     backbone: TimmBackbone
     head: MatryoshkaLinear
+    # the Matryoshka objective: the head's cross-entropy or a contrastive loss, c_m, the size sampler
     loss: MatryoshkaLoss
-    # training-only helpers, None when off: random sizes per step, stage heads (2D Matryoshka)
-    size_sampler: SizeSampler | None = None
+    # stage heads (2D Matryoshka), None when off
     depth: DepthMatryoshka | None = None
+    # with a contrastive objective, the cross-entropy of the head, an online probe on the embedding
+    probe: MatryoshkaCrossEntropy | None = None
     spec: ModelSpec | None = None  # the built model's (build_model)
 
 
@@ -135,17 +138,17 @@ def build_parts(cfg: DictConfig, spec: ModelSpec) -> ModelParts:
     _, loss_settings = split_head_config(OmegaConf.to_container(cfg.head, resolve=True))
     weights = loss_settings.get("weights")
     check_loss_weights(weights, head.nesting)
-
-    def new_loss() -> MatryoshkaLoss:
-        return MatryoshkaLoss(weights=weights, fused=loss_settings.get("fused", True), **cfg.get("loss", {}))
-
     per_step = loss_settings.get("sizes_per_step")
     sampler = None if per_step is None else SizeSampler(len(head.nesting), per_step, cfg.get("seed") or 0)
+    cross_entropy = MatryoshkaCrossEntropy(fused=loss_settings.get("fused", True), **cfg.get("loss", {}))
+    contrastive = build_objective(cfg, head)
+    per_size_loss = cross_entropy if contrastive is None else contrastive
+    loss = MatryoshkaLoss(weights, per_size_loss=per_size_loss, sampler=sampler)
     stages = loss_settings.get("depth_stages")
     depth = None
-    if stages is not None:
-        depth = DepthMatryoshka(backbone, head, stages, new_loss(), loss_settings.get("depth_weight", 1.0))
-    return ModelParts(backbone, head, new_loss(), sampler, depth, spec)
+    if stages is not None:  # the stage heads share the final head's objective
+        depth = DepthMatryoshka(backbone, head, stages, loss, loss_settings.get("depth_weight", 1.0))
+    return ModelParts(backbone, head, loss, depth, None if contrastive is None else cross_entropy, spec)
 
 
 def check_loss_weights(weights: list | None, nesting: list[int]) -> None:
@@ -174,11 +177,11 @@ OBJECTIVE_KINDS = ("ce", *CONTRASTIVE_KINDS)
 
 
 def build_objective(cfg: DictConfig, head: MatryoshkaLinear) -> MatryoshkaContrastiveLoss | None:
-    """The contrastive objective of ``cfg.objective`` over the head's sizes, or None for cross-entropy
+    """The contrastive per-size loss of ``cfg.objective`` over the head's sizes, or None for cross-entropy
     (``objective=ce``, the default, and configs written before the ``objective`` group existed).
 
-    Its per-size losses are combined by the Matryoshka loss's ``combine`` (``head.weights``), in the
-    LitModule: the weights are not given here, so one place applies them.
+    :func:`build_parts` wraps it in the run's :class:`MatryoshkaLoss` (``head.weights``, the size
+    sampler), the one place that weighs sizes.
     """
     objective = cfg.get("objective") or {}
     kind = str(objective.get("kind", "ce"))

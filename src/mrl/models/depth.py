@@ -2,11 +2,12 @@
 
 ``head.depth_stages=[s, ...]`` adds, for each chosen stage ``s`` of a timm backbone, a pooled and
 projected stage embedding with its own Matryoshka head (:class:`mrl.nn.stage_heads.StageHeads`); the
-training loss becomes ``final + depth_weight * sum_s sum_m c_m * CE_{s,m}``. The stage heads are trained
-with the model and evaluated on every split, but they are not the model: ``mrl-eval`` embeddings and
-``mrl.load`` use the final embedding only (``mrl.load`` reads the ``backbone.`` and ``head.`` weights).
-The backbone pass goes through timm's ``forward_intermediates``, not ``backbone(x)``, so ``compile=true``
-(which compiles ``backbone(x)``) does not speed it up.
+training loss becomes ``final + depth_weight * sum_s sum_m c_m * CE_{s,m}``, each stage weighed by the
+final head's objective (its ``c_m``, cross-entropy settings and the batch's size draw). The stage heads
+are trained with the model and evaluated on every split, but they are not the model: ``mrl-eval``
+embeddings and ``mrl.load`` use the final embedding only (``mrl.load`` reads the ``backbone.`` and
+``head.`` weights). The stage maps come from the backbone's own pass (``backbone(x, stages=...)``), so
+``compile=true`` covers them.
 """
 
 from __future__ import annotations
@@ -17,19 +18,19 @@ import torch
 from torch import nn
 
 from mrl.models.backbone import TimmBackbone
-from mrl.models.stage_features import check_depth_stages, forward_with_stages, measure_stage_channels
-from mrl.nn.matryoshka_accuracy import MatryoshkaAccuracy
+from mrl.models.stage_features import check_depth_stages, check_stage_maps, stage_channels
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 from mrl.nn.matryoshka_loss import MatryoshkaLoss
+from mrl.nn.per_size_metrics import PerSizeMetrics
 from mrl.nn.stage_heads import StageHeads
 
 SPLITS = ("train", "val", "test")
 
 
 class DepthMatryoshka(nn.Module):
-    """The stage heads of ``stages``, their loss (``loss``: the final head's cross-entropy settings and
-    ``c_m``) and their per-size accuracy and loss, logged as ``{split}/depth{s}/acc@{d}`` and
-    ``{split}/depth{s}/loss@{d}``."""
+    """The stage heads of ``stages``, trained with ``loss`` (the final head's cross-entropy objective, the
+    same module) times ``weight``, and their per-size accuracy and loss, logged as
+    ``{split}/depth{s}/acc@{d}`` and ``{split}/depth{s}/loss@{d}``."""
 
     def __init__(
         self,
@@ -41,11 +42,10 @@ class DepthMatryoshka(nn.Module):
     ) -> None:
         super().__init__()
         self.stages = check_depth_stages(backbone, stages)
-        channels = measure_stage_channels(backbone, self.stages)
         self.weight = float(weight)
         self.nesting = list(head.nesting)
         self.heads = StageHeads(
-            channels,
+            stage_channels(backbone, self.stages),
             head.in_features,
             head.num_classes,
             head.nesting,
@@ -55,18 +55,13 @@ class DepthMatryoshka(nn.Module):
         )
         self.loss = loss
         self.metrics = nn.ModuleDict(
-            {
-                f"{split}_{s}": MatryoshkaAccuracy(len(self.nesting), top_k=1)
-                for split in SPLITS
-                for s in self.stages
-            }
+            {f"{split}_{s}": PerSizeMetrics(self.nesting) for split in SPLITS for s in self.stages}
         )
-        self._loss_sums: dict[str, torch.Tensor] = {}
-        self._counts: dict[str, int] = {}
 
     def embed(self, backbone: TimmBackbone, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The final embedding ``backbone(x)`` and each stage's embedding, from one backbone pass."""
-        z, maps = forward_with_stages(backbone, x, self.stages)
+        z, maps = backbone(x, stages=self.stages)
+        check_stage_maps(backbone, maps)
         return z, self.heads.embed(maps)
 
     def step_loss(
@@ -74,38 +69,25 @@ class DepthMatryoshka(nn.Module):
         stage_embeddings: Sequence[torch.Tensor],
         target: torch.Tensor,
         split: str,
-        size_weights: torch.Tensor | None = None,
+        sizes: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``depth_weight * sum_s combine(per_size_s * size_weights)``; records each stage's per-size
-        accuracy and loss for the epoch (on the device: nothing is read back here)."""
+        """``depth_weight * sum_s loss.combine(per_size_s, sizes)`` (``sizes``: the batch's draw, see
+        :meth:`MatryoshkaLoss.draw`); records each stage's per-size accuracy and loss for the epoch (on
+        the device: nothing is read back here)."""
         training = split == "train" and torch.is_grad_enabled()
         total = torch.zeros((), device=target.device)
         for s, z, head in zip(self.stages, stage_embeddings, self.heads.heads, strict=True):
-            if training:
-                per_size, scores = self.loss.per_size_from_embedding(head, z, target, predict=True)
-            else:
-                scores = head(z)
-                per_size = self.loss.per_size(scores, target)
-            key = f"{split}_{s}"
-            self.metrics[key].update(scores.detach(), target)
-            self._loss_sums[key] = self._loss_sums.get(key, 0) + per_size.detach() * target.shape[0]
-            self._counts[key] = self._counts.get(key, 0) + target.shape[0]
-            total = total + self.loss.combine(per_size if size_weights is None else per_size * size_weights)
+            per_size, scores = self.loss.per_size_loss.per_size_and_scores(
+                head, z, target, logits=not training
+            )
+            self.metrics[f"{split}_{s}"].update(per_size, target, scores.detach())
+            total = total + self.loss.combine(per_size, sizes)
         return self.weight * total
 
-    def epoch_metrics(self, split: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """``(accuracies, losses)`` of the epoch by logged key, and resets them. The accuracies are
-        torchmetrics values (already synchronised across DDP processes); the losses are this process's
-        means, to log with ``sync_dist=True``."""
-        accuracies, losses = {}, {}
+    def epoch_metrics(self, split: str) -> dict[str, torch.Tensor]:
+        """The epoch's ``{split}/depth{s}/acc@{d}`` and ``loss@{d}`` by logged key, and a reset (every DDP
+        process calls it: torchmetrics synchronises the states)."""
+        values = {}
         for s in self.stages:
-            key = f"{split}_{s}"
-            metric = self.metrics[key]
-            top1 = metric.compute().reshape(-1)  # every rank computes: it synchronises the states
-            metric.reset()
-            sums, count = self._loss_sums.pop(key, None), self._counts.pop(key, 0)
-            for g, d in enumerate(self.nesting):
-                accuracies[f"{split}/depth{s}/acc@{d}"] = top1[g]
-                if sums is not None:
-                    losses[f"{split}/depth{s}/loss@{d}"] = sums[g] / count
-        return accuracies, losses
+            values.update(self.metrics[f"{split}_{s}"].compute(f"{split}/depth{s}"))
+        return values

@@ -2,8 +2,7 @@
 
 timm describes a model's feature stages in ``model.feature_info`` (one entry per stage: module, channels,
 reduction) and returns their maps with ``model.forward_intermediates(x, indices=[...])``, whose indices
-are positions in that list; it also returns the final unpooled features, which ``forward_head`` pools
-into exactly what ``model(x)`` gives. So one pass yields both the embedding and the stage maps.
+are positions in that list; ``TimmBackbone(x, stages=[...])`` gives them with the embedding, from one pass.
 """
 
 from __future__ import annotations
@@ -59,38 +58,17 @@ def check_depth_stages(backbone: TimmBackbone, stages: Sequence[int]) -> list[in
     return sorted(stages)
 
 
-@torch.no_grad()
-def measure_stage_channels(backbone: TimmBackbone, stages: Sequence[int]) -> list[int]:
-    """The channel count of each stage's map, measured with one forward pass on a random image of the
-    size the backbone was built for. It also checks that timm returns NCHW maps for these stages and
-    that the one-pass embedding is the backbone's own (``forward_head`` of the final features)."""
-    size = backbone.img_size or backbone.data_config()["input_size"][-1]
-    x = torch.rand(2, backbone.in_chans, size, size, generator=torch.Generator().manual_seed(0))
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        z, maps = forward_with_stages(backbone, x, stages)
-        same = torch.allclose(z, backbone(x), rtol=1e-4, atol=1e-5)
-    finally:
-        backbone.train(was_training)
-    if not same:
-        raise MRLError(
-            f"Backbone '{backbone.name}': timm's forward_intermediates does not reproduce the model's own "
-            "embedding (its forward does more than forward_head(forward_features(x))), so depth heads "
-            "cannot share its forward pass. Use another backbone, or head.depth_stages=null."
-        )
+def stage_channels(backbone: TimmBackbone, stages: Sequence[int]) -> list[int]:
+    """The channel count of each stage's feature map, from timm's ``feature_info`` (``num_chs``)."""
+    infos = feature_stages(backbone)
+    return [int(infos[s]["num_chs"]) for s in stages]
+
+
+def check_stage_maps(backbone: TimmBackbone, maps: Sequence[torch.Tensor]) -> None:
+    """Refuse stage features that are not ``(B, C, H, W)`` maps (they cannot be pooled per channel)."""
     if any(m.dim() != 4 for m in maps):
         raise MRLError(
             f"Backbone '{backbone.name}' returns intermediate features of shapes "
             f"{[tuple(m.shape) for m in maps]}, not (B, C, H, W) maps, so they cannot be pooled for "
             "head.depth_stages. Use another backbone, or head.depth_stages=null."
         )
-    return [int(m.shape[1]) for m in maps]
-
-
-def forward_with_stages(
-    backbone: TimmBackbone, x: torch.Tensor, stages: Sequence[int]
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``(z, maps)``: the embedding ``backbone(x)`` and the feature maps of ``stages``, in one pass."""
-    final, maps = backbone.model.forward_intermediates(x, indices=list(stages))
-    return backbone.projection(backbone.model.forward_head(final)), list(maps)

@@ -9,9 +9,10 @@ anchor is minus the mean log-probability of its positives:
 - ``infonce``: the positives are the other views of the same image (with two views: SimCLR's NT-Xent);
 - ``supcon``: every other row of the same class (Khosla et al. 2020, the ``L_out`` form).
 
-The loss of a size is the mean over anchors. Sizes are combined as ``sum_m c_m * loss_m`` by
-:meth:`mrl.nn.matryoshka_loss.MatryoshkaLoss.combine` (``head.weights``), the one place that weighs
-per-size losses, whatever the objective.
+The loss of a size is the mean over anchors. :class:`MatryoshkaContrastiveLoss` is a per-size loss for
+:class:`mrl.nn.matryoshka_loss.MatryoshkaLoss`, which weighs the sizes as ``sum_m c_m * loss_m``
+(``head.weights``, and the size sampler's draw), the one place that weighs per-size losses, whatever the
+objective.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def matryoshka_contrastive_per_size(
 
 class MatryoshkaContrastiveLoss(nn.Module):
     """The ``kind`` contrastive loss ``L_m`` of the normalised prefixes of every size ``m`` (see the module
-    docstring), to be weighed by ``MatryoshkaLoss.combine``.
+    docstring), to be weighed by a ``MatryoshkaLoss(per_size_loss=...)``.
 
     Holds no state, so a contrastive run's checkpoint has the same keys as a cross-entropy run's.
     """
@@ -91,6 +92,15 @@ class MatryoshkaContrastiveLoss(nn.Module):
         self.kind = kind
         self.temperature = float(temperature)
         self.views = int(views)
+
+    def check_views(self, x: torch.Tensor) -> None:
+        """Refuse a training batch that is not ``views`` stacked views of its images ``(V, B, C, H, W)``."""
+        if x.dim() != 5 or x.shape[0] != self.views:
+            raise RuntimeError(
+                f"objective={self.kind} needs {self.views} views per training batch (V, B, C, H, W), got a "
+                f"batch of shape {tuple(x.shape)}: the datamodule was not given objective.views "
+                "(datamodule.configure_views)"
+            )
 
     def per_size(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The unweighted loss of every size ``(G,)`` for view-major views ``z`` and labels ``(B,)``."""

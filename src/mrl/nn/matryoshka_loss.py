@@ -1,46 +1,84 @@
-"""The Matryoshka loss: a weighted sum over prefix sizes of the cross-entropy of each size's logits."""
+"""The Matryoshka objective: ``sum_m c_m * s_m * L_m`` over the prefix sizes ``m`` of an embedding, the one
+place that weighs sizes.
+
+As sentence-transformers' ``MatryoshkaLoss``, one wrapper takes any per-size loss, the sizes' relative
+importance ``c_m`` and an optional per-step size sampler (``s_m``: 1 for the sizes drawn this training
+step, 0 for the others, :mod:`mrl.nn.size_sampling`; 1 for every size without a sampler and in
+evaluation). A per-size loss is any object with a ``per_size(*inputs)`` method returning the unweighted
+loss of every size, a tensor ``(G,)`` in nesting order (:class:`PerSizeLoss`); its inputs are its own
+(logits and targets, views and labels, frozen features, ...). mrl's per-size losses:
+
+- :class:`mrl.nn.cross_entropy.MatryoshkaCrossEntropy` (the default): a classifier head's cross-entropy
+  per size, fused or per size;
+- :class:`mrl.nn.matryoshka_contrastive.MatryoshkaContrastiveLoss`: SupCon or InfoNCE on the normalised
+  prefixes of several views' embeddings.
+
+A training loop with one loss per step calls ``loss(*inputs, step=global_step)``. mrl's LitModule weighs
+several per-size losses with one draw per batch (the final head's, each depth stage's, the contrastive
+one): it keeps their per-size values for its metrics, takes the batch's draw once with
+:meth:`MatryoshkaLoss.draw` and sums each with :meth:`MatryoshkaLoss.combine`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mrl.nn.fused_cross_entropy import matryoshka_cross_entropy
+from mrl.nn.cross_entropy import MatryoshkaCrossEntropy
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
+from mrl.nn.size_sampling import SizeSampler
+
+
+class PerSizeLoss(Protocol):
+    """What :class:`MatryoshkaLoss` wraps: the unweighted loss of every size of a nesting list."""
+
+    def per_size(self, *inputs: Any) -> torch.Tensor:
+        """The loss of every size, shape ``(G,)``, in nesting order (differentiable)."""
+        ...
 
 
 class MatryoshkaLoss(nn.Module):
-    """``sum_g c_g * CE(logits[g], target)`` over the sizes of a :class:`MatryoshkaLinear`.
+    """``sum_g c_g * s_g * per_size_loss.per_size(*inputs)[g]``: the Matryoshka objective.
 
-    ``weights`` are the relative importance ``c_m`` of each size (default 1 each, as the paper);
-    ``cross_entropy_kwargs`` go to :func:`torch.nn.functional.cross_entropy` (``label_smoothing``,
-    ``ignore_index``, ``weight`` for per-class weights, ``reduction`` of ``"mean"`` or ``"sum"``).
-
-    With ``fused=True`` (the default) every size's loss comes from one batched cross-entropy call over
-    the ``(G * B, C)`` logits; ``fused=False`` calls cross-entropy once per size like the paper's code.
-    Both give the same value and gradients.
+    ``weights`` are the relative importance ``c_m`` of each size (default 1 each, as the paper).
+    ``per_size_loss`` is what is weighed (:class:`PerSizeLoss`); without one it is the cross-entropy
+    :class:`~mrl.nn.cross_entropy.MatryoshkaCrossEntropy` built from ``fused`` and
+    ``cross_entropy_kwargs`` (``label_smoothing``, ``ignore_index``, ``weight`` for per-class weights,
+    ``reduction``), so ``MatryoshkaLoss(weights)(logits (G, B, C), target (B,))`` is
+    ``sum_g c_g * CE(logits[g], target)``. ``sampler`` draws the sizes trained at each training step
+    (:meth:`draw`), which :meth:`combine` applies.
     """
 
-    def __init__(self, weights: Sequence[float] | None = None, fused: bool = True, **cross_entropy_kwargs):
+    def __init__(
+        self,
+        weights: Sequence[float] | None = None,
+        fused: bool = True,
+        *,
+        per_size_loss: PerSizeLoss | None = None,
+        sampler: SizeSampler | None = None,
+        **cross_entropy_kwargs,
+    ) -> None:
         super().__init__()
-        reduction = cross_entropy_kwargs.pop("reduction", "mean")
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"MatryoshkaLoss supports reduction='mean' or 'sum', got {reduction!r}")
-        self.reduction = reduction
-        class_weight = cross_entropy_kwargs.pop("weight", None)
-        # Buffers follow the module (and so the logits) across devices with .to() / Lightning.
+        if per_size_loss is None:
+            per_size_loss = MatryoshkaCrossEntropy(fused=fused, **cross_entropy_kwargs)
+        elif cross_entropy_kwargs or not fused:
+            raise ValueError(
+                "MatryoshkaLoss: fused and cross-entropy settings configure its own cross-entropy; with a "
+                "per_size_loss, configure that loss instead"
+            )
+        self.per_size_loss = per_size_loss
+        self.sampler = sampler
+        # A buffer follows the module (and so the losses) across devices with .to() / Lightning.
         self.register_buffer(
             "weights", None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
         )
-        self.register_buffer(
-            "class_weight",
-            None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32),
-        )
-        self.fused = bool(fused)
-        self.ce_kwargs = cross_entropy_kwargs
+        # Checkpoints name the cross-entropy's class weights "<prefix>class_weight", the key stored
+        # checkpoints have, not "<prefix>per_size_loss.class_weight": saving and loading map the two.
+        self.register_state_dict_post_hook(_class_weight_key_out)
+        self.register_load_state_dict_pre_hook(_class_weight_key_in)
 
     def _size_weights(self, num_sizes: int, like: torch.Tensor) -> torch.Tensor:
         if self.weights is None:
@@ -52,70 +90,44 @@ class MatryoshkaLoss(nn.Module):
             )
         return self.weights.to(device=like.device, dtype=like.dtype)
 
-    def per_size(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The unweighted loss of every size, shape ``(G,)``."""
-        if logits.dim() != 3:
-            raise ValueError(f"MatryoshkaLoss expects logits of shape (G, B, C), got {tuple(logits.shape)}")
-        class_weight = None if self.class_weight is None else self.class_weight.to(logits.dtype)
-        if not self.fused:
-            return torch.stack(
-                [
-                    F.cross_entropy(
-                        lg, target, weight=class_weight, reduction=self.reduction, **self.ce_kwargs
-                    )
-                    for lg in logits
-                ]
-            )
-        num_sizes, batch, num_classes = logits.shape
-        losses = F.cross_entropy(
-            logits.reshape(num_sizes * batch, num_classes),
-            target.repeat(num_sizes),
-            weight=class_weight,
-            reduction="none",
-            **self.ce_kwargs,
-        ).view(num_sizes, batch)
-        if self.reduction == "sum":
-            return losses.sum(dim=1)
-        # The same normaliser as cross_entropy's "mean": the (class-weighted) count of kept targets.
-        ignore_index = self.ce_kwargs.get("ignore_index", -100)
-        kept = target != ignore_index
-        keep = kept.to(logits.dtype)
-        if class_weight is not None:
-            keep = keep * class_weight[torch.where(kept, target, 0)]
-        return losses.sum(dim=1) / keep.sum()
+    def per_size(self, *inputs: Any) -> torch.Tensor:
+        """The unweighted loss of every size ``(G,)`` (the wrapped per-size loss's)."""
+        return self.per_size_loss.per_size(*inputs)
 
     def per_size_from_embedding(
         self, head: MatryoshkaLinear, z: torch.Tensor, target: torch.Tensor, predict: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-size losses ``(G,)`` of ``head`` on the embedding ``z``, and top-1 predictions ``(G, B)``
-        when ``predict`` (else ``None``).
+        """Cross-entropy only: the per-size losses of ``head`` on ``z`` (and top-1 predictions when
+        ``predict``), head and loss as one node; see
+        :meth:`~mrl.nn.cross_entropy.MatryoshkaCrossEntropy.per_size_from_embedding`."""
+        return self.per_size_loss.per_size_from_embedding(head, z, target, predict=predict)
 
-        With a fused head and loss (the defaults) the head and the cross-entropy run as one autograd node
-        (:mod:`mrl.nn.fused_cross_entropy`), which keeps one ``(G, B, C)`` buffer per step instead of
-        three; otherwise this is ``per_size(head(z), target)``. Same values and gradients either way.
-        """
-        # Options the one-node cross-entropy does not implement fall back to head then loss.
-        if not (self.fused and head.fused) or set(self.ce_kwargs) - {"ignore_index", "label_smoothing"}:
-            logits = head(z)
-            return self.per_size(logits, target), (logits.argmax(2) if predict else None)
-        out = matryoshka_cross_entropy(
-            z,
-            head.weight,
-            head.bias,
-            target,
-            head.nesting,
-            head.efficient,
-            class_weight=self.class_weight,
-            ignore_index=self.ce_kwargs.get("ignore_index", -100),
-            label_smoothing=self.ce_kwargs.get("label_smoothing", 0.0),
-            reduction=self.reduction,
-            predict=predict,
-        )
-        return out if predict else (out, None)
+    def draw(self, step: int, device: torch.device | str) -> torch.Tensor | None:
+        """The sizes trained at training step ``step``: the sampler's 0/1 weights ``(G,)``, a tensor on
+        ``device`` (no host sync), or None without a sampler (every size). One draw per training batch,
+        given to each :meth:`combine` of that batch (the sampler counts draws for its logged fractions)."""
+        return None if self.sampler is None else self.sampler.step_weights(step, device)
 
-    def combine(self, per_size: torch.Tensor) -> torch.Tensor:
-        """The weighted sum ``sum_g c_g * per_size[g]`` of per-size losses."""
+    def combine(self, per_size: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """``sum_g c_g * s_g * per_size[g]`` with ``s`` a draw of :meth:`draw`, or 1 for every size when
+        ``sizes`` is None (evaluation, or no sampler)."""
+        if sizes is not None:
+            per_size = per_size * sizes
         return (self._size_weights(per_size.shape[0], per_size) * per_size).sum()
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.combine(self.per_size(logits, target))
+    def forward(self, *inputs: Any, step: int | None = None) -> torch.Tensor:
+        """The objective of ``inputs``: with a training ``step``, over that step's drawn sizes."""
+        per_size = self.per_size(*inputs)
+        return self.combine(per_size, None if step is None else self.draw(step, per_size.device))
+
+
+def _class_weight_key_out(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    inner = f"{prefix}per_size_loss.class_weight"
+    if inner in state_dict:
+        state_dict[f"{prefix}class_weight"] = state_dict.pop(inner)
+
+
+def _class_weight_key_in(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    outer = f"{prefix}class_weight"
+    if outer in state_dict and isinstance(module.per_size_loss, MatryoshkaCrossEntropy):
+        state_dict[f"{prefix}per_size_loss.class_weight"] = state_dict.pop(outer)

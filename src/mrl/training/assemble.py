@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from mrl.data.base import MRLDataModule
 from mrl.instantiate import instantiate
 from mrl.models.backbone import build_with_upsizing
-from mrl.models.build import ModelParts, build_objective, build_parts, spec_from_config
+from mrl.models.build import ModelParts, build_parts, spec_from_config
 from mrl.models.spec import TIMM, ModelSpec, data_preprocessing
 from mrl.training.module import MatryoshkaLitModule
 
@@ -89,7 +89,7 @@ def _configure(
 
 
 def _module(cfg: DictConfig, parts: ModelParts, spec: ModelSpec) -> MatryoshkaLitModule:
-    """The LightningModule of built ``parts``, with ``cfg``'s optimizer, schedule and objective."""
+    """The LightningModule of built ``parts``, with ``cfg``'s optimizer and schedule."""
     optimizer = instantiate(cfg.optim) if cfg.get("optim") else None
     scheduler = instantiate(cfg.sched) if cfg.get("sched") and cfg.sched.get("_target_") else None
     return MatryoshkaLitModule(
@@ -101,8 +101,7 @@ def _module(cfg: DictConfig, parts: ModelParts, spec: ModelSpec) -> MatryoshkaLi
         channels_last=bool(cfg.get("channels_last", False)),
         compile=bool(cfg.get("compile", False)),
         config=OmegaConf.to_container(cfg, resolve=True),
-        size_sampler=parts.size_sampler,
         depth=parts.depth,
-        objective=build_objective(cfg, parts.head),
+        probe=parts.probe,
         spec=spec,
     )
