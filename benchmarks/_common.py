@@ -19,8 +19,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from mrl.config_path import config_dir
-from mrl.instantiate import instantiate
-from mrl.training.module import build_module_for_data
+from mrl.training.assemble import assemble
 
 BIN = Path(sys.executable).parent
 # Train only: no validation, test, checkpoints; the epoch clock is the EpochTimer callback.
@@ -75,9 +74,7 @@ def bare_loop_epochs(overrides: list[str], device: str = "cpu", bf16: bool = Fal
     L.seed_everything(cfg.seed)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    data = instantiate(cfg.data)
-    module = build_module_for_data(cfg, data)
-    data.configure_transforms(module.backbone.data_config())
+    module, data = assemble(cfg)
     data.setup("fit")
     loader = data.train_dataloader()
     module.to(device).train()

@@ -20,8 +20,7 @@ from types import SimpleNamespace
 
 from _common import compose_cfg
 
-from mrl.instantiate import instantiate
-from mrl.training.module import build_module_for_data
+from mrl.training.assemble import assemble
 
 
 def main(argv: list[str] | None = None) -> tuple[float, float]:
@@ -34,9 +33,7 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
     overrides = list(args.overrides)
     with tempfile.TemporaryDirectory() as out:
         cfg = compose_cfg(overrides, out)
-    data = instantiate(cfg.data)
-    module = build_module_for_data(cfg, data)
-    data.configure_transforms(module.backbone.data_config())
+    module, data = assemble(cfg)
     data.setup("fit")
     train_loader = data.train_dataloader()  # built before the stand-in trainer below, which has no fit loop
     # The training-time transform (with flips) reads these trainer attributes.

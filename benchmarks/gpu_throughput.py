@@ -45,13 +45,12 @@ SKIP_BATCHES = 5
 
 def bare_step_rate(overrides: list[str], device: str, bf16: bool, compiled: bool, steps: int) -> float:
     """Images/s of training steps on one device-resident batch, the model built as mrl-train builds it."""
-    from mrl.instantiate import instantiate
-    from mrl.training.module import build_module_for_data
+    from mrl.training.assemble import assemble
 
     with tempfile.TemporaryDirectory() as out:
         cfg = compose_cfg(overrides, out)
-    data = instantiate(cfg.data)
-    module = build_module_for_data(cfg, data).to(device).train()
+    module, data = assemble(cfg)
+    module.to(device).train()
     if compiled:
         module.backbone.compile()
     optimizer = module.optimizer_factory(module)

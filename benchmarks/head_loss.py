@@ -489,12 +489,11 @@ def default_job_head() -> tuple[int, int, int, list[int]]:
 
     from _common import compose_cfg  # imported here: tests load this file for its helpers alone
 
-    from mrl.instantiate import instantiate
-    from mrl.training.module import build_module_for_data
+    from mrl.training.assemble import assemble
 
     with tempfile.TemporaryDirectory() as out:
         cfg = compose_cfg([], out)
-    head = build_module_for_data(cfg, instantiate(cfg.data)).head
+    head = assemble(cfg)[0].head
     return int(cfg.data.batch_size), head.in_features, head.num_classes, list(head.nesting)
 
 

@@ -6,7 +6,7 @@
 `mrl-train` runs as the console script (Hydra, Lightning, per-size torchmetrics, W&B offline, MRL head
 and loss); its epoch time is taken inside the process by the EpochTimer callback (epoch start to end,
 training batches only: validation, test and checkpoints are switched off in both). The bare loop builds
-the same model from the same config (mrl.train.build_module) and runs forward, loss, backward,
+the same model from the same config (mrl.training.assemble) and runs forward, loss, backward,
 optimizer and scheduler steps. Runs alternate, the first epoch of each run is dropped as warm-up, and
 the ratio of medians is reported, then the median of the per-round ratios with its 95% bootstrap
 interval (each round's two runs are neighbours in time, see ``_stats.paired_ratio``).

@@ -29,7 +29,13 @@ LAYERS: list[tuple[str, ...]] = [
     # the training wing: reading and writing checkpoints at the bottom, the job at the top
     ("mrl.training", "mrl.training.checkpoints", "mrl.training.checkpoint_io"),
     ("mrl.tracking",),
-    ("mrl.training.module", "mrl.training.callbacks", "mrl.training.ema", "mrl.training.schedules"),
+    (
+        "mrl.training.module",
+        "mrl.training.callbacks",
+        "mrl.training.ema",
+        "mrl.training.schedules",
+        "mrl.training.assemble",
+    ),
     ("mrl.training.job", "mrl.eval", "mrl.deploy", "mrl.compare", "mrl.preflight"),
     ("mrl.cli",),
 ]

@@ -46,3 +46,38 @@ def test_files_that_are_not_good_checkpoints_are_told_apart(tmp_path):
         assert "weights_only" not in message and "trusted source" not in message  # torch's advice dropped
         assert ("run code" in message) == (name == "evil.ckpt"), message  # only real globals are "code"
     assert load_checkpoint(tmp_path / "good.ckpt")["state_dict"]["w"].shape == (3,)
+
+
+def count_opens(monkeypatch, name: str) -> list[str]:
+    """Every open of a file called ``name`` from now on (builtins.open and io.open: torch.load, fsspec
+    and pathlib all open files through them)."""
+    import builtins
+    import io
+
+    opened: list[str] = []
+    real_open = builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, str | os.PathLike) and os.path.basename(file) == name:
+            opened.append(os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(io, "open", counting_open)
+    return opened
+
+
+def test_the_chosen_checkpoint_is_read_once_and_handed_to_lightning(tmp_path, monkeypatch):
+    from mrl.training.checkpoint_io import AtomicCheckpointIO
+    from mrl.training.checkpoints import last_checkpoint
+
+    (tmp_path / "checkpoints").mkdir()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(3)}, "epoch": 4}, path)
+    opened = count_opens(monkeypatch, "last.ckpt")
+    chosen = last_checkpoint(tmp_path)  # judged and read in one open
+    assert chosen.path == path and chosen.contents["epoch"] == 4 and len(opened) == 1
+    io = AtomicCheckpointIO(chosen)
+    assert io.load_checkpoint(str(path), weights_only=True)["epoch"] == 4 and len(opened) == 1
+    assert chosen.contents is None  # handed on, not kept alive beside Lightning's copy
+    assert io.load_checkpoint(path, weights_only=True)["epoch"] == 4 and len(opened) == 2  # read again

@@ -107,13 +107,13 @@ def test_model_group_option_builds_a_working_part(group, option):
     import torch
 
     from mrl.instantiate import instantiate
-    from mrl.models.build import build_parts
+    from mrl.models.build import build_parts, spec_from_config
 
     overrides = [f"{group}={option}", "paths.output_dir=/tmp/job"]
     if group != "backbone":  # the small default backbone keeps the other groups' checks quick
         overrides.append("backbone.name=test_byobnet")
     cfg = _compose(*overrides)
-    backbone, head, loss = build_parts(cfg, num_classes=3, in_chans=1, img_size=32)[:3]
+    backbone, head, loss = build_parts(cfg, spec_from_config(cfg, num_classes=3, in_chans=1, img_size=32))[:3]
     model = torch.nn.ModuleDict({"backbone": backbone, "head": head})
     optimizer = instantiate(cfg.optim)(model)
     if cfg.sched.get("_target_"):

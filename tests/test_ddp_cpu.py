@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 
 from conftest import TINY, read_results, wandb_inspect, wandb_run_dirs
 from mrl.instantiate import instantiate
-from mrl.training.module import build_module
+from mrl.training.assemble import build_module
 
 pytestmark = pytest.mark.slow
 

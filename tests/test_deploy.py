@@ -6,6 +6,7 @@ import json
 import pickle
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,31 +18,59 @@ from safetensors.torch import save_file
 import mrl
 from mrl.deploy import FORMAT, FORMAT_VERSION, NONE, TIMM, UINT8, MatryoshkaModel
 from mrl.errors import MRLError
+from mrl.models.spec import ModelSpec, Preprocessing
 
 NESTING = [2, 4, 8, 16]
 
 
-def _spec(kind: str = UINT8, in_chans: int = 1, img_size: int = 28) -> dict:
-    """A tiny model's description, as an export stores it (random weights: no training needed)."""
-    stats = {UINT8: [0.5] * in_chans, NONE: None, TIMM: [0.5] * in_chans}[kind]
-    pre = {"kind": kind, "in_chans": in_chans, "img_size": img_size, "mean": stats, "std": stats}
+def _spec(kind: str = UINT8, in_chans: int = 1, img_size: int = 28) -> ModelSpec:
+    """A tiny model's description (random weights: no training needed)."""
+    stats = {UINT8: (0.5,) * in_chans, NONE: None, TIMM: (0.5,) * in_chans}[kind]
+    data_config = None
     if kind == TIMM:
-        pre["data_config"] = {
+        data_config = {
             "input_size": [in_chans, img_size, img_size],
             "interpolation": "bilinear",
-            "mean": stats,
-            "std": stats,
+            "mean": list(stats),
+            "std": list(stats),
             "crop_pct": 0.875,
             "crop_mode": "center",
         }
+    return ModelSpec(
+        backbone="test_byobnet",
+        num_classes=5,
+        in_chans=in_chans,
+        img_size=img_size,
+        projection_dim=16,
+        nesting=tuple(NESTING),
+        preprocessing=Preprocessing(kind, in_chans, img_size, stats, stats, data_config),
+    )
+
+
+def _untyped_document(spec: ModelSpec) -> dict:
+    """The metadata an export of format version 1 (mrl before the typed description) stored for ``spec``."""
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "mrl_version": mrl.__version__,
-        "backbone": {"name": "test_byobnet", "in_chans": in_chans, "img_size": img_size, "embed_dim": 16},
-        "embed_dim": 16,
-        "head": {"kind": "mrl", "nesting": NESTING, "num_classes": 5, "efficient": False, "bias": True},
-        "preprocessing": pre,
+        "format_version": 1,
+        "mrl_version": "0.1.0",
+        "backbone": {
+            "name": spec.backbone,
+            "in_chans": spec.in_chans,
+            "img_size": spec.img_size,
+            "embed_dim": spec.projection_dim,
+            "drop_path_rate": None,
+            "model_kwargs": dict(spec.model_kwargs),
+            "blur_strided_convs": False,
+        },
+        "embed_dim": spec.embed_dim,
+        "head": {
+            "kind": "mrl",
+            "nesting": list(spec.nesting),
+            "num_classes": 5,
+            "efficient": False,
+            "bias": True,
+        },
+        "preprocessing": spec.preprocessing.to_dict(),
         "data": {},
     }
 
@@ -90,10 +119,30 @@ def test_export_round_trip_without_pickle(tiny_model, exported, monkeypatch):
         meta = json.loads(f.metadata()["mrl"])
         keys = set(f.keys())
     assert meta["format"] == FORMAT and meta["format_version"] == FORMAT_VERSION
-    assert meta["head"]["nesting"] == NESTING and meta["head"]["num_classes"] == 5
-    assert meta["backbone"]["name"] == "test_byobnet" and meta["embed_dim"] == 16
-    assert meta["preprocessing"]["kind"] == UINT8 and meta["preprocessing"]["img_size"] == 28
+    assert ModelSpec.from_dict(meta["model"]) == loaded.spec == tiny_model.spec
+    assert meta["model"]["nesting"] == NESTING and meta["model"]["num_classes"] == 5
+    assert meta["model"]["backbone"] == "test_byobnet" and meta["model"]["embed_dim"] == 16
+    assert (
+        meta["model"]["preprocessing"]["kind"] == UINT8 and meta["model"]["preprocessing"]["img_size"] == 28
+    )
     assert keys == set(tiny_model.state_dict()) and {"head.weight", "head.bias"} <= keys
+
+
+def test_an_export_of_format_version_1_still_loads(tiny_model, exported, tmp_path):
+    """Exports written before the typed model description keep loading, as the same model."""
+    with safe_open(str(exported), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    old = tmp_path / "old.safetensors"
+    save_file(
+        tensors, str(old), metadata={"format": "pt", "mrl": json.dumps(_untyped_document(tiny_model.spec))}
+    )
+    loaded = mrl.load(old)
+    assert loaded.spec == tiny_model.spec
+    x = _uint8_images()
+    torch.testing.assert_close(loaded.embed(x, dim=4), tiny_model.embed(x, dim=4), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.logits(x, dim=8), tiny_model.logits(x, dim=8), rtol=0, atol=0)
+    with safe_open(str(loaded.save(tmp_path / "again.safetensors")), framework="pt") as f:
+        assert json.loads(f.metadata()["mrl"])["format_version"] == FORMAT_VERSION  # saved in today's format
 
 
 def test_preprocess_accepts_raw_images(tiny_model):
@@ -184,9 +233,8 @@ def test_bad_files(tmp_path, exported):
     save_file({"w": torch.zeros(2)}, str(plain))
     cases.append((plain, "not an mrl model export"))
     newer = tmp_path / "newer.safetensors"
-    save_file(
-        {"w": torch.zeros(2)}, str(newer), metadata={"mrl": json.dumps({**_spec(), "format_version": 99})}
-    )
+    document = {"format": FORMAT, "format_version": 99, "model": _spec().to_dict()}
+    save_file({"w": torch.zeros(2)}, str(newer), metadata={"mrl": json.dumps(document)})
     cases.append((newer, "format version 99"))
     misfit = tmp_path / "misfit.safetensors"
     with safe_open(str(exported), framework="pt") as f:
@@ -198,24 +246,45 @@ def test_bad_files(tmp_path, exported):
     save_file(tensors, str(misfit), metadata=metadata)
     cases.append((misfit, r"do not fit .*missing head.bias.*head.weight \(7, 30\)"))
     sneaky = tmp_path / "sneaky.safetensors"
-    spec = _spec()
-    spec["backbone"]["model_kwargs"] = {"checkpoint_path": str(tmp_path / "evil.pth")}
-    save_file(tensors, str(sneaky), metadata={"mrl": json.dumps(spec)})
+    spec = replace(_spec(), model_kwargs={"checkpoint_path": str(tmp_path / "evil.pth")})
+    save_file(
+        tensors,
+        str(sneaky),
+        metadata={"mrl": json.dumps({**json.loads(metadata["mrl"]), "model": spec.to_dict()})},
+    )
     cases.append((sneaky, "only loads the weights stored with the model"))
+    layer = tmp_path / "layer.safetensors"
+    spec = replace(
+        _spec(), model_kwargs={"act_layer": {"_target_": "hydra.utils.get_class", "path": "os.system"}}
+    )
+    save_file(
+        tensors,
+        str(layer),
+        metadata={"mrl": json.dumps({**json.loads(metadata["mrl"]), "model": spec.to_dict()})},
+    )
+    cases.append((layer, "only resolves timm layer classes"))
+    future = tmp_path / "future.safetensors"
+    document = {**json.loads(metadata["mrl"]), "model": {**_spec().to_dict(), "version": 7}}
+    save_file(tensors, str(future), metadata={"mrl": json.dumps(document)})
+    cases.append((future, "description is of version 7"))
+    damaged = tmp_path / "damaged.safetensors"
+    document = {**json.loads(metadata["mrl"]), "model": {**_spec().to_dict(), "colour": "red"}}
+    save_file(tensors, str(damaged), metadata={"mrl": json.dumps(document)})
+    cases.append((damaged, r"metadata is incomplete .*unknown fields \['colour'\]"))
     for path, words in cases:
         with pytest.raises(MRLError, match=words):
             mrl.load(path)
 
 
 def test_interrupted_export_leaves_no_file(tiny_model, tmp_path, monkeypatch):
-    import mrl.deploy
+    import mrl.deploy.model
 
     def fail(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"half a file")
         raise KeyboardInterrupt
 
     target = tmp_path / "model.safetensors"
-    monkeypatch.setattr(mrl.deploy, "save_file", fail)
+    monkeypatch.setattr(mrl.deploy.model, "save_file", fail)
     with pytest.raises(KeyboardInterrupt):
         tiny_model.save(target)
     assert list(tmp_path.iterdir()) == []
@@ -238,7 +307,7 @@ def test_checkpoint_of_absent_image_folder_data(tmp_path):
     state = {**source.state_dict(), "criterion.extra": torch.zeros(1)}  # non-model entries are dropped
     torch.save({"state_dict": state, "mrl_config": config, "mrl_nesting": NESTING}, tmp_path / "m.ckpt")
     loaded = mrl.load(tmp_path / "m.ckpt")
-    assert loaded.preprocessing["kind"] == TIMM and loaded.preprocessing["img_size"] == 32
+    assert loaded.preprocessing.kind == TIMM and loaded.preprocessing.img_size == 32
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded.embed(x, dim=8), source.embed(x, dim=8))
     torch.testing.assert_close(loaded.logits(x, dim=4), source.logits(x, dim=4))
@@ -247,8 +316,8 @@ def test_checkpoint_of_absent_image_folder_data(tmp_path):
     config["data"]["eval_img_size"] = 40
     torch.save({"state_dict": state, "mrl_config": config}, tmp_path / "fixres.ckpt")
     fixres = mrl.load(tmp_path / "fixres.ckpt")
-    assert fixres.spec["backbone"]["img_size"] == 32 and fixres.preprocessing["img_size"] == 40
-    assert fixres.preprocessing["data_config"]["input_size"] == [3, 40, 40]
+    assert fixres.spec.img_size == 32 and fixres.preprocessing.img_size == 40
+    assert fixres.preprocessing.data_config["input_size"] == [3, 40, 40]
 
     torch.save({"state_dict": state, "mrl_config": {**config, "data": data}}, tmp_path / "noshape.ckpt")
     with pytest.raises(MRLError, match="image shape the model was trained on is unknown"):
@@ -262,7 +331,7 @@ def test_import_mrl_stays_light():
         "heavy = ('lightning', 'timm', 'hydra', 'safetensors', 'mrl.deploy')\n"
         "heavy = [m for m in heavy if m in sys.modules]\n"
         "assert not heavy, heavy\n"
-        "assert mrl.load.__module__ == 'mrl.deploy'\n"
+        "assert mrl.load.__module__ == 'mrl.deploy.loading'\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
@@ -300,8 +369,9 @@ def test_load_trained_checkpoint_and_eval_export(run_cli, tiny_fashion_mnist, tm
     export = out / "model.safetensors"
     with safe_open(str(export), framework="pt") as f:
         meta = json.loads(f.metadata()["mrl"])
-    assert meta["head"]["nesting"] == NESTING and meta["head"]["num_classes"] == 10
-    assert meta["preprocessing"]["kind"] == UINT8 and meta["preprocessing"]["mean"] == pytest.approx([0.286])
+    assert meta["model"]["nesting"] == NESTING and meta["model"]["num_classes"] == 10
+    preprocessing = meta["model"]["preprocessing"]
+    assert preprocessing["kind"] == UINT8 and preprocessing["mean"] == pytest.approx([0.286])
 
     # the same test images, in the exported order, as raw uint8 and as the eval loader feeds them
     datamodule = FashionMNISTDataModule(data_dir=str(tiny_fashion_mnist), val_size=50)
@@ -323,7 +393,7 @@ def test_load_trained_checkpoint_and_eval_export(run_cli, tiny_fashion_mnist, tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     for path in (ckpt, export):
         model = mrl.load(path)
-        assert model.nesting == NESTING and model.preprocessing["kind"] == UINT8
+        assert model.nesting == NESTING and model.preprocessing.kind == UINT8
         for g, d in enumerate(NESTING):
             want = torch.from_numpy(normalized_prefix(exported, d))
             torch.testing.assert_close(model.embed(images, dim=d), want, atol=1e-5, rtol=0)

@@ -11,7 +11,7 @@ from conftest import compose_train
 from mrl.errors import MRLError
 from mrl.models.backbone import TimmBackbone
 from mrl.models.stage_features import check_depth_stages
-from mrl.training.module import build_module
+from mrl.training.assemble import build_module
 
 NESTING = [2, 4, 8, 16]
 C = [3, 1, 2, 1]  # relative importance c_m

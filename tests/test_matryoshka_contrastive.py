@@ -14,7 +14,7 @@ from mrl.data.synthetic import SyntheticDataModule
 from mrl.errors import MRLError
 from mrl.nn.matryoshka_contrastive import MatryoshkaContrastiveLoss, matryoshka_contrastive_per_size
 from mrl.nn.matryoshka_loss import MatryoshkaLoss
-from mrl.training.module import build_module
+from mrl.training.assemble import build_module
 
 NESTING = [1, 2, 4, 8, 16]
 

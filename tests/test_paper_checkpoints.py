@@ -169,9 +169,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 )
 def test_load_matches_the_reference_forward(paper, name, kind, nesting):
     model = mrl.load(paper.paths[name])
-    assert model.spec["head"]["kind"] == kind and model.nesting == nesting
+    assert model.spec.head == kind and model.nesting == nesting
     assert model.num_classes == NUM_CLASSES and model.embed_dim == 2048
-    assert model.spec["backbone"]["blur_strided_convs"] == PaperFiles.LAYOUTS.get(name, (0, True))[1]
+    assert model.spec.blur_strided_convs == PaperFiles.LAYOUTS.get(name, (0, True))[1]
     x = _inputs()
     z_ref, logits_ref = paper.reference(name, x)
     with torch.no_grad():
@@ -198,7 +198,7 @@ def test_blurpool_changes_the_features(paper):
 @pytest.mark.slow
 def test_paper_head_names_the_ambiguous_full_width_fc(paper):
     as_mrl_e = mrl.load(paper.paths["standard"], paper_head="mrl_e")
-    assert as_mrl_e.spec["head"]["kind"] == "mrl_e" and as_mrl_e.nesting == NESTING
+    assert as_mrl_e.spec.head == "mrl_e" and as_mrl_e.nesting == NESTING
     x = _inputs(batch=2)
     _, logits_ref = paper.reference("old_mrl_e", x)
     assert_close(as_mrl_e.logits(x, dim=16), logits_ref[16])
@@ -220,7 +220,7 @@ def test_export_keeps_the_weights_and_the_papers_preprocessing(paper, tmp_path):
     z_ref, logits_ref = paper.reference("mrl", x)
     assert_close(again(x), z_ref)
     assert_close(again.logits(x, dim=32), logits_ref[32])
-    assert again.spec["backbone"]["blur_strided_convs"] is True
+    assert again.spec.blur_strided_convs is True and again.spec == model.spec
     # the paper's evaluation transform (inference/pytorch_inference.py), on one odd-sized image
     paper_transform = transforms.Compose(
         [
@@ -415,7 +415,7 @@ def test_mrl_eval_on_a_paper_checkpoint(paper, tiny_image_tree, tmp_path):
         expected = float((logits[m].argmax(1).numpy() == labels).mean())
         assert report["linear"][str(m)]["top1"] == pytest.approx(expected), m
     exported = mrl.load(out / "model.safetensors")
-    assert exported.preprocessing["data_config"]["crop_pct"] == pytest.approx(224 / 256)
+    assert exported.preprocessing.data_config["crop_pct"] == pytest.approx(224 / 256)
     x = _inputs(batch=2)
     z_ref, _ = paper.reference("mrl", x)
     assert_close(exported(x), z_ref)

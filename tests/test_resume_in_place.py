@@ -76,6 +76,42 @@ def test_resuming_a_finished_run_keeps_all_its_results(run_cli):
 
 
 @pytest.mark.slow
+def test_resume_reads_the_chosen_checkpoint_once(finished_run, tmp_path, monkeypatch):
+    """Picking the checkpoint, checking that it fits the model and Lightning's restoring of the training
+    state share one read of the file (in process, counting every open of it)."""
+    import builtins
+    import io
+    import os
+
+    from mrl.cli.resume import resume_config
+    from mrl.training.job import train
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    opened = []
+    real_open = builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, str | os.PathLike):
+            opened.append(Path(file).resolve())
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(io, "open", counting_open)
+    threads = torch.get_num_threads()
+    try:
+        cfg, chosen = resume_config(run, ["trainer.max_epochs=2"])
+        cfg.logger = None  # no W&B run in the test process
+        train(cfg, chosen)
+    finally:
+        torch.set_num_threads(threads)
+    assert opened.count(Path(cfg.ckpt_path).resolve()) == 1
+    assert chosen.contents is None  # handed to Lightning, not kept
+    last = run / "checkpoints" / "last.ckpt"
+    assert epoch_of(last) == epoch_of(finished_run / "checkpoints" / "last.ckpt") + 1
+
+
+@pytest.mark.slow
 def test_resume_skips_a_truncated_last_checkpoint_for_the_newest_intact_one(run_cli, finished_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)

@@ -22,8 +22,7 @@ from mrl.data.prepare import prepare_shards
 from mrl.data.preprocess import decode_rgb
 from mrl.data.shards import METADATA_NAME, ShardDataModule
 from mrl.errors import MRLError
-from mrl.instantiate import instantiate
-from mrl.training.module import build_module_for_data
+from mrl.training.assemble import assemble
 
 RESNET_CONFIG = {"interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
@@ -267,9 +266,8 @@ def test_ddp_ranks_read_disjoint_parts_of_each_epoch(run_cli, tiny_shards, tmp_p
     # process's
     (job,) = result.run_dirs()
     cfg = OmegaConf.load(job / "resolved_config.yaml")  # not mrl-eval: the recorder is no mrl component
-    dm = instantiate(cfg.data)
-    module = build_module_for_data(cfg, dm).eval()
-    dm.configure_transforms(module.backbone.data_config())
+    module, dm = assemble(cfg)
+    module.eval()
     ckpt = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     module.load_state_dict(ckpt["state_dict"])
     correct, total = torch.zeros(3), 0

@@ -15,7 +15,7 @@ from conftest import compose_train
 from mrl.errors import MRLError
 from mrl.nn.matryoshka_loss import MatryoshkaLoss
 from mrl.nn.size_sampling import SizeSampler
-from mrl.training.module import build_module
+from mrl.training.assemble import build_module
 
 NESTING = [2, 4, 8, 16, 32]
 

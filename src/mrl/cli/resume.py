@@ -17,7 +17,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mrl.errors import MRLError
-from mrl.training.checkpoints import last_checkpoint, renamed_targets
+from mrl.training.checkpoints import LoadedCheckpoint, last_checkpoint, renamed_targets
 
 RESOLVED_CONFIG_NAME = "resolved_config.yaml"
 
@@ -43,9 +43,12 @@ def resume_argv(argv: list[str]) -> list[str]:
     return [*argv, f"hydra.run.dir='{run_dir}'", "hydra.output_subdir=.hydra/resume"]
 
 
-def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
+def resume_config(
+    run_dir: Path, overrides: list[str], chosen: LoadedCheckpoint | None = None
+) -> tuple[DictConfig, LoadedCheckpoint | None]:
     """The stopped run's config with the command line's ``key=value`` overrides, starting from its
-    newest checkpoint (``ckpt_path`` unless one was given)."""
+    newest checkpoint (``ckpt_path`` unless one was given), and that checkpoint as read when picking it
+    (``chosen``, when the caller has picked it already), for :func:`mrl.training.job.train`."""
     stored = OmegaConf.to_container(OmegaConf.load(run_dir / RESOLVED_CONFIG_NAME))
     cfg = relocate(OmegaConf.create(renamed_targets(stored)), run_dir)
     explicit_ckpt = False
@@ -68,11 +71,15 @@ def resume_config(run_dir: Path, overrides: list[str]) -> DictConfig:
         explicit_ckpt = explicit_ckpt or key == "ckpt_path"
         with open_dict(cfg):
             OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+    if explicit_ckpt:
+        chosen = None
+    elif chosen is None:
+        chosen = last_checkpoint(run_dir)
     with open_dict(cfg):
         cfg.resume = str(run_dir)
-        if not explicit_ckpt:
-            cfg.ckpt_path = str(last_checkpoint(run_dir))
-    return cfg
+        if chosen is not None:
+            cfg.ckpt_path = str(chosen.path)
+    return cfg, chosen
 
 
 def relocate(cfg: DictConfig, run_dir: Path) -> DictConfig:
@@ -99,18 +106,17 @@ def relocate(cfg: DictConfig, run_dir: Path) -> DictConfig:
     return OmegaConf.create(move(OmegaConf.to_container(cfg, resolve=False)))
 
 
-def requeued_run(output_dir: Path) -> bool:
-    """A SLURM job requeued after a preemption (``SLURM_RESTART_COUNT`` > 0) whose directory already
-    holds its config and a checkpoint: it must continue, not start again."""
+def requeued_run(output_dir: Path) -> LoadedCheckpoint | None:
+    """For a SLURM job requeued after a preemption (``SLURM_RESTART_COUNT`` > 0) whose directory already
+    holds its config and a checkpoint, the checkpoint it must continue from (read); None otherwise."""
     if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) <= 0:
-        return False
+        return None
     if not (output_dir / RESOLVED_CONFIG_NAME).is_file():
-        return False
+        return None
     try:
-        last_checkpoint(output_dir)
+        return last_checkpoint(output_dir)
     except MRLError:
-        return False
-    return True
+        return None
 
 
 def ensure_wandb_id(cfg: DictConfig) -> None:

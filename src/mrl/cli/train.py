@@ -55,10 +55,12 @@ def run(cfg: DictConfig) -> float | None:
 
     quiet_third_party_logs()
     out = Path(HydraConfig.get().runtime.output_dir)
-    if cfg.get("resume") or requeued_run(out):
+    requeued = None if cfg.get("resume") else requeued_run(out)
+    chosen = None  # the checkpoint a resumed run continues from, read once (passed on to train)
+    if cfg.get("resume") or requeued is not None:
         # Same config, checkpoint and W&B run id as the stopped run (see mrl/cli/resume.py).
         check_run_config_file(out / RESOLVED_CONFIG_NAME)
-        resolved = resume_config(out, list(HydraConfig.get().overrides.task))
+        resolved, chosen = resume_config(out, list(HydraConfig.get().overrides.task), requeued)
         print(f"Resuming {out} from {resolved.ckpt_path}", file=sys.stderr, flush=True)
     else:
         _fill_run_names(cfg)
@@ -71,7 +73,7 @@ def run(cfg: DictConfig) -> float | None:
     OmegaConf.save(resolved, config_file)
     os.environ[DDP_CONFIG_ENV] = str(config_file)
     try:
-        result = train(resolved)
+        result = train(resolved, chosen)
     finally:
         os.environ.pop(DDP_CONFIG_ENV, None)
     if resolved.get("evaluate") is not None and result.is_global_zero:

@@ -115,6 +115,20 @@ class MRLDataModule(L.LightningDataModule):
         in-memory data sets)."""
         return None
 
+    def configure(
+        self, views: int = 1, img_size: int | None = None, data_config: dict[str, Any] | None = None
+    ) -> None:
+        """Serve the data the way one model takes it, set once, after construction and before ``setup``
+        (:func:`mrl.training.assemble.assemble`): ``views`` augmented views of each training image
+        (:meth:`configure_views`), images of ``img_size`` px when the model needs another size than the
+        data's (:meth:`resize`), and the backbone's timm ``data_config`` (:meth:`configure_transforms`).
+        The three methods are the steps a datamodule overrides."""
+        self.configure_views(views)
+        if img_size is not None and img_size != self.img_size:
+            self.resize(img_size)
+        if data_config is not None:
+            self.configure_transforms(data_config)
+
     def resize(self, img_size: int) -> None:
         """Serve images of ``img_size`` pixels (only when ``resizable``)."""
         if not self.resizable:

@@ -34,12 +34,11 @@ def load_for_eval(
         check_known_keys(config["data"], "data", data_overrides, how=how)
         cfg.data = OmegaConf.merge(cfg.data, OmegaConf.create(dict(data_overrides)))
     # Lightning and timm are imported only once we know the checkpoint is usable.
-    from mrl.instantiate import instantiate
-    from mrl.training.module import build_module_for_data
+    from mrl.training.assemble import assemble
 
-    datamodule = instantiate(cfg.data)
-    module = build_module_for_data(cfg, datamodule)
-    datamodule.configure_transforms(module.backbone.data_config())
+    # Rebuilt from the config, not the stored model description: the data settings given here may
+    # change the images the model is built for (as for training, mrl.training.assemble).
+    module, datamodule = assemble(cfg)
     check_compatible(ckpt, module, ckpt_path, config)
     module.load_state_dict(ckpt["state_dict"])
     return module.eval(), datamodule, OmegaConf.to_container(cfg, resolve=True)

@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from mrl.errors import MRLError
-from mrl.models.paper_layout import PAPER_EVAL_SIZE, SOURCE, PaperCheckpoint, paper_eval_data_config
+from mrl.models.paper_layout import PAPER_EVAL_SIZE, SOURCE, PaperCheckpoint
 from mrl.training.checkpoints import load_paper_weights
 
 log = logging.getLogger(__name__)
@@ -25,8 +25,9 @@ DATA_EXAMPLE = (
 
 def load_paper_for_eval(paper: PaperCheckpoint, path: str | Path, data: dict[str, Any] | None):
     """``(module, datamodule, config)`` as :func:`mrl.eval.model.load_for_eval` returns them: the paper's
-    model in eval mode on the CPU, the datamodule of ``data`` (a whole data config) with the paper's
-    evaluation preprocessing, and the config of an ``mrl-train`` run with this model."""
+    model (:attr:`PaperCheckpoint.spec`) in eval mode on the CPU, the datamodule of ``data`` (a whole data
+    config) with the paper's evaluation preprocessing, and the config of an ``mrl-train`` run with this
+    model (and where its weights came from, ``paper_checkpoint``)."""
     if not data or "_target_" not in data:
         given = f" (got data={data})" if data else ""
         raise MRLError(
@@ -34,23 +35,19 @@ def load_paper_for_eval(paper: PaperCheckpoint, path: str | Path, data: dict[str
             f"data config{given}. Tell mrl-eval which data set to evaluate on with a whole data config: "
             f"{DATA_EXAMPLE}. Its classes must be the model's {paper.num_classes}, in the same order."
         )
-    cfg = OmegaConf.create({"data": data, **paper.config()})
-    from mrl.instantiate import instantiate
-    from mrl.training.module import build_module
+    spec = paper.spec
+    cfg = OmegaConf.create({"data": data, **spec.to_config()})
+    from mrl.training.assemble import assemble
 
-    # the weights are checked before the data is listed (an ImageNet tree takes a while); a ResNet's
-    # modules do not depend on the image size
-    module = build_module(cfg, paper.num_classes, 3, PAPER_EVAL_SIZE)
-    load_paper_weights(module, paper, path)
-    datamodule = instantiate(cfg.data)
-    if datamodule.in_chans != 3 or datamodule.num_classes != paper.num_classes:
+    # the weights are checked before the data is listed (an ImageNet tree takes a while)
+    module, datamodule = assemble(cfg, spec, lambda model: load_paper_weights(model, paper, path))
+    if datamodule.in_chans != spec.in_chans or datamodule.num_classes != spec.num_classes:
         raise MRLError(
             f"{path} ({paper.describe()}) classifies RGB images into {paper.num_classes} classes, but the "
             f"data ({data['_target_']}) has {datamodule.num_classes} classes of "
             f"{datamodule.in_chans}-channel images. Evaluate on the data set it was trained for: "
             f"{DATA_EXAMPLE}."
         )
-    datamodule.configure_transforms(paper_eval_data_config(module.backbone.data_config()))
     if datamodule.eval_img_size != PAPER_EVAL_SIZE:
         # kept (a smaller crop is a quick check, a larger one a study of its own), but said: data=imagenet
         # crops at 256 for mrl's own models, which is not the paper's evaluation of these weights
@@ -61,4 +58,5 @@ def load_paper_for_eval(paper: PaperCheckpoint, path: str | Path, data: dict[str
             PAPER_EVAL_SIZE,
             PAPER_EVAL_SIZE,
         )
-    return module.eval(), datamodule, OmegaConf.to_container(cfg, resolve=True)
+    config = {**OmegaConf.to_container(cfg, resolve=True), "paper_checkpoint": paper.describe()}
+    return module.eval(), datamodule, config

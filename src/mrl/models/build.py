@@ -1,24 +1,93 @@
-"""One config -> the model's parts: backbone, Matryoshka head and loss (used by training and evaluation;
-the deployment API rebuilds the same head with :func:`mrl.models.heads.build_head`)."""
+"""Model descriptions -> modules: :func:`build_model` builds the network a :class:`ModelSpec` describes
+(training, evaluation and the deployment API all build it here); :func:`build_parts` adds, from the run's
+config, what training needs beside it (the Matryoshka loss and the training-only helpers)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 
 from mrl.errors import MRLError
-from mrl.instantiate import instantiate
 from mrl.models.backbone import TimmBackbone
 from mrl.models.depth import DepthMatryoshka
 from mrl.models.heads import build_head
+from mrl.models.spec import HEAD_KEYS, ModelSpec
 from mrl.nn.cross_entropy import MatryoshkaCrossEntropy
 from mrl.nn.matryoshka_contrastive import KINDS as CONTRASTIVE_KINDS
 from mrl.nn.matryoshka_contrastive import MatryoshkaContrastiveLoss
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 from mrl.nn.matryoshka_loss import MatryoshkaLoss
 from mrl.nn.size_sampling import SizeSampler
+
+
+class Model(NamedTuple):
+    """A built network and its spec, completed with what building measured (embedding size, sizes)."""
+
+    backbone: TimmBackbone
+    head: MatryoshkaLinear
+    spec: ModelSpec
+
+
+def build_model(spec: ModelSpec, pretrained: bool = False, pretrained_path: str | None = None) -> Model:
+    """The backbone and head ``spec`` describes, with random weights unless ``pretrained`` (timm's
+    weights from the local cache) or ``pretrained_path`` (a local file) give the backbone's."""
+    backbone = TimmBackbone(
+        name=spec.backbone,
+        in_chans=spec.in_chans,
+        img_size=spec.img_size,
+        embed_dim=spec.projection_dim,
+        pretrained=pretrained,
+        pretrained_path=pretrained_path,
+        drop_path_rate=spec.drop_path_rate,
+        model_kwargs={key: layer_class(key, value) for key, value in spec.model_kwargs.items()},
+        blur_strided_convs=spec.blur_strided_convs,
+    )
+    if spec.embed_dim is not None and backbone.embed_dim != spec.embed_dim:
+        raise MRLError(
+            f"Backbone {spec.backbone} gives {backbone.embed_dim}-d embeddings here but the model was saved "
+            f"with {spec.embed_dim}-d ones: the timm version differs from the one that trained it. "
+            "Install the timm version the model was trained with."
+        )
+    ff_dim = spec.nesting[0] if spec.head == "ff" and spec.nesting else None
+    head = build_head(
+        spec.head, backbone.embed_dim, spec.num_classes, spec.nesting, spec.min_size, ff_dim, spec.bias
+    )
+    built = replace(spec, embed_dim=backbone.embed_dim, nesting=tuple(head.nesting))
+    return Model(backbone, head, built)
+
+
+def layer_class(key: str, value: Any) -> Any:
+    """A ``model_kwargs`` entry that names a timm layer class the way recipes do (``{_target_:
+    hydra.utils.get_class, path: timm.layers.BlurPool2d}``) becomes that class; only ``timm.layers``
+    classes are resolved (so a stored spec cannot make building import anything else, and a run trains
+    only what ``mrl-eval`` and ``mrl.load`` can rebuild)."""
+    if not (isinstance(value, Mapping) and "_target_" in value):
+        return value
+    path = str(value.get("path", ""))
+    if value["_target_"] != "hydra.utils.get_class" or not path.startswith("timm.layers."):
+        raise MRLError(
+            f"The backbone's model_kwargs.{key} names {dict(value)}; mrl only resolves timm layer classes "
+            "(hydra.utils.get_class of timm.layers.*). Name a timm.layers class, or the layer by its timm "
+            "name (a string)."
+        )
+    import timm.layers
+
+    layer = getattr(timm.layers, path.rsplit(".", 1)[1], None)
+    if not isinstance(layer, type):
+        raise MRLError(f"model_kwargs.{key}: timm.layers has no class {path}; check the timm version.")
+    return layer
+
+
+def spec_from_config(cfg: DictConfig, num_classes: int, in_chans: int, img_size: int) -> ModelSpec:
+    """The model ``cfg.backbone`` and ``cfg.head`` describe, for images of this shape."""
+    head, _ = split_head_config(OmegaConf.to_container(cfg.head, resolve=True))
+    return ModelSpec.from_config(
+        OmegaConf.to_container(cfg.backbone, resolve=True), head, num_classes, in_chans, img_size
+    )
 
 
 class ModelParts(NamedTuple):
@@ -30,12 +99,12 @@ class ModelParts(NamedTuple):
     depth: DepthMatryoshka | None = None
     # with a contrastive objective, the cross-entropy of the head, an online probe on the embedding
     probe: MatryoshkaCrossEntropy | None = None
+    spec: ModelSpec | None = None  # the built model's (build_model)
 
 
 # The `head` config group is what users override (head=mrl_e, head.nesting, head.weights): its keys
-# configure the head itself or, for these, the Matryoshka loss that trains it (sizes_per_step: random
-# sizes per step; depth_*: prefix losses on earlier stages, see mrl.models.depth).
-HEAD_KEYS = ("kind", "nesting", "min_size", "dim", "bias")
+# configure the head itself (HEAD_KEYS) or, for these, the Matryoshka loss that trains it
+# (sizes_per_step: random sizes per step; depth_*: prefix losses on earlier stages, see mrl.models.depth).
 LOSS_KEYS = ("weights", "fused", "sizes_per_step", "depth_stages", "depth_weight")
 
 
@@ -53,11 +122,20 @@ def split_head_config(head_cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[st
     return head, loss
 
 
-def build_parts(cfg: DictConfig, num_classes: int, in_chans: int, img_size: int) -> ModelParts:
-    """Backbone (``cfg.backbone``), head and loss (``cfg.head``, ``cfg.loss``) for images of this shape."""
-    backbone = instantiate(cfg.backbone, in_chans=in_chans, img_size=img_size)
-    head_settings, loss_settings = split_head_config(OmegaConf.to_container(cfg.head, resolve=True))
-    head = build_head(embed_dim=backbone.embed_dim, num_classes=num_classes, **head_settings)
+def build_parts(cfg: DictConfig, spec: ModelSpec) -> ModelParts:
+    """The model of ``spec`` (its backbone's initial weights as ``cfg.backbone`` says) and its loss
+    (``cfg.head``, ``cfg.loss``)."""
+    try:
+        backbone, head, spec = build_model(
+            spec, bool(cfg.backbone.get("pretrained", False)), cfg.backbone.get("pretrained_path")
+        )
+    except MRLError:
+        raise
+    except Exception as err:  # a setting no check knows that timm refuses: named as a config error
+        from mrl.instantiate import config_error  # Hydra: only here, so that build_model never imports it
+
+        raise config_error(cfg.backbone, err) from err
+    _, loss_settings = split_head_config(OmegaConf.to_container(cfg.head, resolve=True))
     weights = loss_settings.get("weights")
     check_loss_weights(weights, head.nesting)
     per_step = loss_settings.get("sizes_per_step")
@@ -70,7 +148,7 @@ def build_parts(cfg: DictConfig, num_classes: int, in_chans: int, img_size: int)
     depth = None
     if stages is not None:  # the stage heads share the final head's objective
         depth = DepthMatryoshka(backbone, head, stages, loss, loss_settings.get("depth_weight", 1.0))
-    return ModelParts(backbone, head, loss, depth, None if contrastive is None else cross_entropy)
+    return ModelParts(backbone, head, loss, depth, None if contrastive is None else cross_entropy, spec)
 
 
 def check_loss_weights(weights: list | None, nesting: list[int]) -> None:

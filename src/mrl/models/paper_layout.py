@@ -30,6 +30,7 @@ import torch
 from mrl.errors import MRLError
 from mrl.models.blurpool import binomial_filter
 from mrl.models.heads import HEAD_KINDS
+from mrl.models.spec import ModelSpec, Preprocessing, timm_preprocessing
 from mrl.nn.nesting import default_nesting
 
 SOURCE = "RAIVNLab/MRL"
@@ -48,8 +49,8 @@ MRL_E_MIN_SIZE = 8
 # the paper's file naming: r50_mrl1_e1_ff2048.pt is the MRL-E model
 MRL_E_FILE_NAME = re.compile(r"mrl1_e1")
 # The paper's evaluation preprocessing (inference/pytorch_inference.py): Resize(256), CenterCrop(224),
-# ImageNet mean/std. timm's resnet50 data config has the same mean/std and input size but evaluates its
-# own weights with a bicubic resize and crop_pct 0.95; these two keys replace those.
+# ImageNet mean/std. timm's resnet50 data config has the same mean/std but evaluates timm's own weights
+# with a bicubic resize and crop_pct 0.95; these keys replace those.
 PAPER_EVAL_CROP = {"interpolation": "bilinear", "crop_pct": 224 / 256, "crop_mode": "center"}
 PAPER_EVAL_SIZE = 224
 EXPECTED = (
@@ -69,16 +70,18 @@ def is_state_dict(obj: Any) -> bool:
     )
 
 
-def paper_eval_data_config(timm_config: dict[str, Any]) -> dict[str, Any]:
-    """The paper's evaluation preprocessing as a timm data config: ``timm_config`` (the backbone's,
-    for mean and std) with the paper's resize and crop at 224 px."""
-    return {**timm_config, **PAPER_EVAL_CROP, "input_size": (3, PAPER_EVAL_SIZE, PAPER_EVAL_SIZE)}
+def paper_preprocessing() -> Preprocessing:
+    """The paper's evaluation preprocessing, as timm's eval transform makes it."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # timm only once a file is read
+
+    imagenet = {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD}
+    return timm_preprocessing({**imagenet, **PAPER_EVAL_CROP}, 3, PAPER_EVAL_SIZE)
 
 
 @dataclass
 class PaperCheckpoint:
-    """A paper checkpoint mapped onto mrl: the timm backbone and head it needs, and its weights under
-    mrl's names (``backbone.model.*``, ``head.weight``, ``head.bias``)."""
+    """A paper checkpoint mapped onto mrl: the model it holds (:attr:`spec`), and its weights under mrl's
+    names (``backbone.model.*``, ``head.weight``, ``head.bias``)."""
 
     arch: str  # the timm (and torchvision) model name
     kind: str  # one of HEAD_KINDS
@@ -95,22 +98,22 @@ class PaperCheckpoint:
         """The FF model's feature size (None for the other kinds)."""
         return self.nesting[0] if self.kind == "ff" else None
 
-    def config(self) -> dict[str, Any]:
-        """The ``backbone`` and ``head`` config nodes of an ``mrl-train`` run with this model, and where
-        the weights came from (``paper_checkpoint``)."""
-        head: dict[str, Any] = {"kind": self.kind, "bias": self.bias}
-        if self.kind == "ff":
-            head["dim"] = self.dim
-        elif self.kind != "standard":
-            head["nesting"] = list(self.nesting)
-        backbone = {
-            "_target_": "mrl.models.backbone.TimmBackbone",
-            "name": self.arch,
-            "embed_dim": None,
-            "pretrained": False,
-            "blur_strided_convs": self.blur,
-        }
-        return {"backbone": backbone, "head": head, "paper_checkpoint": self.describe()}
+    @property
+    def spec(self) -> ModelSpec:
+        """The model: timm's ResNet of the same name (its embedding the pooled features), the head of the
+        file, evaluated with the paper's preprocessing."""
+        return ModelSpec(
+            backbone=self.arch,
+            num_classes=self.num_classes,
+            in_chans=3,
+            img_size=PAPER_EVAL_SIZE,
+            blur_strided_convs=self.blur,
+            head=self.kind,
+            nesting=tuple(self.nesting),
+            bias=self.bias,
+            embed_dim=self.feature_dim,
+            preprocessing=paper_preprocessing(),
+        )
 
     def describe(self) -> str:
         """One line for the log: what the file holds and how it was read."""

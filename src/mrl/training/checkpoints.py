@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import pickle
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -27,6 +28,25 @@ class CorruptCheckpoint(MRLError):
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
+# The model's description (mrl.models.spec.ModelSpec.to_dict) in a checkpoint, beside the run's config
+# (``mrl_config``) and trained sizes (``mrl_nesting``).
+SPEC_KEY = "mrl_model"
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint file read once and handed on: :meth:`take` gives its contents to the one reader that
+    still needs them and forgets them, so no one keeps a run's weights and optimizer state alive."""
+
+    path: Path
+    contents: dict[str, Any] | None
+
+    def take(self, path: str | Path) -> dict[str, Any] | None:
+        """The contents, once, when ``path`` names this file (None otherwise, or when already taken)."""
+        if self.contents is None or Path(path).resolve() != self.path.resolve():
+            return None
+        contents, self.contents = self.contents, None
+        return contents
 
 
 def require_checkpoint_file(path: str | Path) -> Path:
@@ -62,16 +82,22 @@ def load_model_file(path: str | Path, paper_head: str | None = None) -> dict[str
 
 def _read_torch_file(path: Path) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU; a file that is no checkpoint, corrupt or holds
-    pickled objects other than tensors and plain values is an :class:`MRLError`."""
-    not_a_checkpoint = _not_a_checkpoint(path)
-    if not_a_checkpoint:
-        raise CorruptCheckpoint(
-            f"{path} is not a checkpoint: {not_a_checkpoint}. Give the path of a .ckpt file written by "
-            "mrl-train "
-            f"(a run's {CHECKPOINT_DIR}/{LAST} or its best epoch*.ckpt)."
-        )
+    pickled objects other than tensors and plain values is an :class:`MRLError`. The file is opened once:
+    its first bytes are judged, then torch reads it from the start."""
+    with open(path, "rb") as f:
+        not_a_checkpoint = _not_a_checkpoint(f.read(512))
+        if not_a_checkpoint:
+            raise CorruptCheckpoint(
+                f"{path} is not a checkpoint: {not_a_checkpoint}. Give the path of a .ckpt file written by "
+                f"mrl-train (a run's {CHECKPOINT_DIR}/{LAST} or its best epoch*.ckpt)."
+            )
+        f.seek(0)
+        return _torch_load(f, path)
+
+
+def _torch_load(f: BinaryIO, path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # weights_only refuses any pickled object that is not a tensor or plain container: that is
         # how a malicious checkpoint would run code. Never fall back to weights_only=False here, and never
@@ -102,10 +128,8 @@ ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive (every checkpoint Lightning wr
 PICKLE_PROTO = b"\x80"  # torch.save's legacy format starts with a pickle protocol opcode
 
 
-def _not_a_checkpoint(path: Path) -> str | None:
-    """Why the file cannot be a torch checkpoint at all (None when its first bytes could be one)."""
-    with open(path, "rb") as f:
-        head = f.read(512)
+def _not_a_checkpoint(head: bytes) -> str | None:
+    """Why a file starting with ``head`` cannot be a torch checkpoint (None when it could be one)."""
     if not head:
         return "the file is empty"
     if head.startswith((ZIP_MAGIC, PICKLE_PROTO)):
@@ -156,7 +180,7 @@ def state_dict_differences(expected: dict[str, Any], stored: dict[str, Any]) -> 
 
 def load_paper_weights(model: nn.Module, paper: PaperCheckpoint, path: str | Path) -> None:
     """Load a paper checkpoint's weights into ``model``, an mrl model (LitModule or deployable model)
-    built from ``paper.config()``; an :class:`MRLError` names what does not fit timm's model."""
+    built from ``paper.spec``; an :class:`MRLError` names what does not fit timm's model."""
     expected = {k: v for k, v in model.state_dict().items() if k.startswith(("backbone.", "head."))}
     # named as in the file (less its DDP prefix), not as mrl's model names them
     detail = state_dict_differences(expected, paper.state).replace("backbone.model.", "")
@@ -268,8 +292,8 @@ def checkpoint_config(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]:
     return config
 
 
-def last_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint a resumed run continues from: the newest one that loads, among
+def last_checkpoint(run_dir: Path) -> LoadedCheckpoint:
+    """The checkpoint a resumed run continues from, read: the newest one that loads, among
     ``checkpoints/*.ckpt`` and the ``hpc_ckpt_*.ckpt`` files Lightning writes on a SLURM preemption
     signal (in the run dir). A truncated or corrupt newer file is skipped with a warning; one refused as
     unsafe is an error (someone put it there)."""
@@ -285,13 +309,13 @@ def last_checkpoint(run_dir: Path) -> Path:
     problems = []
     for path in existing:
         try:
-            load_checkpoint(path)
+            contents = load_checkpoint(path)
         except CorruptCheckpoint as err:
             problems.append(f"{path.name}: {err}")
             continue
         for problem in problems:
             log.warning("Skipping a checkpoint that cannot be loaded: %s", problem)
-        return path
+        return LoadedCheckpoint(path, contents)
     raise MRLError(
         f"None of the checkpoints of {run_dir} can be loaded ({'; '.join(problems)}). Start the run again "
         "without resume=, or give a good checkpoint with ckpt_path=<file>."

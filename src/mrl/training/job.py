@@ -28,10 +28,11 @@ from mrl.preflight import check_built
 from mrl.tracking.charts import plot_accuracy_vs_size
 from mrl.tracking.results import RESULTS_NAME, metrics_to_floats, read_results, size_table
 from mrl.tracking.wandb_setup import aggregated, build_loggers, define_metrics
+from mrl.training.assemble import assemble
 from mrl.training.callbacks import RestoreLoaderPosition, progress_bar
 from mrl.training.checkpoint_io import AtomicCheckpointIO
-from mrl.training.checkpoints import CHECKPOINT_DIR, LAST, check_compatible, load_checkpoint
-from mrl.training.module import MatryoshkaLitModule, build_module_for_data
+from mrl.training.checkpoints import CHECKPOINT_DIR, LAST, LoadedCheckpoint, check_compatible, load_checkpoint
+from mrl.training.module import MatryoshkaLitModule
 
 log = logging.getLogger(__name__)
 
@@ -59,28 +60,36 @@ class TrainResult:
     is_global_zero: bool
 
 
-def train(cfg: DictConfig) -> TrainResult:
-    """Fit (and test) the model ``cfg`` describes; write results.json, the plot and the W&B summary."""
+def train(cfg: DictConfig, chosen: LoadedCheckpoint | None = None) -> TrainResult:
+    """Fit (and test) the model ``cfg`` describes; write results.json, the plot and the W&B summary.
+
+    ``chosen``: the checkpoint ``cfg.ckpt_path`` names, already read (``resume=`` picks it by reading
+    it); training goes on from it without reading the file again.
+    """
     output_dir = Path(cfg.paths.output_dir)
     _check_output_dir(output_dir)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
 
-    datamodule = instantiate(cfg.data)
-    datamodule.configure_views(int((cfg.get("objective") or {}).get("views", 1)))
-    module = build_module_for_data(cfg, datamodule)
+    module, datamodule = assemble(cfg)
     check_built(cfg, module.nesting, module.has_top5)  # metric and size names, now that sizes are known
-    datamodule.configure_transforms(module.backbone.data_config())
     datamodule.prepare_data()
     previous_results = read_results(output_dir) if cfg.get("resume") else {}
     ckpt_path = cfg.get("ckpt_path")
+    preloaded = None
     if ckpt_path:
-        # Read (safely) and checked here, before training starts, so a wrong file gets a clear message.
-        check_compatible(load_checkpoint(ckpt_path), module, ckpt_path, module.config)
+        # Read (safely) and checked here, before training starts, so a wrong file gets a clear message;
+        # Lightning then restores the training state from these contents (AtomicCheckpointIO).
+        contents = chosen.take(ckpt_path) if chosen is not None else None
+        if contents is None:
+            contents = load_checkpoint(ckpt_path)
+        check_compatible(contents, module, ckpt_path, module.config)
+        preloaded = LoadedCheckpoint(Path(ckpt_path), contents)
+        del contents  # held by `preloaded` until Lightning takes it
 
     loggers = build_loggers(cfg)  # W&B starts lazily, at log_hyperparams below
-    trainer = _build_trainer(cfg, loggers)
+    trainer = _build_trainer(cfg, loggers, preloaded)
     for logger in loggers:
         logger.log_hyperparams(module.config)
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
@@ -111,8 +120,11 @@ def train(cfg: DictConfig) -> TrainResult:
     return TrainResult(results, tested, trainer.is_global_zero)
 
 
-def _build_trainer(cfg: DictConfig, loggers: list[Logger]) -> L.Trainer:
-    """The Lightning trainer of ``cfg.trainer`` with the configured callbacks and mrl's own."""
+def _build_trainer(
+    cfg: DictConfig, loggers: list[Logger], preloaded: LoadedCheckpoint | None = None
+) -> L.Trainer:
+    """The Lightning trainer of ``cfg.trainer`` with the configured callbacks and mrl's own; it restores
+    ``preloaded`` without reading its file (unless ``trainer.plugins`` replaces mrl's checkpoint IO)."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and c.get("_target_")]
     callbacks.append(RestoreLoaderPosition())
     has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
@@ -126,7 +138,7 @@ def _build_trainer(cfg: DictConfig, loggers: list[Logger]) -> L.Trainer:
         # tests/test_train_cli.py counts them). no_grad evaluation keeps one eval graph.
         extra["inference_mode"] = False
     if "plugins" not in cfg.trainer:
-        extra["plugins"] = [AtomicCheckpointIO()]  # checkpoints appear only when complete
+        extra["plugins"] = [AtomicCheckpointIO(preloaded)]  # checkpoints appear only when complete
     try:
         return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **extra)
     except (InstantiationException, MisconfigurationException) as err:

@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from mrl.instantiate import instantiate
-from mrl.models.backbone import TimmBackbone, build_with_upsizing
-from mrl.models.build import build_parts
+from mrl.models.backbone import TimmBackbone
 from mrl.models.depth import DepthMatryoshka
+from mrl.models.spec import ModelSpec
 from mrl.nn.cross_entropy import MatryoshkaCrossEntropy
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 from mrl.nn.matryoshka_loss import MatryoshkaLoss
 from mrl.tracking.charts import log_accuracy_vs_size
+from mrl.training.checkpoints import SPEC_KEY
 from mrl.training.epoch_metrics import EpochMetrics
 from mrl.training.safeguards import NonFiniteGuard, sync_buffers_from_rank_zero
-
-log = logging.getLogger(__name__)
 
 
 class MatryoshkaLitModule(L.LightningModule):
@@ -57,6 +53,7 @@ class MatryoshkaLitModule(L.LightningModule):
         config: dict[str, Any] | None = None,
         depth: DepthMatryoshka | None = None,
         probe: MatryoshkaCrossEntropy | None = None,
+        spec: ModelSpec | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -66,7 +63,7 @@ class MatryoshkaLitModule(L.LightningModule):
         self.probe = probe
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.channels_last, self.compile_backbone = channels_last, compile
-        self.config = config or {}
+        self.config, self.spec = config or {}, spec  # the run's config, the model's description (ModelSpec)
         self.nesting = list(head.nesting)
         self._nonfinite = NonFiniteGuard()
         self.has_top5 = head.num_classes >= 5
@@ -223,42 +220,4 @@ class MatryoshkaLitModule(L.LightningModule):
         self._nonfinite.check(self.global_step)
         checkpoint["mrl_config"] = self.config
         checkpoint["mrl_nesting"] = self.nesting
-
-
-def build_module(cfg: DictConfig, num_classes: int, in_chans: int, img_size: int) -> MatryoshkaLitModule:
-    """Backbone, head and loss from config (also used by ``mrl-eval`` to rebuild a checkpoint's model)."""
-    parts = build_parts(cfg, num_classes, in_chans, img_size)
-    optimizer = instantiate(cfg.optim) if cfg.get("optim") else None
-    scheduler = instantiate(cfg.sched) if cfg.get("sched") and cfg.sched.get("_target_") else None
-    return MatryoshkaLitModule(
-        parts.backbone,
-        parts.head,
-        parts.loss,
-        optimizer,
-        scheduler,
-        channels_last=bool(cfg.get("channels_last", False)),
-        compile=bool(cfg.get("compile", False)),
-        config=OmegaConf.to_container(cfg, resolve=True),
-        depth=parts.depth,
-        probe=parts.probe,
-    )
-
-
-def build_module_for_data(cfg: DictConfig, datamodule) -> MatryoshkaLitModule:
-    """:func:`build_module` for ``datamodule``'s images, upsizing resizable small images (Fashion-MNIST's
-    28 px) to the smallest power of two a backbone with many downsampling stages accepts."""
-    resizable = datamodule.upsizable
-    module, size = build_with_upsizing(
-        lambda px: build_module(cfg, datamodule.num_classes, datamodule.in_chans, px),
-        datamodule.img_size,
-        resizable,
-    )
-    if size != datamodule.img_size:
-        log.warning(
-            "Backbone %s needs images larger than %d px: resizing them to %d (set data.img_size to choose).",
-            cfg.backbone.name,
-            datamodule.img_size,
-            size,
-        )
-        datamodule.resize(size)
-    return module
+        checkpoint[SPEC_KEY] = self.spec.to_dict() if self.spec is not None else None
