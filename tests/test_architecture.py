@@ -42,6 +42,7 @@ LAYERS: list[tuple[str, ...]] = [
 # the package's public facade (`from mrl import MatryoshkaLinear, load`) sits above everything it re-exports
 FACADE = "mrl"
 MAX_FUNCTION_LINES = 80
+MAX_CLASS_LINES = 200
 MAX_TOP_LEVEL_MODULES = 12
 
 
@@ -140,3 +141,13 @@ def test_the_top_of_the_package_stays_small():
     """A handful of generic modules at the top; every feature lives in its package."""
     top = sorted(p.name for p in (SRC / "mrl").glob("*.py") if p.name != "__init__.py")
     assert len(top) <= MAX_TOP_LEVEL_MODULES, top
+
+
+def test_no_class_is_longer_than_a_few_screens():
+    """A class past this size holds several jobs: split them into collaborators."""
+    long = []
+    for path in modules().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES:
+                long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name}")
+    assert not long, long
