@@ -78,16 +78,42 @@ def report(args: argparse.Namespace) -> Path:
     }
     (out / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
     png = write_figure(tables, out / "comparison.png", args.title)
+    by_bytes = _quality_vs_bytes(root, out, text, summary) if args.sweep_dir else None
     run_dir = None
     if wandb_target and not args.no_wandb:
-        run_dir = _log_wandb(wandb_target, tables, claims, infos, png)
-    print(text)
+        run_dir = _log_wandb(wandb_target, tables, claims, infos, png, by_bytes)
+    print((out / "comparison.md").read_text())
     print(f"markdown: {out / 'comparison.md'}\nfigure:   {png}\njson:     {out / 'comparison.json'}")
+    if by_bytes:
+        print(f"bytes:    {by_bytes[2]}")
     if run_dir:
         print(f"W&B run:  {run_dir}  (upload with `wandb sync {run_dir}`)")
     if args.wandb_report:
         _wandb_report(args, wandb_target, records, (tables, claims, infos), out, source)
     return out
+
+
+def _quality_vs_bytes(root: Path, out: Path, text: str, summary: dict) -> tuple | None:
+    """The quality-vs-bytes figure and table of the sweep's evaluations, appended to comparison.md and
+    .json; ``(tables, best, png)``, or None when no job was evaluated."""
+    from mrl.compare.quality_bytes import (
+        best_at_budgets,
+        bytes_json,
+        bytes_markdown,
+        bytes_tables,
+        collect_bytes,
+        write_bytes_figure,
+    )
+
+    tables = bytes_tables(collect_bytes(root))
+    if not any(tables.values()):
+        return None
+    best = best_at_budgets(tables)
+    png = write_bytes_figure(tables, out / "quality_vs_bytes.png")
+    (out / "comparison.md").write_text(text + "\n" + bytes_markdown(tables, best))
+    summary["quality_vs_bytes"] = bytes_json(tables, best)
+    (out / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return tables, best, png
 
 
 def _swept_overrides(jobs: list[Path]) -> list[str]:
@@ -164,9 +190,12 @@ def _nothing_measured(source: str, infos: list) -> str:
     )
 
 
-def _log_wandb(target: dict, tables: dict, claims: list, infos: list, png: Path) -> Path | None:
+def _log_wandb(
+    target: dict, tables: dict, claims: list, infos: list, png: Path, by_bytes: tuple | None = None
+) -> Path | None:
     """A summary run (job type ``report``) in the sweep's W&B group: one table per metric, the claims,
-    the jobs and where their numbers came from, and the figure."""
+    the jobs and where their numbers came from, the figure, and quality against bytes (``by_bytes``:
+    its tables, best lines and figure)."""
     import wandb
 
     from mrl.tracking.wandb_setup import wandb_credentials_available
@@ -199,6 +228,10 @@ def _log_wandb(target: dict, tables: dict, claims: list, infos: list, png: Path)
                 columns=columns, data=[[str(v) for v in asdict(i).values()] for i in infos]
             )
         data["report/comparison_png"] = wandb.Image(str(png))
+        if by_bytes:
+            from mrl.compare.quality_bytes import bytes_wandb
+
+            data |= bytes_wandb(*by_bytes)
         run.log(data)
         run.summary.update(
             {
