@@ -34,6 +34,7 @@ def report(args: argparse.Namespace) -> Path:
     from mrl.compare.claims import check_claims, claims_markdown
     from mrl.compare.collect import collect_jobs, find_jobs
     from mrl.compare.figure import write_figure
+    from mrl.compare.quality_bytes import bytes_json, bytes_markdown
     from mrl.compare.table import aggregate, jobs_markdown, markdown, to_json
 
     if bool(args.sweep_dir) == bool(args.wandb_group):
@@ -62,12 +63,14 @@ def report(args: argparse.Namespace) -> Path:
     claims = check_claims(tables)
     out.mkdir(parents=True, exist_ok=True)
     jobs_count = len(infos) or len({r.job for r in records})
+    by_bytes = _quality_vs_bytes(root, out) if args.sweep_dir else None
     text = (
         f"Comparison of {jobs_count} jobs from {source}\n\n"
         + markdown(tables)
         + "\nClaims:\n\n"
         + claims_markdown(claims)
         + (("\n" + jobs_markdown(infos)) if infos else "")
+        + (("\n" + bytes_markdown(*by_bytes[:2])) if by_bytes else "")
     )
     (out / "comparison.md").write_text(text)
     summary = {
@@ -75,14 +78,14 @@ def report(args: argparse.Namespace) -> Path:
         "tables": to_json(tables),
         "claims": [asdict(c) for c in claims],
         "jobs": [asdict(i) for i in infos],
+        **({"quality_vs_bytes": bytes_json(*by_bytes[:2])} if by_bytes else {}),
     }
     (out / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
     png = write_figure(tables, out / "comparison.png", args.title)
-    by_bytes = _quality_vs_bytes(root, out, text, summary) if args.sweep_dir else None
     run_dir = None
     if wandb_target and not args.no_wandb:
         run_dir = _log_wandb(wandb_target, tables, claims, infos, png, by_bytes)
-    print((out / "comparison.md").read_text())
+    print(text)
     print(f"markdown: {out / 'comparison.md'}\nfigure:   {png}\njson:     {out / 'comparison.json'}")
     if by_bytes:
         print(f"bytes:    {by_bytes[2]}")
@@ -93,27 +96,15 @@ def report(args: argparse.Namespace) -> Path:
     return out
 
 
-def _quality_vs_bytes(root: Path, out: Path, text: str, summary: dict) -> tuple | None:
-    """The quality-vs-bytes figure and table of the sweep's evaluations, appended to comparison.md and
-    .json; ``(tables, best, png)``, or None when no job was evaluated."""
-    from mrl.compare.quality_bytes import (
-        best_at_budgets,
-        bytes_json,
-        bytes_markdown,
-        bytes_tables,
-        collect_bytes,
-        write_bytes_figure,
-    )
+def _quality_vs_bytes(root: Path, out: Path) -> tuple | None:
+    """Quality against bytes of the sweep's evaluations: ``(tables, best at each budget, figure)``,
+    the figure written to ``out``; None when no job was evaluated."""
+    from mrl.compare.quality_bytes import best_at_budgets, bytes_tables, collect_bytes, write_bytes_figure
 
     tables = bytes_tables(collect_bytes(root))
     if not any(tables.values()):
         return None
-    best = best_at_budgets(tables)
-    png = write_bytes_figure(tables, out / "quality_vs_bytes.png")
-    (out / "comparison.md").write_text(text + "\n" + bytes_markdown(tables, best))
-    summary["quality_vs_bytes"] = bytes_json(tables, best)
-    (out / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return tables, best, png
+    return tables, best_at_budgets(tables), write_bytes_figure(tables, out / "quality_vs_bytes.png")
 
 
 def _swept_overrides(jobs: list[Path]) -> list[str]:
