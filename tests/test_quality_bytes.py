@@ -146,3 +146,8 @@ def test_the_figure_has_one_line_per_method_and_format_on_a_log2_bytes_axis(tmp_
     assert labels["mrl (int8)"].get_color() == labels["mrl (binary)"].get_color()
     assert labels["mrl (int8)"].get_marker() == labels["standard (int8)"].get_marker()
     assert len(best_at_budgets(tables)) == 2 * len({1, 2, 8, 16, 32, 64})
+    # the legend names every line, those of the 1-NN panel only too
+    tables["1nn"]["svd (float32)"] = tables["1nn"]["mrl (int8)"]
+    write_bytes_figure(tables, tmp_path / "q.png")
+    legend = [text.get_text() for text in figures[1].axes[0].get_legend().get_texts()]
+    assert set(legend) == {*labels, "svd (float32)"} and len(legend) == len(labels) + 1

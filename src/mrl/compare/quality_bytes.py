@@ -185,7 +185,9 @@ def write_bytes_figure(tables: Tables, path: Path) -> Path:
         ax.set_xlabel("bytes per stored vector")
         ax.set_ylabel(METRIC_TITLES[metric])
         ax.grid(True, alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    # one legend for both panels: the baselines' lines are in the 1-NN panel only
+    handles = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    axes[0][0].legend(list(handles.values()), list(handles), fontsize=7)
     fig.suptitle("Quality against bytes per vector (colour: method, marker: storage format)")
     return save_figure(fig, path)
 
