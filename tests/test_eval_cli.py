@@ -28,6 +28,7 @@ REPORT_KEYS = {
     "baselines",
     "robustness",
     "quantized",
+    "bytes",
     "checkpoint",
 }
 SIZES = ["2", "4", "8", "16"]  # the trained sizes of the module's checkpoint, as report.json keys

@@ -587,6 +587,20 @@ def test_report_of_a_three_job_sweep(run_cli, tmp_path):
     assert summary["report/top1/svd@2"] == pytest.approx(100 * std_report["baselines"]["svd"]["2"])
     for table in ("report/top1", "report/1nn", "report/map@10", "report/claims", "report/comparison_png"):
         assert table in summary, sorted(summary)
+    # quality against bytes: each evaluation's quantized rows at the bytes its report.json gives
+    by_bytes = json.loads((out / "comparison.json").read_text())["quality_vs_bytes"]
+    for fmt in ("float32", "int8", "binary"):
+        stored = mrl_report["bytes"]["embedding"][fmt]["16"]
+        cell = by_bytes["tables"]["map@10"][f"mrl ({fmt})"][str(stored)]
+        assert cell["mean"] == pytest.approx(100 * mrl_report["quantized"][fmt]["16"]["map@10"])
+    assert std_report["bytes"]["svd"]["float32"]["4"] == 16
+    assert by_bytes["tables"]["1nn"]["svd (float32)"]["16"]["mean"] == pytest.approx(
+        100 * std_report["baselines"]["svd_1nn"]["4"]
+    )
+    assert by_bytes["best"] and "Best at each budget" in md
+    assert (out / "quality_vs_bytes.png").stat().st_size > 10_000
+    for key in ("report/quality_vs_bytes", "report/quality_vs_bytes_png", "report/best_at_budget"):
+        assert key in summary, sorted(summary)
 
 
 def test_report_bad_input(run_cli, tmp_path):

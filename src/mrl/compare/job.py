@@ -34,6 +34,7 @@ def report(args: argparse.Namespace) -> Path:
     from mrl.compare.claims import check_claims, claims_markdown
     from mrl.compare.collect import collect_jobs, find_jobs
     from mrl.compare.figure import write_figure
+    from mrl.compare.quality_bytes import bytes_json, bytes_markdown
     from mrl.compare.table import aggregate, jobs_markdown, markdown, to_json
 
     if bool(args.sweep_dir) == bool(args.wandb_group):
@@ -62,12 +63,14 @@ def report(args: argparse.Namespace) -> Path:
     claims = check_claims(tables)
     out.mkdir(parents=True, exist_ok=True)
     jobs_count = len(infos) or len({r.job for r in records})
+    by_bytes = _quality_vs_bytes(root, out) if args.sweep_dir else None
     text = (
         f"Comparison of {jobs_count} jobs from {source}\n\n"
         + markdown(tables)
         + "\nClaims:\n\n"
         + claims_markdown(claims)
         + (("\n" + jobs_markdown(infos)) if infos else "")
+        + (("\n" + bytes_markdown(*by_bytes[:2])) if by_bytes else "")
     )
     (out / "comparison.md").write_text(text)
     summary = {
@@ -75,19 +78,33 @@ def report(args: argparse.Namespace) -> Path:
         "tables": to_json(tables),
         "claims": [asdict(c) for c in claims],
         "jobs": [asdict(i) for i in infos],
+        **({"quality_vs_bytes": bytes_json(*by_bytes[:2])} if by_bytes else {}),
     }
     (out / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
     png = write_figure(tables, out / "comparison.png", args.title)
     run_dir = None
     if wandb_target and not args.no_wandb:
-        run_dir = _log_wandb(wandb_target, tables, claims, infos, png)
+        run_dir = _log_wandb(wandb_target, tables, claims, infos, png, by_bytes)
     print(text)
     print(f"markdown: {out / 'comparison.md'}\nfigure:   {png}\njson:     {out / 'comparison.json'}")
+    if by_bytes:
+        print(f"bytes:    {by_bytes[2]}")
     if run_dir:
         print(f"W&B run:  {run_dir}  (upload with `wandb sync {run_dir}`)")
     if args.wandb_report:
         _wandb_report(args, wandb_target, records, (tables, claims, infos), out, source)
     return out
+
+
+def _quality_vs_bytes(root: Path, out: Path) -> tuple | None:
+    """Quality against bytes of the sweep's evaluations: ``(tables, best at each budget, figure)``,
+    the figure written to ``out``; None when no job was evaluated."""
+    from mrl.compare.quality_bytes import best_at_budgets, bytes_tables, collect_bytes, write_bytes_figure
+
+    tables = bytes_tables(collect_bytes(root))
+    if not any(tables.values()):
+        return None
+    return tables, best_at_budgets(tables), write_bytes_figure(tables, out / "quality_vs_bytes.png")
 
 
 def _swept_overrides(jobs: list[Path]) -> list[str]:
@@ -164,9 +181,12 @@ def _nothing_measured(source: str, infos: list) -> str:
     )
 
 
-def _log_wandb(target: dict, tables: dict, claims: list, infos: list, png: Path) -> Path | None:
+def _log_wandb(
+    target: dict, tables: dict, claims: list, infos: list, png: Path, by_bytes: tuple | None = None
+) -> Path | None:
     """A summary run (job type ``report``) in the sweep's W&B group: one table per metric, the claims,
-    the jobs and where their numbers came from, and the figure."""
+    the jobs and where their numbers came from, the figure, and quality against bytes (``by_bytes``:
+    its tables, best lines and figure)."""
     import wandb
 
     from mrl.tracking.wandb_setup import wandb_credentials_available
@@ -199,6 +219,10 @@ def _log_wandb(target: dict, tables: dict, claims: list, infos: list, png: Path)
                 columns=columns, data=[[str(v) for v in asdict(i).values()] for i in infos]
             )
         data["report/comparison_png"] = wandb.Image(str(png))
+        if by_bytes:
+            from mrl.compare.quality_bytes import bytes_wandb
+
+            data |= bytes_wandb(*by_bytes)
         run.log(data)
         run.summary.update(
             {

@@ -40,6 +40,7 @@ from mrl.errors import MRLError
 from mrl.eval.knn import Neighbours, chunk_rows, knn_accuracy, normalized_prefix
 from mrl.eval.progress import Progress
 from mrl.eval.retrieval import retrieval_metrics
+from mrl.eval.sparse_codes import prefix_bytes
 
 FLOAT32 = "float32"  # the reference rows: the exact search of mrl.eval.knn, 4 bytes per feature
 # the quantised storage formats and binary thresholds (conf/eval.yaml quantized.formats, binary_threshold)
@@ -198,12 +199,13 @@ def quantized_retrieval(
     progress = Progress("quantized searches", len(sizes) * len(settings.formats))
     for d in sizes:
         row = ranking_metrics(neighbours(d, k), db_labels, query_labels, k)
-        out[FLOAT32][d] = {"bytes": 4 * d, f"map@{k}": row[f"map@{k}"], "1nn": row["1nn"]}
+        out[FLOAT32][d] = {"bytes": prefix_bytes(d, FLOAT32), f"map@{k}": row[f"map@{k}"], "1nn": row["1nn"]}
         # the calibration pass only where a format uses it (int8's ranges, binary's mean threshold)
         stats = prefix_stats(database, d, settings.db_chunk) if needs_stats(settings) else None
         for fmt in settings.formats:
             index, encode = quantized_index(fmt, database, d, stats, settings)
             ids = search_index(index, encode, queries, d, k, settings.query_chunk)
-            out[fmt][d] = {"bytes": int(index.code_size), **ranking_metrics(ids, db_labels, query_labels, k)}
+            # what the index stores per vector: faiss's code_size, counted where every byte count is
+            out[fmt][d] = {"bytes": prefix_bytes(d, fmt), **ranking_metrics(ids, db_labels, query_labels, k)}
             progress.step(f"{fmt} d={d}")
     return out

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mrl.eval.sparse_codes import prefix_bytes
 from mrl.files import atomic_write_text
 
 REPORT_KEYS = (
@@ -21,12 +22,27 @@ REPORT_KEYS = (
     "baselines",
     "robustness",
     "quantized",
+    "bytes",
     "checkpoint",
 )
 
 
 def _str_keys(per_size: dict) -> dict[str, Any]:
     return {str(d): v for d, v in sorted(per_size.items(), key=lambda kv: int(kv[0]))}
+
+
+def bytes_section(sizes: list[int], quantized: Mapping[str, Any], baselines: Mapping[str, Any]) -> dict:
+    """Bytes of one stored vector per method, format and size: the model's size-d prefixes in every
+    format the ``quantized`` section measured (float32 alone when it did not run), and the post-hoc
+    SVD and truncation baselines as float32 at their sizes (``mrl.eval.sparse_codes.prefix_bytes``)."""
+    formats = list(quantized) or ["float32"]
+    out = {"embedding": {fmt: {str(d): prefix_bytes(int(d), fmt) for d in sorted(sizes)} for fmt in formats}}
+    for name in ("svd", "slice"):
+        if baselines.get(name):
+            out[name] = {
+                "float32": {str(d): prefix_bytes(int(d), "float32") for d in _str_keys(baselines[name])}
+            }
+    return out
 
 
 def build_report(sizes: list[int], sections: Mapping[str, Any], checkpoint: dict) -> dict[str, Any]:
@@ -53,6 +69,8 @@ def build_report(sizes: list[int], sections: Mapping[str, Any], checkpoint: dict
         "robustness": dict(sections.get("robustness", {})),
         # {format: {d: {bytes, map@k, 1nn}}}: float32 and the quantised formats (mrl.eval.quantized)
         "quantized": {fmt: _str_keys(rows) for fmt, rows in sections.get("quantized", {}).items()},
+        # {method: {format: {d: bytes of one stored vector}}}: embedding (its prefixes), svd, slice
+        "bytes": bytes_section(sizes, sections.get("quantized", {}), baselines),
         "checkpoint": dict(checkpoint),
     }
 
