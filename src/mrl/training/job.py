@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from mrl.tracking.wandb_setup import aggregated, build_loggers, define_metrics
 from mrl.training.callbacks import RestoreLoaderPosition, progress_bar
 from mrl.training.checkpoint_io import AtomicCheckpointIO
 from mrl.training.checkpoints import CHECKPOINT_DIR, LAST, check_compatible, load_checkpoint
+from mrl.training.finetune import finetune_callbacks
 from mrl.training.module import MatryoshkaLitModule, build_module_for_data
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,7 @@ def train(cfg: DictConfig) -> TrainResult:
         check_compatible(load_checkpoint(ckpt_path), module, ckpt_path, module.config)
 
     loggers = build_loggers(cfg)  # W&B starts lazily, at log_hyperparams below
-    trainer = _build_trainer(cfg, loggers)
+    trainer = _build_trainer(cfg, loggers, finetune_callbacks(cfg, module.backbone))
     for logger in loggers:
         logger.log_hyperparams(module.config)
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
@@ -111,10 +113,12 @@ def train(cfg: DictConfig) -> TrainResult:
     return TrainResult(results, tested, trainer.is_global_zero)
 
 
-def _build_trainer(cfg: DictConfig, loggers: list[Logger]) -> L.Trainer:
+def _build_trainer(
+    cfg: DictConfig, loggers: list[Logger], extra_callbacks: Sequence[L.Callback] = ()
+) -> L.Trainer:
     """The Lightning trainer of ``cfg.trainer`` with the configured callbacks and mrl's own."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and c.get("_target_")]
-    callbacks.append(RestoreLoaderPosition())
+    callbacks += [RestoreLoaderPosition(), *extra_callbacks]
     has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
     if cfg.trainer.get("enable_progress_bar", True) and not has_bar:
         callbacks.append(progress_bar(float(cfg.get("progress_bar_refresh_s", 1.0))))

@@ -20,6 +20,7 @@ from mrl.nn.matryoshka_linear import MatryoshkaLinear
 from mrl.nn.matryoshka_loss import MatryoshkaLoss
 from mrl.tracking.charts import log_accuracy_vs_size
 from mrl.training.epoch_metrics import EpochMetrics
+from mrl.training.finetune import FinetuneSettings, optimizer_kwargs
 from mrl.training.safeguards import NonFiniteGuard, sync_buffers_from_rank_zero
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class MatryoshkaLitModule(L.LightningModule):
         config: dict[str, Any] | None = None,
         depth: DepthMatryoshka | None = None,
         probe: MatryoshkaCrossEntropy | None = None,
+        backbone_lr_mult: float = 1.0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -67,6 +69,7 @@ class MatryoshkaLitModule(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.channels_last, self.compile_backbone = channels_last, compile
         self.config = config or {}
+        self.backbone_lr_mult = backbone_lr_mult  # finetune.backbone_lr_mult: the timm model's lr / optim.lr
         self.nesting = list(head.nesting)
         self._nonfinite = NonFiniteGuard()
         self.has_top5 = head.num_classes >= 5
@@ -204,7 +207,8 @@ class MatryoshkaLitModule(L.LightningModule):
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise ValueError("MatryoshkaLitModule needs an optimizer factory to train")
-        optimizer = self.optimizer_factory(self)
+        extra = optimizer_kwargs(self.optimizer_factory, self, self.backbone.model, self.backbone_lr_mult)
+        optimizer = self.optimizer_factory(self, **extra)
         if self.scheduler_factory is None:
             return optimizer
         num_epochs = max(1, self.trainer.max_epochs or 1)
@@ -241,6 +245,7 @@ def build_module(cfg: DictConfig, num_classes: int, in_chans: int, img_size: int
         config=OmegaConf.to_container(cfg, resolve=True),
         depth=parts.depth,
         probe=parts.probe,
+        backbone_lr_mult=FinetuneSettings.from_config(cfg.get("finetune")).backbone_lr_mult,
     )
 
 
