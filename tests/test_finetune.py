@@ -160,11 +160,9 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("overrides", "message"), BAD, ids=[b[1].split("=")[0] + str(i) for i, b in enumerate(BAD)]
-)
+@pytest.mark.parametrize(("overrides", "message"), BAD, ids=[o[-1] for o, _ in BAD])
 def test_bad_settings_are_refused_before_training(overrides, message):
-    with pytest.raises(MRLError, match="") as err:
+    with pytest.raises(MRLError) as err:
         check_train(compose_train(*TINY, *overrides))
     assert message in str(err.value)
     assert "\n" not in str(err.value)  # one paragraph
