@@ -109,6 +109,26 @@ class _Snapshots(L.Callback):
         self.state.append({n for n, p in model.named_parameters() if p in optimizer.state})
 
 
+def _fit(module, epochs: int, callbacks: list, ckpt_path=None, root=None) -> L.Trainer:
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=root is not None,
+        default_root_dir=root,
+        enable_progress_bar=False,
+        callbacks=callbacks,
+    )
+    generator = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(16, 3, 32, 32, generator=generator), torch.randint(0, 5, (16,), generator=generator)
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8), ckpt_path=ckpt_path)
+    return trainer
+
+
 def test_frozen_for_an_epoch_then_unfrozen(tmp_path):
     module = _module("optim.lr=0.01", "sched=none", f"finetune.backbone_lr_mult={MULT}")
     model = module.backbone.model
@@ -116,21 +136,7 @@ def test_frozen_for_an_epoch_then_unfrozen(tmp_path):
     stats_before = {n: b.clone() for n, b in model.named_buffers() if "running" in n}
     snapshots = _Snapshots()
     finetuning = StageFinetuning(FinetuneSettings(freeze_backbone=True, unfreeze_at_epoch=1))
-    trainer = L.Trainer(
-        max_epochs=2,
-        limit_train_batches=2,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[finetuning, snapshots],
-    )
-    generator = torch.Generator().manual_seed(0)
-    data = torch.utils.data.TensorDataset(
-        torch.randn(16, 3, 32, 32, generator=generator), torch.randint(0, 5, (16,), generator=generator)
-    )
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    trainer = _fit(module, 2, [finetuning, snapshots])
     frozen, unfrozen = snapshots.weights
     assert all(torch.equal(frozen[n], before[n]) for n in before)  # epoch 0: not a weight moved
     assert all(torch.equal(snapshots.stats[0][n], stats_before[n]) for n in stats_before)  # nor BN stats
@@ -140,6 +146,22 @@ def test_frozen_for_an_epoch_then_unfrozen(tmp_path):
     assert snapshots.state[1] == set(before)
     assert all(p.requires_grad for p in model.parameters())
     lrs = sorted({g["lr"] for g in trainer.optimizers[0].param_groups})
+    assert lrs == pytest.approx([0.01 * MULT, 0.01])
+
+
+def test_a_run_resumed_after_the_frozen_epoch_unfreezes_with_its_param_groups(tmp_path):
+    settings = FinetuneSettings(freeze_backbone=True, unfreeze_at_epoch=1)
+    overrides = ("optim.lr=0.01", "sched=none", f"finetune.backbone_lr_mult={MULT}")
+    first = _fit(_module(*overrides), 1, [StageFinetuning(settings)], root=tmp_path)
+    checkpoint = first.checkpoint_callback.best_model_path
+    module = _module(*overrides)
+    frozen = {n: p.detach().clone() for n, p in module.backbone.model.named_parameters()}
+    snapshots = _Snapshots()
+    resumed = _fit(module, 2, [StageFinetuning(settings), snapshots], ckpt_path=checkpoint, root=tmp_path)
+    (weights,) = snapshots.weights  # epoch 1 only
+    assert all(p.requires_grad for p in module.backbone.model.parameters())
+    assert any(not torch.equal(weights[n], frozen[n]) for n in frozen)
+    lrs = sorted({g["lr"] for g in resumed.optimizers[0].param_groups})
     assert lrs == pytest.approx([0.01 * MULT, 0.01])
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.pytorch.callbacks import BaseFinetuning
 from timm.optim import param_groups_weight_decay
@@ -119,6 +120,12 @@ class StageFinetuning(BaseFinetuning):
                 "backbone's stages (finetune.train_last_stages=1), unfreeze it later "
                 "(finetune.unfreeze_at_epoch=1), or add a trained projection (backbone.embed_dim=<size>)."
             )
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # No param group is ever added, so none is recorded for a resume: BaseFinetuning would record the
+        # groups of the first epoch and put them back on resuming, their learning rates included.
+        for optimizer in trainer.optimizers:
+            self.finetune_function(pl_module, trainer.current_epoch, optimizer)
 
     def finetune_function(self, pl_module: nn.Module, epoch: int, optimizer: torch.optim.Optimizer) -> None:
         # `>=`, not `==`: a run resumed after the unfreezing epoch freezes in setup and unfreezes here.
