@@ -176,6 +176,10 @@ BAD = [
         "would never unfreeze",
     ),
     (
+        ["finetune.freeze_backbone=true", "finetune.unfreeze_at_epoch=0", "trainer=ddp_cpu"],
+        "its gradients never averaged",
+    ),
+    (
         ["finetune.freeze_backbone=true", "objective=supcon", "backbone.embed_dim=null"],
         "leaves nothing for the contrastive loss to train",
     ),

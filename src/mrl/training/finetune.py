@@ -190,7 +190,7 @@ def param_groups(
 
 
 def optimizer_kwargs(
-    factory: Callable[..., torch.optim.Optimizer], module: nn.Module, backbone: nn.Module, mult: float
+    factory: Callable[..., torch.optim.Optimizer], backbone: nn.Module, mult: float
 ) -> dict[str, Any]:
     """Extra arguments for the optimizer ``factory`` (a partial of timm's ``create_optimizer_v2``): none
     when the backbone trains whole at the optimizer's lr (timm groups the module as always), else a
@@ -258,7 +258,18 @@ def check_finetune(node: Node, cfg: Node) -> None:
 
 
 def _check_schedule(at: int | None, cfg: Node) -> None:
-    epochs = (cfg.get("trainer") or {}).get("max_epochs")
+    trainer = cfg.get("trainer") or {}
+    strategy = trainer.get("strategy")
+    strategy = strategy.get("_target_", "") if isinstance(strategy, Mapping) else strategy
+    if at is not None and "ddp" in str(strategy or "").lower():
+        raise MRLError(
+            f"finetune.unfreeze_at_epoch={at} with DDP (trainer.strategy={strategy}): "
+            "DistributedDataParallel registers the parameters that train when it wraps the model, so a "
+            "backbone unfrozen later would train apart on every process, its gradients never averaged. "
+            "Under DDP keep the frozen part frozen (finetune.train_last_stages=<N> without "
+            "unfreeze_at_epoch), or run the schedule on one device."
+        )
+    epochs = trainer.get("max_epochs")
     if at is not None and is_int(epochs) and epochs > 0 and at >= epochs:
         raise MRLError(
             f"finetune.unfreeze_at_epoch={at} but the run trains {epochs} epochs "

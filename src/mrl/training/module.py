@@ -207,7 +207,7 @@ class MatryoshkaLitModule(L.LightningModule):
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise ValueError("MatryoshkaLitModule needs an optimizer factory to train")
-        extra = optimizer_kwargs(self.optimizer_factory, self, self.backbone.model, self.backbone_lr_mult)
+        extra = optimizer_kwargs(self.optimizer_factory, self.backbone.model, self.backbone_lr_mult)
         optimizer = self.optimizer_factory(self, **extra)
         if self.scheduler_factory is None:
             return optimizer
