@@ -94,6 +94,14 @@ COMMANDS: dict[str, How] = {
     "backbone.pretrained_path=<weights.safetensors>": RunBy(
         "test_recipe_trains_a_few_steps", swap={"data.input_dir=/data/imagenet-shards": "data=synthetic"}
     ),
+    "mrl-train experiment=retrofit data.input_dir=/data/imagenet-shards "
+    "backbone.pretrained_path=<weights.safetensors> finetune.freeze_backbone=true "
+    "finetune.train_last_stages=1 finetune.backbone_lr_mult=0.1": RunBy(
+        "test_recipe_trains_a_few_steps", swap={"data.input_dir=/data/imagenet-shards": "data=synthetic"}
+    ),
+    "mrl-train debug=tiny backbone.pretrained_path=<weights.safetensors> finetune.freeze_backbone=true "
+    "finetune.train_last_stages=1 finetune.unfreeze_at_epoch=1 finetune.backbone_lr_mult=0.1 "
+    "trainer.max_epochs=2": RunBy("test_finetuning_from_a_weights_file_end_to_end"),
     "mrl-train debug=tiny head.sizes_per_step=1 head.depth_stages=[1,3] head.depth_weight=0.5": RunBy(
         "test_results_hold_every_size_the_drawn_fractions_and_the_stage_metrics"
     ),

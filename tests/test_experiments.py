@@ -205,6 +205,12 @@ def _few_step_args(recipe: str, tmp_path: Path) -> list[str]:
         weights = tmp_path / "resnet50.safetensors"
         save_file(timm.create_model("resnet50", num_classes=0).state_dict(), str(weights))
         args.append(f"backbone.pretrained_path={weights}")
+        # docs/training.md's fine-tuning of the recipe: only the last stage trains, at a tenth of the lr
+        args += [
+            "finetune.freeze_backbone=true",
+            "finetune.train_last_stages=1",
+            "finetune.backbone_lr_mult=0.1",
+        ]
     return args
 
 

@@ -19,6 +19,7 @@ from mrl.instantiate import instantiate
 from mrl.models.backbone import build_with_upsizing
 from mrl.models.build import ModelParts, build_parts, spec_from_config
 from mrl.models.spec import TIMM, ModelSpec, data_preprocessing
+from mrl.training.finetune import FinetuneSettings
 from mrl.training.module import MatryoshkaLitModule
 
 log = logging.getLogger(__name__)
@@ -104,4 +105,5 @@ def _module(cfg: DictConfig, parts: ModelParts, spec: ModelSpec) -> MatryoshkaLi
         depth=parts.depth,
         probe=parts.probe,
         spec=spec,
+        backbone_lr_mult=FinetuneSettings.from_config(cfg.get("finetune")).backbone_lr_mult,
     )

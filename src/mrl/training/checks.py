@@ -29,6 +29,7 @@ from mrl.models.checks import (
     check_objective,
     config_nesting,
 )
+from mrl.training.finetune import check_finetune
 
 # What MatryoshkaLitModule logs per stage and size: "{stage}/{name}@{d}" (top5 only with >= 5 classes).
 PER_SIZE_METRICS = {"train": ("acc", "loss"), "val": ("acc", "top5", "loss"), "test": ("acc", "top5", "loss")}
@@ -49,6 +50,7 @@ def check_train_config(cfg: Node) -> None:
     objective = mapping(cfg.get("objective"), "objective", "objective=supcon")
     check_objective(objective)
     check_depth_with_objective(head, objective)
+    check_finetune(mapping(cfg.get("finetune"), "finetune", "finetune.freeze_backbone=true"), cfg)
     embed_dim = (cfg.get("backbone") or {}).get("embed_dim")
     check_optimized_metric(cfg.get("optimized_metric"), config_nesting(head, embed_dim), logged_stages(cfg))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from mrl.training.assemble import assemble
 from mrl.training.callbacks import RestoreLoaderPosition, progress_bar
 from mrl.training.checkpoint_io import AtomicCheckpointIO
 from mrl.training.checkpoints import CHECKPOINT_DIR, LAST, LoadedCheckpoint, check_compatible, load_checkpoint
+from mrl.training.finetune import finetune_callbacks
 from mrl.training.module import MatryoshkaLitModule
 
 log = logging.getLogger(__name__)
@@ -89,7 +91,7 @@ def train(cfg: DictConfig, chosen: LoadedCheckpoint | None = None) -> TrainResul
         del contents  # held by `preloaded` until Lightning takes it
 
     loggers = build_loggers(cfg)  # W&B starts lazily, at log_hyperparams below
-    trainer = _build_trainer(cfg, loggers, preloaded)
+    trainer = _build_trainer(cfg, loggers, preloaded, finetune_callbacks(cfg, module.backbone))
     for logger in loggers:
         logger.log_hyperparams(module.config)
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
@@ -121,12 +123,16 @@ def train(cfg: DictConfig, chosen: LoadedCheckpoint | None = None) -> TrainResul
 
 
 def _build_trainer(
-    cfg: DictConfig, loggers: list[Logger], preloaded: LoadedCheckpoint | None = None
+    cfg: DictConfig,
+    loggers: list[Logger],
+    preloaded: LoadedCheckpoint | None = None,
+    extra_callbacks: Sequence[L.Callback] = (),
 ) -> L.Trainer:
-    """The Lightning trainer of ``cfg.trainer`` with the configured callbacks and mrl's own; it restores
-    ``preloaded`` without reading its file (unless ``trainer.plugins`` replaces mrl's checkpoint IO)."""
+    """The Lightning trainer of ``cfg.trainer`` with the configured callbacks, mrl's own and
+    ``extra_callbacks``; it restores ``preloaded`` without reading its file (unless ``trainer.plugins``
+    replaces mrl's checkpoint IO)."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and c.get("_target_")]
-    callbacks.append(RestoreLoaderPosition())
+    callbacks += [RestoreLoaderPosition(), *extra_callbacks]
     has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
     if cfg.trainer.get("enable_progress_bar", True) and not has_bar:
         callbacks.append(progress_bar(float(cfg.get("progress_bar_refresh_s", 1.0))))

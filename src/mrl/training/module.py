@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +17,9 @@ from mrl.nn.matryoshka_loss import MatryoshkaLoss
 from mrl.tracking.charts import log_accuracy_vs_size
 from mrl.training.checkpoints import SPEC_KEY
 from mrl.training.epoch_metrics import EpochMetrics
+from mrl.training.finetune import optimizer_kwargs
 from mrl.training.safeguards import NonFiniteGuard, sync_buffers_from_rank_zero
+from mrl.training.schedules import per_update_scheduler
 
 
 class MatryoshkaLitModule(L.LightningModule):
@@ -54,6 +55,7 @@ class MatryoshkaLitModule(L.LightningModule):
         depth: DepthMatryoshka | None = None,
         probe: MatryoshkaCrossEntropy | None = None,
         spec: ModelSpec | None = None,
+        backbone_lr_mult: float = 1.0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -64,6 +66,7 @@ class MatryoshkaLitModule(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.channels_last, self.compile_backbone = channels_last, compile
         self.config, self.spec = config or {}, spec  # the run's config, the model's description (ModelSpec)
+        self.backbone_lr_mult = backbone_lr_mult  # finetune.backbone_lr_mult: the timm model's lr / optim.lr
         self.nesting = list(head.nesting)
         self._nonfinite = NonFiniteGuard()
         self.has_top5 = head.num_classes >= 5
@@ -201,14 +204,11 @@ class MatryoshkaLitModule(L.LightningModule):
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise ValueError("MatryoshkaLitModule needs an optimizer factory to train")
-        optimizer = self.optimizer_factory(self)
+        extra = optimizer_kwargs(self.optimizer_factory, self.backbone.model, self.backbone_lr_mult)
+        optimizer = self.optimizer_factory(self, **extra)
         if self.scheduler_factory is None:
             return optimizer
-        num_epochs = max(1, self.trainer.max_epochs or 1)
-        updates_per_epoch = max(1, math.ceil(self.trainer.estimated_stepping_batches / num_epochs))
-        scheduler, _ = self.scheduler_factory(
-            optimizer, num_epochs=num_epochs, updates_per_epoch=updates_per_epoch, step_on_epochs=False
-        )
+        scheduler = per_update_scheduler(self.scheduler_factory, optimizer, self.trainer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def lr_scheduler_step(self, scheduler, metric) -> None:

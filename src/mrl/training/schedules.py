@@ -7,8 +7,24 @@ is stepped per update like every other schedule here.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
 from timm.scheduler import PolyLRScheduler
 from torch.optim import Optimizer
+
+
+def per_update_scheduler(factory: Callable[..., Any], optimizer: Optimizer, trainer: L.Trainer) -> Any:
+    """The scheduler ``factory`` (``sched``: timm's ``create_scheduler_v2`` or one below) builds for the
+    trainer's epochs and optimizer updates per epoch, stepped per update (not per epoch)."""
+    num_epochs = max(1, trainer.max_epochs or 1)
+    updates_per_epoch = max(1, math.ceil(trainer.estimated_stepping_batches / num_epochs))
+    scheduler, _ = factory(
+        optimizer, num_epochs=num_epochs, updates_per_epoch=updates_per_epoch, step_on_epochs=False
+    )
+    return scheduler
 
 
 def create_triangular(
