@@ -134,3 +134,23 @@ def test_the_top_of_the_package_stays_small():
     """A handful of generic modules at the top; every feature lives in its package."""
     top = sorted(p.name for p in (SRC / "mrl").glob("*.py") if p.name != "__init__.py")
     assert len(top) <= MAX_TOP_LEVEL_MODULES, top
+
+
+def test_tests_share_helpers_only_through_the_support_module():
+    """Helpers several tests use live in tests/support.py: no test module imports another test module
+    (whose tests would then run, or break, with it), and none imports conftest.py (pytest loads it itself;
+    its fixtures arrive by name)."""
+    tests = Path(__file__).resolve().parent
+    found = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [".".join(filter(None, (node.module, alias.name))) for alias in node.names]
+            else:
+                continue
+            parts = {part for name in names for part in name.split(".")}
+            if any(part == "conftest" or part.startswith("test_") for part in parts):
+                found.append(f"{path.relative_to(tests)}:{node.lineno}")
+    assert not found, f"import these from support.py instead: {found}"

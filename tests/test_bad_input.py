@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import TINY
+from support import TINY
 
 pytestmark = pytest.mark.slow
 

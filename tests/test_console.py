@@ -6,7 +6,7 @@ import shlex
 
 import pytest
 
-from conftest import TINY
+from support import TINY
 
 
 @pytest.mark.slow

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BIN, TINY, CLIResult, wandb_inspect, wandb_run_dirs
-from test_eval_quantized import reference_binary, reference_int8, reference_metrics
+from support import (
+    TINY,
+    CLIResult,
+    reference_binary,
+    reference_int8,
+    reference_metrics,
+    run_command,
+    wandb_inspect,
+    wandb_run_dirs,
+)
 
 REPORT_KEYS = {
     "sizes",
@@ -49,21 +54,8 @@ EVAL_FAST = [
 def trained(tmp_path_factory) -> Path:
     """One tiny mrl-train run (nesting 2, 4, 8, 16) shared by the tests of this module."""
     tmp = tmp_path_factory.mktemp("train")
-    env = {**os.environ, "MRL_LOG_DIR": str(tmp / "logs"), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    proc = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "mrl-train"),
-            *TINY,
-            "head.nesting=[2,4,8,16]",
-            "data.train_size=256",
-            "backbone.embed_dim=16",
-        ],
-        cwd=tmp,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+    proc = run_command(
+        "mrl-train", *TINY, "head.nesting=[2,4,8,16]", "data.train_size=256", "backbone.embed_dim=16", cwd=tmp
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (job,) = sorted((tmp / "logs" / "train" / "runs").glob("*"))
@@ -76,19 +68,7 @@ def _in_unit(x: float) -> bool:
 
 def _mrl_eval(log_dir: Path, *args: str) -> CLIResult:
     """``mrl-eval`` as run_cli runs it, with its logs under ``log_dir`` (shared by a module's tests)."""
-    env = {**os.environ, "MRL_LOG_DIR": str(log_dir), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    env["HYDRA_FULL_ERROR"] = "0"
-    env.pop("LOCAL_RANK", None)
-    proc = subprocess.run(
-        [str(BIN / "mrl-eval"), *args],
-        cwd=log_dir.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    return CLIResult(proc, log_dir)
+    return run_command("mrl-eval", *args, cwd=log_dir.parent, log_dir=log_dir)
 
 
 @dataclass

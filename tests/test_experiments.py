@@ -10,10 +10,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import read_results
 from mrl.config_path import config_dir
 from mrl.eval.locations import find_evaluations
 from mrl.resolvers import linear_lr, register_resolvers
+from support import read_results
 
 EXPERIMENTS_DIR = Path(config_dir()) / "experiment"
 RECIPES = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))

@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY, read_results, wandb_inspect
 from mrl.compare.claims import check_claims
 from mrl.compare.collect import Record, collect, variant_labels
 from mrl.compare.table import Cell, aggregate, markdown
 from mrl.compare.wandb_source import run_records
 from mrl.eval.locations import find_evaluations
+from support import TINY, read_results, wandb_inspect
+from support import top1_results as _top1
+from support import write_job_dir as _job
 
 CHEAP_EVAL = (
     "evaluate={methods: {adaptive_classification: false, adaptive_retrieval: false}, "
@@ -195,24 +197,6 @@ def test_a_method_has_one_colour_in_every_panel(tmp_path, monkeypatch):
     top1, one_nn = colours
     assert set(top1) == {"MRL", "MRL-E", "FF"} and set(one_nn) == {"MRL", "FF"}
     assert one_nn["FF"] == top1["FF"] != top1["MRL-E"] and one_nn["MRL"] == top1["MRL"]
-
-
-# Hand-made sweeps: what mrl-train and mrl-eval leave in a job directory, without training anything.
-def _job(
-    job: Path, head: dict, seed: int, results: dict | None, overrides: tuple[str, ...] = (), **config
-) -> Path:
-    """A job dir: resolved_config.yaml, .hydra/overrides.yaml and (unless None) results.json."""
-    (job / ".hydra").mkdir(parents=True)
-    resolved = {"seed": seed, "head": head, "trainer": {"max_epochs": 4}, "threads": None, **config}
-    (job / "resolved_config.yaml").write_text(yaml.safe_dump(resolved))
-    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"seed={seed}", *overrides]))
-    if results is not None:
-        (job / "results.json").write_text(json.dumps(results))
-    return job
-
-
-def _top1(per_size: dict[int, float], split: str = "test") -> dict:
-    return {**{f"{split}/acc@{d}": v for d, v in per_size.items()}, "val/loss": 0.5}
 
 
 def _report(one_nn: dict[int, float], baselines: dict | None = None) -> dict:

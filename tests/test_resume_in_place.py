@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, read_results, wandb_run_dirs
+from support import TINY, read_results, run_command, wandb_run_dirs
 
 RUN = [*TINY, "data.train_size=256", "head.nesting=[4,8,16]", "backbone.embed_dim=16", "seed=1"]
 
@@ -27,16 +27,8 @@ def epoch_of(ckpt: Path) -> int:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     """One finished tiny run with W&B (offline); tests work on copies of it."""
-    import os
-    import subprocess
-
-    from conftest import BIN
-
     tmp = tmp_path_factory.mktemp("finished")
-    env = {**os.environ, "MRL_LOG_DIR": str(tmp / "logs"), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    proc = subprocess.run(
-        [str(BIN / "mrl-train"), *RUN], cwd=tmp, env=env, capture_output=True, text=True, check=False
-    )
+    proc = run_command("mrl-train", *RUN, cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (job,) = sorted((tmp / "logs" / "train" / "runs").glob("*"))
     return job

@@ -5,9 +5,7 @@ report.json, robustness.png and W&B, checked against a plain computation written
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,6 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 
-from conftest import BIN, wandb_inspect, wandb_run_dirs
 from mrl.config_checks import robustness_sets
 from mrl.config_path import config_dir
 from mrl.data.fashion_mnist import CLASSES as FASHION_CLASSES
@@ -28,6 +25,7 @@ from mrl.eval.robustness import class_labels, open_sets
 from mrl.eval.run import robustness_settings
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 from mrl.resolvers import register_resolvers
+from support import CLIResult, run_command, wandb_inspect, wandb_run_dirs
 
 
 def settings(sets: dict, restrict: bool = True, folders: str = "names") -> dict:
@@ -246,13 +244,8 @@ def test_rgb_files_for_a_grey_model_are_read_as_its_own_images(tiny_fashion_mnis
 # ---- end to end ---------------------------------------------------------------------------------
 
 
-def _cli(script: str, log_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MRL_LOG_DIR": str(log_dir), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    env["HYDRA_FULL_ERROR"] = "0"
-    env.pop("LOCAL_RANK", None)
-    return subprocess.run(
-        [str(BIN / script), *args], cwd=log_dir.parent, env=env, capture_output=True, text=True, timeout=600
-    )
+def _cli(script: str, log_dir: Path, *args: str) -> CLIResult:
+    return run_command(script, *args, cwd=log_dir.parent, log_dir=log_dir)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from litdata import StreamingDataset
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import read_results
 from mrl.data.encoded import split_encoded
 from mrl.data.generate import make_jpeg
 from mrl.data.prepare import prepare_shards
@@ -24,6 +23,7 @@ from mrl.data.shards import METADATA_NAME, ShardDataModule
 from mrl.errors import MRLError
 from mrl.instantiate import instantiate
 from mrl.training.module import build_module_for_data
+from support import read_results
 
 RESNET_CONFIG = {"interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
@@ -225,7 +225,7 @@ def test_killed_shard_run_resumes_mid_epoch_with_the_metrics_of_an_uninterrupted
 ):
     """kill -9 after a mid-epoch checkpoint, resume=: LitData's loader position (two workers) comes back
     from Lightning's checkpoint, so the resumed run trains on exactly the remaining batches."""
-    from test_reliability import comparable, kill_run, start, wait_until_stopped
+    from support import comparable, kill_run, start, wait_until_stopped
 
     args = [*shard_args(tiny_shards), "checkpoint_every_n_steps=4"]
     reference = run_cli("mrl-train", *args, "hydra.run.dir=ref")

@@ -1,14 +1,21 @@
 """The real `mrl-train` command, end to end on tiny data."""
 
 import json
-import os
 import subprocess
 
 import pytest
 import torch
 import yaml
 
-from conftest import BIN, TINY, read_results, wandb_inspect, wandb_metric_definitions, wandb_run_dirs
+from support import (
+    BIN,
+    TINY,
+    command_env,
+    read_results,
+    wandb_inspect,
+    wandb_metric_definitions,
+    wandb_run_dirs,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +80,7 @@ def test_multirun_writes_one_wandb_group_with_size_curves(run_cli):
 
 def test_run_dirs_never_collide(tmp_path):
     """Two jobs started in the same second get two output dirs."""
-    env = {**os.environ, "MRL_LOG_DIR": str(tmp_path / "logs"), "WANDB_MODE": "offline"}
+    env = command_env(tmp_path / "logs")
     args = [
         str(BIN / "mrl-train"),
         "logger=none",
