@@ -128,15 +128,15 @@ def call_main(script: str, *args: str, cwd: Path, capture, env: dict[str, str] |
 @contextlib.contextmanager
 def _process_state_restored() -> Iterator[None]:
     """Put back what a command's ``main`` changes in the process: environment, working directory,
-    command line, Hydra's global state, the logging Hydra configures, torch's thread count and the
-    random generators its seeding sets."""
+    command line, Hydra's global state, the logging Hydra configures, torch's thread count and
+    determinism switch, and the random generators its seeding sets."""
     import torch
     from hydra.core.global_hydra import GlobalHydra
 
     env, cwd, argv = dict(os.environ), os.getcwd(), list(sys.argv)
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    threads = torch.get_num_threads()
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     rngs = random.getstate(), np.random.get_state(), torch.get_rng_state()
     GlobalHydra.instance().clear()
     try:
@@ -148,6 +148,7 @@ def _process_state_restored() -> Iterator[None]:
                 handler.close()  # Hydra's handler of the job's log file
         root.handlers[:], root.level = handlers, level
         torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
         random.setstate(rngs[0])
         np.random.set_state(rngs[1])
         torch.set_rng_state(rngs[2])

@@ -210,7 +210,7 @@ def test_eval_baselines_knn_true_adds_the_reductions_one_nn(evaluated):
 
 
 @pytest.mark.slow
-def test_eval_float16_and_bad_sizes_and_split(run_cli, trained):
+def test_eval_float16_and_bad_sizes_and_split(run_cli, run_main, trained):
     ckpt = trained / "checkpoints" / "last.ckpt"
     fast = [
         *EVAL_FAST,
@@ -233,35 +233,32 @@ def test_eval_float16_and_bad_sizes_and_split(run_cli, trained):
         (["sizes=[4,64]"], ["exceed the embedding size 16"]),
         (["database_split=holdout"], ["no 'holdout' split", "database_split"]),
     ):
-        bad = run_cli("mrl-eval", f"ckpt_path={ckpt}", *fast, *args)
+        bad = run_main("mrl-eval", f"ckpt_path={ckpt}", *fast, *args)
         assert bad.returncode != 0
         assert "Traceback" not in bad.output
         for word in words:
             assert word in bad.stderr, bad.stderr
 
 
-@pytest.mark.slow
-def test_missing_checkpoint(run_cli, tmp_path):
-    result = run_cli("mrl-eval", f"ckpt_path={tmp_path / 'nope.ckpt'}")
+def test_missing_checkpoint(run_main, tmp_path):
+    result = run_main("mrl-eval", f"ckpt_path={tmp_path / 'nope.ckpt'}")
     assert result.returncode != 0
     assert "does not exist" in result.stderr and "Traceback" not in result.output
     assert not list((tmp_path / "logs" / "eval" / "runs").glob("*/report.json"))
 
 
-@pytest.mark.slow
-def test_corrupt_checkpoint(run_cli, tmp_path):
+def test_corrupt_checkpoint(run_main, tmp_path):
     ckpt = tmp_path / "broken.ckpt"
     ckpt.write_bytes(b"PK\x03\x04 not really a checkpoint")
-    result = run_cli("mrl-eval", f"ckpt_path={ckpt}")
+    result = run_main("mrl-eval", f"ckpt_path={ckpt}")
     assert result.returncode != 0
     assert "corrupt" in result.stderr and "Traceback" not in result.output
 
 
-@pytest.mark.slow
-def test_checkpoint_without_mrl_config(run_cli, tmp_path):
+def test_checkpoint_without_mrl_config(run_main, tmp_path):
     ckpt = tmp_path / "plain.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, ckpt)
-    result = run_cli("mrl-eval", f"ckpt_path={ckpt}")
+    result = run_main("mrl-eval", f"ckpt_path={ckpt}")
     assert result.returncode != 0
     assert "no mrl training config" in result.stderr and "Traceback" not in result.output
 
@@ -346,7 +343,9 @@ EVAL_QUICK = [
 
 
 @pytest.mark.slow
-def test_evaluations_of_two_runs_with_the_same_job_name_never_share_a_place(run_cli, trained, tmp_path):
+def test_evaluations_of_two_runs_with_the_same_job_name_never_share_a_place(
+    run_cli, run_main, trained, tmp_path
+):
     """Job 0 of sweep A and job 0 of sweep B: each evaluation has its own place and model, a rerun reuses
     its embeddings, and pointing one at the other's place is refused without touching it."""
     import mrl
@@ -380,7 +379,7 @@ def test_evaluations_of_two_runs_with_the_same_job_name_never_share_a_place(run_
     assert again.run_dirs("eval") == sorted(outs.values())
 
     before = {p: p.read_bytes() for p in outs["b"].rglob("*") if p.is_file()}
-    refused = run_cli("mrl-eval", f"ckpt_path={ckpt_a}", f"hydra.run.dir={outs['b']}", *EVAL_QUICK)
+    refused = run_main("mrl-eval", f"ckpt_path={ckpt_a}", f"hydra.run.dir={outs['b']}", *EVAL_QUICK)
     assert refused.returncode != 0 and "Traceback" not in refused.output
     assert "holds the evaluation of another checkpoint" in refused.stderr
     assert {p: p.read_bytes() for p in outs["b"].rglob("*") if p.is_file()} == before

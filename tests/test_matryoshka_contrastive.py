@@ -250,9 +250,8 @@ def test_contrastive_training_end_to_end(run_cli, objective):
     assert (run / "checkpoints").is_dir()
 
 
-@pytest.mark.slow
-def test_two_views_of_image_files_are_refused_before_anything_runs(run_cli, tiny_image_tree):
-    result = run_cli(
+def test_two_views_of_image_files_are_refused_before_anything_runs(run_main, tiny_image_tree):
+    result = run_main(
         "mrl-train", "data=imagefolder", f"data.root={tiny_image_tree}", "objective=supcon", "logger=none"
     )
     assert result.returncode != 0 and "Traceback" not in result.output

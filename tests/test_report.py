@@ -330,9 +330,9 @@ def test_jobs_without_results_or_test_metrics_are_listed_not_dropped(tmp_path, c
     assert (by_job["1"]["top1"], by_job["2"]["results"], by_job["2"]["top1"]) == ("val", False, "none")
 
 
-def test_a_sweep_with_no_finished_job_says_so(tmp_path, run_cli):
+def test_a_sweep_with_no_finished_job_says_so(tmp_path, run_main):
     _job(tmp_path / "sweep" / "0", {"kind": "mrl"}, 0, None)
-    res = run_cli("mrl-report", str(tmp_path / "sweep"), "--no-wandb")
+    res = run_main("mrl-report", str(tmp_path / "sweep"), "--no-wandb")
     assert res.returncode == 1 and "None of the 1 jobs" in res.stderr and "has finished" in res.stderr
 
 
@@ -572,14 +572,14 @@ def test_report_of_a_three_job_sweep(run_cli, tmp_path):
         assert table in summary, sorted(summary)
 
 
-def test_report_bad_input(run_cli, tmp_path):
-    missing = run_cli("mrl-report", str(tmp_path / "nope"))
+def test_report_bad_input(run_main, tmp_path):
+    missing = run_main("mrl-report", str(tmp_path / "nope"))
     assert missing.returncode == 1 and "is not a directory" in missing.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
-    res = run_cli("mrl-report", str(empty))
+    res = run_main("mrl-report", str(empty))
     assert res.returncode == 1 and "No mrl-train jobs" in res.stderr and "Traceback" not in res.stderr
-    neither = run_cli("mrl-report")
+    neither = run_main("mrl-report")
     assert neither.returncode == 1 and "either a sweep directory or --wandb-group" in neither.stderr
 
 

@@ -91,16 +91,15 @@ def test_resume_skips_a_truncated_last_checkpoint_for_the_newest_intact_one(run_
     ],
     ids=["max_epochs", "limit_train_batches", "max_steps", "no_training_data"],
 )
-def test_a_run_without_any_training_step_fails_and_writes_no_results(run_cli, overrides):
-    result = run_cli("mrl-train", *RUN, "logger=none", *overrides)
+def test_a_run_without_any_training_step_fails_and_writes_no_results(run_main, overrides):
+    result = run_main("mrl-train", *RUN, "logger=none", *overrides)
     assert result.returncode != 0 and "Traceback" not in result.output
     assert "without a single optimizer step" in result.stderr
     assert not list((result.log_dir / "train" / "runs").glob("*/results.json"))
 
 
-@pytest.mark.slow
-def test_zero_loss_weights_are_refused_before_training(run_cli):
-    result = run_cli("mrl-train", *RUN, "logger=none", "head.weights=[0,0,0]")
+def test_zero_loss_weights_are_refused_before_training(run_main):
+    result = run_main("mrl-train", *RUN, "logger=none", "head.weights=[0,0,0]")
     assert result.returncode != 0 and "Traceback" not in result.output
     # the pre-flight check refuses it before anything is written; the model builder would too
     assert "head.weights=[0, 0, 0]" in result.stderr and "not all 0" in result.stderr

@@ -365,7 +365,7 @@ def test_eval_robustness_sets_end_to_end(trained_on_a_tree, tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_refuses_a_set_with_foreign_folders_before_any_work(trained_on_a_tree, tmp_path):
+def test_eval_refuses_a_set_with_foreign_folders_before_any_work(trained_on_a_tree, run_main, tmp_path):
     tree, ckpt = trained_on_a_tree
     stray = tmp_path / "stray"
     shutil.copytree(tree / "val" / "class_0002", stray / "n01440764")
@@ -377,7 +377,7 @@ def test_eval_refuses_a_set_with_foreign_folders_before_any_work(trained_on_a_tr
         ),
         (f"+robustness.sets.a={tmp_path / 'none'}", ["robustness.sets.a", "does not exist"]),
     ):
-        proc = _cli("mrl-eval", log_dir, f"ckpt_path={ckpt}", "threads=1", "logger=none", arg)
+        proc = run_main("mrl-eval", f"ckpt_path={ckpt}", "threads=1", "logger=none", arg)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr
         for word in words:
             assert word in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-2000:]

@@ -129,8 +129,8 @@ BAD = [
 
 
 @pytest.mark.parametrize(("overrides", "expected"), BAD, ids=[" ".join(c[0]) for c in BAD])
-def test_bad_settings_are_explained_before_training(run_cli, overrides, expected):
-    result = run_cli("mrl-train", *TINY, "logger=none", *overrides)
+def test_bad_settings_are_explained_before_training(run_main, overrides, expected):
+    result = run_main("mrl-train", *TINY, "logger=none", *overrides)
     assert result.returncode != 0
     assert "Traceback" not in result.output
     assert "Epoch 0" not in result.output  # refused before any training step

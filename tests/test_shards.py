@@ -201,19 +201,19 @@ def shard_args(shards: Path, workers: int = 2) -> list[str]:
 
 
 @pytest.mark.slow
-def test_prepare_data_command_then_train(run_cli, tiny_image_tree, tmp_path):
+def test_prepare_data_command_then_train(run_cli, run_main, tiny_image_tree, tmp_path):
     out = tmp_path / "imagenet-shards"
     made = run_cli("mrl-prepare-data", f"root={tiny_image_tree}", f"output_dir={out}", "max_side=64")
     assert made.returncode == 0, made.output[-3000:]
     assert f"mrl-train data=shards data.input_dir={out}" in made.output
-    again = run_cli("mrl-prepare-data", f"root={tiny_image_tree}", f"output_dir={out}")
+    again = run_main("mrl-prepare-data", f"root={tiny_image_tree}", f"output_dir={out}")
     assert again.returncode == 1 and "never writes over existing data" in again.stderr
     assert "Traceback" not in again.stderr
     trained = run_cli("mrl-train", *shard_args(out))
     assert trained.returncode == 0, trained.output[-3000:]
     results = read_results(trained.run_dirs()[0])
     assert {"val/acc@64", "test/acc@64", "train/loss"} <= set(results)
-    missing = run_cli("mrl-train", *shard_args(tmp_path / "nowhere"))
+    missing = run_main("mrl-train", *shard_args(tmp_path / "nowhere"))
     assert (
         missing.returncode == 1 and "mrl-prepare-data" in missing.stderr and "Traceback" not in missing.stderr
     )
