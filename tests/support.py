@@ -104,8 +104,9 @@ def call_main(script: str, *args: str, cwd: Path, capture, env: dict[str, str] |
     :func:`run_command` runs the script: the same command line, environment and working directory, its
     exit status and what it printed (``capture``: pytest's ``capfd``), logs under ``cwd/logs``.
 
-    For the checks that refuse a command before it trains: they cost a process start (seconds of
-    imports) otherwise. Everything the command changes in this process is put back afterwards."""
+    For commands that need no process of their own (a refusal, a few training steps without W&B or DDP),
+    which would otherwise cost a process start: seconds of imports. What the command changes in this
+    process is put back afterwards."""
     (main,) = (e.load() for e in entry_points(group="console_scripts", name=script))
     log_dir = cwd / "logs"
     capture.readouterr()  # what was printed before is not this command's
@@ -133,7 +134,7 @@ def _process_state_restored() -> Iterator[None]:
     import torch
     from hydra.core.global_hydra import GlobalHydra
 
-    env, cwd, argv = dict(os.environ), os.getcwd(), list(sys.argv)
+    env, cwd, argv = dict(os.environ), os.getcwd(), sys.argv
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
@@ -153,7 +154,7 @@ def _process_state_restored() -> Iterator[None]:
         np.random.set_state(rngs[1])
         torch.set_rng_state(rngs[2])
         os.chdir(cwd)
-        sys.argv[:] = argv
+        sys.argv = argv
         os.environ.clear()
         os.environ.update(env)
 

@@ -49,9 +49,9 @@ def test_random_crop_matches_a_plain_loop():
 
 
 @pytest.mark.slow
-def test_trains_through_the_cli(run_cli, tmp_path):
+def test_trains_through_the_cli(run_main, tmp_path):
     write_cifar(tmp_path / "data", "cifar10")
-    result = run_cli(
+    result = run_main(
         "mrl-train",
         "data=cifar10",
         f"data.data_dir={tmp_path / 'data'}",
