@@ -140,7 +140,7 @@ def test_tests_share_helpers_only_through_the_support_module():
     """Helpers several tests use live in tests/support.py: no test module imports another test module
     (whose tests would then run, or break, with it), and none imports conftest.py (pytest loads it itself;
     its fixtures arrive by name)."""
-    tests = Path(__file__).resolve().parent
+    tests = next(p for p in Path(__file__).resolve().parents if (p / "support.py").is_file())
     found = []
     for path in sorted(tests.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
