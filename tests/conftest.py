@@ -23,8 +23,9 @@ def run_cli(tmp_path):
 @pytest.fixture
 def run_main(tmp_path, capfd):
     """Run a console script's ``main`` in this process, as ``run_cli`` runs the script (same command
-    line, environment, folder and logs; its exit status and output): for commands refused before they
-    train, without a process start."""
+    line, environment, folder and logs; its exit status and output) without a process start: for
+    refusals and short runs without W&B or DDP. It reads the output with ``capfd`` (pytest allows no
+    ``capsys`` beside it)."""
 
     def run(script: str, *args: str, env: dict | None = None) -> CLIResult:
         return call_main(script, *args, cwd=tmp_path, capture=capfd, env=env)
