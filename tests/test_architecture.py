@@ -151,3 +151,23 @@ def test_no_class_is_longer_than_a_few_screens():
             if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES:
                 long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name}")
     assert not long, long
+
+
+def test_tests_share_helpers_only_through_the_support_module():
+    """Helpers several tests use live in tests/support.py: no test module imports another test module
+    (whose tests would then run, or break, with it), and none imports conftest.py (pytest loads it itself;
+    its fixtures arrive by name)."""
+    tests = next(p for p in Path(__file__).resolve().parents if (p / "support.py").is_file())
+    found = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [".".join(filter(None, (node.module, alias.name))) for alias in node.names]
+            else:
+                continue
+            parts = {part for name in names for part in name.split(".")}
+            if any(part == "conftest" or part.startswith("test_") for part in parts):
+                found.append(f"{path.relative_to(tests)}:{node.lineno}")
+    assert not found, f"import these from support.py instead: {found}"

@@ -1,12 +1,18 @@
-"""Bad input gets one clear paragraph, a non-zero exit and no traceback."""
+"""Bad input gets one clear paragraph, a non-zero exit and no traceback.
+
+Input refused before training is checked through the command's ``main`` run in this process
+(``run_main``: the same command line, message and exit status as the console script, without seconds of
+process start); the console scripts themselves refuse in
+``test_the_console_scripts_refuse_with_one_paragraph``. What needs a trained run or trains is slow.
+"""
 
 import os
+import shutil
 
 import pytest
+import torch
 
-from conftest import TINY
-
-pytestmark = pytest.mark.slow
+from support import TINY, run_command
 
 CASES = [
     (["backbone.name=resnet5O"], ["Unknown backbone 'resnet5O'", "Did you mean", "resnet50"]),
@@ -26,10 +32,10 @@ CASES = [
 
 
 @pytest.mark.parametrize(("overrides", "expected"), CASES, ids=[c[0][-1].split("=")[0] for c in CASES])
-def test_bad_input_is_explained(run_cli, overrides, expected):
+def test_bad_input_is_explained(run_main, overrides, expected):
     data = ["data=fashion_mnist"] if overrides[0].startswith("data.") else TINY
     data = [] if overrides[0].startswith("data=") else data
-    result = run_cli("mrl-train", *data, "logger=none", *overrides)
+    result = run_main("mrl-train", *data, "logger=none", *overrides)
     assert result.returncode != 0
     assert "Traceback" not in result.output
     for text in expected:
@@ -70,30 +76,45 @@ def _written(run_dirs) -> list[str]:
 
 
 @pytest.mark.parametrize(("overrides", "expected"), PREFLIGHT, ids=[c[0][-1] for c in PREFLIGHT])
-def test_bad_settings_are_refused_before_anything_runs(run_cli, overrides, expected):
-    result = run_cli("mrl-train", *TINY, "logger=none", *overrides)
+def test_bad_settings_are_refused_before_anything_runs(run_main, overrides, expected):
+    result = run_main("mrl-train", *TINY, "logger=none", *overrides)
     _assert_clear_failure(result, *expected)
     assert "Epoch 0" not in result.output and "Seed set" not in result.output  # training never started
     assert _written(result.run_dirs()) == []
 
 
-def test_a_later_size_error_names_head_dim_and_a_metric_of_default_sizes(run_cli):
+@pytest.mark.slow
+def test_the_console_scripts_refuse_with_one_paragraph(run_cli, tmp_path):
+    """The other refusals run a command's main in this process; here the installed console scripts
+    themselves: exit status 1, the message and no traceback, nothing written and nothing run."""
+    train = run_cli("mrl-train", *TINY, "logger=none", "head.nesting=8")
+    _assert_clear_failure(train, "head.nesting=8 is a single value", "head.nesting=[8]")
+    assert train.returncode == 1 and "Seed set" not in train.output
+    assert _written(train.run_dirs()) == []
+    evaluated = run_cli("mrl-eval", f"ckpt_path={_foreign_code_checkpoint(tmp_path)}")
+    _assert_clear_failure(evaluated, "Refusing to load", "'os.system'")
+    assert evaluated.returncode == 1 and not (tmp_path / "pwned").exists()
+
+
+def test_a_later_size_error_names_head_dim_and_a_metric_of_default_sizes(run_main):
     """Checked once the model is built (its embedding size measured), still before training."""
-    ff = run_cli("mrl-train", *TINY, "logger=none", "head=ff", "head.dim=512")
+    ff = run_main("mrl-train", *TINY, "logger=none", "head=ff", "head.dim=512")
     _assert_clear_failure(
         ff, "head.dim=512 but the embedding has only 256 features", "backbone.embed_dim=512"
     )
     assert "head.nesting" not in ff.output
     # the last resort: a setting no check knows, that the component it configures refuses
-    kwargs = run_cli("mrl-train", *TINY, "logger=none", "+backbone.model_kwargs.bogus=1")
+    kwargs = run_main("mrl-train", *TINY, "logger=none", "+backbone.model_kwargs.bogus=1")
     _assert_clear_failure(kwargs, "Could not build backbone", "'bogus'", "backbone.* overrides")
-    metric = run_cli("mrl-train", *TINY, "logger=none", "optimized_metric=val/acc@3")
+    metric = run_main("mrl-train", *TINY, "logger=none", "optimized_metric=val/acc@3")
     _assert_clear_failure(metric, "names size 3", "val/acc@full")
     assert "Epoch 0" not in metric.output
     assert not list((metric.log_dir / "train" / "runs").glob("*/checkpoints"))
 
 
+@pytest.mark.slow
 def test_pretrained_weights_without_a_local_copy_fail_at_once(run_cli, tmp_path):
+    """A process of its own: huggingface_hub reads HF_HOME (the empty cache here) when it is imported."""
     import time
 
     start = time.perf_counter()
@@ -106,10 +127,19 @@ def test_pretrained_weights_without_a_local_copy_fail_at_once(run_cli, tmp_path)
 
 
 # Rows of docs/bad_inputs.md that need a prepared file or an earlier run (the table above covers the rest).
-def _earlier_run(run_cli, tmp_path):
-    result = run_cli("mrl-train", *TINY, "logger=none", "test=false", "hydra.run.dir=earlier")
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    """One finished tiny run (no test stage, no logger); tests refuse things against copies of it."""
+    tmp = tmp_path_factory.mktemp("earlier")
+    result = run_command("mrl-train", *TINY, "logger=none", "test=false", "hydra.run.dir=earlier", cwd=tmp)
     assert result.returncode == 0, result.output[-2000:]
-    return tmp_path / "earlier"
+    return tmp / "earlier"
+
+
+@pytest.fixture
+def earlier_run(trained_once, tmp_path):
+    """A copy of ``trained_once`` of this test's own, at ``tmp_path/earlier``."""
+    return shutil.copytree(trained_once, tmp_path / "earlier")
 
 
 def _fingerprint(run_dir):
@@ -125,27 +155,26 @@ def _assert_clear_failure(result, *expected):
         assert text in result.output, result.output[-3000:]
 
 
-def test_corrupt_missing_and_malicious_checkpoints_are_refused(run_cli, tmp_path):
-    import torch
-
-    earlier = _earlier_run(run_cli, tmp_path)
+@pytest.mark.slow
+def test_corrupt_missing_and_malicious_checkpoints_are_refused(run_main, earlier_run, tmp_path):
+    earlier = earlier_run
     before = _fingerprint(earlier)
     ckpt = earlier / "checkpoints" / "last.ckpt"
 
-    _assert_clear_failure(run_cli("mrl-train", *TINY, f"ckpt_path={tmp_path}/none.ckpt"), "does not exist")
+    _assert_clear_failure(run_main("mrl-train", *TINY, f"ckpt_path={tmp_path}/none.ckpt"), "does not exist")
     _assert_clear_failure(
-        run_cli("mrl-train", f"resume={tmp_path}/nowhere"), "not an mrl-train run directory"
+        run_main("mrl-train", f"resume={tmp_path}/nowhere"), "not an mrl-train run directory"
     )
     _assert_clear_failure(
-        run_cli("mrl-train", f"resume={earlier}", "head=mrl_e"), "changes a whole config group"
+        run_main("mrl-train", f"resume={earlier}", "head=mrl_e"), "changes a whole config group"
     )
     _assert_clear_failure(
-        run_cli("mrl-train", *TINY, "backbone.name=resnet18", "logger=none", f"ckpt_path={ckpt}"),
+        run_main("mrl-train", *TINY, "backbone.name=resnet18", "logger=none", f"ckpt_path={ckpt}"),
         "trained with a different model",
         "backbone.name",
     )
     _assert_clear_failure(
-        run_cli("mrl-train", *TINY, "data.num_classes=5", "logger=none", f"ckpt_path={ckpt}"),
+        run_main("mrl-train", *TINY, "data.num_classes=5", "logger=none", f"ckpt_path={ckpt}"),
         "data.num_classes",
     )
     assert _fingerprint(earlier) == before
@@ -156,10 +185,10 @@ def test_corrupt_missing_and_malicious_checkpoints_are_refused(run_cli, tmp_path
     assert len(ckpts) >= 2
     for path in ckpts:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
-    _assert_clear_failure(run_cli("mrl-train", f"resume={earlier}"), "corrupt or truncated")
+    _assert_clear_failure(run_main("mrl-train", f"resume={earlier}"), "corrupt or truncated")
     for path in ckpts:
         path.unlink()
-    _assert_clear_failure(run_cli("mrl-train", f"resume={earlier}"), "no checkpoint to resume from")
+    _assert_clear_failure(run_main("mrl-train", f"resume={earlier}"), "no checkpoint to resume from")
 
     # A checkpoint that runs code when unpickled: refused, and the code never runs.
     marker = tmp_path / "pwned"
@@ -169,22 +198,21 @@ def test_corrupt_missing_and_malicious_checkpoints_are_refused(run_cli, tmp_path
             return (os.system, (f"touch {marker}",))
 
     torch.save({"state_dict": {}, "payload": Evil()}, ckpt)
-    _assert_clear_failure(run_cli("mrl-train", f"resume={earlier}"), "Refusing to load")
+    _assert_clear_failure(run_main("mrl-train", f"resume={earlier}"), "Refusing to load")
     assert not marker.exists()
     assert (earlier / "results.json").read_bytes() == before["results.json"]
 
 
-def test_unwritable_output_dir_is_reported_before_training(run_cli, tmp_path):
+def test_unwritable_output_dir_is_reported_before_training(run_main, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    result = run_cli("mrl-train", *TINY, "logger=none", f"hydra.run.dir={blocker}/run")
+    result = run_main("mrl-train", *TINY, "logger=none", f"hydra.run.dir={blocker}/run")
     _assert_clear_failure(result)
     assert "Epoch 0" not in result.output
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_clearly_and_keeps_the_last_good_checkpoint(run_cli, tmp_path):
-    import torch
-
     result = run_cli(
         "mrl-train",
         *TINY,
@@ -202,6 +230,7 @@ def test_nan_loss_stops_clearly_and_keeps_the_last_good_checkpoint(run_cli, tmp_
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_wandb_online_without_credentials_falls_back_to_offline(run_cli, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
@@ -217,6 +246,7 @@ def test_wandb_online_without_credentials_falls_back_to_offline(run_cli, tmp_pat
     assert list((tmp_path / "online" / "wandb").glob("offline-run-*"))
 
 
+@pytest.mark.slow
 def test_wandb_online_with_credentials_but_no_server_falls_back_to_offline(run_cli, tmp_path):
     """A key but no reachable server (no network, a wrong WANDB_BASE_URL): offline, not a 90 s hang and
     a crash."""
@@ -232,23 +262,27 @@ def test_wandb_online_with_credentials_but_no_server_falls_back_to_offline(run_c
     assert list((tmp_path / "unreachable" / "wandb").glob("offline-run-*"))
 
 
-def test_checkpoint_config_naming_foreign_code_is_refused(run_cli, tmp_path):
-    """weights_only loading is not enough: a stored config's ``_target_`` would be instantiated when
-    mrl-eval (or mrl.load) rebuilds the model. A foreign one is refused before anything is built."""
-    import torch
-
-    import mrl
-    from mrl.errors import MRLError
-
-    marker = tmp_path / "pwned"
+def _foreign_code_checkpoint(tmp_path):
+    """A checkpoint whose stored config names ``os.system`` (touching ``tmp_path/pwned``) to instantiate."""
     config = {
-        "data": {"_target_": "os.system", "command": f"touch {marker}"},
+        "data": {"_target_": "os.system", "command": f"touch {tmp_path / 'pwned'}"},
         "backbone": {"_target_": "mrl.models.backbone.TimmBackbone", "name": "test_byobnet"},
         "head": {"kind": "mrl"},
     }
     ckpt = tmp_path / "crafted.ckpt"
     torch.save({"state_dict": {}, "mrl_config": config}, ckpt)
-    _assert_clear_failure(run_cli("mrl-eval", f"ckpt_path={ckpt}"), "Refusing to load", "'os.system'")
+    return ckpt
+
+
+def test_checkpoint_config_naming_foreign_code_is_refused(run_main, tmp_path):
+    """weights_only loading is not enough: a stored config's ``_target_`` would be instantiated when
+    mrl-eval (or mrl.load) rebuilds the model. A foreign one is refused before anything is built."""
+    import mrl
+    from mrl.errors import MRLError
+
+    marker = tmp_path / "pwned"
+    ckpt = _foreign_code_checkpoint(tmp_path)
+    _assert_clear_failure(run_main("mrl-eval", f"ckpt_path={ckpt}"), "Refusing to load", "'os.system'")
     with pytest.raises(MRLError, match="Refusing to load"):
         mrl.load(ckpt)
     assert not marker.exists()
@@ -286,9 +320,9 @@ TREE_CASES = [
 
 
 @pytest.mark.parametrize(("damage", "extra", "expected"), TREE_CASES, ids=[c[0] for c in TREE_CASES])
-def test_image_folder_problems_are_explained(run_cli, tmp_path, damage, extra, expected):
+def test_image_folder_problems_are_explained(run_main, tmp_path, damage, extra, expected):
     root, bad = _damaged_tree(tmp_path / "tree", damage)
-    result = run_cli(
+    result = run_main(
         "mrl-train",
         "data=imagefolder",
         f"data.root={root}",
@@ -307,17 +341,16 @@ def test_image_folder_problems_are_explained(run_cli, tmp_path, damage, extra, e
     assert not list((result.log_dir / "train" / "runs").glob("*/results.json"))
 
 
-def test_eval_and_resume_refuse_bad_settings_and_files(run_cli, tmp_path):
-    import shutil
-
-    earlier = _earlier_run(run_cli, tmp_path)
+@pytest.mark.slow
+def test_eval_and_resume_refuse_bad_settings_and_files(run_main, earlier_run, tmp_path):
+    earlier = earlier_run
     ckpt = earlier / "checkpoints" / "last.ckpt"
 
-    k0 = run_cli("mrl-eval", f"ckpt_path={ckpt}", "logger=none", "knn.k=0")
+    k0 = run_main("mrl-eval", f"ckpt_path={ckpt}", "logger=none", "knn.k=0")
     _assert_clear_failure(k0, "knn.k=0", "positive integer")
     assert not list((k0.log_dir / "eval").rglob("*.npy"))  # refused before the embeddings were computed
 
-    typo = run_cli("mrl-eval", f"ckpt_path={ckpt}", "logger=none", "+data.dta_dir=/data")
+    typo = run_main("mrl-eval", f"ckpt_path={ckpt}", "logger=none", "+data.dta_dir=/data")
     _assert_clear_failure(typo, "data has no setting 'dta_dir'", "valid data keys are", "batch_size")
 
     text = tmp_path / "notes.ckpt"
@@ -325,19 +358,16 @@ def test_eval_and_resume_refuse_bad_settings_and_files(run_cli, tmp_path):
     noise = tmp_path / "noise.ckpt"
     noise.write_bytes(bytes(range(7, 256)) * 4)
     for path, words in ((text, "it holds text"), (noise, "neither a PyTorch archive nor a pickle")):
-        result = run_cli("mrl-eval", f"ckpt_path={path}", "logger=none")
+        result = run_main("mrl-eval", f"ckpt_path={path}", "logger=none")
         _assert_clear_failure(result, "is not a checkpoint", words)
         assert "weights_only" not in result.output and "run code" not in result.output
 
-    import torch
-
     if not torch.cuda.is_available():
-        _assert_clear_failure(
-            run_cli("mrl-eval", f"ckpt_path={ckpt}", "logger=none", "device=cuda"), "no CUDA GPU is available"
-        )
+        cuda = run_main("mrl-eval", f"ckpt_path={ckpt}", "logger=none", "device=cuda")
+        _assert_clear_failure(cuda, "no CUDA GPU is available")
 
     broken = tmp_path / "broken_run"
     shutil.copytree(earlier, broken)
     (broken / "resolved_config.yaml").write_text("data: {_target_: x\n  batch_size: [1,\n")
-    result = run_cli("mrl-train", f"resume={broken}")
+    result = run_main("mrl-train", f"resume={broken}")
     _assert_clear_failure(result, "resolved_config.yaml is corrupt and cannot be read", "cannot be resumed")

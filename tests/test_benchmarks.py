@@ -1,4 +1,5 @@
-"""Every benchmark script runs in its --quick mode (a smoke test: no timing is asserted)."""
+"""Every benchmark script runs in its --quick mode (a smoke test: no timing is asserted), each in a process
+of its own (slow tests)."""
 
 import importlib.util
 import subprocess
@@ -23,6 +24,7 @@ def run_quick(script: str, *args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_head_loss_quick():
     out = run_quick("head_loss.py")
     assert (
@@ -34,10 +36,12 @@ def test_head_loss_quick():
     assert "default job's, B=256 D=256 C=10" in out
 
 
+@pytest.mark.slow
 def test_head_loss_profile_quick():
     assert "elementwise" in run_quick("head_loss.py", "--profile")
 
 
+@pytest.mark.slow
 def test_data_pipeline_quick():
     assert "delivered/consumed" in run_quick("data_pipeline.py")
 
@@ -72,6 +76,7 @@ def test_input_pipeline_quick():
     assert "before/now" in out and "img/s/core now" in out and "one loader worker" in out
 
 
+@pytest.mark.slow
 def test_eval_speed_memory_quick():
     out = run_quick("eval_speed.py", "--part", "memory")
     assert "peak RSS" in out and "adaptive retrieval" in out

@@ -1,36 +1,12 @@
 """CIFAR-10/100 datamodules on small generated data written in torchvision's on-disk format."""
 
-import pickle
-
-import numpy as np
 import pytest
 import torch
 
-from conftest import read_results
 from mrl.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from mrl.data.preprocess import random_crop
 from mrl.errors import MRLError
-
-
-def write_cifar(root, kind: str, per_file: int = 20, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    if kind == "cifar10":
-        folder, files, key, classes = (
-            root / "cifar-10-batches-py",
-            [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"],
-            "labels",
-            10,
-        )
-    else:
-        folder, files, key, classes = root / "cifar-100-python", ["train", "test"], "fine_labels", 100
-    folder.mkdir(parents=True)
-    for name in files:
-        n = per_file * (5 if kind == "cifar100" and name == "train" else 1)
-        labels = rng.integers(0, classes, size=n).tolist()
-        data = rng.integers(0, 256, size=(n, 3 * 32 * 32), dtype=np.uint8)
-        with open(folder / name, "wb") as f:
-            pickle.dump({"data": data, key: labels}, f)
-    return root
+from support import read_results, write_cifar
 
 
 @pytest.mark.parametrize(
@@ -73,9 +49,9 @@ def test_random_crop_matches_a_plain_loop():
 
 
 @pytest.mark.slow
-def test_trains_through_the_cli(run_cli, tmp_path):
+def test_trains_through_the_cli(run_main, tmp_path):
     write_cifar(tmp_path / "data", "cifar10")
-    result = run_cli(
+    result = run_main(
         "mrl-train",
         "data=cifar10",
         f"data.data_dir={tmp_path / 'data'}",

@@ -6,7 +6,7 @@ import shlex
 
 import pytest
 
-from conftest import TINY
+from support import TINY
 
 
 @pytest.mark.slow
@@ -32,15 +32,14 @@ def test_training_console_is_free_of_duplicates_and_noise(run_cli, tmp_path):
     assert len(find_evaluations(job)) == 1
 
 
-def test_report_errors_carry_no_hydra_hint(run_cli, tmp_path):
-    result = run_cli("mrl-report", str(tmp_path / "nowhere"))
+def test_report_errors_carry_no_hydra_hint(run_main, tmp_path):
+    result = run_main("mrl-report", str(tmp_path / "nowhere"))
     assert result.returncode == 1 and "is not a directory" in result.stderr
     assert "HYDRA_FULL_ERROR" not in result.output
 
 
-@pytest.mark.slow
-def test_eval_help_lists_what_mrl_eval_takes(run_cli):
-    result = run_cli("mrl-eval", "--help")
+def test_eval_help_lists_what_mrl_eval_takes(run_main):
+    result = run_main("mrl-eval", "--help")
     assert result.returncode == 0
     assert "logger: wandb (default), none" in result.stdout and "knn:" in result.stdout
     for group in ("backbone:", "head:", "optim:", "sched:", "trainer:", "experiment:"):

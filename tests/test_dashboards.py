@@ -7,21 +7,19 @@ check the written specs against what the runs logged, read back with `wandb leet
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, TINY, wandb_inspect
-from fault_injection import tests_on_pythonpath as with_tests_on_pythonpath
 from mrl.tracking.dashboards.curves import curves_of
 from mrl.tracking.dashboards.keys import LoggedRun, parse_records, sizes
 from mrl.tracking.dashboards.report import SweepReport, sweep_report
 from mrl.tracking.dashboards.spec import document, dump, from_document, offline_reason, panel_keys
 from mrl.tracking.dashboards.sweep import swept_keys
 from mrl.tracking.dashboards.workspace import project_workspace
+from support import BIN, TINY, command_env, wandb_inspect
 
 SIZES = [1, 2, 4, 8, 16, 32, 64, 128]
 TEXT_ORDER = sorted(str(d) for d in SIZES)  # 1, 128, 16, 2, ...: what W&B's default panels show
@@ -265,20 +263,8 @@ def test_online_the_workspace_goes_to_the_api_call_and_its_url_is_printed(monkey
 # ---------------------------------------------------------------- slow: a real sweep, W&B offline
 
 
-def _env(log_dir: Path) -> dict:
-    env = {
-        **os.environ,
-        "MRL_LOG_DIR": str(log_dir),
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "HYDRA_FULL_ERROR": "0",
-    }
-    env.pop("LOCAL_RANK", None)
-    return with_tests_on_pythonpath(env)
-
-
 def _cli(cmd: list[str], cwd: Path, log_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, env=_env(log_dir), capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, cwd=cwd, env=command_env(log_dir), capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from mrl.config_path import config_dir
 from mrl.data.base import MRLDataModule
 from mrl.resolvers import register_resolvers
-from test_cifar import write_cifar
+from support import write_cifar
 
 CONF = Path(config_dir())
 OPTIONS = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))

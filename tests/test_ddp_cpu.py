@@ -4,9 +4,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import TINY, read_results, wandb_inspect, wandb_run_dirs
 from mrl.instantiate import instantiate
 from mrl.training.assemble import build_module
+from support import TINY, read_results, wandb_inspect, wandb_run_dirs
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import read_results
+from support import read_results
 
 pytestmark = pytest.mark.slow
 

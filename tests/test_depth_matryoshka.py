@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import compose_train
 from mrl.errors import MRLError
 from mrl.models.backbone import TimmBackbone
 from mrl.models.stage_features import check_depth_stages
 from mrl.training.assemble import build_module
+from support import compose_train
 
 NESTING = [2, 4, 8, 16]
 C = [3, 1, 2, 1]  # relative importance c_m
@@ -85,7 +85,7 @@ def test_stages_reuse_the_final_heads_objective_and_checkpoints_keep_their_keys(
 
 
 def test_depth_with_size_sampling_weighs_the_stage_losses_by_the_same_draw(monkeypatch):
-    from test_size_sampling import reference_draw
+    from support import reference_draw
 
     module = _module("head.depth_stages=[2]", "head.sizes_per_step=1", "seed=4")
     monkeypatch.setattr(type(module), "global_step", property(lambda self: 9))

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BIN, TINY, CLIResult, wandb_inspect, wandb_run_dirs
-from test_eval_quantized import reference_binary, reference_int8, reference_metrics
+from support import (
+    TINY,
+    CLIResult,
+    reference_binary,
+    reference_int8,
+    reference_metrics,
+    run_command,
+    wandb_inspect,
+    wandb_run_dirs,
+)
 
 REPORT_KEYS = {
     "sizes",
@@ -50,21 +55,8 @@ EVAL_FAST = [
 def trained(tmp_path_factory) -> Path:
     """One tiny mrl-train run (nesting 2, 4, 8, 16) shared by the tests of this module."""
     tmp = tmp_path_factory.mktemp("train")
-    env = {**os.environ, "MRL_LOG_DIR": str(tmp / "logs"), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    proc = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "mrl-train"),
-            *TINY,
-            "head.nesting=[2,4,8,16]",
-            "data.train_size=256",
-            "backbone.embed_dim=16",
-        ],
-        cwd=tmp,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+    proc = run_command(
+        "mrl-train", *TINY, "head.nesting=[2,4,8,16]", "data.train_size=256", "backbone.embed_dim=16", cwd=tmp
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (job,) = sorted((tmp / "logs" / "train" / "runs").glob("*"))
@@ -77,19 +69,7 @@ def _in_unit(x: float) -> bool:
 
 def _mrl_eval(log_dir: Path, *args: str) -> CLIResult:
     """``mrl-eval`` as run_cli runs it, with its logs under ``log_dir`` (shared by a module's tests)."""
-    env = {**os.environ, "MRL_LOG_DIR": str(log_dir), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    env["HYDRA_FULL_ERROR"] = "0"
-    env.pop("LOCAL_RANK", None)
-    proc = subprocess.run(
-        [str(BIN / "mrl-eval"), *args],
-        cwd=log_dir.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    return CLIResult(proc, log_dir)
+    return run_command("mrl-eval", *args, cwd=log_dir.parent, log_dir=log_dir)
 
 
 @dataclass
@@ -231,7 +211,7 @@ def test_eval_baselines_knn_true_adds_the_reductions_one_nn(evaluated):
 
 
 @pytest.mark.slow
-def test_eval_float16_and_bad_sizes_and_split(run_cli, trained):
+def test_eval_float16_and_bad_sizes_and_split(run_cli, run_main, trained):
     ckpt = trained / "checkpoints" / "last.ckpt"
     fast = [
         *EVAL_FAST,
@@ -254,35 +234,32 @@ def test_eval_float16_and_bad_sizes_and_split(run_cli, trained):
         (["sizes=[4,64]"], ["exceed the embedding size 16"]),
         (["database_split=holdout"], ["no 'holdout' split", "database_split"]),
     ):
-        bad = run_cli("mrl-eval", f"ckpt_path={ckpt}", *fast, *args)
+        bad = run_main("mrl-eval", f"ckpt_path={ckpt}", *fast, *args)
         assert bad.returncode != 0
         assert "Traceback" not in bad.output
         for word in words:
             assert word in bad.stderr, bad.stderr
 
 
-@pytest.mark.slow
-def test_missing_checkpoint(run_cli, tmp_path):
-    result = run_cli("mrl-eval", f"ckpt_path={tmp_path / 'nope.ckpt'}")
+def test_missing_checkpoint(run_main, tmp_path):
+    result = run_main("mrl-eval", f"ckpt_path={tmp_path / 'nope.ckpt'}")
     assert result.returncode != 0
     assert "does not exist" in result.stderr and "Traceback" not in result.output
     assert not list((tmp_path / "logs" / "eval" / "runs").glob("*/report.json"))
 
 
-@pytest.mark.slow
-def test_corrupt_checkpoint(run_cli, tmp_path):
+def test_corrupt_checkpoint(run_main, tmp_path):
     ckpt = tmp_path / "broken.ckpt"
     ckpt.write_bytes(b"PK\x03\x04 not really a checkpoint")
-    result = run_cli("mrl-eval", f"ckpt_path={ckpt}")
+    result = run_main("mrl-eval", f"ckpt_path={ckpt}")
     assert result.returncode != 0
     assert "corrupt" in result.stderr and "Traceback" not in result.output
 
 
-@pytest.mark.slow
-def test_checkpoint_without_mrl_config(run_cli, tmp_path):
+def test_checkpoint_without_mrl_config(run_main, tmp_path):
     ckpt = tmp_path / "plain.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, ckpt)
-    result = run_cli("mrl-eval", f"ckpt_path={ckpt}")
+    result = run_main("mrl-eval", f"ckpt_path={ckpt}")
     assert result.returncode != 0
     assert "no mrl training config" in result.stderr and "Traceback" not in result.output
 
@@ -367,7 +344,9 @@ EVAL_QUICK = [
 
 
 @pytest.mark.slow
-def test_evaluations_of_two_runs_with_the_same_job_name_never_share_a_place(run_cli, trained, tmp_path):
+def test_evaluations_of_two_runs_with_the_same_job_name_never_share_a_place(
+    run_cli, run_main, trained, tmp_path
+):
     """Job 0 of sweep A and job 0 of sweep B: each evaluation has its own place and model, a rerun reuses
     its embeddings, and pointing one at the other's place is refused without touching it."""
     import mrl
@@ -401,7 +380,7 @@ def test_evaluations_of_two_runs_with_the_same_job_name_never_share_a_place(run_
     assert again.run_dirs("eval") == sorted(outs.values())
 
     before = {p: p.read_bytes() for p in outs["b"].rglob("*") if p.is_file()}
-    refused = run_cli("mrl-eval", f"ckpt_path={ckpt_a}", f"hydra.run.dir={outs['b']}", *EVAL_QUICK)
+    refused = run_main("mrl-eval", f"ckpt_path={ckpt_a}", f"hydra.run.dir={outs['b']}", *EVAL_QUICK)
     assert refused.returncode != 0 and "Traceback" not in refused.output
     assert "holds the evaluation of another checkpoint" in refused.stderr
     assert {p: p.read_bytes() for p in outs["b"].rglob("*") if p.is_file()} == before

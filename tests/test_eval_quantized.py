@@ -11,7 +11,7 @@ from mrl.errors import MRLError
 from mrl.eval import quantized as qz
 from mrl.eval.knn import exact_search
 from mrl.eval.quantized_outputs import quantized_plot, quantized_rows, quantized_summary, quantized_text
-from mrl.eval.retrieval import retrieval_metrics
+from support import reference_binary, reference_int8, reference_metrics, unit_prefix
 
 SIZES = [2, 5, 16]  # 5: binary codes padded to a whole byte
 K = 7
@@ -38,42 +38,6 @@ def settings(formats=("int8", "binary"), threshold="zero", k=K) -> qz.QuantizedS
 def searched(db: np.ndarray, q: np.ndarray):
     """The neighbours the float32 rows rank by, searched exactly (what the evaluation context shares)."""
     return lambda d, k: exact_search(db, q, d, k, 11, 37, False)[1]
-
-
-def unit_prefix(x: np.ndarray, d: int) -> np.ndarray:
-    p = np.asarray(x[:, :d], dtype=np.float32)
-    return p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12).astype(np.float32)
-
-
-def reference_int8(db: np.ndarray, q: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
-    """Codes and (queries x database) scores by hand: each dimension's [min, max] over the normalised
-    database prefixes split into 255 steps, code = floor(255 * (x - min) / (max - min)) (0 where the
-    range is empty), decoded at the middle of its step; float32 query . decoded code."""
-    xb, xq = unit_prefix(db, d), unit_prefix(q, d)
-    low, high = xb.min(axis=0), xb.max(axis=0)
-    span = high - low
-    safe = np.where(span > 0, span, 1).astype(np.float32)
-    codes = np.where(span > 0, np.floor(255 * np.clip((xb - low) / safe, 0, 1)), 0).astype(np.uint8)
-    decoded = low + (codes.astype(np.float32) + 0.5) / 255 * span
-    return codes, xq.astype(np.float64) @ decoded.T.astype(np.float64)
-
-
-def reference_binary(db: np.ndarray, q: np.ndarray, d: int, threshold: str) -> np.ndarray:
-    """Hamming distances (queries x database) by hand: bits above 0 (or each dimension's database mean)
-    of the normalised prefixes, packed to bytes, popcount of the XOR."""
-    xb, xq = unit_prefix(db, d), unit_prefix(q, d)
-    t = xb.mean(axis=0) if threshold == "mean" else 0.0
-    packed_b, packed_q = np.packbits(xb > t, axis=1), np.packbits(xq > t, axis=1)
-    xor = packed_q[:, None, :] ^ packed_b[None, :, :]
-    return np.unpackbits(xor, axis=2).sum(axis=2)
-
-
-def reference_metrics(ids: np.ndarray, db_y: np.ndarray, q_y: np.ndarray, k: int) -> dict[str, float]:
-    """mAP@k by the retrieval section's definition, 1-NN = the best neighbour's label."""
-    return {
-        f"map@{k}": retrieval_metrics(db_y[ids], q_y, db_y, [k])[f"map@{k}"],
-        "1nn": float(np.mean(db_y[ids[:, 0]] == q_y)),
-    }
 
 
 def test_int8_codes_scores_and_metrics_match_a_hand_quantisation():

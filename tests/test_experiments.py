@@ -1,5 +1,5 @@
 """Every recipe in experiments/ composes, and runs a few training steps on synthetic data of its
-dataset's shape through the real mrl-train (CPU, small batches)."""
+dataset's shape through mrl-train's main (CPU, small batches)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import read_results
 from mrl.config_path import config_dir
 from mrl.eval.locations import find_evaluations
 from mrl.resolvers import linear_lr, register_resolvers
+from support import read_results
 
 EXPERIMENTS_DIR = Path(config_dir()) / "experiment"
 RECIPES = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
@@ -216,8 +216,9 @@ def _few_step_args(recipe: str, tmp_path: Path) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_recipe_trains_a_few_steps(recipe, run_cli, tmp_path):
-    res = run_cli("mrl-train", *_few_step_args(recipe, tmp_path), timeout=900)
+def test_recipe_trains_a_few_steps(recipe, run_main, tmp_path):
+    # mrl-train's main in this process: the console script's code without a process start per recipe
+    res = run_main("mrl-train", *_few_step_args(recipe, tmp_path))
     assert res.returncode == 0, res.output[-3000:]
     (job,) = res.run_dirs()
     results = read_results(job)

@@ -37,13 +37,13 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_jobs_result_files_are_readable_as_the_umask_allows(run_cli, umask):
+def test_a_jobs_result_files_are_readable_as_the_umask_allows(run_main, umask):
     """Every file a training job and its evaluation write (results, plots, checkpoints, embeddings,
     model.safetensors) gets the umask's mode: group-readable and -writable under 002."""
-    from conftest import TINY
+    from support import TINY
 
     umask(0o002)
-    result = run_cli(
+    result = run_main(
         "mrl-train",
         *TINY,
         "logger=none",

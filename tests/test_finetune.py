@@ -8,11 +8,11 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import TINY, compose_train, read_results
 from mrl.errors import MRLError
 from mrl.preflight import check_train
-from mrl.training.finetune import FinetuneSettings, StageFinetuning, finetune_callbacks
 from mrl.training.assemble import build_module
+from mrl.training.finetune import FinetuneSettings, StageFinetuning, finetune_callbacks
+from support import TINY, compose_train, read_results
 
 LR = 0.006  # conf/optim/adamw.yaml's lr, set explicitly below
 MULT = 0.1

@@ -15,7 +15,7 @@ import torch
 
 from mrl.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from mrl.data.fashion_mnist import FashionMNISTDataModule
-from test_cifar import write_cifar
+from support import write_cifar
 
 REFERENCE = Path(__file__).with_name("in_memory_reference.json")
 

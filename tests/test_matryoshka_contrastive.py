@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY, compose_train, read_results, wandb_history, wandb_run_dirs
 from mrl.data.fashion_mnist import FashionMNISTDataModule
 from mrl.data.preprocess import normalize_uint8_batch
 from mrl.data.synthetic import SyntheticDataModule
@@ -15,6 +14,7 @@ from mrl.errors import MRLError
 from mrl.nn.matryoshka_contrastive import MatryoshkaContrastiveLoss, matryoshka_contrastive_per_size
 from mrl.nn.matryoshka_loss import MatryoshkaLoss
 from mrl.training.assemble import build_module
+from support import TINY, compose_train, read_results, wandb_history, wandb_run_dirs
 
 NESTING = [1, 2, 4, 8, 16]
 
@@ -260,9 +260,8 @@ def test_contrastive_training_end_to_end(run_cli, objective):
     assert (run / "checkpoints").is_dir()
 
 
-@pytest.mark.slow
-def test_two_views_of_image_files_are_refused_before_anything_runs(run_cli, tiny_image_tree):
-    result = run_cli(
+def test_two_views_of_image_files_are_refused_before_anything_runs(run_main, tiny_image_tree):
+    result = run_main(
         "mrl-train", "data=imagefolder", f"data.root={tiny_image_tree}", "objective=supcon", "logger=none"
     )
     assert result.returncode != 0 and "Traceback" not in result.output
@@ -275,7 +274,8 @@ def test_two_views_of_image_files_are_refused_before_anything_runs(run_cli, tiny
 def test_mrl_report_makes_a_row_per_objective(tmp_path):
     from mrl.compare.collect import collect_jobs
     from mrl.compare.table import aggregate
-    from test_report import _job, _top1
+    from support import top1_results as _top1
+    from support import write_job_dir as _job
 
     supcon = {"kind": "supcon", "temperature": 0.1, "views": 2}
     _job(tmp_path / "0", {"kind": "mrl"}, 0, _top1({8: 0.9}), ("objective=ce",), objective={"kind": "ce"})

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,8 +23,8 @@ import torchvision
 from torch import nn
 
 import mrl
-from conftest import BIN
 from mrl.errors import MRLError
+from support import run_command
 
 NUM_CLASSES = 4  # the classes of conftest's tiny_image_tree
 NESTING = [8, 16, 32, 64, 128, 256, 512, 1024, 2048]
@@ -378,7 +377,6 @@ def test_mrl_eval_on_a_paper_checkpoint(paper, tiny_image_tree, tmp_path):
     """mrl-eval end to end on the MRL file (BlurPool, module. prefix) over a generated ImageFolder tree:
     per-size accuracy in report.json equals the paper's classifiers applied to the exported embeddings,
     and the exported model reloads with the file's weights."""
-    env = {**os.environ, "MRL_LOG_DIR": str(tmp_path / "logs"), "HYDRA_FULL_ERROR": "0"}
     args = [
         f"ckpt_path={paper.paths['mrl']}",
         "+data=imagefolder",
@@ -397,9 +395,7 @@ def test_mrl_eval_on_a_paper_checkpoint(paper, tiny_image_tree, tmp_path):
         "baselines.max_iter=20",
         "baselines.interpolation=false",
     ]
-    proc = subprocess.run(
-        [str(BIN / "mrl-eval"), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
-    )
+    proc = run_command("mrl-eval", *args, cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     (out,) = sorted((tmp_path / "logs" / "eval" / "runs").glob("*"))
     report = json.loads((out / "report.json").read_text())

@@ -13,7 +13,9 @@ from mrl.compare.job import report
 from mrl.compare.quality_bytes import best_at_budgets, bytes_tables, report_records
 from mrl.eval.report_file import build_report
 from mrl.eval.sparse_codes import prefix_bytes
-from test_report import _evaluate, _job, _top1
+from support import top1_results as _top1
+from support import write_evaluation as _evaluate
+from support import write_job_dir as _job
 
 # map@10 of each method's format at d = 0 (the hand-made reports add d / 100 and seed / 50)
 BASE = {

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,7 +12,19 @@ import pytest
 import torch
 
 import fault_injection
-from conftest import BIN, TINY, read_results, wandb_history, wandb_run_dirs
+from support import (
+    TINY,
+    alive,
+    comparable,
+    kill_run,
+    read_results,
+    run_command,
+    start,
+    wait_until_stopped,
+    wandb_history,
+    wandb_run_dirs,
+    wandb_services,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -36,99 +46,9 @@ def fmnist_args(data_dir: Path) -> list[str]:
     ]
 
 
-def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {
-        **os.environ,
-        "MRL_LOG_DIR": str(tmp_path / "logs"),
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "HYDRA_FULL_ERROR": "0",
-        **extra,
-    }
-    env.pop("LOCAL_RANK", None)
-    return fault_injection.tests_on_pythonpath(env)  # the runs load fault_injection's callbacks
-
-
-class Run:
-    """An ``mrl-train`` process started by :func:`start`: its own process group (so a kill takes its
-    loader workers too), output in a file (a full pipe cannot block it while nobody reads)."""
-
-    def __init__(self, proc: subprocess.Popen, log: Path) -> None:
-        self.proc, self.log = proc, log
-
-    @property
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def start(tmp_path: Path, *args: str, env: dict[str, str] | None = None, stop_at: str = "") -> Run:
-    """Start ``mrl-train``; ``stop_at="4,8"`` makes it stop itself at those steps (once each, also across
-    a resume: see fault_injection.StopAtSteps)."""
-    env = dict(env or env_for(tmp_path))
-    if stop_at:
-        args = (*args, *fault_injection.stop_at(stop_at, tmp_path / "stops"))
-    log = tmp_path / f"mrl-train-{len(list(tmp_path.glob('mrl-train-*.log')))}.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "mrl-train"), *args],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return Run(proc, log)
-
-
-def wait_until_stopped(run: Run) -> None:
-    """Block until the run stops itself (fault_injection.StopAtSteps); fail at once if it ends instead."""
-    _, status = os.waitpid(run.proc.pid, os.WUNTRACED)
-    if not os.WIFSTOPPED(status):
-        run.proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: tell Popen
-        raise AssertionError(f"training ended before the step it should stop at:\n{run.output[-3000:]}")
-
-
-def wandb_services(pid: int) -> list[int]:
-    """The W&B service processes (``wandb-core``) that process ``pid`` started (they run in a session
-    of their own, so killing the run's process group leaves them)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            name, fields = stat.read_text().rsplit(")", 1)
-        except OSError:  # ended meanwhile
-            continue
-        if int(fields.split()[1]) == pid and name.endswith("(wandb-core"):
-            found.append(int(stat.parent.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` still runs (a zombie whose parent has not reaped it yet does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def kill_run(run: Run) -> None:
-    """SIGKILL the run, its loader workers and its W&B service at once, as a node failure would: nothing
-    is flushed on the way out. Returns when all of them are gone, so nothing lingers into later tests."""
-    services = wandb_services(run.proc.pid)
-    for kill, pid in [(os.killpg, run.proc.pid)] + [(os.kill, pid) for pid in services]:
-        with contextlib.suppress(ProcessLookupError):  # ended already
-            kill(pid, signal.SIGKILL)
-    run.proc.wait()
-    while any(alive(pid) for pid in services):  # SIGKILL cannot be ignored: this ends
-        time.sleep(0.01)
-
-
 def train_loss_steps(run_dir: Path) -> list[int]:
     """``trainer/global_step`` of every W&B history row carrying ``train/loss``."""
     return [int(row["trainer/global_step"]) for row in wandb_history(run_dir) if "train/loss" in row]
-
-
-def comparable(results: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in results.items() if k.startswith(("val/", "test/", "train/acc"))}
 
 
 def test_killed_run_resumes_into_same_wandb_run_and_matches_uninterrupted(
@@ -218,7 +138,7 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes_same_wandb_run(tiny_f
     # its first step checkpoint written), gets SIGUSR1 while stopped, and goes on: the handler runs as it
     # continues, saving hpc_ckpt_*.ckpt and calling `scontrol requeue`, before the run stops again at
     # step 8 (its second step checkpoint written), where SLURM's kill after the grace period hits it.
-    run = start(tmp_path, *args, env=env_for(tmp_path, **slurm), stop_at="4,8")
+    run = start(tmp_path, *args, env=slurm, stop_at="4,8")
     try:
         wait_until_stopped(run)
         run.proc.send_signal(signal.SIGUSR1)
@@ -240,14 +160,7 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes_same_wandb_run(tiny_f
     newest = max(saved, key=lambda path: path.stat().st_mtime_ns)
     assert newest.name == "last.ckpt"
 
-    requeued = subprocess.run(
-        [str(BIN / "mrl-train"), *args],
-        cwd=tmp_path,
-        env=env_for(tmp_path, **slurm, SLURM_RESTART_COUNT="1"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    requeued = run_command("mrl-train", *args, cwd=tmp_path, env={**slurm, "SLURM_RESTART_COUNT": "1"})
     assert requeued.returncode == 0, (requeued.stdout + requeued.stderr)[-3000:]
     assert "Resuming" in requeued.stderr
     assert f"from {newest}" in requeued.stderr, "the requeued job must resume from the newest checkpoint"

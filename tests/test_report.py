@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import TINY, read_results, wandb_inspect
 from mrl.compare.claims import check_claims
 from mrl.compare.collect import Record, collect, variant_labels
 from mrl.compare.table import Cell, aggregate, markdown
 from mrl.compare.wandb_source import run_records
 from mrl.eval.locations import find_evaluations
+from support import TINY, read_results, wandb_inspect
+from support import top1_results as _top1
+from support import write_evaluation as _evaluate
+from support import write_job_dir as _job
 
 CHEAP_EVAL = (
     "evaluate={methods: {adaptive_classification: false, adaptive_retrieval: false}, "
@@ -197,24 +199,6 @@ def test_a_method_has_one_colour_in_every_panel(tmp_path, monkeypatch):
     assert one_nn["FF"] == top1["FF"] != top1["MRL-E"] and one_nn["MRL"] == top1["MRL"]
 
 
-# Hand-made sweeps: what mrl-train and mrl-eval leave in a job directory, without training anything.
-def _job(
-    job: Path, head: dict, seed: int, results: dict | None, overrides: tuple[str, ...] = (), **config
-) -> Path:
-    """A job dir: resolved_config.yaml, .hydra/overrides.yaml and (unless None) results.json."""
-    (job / ".hydra").mkdir(parents=True)
-    resolved = {"seed": seed, "head": head, "trainer": {"max_epochs": 4}, "threads": None, **config}
-    (job / "resolved_config.yaml").write_text(yaml.safe_dump(resolved))
-    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"seed={seed}", *overrides]))
-    if results is not None:
-        (job / "results.json").write_text(json.dumps(results))
-    return job
-
-
-def _top1(per_size: dict[int, float], split: str = "test") -> dict:
-    return {**{f"{split}/acc@{d}": v for d, v in per_size.items()}, "val/loss": 0.5}
-
-
 def _report(one_nn: dict[int, float], baselines: dict | None = None) -> dict:
     """A report.json of mrl-eval: 1-NN and mAP@10 (1-NN minus 0.1) per size, optional baselines."""
     return {
@@ -222,33 +206,6 @@ def _report(one_nn: dict[int, float], baselines: dict | None = None) -> dict:
         "retrieval": {str(d): {"map@10": v - 0.1} for d, v in one_nn.items()},
         "baselines": baselines or {},
     }
-
-
-def _evaluate(job: Path, report: dict, layout: str, ckpt: str = "last", mtime: float | None = None) -> Path:
-    """Write ``report`` where an evaluation of ``<job>/checkpoints/<ckpt>.ckpt`` puts it: ``evaluate``
-    (mrl-train evaluate=), ``mrl-eval`` (its own dir under the log dir, linked from the job) or ``old``
-    (eval/report.json, from earlier versions)."""
-    from mrl.eval import locations
-
-    ckpt_path = job / "checkpoints" / f"{ckpt}.ckpt"
-    ckpt_id = f"{abs(hash((str(job), ckpt))) % 10**10:010d}"
-    record = locations.checkpoint_record(ckpt_path, ckpt_id)
-    if layout == "evaluate":
-        out = locations.after_training_dir(job, ckpt_path, ckpt_id)
-    elif layout == "mrl-eval":
-        out = job.parents[1] / "eval" / "runs" / locations.standalone_dir_name(ckpt_path, ckpt_id)
-    else:
-        out, record = job / "eval", None
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "report.json"
-    path.write_text(json.dumps({**report, **({"checkpoint": record} if record else {})}))
-    if layout == "mrl-eval":
-        link = job / "eval" / f"{locations.evaluation_name(ckpt_path, ckpt_id)}.json"
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.write_text(json.dumps({**record, "eval_dir": str(out)}))
-    if mtime is not None:
-        os.utime(path, (mtime, mtime))
-    return path
 
 
 def test_report_reads_the_evaluations_of_every_layout(tmp_path, monkeypatch):
@@ -347,9 +304,9 @@ def test_jobs_without_results_or_test_metrics_are_listed_not_dropped(tmp_path, c
     assert (by_job["1"]["top1"], by_job["2"]["results"], by_job["2"]["top1"]) == ("val", False, "none")
 
 
-def test_a_sweep_with_no_finished_job_says_so(tmp_path, run_cli):
+def test_a_sweep_with_no_finished_job_says_so(tmp_path, run_main):
     _job(tmp_path / "sweep" / "0", {"kind": "mrl"}, 0, None)
-    res = run_cli("mrl-report", str(tmp_path / "sweep"), "--no-wandb")
+    res = run_main("mrl-report", str(tmp_path / "sweep"), "--no-wandb")
     assert res.returncode == 1 and "None of the 1 jobs" in res.stderr and "has finished" in res.stderr
 
 
@@ -603,14 +560,14 @@ def test_report_of_a_three_job_sweep(run_cli, tmp_path):
         assert key in summary, sorted(summary)
 
 
-def test_report_bad_input(run_cli, tmp_path):
-    missing = run_cli("mrl-report", str(tmp_path / "nope"))
+def test_report_bad_input(run_main, tmp_path):
+    missing = run_main("mrl-report", str(tmp_path / "nope"))
     assert missing.returncode == 1 and "is not a directory" in missing.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
-    res = run_cli("mrl-report", str(empty))
+    res = run_main("mrl-report", str(empty))
     assert res.returncode == 1 and "No mrl-train jobs" in res.stderr and "Traceback" not in res.stderr
-    neither = run_cli("mrl-report")
+    neither = run_main("mrl-report")
     assert neither.returncode == 1 and "either a sweep directory or --wandb-group" in neither.stderr
 
 

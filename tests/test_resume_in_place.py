@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, read_results, wandb_run_dirs
+from support import TINY, read_results, run_command, wandb_run_dirs
 
 RUN = [*TINY, "data.train_size=256", "head.nesting=[4,8,16]", "backbone.embed_dim=16", "seed=1"]
 
@@ -27,16 +27,8 @@ def epoch_of(ckpt: Path) -> int:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     """One finished tiny run with W&B (offline); tests work on copies of it."""
-    import os
-    import subprocess
-
-    from conftest import BIN
-
     tmp = tmp_path_factory.mktemp("finished")
-    env = {**os.environ, "MRL_LOG_DIR": str(tmp / "logs"), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    proc = subprocess.run(
-        [str(BIN / "mrl-train"), *RUN], cwd=tmp, env=env, capture_output=True, text=True, check=False
-    )
+    proc = run_command("mrl-train", *RUN, cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (job,) = sorted((tmp / "logs" / "train" / "runs").glob("*"))
     return job
@@ -135,16 +127,15 @@ def test_resume_skips_a_truncated_last_checkpoint_for_the_newest_intact_one(run_
     ],
     ids=["max_epochs", "limit_train_batches", "max_steps", "no_training_data"],
 )
-def test_a_run_without_any_training_step_fails_and_writes_no_results(run_cli, overrides):
-    result = run_cli("mrl-train", *RUN, "logger=none", *overrides)
+def test_a_run_without_any_training_step_fails_and_writes_no_results(run_main, overrides):
+    result = run_main("mrl-train", *RUN, "logger=none", *overrides)
     assert result.returncode != 0 and "Traceback" not in result.output
     assert "without a single optimizer step" in result.stderr
     assert not list((result.log_dir / "train" / "runs").glob("*/results.json"))
 
 
-@pytest.mark.slow
-def test_zero_loss_weights_are_refused_before_training(run_cli):
-    result = run_cli("mrl-train", *RUN, "logger=none", "head.weights=[0,0,0]")
+def test_zero_loss_weights_are_refused_before_training(run_main):
+    result = run_main("mrl-train", *RUN, "logger=none", "head.weights=[0,0,0]")
     assert result.returncode != 0 and "Traceback" not in result.output
     # the pre-flight check refuses it before anything is written; the model builder would too
     assert "head.weights=[0, 0, 0]" in result.stderr and "not all 0" in result.stderr

@@ -5,9 +5,7 @@ report.json, robustness.png and W&B, checked against a plain computation written
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,6 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import BIN, wandb_inspect, wandb_run_dirs
 from mrl.config_path import config_dir
 from mrl.data.fashion_mnist import CLASSES as FASHION_CLASSES
 from mrl.data.image_folder import image_files
@@ -27,6 +24,7 @@ from mrl.eval.linear import linear_accuracy
 from mrl.eval.robustness import class_labels, open_sets, robustness_sets
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 from mrl.resolvers import register_resolvers
+from support import CLIResult, run_command, wandb_inspect, wandb_run_dirs
 
 
 def settings(sets: dict, restrict: bool = True, folders: str = "names") -> dict:
@@ -250,13 +248,8 @@ def test_rgb_files_for_a_grey_model_are_read_as_its_own_images(tiny_fashion_mnis
 # ---- end to end ---------------------------------------------------------------------------------
 
 
-def _cli(script: str, log_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MRL_LOG_DIR": str(log_dir), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    env["HYDRA_FULL_ERROR"] = "0"
-    env.pop("LOCAL_RANK", None)
-    return subprocess.run(
-        [str(BIN / script), *args], cwd=log_dir.parent, env=env, capture_output=True, text=True, timeout=600
-    )
+def _cli(script: str, log_dir: Path, *args: str) -> CLIResult:
+    return run_command(script, *args, cwd=log_dir.parent, log_dir=log_dir)
 
 
 @pytest.fixture(scope="module")
@@ -376,7 +369,7 @@ def test_eval_robustness_sets_end_to_end(trained_on_a_tree, tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_refuses_a_set_with_foreign_folders_before_any_work(trained_on_a_tree, tmp_path):
+def test_eval_refuses_a_set_with_foreign_folders_before_any_work(trained_on_a_tree, run_main, tmp_path):
     tree, ckpt = trained_on_a_tree
     stray = tmp_path / "stray"
     shutil.copytree(tree / "val" / "class_0002", stray / "n01440764")
@@ -388,7 +381,7 @@ def test_eval_refuses_a_set_with_foreign_folders_before_any_work(trained_on_a_tr
         ),
         (f"+robustness.sets.a={tmp_path / 'none'}", ["robustness.sets.a", "does not exist"]),
     ):
-        proc = _cli("mrl-eval", log_dir, f"ckpt_path={ckpt}", "threads=1", "logger=none", arg)
+        proc = run_main("mrl-eval", f"ckpt_path={ckpt}", "threads=1", "logger=none", arg)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr
         for word in words:
             assert word in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-2000:]

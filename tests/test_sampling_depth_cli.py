@@ -8,8 +8,15 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, read_results, wandb_history, wandb_metric_definitions, wandb_run_dirs
 from mrl.nn.size_sampling import SizeSampler
+from support import (
+    TINY,
+    read_results,
+    run_command,
+    wandb_history,
+    wandb_metric_definitions,
+    wandb_run_dirs,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -20,30 +27,17 @@ STEPS = 4  # debug=tiny: 128 training images in batches of 32
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    import os
-    import subprocess
-
-    from conftest import BIN
-
     tmp = tmp_path_factory.mktemp("train2d")
-    env = {**os.environ, "MRL_LOG_DIR": str(tmp / "logs"), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    proc = subprocess.run(
-        [
-            str(BIN / "mrl-train"),
-            *TINY,
-            "seed=5",
-            f"head.nesting=[{','.join(map(str, NESTING))}]",
-            "backbone.embed_dim=16",
-            "head.sizes_per_step=1",
-            f"head.depth_stages=[{','.join(map(str, STAGES))}]",
-            "head.depth_weight=0.5",
-        ],
+    proc = run_command(
+        "mrl-train",
+        *TINY,
+        "seed=5",
+        f"head.nesting=[{','.join(map(str, NESTING))}]",
+        "backbone.embed_dim=16",
+        "head.sizes_per_step=1",
+        f"head.depth_stages=[{','.join(map(str, STAGES))}]",
+        "head.depth_weight=0.5",
         cwd=tmp,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = sorted((tmp / "logs" / "train" / "runs").glob("*"))
@@ -135,8 +129,8 @@ BAD = [
 
 
 @pytest.mark.parametrize(("overrides", "expected"), BAD, ids=[" ".join(c[0]) for c in BAD])
-def test_bad_settings_are_explained_before_training(run_cli, overrides, expected):
-    result = run_cli("mrl-train", *TINY, "logger=none", *overrides)
+def test_bad_settings_are_explained_before_training(run_main, overrides, expected):
+    result = run_main("mrl-train", *TINY, "logger=none", *overrides)
     assert result.returncode != 0
     assert "Traceback" not in result.output
     assert "Epoch 0" not in result.output  # refused before any training step

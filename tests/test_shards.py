@@ -15,7 +15,6 @@ from litdata import StreamingDataset
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import read_results
 from mrl.data.encoded import split_encoded
 from mrl.data.generate import make_jpeg
 from mrl.data.prepare import prepare_shards
@@ -23,6 +22,7 @@ from mrl.data.preprocess import decode_rgb
 from mrl.data.shards import METADATA_NAME, ShardDataModule
 from mrl.errors import MRLError
 from mrl.training.assemble import assemble
+from support import read_results
 
 RESNET_CONFIG = {"interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
@@ -200,19 +200,19 @@ def shard_args(shards: Path, workers: int = 2) -> list[str]:
 
 
 @pytest.mark.slow
-def test_prepare_data_command_then_train(run_cli, tiny_image_tree, tmp_path):
+def test_prepare_data_command_then_train(run_cli, run_main, tiny_image_tree, tmp_path):
     out = tmp_path / "imagenet-shards"
     made = run_cli("mrl-prepare-data", f"root={tiny_image_tree}", f"output_dir={out}", "max_side=64")
     assert made.returncode == 0, made.output[-3000:]
     assert f"mrl-train data=shards data.input_dir={out}" in made.output
-    again = run_cli("mrl-prepare-data", f"root={tiny_image_tree}", f"output_dir={out}")
+    again = run_main("mrl-prepare-data", f"root={tiny_image_tree}", f"output_dir={out}")
     assert again.returncode == 1 and "never writes over existing data" in again.stderr
     assert "Traceback" not in again.stderr
     trained = run_cli("mrl-train", *shard_args(out))
     assert trained.returncode == 0, trained.output[-3000:]
     results = read_results(trained.run_dirs()[0])
     assert {"val/acc@64", "test/acc@64", "train/loss"} <= set(results)
-    missing = run_cli("mrl-train", *shard_args(tmp_path / "nowhere"))
+    missing = run_main("mrl-train", *shard_args(tmp_path / "nowhere"))
     assert (
         missing.returncode == 1 and "mrl-prepare-data" in missing.stderr and "Traceback" not in missing.stderr
     )
@@ -224,7 +224,7 @@ def test_killed_shard_run_resumes_mid_epoch_with_the_metrics_of_an_uninterrupted
 ):
     """kill -9 after a mid-epoch checkpoint, resume=: LitData's loader position (two workers) comes back
     from Lightning's checkpoint, so the resumed run trains on exactly the remaining batches."""
-    from test_reliability import comparable, kill_run, start, wait_until_stopped
+    from support import comparable, kill_run, start, wait_until_stopped
 
     args = [*shard_args(tiny_shards), "checkpoint_every_n_steps=4"]
     reference = run_cli("mrl-train", *args, "hydra.run.dir=ref")

@@ -6,16 +6,15 @@ import itertools
 import re
 from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import compose_train
 from mrl.errors import MRLError
 from mrl.nn.matryoshka_loss import MatryoshkaLoss
 from mrl.nn.size_sampling import SizeSampler
 from mrl.training.assemble import build_module
+from support import compose_train, reference_draw
 
 NESTING = [2, 4, 8, 16, 32]
 
@@ -23,16 +22,6 @@ NESTING = [2, 4, 8, 16, 32]
 def drawn(weights: torch.Tensor) -> set[int]:
     assert set(weights.tolist()) <= {0.0, 1.0}
     return {g for g, w in enumerate(weights.tolist()) if w == 1.0}
-
-
-def reference_draw(num_sizes: int, k: int, seed: int, step: int) -> set[int]:
-    """The documented rule written out: the full size, and the k smallest of G - 1 uniforms drawn by a
-    generator seeded from (seed, step)."""
-    generator = torch.Generator().manual_seed(
-        int(np.random.SeedSequence(seed, spawn_key=(step,)).generate_state(1)[0])
-    )
-    scores = torch.rand(num_sizes - 1, generator=generator)
-    return {num_sizes - 1, *scores.argsort()[:k].tolist()}
 
 
 def test_full_size_always_and_exactly_k_others_reproducible_by_seed_and_step():

@@ -1,36 +1,53 @@
 """The real `mrl-train` command, end to end on tiny data."""
 
 import json
-import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import BIN, TINY, read_results, wandb_inspect, wandb_metric_definitions, wandb_run_dirs
+from support import (
+    BIN,
+    TINY,
+    command_env,
+    read_results,
+    run_command,
+    wandb_inspect,
+    wandb_metric_definitions,
+    wandb_run_dirs,
+)
 
 pytestmark = pytest.mark.slow
 
 
-def test_every_head_trains_in_one_multirun(run_cli):
-    result = run_cli(
-        "mrl-train",
-        "-m",
-        "head=mrl,mrl_e,ff,standard",
-        "head.nesting=[2,8,32]",
-        "head.dim=8",
-        "logger=csv",
-        *TINY,
-    )
+SWEEP_SIZES = {"mrl": [4, 16, 64], "mrl_e": [4, 16, 64], "ff": [8], "standard": [256]}
+
+
+@pytest.fixture(scope="module")
+def every_head(tmp_path_factory) -> list[Path]:
+    """One multirun of every head kind (W&B offline), read by the tests below: its job dirs."""
+    tmp = tmp_path_factory.mktemp("every_head")
+    args = ["-m", "head=mrl,mrl_e,ff,standard", "head.nesting=[4,16,64]", "head.dim=8", *TINY]
+    result = run_command("mrl-train", *args, cwd=tmp)
     assert result.returncode == 0, result.output
-    jobs = result.sweep_job_dirs()
-    assert len(jobs) == 4
-    expected_sizes = {"mrl": [2, 8, 32], "mrl_e": [2, 8, 32], "ff": [8], "standard": [256]}
-    for job in jobs:
-        cfg = yaml.safe_load((job / "resolved_config.yaml").read_text())
+    return result.sweep_job_dirs()
+
+
+def _kind(job: Path) -> str:
+    return yaml.safe_load((job / "resolved_config.yaml").read_text())["head"]["kind"]
+
+
+def _sizes(job: Path) -> list[int]:
+    return SWEEP_SIZES[_kind(job)]
+
+
+def test_every_head_trains_in_one_multirun(every_head):
+    assert sorted(map(_kind, every_head)) == sorted(SWEEP_SIZES)
+    for job in every_head:
         results = read_results(job)
-        sizes = expected_sizes[cfg["head"]["kind"]]
+        sizes = _sizes(job)
         for stage in ("train", "val", "test"):
             for d in sizes:
                 assert 0.0 <= results[f"{stage}/acc@{d}"] <= 1.0
@@ -42,38 +59,35 @@ def test_every_head_trains_in_one_multirun(run_cli):
         assert ckpt["mrl_nesting"] == sizes
 
 
-def test_multirun_writes_one_wandb_group_with_size_curves(run_cli):
-    result = run_cli("mrl-train", "-m", "head=mrl,mrl_e", "head.nesting=[4,16,64]", *TINY)
-    assert result.returncode == 0, result.output
-    jobs = result.sweep_job_dirs()
-    assert len(jobs) == 2
+def test_multirun_writes_one_wandb_group_with_size_curves(every_head):
     groups, run_ids = set(), set()
-    for job in jobs:
+    for job in every_head:
+        sizes = _sizes(job)
         runs = wandb_run_dirs(job)
         assert len(runs) == 1, runs
         summary, history = wandb_inspect(runs[0])
         assert summary["state"] == "finished" or summary["exit_code"] == 0
         groups.add(summary["config"]["logger"]["wandb"]["group"])
         run_ids.add(summary["run_id"])
-        for d in (4, 16, 64):
+        for d in sizes:
             assert any(f"val/acc@{d}" in row for row in history), f"val/acc@{d} missing from W&B history"
             assert summary["summary"][f"test/acc@{d}"] == pytest.approx(read_results(job)[f"test/acc@{d}"])
         # epoch-level curves over `epoch`, each size's best and last accuracy in the runs table
         definitions = wandb_metric_definitions(runs[0])
-        for d in (4, 16, 64):
+        for d in sizes:
             assert definitions[f"val/acc@{d}"]["step_metric"] == "epoch"
             assert definitions[f"val/acc@{d}"]["summary"] == {"max": True, "last": True}
-        assert any("epoch" in row for row in history if f"val/acc@{4}" in row)
+        assert any("epoch" in row for row in history if f"val/acc@{sizes[0]}" in row)
         table_rows = [row for row in history if any(k.startswith("val/acc_vs_size.") for k in row)]
-        assert table_rows and table_rows[-1]["val/acc_vs_size.nrows"] == 3
+        assert table_rows and table_rows[-1]["val/acc_vs_size.nrows"] == len(sizes)
         assert table_rows[-1]["val/acc_vs_size._type"] == "table-file"
-    assert len(groups) == 1 and len(run_ids) == 2
-    assert groups.pop() == jobs[0].parent.name
+    assert len(groups) == 1 and len(run_ids) == len(every_head)
+    assert groups.pop() == every_head[0].parent.name
 
 
 def test_run_dirs_never_collide(tmp_path):
     """Two jobs started in the same second get two output dirs."""
-    env = {**os.environ, "MRL_LOG_DIR": str(tmp_path / "logs"), "WANDB_MODE": "offline"}
+    env = command_env(tmp_path / "logs")
     args = [
         str(BIN / "mrl-train"),
         "logger=none",
