@@ -167,6 +167,8 @@ def _load_checkpoint(path: Path, paper_head: str | None = None) -> MatryoshkaMod
         model = _model(ckpt.spec, path)
         load_paper_weights(model, ckpt, path)
         return model
+    # A stored training config is checked (no foreign _target_) before anything else is read from it.
+    config = checkpoint_config(ckpt, path) if ckpt.get(SPEC_KEY) is None else None
     state = {k: v for k, v in ckpt["state_dict"].items() if k.startswith(("backbone.", "head."))}
     if not isinstance(state.get("head.weight"), torch.Tensor):
         raise MRLError(
@@ -178,7 +180,7 @@ def _load_checkpoint(path: Path, paper_head: str | None = None) -> MatryoshkaMod
         except (KeyError, TypeError, ValueError) as err:
             raise MRLError(f"Checkpoint {path}: its model description is damaged ({err!r}).") from None
     else:
-        model = _model_of_config(checkpoint_config(ckpt, path), ckpt.get("mrl_nesting"), state, path)
+        model = _model_of_config(config, ckpt.get("mrl_nesting"), state, path)
     _load_weights(model, state, path)
     return model
 
