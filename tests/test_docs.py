@@ -500,8 +500,8 @@ def api_calls(tree: ast.Module) -> list[tuple[ast.Call, object, bool]]:
 
 def test_python_examples_run_or_call_the_api_as_it_is():
     """The docs' ```python blocks run, in order in one namespace per page; a block that loads a trained
-    model from a file (``mrl.load``; its loading is run by tests/test_deploy.py) is checked instead: every
-    ``mrl.<name>`` and model method it calls exists and takes the arguments it is given."""
+    model from a file (``mrl.load``; its loading is run by tests/deploy/test_deploy.py) is checked
+    instead: every ``mrl.<name>`` and model method it calls exists and takes the arguments it is given."""
     import inspect
 
     wrong = []

@@ -20,7 +20,7 @@ FILES = {
 # Channel statistics of the Fashion-MNIST training images.
 MEAN, STD = (0.2860,), (0.3530,)
 # torchvision's FashionMNIST.classes as folder names ('T-shirt/top' with '_' for the '/'); written out
-# rather than imported so that importing the datamodule stays light (tests/test_fashion_mnist_data.py
+# rather than imported so that importing the datamodule stays light (tests/data/test_fashion_mnist_data.py
 # checks them against torchvision's)
 CLASSES = (
     "T-shirt_top",

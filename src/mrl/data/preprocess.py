@@ -12,7 +12,7 @@ Why not timm's PIL transforms: decoding with torchvision (libjpeg-turbo) and res
 (torch's vectorised antialiased kernels) is the faster half of the two on a CPU core, and crops and
 resizes on CUDA tensors the same way; ``benchmarks/input_pipeline.py`` prints both. The parameters
 (crop sampling, scale size, crop_pct, interpolation) follow timm exactly, and
-``tests/test_preprocess.py`` checks the pixels against timm's transforms.
+``tests/data/test_preprocess.py`` checks the pixels against timm's transforms.
 """
 
 from __future__ import annotations

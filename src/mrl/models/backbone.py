@@ -233,7 +233,7 @@ class TimmBackbone(nn.Module):
 
         One call, so ``compile=true`` (which compiles this module) covers the stage maps too. timm's
         ``forward_intermediates`` returns the maps and the final unpooled features, which
-        ``forward_head`` pools into what ``model(x)`` gives (tests/test_depth_matryoshka.py checks both
+        ``forward_head`` pools into what ``model(x)`` gives (tests/models/test_depth_matryoshka.py checks both
         across model families)."""
         if stages is None:
             return self.projection(self.model(x))

@@ -10,7 +10,7 @@ step), trains the same sizes at the same steps, every DDP process draws the same
 of one optimizer step (gradient accumulation) share one draw. CPU and CUDA generators give different
 draws for the same seed: the sequence is fixed per device type. It is drawn
 by a generator on the losses' device and stays there: the step's weights are a device tensor, so no step
-waits for the host (tests/test_no_host_sync.py).
+waits for the host (tests/training/test_no_host_sync.py).
 
 Undrawn sizes are masked (weight 0), not skipped: the fused head and cross-entropy
 (:mod:`mrl.nn.fused_cross_entropy`) compute every size in one node, and MRL-E's logits are prefix sums in

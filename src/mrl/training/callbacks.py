@@ -33,7 +33,7 @@ class RestoreLoaderPosition(Callback):
         # LitData's StreamingDataLoader leaves "resume mode" only when its iterator is exhausted, but
         # Lightning stops after len(loader) batches without asking for one more; a resumed run's next
         # epoch then replays the restored state and yields no batch at all (LitData issues #770, #775;
-        # tests/test_shards.py resumes mid-epoch and checks the following epoch). The epoch is over here.
+        # tests/data/test_shards.py resumes mid-epoch and checks the following epoch). The epoch is over here.
         loaders = trainer.fit_loop._combined_loader
         for loader in loaders.flattened if loaders is not None else []:
             if getattr(loader, "restore", False) and type(loader).__module__.startswith("litdata"):

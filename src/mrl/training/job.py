@@ -141,7 +141,7 @@ def _build_trainer(
         # A compiled backbone is guarded on its input's dispatch keys: under inference_mode the sanity
         # check's batch and the later validation batches differ in them, so the evaluation graph was
         # compiled twice (TORCH_LOGS=recompiles shows them, and the compile test in
-        # tests/test_train_cli.py counts them). no_grad evaluation keeps one eval graph.
+        # tests/training/test_train_cli.py counts them). no_grad evaluation keeps one eval graph.
         extra["inference_mode"] = False
     if "plugins" not in cfg.trainer:
         extra["plugins"] = [AtomicCheckpointIO(preloaded)]  # checkpoints appear only when complete

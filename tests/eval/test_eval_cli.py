@@ -103,7 +103,7 @@ def evaluated(trained, tmp_path_factory) -> Evaluated:
 def test_eval_reports_every_section_at_every_size(evaluated, trained):
     report = evaluated.report
     assert set(report) == REPORT_KEYS
-    assert report["robustness"] == {}  # no robustness.sets given (tests/test_robustness.py)
+    assert report["robustness"] == {}  # no robustness.sets given (tests/eval/test_robustness.py)
     assert report["sizes"] == [2, 4, 8, 16]
     assert list(report["linear"]) == list(report["knn"]) == list(report["retrieval"]) == SIZES
     for d in SIZES:

@@ -251,7 +251,7 @@ def test_killed_shard_run_resumes_mid_epoch_with_the_metrics_of_an_uninterrupted
 @pytest.mark.slow
 def test_ddp_ranks_read_disjoint_parts_of_each_epoch(run_cli, tiny_shards, tmp_path):
     seen = tmp_path / "seen"
-    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     result = run_cli(
         "mrl-train",
         *shard_args(tiny_shards, workers=1),
