@@ -149,8 +149,8 @@ class _Targets:
 def host_reads_are_free(device: torch.device) -> bool:
     """Whether a value may be read back to the host (``bool(t)``, ``.item()``) in a training step on
     ``device``: on the CPU it is already there; on an accelerator the host would wait for the device's
-    queue to drain at every step. The one place this decision is made (tests/training/test_no_host_sync.py runs a
-    CPU training step with this set to False and counts the host reads left in mrl's code)."""
+    queue to drain at every step. The one place this decision is made (tests/training/test_no_host_sync.py
+    runs a CPU training step with this set to False and counts the host reads left in mrl's code)."""
     return device.type == "cpu"
 
 
