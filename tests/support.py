@@ -449,3 +449,21 @@ def write_evaluation(
     if mtime is not None:
         os.utime(path, (mtime, mtime))
     return path
+
+
+def tiny_eval_context(cfg, kind: str = "mrl"):
+    """A tiny evaluation (200 database items, 40 queries, 3 classes, sizes 2..16, on the CPU), built as
+    mrl.eval.run builds it."""
+    import torch
+
+    from mrl.eval.context import EvalContext
+    from mrl.nn.matryoshka_linear import MatryoshkaLinear
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 16)).astype(np.float32)
+    db_y, q_y = rng.integers(0, 3, 200), rng.integers(0, 3, 40)
+    db = centers[db_y] + rng.normal(size=(200, 16)).astype(np.float32)
+    q = centers[q_y] + rng.normal(size=(40, 16)).astype(np.float32)
+    torch.manual_seed(0)
+    head = MatryoshkaLinear(16, 3, [2, 4, 8, 16])
+    return EvalContext.from_config(cfg, (db, db_y), (q, q_y), head, [2, 4, 8, 16], kind, torch.device("cpu"))

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from torchvision.datasets import ImageFolder
@@ -22,7 +21,7 @@ from mrl.eval.context import EmbeddedSet, EvalContext, QuerySet
 from mrl.eval.knn import exact_search
 from mrl.eval.linear import linear_accuracy
 from mrl.eval.robustness import RobustnessSet
-from mrl.nn.matryoshka_linear import MatryoshkaLinear
+from support import tiny_eval_context as _context
 
 SIZES = [2, 4, 8, 16]
 
@@ -30,18 +29,6 @@ SIZES = [2, 4, 8, 16]
 def _compose(*overrides: str) -> DictConfig:
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose("eval", overrides=["ckpt_path=unset", *overrides])
-
-
-def _context(cfg: DictConfig, kind: str = "mrl") -> EvalContext:
-    """200 database items, 40 queries, 3 classes, sizes 2..16, on the CPU."""
-    rng = np.random.default_rng(0)
-    centers = rng.normal(size=(3, 16)).astype(np.float32)
-    db_y, q_y = rng.integers(0, 3, 200), rng.integers(0, 3, 40)
-    db = centers[db_y] + rng.normal(size=(200, 16)).astype(np.float32)
-    q = centers[q_y] + rng.normal(size=(40, 16)).astype(np.float32)
-    torch.manual_seed(0)
-    head = MatryoshkaLinear(16, 3, SIZES)
-    return EvalContext.from_config(cfg, (db, db_y), (q, q_y), head, SIZES, kind, torch.device("cpu"))
 
 
 @pytest.fixture

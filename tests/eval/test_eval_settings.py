@@ -8,16 +8,13 @@ import importlib
 import inspect
 from collections import defaultdict
 
-import numpy as np
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from mrl.config_path import config_dir
 from mrl.eval import context, evaluators, robustness
-from mrl.eval.context import EvalContext
-from mrl.nn.matryoshka_linear import MatryoshkaLinear
+from support import tiny_eval_context as _context
 
 EVALUATOR_MODULES = tuple(
     importlib.import_module(f"mrl.eval.{name}")
@@ -113,20 +110,6 @@ def test_no_evaluator_function_has_a_default_of_its_own():
 def _compose(*overrides: str) -> DictConfig:
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose("eval", overrides=["ckpt_path=unset", *overrides])
-
-
-def _context(cfg: DictConfig, kind: str = "mrl") -> EvalContext:
-    """A tiny evaluation (200 database items, 40 queries, 3 classes, sizes 2..16), built as run.py
-    builds it."""
-    rng = np.random.default_rng(0)
-    centers = rng.normal(size=(3, 16)).astype(np.float32)
-    db_y, q_y = rng.integers(0, 3, 200), rng.integers(0, 3, 40)
-    db = centers[db_y] + rng.normal(size=(200, 16)).astype(np.float32)
-    q = centers[q_y] + rng.normal(size=(40, 16)).astype(np.float32)
-    torch.manual_seed(0)
-    head = MatryoshkaLinear(16, 3, [2, 4, 8, 16])
-    device = torch.device("cpu")
-    return EvalContext.from_config(cfg, (db, db_y), (q, q_y), head, [2, 4, 8, 16], kind, device)
 
 
 def _record(monkeypatch) -> dict[str, list[dict]]:
