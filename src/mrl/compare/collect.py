@@ -126,14 +126,14 @@ def find_jobs(root: Path) -> list[Path]:
     return jobs
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise MRLError(f"Cannot read {path} ({err}); rerun that job or remove its directory.") from None
 
 
-def _read_config(job: Path) -> dict[str, Any]:
+def read_config(job: Path) -> dict[str, Any]:
     try:
         return yaml.safe_load((job / CONFIG).read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
@@ -231,7 +231,7 @@ def variant_labels(jobs: list[Path]) -> dict[Path, str]:
             if k not in IDENTITY_KEYS and changes_the_model(k)
         }
     )
-    configs = {job: _read_config(job) for job in jobs}
+    configs = {job: read_config(job) for job in jobs}
     settings = {job: {k: _setting(configs[job], k, overridden[job]) for k in keys} for job in jobs}
     varying = [k for k in keys if len({settings[job][k][0] for job in jobs}) > 1]
     if any(k in RECIPE_GROUPS for k in varying):
@@ -259,7 +259,7 @@ def method_label(head: dict[str, Any], objective: dict[str, Any] | None = None) 
     return kind
 
 
-def _number(value: Any) -> float | None:
+def as_number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
@@ -267,7 +267,7 @@ def _per_size(results: dict[str, Any], prefix: str) -> dict[int, float]:
     out = {}
     for key, value in results.items():
         size = key[len(prefix) :]
-        if key.startswith(prefix) and size.isdigit() and _number(value) is not None:
+        if key.startswith(prefix) and size.isdigit() and as_number(value) is not None:
             out[int(size)] = float(value)
     return out
 
@@ -312,7 +312,7 @@ def read_job(job: Path, variant: str = "", root: Path | None = None) -> tuple[li
     """The job's per-size numbers (trained heads' top-1; 1-NN, mAP@10 and baselines of its newest
     evaluation) and a summary of where they came from; paths relative to ``root``."""
     root = Path(root) if root is not None else job.parent
-    config = _read_config(job)
+    config = read_config(job)
     head = config.get("head") or {}
     kind = str(head.get("kind", "mrl"))
     seed = int(config.get("seed", 0))
@@ -320,19 +320,19 @@ def read_job(job: Path, variant: str = "", root: Path | None = None) -> tuple[li
     records: list[Record] = []
 
     def add(m: str, size: Any, metric: str, value: Any) -> None:
-        v = _number(value)
+        v = as_number(value)
         if v is not None and str(size).isdigit():
             records.append(Record(m, int(size), metric, v, seed, str(job)))
 
     split = "none"
     if (job / RESULTS).is_file():
-        split, per_size = trained_top1(_read_json(job / RESULTS))
+        split, per_size = trained_top1(read_json(job / RESULTS))
         for size, value in per_size.items():
             add(method, size, "top1" if split == "test" else "val_top1", value)
     reports = find_evaluations(job)
     checkpoint = None
     if reports:
-        report = _read_json(reports[0])
+        report = read_json(reports[0])
         eval_records(report, method, kind, f" [{variant}]" if variant else "", add)
         recorded = (report.get("checkpoint") or {}).get("path")
         checkpoint = _relative(Path(recorded), root) if recorded else None

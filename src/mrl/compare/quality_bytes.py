@@ -17,11 +17,11 @@ from typing import Any
 
 from mrl.compare.collect import (
     Record,
-    _number,
-    _read_config,
-    _read_json,
+    as_number,
     find_jobs,
     method_label,
+    read_config,
+    read_json,
     variant_labels,
 )
 from mrl.compare.table import METRIC_TITLES, Cell, aggregate
@@ -61,7 +61,7 @@ def report_records(
     out: list[Record] = []
 
     def add(name: str, fmt: str, d: Any, metric: str, value: Any) -> None:
-        v = _number(value)
+        v = as_number(value)
         if v is not None and str(d).isdigit():
             out.append(Record(line_label(name, fmt), prefix_bytes(int(d), fmt), metric, v, seed, job))
 
@@ -92,13 +92,13 @@ def collect_bytes(root: Path) -> list[Record]:
         reports = find_evaluations(job)
         if not reports:
             continue
-        config = _read_config(job)
+        config = read_config(job)
         head = config.get("head") or {}
         suffix = f" [{labels[job]}]" if labels[job] else ""
         method = method_label(head, config.get("objective")) + suffix
         kind = str(head.get("kind", "mrl"))
         seed = int(config.get("seed", 0))
-        records += report_records(_read_json(reports[0]), method, kind, suffix, seed, str(job))
+        records += report_records(read_json(reports[0]), method, kind, suffix, seed, str(job))
     return records
 
 
