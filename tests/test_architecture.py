@@ -35,8 +35,9 @@ LAYERS: list[tuple[str, ...]] = [
         "mrl.training.ema",
         "mrl.training.schedules",
         "mrl.training.assemble",
+        "mrl.training.posthoc_module",
     ),
-    ("mrl.training.job", "mrl.eval", "mrl.deploy", "mrl.compare", "mrl.preflight"),
+    ("mrl.training.job", "mrl.training.posthoc", "mrl.eval", "mrl.deploy", "mrl.compare", "mrl.preflight"),
     ("mrl.cli",),
 ]
 # the package's public facade (`from mrl import MatryoshkaLinear, load`) sits above everything it re-exports

@@ -226,6 +226,12 @@ class MRLDataModule(L.LightningDataModule):
         """An unshuffled loader over any split (used to export embeddings)."""
         return self._loader(split, train=False)
 
+    def evaluation_loader(self, split: str) -> DataLoader:
+        """An unshuffled loader over ``split`` preprocessed for evaluation (no augmentation), the training
+        split too: what a frozen model's cached features are computed from. Datamodules whose training
+        split carries its augmentation in the dataset itself override it."""
+        return self.split_loader(split)
+
     def model_inputs(
         self, batch: Any, device: torch.device | str = "cpu"
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 DTYPES = ("float16", "float32")
 Rows = tuple[np.ndarray, "np.ndarray | None"]  # one batch's features and labels
+# a loader batch -> (model inputs, labels) on a device (a datamodule's model_inputs)
+Prepare = Callable[[Any, torch.device], tuple[torch.Tensor, "torch.Tensor | None"]]
 
 
 def weights_digest(source: nn.Module | Mapping[str, torch.Tensor]) -> str:
@@ -177,12 +179,14 @@ def _inputs_and_labels(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     )
 
 
-def _outputs(model: nn.Module, loader: DataLoader, device: torch.device) -> Iterator[Rows]:
+def _outputs(
+    model: nn.Module, loader: DataLoader, device: torch.device, prepare: Prepare | None = None
+) -> Iterator[Rows]:
     """Each batch's features ``(b, dim)`` float32 and labels (or None), one batch at a time."""
     for batch in loader:
-        inputs, labels = _inputs_and_labels(batch)
         # per batch, not around the loop: a generator suspended inside the context would leak it
         with torch.inference_mode():
+            inputs, labels = _inputs_and_labels(batch) if prepare is None else prepare(batch, device)
             out = model(inputs.to(device))
         if not isinstance(out, torch.Tensor) or out.dim() != 2:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -231,10 +235,11 @@ def _write_split(
     dtype: str,
     device: torch.device,
     progress: bool,
+    prepare: Prepare | None,
 ) -> FeatureSplit:
     count = _sample_count(loader)
     _marker_path(directory, split).unlink(missing_ok=True)  # no old marker may vouch for new files
-    outputs = _outputs(model, loader, device)
+    outputs = _outputs(model, loader, device, prepare)
     first = next(outputs, None)
     if first is None:
         raise MRLError(f"The loader of split {split!r} gave no batch: there are no features to cache.")
@@ -270,11 +275,13 @@ def extract_features(
     dtype: str = "float16",
     device: torch.device | str | None = None,
     progress: bool = True,
+    prepare: Prepare | None = None,
 ) -> FeatureSplit:
     """The cached features of ``split``: reused when a complete cache with ``key`` is there, otherwise
     computed with ``model`` (in eval mode, on ``device``: default the model's) over ``loader`` (in
     order, not shuffled) and written as the module docstring says, with a progress bar unless
-    ``progress`` is false. A damaged cache is rebuilt."""
+    ``progress`` is false. A damaged cache is rebuilt. ``prepare(batch, device)`` turns a loader batch
+    into ``(inputs, labels)`` (default: its first two tensors)."""
     if dtype not in DTYPES:
         raise MRLError(f"Features are cached as one of {DTYPES}, not {dtype!r}.")
     try:
@@ -290,7 +297,9 @@ def extract_features(
     model.eval()
     try:
         directory = Path(root) / key
-        return _write_split(model, loader, directory, split, key, dtype, torch.device(device), progress)
+        return _write_split(
+            model, loader, directory, split, key, dtype, torch.device(device), progress, prepare
+        )
     finally:
         model.train(was_training)
 

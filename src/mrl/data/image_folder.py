@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.io import read_file
@@ -145,6 +145,12 @@ class ImageFolderDataModule(EncodedImageDataModule):
             transform = None if self.decode == "gpu" else self.image_transform(train=split == "train")
             datasets[split] = EncodedImageFolder(listing, transform)
         self.datasets = datasets
+
+    def evaluation_loader(self, split: str) -> DataLoader:
+        # the training split's dataset crops and flips at random: its files with the evaluation transform
+        if split != "train" or self.decode == "gpu":
+            return super().evaluation_loader(split)
+        return self.loader(EncodedImageFolder(self.listings["train"], self.image_transform(train=False)))
 
 
 def image_files(datamodule: MRLDataModule, listing: ImageFolder) -> EncodedImageFolder:

@@ -36,9 +36,17 @@ def load_for_eval(
     # Lightning and timm are imported only once we know the checkpoint is usable.
     from mrl.training.assemble import assemble
 
-    # Rebuilt from the config, not the stored model description: the data settings given here may
-    # change the images the model is built for (as for training, mrl.training.assemble).
-    module, datamodule = assemble(cfg)
+    if cfg.get("source"):
+        # A head trained on a frozen source (mrl-train source=): its stored description holds the whole
+        # chain, and the data is preprocessed as the source was.
+        from mrl.models.spec import ModelSpec
+        from mrl.training.checkpoints import SPEC_KEY
+
+        module, datamodule = assemble(cfg, spec=ModelSpec.from_dict(ckpt[SPEC_KEY]))
+    else:
+        # Rebuilt from the config, not the stored model description: the data settings given here may
+        # change the images the model is built for (as for training, mrl.training.assemble).
+        module, datamodule = assemble(cfg)
     check_compatible(ckpt, module, ckpt_path, config)
     module.load_state_dict(ckpt["state_dict"])
     return module.eval(), datamodule, OmegaConf.to_container(cfg, resolve=True)

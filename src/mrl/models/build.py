@@ -14,9 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 from mrl.errors import MRLError
 from mrl.models.backbone import TimmBackbone
 from mrl.models.depth import DepthMatryoshka
-from mrl.models.heads import build_head
+from mrl.models.heads import build_head, head_nesting
+from mrl.models.posthoc import SETTINGS_KEYS, PosthocBackbone, build_feature_head, csr_hidden
 from mrl.models.spec import HEAD_KEYS, ModelSpec
 from mrl.nn.cross_entropy import MatryoshkaCrossEntropy
+from mrl.nn.feature_head_objective import FeatureHeadObjective
 from mrl.nn.matryoshka_contrastive import KINDS as CONTRASTIVE_KINDS
 from mrl.nn.matryoshka_contrastive import MatryoshkaContrastiveLoss
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
@@ -27,7 +29,7 @@ from mrl.nn.size_sampling import SizeSampler
 class Model(NamedTuple):
     """A built network and its spec, completed with what building measured (embedding size, sizes)."""
 
-    backbone: TimmBackbone
+    backbone: TimmBackbone | PosthocBackbone
     head: MatryoshkaLinear
     spec: ModelSpec
 
@@ -46,18 +48,32 @@ def build_model(spec: ModelSpec, pretrained: bool = False, pretrained_path: str 
         model_kwargs={key: layer_class(key, value) for key, value in spec.model_kwargs.items()},
         blur_strided_convs=spec.blur_strided_convs,
     )
-    if spec.embed_dim is not None and backbone.embed_dim != spec.embed_dim:
+    features = spec.embed_dim if spec.feature_head is None else spec.feature_head.in_features
+    if features is not None and backbone.embed_dim != features:
         raise MRLError(
             f"Backbone {spec.backbone} gives {backbone.embed_dim}-d embeddings here but the model was saved "
-            f"with {spec.embed_dim}-d ones: the timm version differs from the one that trained it. "
+            f"with {features}-d ones: the timm version differs from the one that trained it. "
             "Install the timm version the model was trained with."
         )
+    if spec.feature_head is not None:
+        backbone = PosthocBackbone(backbone, build_feature_head(spec.feature_head, feature_head_sizes(spec)))
     ff_dim = spec.nesting[0] if spec.head == "ff" and spec.nesting else None
     head = build_head(
         spec.head, backbone.embed_dim, spec.num_classes, spec.nesting, spec.min_size, ff_dim, spec.bias
     )
     built = replace(spec, embed_dim=backbone.embed_dim, nesting=tuple(head.nesting))
     return Model(backbone, head, built)
+
+
+def feature_head_sizes(spec: ModelSpec) -> list[int]:
+    """The sizes a post-hoc model's feature head trains at: the head's k values (``csr``) or prefix
+    sizes (``adaptor``); a projection has none of its own."""
+    head = spec.feature_head
+    if head is None or head.kind == "projection":
+        return []
+    if head.kind == "csr":
+        return head_nesting("csr", csr_hidden(head), spec.nesting)
+    return head_nesting("mrl", head.in_features, spec.nesting, spec.min_size)
 
 
 def layer_class(key: str, value: Any) -> Any:
@@ -97,7 +113,8 @@ class ModelParts(NamedTuple):
     loss: MatryoshkaLoss
     # stage heads (2D Matryoshka), None when off
     depth: DepthMatryoshka | None = None
-    # with a contrastive objective, the cross-entropy of the head, an online probe on the embedding
+    # with a contrastive objective or a frozen-feature head's own losses, the cross-entropy of the head,
+    # an online probe on the embedding
     probe: MatryoshkaCrossEntropy | None = None
     spec: ModelSpec | None = None  # the built model's (build_model)
 
@@ -110,12 +127,16 @@ LOSS_KEYS = ("weights", "fused", "sizes_per_step", "depth_stages", "depth_weight
 
 def split_head_config(head_cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(head settings, loss settings)`` of the ``head`` config node; an unknown key is an error, not a
-    setting silently ignored."""
-    unknown = sorted(set(head_cfg) - set(HEAD_KEYS) - set(LOSS_KEYS))
+    setting silently ignored. ``head=csr`` and ``head=adaptor`` also take their module's settings
+    (:data:`mrl.models.posthoc.SETTINGS_KEYS`), which :func:`feature_head_settings` reads."""
+    kind = head_cfg.get("kind", "mrl")
+    own = SETTINGS_KEYS.get(kind, ()) if kind in ("csr", "adaptor") else ()
+    unknown = sorted(set(head_cfg) - set(HEAD_KEYS) - set(LOSS_KEYS) - set(own))
     if unknown:
+        extra = f", for the {kind} module {', '.join(own)}" if own else ""
         raise MRLError(
-            f"head.{unknown[0]} is not a head setting. The head takes {', '.join(HEAD_KEYS)} and, for its "
-            f"loss, {', '.join(LOSS_KEYS)} (conf/head/mrl.yaml); fix the spelling or drop it."
+            f"head.{unknown[0]} is not a head setting. The head takes {', '.join(HEAD_KEYS)}{extra} and, "
+            f"for its loss, {', '.join(LOSS_KEYS)} (conf/head/{kind}.yaml); fix the spelling or drop it."
         )
     head = {k: head_cfg[k] for k in HEAD_KEYS if k in head_cfg}
     loss = {k: head_cfg[k] for k in LOSS_KEYS if k in head_cfg}
@@ -141,7 +162,11 @@ def build_parts(cfg: DictConfig, spec: ModelSpec) -> ModelParts:
     per_step = loss_settings.get("sizes_per_step")
     sampler = None if per_step is None else SizeSampler(len(head.nesting), per_step, cfg.get("seed") or 0)
     cross_entropy = MatryoshkaCrossEntropy(fused=loss_settings.get("fused", True), **cfg.get("loss", {}))
+    # The per-size loss that trains the embedding; beside it the head's cross-entropy is a probe on the
+    # detached embedding (a contrastive objective, or a frozen-feature head's own losses).
     contrastive = build_objective(cfg, head)
+    if spec.feature_head is not None and spec.feature_head.kind != "projection":
+        contrastive = FeatureHeadObjective(backbone.feature_head)
     per_size_loss = cross_entropy if contrastive is None else contrastive
     loss = MatryoshkaLoss(weights, per_size_loss=per_size_loss, sampler=sampler)
     stages = loss_settings.get("depth_stages")

@@ -19,7 +19,7 @@ from mrl.config_checks import (
 )
 from mrl.errors import MRLError
 from mrl.models.build import OBJECTIVE_KINDS, split_head_config
-from mrl.models.heads import HEAD_KINDS
+from mrl.models.heads import ALL_HEAD_KINDS, FROZEN_SOURCE_KINDS
 from mrl.nn.nesting import default_nesting, validate_nesting
 
 OBJECTIVE_KEYS = ("kind", "temperature", "views")
@@ -65,10 +65,12 @@ def check_depth_with_objective(head: Node, objective: Node) -> None:
 def check_head(head: Node) -> None:
     split_head_config(dict(head))  # a misspelt head key is an error, not an ignored setting
     kind = head.get("kind", "mrl")
-    if kind not in HEAD_KINDS:
-        raise MRLError(f"Unknown head kind '{kind}'. Choose one of {', '.join(HEAD_KINDS)} (head=<kind>).")
+    if kind not in ALL_HEAD_KINDS:
+        raise MRLError(
+            f"Unknown head kind '{kind}'. Choose one of {', '.join(ALL_HEAD_KINDS)} (head=<kind>)."
+        )
     nesting = head.get("nesting")
-    if nesting is not None and kind in ("mrl", "mrl_e"):
+    if nesting is not None and kind in ("mrl", "mrl_e", *FROZEN_SOURCE_KINDS):
         if not isinstance(nesting, list | tuple):
             raise MRLError(
                 f"head.nesting={nesting!r} is a single value, but head.nesting is the list of embedding "
@@ -105,6 +107,59 @@ def check_head(head: Node) -> None:
                 f"head.weights has {len(weights)} entries but the head trains {len(sizes)} sizes {sizes}: "
                 "give one relative importance weight per size, or head.weights=null."
             )
+
+
+def check_source(cfg: Node) -> None:
+    """``source=`` (a head on a frozen model's cached features) and the settings that go with it: the
+    heads that need a source get one, and the settings only end-to-end training has are refused."""
+    head = cfg.get("head") or {}
+    kind, source = head.get("kind", "mrl"), cfg.get("source")
+    if source is None:
+        if kind in FROZEN_SOURCE_KINDS:
+            raise MRLError(
+                f"head={kind} trains on a frozen model's features: name that model with source=<path of an "
+                "mrl-train checkpoint, a model.safetensors export or a paper checkpoint>, or source=backbone "
+                "for the configured timm backbone with its pretrained weights (docs/posthoc.md)."
+            )
+        return
+    require(
+        isinstance(source, str) and bool(source), "source", source, "a path or backbone", "source=backbone"
+    )
+    end_to_end = []
+    objective = (cfg.get("objective") or {}).get("kind", "ce")
+    if objective != "ce":
+        end_to_end.append(
+            f"objective={objective} (use objective=ce; head=csr head.contrastive=label is the "
+            "supervised contrastive form on frozen features)"
+        )
+    if head.get("depth_stages"):
+        end_to_end.append("head.depth_stages (earlier stages of a frozen source train nothing)")
+    finetune = cfg.get("finetune") or {}
+    if finetune.get("freeze_backbone") or float(finetune.get("backbone_lr_mult", 1.0)) != 1.0:
+        end_to_end.append(
+            "finetune.* (the source is frozen whole; fine-tune with ckpt_path= or experiment=retrofit)"
+        )
+    if end_to_end:
+        raise MRLError(
+            f"source={source} trains only a head on the frozen source's cached features, so these settings "
+            f"of end-to-end training do not apply: {'; '.join(end_to_end)}. Drop them, or drop source= to "
+            "train end to end."
+        )
+    features = mapping(cfg.get("features"), "features", "features.dtype=float16")
+    one_of(features, "dtype", "features.", ("float16", "float32"))
+    for key in ("batch_size", "projection_dim", "hidden"):
+        positive_int(features, key, "features.", f"features.{key}=null", optional=True)
+    if kind == "csr":
+        number_in(head, "expansion", "head.", 1, math.inf, "head.expansion=4")
+        one_of(head, "contrastive", "head.", ("none", "instance", "label"))
+        positive_int(head, "k_start", "head.", "head.k_start=null", optional=True)
+        non_negative_int(head, "k_anneal_steps", "head.", "head.k_anneal_steps=1000")
+        for key in ("aux_k", "dead_steps", "wide_factor"):
+            positive_int(head, key, "head.", f"head.{key}=4")
+    if kind == "adaptor":
+        positive_int(head, "hidden_features", "head.", "head.hidden_features=null", optional=True)
+        positive_int(head, "neighbours", "head.", "head.neighbours=10")
+        boolean(head, "supervised", "head.")
 
 
 def check_head_training_options(head: Node) -> None:

@@ -16,16 +16,28 @@ from collections.abc import Sequence
 from mrl.errors import MRLError
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 from mrl.nn.nesting import default_nesting, validate_nesting
+from mrl.nn.sparse_code_linear import SparseCodeLinear
 
 HEAD_KINDS = ("mrl", "mrl_e", "ff", "standard")
+# Heads that only train on a frozen source's features (mrl-train source=...): CSR's sparse codes, whose
+# sizes are numbers of active units k, and the Matryoshka-Adaptor, whose sizes are prefixes.
+FROZEN_SOURCE_KINDS = ("csr", "adaptor")
+ALL_HEAD_KINDS = (*HEAD_KINDS, *FROZEN_SOURCE_KINDS)
+# CSR's k values when head.nesting is null: powers of two from 8 (its paper's smallest) to 256
+DEFAULT_CSR_SIZES = (8, 16, 32, 64, 128, 256)
 
 
 def head_nesting(
     kind: str, embed_dim: int, nesting: Sequence[int] | None = None, min_size: int = 8, dim: int | None = None
 ) -> list[int]:
-    """The sizes a head of ``kind`` is trained at, validated against the embedding size."""
-    if kind not in HEAD_KINDS:
-        raise MRLError(f"Unknown head kind '{kind}'. Choose one of {', '.join(HEAD_KINDS)} (head=<kind>).")
+    """The sizes a head of ``kind`` is trained at, validated against the embedding size (for ``csr``, the
+    code's number of units)."""
+    if kind not in ALL_HEAD_KINDS:
+        raise MRLError(
+            f"Unknown head kind '{kind}'. Choose one of {', '.join(ALL_HEAD_KINDS)} (head=<kind>)."
+        )
+    if kind == "csr" and nesting is None:
+        return validate_nesting([k for k in DEFAULT_CSR_SIZES if k <= embed_dim] or [embed_dim], embed_dim)
     if kind == "standard":
         return [embed_dim]
     if kind == "ff":
@@ -52,8 +64,10 @@ def build_head(
     dim: int | None = None,
     bias: bool = True,
     fused: bool = True,
-) -> MatryoshkaLinear:
+) -> MatryoshkaLinear | SparseCodeLinear:
     """A :class:`MatryoshkaLinear` configured as the head ``kind`` (training, evaluation and the
-    deployment API all build heads here)."""
+    deployment API all build heads here); for ``csr`` a :class:`SparseCodeLinear` on the codes."""
     sizes = head_nesting(kind, embed_dim, nesting, min_size, dim)
+    if kind == "csr":
+        return SparseCodeLinear(embed_dim, num_classes, sizes, bias=bias)
     return MatryoshkaLinear(embed_dim, num_classes, sizes, efficient=kind == "mrl_e", bias=bias, fused=fused)

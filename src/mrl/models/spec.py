@@ -102,6 +102,30 @@ def data_preprocessing(datamodule: Any) -> Preprocessing:
     return Preprocessing(NONE, datamodule.in_chans, int(datamodule.img_size))
 
 
+# What a light head on a frozen source's features is (mrl.models.posthoc builds them): a projection to an
+# embedding with Matryoshka heads (head=mrl|mrl_e|ff), CSR's sparse autoencoder, the Matryoshka-Adaptor.
+FEATURE_HEAD_KINDS = ("projection", "csr", "adaptor")
+
+
+@dataclass(frozen=True)
+class FeatureHead:
+    """A trained module between a frozen source's pooled features and the Matryoshka head."""
+
+    kind: str  # one of FEATURE_HEAD_KINDS
+    in_features: int  # the source's pooled feature width
+    settings: dict[str, Any] = field(default_factory=dict)  # the module's arguments (JSON values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "in_features": self.in_features, "settings": dict(self.settings)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FeatureHead:
+        _check_keys(data, cls, "feature head")
+        if data["kind"] not in FEATURE_HEAD_KINDS:
+            raise ValueError(f"feature head kind {data['kind']!r} is none of {', '.join(FEATURE_HEAD_KINDS)}")
+        return cls(str(data["kind"]), int(data["in_features"]), dict(data.get("settings") or {}))
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A Matryoshka model: a timm backbone (pooled features, optionally projected) and a head.
@@ -128,6 +152,9 @@ class ModelSpec:
     bias: bool = True
     embed_dim: int | None = None  # the embedding size z (measured when built)
     preprocessing: Preprocessing | None = None
+    # a post-hoc model (mrl-train source=...): the backbone above is the frozen source, this module turns
+    # its pooled features into z; None: the backbone's (projected) features are z
+    feature_head: FeatureHead | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (lists, not tuples) with the spec's ``version``."""
@@ -135,6 +162,9 @@ class ModelSpec:
         out["model_kwargs"] = dict(self.model_kwargs)
         out["nesting"] = list(self.nesting) if self.nesting is not None else None
         out["preprocessing"] = self.preprocessing.to_dict() if self.preprocessing is not None else None
+        out["feature_head"] = self.feature_head.to_dict() if self.feature_head is not None else None
+        if self.feature_head is None:
+            del out["feature_head"]  # end-to-end models keep the layout older mrl versions read
         return {"version": self.VERSION, **out}
 
     @classmethod
@@ -154,6 +184,8 @@ class ModelSpec:
             fields["nesting"] = tuple(int(m) for m in fields["nesting"])
         if fields.get("preprocessing") is not None:
             fields["preprocessing"] = Preprocessing.from_dict(fields["preprocessing"])
+        if fields.get("feature_head") is not None:
+            fields["feature_head"] = FeatureHead.from_dict(fields["feature_head"])
         fields["model_kwargs"] = dict(fields.get("model_kwargs") or {})
         return cls(**fields)
 

@@ -38,7 +38,9 @@ def prefix_cosine_similarities(z: torch.Tensor, nesting: Sequence[int], eps: flo
     blocks = torch.stack([z[:, lo:hi] @ z[:, lo:hi].T for lo, hi in pairwise(bounds)])
     dots = blocks.cumsum(0)  # (G, N, N): z_i[:m] . z_j[:m]
     index = torch.as_tensor(bounds[1:], device=z.device) - 1
-    norms = z.square().cumsum(1)[:, index].T.sqrt().clamp_min(eps)  # (G, N), as F.normalize's eps
+    # clamped before the square root, whose gradient at 0 is infinite (all-zero prefixes, e.g. of ReLU
+    # features, would make every gradient NaN); the same values as F.normalize's eps otherwise
+    norms = z.square().cumsum(1)[:, index].T.clamp_min(eps * eps).sqrt()  # (G, N)
     return dots / (norms[:, :, None] * norms[:, None, :])
 
 

@@ -21,6 +21,7 @@ from mrl.models.build import ModelParts, build_parts, spec_from_config
 from mrl.models.spec import TIMM, ModelSpec, data_preprocessing
 from mrl.training.finetune import FinetuneSettings
 from mrl.training.module import MatryoshkaLitModule
+from mrl.training.posthoc_module import PosthocLitModule
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +43,18 @@ def assemble(
         datamodule = instantiate(cfg.data)
         parts = _parts_for_data(cfg, datamodule)
         _configure(cfg, datamodule, parts.spec.img_size, parts.backbone.data_config())
-        return _module(
+        return module_of_parts(
             cfg, parts, replace(parts.spec, preprocessing=data_preprocessing(datamodule))
         ), datamodule
     parts = build_parts(cfg, spec)
-    module = _module(cfg, parts, parts.spec)
+    # a post-hoc model (mrl-train source=) runs on images like any other: the whole chain
+    module = module_of_parts(cfg, parts, parts.spec, PosthocLitModule if spec.feature_head else None)
     if load_weights is not None:
         load_weights(module)
     datamodule = instantiate(cfg.data)
     given = spec.preprocessing
-    _configure(cfg, datamodule, None, given.data_config if given and given.kind == TIMM else None)
+    size = given.img_size if given is not None and spec.feature_head is not None else None
+    _configure(cfg, datamodule, size, given.data_config if given and given.kind == TIMM else None)
     return module, datamodule
 
 
@@ -59,7 +62,7 @@ def build_module(cfg: DictConfig, num_classes: int, in_chans: int, img_size: int
     """The module of ``cfg`` for images of this shape, without data (tests and benchmarks that feed it
     batches of their own)."""
     parts = build_parts(cfg, spec_from_config(cfg, num_classes, in_chans, img_size))
-    return _module(cfg, parts, parts.spec)
+    return module_of_parts(cfg, parts, parts.spec)
 
 
 def _parts_for_data(cfg: DictConfig, datamodule: MRLDataModule) -> ModelParts:
@@ -89,11 +92,17 @@ def _configure(
     datamodule.configure(views=views, img_size=img_size, data_config=data_config)
 
 
-def _module(cfg: DictConfig, parts: ModelParts, spec: ModelSpec) -> MatryoshkaLitModule:
-    """The LightningModule of built ``parts``, with ``cfg``'s optimizer and schedule."""
+def module_of_parts(
+    cfg: DictConfig,
+    parts: ModelParts,
+    spec: ModelSpec,
+    module_class: type[MatryoshkaLitModule] | None = None,
+) -> MatryoshkaLitModule:
+    """The LightningModule (``module_class``, default :class:`MatryoshkaLitModule`) of built ``parts``,
+    with ``cfg``'s optimizer and schedule."""
     optimizer = instantiate(cfg.optim) if cfg.get("optim") else None
     scheduler = instantiate(cfg.sched) if cfg.get("sched") and cfg.sched.get("_target_") else None
-    return MatryoshkaLitModule(
+    return (module_class or MatryoshkaLitModule)(
         parts.backbone,
         parts.head,
         parts.loss,

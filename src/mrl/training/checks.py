@@ -27,6 +27,7 @@ from mrl.models.checks import (
     check_depth_with_objective,
     check_head,
     check_objective,
+    check_source,
     config_nesting,
 )
 from mrl.training.finetune import check_finetune
@@ -50,6 +51,7 @@ def check_train_config(cfg: Node) -> None:
     objective = mapping(cfg.get("objective"), "objective", "objective=supcon")
     check_objective(objective)
     check_depth_with_objective(head, objective)
+    check_source(cfg)
     check_finetune(mapping(cfg.get("finetune"), "finetune", "finetune.freeze_backbone=true"), cfg)
     embed_dim = (cfg.get("backbone") or {}).get("embed_dim")
     check_optimized_metric(cfg.get("optimized_metric"), config_nesting(head, embed_dim), logged_stages(cfg))

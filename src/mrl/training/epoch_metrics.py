@@ -16,14 +16,22 @@ STAGES = ("train", "val", "test")
 
 class EpochMetrics(nn.Module):
     """The head's ``{stage}/acc@{d}``, ``top5@{d}`` (validation and test, with ``top5``) and
-    ``loss@{d}``; with ``contrastive``, ``train/contrastive_loss@{d}``. :meth:`compute` adds the training
+    ``loss@{d}``; with ``contrastive``, the per-size losses of the objective that trains the embedding
+    beside the head, ``train/{objective_loss}@{d}`` (``contrastive_loss``, or a frozen-feature head's).
+    :meth:`compute` adds the training
     helpers' epoch metrics: the depth heads' and the size sampler's ``train/sampled@{d}``.
 
     Every value is a torchmetrics state reduced across DDP processes, so they are logged without
     ``sync_dist`` and every process must call :meth:`compute`.
     """
 
-    def __init__(self, nesting: Sequence[int], top5: bool, contrastive: bool = False) -> None:
+    def __init__(
+        self,
+        nesting: Sequence[int],
+        top5: bool,
+        contrastive: bool = False,
+        objective_loss: str = "contrastive_loss",
+    ) -> None:
         super().__init__()
         self.nesting = list(nesting)
         # keyed "{stage}_head": "train" is taken (nn.Module.train)
@@ -34,7 +42,7 @@ class EpochMetrics(nn.Module):
             }
         )
         self.contrastive = (
-            PerSizeMetrics(nesting, top_k=(), loss_name="contrastive_loss") if contrastive else None
+            PerSizeMetrics(nesting, top_k=(), loss_name=objective_loss) if contrastive else None
         )
 
     def update(self, stage: str, per_size: torch.Tensor, target: torch.Tensor, scores: torch.Tensor) -> None:

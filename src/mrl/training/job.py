@@ -74,7 +74,12 @@ def train(cfg: DictConfig, chosen: LoadedCheckpoint | None = None) -> TrainResul
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
 
-    module, datamodule = assemble(cfg)
+    if cfg.get("source"):
+        from mrl.training.posthoc import assemble_posthoc
+
+        module, datamodule = assemble_posthoc(cfg)
+    else:
+        module, datamodule = assemble(cfg)
     check_built(cfg, module.nesting, module.has_top5)  # metric and size names, now that sizes are known
     datamodule.prepare_data()
     previous_results = read_results(output_dir) if cfg.get("resume") else {}
