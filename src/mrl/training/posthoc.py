@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mrl.data.base import MRLDataModule
@@ -178,6 +179,6 @@ def assemble_posthoc(cfg: DictConfig) -> tuple[PosthocLitModule, FrozenFeatureDa
         batch_size=int(features.get("batch_size") or cfg.data.batch_size),
         seed=int(cfg.seed),
         dtype=str(features.get("dtype", "float16")),
-        device=str(features.get("device", "cpu")),
+        device=str(features.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")),
     )
     return module, datamodule
