@@ -3,9 +3,30 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 # faiss announces at INFO level which CPU build it loaded (and which it could not), on every start.
 QUIET_LOGGERS = ("faiss.loader",)
+
+
+# Warnings a user of mrl cannot act on, by the start of their message and the package that raises them:
+# they concern the libraries' own calls or mrl's deliberate choices, not the user's settings.
+QUIET_WARNINGS = (
+    # torchdata's StatefulDataLoader calls a deprecated torch function on every loader it builds
+    ("'set_vital' is deprecated", "torchdata"),
+    # Lightning's own pytree helper uses a deprecated torch check on every batch transfer
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", "lightning"),
+    # LitData's streaming datasets know their length per process; mrl shards them for its workers itself
+    (r"Your `IterableDataset` has `__len__` defined", "lightning"),
+    # resume= continues a run in its own directory, whose checkpoints are expected to be there
+    (r"Checkpoint directory .* exists and is not empty", "lightning"),
+)
+
+
+def quiet_warnings() -> None:
+    """Ignore :data:`QUIET_WARNINGS` (idempotent: ``warnings`` drops duplicate filters)."""
+    for message, package in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, module=rf"{package}(\.|$)")
 
 
 class DropMessages(logging.Filter):
@@ -28,8 +49,9 @@ def quiet_third_party_logs() -> None:
       Lightning line was printed twice. Where the root logger has handlers, Lightning's own are removed,
       as Lightning itself does for its subpackages.
     * Lightning's trainer advertises the litlogger package at INFO level on every run.
-    * faiss's loader (see :data:`QUIET_LOGGERS`).
+    * faiss's loader (see :data:`QUIET_LOGGERS`), and the warnings of :data:`QUIET_WARNINGS`.
     """
+    quiet_warnings()
     import lightning  # noqa: F401  (its import adds the handler removed below)
 
     root = logging.getLogger()

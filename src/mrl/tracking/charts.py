@@ -67,7 +67,8 @@ def save_figure(fig, path: str | Path) -> Path:
     """Write ``fig`` to ``path`` (PNG) atomically and close it: a crash never leaves a half-written plot."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    # the constrained layout engine fits titles and labels without tight_layout's warning when it cannot
+    fig.set_layout_engine("constrained")
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png")

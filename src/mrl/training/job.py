@@ -30,7 +30,7 @@ from mrl.tracking.charts import plot_accuracy_vs_size
 from mrl.tracking.results import RESULTS_NAME, metrics_to_floats, read_results, size_table
 from mrl.tracking.wandb_setup import aggregated, build_loggers, define_metrics
 from mrl.training.assemble import assemble
-from mrl.training.callbacks import RestoreLoaderPosition, progress_bar
+from mrl.training.callbacks import EpochLine, RestoreLoaderPosition, progress_bar
 from mrl.training.checkpoint_io import AtomicCheckpointIO
 from mrl.training.checkpoints import CHECKPOINT_DIR, LAST, LoadedCheckpoint, check_compatible, load_checkpoint
 from mrl.training.finetune import finetune_callbacks
@@ -137,7 +137,7 @@ def _build_trainer(
     ``extra_callbacks``; it restores ``preloaded`` without reading its file (unless ``trainer.plugins``
     replaces mrl's checkpoint IO)."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and c.get("_target_")]
-    callbacks += [RestoreLoaderPosition(), *extra_callbacks]
+    callbacks += [RestoreLoaderPosition(), EpochLine(), *extra_callbacks]
     has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
     if cfg.trainer.get("enable_progress_bar", True) and not has_bar:
         callbacks.append(progress_bar(float(cfg.get("progress_bar_refresh_s", 1.0))))
