@@ -10,6 +10,11 @@ Bytes of one stored vector:
   to 256 units, 2 up to 65,536, else 4. A row with fewer than ``k`` positive units (ReLU zeros) is
   padded to ``k``, as a fixed-width index stores it.
 
+A CSR model's size-``k`` codes are built from its stored embeddings (each row the code of its largest
+``k``) without a dense ``(N, hidden)`` copy: :func:`top_k_csr` takes the ``k`` largest units of one
+chunk of rows at a time, as :func:`mrl.nn.sparse_autoencoder.top_k_code` does (so ties pick the same
+units as the model's own classifiers), L2-normalises their values and keeps them as a CSR matrix.
+
 Retrieval ranks database codes by their inner product with each query code, computed as a sparse
 matrix product (``scipy.sparse`` CSR): a block of queries against the whole database at a time, the
 block sized so that its dense score matrix fits a memory budget, then the top ``k`` of each row. Equal
@@ -82,6 +87,37 @@ def csr_from_top_k(values: np.ndarray, indices: np.ndarray, hidden: int) -> sp.c
     matrix = sp.csr_matrix((values.ravel(), (rows, indices.ravel())), shape=(values.shape[0], hidden))
     matrix.eliminate_zeros()
     return matrix
+
+
+def top_k_csr(
+    embeddings: np.ndarray,
+    k: int,
+    rows: int,
+    normalize: bool = True,
+    value_dtype: str = "float32",
+) -> sp.csr_matrix:
+    """The size-``k`` codes of ``embeddings`` ``(N, hidden)`` (a memmap is read ``rows`` at a time) as a
+    float32 CSR matrix: each row's ``k`` largest units (torch's top-k, ReLU'd: ``top_k_code``), zeros
+    dropped, L2-normalised when ``normalize``, and the values rounded to ``value_dtype`` (the stored
+    code's values: ``float32`` or ``float16``)."""
+    if value_dtype not in ("float32", "float16"):
+        raise MRLError(f"Sparse codes are searched with float32 or float16 values, not {value_dtype!r}.")
+    hidden = embeddings.shape[1]
+    if not 1 <= k <= hidden:
+        raise MRLError(f"A code of {hidden} units has 1 to {hidden} active units, not k={k}.")
+    parts, rows = [], max(1, int(rows))
+    for start in range(0, len(embeddings), rows):
+        # a copy of one chunk: the embeddings may be a read-only memmap
+        chunk = torch.from_numpy(np.array(embeddings[start : start + rows], dtype=np.float32))
+        values, indices = chunk.topk(k, dim=1)
+        values = values.relu_()
+        if normalize:
+            values /= values.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        values = values.numpy().astype(value_dtype).astype(np.float32)
+        parts.append(csr_from_top_k(values, indices.numpy(), hidden))
+    if not parts:
+        return sp.csr_matrix((0, hidden), dtype=np.float32)
+    return sp.vstack(parts, format="csr", dtype=np.float32)
 
 
 def top_k_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
