@@ -70,6 +70,9 @@ def test_sparse_search_equals_dense_search_with_ties(block_bytes):
         np.testing.assert_array_equal(neighbours, want_neighbours)
         np.testing.assert_array_equal(scores, want_scores)
         assert neighbours.dtype == np.int64 and scores.dtype == np.float32
+        # a CSC database (an index built before a timed search) is searched as it is, with the same result
+        csc = sp.csc_matrix(database)
+        np.testing.assert_array_equal(sparse_search(queries, csc, k, block_bytes=block_bytes)[0], neighbours)
 
 
 def test_sparse_search_on_autoencoder_codes_matches_dense_search():

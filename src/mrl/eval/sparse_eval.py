@@ -68,7 +68,9 @@ def code_search(
     ``value_dtype``: the database codes' stored values (queries stay float32)."""
     rows = chunk_rows(db_chunk, database.shape[1])  # a float32 chunk of at most CHUNK_BYTES
     start = time.perf_counter()
-    db = top_k_csr(database, code_k, rows, normalize=True, value_dtype=value_dtype)
+    # the index: CSC, whose transpose is what the search multiplies by (built before the clock, as a
+    # faiss index is for the prefixes' timed searches)
+    db = top_k_csr(database, code_k, rows, normalize=True, value_dtype=value_dtype).tocsc()
     built = time.perf_counter()
     q = top_k_csr(queries, code_k, rows, normalize=True, value_dtype="float32")
     block = min(BLOCK_BYTES, BYTES_PER_SCORE * len(database) * max(1, int(query_chunk)))
