@@ -15,10 +15,10 @@ from litdata import StreamingDataset
 from omegaconf import OmegaConf
 from PIL import Image
 
+from mrl.data.decode import decode_rgb
 from mrl.data.encoded import split_encoded
 from mrl.data.generate import make_jpeg
 from mrl.data.prepare import prepare_shards
-from mrl.data.preprocess import decode_rgb
 from mrl.data.shards import METADATA_NAME, ShardDataModule
 from mrl.errors import MRLError
 from mrl.training.assemble import assemble
