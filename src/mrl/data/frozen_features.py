@@ -76,6 +76,7 @@ class FrozenFeatureDataModule(L.LightningDataModule):
         self.batch_size, self.seed, self.dtype = int(batch_size), int(seed), dtype
         self.device = torch.device(device)
         self.splits: dict[str, FeatureSplit] = {}
+        self._prepared = False  # the job and then Lightning's fit and test each call prepare_data
         # what the rest of mrl reads of a datamodule
         self.num_classes, self.classes = images.num_classes, images.classes
 
@@ -84,7 +85,10 @@ class FrozenFeatureDataModule(L.LightningDataModule):
         return self.cache_dir / self.key
 
     def prepare_data(self) -> None:
-        """Compute and cache the features of every split not cached yet (reused otherwise)."""
+        """Compute and cache the features of every split not cached yet (reused otherwise); once per
+        datamodule."""
+        if self._prepared:
+            return
         self.images.setup(None)
         source = self.source.to(self.device)
         for split in SPLITS:
@@ -103,6 +107,7 @@ class FrozenFeatureDataModule(L.LightningDataModule):
             )
             log.info("Features of %s: %d x %d in %s", split, found.count, found.dim, found.directory)
         self.source.to("cpu")
+        self._prepared = True
 
     def setup(self, stage: str | None = None) -> None:
         for split in SPLITS:
