@@ -174,3 +174,17 @@ def test_a_damaged_cache_is_refused_by_training_and_rebuilt_by_the_extraction(
     assert any("damaged" in r.message and "Rebuilding" in r.message for r in caplog.records)
     rebuilt.setup("fit")
     assert rebuilt.splits["test"].features().shape == (32, 256)
+
+
+def test_only_the_first_process_of_a_node_computes_the_features(fmnist, source, tmp_path, monkeypatch):
+    """Under torchrun every process runs the job; the others wait at Lightning's barrier for the first."""
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    other = frozen(fmnist, source, tmp_path / "cache")
+    counted = Forwards(other.source)
+    other.prepare_data()
+    assert counted.calls == 0 and not other.directory.exists()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    first = frozen(fmnist, source, tmp_path / "cache")
+    first.prepare_data()
+    other.setup("fit")  # after the barrier: what the first wrote
+    assert other.splits["train"].count == 96

@@ -9,6 +9,7 @@ memory-mapped cache, with no backbone forward per step.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +87,12 @@ class FrozenFeatureDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Compute and cache the features of every split not cached yet (reused otherwise); once per
-        datamodule."""
-        if self._prepared:
+        datamodule, by the node's first process only.
+
+        The training job calls this before its trainer exists, so under ``torchrun`` every process of a
+        node would otherwise write the same cache at once; the others skip it, and Lightning's barrier
+        after ``prepare_data`` (in ``fit``) holds them until the first has written it."""
+        if self._prepared or int(os.environ.get("LOCAL_RANK", 0)) != 0:
             return
         self.images.setup(None)
         source = self.source.to(self.device)
