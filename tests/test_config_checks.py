@@ -28,6 +28,9 @@ NEEDS = {
     "imagenet_folder": ["data.root=/data/tree"],
     "shards": ["data.input_dir=/data/shards"],
     "imagenet": ["data.input_dir=/data/shards"],
+    # the heads that only train on a frozen source's features
+    "csr": ["source=backbone"],
+    "adaptor": ["source=backbone"],
 }
 
 
