@@ -325,6 +325,6 @@ def test_the_training_split_is_evaluated_in_order_without_augmentation(tiny_shar
     assert sorted(labels.tolist()) == sorted(label for _, label in stored_items(tiny_shards, "train"))
     assert len(labels) == 96 and all(torch.equal(a[0], b[0]) for a, b in zip(batches, again, strict=True))
     first = batches[0][0][0]
-    image, label = stored_items(tiny_shards, "train")[0]
+    _image, label = stored_items(tiny_shards, "train")[0]
     assert label == int(batches[0][1][0])
     assert first.shape[-1] == dm.eval_img_size
