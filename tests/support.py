@@ -495,3 +495,53 @@ def tiny_eval_context(cfg, kind: str = "mrl"):
     torch.manual_seed(0)
     head = MatryoshkaLinear(16, 3, [2, 4, 8, 16])
     return EvalContext.from_config(cfg, (db, db_y), (q, q_y), head, [2, 4, 8, 16], kind, torch.device("cpu"))
+
+
+# ---- models to start from (mrl-train source=...) -----------------------------------------------------
+
+
+def write_untrained_export(path: Path, *overrides: str, seed: int = 0) -> Path:
+    """The ``model.safetensors`` of the model ``mrl-train <overrides>`` builds, with its seeded initial
+    weights and its data's evaluation preprocessing: a frozen source for tests that need no trained one."""
+    import torch
+
+    from mrl.deploy.model import MatryoshkaModel
+    from mrl.training.assemble import assemble
+
+    torch.manual_seed(seed)
+    module, datamodule = assemble(compose_train(*overrides))
+    return MatryoshkaModel.from_module(module, datamodule).save(path)
+
+
+PAPER_RESNET18_NESTING = (8, 16, 32, 64, 128, 256, 512)
+
+
+def write_paper_checkpoint(path: Path, num_classes: int, seed: int = 0) -> Path:
+    """A checkpoint of the paper's repository (RAIVNLab/MRL) in its layout: a torchvision ResNet-18 state
+    dict (seeded weights) whose ``fc`` is the MRL head, one ``fc.nesting_classifier_<i>`` per size of
+    :data:`PAPER_RESNET18_NESTING`, saved with DDP's ``module.`` prefix as its training code saves it."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    state = {k: v for k, v in torchvision.models.resnet18(weights=None).state_dict().items()}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    for i, d in enumerate(PAPER_RESNET18_NESTING):
+        state[f"fc.nesting_classifier_{i}.weight"] = torch.randn(num_classes, d) / d**0.5
+        state[f"fc.nesting_classifier_{i}.bias"] = torch.zeros(num_classes)
+    torch.save({f"module.{k}": v for k, v in state.items()}, path)
+    return path
+
+
+@contextlib.contextmanager
+def torch_threads(n: int = 1) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` (as ``threads=1`` sets them in a run), then put back: tiny
+    convolutions on a busy shared machine run many times faster on one thread than on all cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -28,7 +28,7 @@ NEEDS = {
     "imagenet_folder": ["data.root=/data/tree"],
     "shards": ["data.input_dir=/data/shards"],
     "imagenet": ["data.input_dir=/data/shards"],
-    # heads that train on a frozen source's features
+    # the heads that only train on a frozen source's features
     "csr": ["source=backbone"],
     "adaptor": ["source=backbone"],
 }

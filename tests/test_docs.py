@@ -70,6 +70,12 @@ class Dry:
 
 
 How = RunBy | Run | Dry
+# the cheap evaluation tests/training/test_posthoc.py runs where the docs show evaluate={}
+POSTHOC_CHEAP_EVAL = (
+    "evaluate={methods: {adaptive_classification: false, adaptive_retrieval: false}, "
+    "baselines: {interpolation: false, max_iter: 20, sizes: [1, 2, 4, 8]}, "
+    "knn: {k: 3}, retrieval: {ks: [10]}}"
+)
 SETS_UP_A_MACHINE = "sets up .venv and the data; its jobs are those of the commands it runs"
 COMMANDS: dict[str, How] = {
     # README.md, docs/development.md
@@ -134,6 +140,28 @@ COMMANDS: dict[str, How] = {
         "test_sweep_report_offline_writes_the_spec_of_logged_keys"
     ),
     "mrl-dashboard --from-spec <spec.json>": RunBy("test_from_spec_offline_says_so"),
+    # README.md, docs/posthoc.md
+    "mrl-train -m source=logs/train/runs/<job>/checkpoints/last.ckpt head=mrl,csr evaluate={}": RunBy(
+        "test_every_head_trains_on_the_frozen_source_in_one_multirun",
+        swap={"head=mrl,csr": "head=mrl,mrl_e,ff,csr,adaptor", "evaluate={}": POSTHOC_CHEAP_EVAL},
+    ),
+    "mrl-train source=logs/train/runs/<job>/checkpoints/last.ckpt head=mrl": RunBy(
+        "test_every_head_trains_on_the_frozen_source_in_one_multirun",
+        swap={"head=mrl": "head=mrl,mrl_e,ff,csr,adaptor"},
+    ),
+    "mrl-train source=r50_mrl1_e0_ff2048.pt data=imagefolder data.root=/data/imagenet head=mrl_e": RunBy(
+        "test_a_checkpoint_of_the_papers_repository_as_source"
+    ),
+    "mrl-train source=backbone backbone.name=<timm model> backbone.pretrained_path=<weights.safetensors> "
+    "features.projection_dim=32 features.hidden=64": RunBy(
+        "test_a_timm_backbone_with_a_weights_file_as_source"
+    ),
+    "mrl-train source=<model.safetensors> head=csr head.nesting=[8,32] head.expansion=2": RunBy(
+        "test_an_export_of_the_source_trains_from_the_same_cache"
+    ),
+    "mrl-train source=<checkpoint> head=adaptor head.nesting=[4,16]": RunBy(
+        "test_a_post_hoc_run_resumes_on_its_cached_features"
+    ),
     # docs/data.md
     "python -m mrl.data.generate tree --classes 10 --train 50": Run(extra=("--width=64", "--height=48")),
     "mrl-prepare-data root=/data/imagenet output_dir=/data/imagenet-shards max_side=500": RunBy(

@@ -12,7 +12,7 @@ import pytest
 from mrl.compare.job import report
 from mrl.compare.quality_bytes import best_at_budgets, bytes_tables, report_records
 from mrl.eval.report_file import build_report
-from mrl.eval.sparse_codes import prefix_bytes
+from mrl.eval.sparse_codes import prefix_bytes, sparse_code_bytes
 from support import top1_results as _top1
 from support import write_evaluation as _evaluate
 from support import write_job_dir as _job
@@ -67,6 +67,66 @@ def test_points_are_placed_at_their_bytes_per_vector():
         ("mrl (float32)", 16, "1nn"),
         ("mrl (float32)", 16, "map@10"),
     }
+
+
+def test_a_csr_models_codes_are_their_own_line_at_the_bytes_of_k_values_and_indices():
+    # report.json's bytes of a CSR model's codes: k values and k indices (2 bytes each for 1024 units)
+    quantized = {fmt: {k: {"bytes": 0} for k in (8, 32)} for fmt in ("float32", "float16")}
+    section = build_report([32, 8], {"quantized": quantized}, {}, code_units=1024)["bytes"]
+    assert section == {"csr": {"float32": {"8": 48, "32": 192}, "float16": {"8": 32, "32": 128}}}
+    assert build_report([8], {}, {}, code_units=200)["bytes"] == {"csr": {"float32": {"8": 40}}}
+    rep = {
+        "quantized": {
+            "float32": {"8": {"map@10": 0.7, "1nn": 0.8}},
+            "float16": {"8": {"map@10": 0.6, "1nn": 0.7}},
+        },
+        "bytes": section,
+    }
+    points = {(r.method, r.size, r.metric): r.value for r in report_records(rep, "csr", "csr", "", 0, "j")}
+    assert points == {
+        ("csr (float32)", 48, "map@10"): 0.7,
+        ("csr (float32)", 48, "1nn"): 0.8,
+        ("csr (float16)", 32, "map@10"): 0.6,
+        ("csr (float16)", 32, "1nn"): 0.7,
+    }
+    # without the quantized stage: float32 from the kNN and retrieval sections
+    plain = {
+        "knn": {"8": {"1nn": 0.5}},
+        "retrieval": {"8": {"map@10": 0.4}},
+        "bytes": {"csr": {"float32": {"8": 40}}},
+    }
+    assert {(r.method, r.size) for r in report_records(plain, "csr", "csr", "", 0, "j")} == {
+        ("csr (float32)", 40)
+    }
+    # an evaluation that did not count its codes' bytes (one from before) places no point at a prefix's
+    assert report_records({"knn": {"8": {"1nn": 0.5}}}, "csr", "csr", "", 0, "j") == []
+
+
+def test_mrl_report_draws_a_csr_line_beside_the_prefixes(tmp_path):
+    sweep = tmp_path / "sweep"
+    mrl_job = _job(sweep / "0", {"kind": "mrl"}, 0, _top1({16: 0.5}))
+    quantized = {"float32": {str(d): {"map@10": 0.5, "1nn": 0.6} for d in SIZES}}
+    _evaluate(mrl_job, {"knn": {}, "retrieval": {}, "quantized": quantized}, "evaluate")
+    csr_job = _job(sweep / "1", {"kind": "csr"}, 0, _top1({16: 0.5}))
+    sections = {
+        "quantized": {
+            fmt: {k: {"bytes": sparse_code_bytes(k, 1024, fmt), "map@10": 0.7, "1nn": 0.75} for k in SIZES}
+            for fmt in ("float32", "float16")
+        }
+    }
+    _evaluate(csr_job, build_report(list(SIZES), sections, {}, code_units=1024), "mrl-eval")
+    args = argparse.Namespace(
+        sweep_dir=str(sweep), wandb_group=None, wandb_report=False, out=None, title="", no_wandb=True
+    )
+    out = report(args)
+    tables = json.loads((out / "comparison.json").read_text())["quality_vs_bytes"]["tables"]
+    assert set(tables["map@10"]) == {"mrl (float32)", "csr (float32)", "csr (float16)"}
+    assert set(tables["map@10"]["csr (float32)"]) == {"48", "96"}  # k = 8, 16: 6 bytes per active unit
+    assert tables["map@10"]["csr (float16)"]["32"]["mean"] == pytest.approx(70)
+    md = (out / "comparison.md").read_text()
+    assert "| csr (float16) | 32 | 70.00 | 75.00 |" in md
+    # at 32 bytes the float16 codes (k=8) beat mrl's float32 8-d prefix
+    assert "| 32 | mAP@10 (%) | csr (float16) | 32 | 70.00 |" in md
 
 
 def map10(method: str, fmt: str, d: int, seed: int) -> float:

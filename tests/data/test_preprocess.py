@@ -12,13 +12,13 @@ from PIL import Image
 from timm.data import create_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
+from mrl.data.decode import decode_rgb
 from mrl.data.generate import make_jpeg
 from mrl.data.preprocess import (
     BatchTransform,
     CropSpec,
     ImageTransform,
     check_augment,
-    decode_rgb,
     eval_crop,
     random_resized_crop_params,
     sample_rng,

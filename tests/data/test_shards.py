@@ -15,10 +15,10 @@ from litdata import StreamingDataset
 from omegaconf import OmegaConf
 from PIL import Image
 
+from mrl.data.decode import decode_rgb
 from mrl.data.encoded import split_encoded
 from mrl.data.generate import make_jpeg
 from mrl.data.prepare import prepare_shards
-from mrl.data.preprocess import decode_rgb
 from mrl.data.shards import METADATA_NAME, ShardDataModule
 from mrl.errors import MRLError
 from mrl.training.assemble import assemble
@@ -299,3 +299,32 @@ def test_shards_without_litdata_name_the_extra(run_cli, tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.output
     assert "pip install 'mrl[shards]'" in result.stderr
     assert not list((result.log_dir / "train" / "runs").glob("*/results.json"))
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_deleted_or_truncated_chunk_is_named_before_training(tiny_shards, tmp_path, damage):
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(tiny_shards, copy)
+    chunk = sorted((copy / "train").glob("*.bin"))[1]
+    if damage == "deleted":
+        chunk.unlink()
+    else:
+        chunk.write_bytes(chunk.read_bytes()[:100])
+    with pytest.raises(MRLError, match=f"incomplete: {chunk.name} .*Prepare the data again"):
+        datamodule(copy)
+
+
+def test_the_training_split_is_evaluated_in_order_without_augmentation(tiny_shards):
+    dm = datamodule(tiny_shards, augment={"hflip": 0.5})
+    training(dm)  # even inside training, features and embeddings of the training split are not augmented
+    batches = [dm.model_inputs(batch) for batch in dm.evaluation_loader("train")]
+    again = [dm.model_inputs(batch) for batch in dm.evaluation_loader("train")]
+    labels = torch.cat([y for _, y in batches])
+    assert sorted(labels.tolist()) == sorted(label for _, label in stored_items(tiny_shards, "train"))
+    assert len(labels) == 96 and all(torch.equal(a[0], b[0]) for a, b in zip(batches, again, strict=True))
+    first = batches[0][0][0]
+    _image, label = stored_items(tiny_shards, "train")[0]
+    assert label == int(batches[0][1][0])
+    assert first.shape[-1] == dm.eval_img_size

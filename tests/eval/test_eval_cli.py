@@ -27,6 +27,7 @@ REPORT_KEYS = {
     "linear",
     "knn",
     "retrieval",
+    "sparse_retrieval",
     "adaptive_classification",
     "adaptive_retrieval",
     "exact_retrieval",
@@ -34,6 +35,7 @@ REPORT_KEYS = {
     "robustness",
     "quantized",
     "bytes",
+    "skipped",
     "checkpoint",
 }
 SIZES = ["2", "4", "8", "16"]  # the trained sizes of the module's checkpoint, as report.json keys
@@ -104,6 +106,8 @@ def test_eval_reports_every_section_at_every_size(evaluated, trained):
     report = evaluated.report
     assert set(report) == REPORT_KEYS
     assert report["robustness"] == {}  # no robustness.sets given (tests/eval/test_robustness.py)
+    # a prefix model: every evaluator applies, and there is no sparse search (tests/eval/test_sparse_eval.py)
+    assert report["skipped"] == {} and report["sparse_retrieval"] == {}
     assert report["sizes"] == [2, 4, 8, 16]
     assert list(report["linear"]) == list(report["knn"]) == list(report["retrieval"]) == SIZES
     for d in SIZES:

@@ -31,6 +31,7 @@ EVALUATOR_MODULES = tuple(
         "quantized",
         "retrieval",
         "robustness",
+        "sparse_eval",
     )
 )
 # Parameters with a default that is no setting of conf/eval.yaml: optional inputs and what the caller may

@@ -16,6 +16,7 @@ from mrl.eval.sparse_codes import (
     sparse_code_bytes,
     sparse_search,
     to_csr,
+    top_k_csr,
     top_k_rows,
 )
 from mrl.nn.sparse_autoencoder import SparseAutoencoder
@@ -69,6 +70,9 @@ def test_sparse_search_equals_dense_search_with_ties(block_bytes):
         np.testing.assert_array_equal(neighbours, want_neighbours)
         np.testing.assert_array_equal(scores, want_scores)
         assert neighbours.dtype == np.int64 and scores.dtype == np.float32
+        # a CSC database (an index built before a timed search) is searched as it is, with the same result
+        csc = sp.csc_matrix(database)
+        np.testing.assert_array_equal(sparse_search(queries, csc, k, block_bytes=block_bytes)[0], neighbours)
 
 
 def test_sparse_search_on_autoencoder_codes_matches_dense_search():
@@ -108,3 +112,31 @@ def test_bad_searches_are_refused():
         sparse_search(codes, codes[:, :8], 1)
     with pytest.raises(MRLError, match="between 1 and the database size 5"):
         sparse_search(codes, codes, 6)
+
+
+def test_top_k_csr_keeps_each_rows_top_k_code_normalised_chunk_by_chunk(tmp_path):
+    rng = np.random.default_rng(3)
+    z = np.maximum(rng.normal(size=(23, 12)), 0).astype(np.float32)
+    z[4] = 0  # a row with no active unit stays empty
+    path = tmp_path / "z.npy"
+    np.save(path, z)
+    stored = np.load(path, mmap_mode="r")  # read-only, as mrl-eval's exported embeddings
+    for k in (1, 3, 12):
+        expected = np.zeros_like(z)
+        for row, out in zip(z, expected, strict=True):
+            top = np.argsort(-row, kind="stable")[:k]
+            out[top] = row[top]
+        norms = np.linalg.norm(expected, axis=1, keepdims=True)
+        expected = expected / np.maximum(norms, 1e-12)
+        codes = top_k_csr(stored, k, rows=5)  # five chunks
+        assert codes.shape == (23, 12) and codes.dtype == np.float32
+        assert (np.diff(codes.indptr) <= k).all() and codes[4].nnz == 0
+        np.testing.assert_allclose(codes.toarray(), expected, rtol=1e-6, atol=1e-7)
+        half = top_k_csr(stored, k, rows=50, value_dtype="float16").toarray()
+        np.testing.assert_array_equal(half, codes.toarray().astype(np.float16).astype(np.float32))
+        raw = top_k_csr(stored, k, rows=50, normalize=False).toarray()
+        np.testing.assert_allclose(raw, expected * np.maximum(norms, 1e-12), rtol=1e-6)
+    with pytest.raises(MRLError, match="1 to 12 active units"):
+        top_k_csr(stored, 13, rows=5)
+    with pytest.raises(MRLError, match="float32 or float16"):
+        top_k_csr(stored, 2, rows=5, value_dtype="int8")

@@ -6,7 +6,7 @@ import logging
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mrl.cli.common import check_output_location, report_user_errors
 from mrl.config_path import config_dir
@@ -17,8 +17,10 @@ from mrl.resolvers import register_resolvers
 def run(cfg: DictConfig) -> None:
     # LitData logs its cache settings at INFO once per worker; its progress bar says what matters
     logging.getLogger("litdata").setLevel(logging.WARNING)
-    from mrl.data.prepare import prepare_shards  # heavy imports after Hydra has parsed the command line
+    from mrl.data.prepare import check_settings, prepare_shards  # heavy imports after Hydra's parsing
 
+    # every setting judged (unknown keys too: `+max_sid=500` would be ignored) before anything is read
+    check_settings(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
     out = prepare_shards(
         root=cfg.root,
         output_dir=cfg.output_dir,

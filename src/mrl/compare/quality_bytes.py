@@ -5,8 +5,11 @@ aggregated, and the best method at each byte budget.
 A line is a method and a format (``mrl (int8)``, ``svd (float32)``): the model's prefixes in each
 format its evaluation's ``quantized`` section measured (float32 from the kNN and retrieval sections
 when it did not run) and, for a standard model, the post-hoc SVD and truncation baselines as float32
-(their 1-NN; they have no mAP@10). The best method at a budget of B bytes is the line point with the
-highest mean among those that store a vector in B bytes or fewer.
+(their 1-NN; they have no mAP@10). A CSR model (``head=csr``) is its own line, ``csr (float32)`` and
+``csr (float16)``: its sparse codes at the bytes its report gives them (``bytes.csr``: ``k`` values
+and ``k`` unit indices, ``mrl.eval.sparse_codes.sparse_code_bytes``), one point per ``k``. The best
+method at a budget of B bytes is the line point with the highest mean among those that store a vector
+in B bytes or fewer.
 """
 
 from __future__ import annotations
@@ -59,11 +62,16 @@ def report_records(
     """The points of one evaluation report: ``Record``\\ s whose ``size`` is the bytes per vector and
     whose ``method`` names the line (method and format)."""
     out: list[Record] = []
+    # a CSR model's codes: their bytes as its report counted them (they depend on the code's width)
+    codes = ((report.get("bytes") or {}).get("csr") or {}) if kind == "csr" else None
 
     def add(name: str, fmt: str, d: Any, metric: str, value: Any) -> None:
         v = as_number(value)
-        if v is not None and str(d).isdigit():
-            out.append(Record(line_label(name, fmt), prefix_bytes(int(d), fmt), metric, v, seed, job))
+        if v is None or not str(d).isdigit():
+            return
+        size = prefix_bytes(int(d), fmt) if codes is None else (codes.get(fmt) or {}).get(str(d))
+        if size is not None:
+            out.append(Record(line_label(name, fmt), int(size), metric, v, seed, job))
 
     quantized = report.get("quantized") or {}
     for fmt, per_size in quantized.items():

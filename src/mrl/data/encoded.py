@@ -19,14 +19,13 @@ from torch.utils.data import get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from mrl.data.base import MRLDataModule
+from mrl.data.decode import decode_reason, decode_rgb, is_fast_jpeg
 from mrl.data.preprocess import (
     PIL_AUGMENT_KEYS,
     BatchTransform,
     CropSpec,
     ImageTransform,
     check_augment,
-    decode_reason,
-    decode_rgb,
     random_resized_crop_params,
     train_crop,
 )
@@ -41,7 +40,6 @@ DEFAULT_DATA_CONFIG: dict[str, Any] = {
     "crop_pct": 0.875,
     "crop_mode": "center",
 }
-JPEG_MAGIC = b"\xff\xd8"
 
 
 def auto_num_workers(processes_per_node: int) -> int:
@@ -227,14 +225,15 @@ class EncodedImageDataModule(MRLDataModule):
         image there, and stack the crops ``uint8 (B, 3, S, S)``. Crop sizes are drawn on the host from the
         decoded shapes, so nothing waits for the device."""
         images: list[torch.Tensor | None] = [None] * len(encoded)
-        jpegs = [i for i, data in enumerate(encoded) if bytes(data[:2].tolist()) == JPEG_MAGIC]
+        # JPEGs that nvJPEG decodes as the CPU path does (not CMYK); the rest through the CPU path
+        jpegs = [i for i, data in enumerate(encoded) if is_fast_jpeg(data)]
         try:
             if jpegs:
                 decoded = decode_jpeg([encoded[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
                 for i, image in zip(jpegs, decoded, strict=True):
                     images[i] = image
             for i, image in enumerate(images):
-                if image is None:  # not a JPEG (ImageFolder trees may hold PNGs): decoded by the CPU
+                if image is None:  # a PNG, a CMYK JPEG ... (ImageFolder trees): decoded by the CPU
                     images[i] = decode_rgb(encoded[i]).to(device)
         except RuntimeError as err:  # the batch's bytes carry no file names
             raise MRLError(

@@ -9,6 +9,7 @@ memory-mapped cache, with no backbone forward per step.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,7 @@ class FrozenFeatureDataModule(L.LightningDataModule):
         self.batch_size, self.seed, self.dtype = int(batch_size), int(seed), dtype
         self.device = torch.device(device)
         self.splits: dict[str, FeatureSplit] = {}
+        self._prepared = False  # the job and then Lightning's fit and test each call prepare_data
         # what the rest of mrl reads of a datamodule
         self.num_classes, self.classes = images.num_classes, images.classes
 
@@ -84,7 +86,14 @@ class FrozenFeatureDataModule(L.LightningDataModule):
         return self.cache_dir / self.key
 
     def prepare_data(self) -> None:
-        """Compute and cache the features of every split not cached yet (reused otherwise)."""
+        """Compute and cache the features of every split not cached yet (reused otherwise); once per
+        datamodule, by the node's first process only.
+
+        The training job calls this before its trainer exists, so under ``torchrun`` every process of a
+        node would otherwise write the same cache at once; the others skip it, and Lightning's barrier
+        after ``prepare_data`` (in ``fit``) holds them until the first has written it."""
+        if self._prepared or int(os.environ.get("LOCAL_RANK", 0)) != 0:
+            return
         self.images.setup(None)
         source = self.source.to(self.device)
         for split in SPLITS:
@@ -103,6 +112,7 @@ class FrozenFeatureDataModule(L.LightningDataModule):
             )
             log.info("Features of %s: %d x %d in %s", split, found.count, found.dim, found.directory)
         self.source.to("cpu")
+        self._prepared = True
 
     def setup(self, stage: str | None = None) -> None:
         for split in SPLITS:

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.io import read_file
 
 from mrl.data.base import MRLDataModule
+from mrl.data.decode import UnsupportedImage, decode_reason
 from mrl.data.encoded import EncodedImageDataModule, EncodedSample
-from mrl.data.preprocess import ImageTransform, decode_reason
+from mrl.data.preprocess import ImageTransform
+from mrl.data.tree import ClassFolders, list_classes, list_tree
 from mrl.errors import MRLError
 
 
@@ -54,36 +54,39 @@ class EncodedImageFolder(Dataset):
 
 
 def unreadable_image(path: str | Path, err: BaseException) -> MRLError:
-    """A file of the tree that does not decode (not an image, truncated, corrupt): training stops and
-    names it, rather than skipping it and training on a silently different data set."""
+    """A file of the tree that does not decode (not an image, truncated, corrupt, a format or mode mrl does
+    not read): training stops and names it, rather than skipping it and training on a silently different
+    data set."""
+    if isinstance(err, UnsupportedImage):
+        return MRLError(f"Cannot decode {path} ({err}). Replace or delete the file and start again.")
     return MRLError(
         f"Cannot decode {path} ({decode_reason(err)}): it is not a readable image (truncated, corrupt or "
         "another kind of file). Replace or delete the file and start again."
     )
 
 
+class ListedImageFolder(ImageFolder):
+    """torchvision's ``ImageFolder`` of a checked listing (:mod:`mrl.data.tree`): its classes, samples
+    and targets, without listing the folder again (its loader is not used)."""
+
+    def __init__(self, listing: ClassFolders) -> None:
+        self.listing = listing
+        super().__init__(str(listing.folder), loader=read_file)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = list(self.listing.classes)
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    def make_dataset(self, directory: str, *args: Any, **kwargs: Any) -> list[tuple[str, int]]:
+        return list(self.listing.samples)
+
+
 def list_image_folder(folder: Path, refusal: Callable[[str | None], str] | None = None) -> ImageFolder:
-    """torchvision's listing of a class-per-folder tree (``folder/<class>/<image>``), its errors told as
-    what to fix: ``refusal(empty)`` says it (``empty``: the class folders without image files, None when
-    there are no class folders), by default as for a split of an ImageFolder data set."""
-    try:
-        return ImageFolder(str(folder), loader=read_file)
-    except FileNotFoundError as err:
-        text = str(err)
-        empty = None if "class folder" in text else text.split("classes ", 1)[-1].split(". Supported", 1)[0]
-        raise MRLError((refusal or partial(_split_refusal, folder))(empty)) from None
-
-
-def _split_refusal(folder: Path, empty: str | None) -> str:
-    if empty is None:
-        return (
-            f"{folder} holds no class folders. Each split of an ImageFolder tree needs one folder of "
-            "images per class, the same class folders as train/ (root/<split>/<class>/<image>)."
-        )
-    return (
-        f"Class folder(s) {empty} in {folder} hold no image files ({', '.join(IMG_EXTENSIONS)}). Every "
-        "class needs images in every split: add images, or remove the class folder from every split."
-    )
+    """The checked listing (:func:`mrl.data.tree.list_classes`) of a class-per-folder tree
+    (``folder/<class>/<image>``) as torchvision's ``ImageFolder``; ``refusal(empty)`` says what to fix
+    when it has no class folders (``empty`` None) or empty ones, by default as for a split of an
+    ImageFolder data set."""
+    return ListedImageFolder(list_classes(Path(folder), refusal))
 
 
 class ImageFolderDataModule(EncodedImageDataModule):
@@ -122,19 +125,12 @@ class ImageFolderDataModule(EncodedImageDataModule):
         test_dir = self.root / self.split_dirs["test"]
         if not test_dir.is_dir():
             test_dir = self.root / self.split_dirs["val"]
-        # Listed now, not in setup(): an empty split or class folder is refused before training starts.
-        self.listings = {
-            "train": list_image_folder(self.root / self.split_dirs["train"]),
-            "val": list_image_folder(self.root / self.split_dirs["val"]),
-            "test": list_image_folder(test_dir),
-        }
+        # Listed now, not in setup(): a tree mrl-prepare-data would refuse is refused before training
+        # starts, by the same checks (mrl.data.tree).
+        folders = {"train": self.root / self.split_dirs["train"], "val": self.root / self.split_dirs["val"]}
+        listed = list_tree(self.root, {**folders, "test": test_dir})
+        self.listings = {split: ListedImageFolder(listing) for split, listing in listed.items()}
         self.classes = tuple(self.listings["train"].classes)
-        for split, listing in self.listings.items():
-            if tuple(listing.classes) != self.classes:
-                raise MRLError(
-                    f"The {split} split's class folders differ from train's in {self.root}: every split "
-                    "needs the same set of class folders."
-                )
         self.num_classes = len(self.classes)
 
     def setup(self, stage: str | None = None) -> None:

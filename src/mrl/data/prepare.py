@@ -2,10 +2,12 @@
 
 Each split (``train``, ``val``, and ``test`` when present) becomes one LitData dataset written by
 ``litdata.optimize`` in parallel worker processes with its progress bar. Images are stored as they are
-when they already are RGB or grey JPEGs within ``max_side``; others are decoded, shrunk so their longer
-side is ``max_side`` (the paper's FFCV files: 500 px) and re-encoded as JPEG at ``quality``, so every
-stored image decodes with nvJPEG too. The file order is shuffled (seeded) before writing: LitData shuffles
-chunks and items within chunks, which mixes classes only if the chunks do.
+when they already are grey or RGB JPEGs (1 or 3 components) within ``max_side``; others are decoded as
+every loader decodes them (:mod:`mrl.data.decode`: 16-bit samples scaled, palette, alpha and CMYK
+converted), shrunk so their longer side is ``max_side`` (the paper's FFCV files: 500 px) and re-encoded
+as grey or RGB JPEGs at ``quality``, so every stored image decodes with nvJPEG too. The tree is checked
+as ``data=imagefolder`` checks it (:mod:`mrl.data.tree`). The file order is shuffled (seeded) before
+writing: LitData shuffles chunks and items within chunks, which mixes classes only if the chunks do.
 
 Nothing is written at ``output_dir`` until every split is complete: the shards are built in a hidden
 sibling directory and renamed into place, and an existing non-empty ``output_dir`` is refused.
@@ -17,57 +19,91 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from mrl.config_checks import is_int, require
+from mrl.data.decode import ImageDecodeError, fast_channels, open_image, to_8bit
 from mrl.data.shards import FORMAT, FORMAT_VERSION, METADATA_NAME, SPLITS, is_remote
+from mrl.data.tree import ClassFolders, list_tree
 from mrl.errors import MRLError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+CHUNK_BYTES = re.compile(r"^\s*\d+(\.\d+)?\s*([kmgt]b?|b)\s*$", re.IGNORECASE)  # LitData's units
 
 
-def list_split(root: Path, split: str, classes: list[str]) -> list[tuple[str, int]]:
-    """``(path, label)`` of every image of ``root/split``, labels indexing ``classes`` (train's)."""
-    folder = root / split
-    index = {name: i for i, name in enumerate(classes)}
-    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    unknown = [name for name in found if name not in index]
+def _folder(v: Any) -> bool:
+    return isinstance(v, str) and bool(v.strip())
+
+
+def _size(v: Any) -> bool:
+    return (is_int(v) and v > 0) or (isinstance(v, str) and bool(CHUNK_BYTES.match(v)))
+
+
+# the settings of conf/prepare_data.yaml (besides Hydra's task_name and paths): a test of the value, what
+# it must be, an example
+SETTINGS: dict[str, tuple[Callable[[Any], bool], str, str]] = {
+    "root": (_folder, "a folder", "root=/data/imagenet"),
+    "output_dir": (_folder, "a folder", "output_dir=/data/imagenet-shards"),
+    "max_side": (
+        lambda v: v is None or (is_int(v) and v >= 8),
+        "the longer side's pixels, an integer >= 8, or null",
+        "max_side=500 (or max_side=null: keep every size)",
+    ),
+    "quality": (lambda v: is_int(v) and 1 <= v <= 100, "a JPEG quality from 1 to 100", "quality=90"),
+    "num_workers": (
+        lambda v: v is None or (is_int(v) and v > 0),
+        "a positive integer or null",
+        "num_workers=8 (or num_workers=null: one per CPU)",
+    ),
+    "chunk_bytes": (
+        _size,
+        "a size with its unit (B, KB, MB, GB, TB) or a number of bytes",
+        "chunk_bytes=64MB",
+    ),
+    "seed": (is_int, "an integer", "seed=0"),
+}
+
+
+def check_settings(settings: Mapping[str, Any]) -> None:
+    """Refuse a setting of ``mrl-prepare-data`` that is unknown or of the wrong kind, naming it and an
+    example (:mod:`mrl.config_checks`' messages), before anything is read or written."""
+    unknown = sorted(set(settings) - set(SETTINGS) - {"task_name", "paths"})
     if unknown:
         raise MRLError(
-            f"{folder} has class folders that train/ lacks ({', '.join(unknown[:5])}"
-            f"{', ...' if len(unknown) > 5 else ''}): every split's classes must be train's."
+            f"{', '.join(unknown)} is not an mrl-prepare-data setting. Its settings are "
+            f"{', '.join(SETTINGS)} (conf/prepare_data.yaml); fix the spelling or drop it."
         )
-    items = []
-    for name in found:
-        for path in sorted((folder / name).rglob("*")):
-            if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-                items.append((str(path), index[name]))
-    return items
+    for key, (ok, what, example) in SETTINGS.items():
+        if key in settings:
+            require(ok(settings[key]), key, settings[key], what, example)
 
 
 def encode_image(data: bytes, max_side: int | None, quality: int) -> bytes:
-    """``data`` unchanged when it is a readable RGB or grey JPEG no larger than ``max_side``; otherwise
-    decoded, shrunk to ``max_side`` on its longer side and encoded as an RGB JPEG at ``quality``."""
+    """``data`` unchanged when it is a JPEG the loaders decode as it is (1 or 3 components) no larger than
+    ``max_side``; otherwise decoded to 8-bit grey or RGB as every loader reads it
+    (:func:`mrl.data.decode.to_8bit`: 16-bit samples scaled, palette, alpha and CMYK converted), shrunk
+    to ``max_side`` on its longer side and encoded as a JPEG at ``quality``."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as image:
-        fits = max_side is None or max(image.size) <= max_side
-        # Decoded in full even when stored unchanged: a truncated JPEG opens (only its header is read)
-        # and would otherwise reach the shards and stop a training epoch; load() raises on it.
-        image.load()
-        if image.format == "JPEG" and image.mode in ("RGB", "L") and fits:
-            return data
-        image = image.convert("RGB")
-        if not fits:
-            scale = max_side / max(image.size)
-            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-            image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-        out = io.BytesIO()
-        image.save(out, "JPEG", quality=int(quality))
-        return out.getvalue()
+    # Decoded in full even when stored unchanged: a truncated JPEG opens (only its header is read) and
+    # would otherwise reach the shards and stop a training epoch; open_image loads it.
+    image = open_image(data)
+    fits = max_side is None or max(image.size) <= max_side
+    if image.format == "JPEG" and fast_channels(data) is not None and fits:
+        return data
+    image = to_8bit(image)
+    if not fits:
+        scale = max_side / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=int(quality))
+    return out.getvalue()
 
 
 def encode_sample(item: tuple[str, int, int | None, int, str]) -> dict[str, Any]:
@@ -82,12 +118,8 @@ def encode_sample(item: tuple[str, int, int | None, int, str]) -> dict[str, Any]
     try:
         data = Path(path).read_bytes()
         return {"image": encode_image(data, max_side, quality), "label": int(label)}
-    except Exception as err:  # PIL raises several types for unreadable files
-        from PIL import UnidentifiedImageError
-
-        reason = (
-            "not an image file" if isinstance(err, UnidentifiedImageError) else f"{type(err).__name__}: {err}"
-        )
+    except Exception as err:  # open_image and to_8bit say what is wrong; anything else by its type
+        reason = str(err) if isinstance(err, ImageDecodeError) else f"{type(err).__name__}: {err}"
         with open(Path(errors_dir) / f"{os.getpid()}.txt", "a") as f:
             f.write(f"{path} ({reason})\n")
         return {"image": b"", "label": -1}
@@ -118,7 +150,9 @@ def check_output_dir(output_dir: str) -> Path:
     return out
 
 
-def check_root(root: str) -> tuple[Path, list[str]]:
+def check_root(root: str) -> tuple[Path, dict[str, ClassFolders]]:
+    """The tree at ``root`` and its splits' listings, checked as ``data=imagefolder`` checks them
+    (:func:`mrl.data.tree.list_tree`)."""
     path = Path(root).expanduser().absolute()
     missing = [s for s in ("train", "val") if not (path / s).is_dir()]
     if missing:
@@ -127,10 +161,7 @@ def check_root(root: str) -> tuple[Path, list[str]]:
             "ImageFolder tree: root/train/<class>/<image>, root/val/<class>/<image> and optionally "
             "root/test/<class>/<image>."
         )
-    classes = sorted(p.name for p in (path / "train").iterdir() if p.is_dir())
-    if not classes:
-        raise MRLError(f"{path / 'train'} holds no class folders (root/train/<class>/<image>).")
-    return path, classes
+    return path, list_tree(path, {split: path / split for split in SPLITS if (path / split).is_dir()})
 
 
 def _write_split(
@@ -191,19 +222,21 @@ def prepare_shards(
 ) -> Path:
     """Write the shards of the ImageFolder tree ``root`` to ``output_dir``; return its path.
     ``progress=False`` silences LitData's progress bar and messages."""
-    if max_side is not None and int(max_side) < 8:
-        raise MRLError(
-            f"max_side={max_side} is too small: give the longer side's pixels (e.g. 500), or null."
-        )
-    if not 1 <= int(quality) <= 100:
-        raise MRLError(f"quality={quality}: JPEG quality must be between 1 and 100.")
-    tree, classes = check_root(root)
+    check_settings(
+        {
+            "root": root,
+            "output_dir": output_dir,
+            "max_side": max_side,
+            "quality": quality,
+            "num_workers": num_workers,
+            "chunk_bytes": chunk_bytes,
+            "seed": seed,
+        }
+    )
+    tree, listings = check_root(root)
     out = check_output_dir(output_dir)
-    splits = [s for s in SPLITS if (tree / s).is_dir()]
-    listed = {split: list_split(tree, split, classes) for split in splits}
-    for split, items in listed.items():
-        if not items:
-            raise MRLError(f"{tree / split} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+    classes = list(listings["train"].classes)
+    listed = {split: list(listing.samples) for split, listing in listings.items()}
     workers = int(num_workers or os.cpu_count() or 1)
     partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     errors_dir = partial / ".errors"

@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from mrl.data.decode import decode_channels
 from mrl.errors import MRLError
 
 INTERPOLATIONS = {
@@ -114,33 +113,6 @@ class CropSpec:
             scale=tuple(float(v) for v in augment.get("scale", (0.08, 1.0))),
             ratio=tuple(float(v) for v in augment.get("ratio", (3 / 4, 4 / 3))),
         )
-
-
-def decode_rgb(data: torch.Tensor | bytes | np.ndarray) -> torch.Tensor:
-    """Encoded image bytes (JPEG, PNG, ...) -> ``uint8 (3, H, W)`` RGB (grey and CMYK converted)."""
-    return decode_channels(data, 3)
-
-
-# how torchvision's decoder reads an image for a model of 1 (grey: colour converted to luminance) or 3
-# channels (RGB: grey and CMYK converted)
-READ_MODES = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}
-
-
-def decode_channels(data: torch.Tensor | bytes | np.ndarray, in_chans: int) -> torch.Tensor:
-    """Encoded image bytes -> ``uint8 (in_chans, H, W)``: RGB, or for a 1-channel model grey."""
-    if in_chans not in READ_MODES:
-        raise MRLError(f"Image files are read as grey or RGB images (1 or 3 channels), not {in_chans}.")
-    if isinstance(data, bytes | bytearray | memoryview):
-        data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    elif isinstance(data, np.ndarray):
-        data = torch.from_numpy(data)
-    return decode_image(data, mode=READ_MODES[in_chans])
-
-
-def decode_reason(err: BaseException) -> str:
-    """torchvision's decode error in a few words: without its C++ source location and later sentences."""
-    text = re.sub(r"^\w+, \S+:\d+, ", "", " ".join(str(err).split()))
-    return text.split(". ")[0].rstrip(".") or type(err).__name__
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -54,6 +54,27 @@ def join(base: str, *parts: str) -> str:
     return "/".join([str(base).rstrip("/"), *parts]) if is_remote(base) else str(Path(base, *parts))
 
 
+def check_chunks(split_dir: Path) -> None:
+    """Every chunk a local split's LitData index lists is there, whole; else an :class:`MRLError` (LitData
+    itself waits for the missing chunk and then blames a download)."""
+    try:
+        index = json.loads((split_dir / "index.json").read_text())
+        chunks, compressed = index["chunks"], bool((index.get("config") or {}).get("compression"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # no readable index: LitData's own error names it when the split is opened
+    for chunk in chunks:
+        path = split_dir / str(chunk.get("filename"))
+        size = path.stat().st_size if path.is_file() else None
+        # a compressed chunk's stored size is not its index's (uncompressed) one: only its presence counts
+        if size is None or (not compressed and size != chunk.get("chunk_bytes")):
+            state = "is missing" if size is None else f"holds {size} of its {chunk.get('chunk_bytes')} bytes"
+            raise MRLError(
+                f"The shards in {split_dir} are incomplete: {path.name} {state} (deleted, truncated or "
+                "still being copied). Prepare the data again with mrl-prepare-data (or copy the shard "
+                "directory again whole), then train."
+            )
+
+
 def read_metadata(input_dir: str, storage_options: dict | None = None) -> dict[str, Any]:
     """The shard directory's :data:`METADATA_NAME`, checked; an :class:`MRLError` says what is wrong."""
     hint = (
@@ -174,6 +195,17 @@ class ShardDataModule(EncodedImageDataModule):
         total = int(self.metadata["splits"].get(split, self.metadata["splits"]["val"]))
         return max(1, min(self.eval_batch_size, total // world))
 
+    def _reader_options(self) -> dict[str, Any]:
+        """LitData's reader settings of this datamodule: its cache and storage options."""
+        extra: dict[str, Any] = {}
+        if self.cache_dir:
+            extra["cache_dir"] = str(self.cache_dir)
+        if self.max_cache_size:
+            extra["max_cache_size"] = self.max_cache_size
+        if self.storage_options:
+            extra["storage_options"] = self.storage_options
+        return extra
+
     def split_dir(self, split: str) -> str:
         if split == "test" and "test" not in self.metadata["splits"]:
             split = "val"
@@ -182,13 +214,10 @@ class ShardDataModule(EncodedImageDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        extra: dict[str, Any] = {}
-        if self.cache_dir:
-            extra["cache_dir"] = str(self.cache_dir)
-        if self.max_cache_size:
-            extra["max_cache_size"] = self.max_cache_size
-        if self.storage_options:
-            extra["storage_options"] = self.storage_options
+        if not is_remote(self.input_dir):
+            for split in dict.fromkeys(self.split_dir(split) for split in SPLITS):
+                check_chunks(Path(split).expanduser())
+        extra = self._reader_options()
         datasets = {}
         for split in SPLITS:
             train = split == "train"
@@ -208,6 +237,24 @@ class ShardDataModule(EncodedImageDataModule):
                     "again with mrl-prepare-data, or check data.input_dir and its storage credentials."
                 ) from err
         self.datasets = datasets
+
+    def evaluation_loader(self, split: str) -> StreamingDataLoader:
+        # the training split's shards crop and flip at random and are shuffled: its images in order with
+        # the evaluation transform
+        if split != "train":
+            return super().evaluation_loader(split)
+        transform = None if self.decode == "gpu" else self.image_transform(False)
+        dataset = ImageShards(
+            self.split_dir("train"),
+            transform,
+            seed=self.seed,
+            shuffle=False,
+            drop_last=False,
+            **self._reader_options(),
+        )
+        options = self._loader_options()
+        workers = int(options.pop("num_workers"))
+        return StreamingDataLoader(dataset, batch_size=self.eval_batch_size, num_workers=workers, **options)
 
     def _loader(self, split: str, train: bool, **options: Any) -> StreamingDataLoader:
         if split not in self.datasets:

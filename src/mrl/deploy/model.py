@@ -1,6 +1,11 @@
 """The deployable model: a trained backbone and Matryoshka head that embed and classify images at any
 size, and its one-file export (``model.safetensors``: the weights, and the model's description as JSON in
-the metadata)."""
+the metadata).
+
+A CSR model (``mrl-train source=... head=csr``) embeds an image as a sparse code: its size-``k``
+representation is the code of the ``k`` largest units of ``z`` (``mrl.nn.sparse_code_linear.size_view``),
+returned dense, ``(B, hidden)`` with at most ``k`` non-zeros per row (see :meth:`MatryoshkaModel.embed`).
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from mrl.models.backbone import TimmBackbone
 from mrl.models.build import build_model
 from mrl.models.spec import ModelSpec, Preprocessing, data_preprocessing
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
+from mrl.nn.sparse_code_linear import SparseCodeLinear, size_view
 
 FORMAT = "mrl-matryoshka-model"
 # Bump when the metadata or tensor names change incompatibly; load() refuses versions it does not know.
@@ -39,7 +45,10 @@ class MatryoshkaModel(nn.Module):
     """
 
     def __init__(
-        self, spec: ModelSpec, backbone: TimmBackbone | None = None, head: MatryoshkaLinear | None = None
+        self,
+        spec: ModelSpec,
+        backbone: TimmBackbone | None = None,
+        head: MatryoshkaLinear | SparseCodeLinear | None = None,
     ) -> None:
         super().__init__()
         if backbone is None or head is None:
@@ -50,6 +59,8 @@ class MatryoshkaModel(nn.Module):
         self.nesting: list[int] = list(head.nesting)
         self.embed_dim: int = backbone.embed_dim
         self.num_classes: int = head.num_classes
+        # a CSR model: sizes are numbers of active units of a sparse code of embed_dim (hidden) units
+        self.sparse: bool = isinstance(head, SparseCodeLinear)
         self._transform = None
         self.eval()
 
@@ -85,12 +96,21 @@ class MatryoshkaModel(nn.Module):
         (interpolation, see ``mrl-eval``'s slice baseline) but were not optimised directly.
         ``images``: a float tensor ``(B, C, H, W)`` already preprocessed like the evaluation data, or raw
         images that :meth:`preprocess` accepts.
+
+        A CSR model (:attr:`sparse`) returns sparse codes instead: ``dim=k`` gives the code of the ``k``
+        largest units, a dense float tensor ``(B, embed_dim)`` (``embed_dim`` is the code's width,
+        ``hidden``) with at most ``k`` non-zeros per row, all positive (fewer where the ReLU zeroed a
+        unit), L2-normalised after the top-k is taken (as ``mrl-eval`` searches codes: cosine). ``k``
+        may be any number from 1 to the largest trained one (default: it), ``nesting[-1]``; the top-k
+        sets are nested, so the size-``k`` code is the largest code's ``k`` largest units. To store
+        codes, keep each row's ``k`` values and unit indices (``code.topk(k)``, or
+        ``code.to_sparse_csr()``): ``mrl.eval.sparse_codes.sparse_code_bytes(k, embed_dim)`` bytes.
         """
         d = self._check_dim(dim)
         x = self.preprocess(images)
         self.eval()  # inference only: BatchNorm running statistics, no dropout
         with torch.inference_mode():
-            z = self.backbone(x)[:, :d]
+            z = size_view(self.backbone(x), d, self.sparse)
             return F.normalize(z, dim=1, eps=1e-12) if normalize else z
 
     def logits(self, images: ImageInput, dim: int | None = None) -> torch.Tensor:
@@ -100,26 +120,38 @@ class MatryoshkaModel(nn.Module):
         if d not in self.nesting:
             raise MRLError(
                 f"The model has classifiers for the sizes it was trained at, {self.nesting}, not {d}. Pass "
-                f"dim= one of those to logits()/predict(); embed() works at any size 1..{self.embed_dim}."
+                f"dim= one of those to logits()/predict(); embed() works at any size "
+                f"1..{self.nesting[-1] if self.sparse else self.embed_dim}."
             )
         g = self.nesting.index(d)
         x = self.preprocess(images)
         self.eval()
         with torch.inference_mode():
-            z = self.backbone(x)[:, :d]
-            return F.linear(z, self.head.size_weight(g), self.head.size_bias(g))
+            z = self.backbone(x)
+            if self.sparse:  # the size-k classifier reads the top-k code of all hidden units
+                return self.head.size_logits(z, g)
+            return F.linear(z[:, :d], self.head.size_weight(g), self.head.size_bias(g))
 
     def predict(self, images: ImageInput, dim: int | None = None) -> torch.Tensor:
         """Predicted class indices ``(B,)`` of the size-``dim`` classifier (see :meth:`logits`)."""
         return self.logits(images, dim).argmax(dim=-1)
 
     def _check_dim(self, dim: int | None) -> int:
+        """``dim`` as a size of this model: a prefix size 1..embed_dim, or a CSR model's number of active
+        units 1..nesting[-1] (its ``z`` is the code of the largest k: it holds no more units)."""
+        largest = self.nesting[-1] if self.sparse else self.embed_dim
         if dim is None:
-            return self.embed_dim
+            return largest
         try:
             d = operator.index(dim)
         except TypeError:
             raise MRLError(f"dim must be an integer size, got {dim!r}.") from None
+        if self.sparse and not 1 <= d <= largest:
+            raise MRLError(
+                f"dim={d} is not a size of this CSR model: its codes of {self.embed_dim} units have at most "
+                f"{largest} active units (it was trained at k={self.nesting}). Pass dim= between 1 and "
+                f"{largest}."
+            )
         if not 1 <= d <= self.embed_dim:
             raise MRLError(
                 f"dim={d} is not a size of this model's {self.embed_dim}-d embedding. Pass dim= between 1 "

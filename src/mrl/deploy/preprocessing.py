@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mrl.data.decode import UnsupportedImage, match_channels, pil_channels
 from mrl.errors import MRLError
 from mrl.models.spec import TIMM, UINT8, Preprocessing
 
@@ -91,16 +92,33 @@ def _is_pil(item: Any) -> bool:
 
 
 def _to_image(item: Any, in_chans: int, kind: str) -> Any:
-    """One raw image as what the transform takes: a PIL image (timm) or a uint8 array ``(H, W, C)``."""
+    """One raw image as what the transform takes: a PIL image (timm) or a uint8 array ``(H, W, C)``, its
+    pixels and channels as the data loaders give them (:mod:`mrl.data.decode`: any PIL mode, 16-bit
+    samples scaled to 8 bits)."""
     if _is_pil(item):
-        if kind == TIMM:
-            return item.convert("L" if in_chans == 1 else "RGB")
-        item = np.asarray(item.convert("L" if in_chans == 1 else "RGB"))
-    array = np.asarray(item)
+        try:
+            image = pil_channels(item, in_chans)
+        except UnsupportedImage as err:
+            raise MRLError(f"Cannot use this PIL image: {err}.") from err
+    else:
+        image = _array_channels(np.asarray(item), in_chans)
+    array = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+    if kind == TIMM:
+        from PIL import Image
+
+        return Image.fromarray(array[:, :, 0] if in_chans == 1 else array)
+    return array
+
+
+def _array_channels(array: np.ndarray, in_chans: int) -> torch.Tensor:
+    """A uint8 or uint16 array ``(H, W[, C])`` -> ``uint8 (in_chans, H, W)`` (16-bit: the high byte, as
+    image files are read)."""
+    if array.dtype == np.uint16:
+        array = (array >> 8).astype(np.uint8)
     if array.dtype != np.uint8:
         raise MRLError(
-            f"Raw images must be uint8 (0-255), got {array.dtype}. Pass uint8 images, or a float tensor "
-            "already preprocessed like the evaluation data."
+            f"Raw images must be uint8 (0-255) or uint16 (0-65535), got {array.dtype}. Pass such images, or "
+            "a float tensor already preprocessed like the evaluation data."
         )
     if array.ndim == 2:
         array = array[:, :, None]
@@ -109,26 +127,12 @@ def _to_image(item: Any, in_chans: int, kind: str) -> Any:
             f"Expected an image (H, W) or (H, W, C) with 1, 3 or 4 channels, or a batch (B, H, W, C); got an "
             f"image of shape {array.shape}."
         )
-    array = _match_channels(array, in_chans)
-    if kind == TIMM:
-        from PIL import Image
-
-        return Image.fromarray(array[:, :, 0] if in_chans == 1 else array)
-    return array
-
-
-def _match_channels(array: np.ndarray, in_chans: int) -> np.ndarray:
-    """A uint8 ``(H, W, C)`` image with the model's channel count, converted as PIL converts modes."""
-    channels = array.shape[2]
-    if channels == in_chans:
-        return array
-    if in_chans == 3:
-        return np.repeat(array, 3, axis=2) if channels == 1 else array[:, :, :3]
-    if in_chans == 1:
-        from PIL import Image
-
-        return np.asarray(Image.fromarray(np.ascontiguousarray(array[:, :, :3])).convert("L"))[:, :, None]
-    raise MRLError(
-        f"The model takes {in_chans}-channel images; got an image with {channels}. Pass a float tensor "
-        f"(B, {in_chans}, H, W) already preprocessed like the evaluation data."
-    )
+    image = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    if array.shape[2] == in_chans:
+        return image
+    if in_chans not in (1, 3):
+        raise MRLError(
+            f"The model takes {in_chans}-channel images; got an image with {array.shape[2]}. Pass a float "
+            f"tensor (B, {in_chans}, H, W) already preprocessed like the evaluation data."
+        )
+    return match_channels(image, in_chans)

@@ -1,9 +1,15 @@
 """What every evaluator reads: the exported embeddings and labels (of the splits and of any query sets
 beyond them), the trained head and sizes, where to compute, chunk sizes, seed, the neighbours of each
-size (searched once, shared) and the report sections of the evaluators that ran before it."""
+size (searched once, shared) and the report sections of the evaluators that ran before it.
+
+"The size-d view" is one concept here: the prefix ``z[:, :d]`` of a Matryoshka model, or for a CSR
+model (``kind`` ``csr``) the code of its ``d`` largest units (:mod:`mrl.eval.sparse_eval`).
+:meth:`EvalContext.neighbours` searches whichever it is, so every evaluator that ranks by it (kNN,
+retrieval, the quantized stage's float32 rows) is right for both."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +19,13 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from mrl.eval.knn import exact_search
+from mrl.eval.sparse_eval import code_search
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
+from mrl.nn.sparse_code_linear import SparseCodeLinear
+
+log = logging.getLogger(__name__)
+# head.kind of the models whose size-d view is a sparse top-d code, not a prefix
+SPARSE_KINDS = ("csr",)
 
 
 @dataclass(frozen=True)
@@ -64,10 +76,10 @@ class EvalContext:
     db_labels: np.ndarray  # (N,)
     queries: np.ndarray  # (Q, D) embeddings of the query split
     query_labels: np.ndarray  # (Q,)
-    head: MatryoshkaLinear  # the trained classifiers, on the CPU
+    head: MatryoshkaLinear | SparseCodeLinear  # the trained classifiers, on the CPU
     nesting: list[int]  # the trained sizes
     sizes: list[int]  # the sizes to report (the nesting or sizes=)
-    kind: str | None  # the training run's head.kind: mrl, mrl_e, ff, standard
+    kind: str | None  # the training run's head.kind: mrl, mrl_e, ff, standard, csr, adaptor
     device: torch.device  # where searches may run (a faiss GPU index on cuda)
     chunks: Chunks
     seed: int
@@ -79,6 +91,8 @@ class EvalContext:
     query_sets: dict[str, list[EmbeddedSet]] = field(init=False, default_factory=dict)
     # each size's neighbour ids (queries x k, best first), searched on first use
     _neighbour_ids: dict[int, np.ndarray] = field(init=False, default_factory=dict, repr=False)
+    # a CSR model's sparse searches, by size: what each measured (mrl.eval.sparse_eval.code_search)
+    sparse_searches: dict[int, dict[str, Any]] = field(init=False, default_factory=dict)
 
     @classmethod
     def from_config(
@@ -86,7 +100,7 @@ class EvalContext:
         cfg: DictConfig,
         database: tuple[np.ndarray, np.ndarray],
         queries: tuple[np.ndarray, np.ndarray],
-        head: MatryoshkaLinear,
+        head: MatryoshkaLinear | SparseCodeLinear,
         sizes: list[int],
         kind: str | None,
         device: torch.device,
@@ -116,17 +130,36 @@ class EvalContext:
     def num_classes(self) -> int:
         return self.head.num_classes
 
+    @property
+    def sparse(self) -> bool:
+        """Whether the size-d view is the top-d sparse code of ``z`` (a CSR model), not its prefix."""
+        return self.kind in SPARSE_KINDS
+
+    def skip(self, name: str, reason: str) -> None:
+        """Record (report.json ``skipped``) and log that ``name`` (an evaluator or a setting) was not
+        measured, and why."""
+        log.info("%s skipped: %s", name, reason)
+        self.sections.setdefault("skipped", {})[name] = reason
+
     def neighbours(self, d: int, k: int) -> np.ndarray:
-        """Ids ``(Q, k)`` of each query's ``k`` nearest database items by the size-``d`` prefixes, best
-        first: one exact search per size (:func:`~mrl.eval.knn.exact_search`, on the GPU when the
-        evaluation runs on one), shared by every evaluator that ranks by it (kNN, retrieval, the
-        baselines' 1-NN, quantised retrieval's float32 rows). A size is searched again only for more
-        neighbours than its search kept, and the deeper search is kept instead."""
+        """Ids ``(Q, k)`` of each query's ``k`` nearest database items by the size-``d`` views, best
+        first: one exact search per size, shared by every evaluator that ranks by it (kNN, retrieval,
+        the baselines' 1-NN, quantised retrieval's float32 rows). Prefixes: cosine by faiss
+        (:func:`~mrl.eval.knn.exact_search`, on the GPU when the evaluation runs on one); a CSR model's
+        top-d codes: cosine by a sparse product on the CPU (:func:`~mrl.eval.sparse_eval.code_search`,
+        its time kept in :attr:`sparse_searches`). A size is searched again only for more neighbours
+        than its search kept, and the deeper search is kept instead."""
         k = min(int(k), len(self.database))
         ids = self._neighbour_ids.get(d)
         if ids is None or ids.shape[1] < k:
-            use_gpu = None if self.device.type == "cuda" else False  # None: a GPU index when faiss has GPUs
             chunks = (self.chunks.query, self.chunks.database)
-            ids = exact_search(self.database, self.queries, d, k, *chunks, use_gpu)[1]
+            if self.sparse:
+                ids, measured = code_search(
+                    self.database, self.queries, d, k, chunks[1], chunks[0], "float32"
+                )
+                self.sparse_searches[d] = measured
+            else:
+                use_gpu = None if self.device.type == "cuda" else False  # None: a GPU index if faiss has GPUs
+                ids = exact_search(self.database, self.queries, d, k, *chunks, use_gpu)[1]
             self._neighbour_ids[d] = ids
         return ids[:, :k]

@@ -35,6 +35,7 @@ from mrl.eval.knn import check_knn, knn_accuracy
 from mrl.eval.linear import linear_accuracy, max_softmax_predictions
 from mrl.eval.quantized import QuantizedSettings, check_quantized, quantized_retrieval
 from mrl.eval.retrieval import check_retrieval, retrieval_metrics
+from mrl.eval.sparse_eval import NOT_FOR_CODES, PREFIX_FORMATS_SKIPPED, sparse_quantized
 from mrl.nn.nesting import default_nesting
 
 # Funnels and exact search are reported by mAP@10 and top-1, as in the paper (report.json's row keys).
@@ -68,7 +69,8 @@ def measure_linear(ctx: EvalContext, settings: DictConfig) -> dict[str, Any]:
 
 def measure_knn_and_retrieval(ctx: EvalContext, settings: DictConfig) -> dict[str, Any]:
     """``knn`` (1-NN, k-NN vote) and ``retrieval`` (mAP, precision, recall, hit at each k) from one
-    exact search per reported size."""
+    exact search per reported size; for a CSR model also ``sparse_retrieval``, each size's sparse search
+    time (:func:`mrl.eval.sparse_eval.code_search`)."""
     ks = sorted({int(k) for k in settings.retrieval.ks})
     kmax = max([*ks, int(settings.knn.k), 1])
     if kmax > len(ctx.database):
@@ -86,7 +88,8 @@ def measure_knn_and_retrieval(ctx: EvalContext, settings: DictConfig) -> dict[st
             }
         if "retrieval" in ctx.methods:
             retrieval[d] = retrieval_metrics(neighbor_labels, ctx.query_labels, ctx.db_labels, ks)
-    return {"knn": knn, "retrieval": retrieval}
+    timed = {d: ctx.sparse_searches[d] for d in ctx.sizes if d in ctx.sparse_searches}
+    return {"knn": knn, "retrieval": retrieval} | ({"sparse_retrieval": timed} if ctx.sparse else {})
 
 
 def measure_adaptive_classification(ctx: EvalContext, settings: DictConfig) -> dict[str, Any]:
@@ -155,8 +158,15 @@ def measure_baselines(ctx: EvalContext, settings: DictConfig) -> dict[str, Any]:
 
 
 def measure_quantized(ctx: EvalContext, settings: DictConfig) -> dict[str, Any]:
-    """``quantized``: bytes per vector, mAP@k and 1-NN of every size stored as float32, int8, binary."""
+    """``quantized``: bytes per vector, mAP@k and 1-NN of every size stored as float32, int8, binary; a
+    CSR model's codes stored with float32 and float16 values (int8 and binary are prefix formats)."""
     q = settings.quantized
+    if ctx.sparse:
+        if q.formats:
+            ctx.skip("quantized.formats", PREFIX_FORMATS_SKIPPED)
+        data = (ctx.database, ctx.db_labels, ctx.queries, ctx.query_labels)
+        chunks = (ctx.chunks.query, ctx.chunks.database)
+        return {"quantized": sparse_quantized(*data, ctx.sizes, int(q.k), chunks, ctx.neighbours)}
     qs = QuantizedSettings(
         formats=tuple(q.formats),
         k=int(q.k),
@@ -245,11 +255,16 @@ def open_query_sets(cfg: DictConfig, datamodule) -> dict[str, list[QuerySet]]:
 
 def run_evaluators(ctx: EvalContext, cfg: DictConfig, done: Callable[[str], None]) -> dict[str, Any]:
     """Run every evaluator whose method is on, in order, each with its own sections of ``cfg``; call
-    ``done(name)`` after each stage (also a skipped one, so the stage timings keep every name). Returns
-    the report sections (``ctx.sections``)."""
+    ``done(name)`` after each stage (also a skipped one, so the stage timings keep every name). One that
+    does not apply to a CSR model's sparse codes is skipped with its reason (``ctx.skip``). Returns the
+    report sections (``ctx.sections``)."""
     for evaluator in EVALUATORS:
         if evaluator.is_on(ctx.methods):
-            ctx.sections.update(evaluator.run(ctx, _settings(cfg, evaluator)))
+            reason = NOT_FOR_CODES.get(evaluator.name) if ctx.sparse else None
+            if reason:
+                ctx.skip(evaluator.name, reason)
+            else:
+                ctx.sections.update(evaluator.run(ctx, _settings(cfg, evaluator)))
         done(evaluator.name)
     return ctx.sections
 

@@ -41,7 +41,8 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     if report.get("robustness"):
         paths.append(_robustness_plot(report, out_dir / "robustness.png"))
     if report["quantized"]:
-        paths.append(quantized_plot(report["quantized"], out_dir / "quantized.png"))
+        what = "sparse codes" if "csr" in report["bytes"] else "prefixes"
+        paths.append(quantized_plot(report["quantized"], out_dir / "quantized.png", what))
     return paths
 
 

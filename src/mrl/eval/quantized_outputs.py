@@ -8,7 +8,7 @@ from typing import Any
 
 from mrl.tracking.charts import save_figure
 
-MARKERS = {"float32": "o", "int8": "s", "binary": "^"}
+MARKERS = {"float32": "o", "float16": "D", "int8": "s", "binary": "^"}
 LABEL_OFFSETS = ((3, -11), (-9, 5), (4, 4))  # points, per format in the section's order
 
 
@@ -30,8 +30,9 @@ def quantized_rows(section: dict[str, dict[str, dict]]) -> tuple[list[str], list
     return columns, rows
 
 
-def quantized_plot(section: dict[str, dict[str, dict]], path: Path) -> Path:
-    """mAP@k and 1-NN against bytes per vector (log-2 axis), one line per format, each point its size."""
+def quantized_plot(section: dict[str, dict[str, dict]], path: Path, what: str = "prefixes") -> Path:
+    """mAP@k and 1-NN against bytes per vector (log-2 axis), one line per format, each point its size;
+    ``what`` the vectors are (a CSR model's: sparse codes, each point its k)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,7 +62,8 @@ def quantized_plot(section: dict[str, dict[str, dict]], path: Path) -> Path:
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
     axes[0].legend(title="stored as")
-    fig.suptitle("Quantised prefixes: quality against memory (points: prefix size d)")
+    point = "number of active units k" if what == "sparse codes" else "prefix size d"
+    fig.suptitle(f"Quantised {what}: quality against memory (points: {point})")
     return save_figure(fig, path)
 
 
@@ -86,11 +88,12 @@ def quantized_summary(section: dict[str, dict[str, dict]]) -> dict[str, float]:
     }
 
 
-def quantized_text(section: dict[str, dict[str, dict]]) -> list[str]:
-    """The terminal table: per size, each format's bytes per vector, mAP@k and 1-NN (in %)."""
+def quantized_text(section: dict[str, dict[str, dict]], what: str = "prefixes") -> list[str]:
+    """The terminal table: per size, each format's bytes per vector, mAP@k and 1-NN (in %); ``what``
+    the vectors are (a CSR model's: sparse codes)."""
     k = quantized_k(section)
     formats = list(section)
-    lines = [f"quantized prefixes (bytes per vector | mAP@{k} | 1-NN, in %):"]
+    lines = [f"quantized {what} (bytes per vector | mAP@{k} | 1-NN, in %):"]
     lines.append(f"{'size':>6}" + "".join(f"{fmt:>24}" for fmt in formats))
     sizes = sorted({int(d) for per_size in section.values() for d in per_size})
     for d in sizes:

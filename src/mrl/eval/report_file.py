@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mrl.eval.sparse_codes import prefix_bytes
+from mrl.eval.sparse_codes import prefix_bytes, sparse_code_bytes
 from mrl.files import atomic_write_text
 
 REPORT_KEYS = (
@@ -16,6 +16,7 @@ REPORT_KEYS = (
     "linear",
     "knn",
     "retrieval",
+    "sparse_retrieval",
     "adaptive_classification",
     "adaptive_retrieval",
     "exact_retrieval",
@@ -23,6 +24,7 @@ REPORT_KEYS = (
     "robustness",
     "quantized",
     "bytes",
+    "skipped",
     "checkpoint",
 )
 
@@ -31,11 +33,26 @@ def _str_keys(per_size: dict) -> dict[str, Any]:
     return {str(d): v for d, v in sorted(per_size.items(), key=lambda kv: int(kv[0]))}
 
 
-def bytes_section(sizes: list[int], quantized: Mapping[str, Any], baselines: Mapping[str, Any]) -> dict:
+def bytes_section(
+    sizes: list[int],
+    quantized: Mapping[str, Any],
+    baselines: Mapping[str, Any],
+    code_units: int | None = None,
+) -> dict:
     """Bytes of one stored vector per method, format and size: the model's size-d prefixes in every
     format the ``quantized`` section measured (float32 alone when it did not run), and the post-hoc
-    SVD and truncation baselines as float32 at their sizes (``mrl.eval.sparse_codes.prefix_bytes``)."""
+    SVD and truncation baselines as float32 at their sizes (``mrl.eval.sparse_codes.prefix_bytes``).
+
+    A CSR model (``code_units``: its code's width, ``hidden``) stores codes, not prefixes: its method is
+    ``csr``, a size-k code ``k`` values (at each value format measured) and ``k`` unit indices
+    (``mrl.eval.sparse_codes.sparse_code_bytes``)."""
     formats = list(quantized) or ["float32"]
+    if code_units is not None:
+        codes = {
+            fmt: {str(k): sparse_code_bytes(int(k), code_units, fmt) for k in sorted(sizes)}
+            for fmt in formats
+        }
+        return {"csr": codes}
     out = {"embedding": {fmt: {str(d): prefix_bytes(int(d), fmt) for d in sorted(sizes)} for fmt in formats}}
     for name in ("svd", "slice"):
         if baselines.get(name):
@@ -45,16 +62,22 @@ def bytes_section(sizes: list[int], quantized: Mapping[str, Any], baselines: Map
     return out
 
 
-def build_report(sizes: list[int], sections: Mapping[str, Any], checkpoint: dict) -> dict[str, Any]:
+def build_report(
+    sizes: list[int], sections: Mapping[str, Any], checkpoint: dict, code_units: int | None = None
+) -> dict[str, Any]:
     """The report in the documented shape from the evaluators' ``sections`` (a method that did not run
     leaves its section empty); ``checkpoint`` says which checkpoint was evaluated
-    (``mrl.eval.locations.checkpoint_record``)."""
+    (``mrl.eval.locations.checkpoint_record``); ``code_units``: a CSR model's code width (its sizes are
+    numbers of active units, :func:`bytes_section`)."""
     baselines = sections.get("baselines", {})
     return {
         "sizes": [int(d) for d in sizes],
         "linear": _str_keys(sections.get("linear", {})),
         "knn": _str_keys(sections.get("knn", {})),
         "retrieval": _str_keys(sections.get("retrieval", {})),
+        # a CSR model's sparse search per k: k searched, index_seconds, search_seconds, seconds_per_query,
+        # active_units (mrl.eval.sparse_eval.code_search)
+        "sparse_retrieval": _str_keys(sections.get("sparse_retrieval", {})),
         "adaptive_classification": list(sections.get("adaptive_classification", [])),
         "adaptive_retrieval": list(sections.get("adaptive_retrieval", [])),
         "exact_retrieval": dict(sections.get("exact_retrieval", {})),
@@ -69,8 +92,11 @@ def build_report(sizes: list[int], sections: Mapping[str, Any], checkpoint: dict
         "robustness": dict(sections.get("robustness", {})),
         # {format: {d: {bytes, map@k, 1nn}}}: float32 and the quantised formats (mrl.eval.quantized)
         "quantized": {fmt: _str_keys(rows) for fmt, rows in sections.get("quantized", {}).items()},
-        # {method: {format: {d: bytes of one stored vector}}}: embedding (its prefixes), svd, slice
-        "bytes": bytes_section(sizes, sections.get("quantized", {}), baselines),
+        # {method: {format: {d: bytes of one stored vector}}}: embedding (its prefixes), svd, slice; or
+        # csr (a CSR model's codes)
+        "bytes": bytes_section(sizes, sections.get("quantized", {}), baselines, code_units),
+        # {evaluator or setting: why it was not measured} (what does not apply to a CSR model's codes)
+        "skipped": dict(sections.get("skipped", {})),
         "checkpoint": dict(checkpoint),
     }
 

@@ -92,7 +92,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         ctx.queries.shape,
     )
     sections = run_evaluators(ctx, cfg, clock.lap)
-    report = build_report(ctx.sizes, sections, checkpoint_record(cfg.ckpt_path, ckpt_id))
+    code_units = ctx.embed_dim if ctx.sparse else None  # a CSR model stores codes of this many units
+    report = build_report(ctx.sizes, sections, checkpoint_record(cfg.ckpt_path, ckpt_id), code_units)
     write_report(report, out_dir)
     link_to_training_run(out_dir, cfg.ckpt_path, ckpt_id)
     pngs = write_plots(report, out_dir)

@@ -10,6 +10,11 @@ Bytes of one stored vector:
   to 256 units, 2 up to 65,536, else 4. A row with fewer than ``k`` positive units (ReLU zeros) is
   padded to ``k``, as a fixed-width index stores it.
 
+A CSR model's size-``k`` codes are built from its stored embeddings (each row the code of its largest
+``k``) without a dense ``(N, hidden)`` copy: :func:`top_k_csr` takes the ``k`` largest units of one
+chunk of rows at a time, as :func:`mrl.nn.sparse_autoencoder.top_k_code` does (so ties pick the same
+units as the model's own classifiers), L2-normalises their values and keeps them as a CSR matrix.
+
 Retrieval ranks database codes by their inner product with each query code, computed as a sparse
 matrix product (``scipy.sparse`` CSR): a block of queries against the whole database at a time, the
 block sized so that its dense score matrix fits a memory budget, then the top ``k`` of each row. Equal
@@ -84,6 +89,37 @@ def csr_from_top_k(values: np.ndarray, indices: np.ndarray, hidden: int) -> sp.c
     return matrix
 
 
+def top_k_csr(
+    embeddings: np.ndarray,
+    k: int,
+    rows: int,
+    normalize: bool = True,
+    value_dtype: str = "float32",
+) -> sp.csr_matrix:
+    """The size-``k`` codes of ``embeddings`` ``(N, hidden)`` (a memmap is read ``rows`` at a time) as a
+    float32 CSR matrix: each row's ``k`` largest units (torch's top-k, ReLU'd: ``top_k_code``), zeros
+    dropped, L2-normalised when ``normalize``, and the values rounded to ``value_dtype`` (the stored
+    code's values: ``float32`` or ``float16``)."""
+    if value_dtype not in ("float32", "float16"):
+        raise MRLError(f"Sparse codes are searched with float32 or float16 values, not {value_dtype!r}.")
+    hidden = embeddings.shape[1]
+    if not 1 <= k <= hidden:
+        raise MRLError(f"A code of {hidden} units has 1 to {hidden} active units, not k={k}.")
+    parts, rows = [], max(1, int(rows))
+    for start in range(0, len(embeddings), rows):
+        # a copy of one chunk: the embeddings may be a read-only memmap
+        chunk = torch.from_numpy(np.array(embeddings[start : start + rows], dtype=np.float32))
+        values, indices = chunk.topk(k, dim=1)
+        values = values.relu_()
+        if normalize:
+            values /= values.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        values = values.numpy().astype(value_dtype).astype(np.float32)
+        parts.append(csr_from_top_k(values, indices.numpy(), hidden))
+    if not parts:
+        return sp.csr_matrix((0, hidden), dtype=np.float32)
+    return sp.vstack(parts, format="csr", dtype=np.float32)
+
+
 def top_k_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` largest scores of each row and their columns ``(Q, k)``, best first; equal scores rank
     the lower column first (the order of an exact search that breaks ties by index)."""
@@ -110,9 +146,12 @@ def sparse_search(
     ``(neighbours (Q, k) int64, scores (Q, k) float32)``, best first (ties: lower index first).
 
     Queries are searched in blocks whose working memory (scores and top-k bookkeeping, about
-    :data:`BYTES_PER_SCORE` bytes per query and database row) stays within ``block_bytes``.
+    :data:`BYTES_PER_SCORE` bytes per query and database row) stays within ``block_bytes``. A float32
+    CSC ``database`` is searched as it is (its transpose is the CSR matrix each block multiplies by, no
+    copy), so a caller that times searches can build it before the clock starts.
     """
-    queries, database = to_csr(queries), to_csr(database)
+    csc = isinstance(database, sp.csc_matrix) and database.dtype == np.float32
+    queries, database = to_csr(queries), database if csc else to_csr(database)
     if queries.shape[1] != database.shape[1]:
         raise MRLError(
             f"Query codes have {queries.shape[1]} units and database codes {database.shape[1]}: codes "
@@ -121,7 +160,8 @@ def sparse_search(
     n_db = database.shape[0]
     if not 1 <= k <= n_db:
         raise MRLError(f"Retrieval of the top {k} needs k between 1 and the database size {n_db}.")
-    transposed = database.T.tocsr()  # (hidden, N): each query block is one sparse product with it
+    # (hidden, N): each query block is one sparse product with it (a CSC database's transpose: no copy)
+    transposed = database.T.tocsr()
     block = max(1, block_bytes // (BYTES_PER_SCORE * n_db))
     neighbours = np.empty((queries.shape[0], k), dtype=np.int64)
     scores = np.empty((queries.shape[0], k), dtype=np.float32)

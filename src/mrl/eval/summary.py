@@ -7,6 +7,7 @@ from typing import Any
 
 from mrl.eval.quantized_outputs import quantized_text
 from mrl.eval.report_file import per_size_rows
+from mrl.eval.sparse_eval import sparse_retrieval_text
 
 
 def summary_text(report: dict[str, Any]) -> str:
@@ -19,6 +20,7 @@ def summary_text(report: dict[str, Any]) -> str:
     lines = [f"{'size':>6}" + "".join(f"{c:>12}" for c in columns[1:])]
     lines.append("-" * len(lines[0]))
     lines += [f"{r[0]:>6}" + "".join(fmt(v) for v in r[1:]) for r in rows]
+    lines += sparse_retrieval_text(report["sparse_retrieval"])
     exact = report["exact_retrieval"]
     if exact:
         lines.append("")
@@ -45,7 +47,10 @@ def summary_text(report: dict[str, Any]) -> str:
                 f"  {100 * r['accuracy']:6.2f}% | {r['expected_size']:8.1f} | {r['total_size']:8.1f}"
             )
     if report["quantized"]:
-        lines += ["", *quantized_text(report["quantized"])]
+        what = "sparse codes" if "csr" in report["bytes"] else "prefixes"
+        lines += ["", *quantized_text(report["quantized"], what)]
+    if report["skipped"]:
+        lines += ["", "not measured:", *(f"  {name}: {reason}" for name, reason in report["skipped"].items())]
     return "\n".join(lines)
 
 

@@ -115,6 +115,9 @@ def _summary_numbers(report: dict[str, Any]) -> dict[str, float]:
             summary[f"eval/baselines/{name}@{d}"] = value
     for key, value in report["exact_retrieval"].items():
         summary[f"eval/exact_retrieval/{key}"] = value
+    for d, row in report["sparse_retrieval"].items():  # a CSR model's sparse searches
+        for key, value in row.items():
+            summary[f"eval/sparse_retrieval/{key}@{d}"] = value
     for name, entry in report.get("robustness", {}).items():
         for d, value in entry["top1"].items():
             summary[f"eval/robustness/{name}/top1@{d}"] = value

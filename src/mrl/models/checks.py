@@ -4,6 +4,7 @@ nodes; the messages follow :mod:`mrl.config_checks`)."""
 from __future__ import annotations
 
 import math
+import re
 
 from mrl.config_checks import (
     Node,
@@ -109,6 +110,9 @@ def check_head(head: Node) -> None:
             )
 
 
+FEATURES_KEYS = ("cache_dir", "dtype", "device", "batch_size", "projection_dim", "hidden")
+
+
 def check_source(cfg: Node) -> None:
     """``source=`` (a head on a frozen model's cached features) and the settings that go with it: the
     heads that need a source get one, and the settings only end-to-end training has are refused."""
@@ -125,6 +129,25 @@ def check_source(cfg: Node) -> None:
     require(
         isinstance(source, str) and bool(source), "source", source, "a path or backbone", "source=backbone"
     )
+    _refuse_end_to_end_settings(cfg, str(source))
+    _check_features(mapping(cfg.get("features"), "features", "features.dtype=float16"), kind)
+    if kind == "csr":
+        number_in(head, "expansion", "head.", 1, math.inf, "head.expansion=4")
+        one_of(head, "contrastive", "head.", ("none", "instance", "label"))
+        positive_int(head, "k_start", "head.", "head.k_start=null", optional=True)
+        non_negative_int(head, "k_anneal_steps", "head.", "head.k_anneal_steps=1000")
+        for key in ("aux_k", "dead_steps", "wide_factor"):
+            positive_int(head, key, "head.", f"head.{key}=4")
+    if kind == "adaptor":
+        positive_int(head, "hidden_features", "head.", "head.hidden_features=null", optional=True)
+        positive_int(head, "neighbours", "head.", "head.neighbours=10")
+        boolean(head, "supervised", "head.")
+
+
+def _refuse_end_to_end_settings(cfg: Node, source: str) -> None:
+    """Settings that act on the backbone while it trains, or that describe a backbone other than the
+    source: none of them does anything to a frozen source, so they are refused rather than ignored."""
+    head, backbone = cfg.get("head") or {}, cfg.get("backbone") or {}
     end_to_end = []
     objective = (cfg.get("objective") or {}).get("kind", "ce")
     if objective != "ce":
@@ -139,27 +162,51 @@ def check_source(cfg: Node) -> None:
         end_to_end.append(
             "finetune.* (the source is frozen whole; fine-tune with ckpt_path= or experiment=retrofit)"
         )
+    if backbone.get("embed_dim") is not None:
+        end_to_end.append(
+            f"backbone.embed_dim={backbone['embed_dim']} (the source's own projection, if it has one, is "
+            f"kept; the trained projection's width is features.projection_dim={backbone['embed_dim']})"
+        )
+    if source != "backbone" and (backbone.get("pretrained") or backbone.get("pretrained_path")):
+        end_to_end.append(
+            "backbone.pretrained / backbone.pretrained_path (the source file holds its weights; a timm "
+            "backbone with a weights file is source=backbone backbone.pretrained_path=<file>)"
+        )
     if end_to_end:
         raise MRLError(
             f"source={source} trains only a head on the frozen source's cached features, so these settings "
             f"of end-to-end training do not apply: {'; '.join(end_to_end)}. Drop them, or drop source= to "
             "train end to end."
         )
-    features = mapping(cfg.get("features"), "features", "features.dtype=float16")
+
+
+def _check_features(features: Node, kind: str) -> None:
+    """The ``features`` node: the cache and the projection of ``head=mrl|mrl_e|ff|standard``."""
+    unknown = sorted(set(features) - set(FEATURES_KEYS))
+    if unknown:
+        raise MRLError(
+            f"features.{unknown[0]} is not a setting of the frozen features. The features node takes "
+            f"{', '.join(FEATURES_KEYS)} (conf/train.yaml); fix the spelling or drop it."
+        )
     one_of(features, "dtype", "features.", ("float16", "float32"))
     for key in ("batch_size", "projection_dim", "hidden"):
         positive_int(features, key, "features.", f"features.{key}=null", optional=True)
-    if kind == "csr":
-        number_in(head, "expansion", "head.", 1, math.inf, "head.expansion=4")
-        one_of(head, "contrastive", "head.", ("none", "instance", "label"))
-        positive_int(head, "k_start", "head.", "head.k_start=null", optional=True)
-        non_negative_int(head, "k_anneal_steps", "head.", "head.k_anneal_steps=1000")
-        for key in ("aux_k", "dead_steps", "wide_factor"):
-            positive_int(head, key, "head.", f"head.{key}=4")
-    if kind == "adaptor":
-        positive_int(head, "hidden_features", "head.", "head.hidden_features=null", optional=True)
-        positive_int(head, "neighbours", "head.", "head.neighbours=10")
-        boolean(head, "supervised", "head.")
+    device = features.get("device")
+    require(
+        device is None or (isinstance(device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", device) is not None),
+        "features.device",
+        device,
+        "cpu, cuda, cuda:<index> or null (the GPU when there is one): where the source computes the features",
+        "features.device=cuda",
+    )
+    projection = [k for k in ("projection_dim", "hidden") if features.get(k) is not None]
+    if kind in FROZEN_SOURCE_KINDS and projection:
+        settings = ", ".join(f"features.{k}={features[k]}" for k in projection)
+        raise MRLError(
+            f"{settings} with head={kind}: features.projection_dim and features.hidden shape the projection "
+            f"that head=mrl|mrl_e|ff|standard learn, and head={kind} has its own module instead "
+            f"(conf/head/{kind}.yaml). Drop them, or use head=mrl."
+        )
 
 
 def check_head_training_options(head: Node) -> None:

@@ -62,17 +62,18 @@ class SparseCodeLinear(nn.Module):
     def size_bias(self, index: int) -> torch.Tensor | None:
         return None if self.bias is None else self.bias[index]
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def size_logits(self, z: torch.Tensor, index: int) -> torch.Tensor:
+        """Logits ``(B, C)`` of the ``index``-th classifier, on the size-``nesting[index]`` code of
+        ``z`` ``(B, hidden)``."""
         if z.dim() != 2 or z.shape[1] != self.in_features:
             raise ValueError(
                 f"SparseCodeLinear expects codes of shape (B, {self.in_features}), got {tuple(z.shape)}"
             )
-        return torch.stack(
-            [
-                F.linear(size_view(z, k, sparse=True), self.size_weight(g), self.size_bias(g))
-                for g, k in enumerate(self.nesting)
-            ]
-        )
+        code = size_view(z, self.nesting[index], sparse=True)
+        return F.linear(code, self.size_weight(index), self.size_bias(index))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.size_logits(z, g) for g in range(len(self.nesting))])
 
     def extra_repr(self) -> str:
         return f"hidden={self.in_features}, num_classes={self.num_classes}, k={self.nesting}"

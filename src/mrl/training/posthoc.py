@@ -13,6 +13,7 @@ preprocessed the way it was evaluated; its features are cached once per split
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -45,12 +46,17 @@ class Source:
     origin: str  # the path, or "backbone"
 
 
-def load_source(cfg: DictConfig, images: MRLDataModule) -> Source:
-    """The source ``cfg.source`` names, its images' preprocessing in its spec."""
-    name = str(cfg.source)
-    if name == BACKBONE_SOURCE:
-        return _backbone_source(cfg, images)
+def load_file_source(name: str) -> Source:
+    """The model file ``source=<name>`` names (read before any data is listed: a wrong file fails fast)."""
     path = Path(name).expanduser()
+    if path.is_dir():
+        last = path / "checkpoints" / "last.ckpt"
+        hint = f"its checkpoint, source={last}" if last.is_file() else "the model file inside it"
+        raise MRLError(
+            f"source={name} is a directory, not a model file. Give {hint}: an mrl-train checkpoint "
+            "(<run>/checkpoints/*.ckpt), a model.safetensors export or a checkpoint of the paper's "
+            "repository."
+        )
     if not path.is_file():
         raise MRLError(
             f"source={name}: no such file. Give the frozen model as the path of an mrl-train checkpoint "
@@ -106,15 +112,52 @@ def _configure_images(images: MRLDataModule, source: Source) -> None:
             f"{images.in_chans}-channel ones. Use a source trained on images like these, or "
             "source=backbone with backbone settings for this data."
         )
+    _check_image_size(images, source)
     data_config = given.data_config if given is not None and given.kind == TIMM else images.data_config
     images.configure(views=1, img_size=source.spec.img_size, data_config=data_config)
     mine = data_preprocessing(images)
     if given is not None and source.origin != BACKBONE_SOURCE and mine != given:
         raise MRLError(
-            f"source={source.origin} was evaluated on images preprocessed as {given.to_dict()}, but this "
-            f"data gives {mine.to_dict()}: its features of these images would not be the ones it learned. "
-            "Use the data the source was trained on (its data settings), or source=backbone."
+            f"source={source.origin} was evaluated on images preprocessed otherwise than this data gives "
+            f"them ({_differences(given.to_dict(), mine.to_dict())}): its features of these images would "
+            "not be the ones it learned. Use the data settings the source was trained with, or "
+            "source=backbone."
         )
+
+
+def _check_image_size(images: MRLDataModule, source: Source) -> None:
+    """A file source takes images of the size it was trained at: data that cannot be served at that size
+    (not resizable, or a size the user chose) is refused before anything is read."""
+    wanted = source.spec.img_size
+    if source.origin == BACKBONE_SOURCE or not wanted or wanted == images.img_size or images.upsizable:
+        return
+    why = (
+        f"data.img_size={images.img_size} was chosen"
+        if images.resizable
+        else f"{type(images).__name__} cannot resize its images"
+    )
+    unset = " (or leave it unset: such data is then served at the source's size)" if images.resizable else ""
+    raise MRLError(
+        f"source={source.origin} takes {wanted} px images, the size it was trained at, but the data serves "
+        f"{images.img_size} px ones and {why}. Set data.img_size={wanted}{unset}, so that the cached "
+        "features are the ones the source computes."
+    )
+
+
+def _differences(source: dict, data: dict) -> str:
+    """``key: <source's> (source) vs <data's> (data)`` for each setting that differs, one level deep."""
+    out = []
+    for key in sorted(set(source) | set(data)):
+        a, b = source.get(key), data.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [
+                f"{key}.{k}: {a.get(k)} (source) vs {b.get(k)} (data)"
+                for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k)
+            ]
+        elif a != b:
+            out.append(f"{key}: {a} (source) vs {b} (data)")
+    return "; ".join(out)
 
 
 def _check_classes(source: Source, images: MRLDataModule) -> None:
@@ -132,6 +175,7 @@ def posthoc_spec(cfg: DictConfig, source: Source, images: MRLDataModule) -> Mode
     head_node = OmegaConf.to_container(cfg.head, resolve=True)
     kind = head_node.get("kind", "mrl")
     head_fields = spec_from_config(cfg, images.num_classes, images.in_chans, int(source.spec.img_size or 0))
+    check_widths(kind, head_node, cfg.get("features") or {}, source.backbone.embed_dim)
     if kind in SETTINGS_KEYS and kind != "projection":
         settings = {k: head_node[k] for k in SETTINGS_KEYS[kind] if k in head_node}
         feature_head = FeatureHead(kind, source.backbone.embed_dim, settings)
@@ -152,11 +196,56 @@ def posthoc_spec(cfg: DictConfig, source: Source, images: MRLDataModule) -> Mode
     )
 
 
+def check_widths(kind: str, head: dict, features: dict, width: int) -> None:
+    """The sizes ``head`` asks for against what the feature head gives on ``width`` source features: a
+    projection's ``features.projection_dim``, CSR's ``expansion x width`` code units, the adaptor's
+    ``width``. Refused before anything is built, with the setting that widens it."""
+    nesting = head.get("nesting")
+    sizes = [head["dim"]] if kind == "ff" and head.get("dim") else list(nesting or [])
+    if kind == "standard" or not sizes or max(sizes) <= 0:
+        return
+    largest, what = max(sizes), "head.dim" if kind == "ff" else "the largest size"
+    if kind == "csr":
+        expansion = float(head.get("expansion", 4))
+        hidden = round(expansion * width)
+        if largest > hidden:
+            raise MRLError(
+                f"head.nesting={list(sizes)} asks for codes with up to {largest} active units (k), but "
+                f"CSR's code has {hidden} units (head.expansion={expansion:g} x the source's {width} "
+                f"features). Use k values of at most {hidden}, or "
+                f"head.expansion={math.ceil(largest / width)}."
+            )
+        return
+    if kind == "adaptor":
+        if largest > width:
+            raise MRLError(
+                f"head.nesting goes up to {largest} but the adaptor keeps the source's width, {width} "
+                f"features, whose prefixes are its sizes. Lower the largest size to at most {width}."
+            )
+        return
+    given = features.get("projection_dim")
+    out = given or width
+    if largest > out:
+        asked = f"head.dim={largest}" if kind == "ff" else f"head.nesting goes up to {largest}"
+        setting = "null, the source's width" if given is None else given
+        raise MRLError(
+            f"{asked} but the projection of the source's {width} features gives {out} "
+            f"(features.projection_dim={setting}). Lower {what} to at most {out}, or learn a wider "
+            f"embedding with features.projection_dim={largest}."
+        )
+
+
 def assemble_posthoc(cfg: DictConfig) -> tuple[PosthocLitModule, FrozenFeatureDataModule]:
     """The module (the frozen source, its feature head, the Matryoshka head) and the datamodule of its
-    cached features, for ``cfg`` with ``source`` set."""
+    cached features, for ``cfg`` with ``source`` set. Everything that can be refused is, before any
+    feature is computed: the device, the source file, its classes, image size and preprocessing against
+    the data, and the head's sizes against the source's width."""
+    features = cfg.get("features") or {}
+    # null: the GPU when there is one
+    device = feature_device(str(features.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")))
+    source = None if str(cfg.source) == BACKBONE_SOURCE else load_file_source(str(cfg.source))
     images = instantiate(cfg.data)
-    source = load_source(cfg, images)
+    source = source or _backbone_source(cfg, images)
     _check_classes(source, images)
     _configure_images(images, source)
     spec = posthoc_spec(cfg, source, images)
@@ -164,7 +253,6 @@ def assemble_posthoc(cfg: DictConfig) -> tuple[PosthocLitModule, FrozenFeatureDa
     parts = build_parts(no_weights, spec)
     parts.backbone.source.load_state_dict(source.backbone.state_dict())
     module = module_of_parts(cfg, parts, parts.spec, PosthocLitModule)
-    features = cfg.get("features") or {}
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     key_parts = (
         weights_digest(parts.backbone.source),
@@ -179,6 +267,19 @@ def assemble_posthoc(cfg: DictConfig) -> tuple[PosthocLitModule, FrozenFeatureDa
         batch_size=int(features.get("batch_size") or cfg.data.batch_size),
         seed=int(cfg.seed),
         dtype=str(features.get("dtype", "float16")),
-        device=str(features.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")),
+        device=device,
     )
     return module, datamodule
+
+
+def feature_device(device: str) -> str:
+    """``features.device`` when this machine has it (a GPU the source computes the features on)."""
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.partition(":")[2] or 0)
+        if index >= count:
+            raise MRLError(
+                f"features.device={device} but this machine has {count} CUDA GPU(s). Compute the source's "
+                "features with features.device=cpu" + (f", or cuda:0 to cuda:{count - 1}." if count else ".")
+            )
+    return device
