@@ -171,6 +171,34 @@ def compose_train(*overrides: str):
         return compose("train", overrides=["paths.output_dir=/tmp/unused", *overrides])
 
 
+# A process holding a directory as a running job does (mrl.files.directory_lock's protocol, written out:
+# a POSIX lock on <dir>/.mrl.lock), until it is killed.
+_HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(os.path.join(sys.argv[1], ".mrl.lock"), os.O_RDWR | os.O_CREAT)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+os.write(fd, b"a test's holder")
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+@contextlib.contextmanager
+def directory_held(directory: Path) -> Iterator[subprocess.Popen]:
+    """Another process holds ``directory`` (created) while the block runs; it is killed (SIGKILL, as a
+    crash would end it) when the block ends."""
+    directory.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(directory)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 # ---- what a run wrote --------------------------------------------------------------------------------
 
 

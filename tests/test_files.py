@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -60,3 +62,50 @@ def test_a_jobs_result_files_are_readable_as_the_umask_allows(run_main, umask):
     wrong = {str(p.relative_to(job)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
     wrong = {k: v for k, v in wrong.items() if v != oct(0o664)}
     assert not wrong, wrong
+
+
+def test_a_held_directory_is_refused_until_its_holder_is_killed(tmp_path):
+    """One job per directory: while another process holds it, directory_lock refuses naming the holder;
+    a holder killed with SIGKILL leaves its lock file but holds nothing."""
+    from mrl.files import LOCK_NAME, DirectoryInUse, directory_lock
+    from support import directory_held
+
+    job = tmp_path / "job"
+    refused = pytest.raises(DirectoryInUse, match="in use by another job \\(a test's holder")
+    with directory_held(job), refused, directory_lock(job, "mrl-train"):
+        pass
+    assert (job / LOCK_NAME).exists()  # what a killed job leaves
+    with directory_lock(job, "mrl-train") as held:
+        assert held == job
+        with directory_lock(job, "mrl-eval"):  # the same process again: re-entrant
+            pass
+        # still held after the inner block: another process cannot take it, and reads who holds it
+        probe = subprocess.run(
+            [sys.executable, "-c", PROBE, str(job / LOCK_NAME)], capture_output=True, text=True
+        )
+        assert probe.stdout.startswith(f"refused: mrl-train, process {os.getpid()} on "), probe.stderr
+    assert sorted(p.name for p in job.iterdir()) == []  # the lock file goes with the lock
+
+
+# Another process asking for the directory (the holding one must never open the lock file itself: closing
+# any descriptor of a file drops the process's POSIX locks on it).
+PROBE = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+try:
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("taken")
+except OSError:
+    print("refused: " + os.pread(fd, 1000, 0).decode())
+"""
+
+
+def test_a_directory_the_lock_created_goes_when_left_empty(tmp_path):
+    from mrl.files import directory_lock
+
+    with directory_lock(tmp_path / "new" / "job", "mrl-train"):
+        assert (tmp_path / "new" / "job").is_dir()
+    assert not (tmp_path / "new" / "job").exists()
+    with directory_lock(tmp_path / "kept", "mrl-train") as job:
+        (job / "results.json").write_text("{}")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["results.json"]

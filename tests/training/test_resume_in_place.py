@@ -5,6 +5,7 @@ step reports nothing."""
 from __future__ import annotations
 
 import errno
+import resource
 import shutil
 from pathlib import Path
 
@@ -143,7 +144,9 @@ def test_zero_loss_weights_are_refused_before_training(run_main):
 
 
 def test_a_checkpoint_write_that_fails_leaves_the_previous_file_whole(tmp_path, monkeypatch):
-    """A full disk in the middle of a checkpoint: the old last.ckpt stays loadable, no partial file."""
+    """A full disk in the middle of a checkpoint: the old last.ckpt stays loadable, no partial file, and
+    the error says which file, why, and which checkpoint is kept."""
+    from mrl.errors import MRLError
     from mrl.training.checkpoint_io import AtomicCheckpointIO
     from mrl.training.checkpoints import load_checkpoint
 
@@ -152,11 +155,41 @@ def test_a_checkpoint_write_that_fails_leaves_the_previous_file_whole(tmp_path, 
     io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "epoch": 0}, path)
 
     def disk_full(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+        f.write(b"PK\x03\x04 half a checkpoint")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(MRLError, match=r"No space left on device .* last.ckpt, is kept"):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 1}, path)
     assert load_checkpoint(path)["epoch"] == 0
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_does_not_fit_on_the_disk_stops_the_run_with_one_paragraph(run_main, tmp_path):
+    job = tmp_path / "job"
+    first = run_main("mrl-train", *TINY, "logger=none", f"hydra.run.dir={job}")
+    assert first.returncode == 0, first.output[-3000:]
+    checkpoints, config = snapshot(job / "checkpoints"), (job / "resolved_config.yaml").read_bytes()
+    epochs = epoch_of(job / "checkpoints" / "last.ckpt")
+    # Files may not grow past 1 MB (writes fail with EFBIG, as they fail with ENOSPC on a full disk): the
+    # run's small files are written, its checkpoints (2.5 MB) are not.
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, hard))
+    try:
+        full = run_main("mrl-train", f"resume={job}", "trainer.max_epochs=2")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert full.returncode != 0
+    assert "Traceback" not in full.output, full.output[-3000:]
+    for text in ("Cannot write the checkpoint", "File too large", "is kept", f"mrl-train resume={job}"):
+        assert text in full.output, full.output[-3000:]
+    assert snapshot(job / "checkpoints") == checkpoints  # no partial or temporary file
+    assert (job / "resolved_config.yaml").read_bytes() == config  # still the config of those checkpoints
+
+    # With room again the run goes on; resume= writes into the run, never into MRL_LOG_DIR (here a file)
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    again = run_main("mrl-train", f"resume={job}", "trainer.max_epochs=2", env={"MRL_LOG_DIR": str(blocker)})
+    assert again.returncode == 0, again.output[-3000:]
+    assert epoch_of(job / "checkpoints" / "last.ckpt") == epochs + 1

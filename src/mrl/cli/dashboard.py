@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mrl.cli.common import fail
 from mrl.errors import MRLError
+from mrl.files import unwritable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", default="", help="the workspace's name (default: 'mrl: <project>, ...')")
     p.add_argument(
-        "--out", default=None, help="spec file written offline (default: ./wandb_workspace_<project>.json)"
+        "--out",
+        default=None,
+        help="spec file written offline, or a folder for it (default: ./wandb_workspace_<project>.json)",
     )
     p.add_argument("--from-spec", default=None, help="save this spec file (written offline) to W&B")
     return p
@@ -74,6 +77,20 @@ def from_spec(path: str, entity: str | None) -> str:
     return url
 
 
+def spec_file(args: argparse.Namespace) -> Path:
+    """The spec file written offline: ``--out`` (a folder: the default name in it), checked writable."""
+    name = f"wandb_workspace_{args.project}.json"
+    out = Path(args.out or name)
+    if out.is_dir():
+        out = out / name
+    problem = unwritable(out.parent)
+    if problem:
+        raise MRLError(
+            f"Cannot write the workspace spec {out}: {problem}. Give --out <a file or folder you can write>."
+        )
+    return out
+
+
 def dashboard(args: argparse.Namespace) -> Path | str:
     """The URL of the saved workspace, or (offline) the path of the spec file written."""
     from mrl.tracking.dashboards import require_workspaces
@@ -87,13 +104,13 @@ def dashboard(args: argparse.Namespace) -> Path | str:
     from mrl.tracking.dashboards.workspace import project_workspace
 
     reason = offline_reason()
+    out = spec_file(args) if reason else None  # judged before the runs are read
     runs = _runs(args, reason)
     workspace = project_workspace(runs, args.project, args.entity or "", args.name)
-    if reason is None:
+    if out is None:
         url = save(workspace, args.entity)
         print(f"W&B workspace: {url}", flush=True)
         return url
-    out = Path(args.out or f"wandb_workspace_{args.project}.json")
     doc = document(workspace, "mrl-dashboard", runs_read=len(runs))
     write_document(doc, out)
     print(

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from mrl.cli.common import fail, report_user_errors
+from mrl.cli.common import INFO_FLAGS, check_output_location, fail, named_job_dir, report_user_errors
 from mrl.config_path import config_dir
 from mrl.errors import MRLError
 from mrl.eval.locations import check_output_dir, checkpoint_id, standalone_dir_name
+from mrl.files import directory_lock
 from mrl.resolvers import register_resolvers
 
 
@@ -32,15 +35,29 @@ def run(cfg: DictConfig) -> None:
     quiet_third_party_logs()
     resolved = resolve(cfg)
     check_eval(resolved)  # every setting that can be judged before the checkpoint is read
-    evaluate(resolved)
+    # one evaluation per directory at a time: a second of the same checkpoint waits for none, it is refused
+    with directory_lock(HydraConfig.get().runtime.output_dir, "mrl-eval"):
+        evaluate(resolved)
 
 
 def check_before_hydra(argv: list[str]) -> None:
-    """Refuse a missing checkpoint, or an explicit output dir holding another checkpoint's evaluation,
-    before Hydra creates (or writes its config into) the output dir."""
-    args = dict(a.split("=", 1) for a in argv[1:] if "=" in a and not a.startswith("-"))
+    """Refuse a missing checkpoint, an output place that cannot be written, or an explicit output dir
+    holding another checkpoint's evaluation, before Hydra creates (or writes its config into) the output
+    dir."""
+    if any(a in INFO_FLAGS for a in argv[1:]):
+        return
+    args = dict(a.lstrip("+").split("=", 1) for a in argv[1:] if "=" in a and not a.startswith("-"))
     ckpt = args.get("ckpt_path")
-    if not ckpt or "${" in ckpt:
+    if not ckpt:
+        # Hydra would stop with a traceback about the output dir's name, which interpolates ckpt_path
+        fail(
+            "mrl-eval needs the checkpoint to evaluate: mrl-eval ckpt_path=<run dir>/checkpoints/last.ckpt "
+            "(a checkpoint written by mrl-train, or a checkpoint of the paper's repository with a data "
+            "config: docs/evaluation.md). mrl-eval --help lists the other settings.",
+            hint=None,
+        )
+    check_output_location(argv, "no evaluation started")
+    if "${" in ckpt:
         return
     from mrl.training.checkpoints import require_checkpoint_file  # imports torch: only when there is a path
 
@@ -58,7 +75,14 @@ def main() -> None:
     register_resolvers()
     if not OmegaConf.has_resolver("mrl_eval_name"):
         OmegaConf.register_new_resolver("mrl_eval_name", eval_dir_name)
-    hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")(run)()
+    with contextlib.ExitStack() as stack:
+        named = named_job_dir(sys.argv)  # held before Hydra writes its record there; else held in run
+        if named is not None:
+            try:
+                stack.enter_context(directory_lock(named, "mrl-eval"))
+            except MRLError as err:
+                fail(str(err))
+        hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")(run)()
 
 
 if __name__ == "__main__":

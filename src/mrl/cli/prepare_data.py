@@ -8,7 +8,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from mrl.cli.common import report_user_errors
+from mrl.cli.common import check_output_location, report_user_errors
 from mrl.config_path import config_dir
 from mrl.resolvers import register_resolvers
 
@@ -36,6 +36,7 @@ def run(cfg: DictConfig) -> None:
 
 def main() -> None:
     register_resolvers()
+    check_output_location(sys.argv, "no conversion started")  # Hydra's log dir, before Hydra makes it
     hydra.main(version_base="1.3", config_path=config_dir(), config_name="prepare_data")(run)()
 
 

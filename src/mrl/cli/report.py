@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from mrl.cli.common import fail
 from mrl.compare.job import OUT_SUBDIR, report
 from mrl.errors import MRLError
+from mrl.files import unwritable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,9 +55,33 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_out(args: argparse.Namespace) -> None:
+    """Refuse, before any work, an output folder that is a file or cannot be written."""
+    if args.out:
+        out = Path(args.out)
+    elif args.sweep_dir and Path(args.sweep_dir).is_dir():
+        out = Path(args.sweep_dir) / OUT_SUBDIR
+    elif args.wandb_group:
+        out = Path(f"{OUT_SUBDIR}-{args.wandb_group}")
+    else:
+        return  # no sweep there: report() says so
+    if out.exists() and not out.is_dir():
+        raise MRLError(
+            f"--out {out} is a file, but mrl-report writes a folder (comparison.md, comparison.json, "
+            "figures and the W&B summary run). Give --out a folder: a new one, or one mrl-report wrote."
+        )
+    problem = unwritable(out)
+    if problem:
+        raise MRLError(
+            f"Cannot write the report into {out}: {problem}. Give --out <a folder you can write>; nothing "
+            "was written."
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
+        check_out(args)
         report(args)
     except MRLError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":

@@ -14,24 +14,34 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mrl.config_path import config_dir
 from mrl.errors import MRLError
-from mrl.training.checkpoints import LoadedCheckpoint, last_checkpoint, renamed_targets
+from mrl.files import unwritable
+from mrl.training.checkpoints import LoadedCheckpoint, last_checkpoint, renamed_targets, trained_epochs
 
 RESOLVED_CONFIG_NAME = "resolved_config.yaml"
+_ABSENT = object()  # a key the run's config does not have (None is a value it may have)
 
 
-def resume_argv(argv: list[str]) -> list[str]:
-    """Point Hydra's run dir at the run being resumed (checked first, so a wrong path creates nothing)."""
+def resume_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``(argv for Hydra, the run's overrides)``: Hydra's run dir pointed at the run being resumed (checked
+    first, so a wrong path creates nothing), and the command line's ``key=value`` overrides taken out.
+
+    Hydra would apply those to a config composed from the defaults, which need not have the run's keys
+    (``data.input_dir`` of a shards run is no key of the default data set); :func:`resume_config`
+    applies them to the run's own config instead. Not resuming: ``(argv, [])``.
+    """
     values = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("resume=")]
     if not values or values[-1] in ("", "null", "None"):
-        return argv
+        return argv, []
     if any(a in ("-m", "--multirun") for a in argv[1:]):
         raise MRLError(
             "resume=<run dir> continues one run; drop -m/--multirun and resume each job on its own."
         )
-    run_dir = Path(values[-1]).expanduser().resolve()
+    run_dir = Path(values[-1].strip("'\"")).expanduser().resolve()
     if not (run_dir / RESOLVED_CONFIG_NAME).is_file():
         what = "does not exist" if not run_dir.exists() else f"has no {RESOLVED_CONFIG_NAME}"
         raise MRLError(
@@ -39,8 +49,26 @@ def resume_argv(argv: list[str]) -> list[str]:
             "directory of the run to continue (logs/train/runs/<date>_<time>_<id>, or a multirun job's "
             "numbered subdirectory)."
         )
+    reason = unwritable(run_dir)
+    if reason:
+        raise MRLError(
+            f"resume={values[-1]}: {reason}, and a resumed run writes into its own directory. Copy the "
+            "run directory to a writable place and resume the copy (resume=<copy>)."
+        )
+    kept, overrides = argv[:1], []
+    for arg in argv[1:]:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        is_override = not arg.startswith("-") and ("=" in arg or arg.startswith("~"))
+        if is_override and key != "resume" and not key.startswith(("hydra.", "hydra/")):
+            overrides.append(arg)
+        else:
+            kept.append(arg)
+    try:
+        OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as err:
+        raise MRLError(f"resume=: cannot read the overrides {' '.join(overrides)} ({err}).") from None
     # The resumed job writes into the run's own directory; Hydra's record of it goes beside the original.
-    return [*argv, f"hydra.run.dir='{run_dir}'", "hydra.output_subdir=.hydra/resume"]
+    return [*kept, f"hydra.run.dir='{run_dir}'", "hydra.output_subdir=.hydra/resume"], overrides
 
 
 def resume_config(
@@ -48,25 +76,37 @@ def resume_config(
 ) -> tuple[DictConfig, LoadedCheckpoint | None]:
     """The stopped run's config with the command line's ``key=value`` overrides, starting from its
     newest checkpoint (``ckpt_path`` unless one was given), and that checkpoint as read when picking it
-    (``chosen``, when the caller has picked it already), for :func:`mrl.training.job.train`."""
+    (``chosen``, when the caller has picked it already), for :func:`mrl.training.job.train`.
+
+    Each override is judged against the run's own config, as Hydra judges one against a composed config:
+    ``key=value`` must name a key the run has (``+key=value`` adds one); a config group (``head=mrl_e``)
+    or a deletion would make it another run."""
     stored = OmegaConf.to_container(OmegaConf.load(run_dir / RESOLVED_CONFIG_NAME))
     cfg = relocate(OmegaConf.create(renamed_targets(stored)), run_dir)
+    groups = {p.name for p in Path(config_dir()).iterdir() if p.is_dir()}
     explicit_ckpt = False
     for override in OverridesParser.create().parse_overrides(overrides):
         key = override.key_or_group
         if key == "resume":
             continue
         value = override.value()
-        current = OmegaConf.select(cfg, key, default=None)
+        current = OmegaConf.select(cfg, key, default=_ABSENT)
         if (
             override.is_delete()
             or override.package
+            or key in groups
             or (OmegaConf.is_dict(current) and not isinstance(value, dict))
         ):
             raise MRLError(
                 f"resume= keeps the run's config; '{override.input_line}' changes a whole config group. "
                 "Only key=value overrides such as trainer.max_epochs=10 are allowed when resuming: start "
                 "a new run to change the model, data or trainer."
+            )
+        if current is _ABSENT and not (override.is_add() or override.is_force_add()):
+            raise MRLError(
+                f"resume=: the run's config ({run_dir / RESOLVED_CONFIG_NAME}) has no {key}, so "
+                f"'{override.input_line}' would set nothing it uses. Check the spelling against that file, "
+                f"or write +{key}=... to add a setting the run did not have."
             )
         explicit_ckpt = explicit_ckpt or key == "ckpt_path"
         with open_dict(cfg):
@@ -75,11 +115,26 @@ def resume_config(
         chosen = None
     elif chosen is None:
         chosen = last_checkpoint(run_dir)
+    if chosen is not None and chosen.contents is not None:
+        _check_epochs(cfg, chosen)
     with open_dict(cfg):
         cfg.resume = str(run_dir)
         if chosen is not None:
             cfg.ckpt_path = str(chosen.path)
     return cfg, chosen
+
+
+def _check_epochs(cfg: DictConfig, chosen: LoadedCheckpoint) -> None:
+    """Refuse a ``trainer.max_epochs`` below the epochs the checkpoint has trained (Lightning stops with
+    a traceback there)."""
+    limit = (cfg.get("trainer") or {}).get("max_epochs")
+    done = trained_epochs(chosen.contents)
+    if isinstance(limit, int) and limit != -1 and done > limit:
+        raise MRLError(
+            f"resume= with trainer.max_epochs={limit}, but {chosen.path} has trained {done} epochs "
+            f"already, and a run cannot go back. Give trainer.max_epochs={done + 1} or more to train "
+            "longer, or no trainer.max_epochs to go on as the run was set up."
+        )
 
 
 def relocate(cfg: DictConfig, run_dir: Path) -> DictConfig:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -11,11 +15,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mrl.cli.common import fail, report_user_errors
+from mrl.cli.common import check_output_location, fail, named_job_dir, report_user_errors
 from mrl.cli.resume import RESOLVED_CONFIG_NAME, ensure_wandb_id, requeued_run, resume_argv, resume_config
 from mrl.config_path import config_dir
 from mrl.errors import MRLError
+from mrl.files import atomic_write_text, directory_lock
 from mrl.resolvers import register_resolvers
+from mrl.training.checkpoints import CHECKPOINT_DIR
 
 # Lightning's DDP launcher starts the worker processes by re-running this script with the same
 # command line. Under Hydra that would compose the config again, create a second output dir and, in a
@@ -23,6 +29,8 @@ from mrl.resolvers import register_resolvers
 # the launching process writes its resolved config to the job dir and names it in this variable, which
 # the workers inherit: a worker then skips Hydra and trains from that file in the same output dir.
 DDP_CONFIG_ENV = "MRL_DDP_CONFIG"
+# resume=: the command line's key=value overrides, taken out of Hydra's (mrl.cli.resume.resume_argv).
+RESUME_OVERRIDES_ENV = "MRL_RESUME_OVERRIDES"
 
 
 def _is_ddp_worker() -> bool:
@@ -49,18 +57,25 @@ def _fill_run_names(cfg: DictConfig) -> None:
 
 @report_user_errors
 def run(cfg: DictConfig) -> float | None:
+    out = Path(HydraConfig.get().runtime.output_dir)
+    with holding(out):  # one job per directory, for the job's whole life (evaluate= included)
+        return _train_job(cfg, out)
+
+
+def _train_job(cfg: DictConfig, out: Path) -> float | None:
     from mrl.logs import quiet_third_party_logs
     from mrl.preflight import check_run_config_file, check_train, resolve
     from mrl.training.job import train  # heavy imports after Hydra has parsed the command line
 
     quiet_third_party_logs()
-    out = Path(HydraConfig.get().runtime.output_dir)
     requeued = None if cfg.get("resume") else requeued_run(out)
     chosen = None  # the checkpoint a resumed run continues from, read once (passed on to train)
     if cfg.get("resume") or requeued is not None:
-        # Same config, checkpoint and W&B run id as the stopped run (see mrl/cli/resume.py).
+        # Same config, checkpoint and W&B run id as the stopped run (see mrl/cli/resume.py). A requeued
+        # job's command line is the one its stored config was composed from: nothing to apply again.
         check_run_config_file(out / RESOLVED_CONFIG_NAME)
-        resolved, chosen = resume_config(out, list(HydraConfig.get().overrides.task), requeued)
+        overrides = json.loads(os.environ.get(RESUME_OVERRIDES_ENV) or "[]") if cfg.get("resume") else []
+        resolved, chosen = resume_config(out, overrides, requeued)
         print(f"Resuming {out} from {resolved.ckpt_path}", file=sys.stderr, flush=True)
     else:
         _fill_run_names(cfg)
@@ -70,17 +85,50 @@ def run(cfg: DictConfig) -> float | None:
     out = Path(resolved.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / RESOLVED_CONFIG_NAME
-    OmegaConf.save(resolved, config_file)
-    os.environ[DDP_CONFIG_ENV] = str(config_file)
-    try:
+    with _run_config(config_file, resolved, keep_old=chosen is not None or bool(cfg.get("resume"))):
         result = train(resolved, chosen)
-    finally:
-        os.environ.pop(DDP_CONFIG_ENV, None)
     if resolved.get("evaluate") is not None and result.is_global_zero:
         from mrl.eval.after_training import evaluate_after_training
 
         evaluate_after_training(resolved.evaluate, result.checkpoint, out, resolved)
     return optimized_value(result.metrics, cfg.get("optimized_metric"))
+
+
+@contextlib.contextmanager
+def _run_config(config_file: Path, resolved: DictConfig, keep_old: bool) -> Iterator[None]:
+    """Write the job's resolved config (resuming reads it, DDP workers train from it) for the block.
+
+    ``keep_old`` (a resumed run): an attempt that fails before it wrote a checkpoint (other classes,
+    another model, a bad setting found once the model is built) puts the run's previous config back, so
+    that it still describes the run's checkpoints and a plain ``resume=`` goes on as before.
+    """
+    previous = config_file.read_text() if keep_old and config_file.is_file() else None
+    started = time.time_ns()
+    atomic_write_text(config_file, OmegaConf.to_yaml(resolved))
+    os.environ[DDP_CONFIG_ENV] = str(config_file)
+    try:
+        yield
+    except BaseException:
+        checkpoints = (config_file.parent / CHECKPOINT_DIR).glob("*.ckpt")
+        if previous is not None and not any(p.stat().st_mtime_ns >= started for p in checkpoints):
+            atomic_write_text(config_file, previous)
+        raise
+    finally:
+        os.environ.pop(DDP_CONFIG_ENV, None)
+
+
+# Under torchrun, SLURM (one task per GPU) or a multi-node launch every process of a DDP job runs this
+# command; only the first (global rank 0) holds the job's directory. Lightning's own DDP workers never get
+# here (see DDP_CONFIG_ENV).
+RANK_VARIABLES = ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK")
+
+
+def holding(directory: Path | None) -> contextlib.AbstractContextManager:
+    """Hold ``directory`` for this job (:func:`mrl.files.directory_lock`), in the process that owns it."""
+    first = all((os.environ.get(v) or "0").strip() == "0" for v in RANK_VARIABLES)
+    if directory is None or not first:
+        return contextlib.nullcontext()
+    return directory_lock(directory, "mrl-train")
 
 
 def optimized_value(results: dict[str, float], metric: str | None) -> float | None:
@@ -114,39 +162,27 @@ def run_ddp_worker() -> None:
     train(OmegaConf.load(os.environ[DDP_CONFIG_ENV]))
 
 
-def check_output_location(argv: list[str]) -> None:
-    """Fail before Hydra creates anything when the output location cannot be written.
-
-    Hydra makes the job directory itself, before any of our code runs, and reports a failure there
-    with a traceback; so the directory named on the command line (or ``MRL_LOG_DIR``, default
-    ``logs``) is checked here: its nearest existing ancestor must be a writable directory.
-    """
-    target = os.environ.get("MRL_LOG_DIR") or "logs"
-    for arg in argv[1:]:
-        key, _, value = arg.partition("=")
-        if key in ("hydra.run.dir", "hydra.sweep.dir", "paths.log_dir") and value and "${" not in value:
-            target = value
-    path = Path(target).expanduser().absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        fail(
-            f"Cannot create the output directory {path}: {existing} is not a writable directory. Choose a "
-            "writable place with paths.log_dir=<dir>, hydra.run.dir=<dir> or MRL_LOG_DIR=<dir>; nothing was "
-            "written and no training started."
-        )
-
-
 def main() -> None:
     if _is_ddp_worker():
         run_ddp_worker()
         return
     register_resolvers()
-    check_output_location(sys.argv)
     try:
-        sys.argv = resume_argv(sys.argv)
+        sys.argv, overrides = resume_argv(sys.argv)
     except MRLError as err:
         fail(str(err))
-    hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(run)()
+    os.environ.pop(RESUME_OVERRIDES_ENV, None)
+    if overrides:
+        os.environ[RESUME_OVERRIDES_ENV] = json.dumps(overrides)  # applied to the run's config (run)
+    check_output_location(sys.argv, "no training started")
+    with contextlib.ExitStack() as stack:
+        # A directory named on the command line (hydra.run.dir=, hydra.sweep.dir=, resume=) is held before
+        # Hydra writes its record (.hydra/) and log file into it; each job holds its own again in run.
+        try:
+            stack.enter_context(holding(named_job_dir(sys.argv)))
+        except MRLError as err:
+            fail(str(err))
+        hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(run)()
 
 
 if __name__ == "__main__":

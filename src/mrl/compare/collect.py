@@ -140,11 +140,26 @@ def read_config(job: Path) -> dict[str, Any]:
         raise MRLError(f"Cannot read {job / CONFIG} ({err}); remove that job's directory.") from None
 
 
-def _overrides(job: Path) -> list[str]:
+def read_overrides(job: Path) -> list[str]:
+    """The command-line overrides Hydra recorded for ``job`` (none without a record); a record that cannot
+    be read is an :class:`MRLError` naming it."""
     path = job / OVERRIDES
     if not path.is_file():
         return []
-    return [str(o) for o in (yaml.safe_load(path.read_text()) or [])]
+    try:
+        overrides = yaml.safe_load(path.read_text()) or []
+        problem = None if isinstance(overrides, list) else "not a list"
+    except OSError as err:
+        problem = err.strerror
+    except yaml.YAMLError as err:
+        problem = "not YAML: " + " ".join(str(err).split())
+    if problem:
+        raise MRLError(
+            f"Cannot read {path} ({problem}): it is Hydra's record of the job's command-line overrides, "
+            "which mrl-report names the job's row by. Restore the file (a list such as ['head=mrl_e', "
+            "'seed=1']), or remove that job's directory from the sweep."
+        )
+    return [str(o) for o in overrides]
 
 
 def override_key(override: str) -> str:
@@ -222,7 +237,9 @@ def variant_labels(jobs: list[Path]) -> dict[Path, str]:
     """Per job, the settings that tell the sweep's variants apart: overrides of keys that can change the
     model (not method, seed or incidental keys) whose values differ between the jobs; where the jobs come
     from different recipes (``RECIPE_GROUPS``), the resolved settings the recipes set differently."""
-    overridden = {job: {override_key(o): o.partition("=")[2] or "~" for o in _overrides(job)} for job in jobs}
+    overridden = {
+        job: {override_key(o): o.partition("=")[2] or "~" for o in read_overrides(job)} for job in jobs
+    }
     keys = sorted(
         {
             k

@@ -109,14 +109,9 @@ def _quality_vs_bytes(root: Path, out: Path) -> tuple | None:
 
 def _swept_overrides(jobs: list[Path]) -> list[str]:
     """The override keys whose values differ between the sweep's jobs (``head``, ``seed``, ...)."""
-    from mrl.compare.collect import OVERRIDES, override_key
+    from mrl.compare.collect import override_key, read_overrides
 
-    per_job = [
-        {override_key(o): o.partition("=")[2] for o in (yaml.safe_load((j / OVERRIDES).read_text()) or [])}
-        if (j / OVERRIDES).is_file()
-        else {}
-        for j in jobs
-    ]
+    per_job = [{override_key(o): o.partition("=")[2] for o in read_overrides(j)} for j in jobs]
     keys = sorted({k for overrides in per_job for k in overrides})
     return [k for k in keys if len({overrides.get(k) for overrides in per_job}) > 1]
 

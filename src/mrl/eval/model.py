@@ -47,7 +47,7 @@ def load_for_eval(
         # Rebuilt from the config, not the stored model description: the data settings given here may
         # change the images the model is built for (as for training, mrl.training.assemble).
         module, datamodule = assemble(cfg)
-    check_compatible(ckpt, module, ckpt_path, config)
+    check_compatible(ckpt, module, ckpt_path, config, datamodule.classes)
     module.load_state_dict(ckpt["state_dict"])
     return module.eval(), datamodule, OmegaConf.to_container(cfg, resolve=True)
 

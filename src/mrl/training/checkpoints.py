@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import pickle
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -31,6 +32,9 @@ LAST = "last.ckpt"
 # The model's description (mrl.models.spec.ModelSpec.to_dict) in a checkpoint, beside the run's config
 # (``mrl_config``) and trained sizes (``mrl_nesting``).
 SPEC_KEY = "mrl_model"
+# The training data's class names in label order (mrl.training.checkpoint_io.RecordClasses writes them):
+# what label i of the model's classifiers means.
+CLASSES_KEY = "mrl_classes"
 
 
 @dataclass
@@ -194,9 +198,17 @@ def load_paper_weights(model: nn.Module, paper: PaperCheckpoint, path: str | Pat
     model.load_state_dict(paper.state, strict=False)
 
 
-def check_compatible(ckpt: dict[str, Any], module: nn.Module, path: str | Path, config: dict) -> None:
+def check_compatible(
+    ckpt: dict[str, Any],
+    module: nn.Module,
+    path: str | Path,
+    config: dict,
+    classes: Sequence[str] | None = None,
+) -> None:
     """Raise an :class:`MRLError` when ``ckpt``'s weights do not fit ``module`` (another backbone,
-    embedding size, nesting or class count), naming what differs."""
+    embedding size, nesting or class count), naming what differs, or when the data's ``classes`` (names
+    in label order) are not the ones the checkpoint was trained on."""
+    check_classes(ckpt, classes, path)
     tensors = state_dict_differences(module.state_dict(), ckpt["state_dict"])
     if not tensors:
         return
@@ -222,6 +234,35 @@ def check_compatible(ckpt: dict[str, Any], module: nn.Module, path: str | Path, 
         f"Checkpoint {path} was trained with a different model and does not fit this one "
         f"({detail}). Use the same backbone, head and data settings as "
         "the run that wrote it (its config is stored in the checkpoint), or train without ckpt_path."
+    )
+
+
+def check_classes(ckpt: dict[str, Any], classes: Sequence[str] | None, path: str | Path) -> None:
+    """Raise an :class:`MRLError` when the data's ``classes`` are as many as the checkpoint's but not the
+    same names in the same order: every weight would fit, and label i would silently mean another class.
+    (Another count is a model that does not fit: :func:`check_compatible` names ``data.num_classes``.)
+    Checkpoints written before the names were stored are not checked."""
+    stored = ckpt.get(CLASSES_KEY)
+    if classes is None or stored is None or len(stored) != len(classes):
+        return
+    stored, given = [str(c) for c in stored], [str(c) for c in classes]
+    if stored == given:
+        return
+    if sorted(stored) == sorted(given):
+        detail = "the same classes in another label order"
+    else:
+        differ = [i for i, (a, b) in enumerate(zip(stored, given, strict=True)) if a != b]
+        shown = "; ".join(
+            f"label {i}: {stored[i]!r} in the checkpoint, {given[i]!r} in this data" for i in differ[:3]
+        )
+        more = "; ..." if len(differ) > 3 else ""
+        detail = f"{len(differ)} of its {len(stored)} labels name other classes ({shown}{more})"
+    raise MRLError(
+        f"Checkpoint {path} was trained on other classes than this data has: {detail}. Its classifiers' "
+        "label i means the checkpoint's class i, so training on or evaluating this data with it would mix "
+        "the classes up. Use the data it was trained on (the run's resolved_config.yaml and the "
+        "checkpoint hold its data settings), or train a new model on this data (without resume= or "
+        "ckpt_path=)."
     )
 
 
@@ -320,6 +361,15 @@ def last_checkpoint(run_dir: Path) -> LoadedCheckpoint:
         f"None of the checkpoints of {run_dir} can be loaded ({'; '.join(problems)}). Start the run again "
         "without resume=, or give a good checkpoint with ckpt_path=<file>."
     )
+
+
+def trained_epochs(ckpt: dict[str, Any]) -> int:
+    """The epochs a Lightning checkpoint's run had completed: what Lightning restores as
+    ``current_epoch`` (its loops' state; the ``epoch`` field for checkpoints without one)."""
+    try:
+        return int(ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"])
+    except (KeyError, TypeError, ValueError):
+        return int(ckpt.get("epoch") or 0)
 
 
 def _get(config: dict, keys: tuple[str, ...]) -> Any:

@@ -31,7 +31,7 @@ from mrl.tracking.results import RESULTS_NAME, metrics_to_floats, read_results, 
 from mrl.tracking.wandb_setup import aggregated, build_loggers, define_metrics
 from mrl.training.assemble import assemble
 from mrl.training.callbacks import EpochLine, RestoreLoaderPosition, progress_bar
-from mrl.training.checkpoint_io import AtomicCheckpointIO
+from mrl.training.checkpoint_io import AtomicCheckpointIO, RecordClasses
 from mrl.training.checkpoints import CHECKPOINT_DIR, LAST, LoadedCheckpoint, check_compatible, load_checkpoint
 from mrl.training.finetune import finetune_callbacks
 from mrl.training.module import MatryoshkaLitModule
@@ -91,12 +91,13 @@ def train(cfg: DictConfig, chosen: LoadedCheckpoint | None = None) -> TrainResul
         contents = chosen.take(ckpt_path) if chosen is not None else None
         if contents is None:
             contents = load_checkpoint(ckpt_path)
-        check_compatible(contents, module, ckpt_path, module.config)
+        check_compatible(contents, module, ckpt_path, module.config, datamodule.classes)
         preloaded = LoadedCheckpoint(Path(ckpt_path), contents)
         del contents  # held by `preloaded` until Lightning takes it
 
     loggers = build_loggers(cfg)  # W&B starts lazily, at log_hyperparams below
-    trainer = _build_trainer(cfg, loggers, preloaded, finetune_callbacks(cfg, module.backbone))
+    extra = [*finetune_callbacks(cfg, module.backbone), RecordClasses(datamodule.classes)]
+    trainer = _build_trainer(cfg, loggers, preloaded, extra)
     for logger in loggers:
         logger.log_hyperparams(module.config)
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
