@@ -594,3 +594,99 @@ def test_a_switch_that_differs_between_seeds_is_not_mistaken_for_the_seed():
     settings = recipe_settings(configs)
     assert set(settings[Path("/s/0")]) == {"data.augment"}
     assert settings[Path("/s/0")]["data.augment"] != settings[Path("/s/1")]["data.augment"]
+
+
+def _evaluated(
+    job: Path, query_split: str, one_nn: dict[int, float], mtime: float, ckpt_id: str = "c0", **settings
+) -> Path:
+    """A report.json as mrl-eval writes it now (its ``evaluated`` section and checkpoint record) in a
+    place of its own under ``job/eval``, written at ``mtime``."""
+    import os
+
+    from mrl.eval import locations
+
+    ckpt = job / "checkpoints" / "last.ckpt"
+    evaluated = {"database_split": "train", "query_split": query_split, "sizes": None, "data": {}}
+    evaluated |= {"embedding_dtype": "float32", "paper_head": None, **settings}
+    record = locations.checkpoint_record(ckpt, ckpt_id, evaluated)
+    out = locations.after_training_dir(job, ckpt, ckpt_id, record["evaluated"]["key"])
+    out.mkdir(parents=True)
+    splits = {"database_split": "train", "query_split": query_split}
+    report = {**_report(one_nn), "evaluated": {**splits, "exclude_self": False}, "checkpoint": record}
+    (out / "report.json").write_text(json.dumps(report))
+    os.utime(out / "report.json", (mtime, mtime))
+    return out / "report.json"
+
+
+def test_the_report_compares_evaluations_of_one_split_and_names_it(tmp_path, capsys):
+    """Job 0 was evaluated on test, then on val (its newest); job 1 on test; job 2 on val only; job 3
+    on test at all sizes, then again at one size. The 1-NN table holds the four test evaluations' numbers
+    (job 3's sizes from both of its evaluations), says what they were measured on, and lists the jobs
+    whose evaluations on other splits were left out."""
+    from mrl.compare.collect import collect_jobs
+
+    sweep = tmp_path / "sweep"
+    jobs = [_job(sweep / str(i), {"kind": "mrl"}, i, _top1({4: 0.9, 8: 0.95})) for i in range(4)]
+    _evaluated(jobs[0], "test", {4: 0.80, 8: 0.85}, mtime=1_000_000)
+    _evaluated(jobs[0], "val", {4: 0.40, 8: 0.45}, mtime=2_000_000)
+    _evaluated(jobs[1], "test", {4: 0.84, 8: 0.89}, mtime=1_000_000)
+    _evaluated(jobs[2], "val", {4: 0.30, 8: 0.35}, mtime=1_000_000)
+    _evaluated(jobs[3], "test", {4: 0.70, 8: 0.75}, mtime=1_000_000)
+    _evaluated(jobs[3], "test", {8: 0.76}, mtime=2_000_000, sizes=[8])
+    records, infos = collect_jobs(sweep)
+    tables = aggregate(records)
+    assert tables["1nn"]["mrl"][4].values == pytest.approx((80.0, 84.0, 70.0))
+    assert tables["1nn"]["mrl"][8].values == pytest.approx((85.0, 89.0, 76.0))
+    assert tables["map@10"]["mrl"][4].values == pytest.approx((70.0, 74.0, 60.0))
+    assert [(i.other_settings, i.evaluated) for i in infos] == [
+        (1, "test queries, train database"),
+        (0, "test queries, train database"),
+        (1, None),
+        (0, "test queries, train database"),
+    ]
+    printed, _ = _reported(sweep, capsys)
+    assert "**Top-1 accuracy (%)** on test split," in printed
+    assert "**1-NN accuracy (%)** on test queries, train database," in printed
+    assert "**mAP@10 (%)** on test queries, train database," in printed
+    assert "- evaluated only on other splits or data, so no 1-NN, mAP@10 or baselines compared: 2" in printed
+    assert "- evaluations on other splits or data left out: 0" in printed
+
+
+def test_a_split_searched_by_itself_is_marked(tmp_path, capsys):
+    """Every job evaluated with query_split=train only: compared with each other, and said so."""
+    sweep = tmp_path / "sweep"
+    for i in range(2):
+        job = _job(sweep / str(i), {"kind": "mrl"}, i, _top1({4: 0.9}))
+        _evaluated(job, "train", {4: 0.9 + i / 100}, mtime=1_000_000)
+    printed, summary = _reported(sweep, capsys)
+    title = (
+        "**1-NN accuracy (%)** on train queries, train database (each query left out of its own neighbours),"
+    )
+    assert title in printed
+    assert summary["tables"]["1nn"]["mrl"]["4"]["values"] == pytest.approx([90.0, 91.0])
+
+
+def test_wandb_source_compares_evaluation_runs_of_one_split():
+    """Run a's newest evaluation run is on val, b's and a's older one on test: the test ones count."""
+    from mrl.compare.wandb_source import newest_evaluations
+
+    def eval_run(run_id: str, created: str, one_nn: float, query_split: str) -> dict:
+        train = {"head": {"kind": "mrl"}, "seed": 0, "logger": {"wandb": {"id": run_id}}}
+        settings = {"database_split": "train", "query_split": query_split, "data": {}}
+        return {
+            "config": {"train": train, "eval": settings},
+            "summary": {"eval/knn/1nn@4": one_nn},
+            "job_type": "eval",
+            "name": f"eval:{run_id}",
+            "created_at": created,
+        }
+
+    runs = [
+        eval_run("a", "2026-01-02T00:00:00", 0.5, "test"),
+        eval_run("a", "2026-01-03T00:00:00", 0.2, "val"),
+        eval_run("b", "2026-01-01T00:00:00", 0.9, "test"),
+    ]
+    kept = newest_evaluations(runs)
+    assert sorted(r["summary"]["eval/knn/1nn@4"] for r in kept) == [0.5, 0.9]
+    (record,) = run_records(kept[0]["config"], kept[0]["summary"], "eval", "e")
+    assert record.split == "test queries, train database"

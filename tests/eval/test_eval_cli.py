@@ -24,6 +24,7 @@ from support import (
 
 REPORT_KEYS = {
     "sizes",
+    "evaluated",
     "linear",
     "knn",
     "retrieval",

@@ -39,3 +39,29 @@ def test_a_stage_reports_each_size_when_the_interval_is_zero(caplog, monkeypatch
         "baselines: probes: 4/5 (slice d=4)",
         "baselines: probes: 5/5 (slice d=8)",
     ]
+
+
+def test_searches_are_counted_per_stage(caplog, monkeypatch):
+    """Exact searches (one call per size, several evaluators) count from the start of each stage and say
+    which stage they belong to, not a running count over the process."""
+    from hydra import compose, initialize_config_dir
+
+    from mrl.config_path import config_dir
+    from mrl.eval import evaluators
+    from support import tiny_eval_context
+
+    monkeypatch.setattr(progress_module, "EVERY_S", 0.0)
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        overrides = ["methods.adaptive_retrieval=false", "methods.adaptive_classification=false"]
+        overrides += ["baselines.knn=true", "baselines.svd=false", "baselines.max_iter=20", "ckpt_path=x"]
+        cfg = compose("eval", overrides=overrides)
+    for _ in range(2):  # a second evaluation in the same process starts again too
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="mrl.eval"):
+            evaluators.run_evaluators(tiny_eval_context(cfg), cfg, lambda name: None)
+        lines = [r.getMessage().split(" (")[0] for r in caplog.records if "exact searches" in r.getMessage()]
+        # the kNN stage searches the 4 sizes; the baselines' 1-NN only the untrained slices 3, 6, 12
+        assert lines == [
+            *(f"knn+retrieval: exact searches: {i}" for i in range(1, 5)),
+            *(f"baselines: exact searches: {i}" for i in range(1, 4)),
+        ]

@@ -45,6 +45,21 @@ NOT_SETTINGS = {
     "knn.knn_predict.num_classes",  # not needed by the vote
     "context.EvalContext.__init__.sections",  # filled as the evaluators run
     "linear.linear_accuracy.covered",  # robustness sets covering a subset of the classes
+    # whether the queries are the database's items: no setting but what the evaluation found (run.py);
+    # tests/eval/test_leave_one_out.py checks that every evaluator's searches receive it
+    "knn.exact_search.exclude_self",
+    "knn.leave_self_out.first",
+    "context.EvalContext.__init__.exclude_self",
+    "context.EvalContext.from_config.exclude_self",
+    "adaptive_retrieval.FunnelSettings.__init__.exclude_self",
+    "adaptive_retrieval.exact_retrieval.exclude_self",
+    "baseline_knn.posthoc_one_nn.exclude_self",
+    "baselines.posthoc_baselines.held_out",
+    "quantized.QuantizedSettings.__init__.exclude_self",
+    "quantized.search_index.exclude_self",
+    "retrieval.retrieval_metrics.exclude_self",
+    "sparse_eval.code_search.exclude_self",
+    "sparse_eval.sparse_quantized.exclude_self",
 }
 
 # Every evaluator setting of conf/eval.yaml, set away from its default (a value that reaches a function

@@ -4,9 +4,17 @@ A job is a directory holding the ``resolved_config.yaml`` that ``mrl-train`` wri
 ``results.json`` (written when training ends) gives the trained heads' per-size top-1; the evaluations
 of its checkpoints (:func:`mrl.eval.locations.find_evaluations`: ``evaluate=`` runs inside the job,
 ``mrl-eval`` runs linked from it, or an earlier version's ``eval/report.json``) add 1-NN, mAP@10 and,
-for a standard model, the post-hoc SVD and truncation baselines. A job may have been evaluated more
-than once (several checkpoints, or a checkpoint rewritten by a resumed run); its numbers come from the
-newest evaluation, and :class:`JobInfo` says which one that was and how many there were.
+for a standard model, the post-hoc SVD and truncation baselines.
+
+Only comparable evaluations are compared: those of the same splits and data (report.json's
+``evaluated`` and ``checkpoint.evaluated``; a report of an earlier version, which records neither,
+counts as the defaults, the train split searched by the test split). The sweep's evaluation setting is
+the one most jobs have (ties: the defaults first, then the name), and every record says the split it
+was measured on (:attr:`Record.split`), which the tables show. A job may have been evaluated more than
+once (several checkpoints, a checkpoint rewritten by a resumed run, other settings); its numbers come
+from its newest evaluation with the sweep's setting (sizes it lacks from older evaluations of the same
+checkpoint with that setting, e.g. after a ``sizes=`` rerun), and :class:`JobInfo` says which one that
+was, how many there were and how many had other settings.
 
 Rows are methods, not override strings: overrides make a separate row (a variant) only when they can
 change what the job trained and measured, see :func:`changes_the_model`.
@@ -15,7 +23,7 @@ change what the job trained and measured, see :func:`changes_the_model`.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +84,12 @@ INCIDENTAL_KEYS = (
     "task_name",
 )
 METRICS = ("top1", "val_top1", "1nn", "map@10")
+# What the trained heads' top-1 of results.json was measured on (Record.split)
+TOP1_SPLITS = {"test": "test split", "val": "validation split"}
+# What an evaluation measured on: (database split, query split, data settings as JSON); comparable when equal
+Setting = tuple[str, str, str]
+# The setting of an evaluation that recorded none (earlier versions): mrl-eval's defaults
+DEFAULT_SETTING: Setting = ("train", "test", "{}")
 # Config groups that pick a whole recipe (experiment=<name>): jobs of different recipes are told apart
 # by the resolved settings the recipes set differently (``backbone.embed_dim=null``), not by the recipe
 # names, so two recipes that train the same model share a row and a row's name says what differs.
@@ -92,6 +106,64 @@ class Record:
     value: float
     seed: int
     job: str
+    split: str = ""  # what it was measured on: "test split", "test queries, train database", ...
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation report of a job and what it evaluated."""
+
+    path: Path
+    report: dict[str, Any]
+    setting: tuple[
+        str, str, str
+    ]  # (database split, query split, data settings as JSON): comparable when equal
+    checkpoint: str | None  # the checkpoint's content id (None: not recorded)
+
+    @classmethod
+    def read(cls, path: Path) -> Evaluation:
+        report = read_json(path)
+        evaluated = report.get("evaluated") or {}
+        recorded = report.get("checkpoint") or {}
+        settings = recorded.get("evaluated") or {}
+        database = evaluated.get("database_split") or settings.get("database_split")
+        query = evaluated.get("query_split") or settings.get("query_split")
+        setting = evaluation_setting(database, query, settings.get("data"))
+        return cls(path, report, setting, recorded.get("id"))
+
+    @property
+    def label(self) -> str:
+        return setting_label(self.setting)
+
+
+def setting_label(setting: Setting) -> str:
+    """``test queries, train database`` (and the data settings, when any): what an evaluation's numbers
+    were measured on; the same split for both: each query left out of its own neighbours."""
+    database, query, data = setting
+    text = f"{query} queries, {database} database"
+    if database == query:
+        text += " (each query left out of its own neighbours)"
+    return text + (f", data {data}" if data != "{}" else "")
+
+
+def comparable_setting(settings: Iterable[Iterable[Setting]]) -> Setting | None:
+    """The evaluation setting the sweep compares (``settings``: those each job was evaluated with): the
+    one most jobs have; ties: the defaults (train searched by test), then by name. None when no job was
+    evaluated."""
+    counts: dict[Setting, int] = {}
+    for per_job in settings:
+        for setting in set(per_job):
+            counts[setting] = counts.get(setting, 0) + 1
+    if not counts:
+        return None
+    return min(counts, key=lambda s: (-counts[s], s != DEFAULT_SETTING, s))
+
+
+def evaluation_setting(database: Any, query: Any, data: Any) -> Setting:
+    """The setting of an evaluation's splits and data settings (the defaults where it recorded none)."""
+    if not (database and query):  # an earlier version's report: mrl-eval's defaults
+        return DEFAULT_SETTING
+    return (str(database), str(query), json.dumps(data or {}, sort_keys=True))
 
 
 @dataclass(frozen=True)
@@ -106,6 +178,8 @@ class JobInfo:
     evaluations: int  # evaluations of the job's checkpoints found
     eval_report: str | None  # the report.json its 1-NN / mAP@10 / baselines came from (the newest)
     checkpoint: str | None  # the checkpoint that evaluation recorded (None: not recorded, older versions)
+    evaluated: str | None = None  # what that evaluation measured on (setting_label)
+    other_settings: int = 0  # evaluations left out: other splits or data than the sweep's setting
 
 
 def find_jobs(root: Path) -> list[Path]:
@@ -300,7 +374,7 @@ def trained_top1(results: dict[str, Any]) -> tuple[str, dict[int, float]]:
 
 
 def eval_records(
-    report: dict[str, Any], method: str, kind: str, suffix: str, add: Callable[[str, Any, str, Any], None]
+    report: dict[str, Any], method: str, kind: str, suffix: str, add: Callable[..., None]
 ) -> None:
     """1-NN and mAP@10 per size of one evaluation report; for a standard model also its SVD and
     truncation baselines (rows ``svd``/``slice`` with the job's variant ``suffix``)."""
@@ -325,9 +399,31 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def read_job(job: Path, variant: str = "", root: Path | None = None) -> tuple[list[Record], JobInfo]:
-    """The job's per-size numbers (trained heads' top-1; 1-NN, mAP@10 and baselines of its newest
-    evaluation) and a summary of where they came from; paths relative to ``root``."""
+def job_evaluations(job: Path) -> list[Evaluation]:
+    """Every evaluation of ``job``'s checkpoints, newest first."""
+    return [Evaluation.read(path) for path in find_evaluations(job)]
+
+
+def comparable_reports(evaluations: list[Evaluation], setting: Setting | None) -> list[Evaluation]:
+    """The evaluations a job's numbers come from: its newest with the sweep's ``setting`` first, then
+    the older ones of the same checkpoint with that setting (for the sizes the newest lacks)."""
+    matching = [e for e in evaluations if e.setting == setting]
+    if not matching:
+        return []
+    newest = matching[0]
+    return [newest, *(e for e in matching[1:] if newest.checkpoint and e.checkpoint == newest.checkpoint)]
+
+
+def read_job(
+    job: Path,
+    variant: str = "",
+    root: Path | None = None,
+    setting: Setting | None = DEFAULT_SETTING,
+    evaluations: list[Evaluation] | None = None,
+) -> tuple[list[Record], JobInfo]:
+    """The job's per-size numbers (trained heads' top-1; 1-NN, mAP@10 and baselines of its evaluations
+    with the sweep's ``setting``, :func:`comparable_reports`) and a summary of where they came from;
+    paths relative to ``root``."""
     root = Path(root) if root is not None else job.parent
     config = read_config(job)
     head = config.get("head") or {}
@@ -335,46 +431,54 @@ def read_job(job: Path, variant: str = "", root: Path | None = None) -> tuple[li
     seed = int(config.get("seed", 0))
     method = method_label(head, config.get("objective")) + (f" [{variant}]" if variant else "")
     records: list[Record] = []
+    seen: set[tuple[str, int, str]] = set()
+    label = ""
 
     def add(m: str, size: Any, metric: str, value: Any) -> None:
         v = as_number(value)
-        if v is not None and str(size).isdigit():
-            records.append(Record(m, int(size), metric, v, seed, str(job)))
+        if v is not None and str(size).isdigit() and (m, int(size), metric) not in seen:
+            seen.add((m, int(size), metric))  # a size of an older evaluation only where the newer lacks it
+            records.append(Record(m, int(size), metric, v, seed, str(job), label))
 
     split = "none"
     if (job / RESULTS).is_file():
         split, per_size = trained_top1(read_json(job / RESULTS))
+        label = TOP1_SPLITS.get(split, split)
         for size, value in per_size.items():
             add(method, size, "top1" if split == "test" else "val_top1", value)
-    reports = find_evaluations(job)
-    checkpoint = None
-    if reports:
-        report = read_json(reports[0])
-        eval_records(report, method, kind, f" [{variant}]" if variant else "", add)
-        recorded = (report.get("checkpoint") or {}).get("path")
-        checkpoint = _relative(Path(recorded), root) if recorded else None
+    evaluations = job_evaluations(job) if evaluations is None else evaluations
+    used = comparable_reports(evaluations, setting)
+    for evaluation in used:
+        label = evaluation.label
+        eval_records(evaluation.report, method, kind, f" [{variant}]" if variant else "", add)
+    recorded = (used[0].report.get("checkpoint") or {}).get("path") if used else None
     info = JobInfo(
         job=_relative(job, root),
         method=method,
         seed=seed,
         results=(job / RESULTS).is_file(),
         top1=split,
-        evaluations=len(reports),
-        eval_report=_relative(reports[0], root) if reports else None,
-        checkpoint=checkpoint,
+        evaluations=len(evaluations),
+        eval_report=_relative(used[0].path, root) if used else None,
+        checkpoint=_relative(Path(recorded), root) if recorded else None,
+        evaluated=used[0].label if used else None,
+        other_settings=sum(e.setting != setting for e in evaluations),
     )
     return records, info
 
 
 def collect_jobs(root: Path) -> tuple[list[Record], list[JobInfo]]:
-    """All records of the sweep under ``root`` and one :class:`JobInfo` per job (every job found)."""
+    """All records of the sweep under ``root`` and one :class:`JobInfo` per job (every job found), the
+    evaluations' numbers from those with the sweep's setting (:func:`comparable_setting`)."""
     root = Path(root)
     jobs = find_jobs(root)
     labels = variant_labels(jobs)
+    evaluations = {job: job_evaluations(job) for job in jobs}
+    setting = comparable_setting([e.setting for e in per_job] for per_job in evaluations.values())
     records: list[Record] = []
     infos: list[JobInfo] = []
     for job in jobs:
-        job_records, info = read_job(job, labels[job], root)
+        job_records, info = read_job(job, labels[job], root, setting, evaluations[job])
         records += job_records
         infos.append(info)
     return records, infos

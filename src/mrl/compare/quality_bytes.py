@@ -21,14 +21,15 @@ from typing import Any
 from mrl.compare.collect import (
     Record,
     as_number,
+    comparable_reports,
+    comparable_setting,
     find_jobs,
+    job_evaluations,
     method_label,
     read_config,
-    read_json,
     variant_labels,
 )
 from mrl.compare.table import METRIC_TITLES, Cell, aggregate
-from mrl.eval.locations import find_evaluations
 from mrl.eval.sparse_codes import prefix_bytes
 
 BYTES_METRICS = ("map@10", "1nn")
@@ -92,13 +93,16 @@ def report_records(
 
 
 def collect_bytes(root: Path) -> list[Record]:
-    """The points of every job under ``root`` from its newest evaluation (as ``collect_jobs`` reads it)."""
+    """The points of every job under ``root`` from its evaluations with the sweep's splits and data (as
+    ``collect_jobs`` reads them: the newest, older ones of its checkpoint for the sizes it lacks)."""
     jobs = find_jobs(Path(root))
     labels = variant_labels(jobs)
+    evaluations = {job: job_evaluations(job) for job in jobs}
+    setting = comparable_setting([e.setting for e in per_job] for per_job in evaluations.values())
     records: list[Record] = []
     for job in jobs:
-        reports = find_evaluations(job)
-        if not reports:
+        used = comparable_reports(evaluations[job], setting)
+        if not used:
             continue
         config = read_config(job)
         head = config.get("head") or {}
@@ -106,7 +110,12 @@ def collect_bytes(root: Path) -> list[Record]:
         method = method_label(head, config.get("objective")) + suffix
         kind = str(head.get("kind", "mrl"))
         seed = int(config.get("seed", 0))
-        records += report_records(read_json(reports[0]), method, kind, suffix, seed, str(job))
+        seen: set[tuple[str, int, str]] = set()
+        for evaluation in used:
+            for r in report_records(evaluation.report, method, kind, suffix, seed, str(job)):
+                if (r.method, r.size, r.metric) not in seen:
+                    seen.add((r.method, r.size, r.metric))
+                    records.append(r)
     return records
 
 

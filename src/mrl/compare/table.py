@@ -29,6 +29,7 @@ class Cell:
     std: float
     n: int
     values: tuple[float, ...] = field(default=(), compare=False)
+    split: str = field(default="", compare=False)  # what its numbers were measured on (Record.split)
 
 
 def _method_key(method: str) -> tuple[int, str]:
@@ -39,13 +40,17 @@ def _method_key(method: str) -> tuple[int, str]:
 def aggregate(records: list[Record]) -> dict[str, dict[str, dict[int, Cell]]]:
     """``{metric: {method: {size: Cell}}}``; FF's one-size jobs join into one FF row."""
     values: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    splits: dict[tuple[str, str, int], set[str]] = defaultdict(set)
     for r in records:
         values[(r.metric, r.method, r.size)].append(100.0 * r.value)
+        if r.split:
+            splits[(r.metric, r.method, r.size)].add(r.split)
     out: dict[str, dict[str, dict[int, Cell]]] = {m: {} for m in METRICS}
     for (metric, method, size), vs in sorted(values.items()):
         mean = sum(vs) / len(vs)
         std = math.sqrt(sum((v - mean) ** 2 for v in vs) / (len(vs) - 1)) if len(vs) > 1 else 0.0
-        out.setdefault(metric, {}).setdefault(method, {})[size] = Cell(mean, std, len(vs), tuple(vs))
+        split = "; ".join(sorted(splits[(metric, method, size)]))
+        out.setdefault(metric, {}).setdefault(method, {})[size] = Cell(mean, std, len(vs), tuple(vs), split)
     return {
         metric: dict(sorted(rows.items(), key=lambda kv: _method_key(kv[0]))) for metric, rows in out.items()
     }
@@ -53,6 +58,18 @@ def aggregate(records: list[Record]) -> dict[str, dict[str, dict[int, Cell]]]:
 
 def sizes_of(table: dict[str, dict[int, Cell]]) -> list[int]:
     return sorted({d for row in table.values() for d in row})
+
+
+def split_note(table: dict[str, dict[int, Cell]]) -> str:
+    """What a table's numbers were measured on: ``test split``, or each split with its rows when the
+    rows differ (the trained heads' test top-1 beside the post-hoc probes' evaluation split)."""
+    rows: dict[str, list[str]] = defaultdict(list)
+    for method, row in table.items():
+        for split in dict.fromkeys(c.split for c in row.values() if c.split):
+            rows[split].append(method)
+    if len(rows) <= 1:
+        return next(iter(rows), "")
+    return "; ".join(f"{', '.join(methods)}: {split}" for split, methods in rows.items())
 
 
 def markdown(tables: dict[str, dict[str, dict[int, Cell]]]) -> str:
@@ -69,7 +86,9 @@ def markdown(tables: dict[str, dict[str, dict[int, Cell]]]) -> str:
             else f"mean over {seeds[0]}-{seeds[-1]} seeds (a cell without ± has one)"
         )
         about = f" {METRIC_NOTES[metric]}," if metric in METRIC_NOTES else ""
-        parts.append(f"**{METRIC_TITLES.get(metric, metric)}**,{about} {note} (± sample std)\n")
+        where = split_note(table)
+        where = f" on {where}," if where else ""
+        parts.append(f"**{METRIC_TITLES.get(metric, metric)}**{where}{about} {note} (± sample std)\n")
         parts.append("| method | " + " | ".join(f"d={d}" for d in sizes) + " |")
         parts.append("|---|" + "---:|" * len(sizes))
         for method, row in table.items():
@@ -109,9 +128,11 @@ def _job_list(infos: list[JobInfo]) -> str:
 
 def jobs_markdown(infos: list[JobInfo]) -> str:
     """Every job, where its numbers came from, and the jobs that lack some of them (listed, not dropped)."""
+    settings = sorted({i.evaluated for i in infos if i.evaluated})
     lines = [
         f"**Jobs** ({len(infos)}): top-1 from each job's results.json; 1-NN, mAP@10 and baselines "
-        "from its newest evaluation (a checkpoint's report.json).",
+        "from its newest evaluation (a checkpoint's report.json) with the splits and data most jobs were "
+        "evaluated on" + (f" ({settings[0]})." if len(settings) == 1 else "."),
         "",
     ]
     notes = [
@@ -122,7 +143,19 @@ def jobs_markdown(infos: list[JobInfo]) -> str:
         ),
         ("no per-size accuracy in results.json", [i for i in infos if i.results and i.top1 == "none"]),
         ("no evaluation found, so no 1-NN, mAP@10 or baselines", [i for i in infos if not i.evaluations]),
-        ("evaluated more than once, the newest evaluation used", [i for i in infos if i.evaluations > 1]),
+        (
+            "evaluated only on other splits or data, so no 1-NN, mAP@10 or baselines compared",
+            [i for i in infos if i.evaluations and not i.eval_report],
+        ),
+        (
+            "evaluations on other splits or data left out",
+            [i for i in infos if i.eval_report and i.other_settings],
+        ),
+        (
+            "evaluated more than once, the newest comparable evaluation used (sizes it lacks from older "
+            "ones of its checkpoint)",
+            [i for i in infos if i.evaluations > 1],
+        ),
     ]
     lines += [f"- {what}: {_job_list(jobs)}" for what, jobs in notes if jobs]
     lines += ["", "| job | method | seed | top-1 | evaluations | eval numbers from | checkpoint evaluated |"]

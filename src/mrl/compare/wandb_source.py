@@ -1,13 +1,23 @@
 """Records of a sweep read back from W&B (``mrl-report --wandb-group``), for sweeps whose directories
 are not on this machine: training runs give per-size top-1 from their summary, evaluation runs (job
-type ``eval``) 1-NN, mAP@10 and the post-hoc baselines; of several evaluation runs of one training run
-only the newest counts, as for a sweep directory. Needs network access and W&B credentials."""
+type ``eval``) 1-NN, mAP@10 and the post-hoc baselines. As for a sweep directory, only evaluations on the
+splits and data most training runs were evaluated on are compared (an evaluation run's config ``eval``
+says which), each record says what it was measured on, and of several such evaluation runs of one
+training run only the newest counts. Needs network access and W&B credentials."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from mrl.compare.collect import Record, method_label
+from mrl.compare.collect import (
+    TOP1_SPLITS,
+    Record,
+    Setting,
+    comparable_setting,
+    evaluation_setting,
+    method_label,
+    setting_label,
+)
 from mrl.errors import MRLError
 
 
@@ -27,9 +37,10 @@ def run_records(config: dict[str, Any], summary: dict[str, Any], job_type: str, 
     method = method_label(head, train_cfg.get("objective"))
     seed = int(train_cfg.get("seed", 0))
     records = []
+    split = setting_label(_setting(config)) if job_type == "eval" else ""
 
     def add(method: str, metric: str, per_size: dict[int, float]) -> None:
-        records.extend(Record(method, d, metric, v, seed, name) for d, v in per_size.items())
+        records.extend(Record(method, d, metric, v, seed, name, split) for d, v in per_size.items())
 
     if job_type == "eval":
         add(method, "1nn", _per_size(summary, "eval/knn/1nn@"))
@@ -40,6 +51,7 @@ def run_records(config: dict[str, Any], summary: dict[str, Any], job_type: str, 
                 add(base, "1nn", _per_size(summary, f"eval/baselines/{base}_1nn@"))
     else:
         test = _per_size(summary, "test/acc@")
+        split = TOP1_SPLITS["test" if test else "val"]
         if test:
             add(method, "top1", test)
         else:  # kept apart from test numbers, as for a sweep directory
@@ -54,14 +66,28 @@ def _trained_run(config: dict[str, Any], name: str) -> str:
     return str(wandb_cfg.get("id") or name)
 
 
+def _setting(config: dict[str, Any]) -> Setting:
+    """The splits and data an evaluation run measured on (its config's ``eval``: mrl-eval's settings)."""
+    settings = config.get("eval") or {}
+    return evaluation_setting(
+        settings.get("database_split"), settings.get("query_split"), settings.get("data")
+    )
+
+
 def newest_evaluations(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``runs`` (dicts with config, summary, job_type, name, created_at) with only the newest evaluation
-    run of each training run: an evaluation repeated on the same run must not count as another seed."""
+    run of each training run among those on the splits and data most training runs were evaluated on
+    (:func:`mrl.compare.collect.comparable_setting`): an evaluation repeated on the same run must not
+    count as another seed, nor one on another split be compared with the others."""
+    evaluations = [run for run in runs if run["job_type"] == "eval"]
+    by_trained: dict[str, set[Setting]] = {}
+    for run in evaluations:
+        by_trained.setdefault(_trained_run(run["config"], run["name"]), set()).add(_setting(run["config"]))
+    setting = comparable_setting(by_trained.values())
     newest: dict[str, dict[str, Any]] = {}
-    others = []
-    for run in runs:
-        if run["job_type"] != "eval":
-            others.append(run)
+    others = [run for run in runs if run["job_type"] != "eval"]
+    for run in evaluations:
+        if _setting(run["config"]) != setting:
             continue
         key = _trained_run(run["config"], run["name"])
         if key not in newest or str(run["created_at"]) > str(newest[key]["created_at"]):

@@ -30,7 +30,7 @@ import numpy as np
 
 from mrl.config_checks import FULL, Node, boolean, int_list, is_int, mapping, positive_int, require
 from mrl.errors import MRLError
-from mrl.eval.knn import exact_search, normalized_prefix
+from mrl.eval.knn import candidates, exact_search, leave_self_out, normalized_prefix
 from mrl.eval.progress import Progress
 from mrl.eval.retrieval import retrieval_metrics
 
@@ -54,6 +54,9 @@ class FunnelSettings:
     query_chunk: int
     db_chunk: int
     block_floats: int
+    # the queries are the database's own items (query i = database row i): each shortlist leaves out the
+    # query's own row (mrl.eval.knn), so no stage can rank it
+    exclude_self: bool = False
 
 
 def funnel_mflops(
@@ -98,17 +101,28 @@ class FunnelIndex:
     def shortlist(self, queries: np.ndarray, k: int) -> np.ndarray:
         """The ``k`` best database indices per query by cosine similarity of the ``D_s``-prefixes
         (exact when flat, approximate with HNSW), best first, shape ``(num_queries, k)``."""
-        k, chunk = min(int(k), self.size), self.settings.query_chunk
+        own = self.settings.exclude_self
+        k, chunk = min(int(k), candidates(self.size, own)), self.settings.query_chunk
         if self.graph is None:
             return exact_search(
-                self.database, queries, self.shortlist_size, k, chunk, self.settings.db_chunk, use_gpu=False
+                self.database,
+                queries,
+                self.shortlist_size,
+                k,
+                chunk,
+                self.settings.db_chunk,
+                use_gpu=False,
+                exclude_self=own,
             )[1]
-        self.graph.hnsw.efSearch = max(int(self.settings.hnsw_ef_search), k)
+        searched = min(k + 1, self.size) if own else k
+        self.graph.hnsw.efSearch = max(int(self.settings.hnsw_ef_search), searched)
         out = []
         for start in range(0, len(queries), chunk):  # batched: faiss searches a batch in parallel
-            _, cand = self.graph.search(
-                normalized_prefix(queries[start : start + chunk], self.shortlist_size), k
+            scores, cand = self.graph.search(
+                normalized_prefix(queries[start : start + chunk], self.shortlist_size), searched
             )
+            if own:
+                cand = leave_self_out(cand, scores, k, first=start)[0]
             # HNSW may find fewer than k (-1): fill those slots with an item it did find
             out.append(np.where(cand < 0, cand.max(axis=1, keepdims=True), cand))
         return np.concatenate(out, axis=0)
@@ -208,9 +222,11 @@ def exact_retrieval(
     k: int,
     query_chunk: int,
     db_chunk: int,
+    exclude_self: bool = False,
 ) -> dict[str, float]:
     """Exact full-size search: ``map@k``, ``top1``, measured ``seconds_per_query`` and
-    ``mflops_per_query`` (``D * N / 1e6``).
+    ``mflops_per_query`` (``D * N / 1e6``); ``exclude_self``: the queries are the database's items, each
+    left out of its own neighbours.
 
     Timed exactly like a flat funnel shortlist: :func:`~mrl.eval.knn.exact_search` (faiss flat inner
     product, batched queries, CPU, same threads) over database chunks normalised on the fly, so no
@@ -219,7 +235,9 @@ def exact_retrieval(
     """
     dim = database.shape[1]
     start = time.perf_counter()
-    _, ids = exact_search(database, queries, dim, k, query_chunk, db_chunk, use_gpu=False)
+    _, ids = exact_search(
+        database, queries, dim, k, query_chunk, db_chunk, use_gpu=False, exclude_self=exclude_self
+    )
     seconds = time.perf_counter() - start
     return {
         "seconds_per_query": seconds / len(queries),

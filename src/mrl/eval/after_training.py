@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError
 
 from mrl.errors import MRLError
-from mrl.eval.locations import EVAL_SUBDIR, after_training_dir, checkpoint_id
+from mrl.eval.locations import EVAL_SUBDIR, after_training_dir, checkpoint_id, evaluation_settings
+from mrl.resolvers import evaluation_key
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,9 @@ def eval_config_after_training(
     settings: dict[str, Any] | DictConfig, ckpt_path: Path, job_dir: Path, train_cfg: DictConfig
 ) -> DictConfig:
     """The ``mrl-eval`` config for ``ckpt_path``: eval defaults < ``settings``; output in
-    ``job_dir/eval/<ckpt stem>-<id>`` (``job_dir/eval`` while the checkpoint does not exist yet, as in the
-    pre-flight check), W&B like the training job (same project, group and mode; none when it had none)."""
+    ``job_dir/eval/<ckpt stem>-<id>_<key>`` (``<key>``: :func:`~mrl.resolvers.evaluation_key` of its
+    settings; ``job_dir/eval`` while the checkpoint does not exist yet, as in the pre-flight check), W&B
+    like the training job (same project, group and mode; none when it had none)."""
     base = compose_eval_config()
     OmegaConf.set_struct(base, True)  # a misspelt key is an error, not a silently ignored setting
     OmegaConf.set_struct(base.data, False)  # data overrides are checked against the data config itself
@@ -54,8 +56,9 @@ def eval_config_after_training(
     trained_wandb = (train_cfg.get("logger") or {}).get("wandb")
     with open_dict(cfg):
         cfg.ckpt_path = str(ckpt_path)
+        key = evaluation_key(evaluation_settings(cfg))  # a place per checkpoint and evaluation settings
         cfg.paths.output_dir = str(
-            after_training_dir(job_dir, ckpt_path, checkpoint_id(ckpt_path))
+            after_training_dir(job_dir, ckpt_path, checkpoint_id(ckpt_path), key)
             if Path(ckpt_path).is_file()
             else job_dir / EVAL_SUBDIR
         )

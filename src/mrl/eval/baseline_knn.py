@@ -32,14 +32,21 @@ def posthoc_one_nn(
     db_chunk: int,
     neighbours: Neighbours,
     pca: tuple[np.ndarray, np.ndarray] | None = None,
+    exclude_self: bool = False,
 ) -> dict[str, dict[int, float]]:
     """``{"svd_1nn": {d: acc}, "slice_1nn": {d: acc}}``: 1-NN accuracy after PCA to ``d`` / truncation.
 
     The PCA projection is applied to each chunk inside the search; truncation ranks by ``neighbours``,
     the prefixes' exact search the kNN stage shares (a size it searched is not searched again). ``pca``
-    is :func:`~mrl.eval.baselines.pca_fit`'s result when the caller already has it.
+    is :func:`~mrl.eval.baselines.pca_fit`'s result when the caller already has it. ``exclude_self``: the
+    queries are the database's items, each left out of its own neighbours (``neighbours`` does the same).
     """
-    chunks = {"query_chunk": query_chunk, "db_chunk": db_chunk, "use_gpu": False}
+    chunks = {
+        "query_chunk": query_chunk,
+        "db_chunk": db_chunk,
+        "use_gpu": False,
+        "exclude_self": exclude_self,
+    }
     out: dict[str, dict[int, float]] = {"svd_1nn": {}, "slice_1nn": {}}
     progress = Progress("baselines: 1-NN searches", len(svd_sizes) + len(slice_sizes))
     if svd_sizes:

@@ -76,6 +76,27 @@ def linear_probe(
     return float(probe.score(np.asarray(test_x, dtype=np.float32), test_y))
 
 
+def held_out_rows(
+    num_database: int, num_queries: int, max_train: int | None, seed: int, held_out: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The database rows a probe trains on (at most ``max_train``, a seeded random subset, sorted) and
+    the query rows it is tested on (None: all). ``held_out`` (query ``i`` is database row ``i``): at most
+    half of the items train and at most ``max_train`` of the rest are tested, so no item is both."""
+    rng = np.random.default_rng(seed)
+    cap = max_train or num_database
+    if held_out:
+        cap = min(cap, num_database // 2)
+    rows = np.arange(num_database)
+    if len(rows) > cap:
+        rows = np.sort(rng.choice(rows, size=cap, replace=False))
+    if not held_out:
+        return rows, None
+    rest = np.setdiff1d(np.arange(num_queries), rows)
+    if max_train and len(rest) > max_train:
+        rest = np.sort(rng.choice(rest, size=max_train, replace=False))
+    return rows, rest
+
+
 def interpolation_sizes(nesting: Sequence[int]) -> list[int]:
     """Untrained sizes between consecutive trained ones: ``1.5 * d`` (12 between 8 and 16, ...)."""
     out = []
@@ -97,19 +118,22 @@ def posthoc_baselines(
     max_iter: int,
     seed: int,
     pca: tuple[np.ndarray, np.ndarray] | None = None,
+    held_out: bool = False,
 ) -> dict[str, dict[int, float]]:
     """``{"svd": {d: top1}, "slice": {d: top1}}`` of logistic-regression probes.
 
     The probes train on at most ``max_train`` database items (a seeded random subset), the PCA is
     fitted on the whole database (or given as ``pca``: :func:`pca_fit`'s result, shared with the 1-NN
-    baselines).
+    baselines). ``held_out``: the queries are the database's items (query ``i`` is database row ``i``),
+    so a probe is tested only on items it was not trained on: it trains on at most half of them and is
+    tested on at most ``max_train`` of the others (:func:`held_out_rows`).
     """
-    rows = np.arange(len(database))
-    if max_train and len(rows) > max_train:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, size=max_train, replace=False))
+    rows, test_rows = held_out_rows(len(database), len(queries), max_train, seed, held_out)
     train_x = np.asarray(database[rows], dtype=np.float32)
     train_y = db_labels[rows]
-    test_x = np.asarray(queries, dtype=np.float32)  # no copy of float32 (memmapped) queries
+    # no copy of float32 (memmapped) queries when all of them are tested
+    test_x = np.asarray(queries if test_rows is None else queries[test_rows], dtype=np.float32)
+    query_labels = query_labels if test_rows is None else query_labels[test_rows]
     out: dict[str, dict[int, float]] = {"svd": {}, "slice": {}}
     progress = Progress("baselines: probes", len(svd_sizes) + len(slice_sizes))
     if svd_sizes:

@@ -5,7 +5,12 @@ size (searched once, shared) and the report sections of the evaluators that ran 
 "The size-d view" is one concept here: the prefix ``z[:, :d]`` of a Matryoshka model, or for a CSR
 model (``kind`` ``csr``) the code of its ``d`` largest units (:mod:`mrl.eval.sparse_eval`).
 :meth:`EvalContext.neighbours` searches whichever it is, so every evaluator that ranks by it (kNN,
-retrieval, the quantized stage's float32 rows) is right for both."""
+retrieval, the quantized stage's float32 rows) is right for both.
+
+"The queries are the database" is one concept too: when the query split is the database split (or another
+name for the same items: an image folder or shards without a test split evaluate the validation images as
+``test``), :attr:`EvalContext.exclude_self` is set, every search leaves each query's own item out of its
+neighbours (:mod:`mrl.eval.knn`), and report.json's ``evaluated.exclude_self`` says so."""
 
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
-from mrl.eval.knn import exact_search
+from mrl.eval.knn import CHUNK_BYTES, candidates, exact_search
 from mrl.eval.sparse_eval import code_search
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 from mrl.nn.sparse_code_linear import SparseCodeLinear
@@ -84,6 +89,8 @@ class EvalContext:
     chunks: Chunks
     seed: int
     methods: frozenset[str]  # the methods.<name> that are on
+    # the queries are the database's own items (query i = database row i): each leaves out its own
+    exclude_self: bool = False
     # report sections of the evaluators that already ran
     sections: dict[str, Any] = field(default_factory=dict)
     # the query sets beyond the splits, by the evaluator that asked for them (exported with the splits,
@@ -104,9 +111,11 @@ class EvalContext:
         sizes: list[int],
         kind: str | None,
         device: torch.device,
+        exclude_self: bool = False,
     ) -> EvalContext:
         """The context of an evaluation config (conf/eval.yaml): its chunks, seed and the methods that are
-        on, with ``(embeddings, labels)`` of the database and query splits."""
+        on, with ``(embeddings, labels)`` of the database and query splits (``exclude_self``: the same
+        items, :func:`same_items`)."""
         return cls(
             database=database[0],
             db_labels=database[1],
@@ -120,6 +129,7 @@ class EvalContext:
             chunks=Chunks.from_config(cfg.chunks),
             seed=int(cfg.seed),
             methods=methods_on(cfg),
+            exclude_self=exclude_self,
         )
 
     @property
@@ -129,6 +139,12 @@ class EvalContext:
     @property
     def num_classes(self) -> int:
         return self.head.num_classes
+
+    @property
+    def candidates(self) -> int:
+        """How many database items each query can have as neighbours (all but its own when
+        :attr:`exclude_self`)."""
+        return candidates(len(self.database), self.exclude_self)
 
     @property
     def sparse(self) -> bool:
@@ -148,18 +164,35 @@ class EvalContext:
         (:func:`~mrl.eval.knn.exact_search`, on the GPU when the evaluation runs on one); a CSR model's
         top-d codes: cosine by a sparse product on the CPU (:func:`~mrl.eval.sparse_eval.code_search`,
         its time kept in :attr:`sparse_searches`). A size is searched again only for more neighbours
-        than its search kept, and the deeper search is kept instead."""
-        k = min(int(k), len(self.database))
+        than its search kept, and the deeper search is kept instead. With :attr:`exclude_self` no query
+        is among its own neighbours (at most :attr:`candidates` of them)."""
+        k = min(int(k), self.candidates)
         ids = self._neighbour_ids.get(d)
         if ids is None or ids.shape[1] < k:
-            chunks = (self.chunks.query, self.chunks.database)
+            chunks, own = (self.chunks.query, self.chunks.database), self.exclude_self
             if self.sparse:
                 ids, measured = code_search(
-                    self.database, self.queries, d, k, chunks[1], chunks[0], "float32"
+                    self.database, self.queries, d, k, chunks[1], chunks[0], "float32", own
                 )
                 self.sparse_searches[d] = measured
             else:
                 use_gpu = None if self.device.type == "cuda" else False  # None: a GPU index if faiss has GPUs
-                ids = exact_search(self.database, self.queries, d, k, *chunks, use_gpu)[1]
+                ids = exact_search(self.database, self.queries, d, k, *chunks, use_gpu, exclude_self=own)[1]
             self._neighbour_ids[d] = ids
         return ids[:, :k]
+
+
+def same_items(
+    database: tuple[np.ndarray, np.ndarray], queries: tuple[np.ndarray, np.ndarray], same_split: bool
+) -> bool:
+    """Whether the queries are the database's own items, query ``i`` database row ``i``: the same split,
+    or two splits whose exported embeddings and labels are identical (one data set under two names, as
+    an image folder without a test folder evaluates its validation images as ``test``). Compared a
+    chunk of at most ``CHUNK_BYTES`` at a time (the embeddings may be memmaps larger than memory)."""
+    if same_split:
+        return True
+    (db, db_y), (q, q_y) = database, queries
+    if db.shape != q.shape or db.dtype != q.dtype or not np.array_equal(db_y, q_y):
+        return False
+    rows = max(1, CHUNK_BYTES // max(db.itemsize * db.shape[1], 1))
+    return all(np.array_equal(db[s : s + rows], q[s : s + rows]) for s in range(0, len(db), rows))

@@ -7,13 +7,24 @@ bounded by one batch however large the split (ImageNet-1K train at 2048-d is 10.
 ``float16`` storage halves it). Files are written under temporary names and renamed, and a small
 ``<split>_embeddings.json`` naming the checkpoint and data they came from is written last: files
 without a matching one are recomputed, so an interrupted export or a changed checkpoint is never reused.
+
+Every split is read by the datamodule's evaluation loader (``evaluation_loader``): in order and with the
+evaluation preprocessing, the training split too (whose training loader crops and flips at random), so
+two evaluations of one checkpoint export the same embeddings.
+
+The embeddings file is sized and its blocks reserved on disk before the first batch is written: a disk
+too small for it is refused with the sizes involved (``MRLError``) instead of a memory-mapped write
+failing half-way (SIGBUS) or an ``OSError``, and nothing is left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +95,9 @@ def export_split(
             "Choose database_split / query_split among those."
         )
     n = len(datamodule.datasets[split])
-    loader = datamodule.split_loader(split)  # no worker starts unless export_loader finds no valid cache
+    # in order, with the evaluation preprocessing (the training split too); no worker starts unless
+    # export_loader finds no valid cache
+    loader = datamodule.evaluation_loader(split)
     return export_loader(module, datamodule, loader, n, split, out_dir, fingerprint, dtype, device, precision)
 
 
@@ -125,16 +138,62 @@ def export_loader(
                 x, y = datamodule.model_inputs(batch, device)
                 z = module(x).float()
                 if out is None:
-                    out = np.lib.format.open_memmap(tmp_emb, mode="w+", dtype=dtype, shape=(n, z.shape[1]))
+                    out = open_embeddings(tmp_emb, (n, z.shape[1]), dtype, name)
                 out[row : row + len(z)] = z.cpu().numpy()
                 labels[row : row + len(z)] = y.cpu().numpy()
                 row += len(z)
                 progress.step()
         if out is None or row != n:
             raise MRLError(f"The '{name}' split yielded {row} of its {n} items; cannot export embeddings.")
-        out.flush()
-        del out
-        with open(tmp_lbl, "wb") as f:
-            np.save(f, labels)
+        try:
+            out.flush()
+            del out
+            with open(tmp_lbl, "wb") as f:
+                np.save(f, labels)
+        except OSError as err:
+            raise MRLError(_write_failed(name, out_dir, err)) from None
     write_json(meta_path, fingerprint)
     return np.load(emb_path, mmap_mode="r"), labels
+
+
+def _size(num_bytes: float) -> str:
+    """``4.0 KiB``, ``10.5 GiB``: bytes in the largest binary unit that leaves at least 1."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024:
+            return f"{num_bytes:.0f} B" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    return f"{num_bytes:.1f} TiB"
+
+
+def _write_failed(name: str, out_dir: Path, err: OSError) -> str:
+    return (
+        f"Writing the {name} embeddings into {out_dir} failed ({err.strerror or err}); nothing was kept. "
+        "Free space there, write elsewhere with hydra.run.dir=<dir on a larger disk>, or halve the "
+        "embeddings with embedding_dtype=float16."
+    )
+
+
+def open_embeddings(path: Path, shape: tuple[int, int], dtype: str, name: str) -> np.memmap:
+    """A writable ``.npy`` memmap of ``shape`` at ``path`` whose blocks are reserved on disk first: a disk
+    without room for it raises :class:`MRLError` here (with the sizes), not a SIGBUS when a page of the
+    memmap is written later (an unreserved, sparse file is only allocated as it is written)."""
+    needed = shape[0] * shape[1] * np.dtype(dtype).itemsize
+    free = shutil.disk_usage(path.parent).free
+    if needed > free:
+        raise MRLError(
+            f"The {name} embeddings ({shape[0]} x {shape[1]} {dtype}) need {_size(needed)} but "
+            f"{path.parent} has {_size(free)} free; nothing was written. Free space there, write elsewhere "
+            "with hydra.run.dir=<dir on a larger disk>, or halve them with embedding_dtype=float16."
+        )
+    try:
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        if hasattr(os, "posix_fallocate"):
+            with open(path, "rb+") as f:
+                try:
+                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+                except OSError as err:  # a file system that cannot reserve blocks is written as it is
+                    if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                        raise
+    except OSError as err:
+        raise MRLError(_write_failed(name, path.parent, err)) from None
+    return out

@@ -33,6 +33,7 @@ from mrl.eval.baselines import check_baselines, interpolation_sizes, pca_fit, po
 from mrl.eval.context import EvalContext, QuerySet, methods_on
 from mrl.eval.knn import check_knn, knn_accuracy
 from mrl.eval.linear import linear_accuracy, max_softmax_predictions
+from mrl.eval.progress import begin_stage
 from mrl.eval.quantized import QuantizedSettings, check_quantized, quantized_retrieval
 from mrl.eval.retrieval import check_retrieval, retrieval_metrics
 from mrl.eval.sparse_eval import NOT_FOR_CODES, PREFIX_FORMATS_SKIPPED, sparse_quantized
@@ -73,10 +74,11 @@ def measure_knn_and_retrieval(ctx: EvalContext, settings: DictConfig) -> dict[st
     time (:func:`mrl.eval.sparse_eval.code_search`)."""
     ks = sorted({int(k) for k in settings.retrieval.ks})
     kmax = max([*ks, int(settings.knn.k), 1])
-    if kmax > len(ctx.database):
+    if kmax > ctx.candidates:
+        others = " other" if ctx.exclude_self else ""
         raise MRLError(
-            f"The database has {len(ctx.database)} items, fewer than the k={kmax} asked for; lower the k "
-            "values."
+            f"The database has {ctx.candidates}{others} items to rank for each query, fewer than the "
+            f"k={kmax} asked for; lower the k values (knn.k, retrieval.ks)."
         )
     knn, retrieval = {}, {}
     for d in ctx.sizes:
@@ -87,7 +89,9 @@ def measure_knn_and_retrieval(ctx: EvalContext, settings: DictConfig) -> dict[st
                 "knn": knn_accuracy(neighbor_labels, ctx.query_labels, int(settings.knn.k), ctx.num_classes),
             }
         if "retrieval" in ctx.methods:
-            retrieval[d] = retrieval_metrics(neighbor_labels, ctx.query_labels, ctx.db_labels, ks)
+            retrieval[d] = retrieval_metrics(
+                neighbor_labels, ctx.query_labels, ctx.db_labels, ks, ctx.exclude_self
+            )
     timed = {d: ctx.sparse_searches[d] for d in ctx.sizes if d in ctx.sparse_searches}
     return {"knn": knn, "retrieval": retrieval} | ({"sparse_retrieval": timed} if ctx.sparse else {})
 
@@ -117,9 +121,8 @@ def measure_adaptive_retrieval(ctx: EvalContext, settings: DictConfig) -> dict[s
     """``adaptive_retrieval`` (every funnel, flat and with hnsw also HNSW shortlists) and
     ``exact_retrieval`` (full-size exact search, timed the same way)."""
     ar, chunks = settings.adaptive_retrieval, ctx.chunks
-    exact = exact_retrieval(
-        ctx.database, ctx.db_labels, ctx.queries, ctx.query_labels, FUNNEL_K, chunks.query, chunks.database
-    )
+    data = (ctx.database, ctx.db_labels, ctx.queries, ctx.query_labels)
+    exact = exact_retrieval(*data, FUNNEL_K, chunks.query, chunks.database, ctx.exclude_self)
     search = FunnelSettings(
         hnsw_m=int(ar.hnsw_m),
         hnsw_ef_construction=int(ar.hnsw_ef_construction),
@@ -127,11 +130,10 @@ def measure_adaptive_retrieval(ctx: EvalContext, settings: DictConfig) -> dict[s
         query_chunk=chunks.query,  # batched like the exact search it is compared with
         db_chunk=chunks.database,
         block_floats=chunks.rerank,
+        exclude_self=ctx.exclude_self,
     )
     funnels = funnel_configs(ar, ctx.embed_dim)
-    rows = adaptive_retrieval(
-        ctx.database, ctx.db_labels, ctx.queries, ctx.query_labels, funnels, FUNNEL_K, bool(ar.hnsw), search
-    )
+    rows = adaptive_retrieval(*data, funnels, FUNNEL_K, bool(ar.hnsw), search)
     return {"adaptive_retrieval": rows, "exact_retrieval": exact}
 
 
@@ -148,12 +150,12 @@ def measure_baselines(ctx: EvalContext, settings: DictConfig) -> dict[str, Any]:
     pca = pca_fit(ctx.database) if svd_sizes else None  # one pass over the database for both
     data = (ctx.database, ctx.db_labels, ctx.queries, ctx.query_labels)
     out = posthoc_baselines(
-        *data, svd_sizes, slice_sizes, int(bc.max_train), int(bc.max_iter), ctx.seed, pca=pca
+        *data, svd_sizes, slice_sizes, int(bc.max_train), int(bc.max_iter), ctx.seed, pca, ctx.exclude_self
     )
     if baselines_one_nn(bc.knn, ctx.kind):
         # a truncation's 1-NN ranks by the prefixes' shared search (the kNN stage's at a reported size)
         chunks = (ctx.chunks.query, ctx.chunks.database)
-        out |= posthoc_one_nn(*data, svd_sizes, slice_sizes, *chunks, ctx.neighbours, pca=pca)
+        out |= posthoc_one_nn(*data, svd_sizes, slice_sizes, *chunks, ctx.neighbours, pca, ctx.exclude_self)
     return {"baselines": out}
 
 
@@ -166,13 +168,15 @@ def measure_quantized(ctx: EvalContext, settings: DictConfig) -> dict[str, Any]:
             ctx.skip("quantized.formats", PREFIX_FORMATS_SKIPPED)
         data = (ctx.database, ctx.db_labels, ctx.queries, ctx.query_labels)
         chunks = (ctx.chunks.query, ctx.chunks.database)
-        return {"quantized": sparse_quantized(*data, ctx.sizes, int(q.k), chunks, ctx.neighbours)}
+        found = sparse_quantized(*data, ctx.sizes, int(q.k), chunks, ctx.neighbours, ctx.exclude_self)
+        return {"quantized": found}
     qs = QuantizedSettings(
         formats=tuple(q.formats),
         k=int(q.k),
         binary_threshold=str(q.binary_threshold),
         query_chunk=ctx.chunks.query,
         db_chunk=ctx.chunks.database,
+        exclude_self=ctx.exclude_self,
     )
     # the float32 rows rank by the prefixes' shared search (the knn+retrieval stage's)
     data = (ctx.database, ctx.db_labels, ctx.queries, ctx.query_labels)
@@ -259,6 +263,7 @@ def run_evaluators(ctx: EvalContext, cfg: DictConfig, done: Callable[[str], None
     does not apply to a CSR model's sparse codes is skipped with its reason (``ctx.skip``). Returns the
     report sections (``ctx.sections``)."""
     for evaluator in EVALUATORS:
+        begin_stage(evaluator.name)  # its searches are counted from here (their progress lines)
         if evaluator.is_on(ctx.methods):
             reason = NOT_FOR_CODES.get(evaluator.name) if ctx.sparse else None
             if reason:

@@ -5,6 +5,11 @@ vector), then searched by inner product, which equals cosine similarity. Search 
 index, on the GPU when faiss has one), with the database and the queries both taken in chunks so memory
 stays bounded: the only database-sized thing is the (possibly memory-mapped) embeddings themselves; a
 normalised float32 database chunk is at most ``CHUNK_BYTES`` (32 MiB).
+
+When the queries are the database's own items (the same split, or two split names for the same data:
+query ``i`` is database row ``i``), a search with ``exclude_self`` leaves each query's own row out of its
+neighbours, as retrieval benchmarks do: otherwise every query finds itself first (1-NN 100%).
+:func:`leave_self_out` is that step for any search that returns one more neighbour than asked for.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import faiss
 import numpy as np
 
 from mrl.config_checks import Node, mapping, positive_int
-from mrl.eval.progress import Progress
+from mrl.eval.progress import stage_progress
 
 # Largest float32 database chunk normalised at once (32 MiB): the chunk is the search's only working
 # copy of the database; faiss computes in 4096 x 1024 tiles anyway, and each extra chunk only adds a
@@ -54,6 +59,22 @@ def _search_block(
     return faiss.knn(queries, db, k, metric=faiss.METRIC_INNER_PRODUCT)
 
 
+def candidates(num_database: int, exclude_self: bool) -> int:
+    """How many database items a query can have as neighbours: all, or all but its own."""
+    return num_database - 1 if exclude_self else num_database
+
+
+def leave_self_out(
+    ids: np.ndarray, scores: np.ndarray, k: int, first: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of each row of a search for ``k + 1`` (or more) neighbours, best first, without
+    the query's own database row (query ``first + i`` is database row ``first + i``); a row whose own item
+    was not among them (exact ties) drops its last."""
+    own = ids == (first + np.arange(len(ids)))[:, None]
+    order = np.argsort(own, axis=1, kind="stable")[:, :k]  # own rows move last, the others keep their order
+    return np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
+
+
 def exact_search(
     database: np.ndarray,
     queries: np.ndarray,
@@ -63,6 +84,7 @@ def exact_search(
     db_chunk: int,
     use_gpu: bool | None,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    exclude_self: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` database rows by cosine similarity of the size-``d`` prefixes, best first.
 
@@ -73,11 +95,13 @@ def exact_search(
     Returns ``(scores, indices)`` of shape ``(len(queries), k)``. ``database`` may be a float16
     memmap: each database chunk (``db_chunk`` rows, at most ``CHUNK_BYTES`` of float32) is converted and
     normalised once, searched by all query chunks, and the per-chunk results are merged, so at most one
-    float32 chunk of the database is in memory.
+    float32 chunk of the database is in memory. ``exclude_self``: query ``i`` is database row ``i``,
+    left out of its own neighbours (at most ``len(database) - 1`` of them).
     """
     n = len(database)
     db_chunk = chunk_rows(db_chunk, d)
-    k = min(int(k), n)
+    wanted = min(int(k), candidates(n, exclude_self))
+    k = min(wanted + 1, n) if exclude_self else wanted
     use_gpu = _gpu_available() if use_gpu is None else use_gpu
     nq = len(queries)
     best_scores = np.full((nq, k), -np.inf, dtype=np.float32)
@@ -99,12 +123,10 @@ def exact_search(
             order = np.argsort(-merged_s, axis=1, kind="stable")[:, :k]
             best_scores[rows] = np.take_along_axis(merged_s, order, axis=1)
             best_ids[rows] = np.take_along_axis(merged_i, order, axis=1)
-    _searches.step(f"last: d={d}, {nq} queries x {n} items")
+    stage_progress("exact searches").step(f"last: d={d}, {nq} queries x {n} items")
+    if exclude_self:
+        best_ids, best_scores = leave_self_out(best_ids, best_scores, wanted)
     return best_scores, best_ids
-
-
-# Searches are called once per size by the evaluation loops: this reports them, time-throttled.
-_searches = Progress("exact searches")
 
 
 def knn_predict(neighbor_labels: np.ndarray, k: int, num_classes: int | None = None) -> np.ndarray:

@@ -1,17 +1,21 @@
 """Where an evaluation's outputs live, and how the evaluations of a training run are found again.
 
-Every evaluation is named after the checkpoint it evaluated *and* that checkpoint's content
-(:func:`checkpoint_id`): two runs' ``last.ckpt`` (job ``0`` of two sweeps, say) never share a place,
-a rerun on the same checkpoint finds its exported embeddings again, and a checkpoint that changed
-(a resumed run overwrote ``last.ckpt``) gets a new place instead of replacing the old results.
+Every evaluation is named after the checkpoint it evaluated, that checkpoint's content
+(:func:`checkpoint_id`) *and* what it evaluated of it (:func:`evaluation_key`: the splits, sizes, data
+settings and embedding dtype): two runs' ``last.ckpt`` (job ``0`` of two sweeps, say) never share a
+place, a rerun with the same settings finds its exported embeddings again, a checkpoint that changed (a
+resumed run overwrote ``last.ckpt``) gets a new place instead of replacing the old results, and so does
+an evaluation of the same checkpoint on another split, other data or other sizes.
 
-- ``mrl-train evaluate=...`` writes ``<job dir>/eval/<ckpt stem>-<id>/``;
-- ``mrl-eval ckpt_path=<ckpt>`` writes ``<log dir>/eval/runs/<run dir name>_<ckpt stem>-<id>/`` and
-  leaves a small link ``<job dir>/eval/<ckpt stem>-<id>.json`` naming it, so ``mrl-report`` finds every
-  evaluation of a job's checkpoints from the job directory alone.
+- ``mrl-train evaluate=...`` writes ``<job dir>/eval/<ckpt stem>-<id>_<key>/``;
+- ``mrl-eval ckpt_path=<ckpt>`` writes ``<log dir>/eval/runs/<run dir name>_<ckpt stem>-<id>_<key>/`` and
+  leaves a small link ``<job dir>/eval/<ckpt stem>-<id>_<key>.json`` naming it, so ``mrl-report`` finds
+  every evaluation of a job's checkpoints from the job directory alone.
 
-Each evaluation directory holds ``checkpoint.json`` (which checkpoint it belongs to); an evaluation
-refuses to write into a directory that belongs to another checkpoint.
+Each evaluation directory holds ``checkpoint.json``: which checkpoint it belongs to and what was
+evaluated of it, the same record as report.json's ``checkpoint`` (both rewritten together when another
+path to the same content is evaluated there). An evaluation refuses to write into a directory that
+belongs to another checkpoint or to other evaluation settings.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 
 from mrl.errors import MRLError
 from mrl.files import atomic_write_text
+from mrl.resolvers import evaluated_settings, evaluation_key
 
 log = logging.getLogger(__name__)
 
@@ -62,41 +67,83 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in name)
 
 
-def evaluation_name(ckpt_path: str | Path, ckpt_id: str) -> str:
-    """``<ckpt stem>-<id>``: the evaluation's name inside its training job."""
-    return _safe(f"{Path(ckpt_path).stem}-{ckpt_id}")
+def evaluation_settings(cfg: Any) -> dict[str, Any]:
+    """What an evaluation config (conf/eval.yaml, resolved) evaluates besides the checkpoint:
+    :func:`mrl.resolvers.evaluated_settings` of its splits, sizes, data, embedding dtype and paper head."""
+    return evaluated_settings(
+        cfg.database_split, cfg.query_split, cfg.sizes, cfg.data, cfg.embedding_dtype, cfg.get("paper_head")
+    )
 
 
-def standalone_dir_name(ckpt_path: str | Path, ckpt_id: str) -> str:
-    """``<run dir name>_<ckpt stem>-<id>``: an ``mrl-eval`` output dir under ``<log dir>/eval/runs``."""
+def evaluation_name(ckpt_path: str | Path, ckpt_id: str, key: str | None = None) -> str:
+    """``<ckpt stem>-<id>_<key>``: the evaluation's name inside its training job (``key``: the
+    :func:`evaluation_key` of its settings; none in the names of earlier versions)."""
+    return _safe(f"{Path(ckpt_path).stem}-{ckpt_id}" + (f"_{key}" if key else ""))
+
+
+def standalone_dir_name(ckpt_path: str | Path, ckpt_id: str, key: str | None = None) -> str:
+    """``<run dir name>_<ckpt stem>-<id>_<key>``: an ``mrl-eval`` output dir under ``<log dir>/eval/runs``
+    (conf/eval.yaml builds the same name from ``${mrl_eval_name:}`` and ``${mrl_eval_key:}``)."""
     run = training_run_dir(ckpt_path).name
-    name = evaluation_name(ckpt_path, ckpt_id)
+    name = evaluation_name(ckpt_path, ckpt_id, key)
     return _safe(f"{run}_{name}") if run else name
 
 
-def after_training_dir(job_dir: Path, ckpt_path: str | Path, ckpt_id: str) -> Path:
-    """Where ``mrl-train evaluate=...`` puts the evaluation of ``ckpt_path``."""
-    return Path(job_dir) / EVAL_SUBDIR / evaluation_name(ckpt_path, ckpt_id)
+def after_training_dir(job_dir: Path, ckpt_path: str | Path, ckpt_id: str, key: str | None = None) -> Path:
+    """Where ``mrl-train evaluate=...`` puts the evaluation of ``ckpt_path`` with settings ``key``."""
+    return Path(job_dir) / EVAL_SUBDIR / evaluation_name(ckpt_path, ckpt_id, key)
 
 
-def checkpoint_record(ckpt_path: str | Path, ckpt_id: str) -> dict[str, Any]:
-    """What ``checkpoint.json`` and ``report.json`` say about the evaluated checkpoint."""
+def checkpoint_record(
+    ckpt_path: str | Path, ckpt_id: str, settings: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What ``checkpoint.json`` and ``report.json`` say about the evaluated checkpoint, and with
+    ``settings`` (:func:`evaluation_settings`) what was evaluated of it and its key."""
     ckpt = Path(ckpt_path).absolute()
-    return {"path": str(ckpt), "id": ckpt_id, "run_dir": str(training_run_dir(ckpt))}
+    record: dict[str, Any] = {"path": str(ckpt), "id": ckpt_id, "run_dir": str(training_run_dir(ckpt))}
+    if settings is not None:
+        record["evaluated"] = {**settings, "key": evaluation_key(settings)}
+    return record
 
 
-def check_output_dir(out_dir: Path, ckpt_path: str | Path, ckpt_id: str) -> None:
-    """Raise :class:`MRLError` when ``out_dir`` already holds the results of a different checkpoint (or
-    results it cannot attribute to any checkpoint)."""
+def _read_record(record_path: Path) -> dict[str, Any]:
+    try:
+        owner = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _differences(owner: dict[str, Any], settings: dict[str, Any]) -> str:
+    """``query_split=val (there: test), ...``: how ``settings`` differ from those ``owner`` recorded."""
+    held = owner.get("evaluated") or {}
+    return ", ".join(
+        f"{key}={json.dumps(value)} (there: {json.dumps(held.get(key))})"
+        for key, value in settings.items()
+        if held.get(key) != value
+    )
+
+
+def check_output_dir(
+    out_dir: Path, ckpt_path: str | Path, ckpt_id: str, settings: dict[str, Any] | None = None
+) -> None:
+    """Raise :class:`MRLError` when ``out_dir`` already holds the results of a different checkpoint, of
+    this checkpoint evaluated with other ``settings`` (:func:`evaluation_settings`; not checked when
+    None), or results it cannot attribute to any checkpoint."""
     out_dir = Path(out_dir)
     record_path = out_dir / CHECKPOINT_RECORD
     if record_path.is_file():
-        try:
-            owner = json.loads(record_path.read_text())
-        except (OSError, ValueError):
-            owner = {}
+        owner = _read_record(record_path)
         if owner.get("id") == ckpt_id:
-            return
+            recorded = (owner.get("evaluated") or {}).get("key")
+            if settings is None or recorded is None or recorded == evaluation_key(settings):
+                return
+            raise MRLError(
+                f"{out_dir} holds an evaluation of this checkpoint with other settings "
+                f"({_differences(owner, settings)}); its results are left as they are. Leave "
+                "hydra.run.dir at its default (one directory per checkpoint and settings) or choose an "
+                "empty directory."
+            )
         raise MRLError(
             f"{out_dir} holds the evaluation of another checkpoint ({owner.get('path', 'unknown')}, id "
             f"{owner.get('id', '?')}), not of {ckpt_path} (id {ckpt_id}); nothing was written. Leave "
@@ -110,23 +157,37 @@ def check_output_dir(out_dir: Path, ckpt_path: str | Path, ckpt_id: str) -> None
         )
 
 
-def claim_output_dir(out_dir: Path, ckpt_path: str | Path, ckpt_id: str) -> None:
-    """Make ``out_dir`` the place of this checkpoint's evaluation (after :func:`check_output_dir`)."""
-    check_output_dir(out_dir, ckpt_path, ckpt_id)
+def claim_output_dir(out_dir: Path, record: dict[str, Any]) -> None:
+    """Make ``out_dir`` the place of the evaluation ``record`` (:func:`checkpoint_record` with its
+    settings) describes, after :func:`check_output_dir`. A directory that already has a record keeps it
+    until :func:`record_evaluation` replaces it beside the new report."""
+    settings = {k: v for k, v in record["evaluated"].items() if k != "key"}
+    check_output_dir(out_dir, record["path"], record["id"], settings)
     record_path = Path(out_dir) / CHECKPOINT_RECORD
     if not record_path.is_file():
-        atomic_write_text(record_path, json.dumps(checkpoint_record(ckpt_path, ckpt_id), indent=2) + "\n")
+        atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
 
 
-def link_to_training_run(eval_dir: Path, ckpt_path: str | Path, ckpt_id: str) -> Path | None:
-    """Leave ``<job>/eval/<ckpt stem>-<id>.json`` naming ``eval_dir`` (an evaluation written elsewhere),
-    so the job's evaluations can be found from the job. A read-only job dir only costs a warning."""
+def record_evaluation(out_dir: Path, record: dict[str, Any]) -> None:
+    """``checkpoint.json`` as report.json's ``checkpoint`` says (called right after the report is
+    written): another path to the same content evaluated here is recorded in both, never in one."""
+    record_path = Path(out_dir) / CHECKPOINT_RECORD
+    if _read_record(record_path) != record:
+        atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
+
+
+def link_to_training_run(eval_dir: Path, record: dict[str, Any]) -> Path | None:
+    """Leave ``<job>/eval/<ckpt stem>-<id>_<key>.json`` naming ``eval_dir`` (an evaluation written
+    elsewhere; ``record``: its :func:`checkpoint_record`), so the job's evaluations can be found from the
+    job. A read-only job dir only costs a warning."""
+    ckpt_path, ckpt_id = record["path"], record["id"]
     job_dir = training_run_dir(ckpt_path)
-    link = job_dir / EVAL_SUBDIR / f"{evaluation_name(ckpt_path, ckpt_id)}.json"
+    key = (record.get("evaluated") or {}).get("key")
+    link = job_dir / EVAL_SUBDIR / f"{evaluation_name(ckpt_path, ckpt_id, key)}.json"
     if Path(eval_dir).absolute() == link.with_suffix("").absolute():
         return None  # the evaluation is inside the job already
     try:
-        payload = {**checkpoint_record(ckpt_path, ckpt_id), "eval_dir": str(Path(eval_dir).absolute())}
+        payload = {**record, "eval_dir": str(Path(eval_dir).absolute())}
         return atomic_write_text(link, json.dumps(payload, indent=2) + "\n")
     except OSError as err:
         log.warning(

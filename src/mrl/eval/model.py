@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mrl.config_checks import check_known_keys
 from mrl.models.paper_layout import PaperCheckpoint
+from mrl.resolvers import absolute_paths
 from mrl.training.checkpoints import check_compatible, checkpoint_config, load_model_file
 
 
@@ -52,19 +53,16 @@ def load_for_eval(
     return module.eval(), datamodule, OmegaConf.to_container(cfg, resolve=True)
 
 
-def fingerprint(
-    ckpt_path: str | Path, train_config: dict[str, Any], split: str, dtype: str, img_size: int
-) -> dict:
-    """What exported embeddings depend on: reused only when all of it is unchanged."""
-    path = Path(ckpt_path).resolve()
-    stat = path.stat()
+def fingerprint(ckpt_id: str, train_config: dict[str, Any], split: str, dtype: str, img_size: int) -> dict:
+    """What exported embeddings depend on: reused only when all of it is unchanged. The checkpoint is its
+    content (``mrl.eval.locations.checkpoint_id``), not its path: two paths to one file, or a copy, give
+    the same embeddings; the data is the checkpoint's data config with mrl-eval's data settings merged in,
+    relative paths made absolute (from another folder they name other data)."""
     data = json.loads(json.dumps(train_config.get("data", {}), default=str, sort_keys=True))
     return {
-        "checkpoint": str(path),
-        "checkpoint_bytes": stat.st_size,
-        "checkpoint_mtime_ns": stat.st_mtime_ns,
+        "checkpoint_id": ckpt_id,
         "split": split,
         "dtype": dtype,
         "img_size": int(img_size),
-        "data": data,
+        "data": absolute_paths(data),
     }

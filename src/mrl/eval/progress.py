@@ -43,3 +43,35 @@ class Progress:
         count = f"{self.done}/{self.total}" if self.total else str(self.done)
         log.info("%s: %s%s after %.0fs", self.what, count, f" ({item})" if item else "", now - self.started)
         return True
+
+
+class _Stages:
+    """The evaluation stage running now and the progress of the loops that span several calls within it
+    (exact searches: one call per size and evaluator), so their counts and seconds start with the
+    stage, not with the process."""
+
+    def __init__(self) -> None:
+        self.name = ""
+        self.loops: dict[str, Progress] = {}
+
+    def begin(self, name: str) -> None:
+        self.name, self.loops = name, {}
+
+    def progress(self, what: str) -> Progress:
+        if what not in self.loops:
+            self.loops[what] = Progress(f"{self.name}: {what}" if self.name else what)
+        return self.loops[what]
+
+
+_stages = _Stages()
+
+
+def begin_stage(name: str) -> None:
+    """Start evaluation stage ``name``: the loops counted by :func:`stage_progress` start again at 0."""
+    _stages.begin(name)
+
+
+def stage_progress(what: str) -> Progress:
+    """The progress of ``what`` (a loop whose items are separate calls, such as exact searches) within
+    the current stage, its lines prefixed by the stage's name."""
+    return _stages.progress(what)

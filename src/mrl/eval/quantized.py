@@ -37,7 +37,7 @@ import numpy as np
 
 from mrl.config_checks import Node, mapping, one_of, positive_int, require
 from mrl.errors import MRLError
-from mrl.eval.knn import Neighbours, chunk_rows, knn_accuracy, normalized_prefix
+from mrl.eval.knn import Neighbours, candidates, chunk_rows, knn_accuracy, leave_self_out, normalized_prefix
 from mrl.eval.progress import Progress
 from mrl.eval.retrieval import retrieval_metrics
 from mrl.eval.sparse_codes import prefix_bytes
@@ -57,6 +57,7 @@ class QuantizedSettings:
     binary_threshold: str
     query_chunk: int
     db_chunk: int
+    exclude_self: bool = False  # the queries are the database's items: each leaves out its own
 
 
 def check_quantized(cfg: Node, p: str) -> None:
@@ -150,12 +151,15 @@ def search_index(
     d: int,
     k: int,
     query_chunk: int,
+    exclude_self: bool = False,
 ) -> np.ndarray:
-    """Ids of the top-``k`` database rows of every query, best first, searched ``query_chunk`` at a time."""
-    ids = [
-        index.search(encode(normalized_prefix(queries[s : s + query_chunk], d)), k)[1]
-        for s in range(0, len(queries), query_chunk)
-    ]
+    """Ids of the top-``k`` database rows of every query, best first, searched ``query_chunk`` at a time;
+    ``exclude_self``: query ``i`` is database row ``i``, left out of its own neighbours."""
+    ids = []
+    for s in range(0, len(queries), query_chunk):
+        encoded = encode(normalized_prefix(queries[s : s + query_chunk], d))
+        scores, found = index.search(encoded, min(k + 1, index.ntotal) if exclude_self else k)
+        ids.append(leave_self_out(found, scores, k, first=s)[0] if exclude_self else found)
     return np.concatenate(ids) if ids else np.empty((0, k), dtype=np.int64)
 
 
@@ -191,9 +195,10 @@ def quantized_retrieval(
     The float32 rows rank by ``neighbours``, the exact search the kNN and retrieval sections share.
     """
     k = settings.k
-    if k > len(database):
+    if k > candidates(len(database), settings.exclude_self):
         raise MRLError(
-            f"The database has {len(database)} items, fewer than quantized.k={k}; lower quantized.k."
+            f"The database has {candidates(len(database), settings.exclude_self)} items to rank for each "
+            f"query, fewer than quantized.k={k}; lower quantized.k."
         )
     out: dict[str, dict[int, dict[str, float]]] = {FLOAT32: {}, **{f: {} for f in settings.formats}}
     progress = Progress("quantized searches", len(sizes) * len(settings.formats))
@@ -204,7 +209,7 @@ def quantized_retrieval(
         stats = prefix_stats(database, d, settings.db_chunk) if needs_stats(settings) else None
         for fmt in settings.formats:
             index, encode = quantized_index(fmt, database, d, stats, settings)
-            ids = search_index(index, encode, queries, d, k, settings.query_chunk)
+            ids = search_index(index, encode, queries, d, k, settings.query_chunk, settings.exclude_self)
             # what the index stores per vector: faiss's code_size, counted where every byte count is
             out[fmt][d] = {"bytes": prefix_bytes(d, fmt), **ranking_metrics(ids, db_labels, query_labels, k)}
             progress.step(f"{fmt} d={d}")

@@ -13,6 +13,7 @@ from mrl.files import atomic_write_text
 
 REPORT_KEYS = (
     "sizes",
+    "evaluated",
     "linear",
     "knn",
     "retrieval",
@@ -63,15 +64,24 @@ def bytes_section(
 
 
 def build_report(
-    sizes: list[int], sections: Mapping[str, Any], checkpoint: dict, code_units: int | None = None
+    sizes: list[int],
+    sections: Mapping[str, Any],
+    checkpoint: dict,
+    code_units: int | None = None,
+    evaluated: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report in the documented shape from the evaluators' ``sections`` (a method that did not run
-    leaves its section empty); ``checkpoint`` says which checkpoint was evaluated
-    (``mrl.eval.locations.checkpoint_record``); ``code_units``: a CSR model's code width (its sizes are
-    numbers of active units, :func:`bytes_section`)."""
+    leaves its section empty); ``checkpoint`` says which checkpoint was evaluated and with which settings
+    (``mrl.eval.locations.checkpoint_record``, as its checkpoint.json); ``code_units``: a CSR model's
+    code width (its sizes are numbers of active units, :func:`bytes_section`); ``evaluated``: the splits
+    the numbers come from (``mrl.eval.run``)."""
     baselines = sections.get("baselines", {})
     return {
         "sizes": [int(d) for d in sizes],
+        # database_split, query_split, database_items, query_items, and exclude_self: whether the queries
+        # were the database's own items, each left out of its own neighbours (and of the relevant items
+        # recall counts), the post-hoc probes tested on items they did not train on
+        "evaluated": dict(evaluated or {}),
         "linear": _str_keys(sections.get("linear", {})),
         "knn": _str_keys(sections.get("knn", {})),
         "retrieval": _str_keys(sections.get("retrieval", {})),

@@ -8,6 +8,9 @@ For a query with ranked neighbours ``n_1..n_K`` and ``rel_i = [label(n_i) == lab
 * ``recall@k`` = ``sum_{i<=k} rel_i / (number of database items of the query's class)`` (the paper
   hard-coded 1300, ImageNet's images per class);
 * ``hit@k`` (top-k hit rate) = fraction of queries with at least one relevant item in the top ``k``.
+
+When the queries are the database's own items (``exclude_self``), each query's own item is neither among
+its neighbours (:mod:`mrl.eval.knn`) nor counted among its relevant items.
 """
 
 from __future__ import annotations
@@ -24,14 +27,17 @@ def retrieval_metrics(
     query_labels: np.ndarray,
     db_labels: np.ndarray,
     ks: Sequence[int],
+    exclude_self: bool = False,
 ) -> dict[str, float]:
     """``map@k``, ``precision@k``, ``recall@k`` and ``hit@k`` for every ``k`` in ``ks``.
 
     ``neighbor_labels`` is ``(num_queries, >= max(ks))``, best first; vectorised over queries.
+    ``exclude_self``: each query is one of the database's items, not relevant to itself.
     """
     matches = neighbor_labels == query_labels[:, None]
     class_sizes = np.bincount(db_labels, minlength=int(max(query_labels.max(), db_labels.max())) + 1)
-    relevant = np.maximum(class_sizes[query_labels], 1)  # a class absent from the database: recall 0
+    others = class_sizes[query_labels] - (1 if exclude_self else 0)
+    relevant = np.maximum(others, 1)  # no other item of the query's class in the database: recall 0
     hits_cum = np.cumsum(matches, axis=1)
     precision_at_i = hits_cum / np.arange(1, matches.shape[1] + 1)
     out = {}

@@ -14,10 +14,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from mrl.errors import MRLError
 from mrl.eval.checks import check_eval_config
-from mrl.eval.context import EmbeddedSet, EvalContext, QuerySet
+from mrl.eval.context import EmbeddedSet, EvalContext, QuerySet, same_items
 from mrl.eval.embeddings import export_loader, export_split
 from mrl.eval.evaluators import open_query_sets, run_evaluators
-from mrl.eval.locations import checkpoint_id, checkpoint_record, claim_output_dir, link_to_training_run
+from mrl.eval.locations import (
+    checkpoint_id,
+    checkpoint_record,
+    claim_output_dir,
+    evaluation_settings,
+    link_to_training_run,
+    record_evaluation,
+)
 from mrl.eval.model import fingerprint, load_for_eval
 from mrl.eval.plots import write_plots
 from mrl.eval.report_file import build_report, write_report
@@ -79,7 +86,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     settings = OmegaConf.to_container(cfg, resolve=True)
     check_eval_config(settings)  # before any work (the commands' pre-flight; also for direct callers)
     ckpt_id = checkpoint_id(cfg.ckpt_path)
-    claim_output_dir(out_dir, cfg.ckpt_path, ckpt_id)  # refuses another checkpoint's results first
+    record = checkpoint_record(cfg.ckpt_path, ckpt_id, evaluation_settings(cfg))
+    claim_output_dir(out_dir, record)  # refuses another checkpoint's (or settings') results first
     OmegaConf.save(cfg, out_dir / "eval_config.yaml")
     cfg = OmegaConf.create(settings)  # resolved: an evaluator's sections are read apart from the rest
     _seed_and_threads(cfg)
@@ -93,9 +101,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     )
     sections = run_evaluators(ctx, cfg, clock.lap)
     code_units = ctx.embed_dim if ctx.sparse else None  # a CSR model stores codes of this many units
-    report = build_report(ctx.sizes, sections, checkpoint_record(cfg.ckpt_path, ckpt_id), code_units)
+    report = build_report(ctx.sizes, sections, record, code_units, _evaluated(cfg, ctx))
     write_report(report, out_dir)
-    link_to_training_run(out_dir, cfg.ckpt_path, ckpt_id)
+    record_evaluation(out_dir, record)  # checkpoint.json says what report.json's checkpoint says
+    link_to_training_run(out_dir, record)
     pngs = write_plots(report, out_dir)
     wandb_dir = _log_wandb(cfg, train_cfg, report, pngs)
     print(_summary(cfg, report, ctx, clock, pngs, wandb_dir), flush=True)
@@ -111,6 +120,18 @@ def _seed_and_threads(cfg: DictConfig) -> None:
         faiss.omp_set_num_threads(int(cfg.threads))
 
 
+def _evaluated(cfg: DictConfig, ctx: EvalContext) -> dict[str, Any]:
+    """report.json's ``evaluated``: the splits the numbers come from, their sizes, and whether the
+    queries were the database's own items (each then left out of its own neighbours)."""
+    return {
+        "database_split": str(cfg.database_split),
+        "query_split": str(cfg.query_split),
+        "database_items": len(ctx.database),
+        "query_items": len(ctx.queries),
+        "exclude_self": ctx.exclude_self,
+    }
+
+
 def _context(cfg: DictConfig, out_dir: Path) -> tuple[EvalContext, dict]:
     """The checkpoint's model and data, its exported embeddings (the splits' and the evaluators' query
     sets'), and the evaluators' shared context; also the training run's config."""
@@ -123,7 +144,14 @@ def _context(cfg: DictConfig, out_dir: Path) -> tuple[EvalContext, dict]:
     emb, embedded = _export_embeddings(cfg, module, datamodule, train_cfg, out_dir, device, query_sets)
     kind = (train_cfg.get("head") or {}).get("kind")
     database, queries = emb[cfg.database_split], emb[cfg.query_split]
-    ctx = EvalContext.from_config(cfg, database, queries, module.head, sizes, kind, device)
+    own = same_items(database, queries, cfg.database_split == cfg.query_split)
+    if own:
+        log.info(
+            "The queries (%s) are the database's items (%s): each is left out of its own neighbours.",
+            cfg.query_split,
+            cfg.database_split,
+        )
+    ctx = EvalContext.from_config(cfg, database, queries, module.head, sizes, kind, device, own)
     ctx.query_sets = embedded
     return ctx, train_cfg
 
@@ -140,6 +168,7 @@ def _export_embeddings(
     """``{split: (embeddings, labels)}`` of the database and query splits and the query sets' embeddings
     by evaluator (each reused when already exported), in one pass of the model on ``device``; and
     ``model.safetensors`` unless ``export_model=false``. Leaves the module on the CPU."""
+    ckpt_id = checkpoint_id(cfg.ckpt_path)  # the embeddings belong to the checkpoint's content (cached)
     datamodule.prepare_data()
     datamodule.setup(None)
     for split in (cfg.database_split, cfg.query_split):
@@ -152,7 +181,7 @@ def _export_embeddings(
     dtype = cfg.embedding_dtype
 
     def identity(split: str, img_size: int) -> dict[str, Any]:
-        return fingerprint(cfg.ckpt_path, train_cfg, split, dtype, img_size)
+        return fingerprint(ckpt_id, train_cfg, split, dtype, img_size)
 
     emb = {
         split: export_split(
@@ -188,10 +217,11 @@ def _summary(
     """What ``mrl-eval`` prints at the end: the numbers, the stage timings and where everything went."""
     elapsed = time.perf_counter() - clock.started
     out_dir = Path(cfg.paths.output_dir)
+    own = ", each query left out of its own neighbours" if ctx.exclude_self else ""
     lines = [
         "",
-        f"Evaluation of {cfg.ckpt_path} ({len(ctx.queries)} queries, {len(ctx.database)} database items, "
-        f"{elapsed:.1f}s):",
+        f"Evaluation of {cfg.ckpt_path} ({len(ctx.queries)} {cfg.query_split} queries, {len(ctx.database)} "
+        f"{cfg.database_split} database items{own}, {elapsed:.1f}s):",
     ]
     lines += [summary_text(report), ""]
     lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in clock.seconds.items()))

@@ -141,6 +141,7 @@ def sparse_search(
     database: np.ndarray | torch.Tensor | sp.spmatrix,
     k: int,
     block_bytes: int = 256 * 2**20,
+    exclude_self: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product search of sparse codes: the ``k`` best database rows of every query as
     ``(neighbours (Q, k) int64, scores (Q, k) float32)``, best first (ties: lower index first).
@@ -148,7 +149,8 @@ def sparse_search(
     Queries are searched in blocks whose working memory (scores and top-k bookkeeping, about
     :data:`BYTES_PER_SCORE` bytes per query and database row) stays within ``block_bytes``. A float32
     CSC ``database`` is searched as it is (its transpose is the CSR matrix each block multiplies by, no
-    copy), so a caller that times searches can build it before the clock starts.
+    copy), so a caller that times searches can build it before the clock starts. ``exclude_self``: query
+    ``i`` is database row ``i`` (the same items), left out of its own neighbours.
     """
     csc = isinstance(database, sp.csc_matrix) and database.dtype == np.float32
     queries, database = to_csr(queries), database if csc else to_csr(database)
@@ -158,8 +160,10 @@ def sparse_search(
             "from the same sparse autoencoder are needed."
         )
     n_db = database.shape[0]
-    if not 1 <= k <= n_db:
-        raise MRLError(f"Retrieval of the top {k} needs k between 1 and the database size {n_db}.")
+    others = n_db - 1 if exclude_self else n_db
+    if not 1 <= k <= others:
+        what = "the number of other database items" if exclude_self else "the database size"
+        raise MRLError(f"Retrieval of the top {k} needs k between 1 and {what} {others}.")
     # (hidden, N): each query block is one sparse product with it (a CSC database's transpose: no copy)
     transposed = database.T.tocsr()
     block = max(1, block_bytes // (BYTES_PER_SCORE * n_db))
@@ -167,5 +171,8 @@ def sparse_search(
     scores = np.empty((queries.shape[0], k), dtype=np.float32)
     for start in range(0, queries.shape[0], block):
         dense = (queries[start : start + block] @ transposed).toarray()
+        if exclude_self:  # each query's own item can never be among its neighbours
+            rows = np.arange(len(dense))
+            dense[rows, start + rows] = -np.inf
         neighbours[start : start + block], scores[start : start + block] = top_k_rows(dense, k)
     return neighbours, scores

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from mrl.errors import MRLError
-from mrl.eval.knn import Neighbours, chunk_rows
+from mrl.eval.knn import Neighbours, candidates, chunk_rows
 from mrl.eval.progress import Progress
 from mrl.eval.quantized import ranking_metrics
 from mrl.eval.sparse_codes import BYTES_PER_SCORE, sparse_code_bytes, sparse_search, top_k_csr
@@ -60,12 +60,14 @@ def code_search(
     db_chunk: int,
     query_chunk: int,
     value_dtype: str,
+    exclude_self: bool = False,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Ids ``(Q, k)`` of each query's ``k`` nearest database items by cosine of their size-``code_k``
     codes, best first (ties: lower index first), and what the search measured: ``index_seconds`` (the
     database's codes), ``search_seconds`` and ``seconds_per_query`` (the queries' codes and the sparse
     product, top-k included), ``active_units`` (mean non-zeros of a database code, at most ``code_k``).
-    ``value_dtype``: the database codes' stored values (queries stay float32)."""
+    ``value_dtype``: the database codes' stored values (queries stay float32). ``exclude_self``: query
+    ``i`` is database row ``i``, left out of its own neighbours (:mod:`mrl.eval.knn`)."""
     rows = chunk_rows(db_chunk, database.shape[1])  # a float32 chunk of at most CHUNK_BYTES
     start = time.perf_counter()
     # the index: CSC, whose transpose is what the search multiplies by (built before the clock, as a
@@ -74,7 +76,7 @@ def code_search(
     built = time.perf_counter()
     q = top_k_csr(queries, code_k, rows, normalize=True, value_dtype="float32")
     block = min(BLOCK_BYTES, BYTES_PER_SCORE * len(database) * max(1, int(query_chunk)))
-    ids, _ = sparse_search(q, db, k, block_bytes=block)
+    ids, _ = sparse_search(q, db, k, block_bytes=block, exclude_self=exclude_self)
     searched = time.perf_counter() - built
     return ids, {
         "k": int(k),
@@ -94,13 +96,15 @@ def sparse_quantized(
     k: int,
     chunks: tuple[int, int],
     neighbours: Neighbours,
+    exclude_self: bool = False,
 ) -> dict[str, dict[int, dict[str, float]]]:
     """``{format: {k_code: {"bytes", "map@k", "1nn"}}}`` of the codes stored with float32 and float16
     values; the float32 rows rank by ``neighbours`` (the shared search), float16 by its own search.
-    ``chunks``: ``(query, database)`` rows."""
-    if k > len(database):
+    ``chunks``: ``(query, database)`` rows; ``exclude_self``: the queries are the database's items."""
+    if k > candidates(len(database), exclude_self):
         raise MRLError(
-            f"The database has {len(database)} items, fewer than quantized.k={k}; lower quantized.k."
+            f"The database has {candidates(len(database), exclude_self)} items to rank for each query, "
+            f"fewer than quantized.k={k}; lower quantized.k."
         )
     hidden = database.shape[1]
     out: dict[str, dict[int, dict[str, float]]] = {fmt: {} for fmt in SPARSE_FORMATS}
@@ -110,7 +114,7 @@ def sparse_quantized(
             if fmt == "float32":
                 ids = neighbours(d, k)
             else:
-                ids, _ = code_search(database, queries, d, k, chunks[1], chunks[0], fmt)
+                ids, _ = code_search(database, queries, d, k, chunks[1], chunks[0], fmt, exclude_self)
             out[fmt][d] = {"bytes": sparse_code_bytes(d, hidden, fmt)} | ranking_metrics(
                 ids, db_labels, query_labels, k
             )
