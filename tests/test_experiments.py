@@ -138,6 +138,37 @@ def test_claim_recipes_sweep_what_their_claims_need():
     assert relu_cfg["evaluate"]["methods"]["baselines"] is True
 
 
+def _header_evaluate(recipe: str) -> dict:
+    """The ``evaluate=`` override the recipe's header gives its other steps (``E='...'``), composed."""
+    header = (EXPERIMENTS_DIR / f"{recipe}.yaml").read_text().split("\n\n", 1)[0]
+    lines = header.split("#   E='", 1)[1].split("\n")
+    text = ""
+    for line in lines:
+        text += line.removeprefix("#   '").rstrip("\\").rstrip("'")
+        if not line.endswith("\\"):
+            break
+    return _resolved(_compose(text, "head=standard", "paths.output_dir=/tmp/j"))["evaluate"]
+
+
+def test_posthoc_recipe_heads_and_the_steps_beside_it_measure_alike():
+    """fashion_mnist_posthoc: csr, adaptor and mrl heads on 3 seeds, on the source's own split (one
+    feature cache), the source given on the command line; the source and end-to-end MRL steps of its
+    header evaluate with the same 1-NN and retrieval settings, and probe the standard model's baselines
+    at every size the heads report."""
+    sweep = _sweep("fashion_mnist_posthoc")
+    assert sweep == {"head": ["csr", "adaptor", "mrl"], "seed": [0, 1, 2]}
+    cfg = _resolved(_compose("experiment=fashion_mnist_posthoc", "paths.output_dir=/tmp/j"))
+    assert cfg["source"] is None and cfg["data"]["seed"] == 0
+    heads, steps = cfg["evaluate"], _header_evaluate("fashion_mnist_posthoc")
+    for key in ("knn", "retrieval", "data", "sizes", "database_split", "query_split", "embedding_dtype"):
+        assert heads.get(key) == steps.get(key), key
+    for method in ("linear", "knn", "retrieval"):
+        assert heads["methods"][method] and steps["methods"].get(method, True), method
+    assert steps["methods"].get("baselines", True) and steps["baselines"]["models"] == "standard"
+    assert steps["baselines"]["sizes"] == [2**i for i in range(9)]  # the heads' sizes, 1..256
+    assert steps["export_model"] is False and heads["export_model"] is False
+
+
 def test_linear_lr_scaling_rule():
     assert linear_lr(1.7, 4096, 512, 8) == pytest.approx(1.7)
     assert linear_lr(1.7, 4096, 512, 2, 2) == pytest.approx(0.85)
@@ -192,6 +223,10 @@ def _few_step_args(recipe: str, tmp_path: Path) -> list[str]:
         # one job of the sweep: MRL nested on the un-projected pooled ReLU features, with its evaluation
         args += ["hydra.mode=RUN", "head={kind:mrl}", "backbone.embed_dim=null"]
         args += ["+evaluate.retrieval.ks=[2]", "+evaluate.knn.k=2"]  # 8 database items
+    if recipe == "fashion_mnist_posthoc":
+        # one head job of the sweep: CSR on the configured backbone's features, with its evaluation
+        args += ["hydra.mode=RUN", "head=csr", "source=backbone"]
+        args += ["+evaluate.retrieval.ks=[2]", "+evaluate.knn.k=2"]  # 8 database items
     args += [f"~data.{key}" for key in _keys_synthetic_lacks(recipe)]
     if recipe == "imagenet_r50_mrl":
         args.append("trainer.precision=bf16-mixed")  # the recipes' precision, on the CPU
@@ -226,7 +261,8 @@ def test_recipe_trains_a_few_steps(recipe, run_main, tmp_path):
     sizes = [cfg.head.dim] if cfg.head.kind == "ff" else (cfg.head.nesting or [])
     for d in sizes:
         assert f"test/acc@{d}" in results
-    if recipe in ("fashion_mnist_compare", "fashion_mnist_contrastive", "fashion_mnist_relu_baselines"):
+    evaluated = ("fashion_mnist_compare", "fashion_mnist_contrastive", "fashion_mnist_relu_baselines")
+    if recipe in (*evaluated, "fashion_mnist_posthoc"):
         assert len(find_evaluations(job)) == 1
     if recipe == "fashion_mnist_seeds":
         assert not find_evaluations(job)  # the claim needs only the trained heads' top-1

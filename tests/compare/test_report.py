@@ -446,6 +446,50 @@ def test_jobs_of_two_recipes_are_told_apart_by_what_the_recipes_set(tmp_path):
     assert labels[longer] == "trainer.max_epochs=8" and labels[seeds[0]] == "trainer.max_epochs=4"
 
 
+def test_heads_on_a_frozen_source_are_methods_of_their_own_named_by_the_source(tmp_path, capsys):
+    """experiments/fashion_mnist_posthoc.yaml: a standard source with its baselines, end-to-end MRL, and
+    heads (mrl, csr) on the source's features trained for fewer epochs. Post-hoc MRL is never averaged
+    with end-to-end MRL; the epochs that differ only between the two kinds of training name no variant;
+    post-hoc MRL's claims compare it with the source's own SVD."""
+    root = tmp_path / "posthoc"
+    source = root / "standard"
+    _job(source, {"kind": "standard"}, 0, _top1({256: 0.91}), ("head=standard",))
+    baselines = {"svd": {"1": 0.40, "2": 0.60}, "slice": {"1": 0.20, "2": 0.30}}
+    _evaluate(source, _report({256: 0.88}, baselines), "evaluate")
+    checkpoint = str(source / "checkpoints" / "epoch005.ckpt")
+    for seed in (0, 1):
+        e2e_top1 = _top1({1: 0.50, 2: 0.80})
+        _job(root / "e2e" / str(seed), {"kind": "mrl"}, seed, e2e_top1, ("head=mrl",), source=None)
+        for i, (kind, top1) in enumerate((("mrl", 0.45), ("csr", 0.70))):
+            _job(
+                root / "heads" / f"{seed}{i}",
+                {"kind": kind},
+                seed,
+                _top1({1: top1, 2: top1 + 0.1}),
+                (f"head={kind}", f"source={checkpoint}", "experiment=fashion_mnist_posthoc"),
+                source=checkpoint,
+                trainer={"max_epochs": 2},
+            )
+    labels = variant_labels(sorted(p.parent for p in root.rglob("resolved_config.yaml")))
+    assert labels[source] == "" and labels[root / "e2e" / "0"] == ""
+    assert labels[root / "heads" / "01"] == "source=standard"
+    _, summary = _reported(root, capsys)
+    top1 = summary["tables"]["top1"]
+    assert set(top1) == {"mrl", "standard", "svd", "slice", "mrl [source=standard]", "csr [source=standard]"}
+    assert top1["mrl"]["1"]["mean"] == pytest.approx(50.0) and top1["mrl"]["1"]["n"] == 2
+    assert top1["mrl [source=standard]"]["1"]["mean"] == pytest.approx(45.0)
+    assert top1["csr [source=standard]"]["2"]["mean"] == pytest.approx(80.0)
+    claims = {c["text"]: c for c in summary["claims"]}
+    (svd,) = [t for t in claims if t.startswith("MRL [source=standard]") and "PCA/SVD" in t]
+    assert "(mrl [source=standard] - svd > 0)" in svd and "d=1: +5.00, d=2: -5.00" in claims[svd]["detail"]
+    # two sources whose runs share a directory name are told apart by their paths
+    other = str(tmp_path / "elsewhere" / "standard" / "checkpoints" / "epoch005.ckpt")
+    twin = _job(tmp_path / "twin", {"kind": "csr"}, 0, _top1({1: 0.7}), (f"source={other}",), source=other)
+    head = root / "heads" / "01"
+    both = variant_labels([head, twin])
+    assert both == {head: f"source={checkpoint}", twin: f"source={other}"}
+
+
 def test_wandb_records_from_train_and_eval_runs():
     train = run_records(
         {"head": {"kind": "mrl"}, "seed": 1}, {"test/acc@8": 0.9, "test/acc@16": 0.95}, "train", "r"

@@ -17,7 +17,9 @@ checkpoint with that setting, e.g. after a ``sizes=`` rerun), and :class:`JobInf
 was, how many there were and how many had other settings.
 
 Rows are methods, not override strings: overrides make a separate row (a variant) only when they can
-change what the job trained and measured, see :func:`changes_the_model`.
+change what the job trained and measured, see :func:`changes_the_model`. A head trained on a frozen
+model's features (``mrl-train source=<model>``) is its own method, named by its source
+(``csr [source=standard]``), never averaged with end-to-end training, see :func:`variant_labels`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ IDENTITY_KEYS = {
     "objective",
     "objective.kind",
     "resume",
+    # a frozen-source job is named by its source (variant_labels), not by the path as a variant
+    "source",
 }
 # Overrides that cannot change what is trained (model, data, optimisation settings), only how the job
 # runs, where it writes and what it records: they never split a row. Everything else may (an unknown
@@ -82,6 +86,9 @@ INCIDENTAL_KEYS = (
     "optimized_metric",
     "hparams_search",
     "task_name",
+    # where a frozen source's features are cached and which device computes them (float rounding)
+    "features.cache_dir",
+    "features.device",
 )
 METRICS = ("top1", "val_top1", "1nn", "map@10")
 # What the trained heads' top-1 of results.json was measured on (Record.split)
@@ -307,8 +314,42 @@ def recipe_settings(configs: dict[Path, dict[str, Any]]) -> dict[Path, dict[str,
     return out
 
 
+def source_names(sources: set[str]) -> dict[str, str]:
+    """A short name per frozen source path: its run's directory for an ``mrl-train`` checkpoint
+    (``<run>/checkpoints/x.ckpt``), the folder of a ``model.safetensors`` export, else the file's name;
+    the path itself where two sources would share a name (two rows must never become one)."""
+
+    def short(source: str) -> str:
+        path = Path(source)
+        if path.parent.name == "checkpoints" and path.parent.parent.name:
+            return path.parent.parent.name
+        if path.name == "model.safetensors" and path.parent.name:
+            return path.parent.name
+        return path.name or source
+
+    names = {source: short(source) for source in sources}
+    taken = list(names.values())
+    return {source: name if taken.count(name) == 1 else source for source, name in names.items()}
+
+
 def variant_labels(jobs: list[Path]) -> dict[Path, str]:
-    """Per job, the settings that tell the sweep's variants apart: overrides of keys that can change the
+    """Per job, the settings that tell the sweep's variants apart (:func:`setting_labels`), after
+    ``source=<name>`` for a head trained on a frozen source (:func:`source_names`). Jobs of different
+    sources (end-to-end training being one) are compared apart: a setting that differs only between
+    them (the head jobs' shorter training) is part of what the source's name says, not a variant."""
+    sources = {job: read_config(job).get("source") for job in jobs}
+    names = source_names({str(s) for s in sources.values() if s})
+    labels: dict[Path, str] = {}
+    for source in dict.fromkeys(sources.values()):
+        members = [job for job in jobs if sources[job] == source]
+        for job, label in setting_labels(members).items():
+            parts = ([f"source={names[str(source)]}"] if source else []) + ([label] if label else [])
+            labels[job] = ",".join(parts)
+    return labels
+
+
+def setting_labels(jobs: list[Path]) -> dict[Path, str]:
+    """Per job, the settings that tell the jobs' variants apart: overrides of keys that can change the
     model (not method, seed or incidental keys) whose values differ between the jobs; where the jobs come
     from different recipes (``RECIPE_GROUPS``), the resolved settings the recipes set differently."""
     overridden = {
