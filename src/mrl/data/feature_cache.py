@@ -247,8 +247,14 @@ def _write_split(
     with ExitStack() as stack:
         features_tmp = stack.enter_context(atomic_path(names.features_path))
         labels_tmp = stack.enter_context(atomic_path(names.labels_path)) if names.has_labels else None
+        # disable=None: no bar when the output is no terminal (a log file would get every redraw)
         bar = stack.enter_context(
-            tqdm(total=len(loader), desc=f"Features of {split}", unit="batch", disable=not progress)
+            tqdm(
+                total=len(loader),
+                desc=f"Features of {split}",
+                unit="batch",
+                disable=None if progress else True,
+            )
         )
         written = _stream(outputs, (features_tmp, labels_tmp), first, count, dtype, bar)
         if written != count:
