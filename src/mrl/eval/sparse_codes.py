@@ -122,18 +122,33 @@ def top_k_csr(
 
 def top_k_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` largest scores of each row and their columns ``(Q, k)``, best first; equal scores rank
-    the lower column first (the order of an exact search that breaks ties by index)."""
+    the lower column first (the order of an exact search that breaks ties by index).
+
+    ``torch.topk`` (multi-threaded) picks them; its choice among items tied with the k-th score is not
+    defined, so rows where more items than places share that score are picked again by column
+    (:func:`_top_k_rows_by_column`; rare with real-valued scores), and every row is then ordered by
+    score and column.
+    """
+    table = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))
+    values, columns = (t.numpy() for t in table.topk(k, dim=1))
+    kth = values[:, -1:]
+    ambiguous = np.flatnonzero((scores >= kth).sum(1) > k)
+    if len(ambiguous):
+        columns[ambiguous], values[ambiguous] = _top_k_rows_by_column(scores[ambiguous], k)
+    order = np.lexsort((columns, -values), axis=1)  # by score, then by column
+    return np.take_along_axis(columns, order, 1), np.take_along_axis(values, order, 1)
+
+
+def _top_k_rows_by_column(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`top_k_rows` where ties at the k-th score fill the places left by lowest column."""
     n_rows = scores.shape[0]
     kth = np.partition(scores, scores.shape[1] - k, axis=1)[:, scores.shape[1] - k]
     above = scores > kth[:, None]
     tied = scores == kth[:, None]
-    # of the items tied with the k-th score, the lowest columns fill the places left
     wanted = k - above.sum(1)
     chosen = above | (tied & (np.cumsum(tied, axis=1, dtype=np.int32) <= wanted[:, None]))
     columns = np.nonzero(chosen)[1].reshape(n_rows, k)  # ascending columns within each row
-    values = np.take_along_axis(scores, columns, 1)
-    order = np.argsort(-values, axis=1, kind="stable")
-    return np.take_along_axis(columns, order, 1), np.take_along_axis(values, order, 1)
+    return columns, np.take_along_axis(scores, columns, 1)
 
 
 def sparse_search(
@@ -148,12 +163,12 @@ def sparse_search(
 
     Queries are searched in blocks whose working memory (scores and top-k bookkeeping, about
     :data:`BYTES_PER_SCORE` bytes per query and database row) stays within ``block_bytes``. A float32
-    CSC ``database`` is searched as it is (its transpose is the CSR matrix each block multiplies by, no
-    copy), so a caller that times searches can build it before the clock starts. ``exclude_self``: query
+    CSR ``database`` is searched as it is, so a caller that times searches can build it before the clock
+    starts. ``exclude_self``: query
     ``i`` is database row ``i`` (the same items), left out of its own neighbours.
     """
-    csc = isinstance(database, sp.csc_matrix) and database.dtype == np.float32
-    queries, database = to_csr(queries), database if csc else to_csr(database)
+    ready = isinstance(database, sp.csr_matrix | sp.csc_matrix) and database.dtype == np.float32
+    queries, database = to_csr(queries), database if ready else to_csr(database)
     if queries.shape[1] != database.shape[1]:
         raise MRLError(
             f"Query codes have {queries.shape[1]} units and database codes {database.shape[1]}: codes "
@@ -164,13 +179,16 @@ def sparse_search(
     if not 1 <= k <= others:
         what = "the number of other database items" if exclude_self else "the database size"
         raise MRLError(f"Retrieval of the top {k} needs k between 1 and {what} {others}.")
-    # (hidden, N): each query block is one sparse product with it (a CSC database's transpose: no copy)
-    transposed = database.T.tocsr()
+    # Each block of queries is scored as the sparse database times the block's dense codes: the cost is
+    # the database's non-zeros times the block's size, and the scores come out as one dense array. (A
+    # sparse-by-sparse product builds its nearly full result as a sparse matrix first: several times
+    # slower at large k.)
+    rows = database.tocsr()  # a no-op for CSR; a CSC database's rows, converted once
     block = max(1, block_bytes // (BYTES_PER_SCORE * n_db))
     neighbours = np.empty((queries.shape[0], k), dtype=np.int64)
     scores = np.empty((queries.shape[0], k), dtype=np.float32)
     for start in range(0, queries.shape[0], block):
-        dense = (queries[start : start + block] @ transposed).toarray()
+        dense = np.ascontiguousarray((rows @ queries[start : start + block].toarray().T).T)
         if exclude_self:  # each query's own item can never be among its neighbours
             rows = np.arange(len(dense))
             dense[rows, start + rows] = -np.inf

@@ -70,9 +70,9 @@ def code_search(
     ``i`` is database row ``i``, left out of its own neighbours (:mod:`mrl.eval.knn`)."""
     rows = chunk_rows(db_chunk, database.shape[1])  # a float32 chunk of at most CHUNK_BYTES
     start = time.perf_counter()
-    # the index: CSC, whose transpose is what the search multiplies by (built before the clock, as a
-    # faiss index is for the prefixes' timed searches)
-    db = top_k_csr(database, code_k, rows, normalize=True, value_dtype=value_dtype).tocsc()
+    # the index: the database's codes as CSR rows, what the search multiplies each query block by (built
+    # before the clock, as a faiss index is for the prefixes' timed searches)
+    db = top_k_csr(database, code_k, rows, normalize=True, value_dtype=value_dtype)
     built = time.perf_counter()
     q = top_k_csr(queries, code_k, rows, normalize=True, value_dtype="float32")
     block = min(BLOCK_BYTES, BYTES_PER_SCORE * len(database) * max(1, int(query_chunk)))
