@@ -89,6 +89,16 @@ def test_eval_speed_quick():
     assert "exact full-size search" in out and "speedup" in out and "peak RSS" in out
 
 
+@pytest.mark.slow
+def test_posthoc_quick():
+    out = run_quick("posthoc.py")
+    # every head job read the one cache the first extracted; both extraction sizes measured and compared
+    assert "feature cache entries after all jobs: 1" in out
+    rows = [line.split("  ")[0] for line in out.splitlines() if line.startswith(("end-to-end", "head="))]
+    assert rows == ["end-to-end default job", "head=mrl", "head=csr", "head=adaptor", "head=mrl, batch 64"]
+    assert "peak anonymous" in out and "4N / N: cache" in out
+
+
 def _stats_module():
     spec = importlib.util.spec_from_file_location("_stats", BENCHMARKS / "_stats.py")
     module = importlib.util.module_from_spec(spec)

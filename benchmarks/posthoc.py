@@ -1,0 +1,265 @@
+"""Post-hoc heads: training throughput on cached features against end-to-end, and extraction memory.
+
+    python benchmarks/posthoc.py             # Fashion-MNIST, the default job vs head=mrl|csr|adaptor
+    python benchmarks/posthoc.py --quick     # tiny synthetic data (smoke test)
+
+1. Throughput. Each job is the ``mrl-train`` console script (W&B offline, ``threads=--threads``: 1,
+   as the recipes run on a shared 2-core host), training only (no validation, test or checkpoints),
+   ``--batches`` training batches of one epoch, timed by the EpochTimer callback from the epoch's 6th
+   batch on: images/s of training steps, loader included.
+   The end-to-end job is the default job (test_byobnet on Fashion-MNIST, MRL head, batch 256); the
+   head jobs are ``mrl-train source=backbone head=<kind>`` on the same data, reading the default
+   backbone's cached pooled features (256 per image), as the jobs of a sweep do. The source's
+   weights do not change the work, so the backbone's own (seeded, untrained) weights stand in for a
+   trained source. Rounds alternate the jobs; per head the ratio of its images/s to the end-to-end
+   job's, per round (each round's jobs ran back to back: ``_stats.paired_ratio``). The projection head
+   also runs with ``--feature-batch`` features per step (``features.batch_size``): its own work per
+   step is small next to the step's fixed cost (Lightning, the optimizer, metrics), which a larger
+   batch spreads over more images. The first head job extracts the features (before its clock
+   starts); the cache then holds one entry, which every later head job reads.
+2. Extraction memory. ``FrozenFeatureDataModule.prepare_data`` (what a head job runs before training)
+   on N and 4N synthetic Fashion-MNIST-shaped images, each in a fresh child process; the source is
+   test_byobnet projected to 2048 features (``backbone.embed_dim=2048``, ResNet-50's width) so that the
+   features of 4N images (float16 on disk) are far larger than a batch. Peaks over the extraction,
+   above the process's memory just before it: VmHWM (reset with ``/proc/self/clear_refs``) and the
+   anonymous memory (RssAnon, sampled every 2 ms: the process's own allocations, without the pages of
+   the memory-mapped output file, which VmHWM counts while they are resident in the page cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from _common import TRAIN_ONLY
+from _stats import format_interval, paired_ratio
+
+SKIP = 5  # batches before the clock starts (allocator and loader warm-up)
+HEADS = ("mrl", "csr", "adaptor")
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _env(workdir: Path) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH", "")) if p)
+    return {
+        **os.environ,
+        "MRL_LOG_DIR": str(workdir / "logs"),
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "PYTHONPATH": path,
+    }
+
+
+def mrl_train(args: list[str], workdir: Path) -> subprocess.CompletedProcess:
+    """The ``mrl-train`` console script's code (``python -m mrl.cli.train``) with ``args``."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "mrl.cli.train", *args],
+        cwd=workdir,
+        env=_env(workdir),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        tail = f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        raise RuntimeError(f"mrl-train {' '.join(args)} failed:\n{tail}")
+    return proc
+
+
+def images_per_second(args: list[str], workdir: Path) -> float:
+    """Training images/s of one ``mrl-train`` job's first epoch, from its ``SKIP``-th batch on."""
+    timer = workdir / f"epochs_{time.monotonic_ns()}.json"
+    mrl_train(
+        [
+            *args,
+            *TRAIN_ONLY,
+            "trainer.max_epochs=1",
+            "+callbacks.timer._target_=mrl.tracking.timing.EpochTimer",
+            f"+callbacks.timer.path={timer}",
+            f"+callbacks.timer.skip_batches={SKIP}",
+        ],
+        workdir,
+    )
+    record = json.loads(timer.read_text())
+    return record["samples"][0] / record["epoch_seconds"][0]
+
+
+def head_jobs(common: list[str], feature_batch: int) -> dict[str, list[str]]:
+    """The head jobs by row name: each head at the data's batch size, and the projection head (the
+    lightest step) also at ``feature_batch`` cached features per step (``features.batch_size``)."""
+    jobs = {f"head={kind}": [*common, "source=backbone", f"head={kind}"] for kind in HEADS}
+    jobs[f"head=mrl, batch {feature_batch}"] = [*jobs["head=mrl"], f"features.batch_size={feature_batch}"]
+    return jobs
+
+
+def throughput(data: list[str], batches: int, rounds: int, threads: int, feature_batch: int) -> None:
+    """Print each round's images/s and the head jobs' ratios to the end-to-end job."""
+    common = [*data, f"+trainer.limit_train_batches={SKIP + batches}", f"threads={threads}"]
+    jobs = {"end-to-end default job": common, **head_jobs(common, feature_batch)}
+    runs: dict[str, list[float]] = {name: [] for name in jobs}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        for r in range(rounds):
+            for name, args in jobs.items():
+                runs[name].append(images_per_second(args, workdir))
+            measured = ", ".join(f"{name} {values[-1]:.0f}" for name, values in runs.items())
+            print(f"round {r} (img/s): {measured}", flush=True)
+        entries = len(list((workdir / "logs" / "feature_cache").iterdir()))
+    # one entry: every head job read the features the first one extracted (before its clock started)
+    print(f"feature cache entries after all jobs: {entries}")
+    e2e = runs["end-to-end default job"]
+    print(
+        f"\ntraining images/s, at most {batches} batches of one epoch from the {SKIP + 1}th, "
+        f"{threads} thread(s); head jobs with a warm feature cache"
+    )
+    row = "{:<26}{:>16}{:>50}"
+    print(row.format("job", "img/s (median)", "/ end-to-end, per round (median, 95% interval)"))
+    for name, values in runs.items():
+        ratio = "1" if values is e2e else format_interval(paired_ratio(values, e2e))
+        print(row.format(name, f"{statistics.median(values):.0f}", ratio))
+
+
+# ---- extraction memory --------------------------------------------------------------------------
+
+
+def _status(field: str) -> int:
+    """A /proc/self/status field in KiB."""
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def extract_child(images: int, feature_dim: int, workdir: Path) -> None:
+    """In a fresh process: a head job's feature extraction of ``images`` synthetic training images;
+    prints one JSON line of its memory peaks above the state just before it (MiB)."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from mrl.config_path import config_dir
+    from mrl.resolvers import register_resolvers
+    from mrl.training.posthoc import assemble_posthoc
+
+    torch.set_num_threads(1)
+    register_resolvers()
+    overrides = [
+        "source=backbone",
+        "head=mrl",
+        f"backbone.embed_dim={feature_dim}",
+        "data=synthetic",
+        "data.in_chans=1",
+        "data.img_size=28",
+        f"data.train_size={images}",
+        "data.val_size=256",
+        "data.test_size=256",
+        "data.eval_batch_size=256",
+        f"paths.output_dir={workdir / 'job'}",
+        f"features.cache_dir={workdir / 'cache'}",
+    ]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    _, datamodule = assemble_posthoc(cfg)
+    datamodule.images.setup(None)
+    anon_before, rss_before = _status("RssAnon"), _status("VmRSS")
+    peak_anon = anon_before
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak_anon
+        while not done.is_set():
+            peak_anon = max(peak_anon, _status("RssAnon"))
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current RSS
+    sampler.start()
+    start = time.perf_counter()
+    datamodule.prepare_data()
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    size = sum(p.stat().st_size for p in datamodule.directory.glob("*.npy"))
+    print(
+        json.dumps(
+            {
+                "images": images,
+                "seconds": seconds,
+                "cache_mib": size / 2**20,
+                "hwm_mib": (_status("VmHWM") - rss_before) / 1024,
+                "anon_mib": (peak_anon - anon_before) / 1024,
+            }
+        )
+    )
+
+
+def extraction_memory(images: int, feature_dim: int) -> float:
+    """Print the peaks of extracting N and 4N images' features; return the ratio of the anonymous
+    memory's peaks (4N over N)."""
+    rows = []
+    for n in (images, 4 * images):
+        with tempfile.TemporaryDirectory() as tmp:
+            child = ["--extract-child", str(n), "--dim", str(feature_dim), "--dir", tmp]
+            proc = subprocess.run(
+                [sys.executable, __file__, *child],
+                cwd=Path(__file__).parent,
+                env=_env(Path(tmp)),
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+        if proc.returncode != 0:
+            tail = f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+            raise RuntimeError(f"extraction of {n} images failed:\n{tail}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    print(
+        f"\nfeature extraction (prepare_data), test_byobnet -> {feature_dim} features, float16 cache; "
+        "peaks above the process before it, MiB"
+    )
+    line = "{:>12}{:>10}{:>15}{:>18}{:>16}"
+    print(line.format("train images", "seconds", "cache on disk", "peak RSS (VmHWM)", "peak anonymous"))
+    for row in rows:
+        numbers = (row["seconds"], row["cache_mib"], row["hwm_mib"], row["anon_mib"])
+        print(line.format(row["images"], *(f"{x:.1f}" for x in numbers)))
+    ratio = rows[1]["anon_mib"] / max(rows[0]["anon_mib"], 1e-9)
+    print(
+        f"4N / N: cache {rows[1]['cache_mib'] / rows[0]['cache_mib']:.2f}, "
+        f"peak RSS {rows[1]['hwm_mib'] / max(rows[0]['hwm_mib'], 1e-9):.2f}, peak anonymous {ratio:.2f}"
+    )
+    return ratio
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batches", type=int, default=60, help="training batches timed per job (+5)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--feature-batch", type=int, default=1024, help="the large-batch head job's batch")
+    parser.add_argument("--images", type=int, default=16384, help="N of the extraction part (and 4N)")
+    parser.add_argument("--dim", type=int, default=2048, help="the extraction part's feature width")
+    parser.add_argument("--part", choices=("all", "throughput", "memory"), default="all")
+    parser.add_argument("--extract-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.extract_child:
+        extract_child(args.extract_child, args.dim, Path(args.dir))
+        return
+    data: list[str] = []  # the default job's data: Fashion-MNIST
+    if args.quick:
+        args.rounds, args.batches, args.images, args.dim, args.feature_batch = 1, 3, 512, 64, 64
+        data = ["data=synthetic", "data.in_chans=1", "data.img_size=28", "data.train_size=512"]
+        data += ["data.batch_size=32", "logger=none"]
+    if args.part in ("all", "throughput"):
+        throughput(data, args.batches, args.rounds, args.threads, args.feature_batch)
+    if args.part in ("all", "memory"):
+        extraction_memory(args.images, args.dim)
+
+
+if __name__ == "__main__":
+    main()
