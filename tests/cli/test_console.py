@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -46,7 +47,11 @@ def test_report_errors_carry_no_hydra_hint(run_main, tmp_path):
 def test_eval_help_lists_what_mrl_eval_takes(run_main):
     result = run_main("mrl-eval", "--help")
     assert result.returncode == 0
-    assert "logger: wandb (default), none" in result.stdout and "knn:" in result.stdout
+    from mrl.config_path import config_dir
+
+    loggers = sorted(p.stem for p in (Path(config_dir()) / "logger").glob("*.yaml"))
+    listed = ", ".join(f"{n} (default)" if n == "wandb" else n for n in loggers)
+    assert "csv" in loggers and f"logger: {listed}\n" in result.stdout and "knn:" in result.stdout
     for group in ("backbone:", "head:", "optim:", "sched:", "trainer:", "experiment:"):
         assert f"\n{group} " not in result.stdout, result.stdout[:2000]
     assert "+data.<key>=<value>" in result.stdout

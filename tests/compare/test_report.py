@@ -734,3 +734,31 @@ def test_wandb_source_compares_evaluation_runs_of_one_split():
     assert sorted(r["summary"]["eval/knn/1nn@4"] for r in kept) == [0.5, 0.9]
     (record,) = run_records(kept[0]["config"], kept[0]["summary"], "eval", "e")
     assert record.split == "test queries, train database"
+
+
+def test_row_names_hold_only_settings_the_rows_have_and_each_claim_is_stated_once(tmp_path):
+    """A setting of some jobs' objective (absent from the others' config) names only their rows: no
+    ``mrl [objective.temperature=default]``; a claim no row can be checked on is one line, not one per
+    MRL row."""
+    supcon = {"kind": "supcon", "temperature": 0.1}
+    for s in (0, 1):
+        _job(tmp_path / f"ce{s}", {"kind": "mrl"}, s, _top1({4: 0.5}), (), objective={"kind": "ce"})
+        for t in (0.1, 0.5):
+            _job(
+                tmp_path / f"sc{t}{s}",
+                {"kind": "mrl"},
+                s,
+                _top1({4: 0.6}),
+                ("objective=supcon", f"objective.temperature={t}"),
+                objective={**supcon, "temperature": t},
+            )
+    top1 = aggregate(collect(tmp_path))["top1"]
+    assert set(top1) == {
+        "mrl",
+        "mrl+supcon [objective.temperature=0.1]",
+        "mrl+supcon [objective.temperature=0.5]",
+    }
+    rows = {f"mrl [w={w}]": {4: Cell(50.0, 0.0, 2, (50.0, 50.0))} for w in (1, 2)}
+    claims = check_claims({"top1": rows})
+    below_ff = [c.text for c in claims if "below FF" in c.text]
+    assert below_ff == ["MRL top-1 at most 1 point below FF at each size (mrl - ff >= -1)"]

@@ -54,15 +54,73 @@ def fail(message: str, hint: str | None = TRACEBACK_HINT) -> None:
 INFO_FLAGS = ("-h", "--help", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc")
 
 
+def hydra_quote(text: str) -> str:
+    """``text`` as one quoted value of Hydra's override grammar (for ``key=<value>``)."""
+    from hydra.core.override_parser.types import Quote, QuotedString
+
+    return QuotedString(text=text, quote=Quote.single).with_quotes()
+
+
+def _parses(arg: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        OverridesParser.create().parse_override(arg)
+    except HydraException:  # the lexer's errors are no OverrideParseException
+        return False
+    return True
+
+
+def _plain_text(part: str) -> bool:
+    """A value a shell user means as text, not as Hydra syntax: a path (``/``, ``~``, ``.``) or a word
+    with characters outside ASCII; not a list, dict, quoted string or interpolation."""
+    if not part or part[0] in "[{'\"" or "${" in part:
+        return False
+    return "/" in part or part[0] in "~." or not part.isascii()
+
+
+def hydra_argv(argv: list[str]) -> list[str]:
+    """``argv`` with every value Hydra's grammar cannot read but a shell user means as plain text quoted
+    the way Hydra wants it: ``ckpt_path=/data/mes runs é/last.ckpt`` (the shell took the user's quotes
+    away) becomes ``ckpt_path='/data/mes runs é/last.ckpt'``. Hydra's grammar takes no character outside
+    ASCII, nor ``( ) # &`` unquoted, and would stop with a parser traceback. A comma-separated sweep keeps
+    its commas (each path quoted on its own); values Hydra reads, and Hydra syntax that is wrong
+    (``head.nesting=[4,8``), are left for Hydra to judge. Every command's pre-checks and Hydra then read
+    the same, unquoted values (:func:`command_line_value`)."""
+    out = argv[:1]
+    for arg in argv[1:]:
+        key, sep, value = arg.partition("=")
+        if not sep or arg.startswith("-") or _parses(arg):
+            out.append(arg)
+            continue
+        parts = value.split(",")
+        quoted = ",".join(
+            hydra_quote(p) if _plain_text(p) and not _parses(f"{key}={p}") else p for p in parts
+        )
+        out.append(f"{key}={quoted}" if _parses(f"{key}={quoted}") else arg)
+    return out
+
+
 def command_line_value(argv: list[str], key: str) -> str | None:
-    """The last value ``argv`` gives ``key`` (``key=value``, ``+key=``, ``++key=``), unquoted; None when
-    it gives none or one Hydra must interpolate first."""
+    """The last value ``argv`` gives ``key`` (``key=value``, ``+key=``, ``++key=``) as Hydra reads it
+    (quotes and escapes removed); None when it gives none, null, a sweep, or one Hydra must interpolate
+    first."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
     value = None
     for arg in argv[1:]:
-        name, sep, given = arg.partition("=")
-        if sep and name.lstrip("+") == key:
-            value = given.strip().strip("'\"")
-    return value if value and "${" not in value else None
+        name, sep, _ = arg.partition("=")
+        if sep and not arg.startswith("-") and name.lstrip("+~") == key:
+            try:
+                parsed = OverridesParser.create().parse_override(arg).value()
+            except HydraException:  # the lexer's errors are no OverrideParseException
+                parsed = None  # Hydra reports it
+            value = None if parsed is None or isinstance(parsed, (list, dict)) else parsed
+            value = None if value is not None and not isinstance(value, (str, int, float)) else value
+    text = None if value is None else str(value)
+    return text if text and "${" not in text else None
 
 
 def is_multirun(argv: list[str]) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -115,7 +116,7 @@ def dashboard(args: argparse.Namespace) -> Path | str:
     write_document(doc, out)
     print(
         f"W&B offline ({reason}): workspace not saved; its spec is in {out} "
-        f"(after `wandb sync` of the runs, online: mrl-dashboard --from-spec {out})",
+        f"(after `wandb sync` of the runs, online: mrl-dashboard --from-spec {shlex.quote(str(out))})",
         flush=True,
     )
     return out

@@ -9,11 +9,26 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from mrl.cli.common import INFO_FLAGS, check_output_location, fail, named_job_dir, report_user_errors
+from mrl.cli.common import (
+    INFO_FLAGS,
+    check_output_location,
+    command_line_value,
+    fail,
+    hydra_argv,
+    named_job_dir,
+    report_user_errors,
+)
 from mrl.config_path import config_dir
 from mrl.errors import MRLError
-from mrl.eval.locations import check_output_dir, checkpoint_id, standalone_dir_name
+from mrl.eval.locations import (
+    CHECKPOINT_RECORD,
+    check_output_dir,
+    checkpoint_id,
+    evaluation_settings,
+    standalone_dir_name,
+)
 from mrl.files import directory_lock
 from mrl.resolvers import register_resolvers
 
@@ -42,12 +57,11 @@ def run(cfg: DictConfig) -> None:
 
 def check_before_hydra(argv: list[str]) -> None:
     """Refuse a missing checkpoint, an output place that cannot be written, or an explicit output dir
-    holding another checkpoint's evaluation, before Hydra creates (or writes its config into) the output
-    dir."""
+    holding another checkpoint's evaluation (or this checkpoint's with other settings), before Hydra
+    creates (or writes its config into) the output dir."""
     if any(a in INFO_FLAGS for a in argv[1:]):
         return
-    args = dict(a.lstrip("+").split("=", 1) for a in argv[1:] if "=" in a and not a.startswith("-"))
-    ckpt = args.get("ckpt_path")
+    ckpt = command_line_value(argv, "ckpt_path")
     if not ckpt:
         # Hydra would stop with a traceback about the output dir's name, which interpolates ckpt_path
         fail(
@@ -57,24 +71,49 @@ def check_before_hydra(argv: list[str]) -> None:
             hint=None,
         )
     check_output_location(argv, "no evaluation started")
-    if "${" in ckpt:
-        return
     from mrl.training.checkpoints import require_checkpoint_file  # imports torch: only when there is a path
 
     try:
         require_checkpoint_file(ckpt)
-        run_dir = args.get("hydra.run.dir")
-        if run_dir and "${" not in run_dir:
-            check_output_dir(Path(run_dir.strip("'\"")), ckpt, checkpoint_id(ckpt))
+        run_dir = named_job_dir(argv)
+        if run_dir is not None and (run_dir / CHECKPOINT_RECORD).is_file():
+            check_output_dir(run_dir, ckpt, checkpoint_id(ckpt), _settings(argv))
     except MRLError as err:
         fail(str(err))
 
 
+def _settings(argv: list[str]) -> dict | None:
+    """What the command line evaluates (:func:`~mrl.eval.locations.evaluation_settings` of conf/eval.yaml
+    composed with its overrides), or None when Hydra cannot compose it (Hydra then says why)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    overrides = [a for a in argv[1:] if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
+    try:
+        with initialize_config_dir(config_dir(), version_base="1.3"):
+            cfg = compose("eval", overrides=overrides)
+        return evaluation_settings(cfg)
+    except (HydraException, OmegaConfBaseException, ValueError):
+        return None
+
+
+def group_options(group: str) -> str:
+    """``csv, none, wandb (default)``: the choices of a config group (conf/<group>/*.yaml) and
+    conf/eval.yaml's default among them, for --help."""
+    defaults = OmegaConf.to_container(OmegaConf.load(Path(config_dir()) / "eval.yaml")).get("defaults") or []
+    default = next((d[group] for d in defaults if isinstance(d, dict) and group in d), None)
+    names = sorted(p.stem for p in (Path(config_dir()) / group).glob("*.yaml"))
+    return ", ".join(f"{n} (default)" if n == default else n for n in names)
+
+
 def main() -> None:
-    check_before_hydra(sys.argv)
+    sys.argv = hydra_argv(sys.argv)  # paths with characters Hydra's grammar takes only quoted
     register_resolvers()
     if not OmegaConf.has_resolver("mrl_eval_name"):
         OmegaConf.register_new_resolver("mrl_eval_name", eval_dir_name)
+    if not OmegaConf.has_resolver("mrl_group_options"):
+        OmegaConf.register_new_resolver("mrl_group_options", group_options)
+    check_before_hydra(sys.argv)
     with contextlib.ExitStack() as stack:
         named = named_job_dir(sys.argv)  # held before Hydra writes its record there; else held in run
         if named is not None:

@@ -9,6 +9,8 @@ preemption re-enters its own directory and resumes the same way without being as
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mrl.cli.common import command_line_value, hydra_quote
 from mrl.config_path import config_dir
 from mrl.errors import MRLError
 from mrl.files import unwritable
@@ -34,26 +37,26 @@ def resume_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     (``data.input_dir`` of a shards run is no key of the default data set); :func:`resume_config`
     applies them to the run's own config instead. Not resuming: ``(argv, [])``.
     """
-    values = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("resume=")]
-    if not values or values[-1] in ("", "null", "None"):
+    given = command_line_value(argv, "resume")
+    if not given:
         return argv, []
     if any(a in ("-m", "--multirun") for a in argv[1:]):
         raise MRLError(
             "resume=<run dir> continues one run; drop -m/--multirun and resume each job on its own."
         )
-    run_dir = Path(values[-1].strip("'\"")).expanduser().resolve()
+    run_dir = Path(given).expanduser().resolve()
     if not (run_dir / RESOLVED_CONFIG_NAME).is_file():
         what = "does not exist" if not run_dir.exists() else f"has no {RESOLVED_CONFIG_NAME}"
         raise MRLError(
-            f"resume={values[-1]}: {run_dir} {what}, so it is not an mrl-train run directory. Give the "
-            "directory of the run to continue (logs/train/runs/<date>_<time>_<id>, or a multirun job's "
-            "numbered subdirectory)."
+            f"resume={shlex.quote(given)}: {run_dir} {what}, so it is not an mrl-train run directory. "
+            "Give the directory of the run to continue (logs/train/runs/<date>_<time>_<id>, or a multirun "
+            "job's numbered subdirectory)."
         )
     reason = unwritable(run_dir)
     if reason:
         raise MRLError(
-            f"resume={values[-1]}: {reason}, and a resumed run writes into its own directory. Copy the "
-            "run directory to a writable place and resume the copy (resume=<copy>)."
+            f"resume={shlex.quote(given)}: {reason}, and a resumed run writes into its own directory. "
+            "Copy the run directory to a writable place and resume the copy (resume=<copy>)."
         )
     kept, overrides = argv[:1], []
     for arg in argv[1:]:
@@ -68,7 +71,11 @@ def resume_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     except OverrideParseException as err:
         raise MRLError(f"resume=: cannot read the overrides {' '.join(overrides)} ({err}).") from None
     # The resumed job writes into the run's own directory; Hydra's record of it goes beside the original.
-    return [*kept, f"hydra.run.dir='{run_dir}'", "hydra.output_subdir=.hydra/resume"], overrides
+    return [
+        *kept,
+        f"hydra.run.dir={hydra_quote(str(run_dir))}",
+        "hydra.output_subdir=.hydra/resume",
+    ], overrides
 
 
 def resume_config(
@@ -111,6 +118,8 @@ def resume_config(
         explicit_ckpt = explicit_ckpt or key == "ckpt_path"
         with open_dict(cfg):
             OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+    if overrides:
+        _rename_wandb_run(cfg, overrides)
     if explicit_ckpt:
         chosen = None
     elif chosen is None:
@@ -122,6 +131,32 @@ def resume_config(
         if chosen is not None:
             cfg.ckpt_path = str(chosen.path)
     return cfg, chosen
+
+
+# the items of a W&B run name made of overrides (Hydra's override_dirname): a comma starts an item only
+# where a key follows (head.nesting=[4,8] is one item)
+_NAME_ITEM = re.compile(r",(?=[+~]*[A-Za-z_][\w.@/-]*=)")
+_JOB_NUM = re.compile(r"^(\d+:)?(.*)$", re.S)
+
+
+def _rename_wandb_run(cfg: DictConfig, overrides: list[str]) -> None:
+    """A W&B run named after the job's overrides (the default, ``logger.wandb.name: null``; a sweep job's
+    with its number first) is renamed with the command line's overrides in place of its items of the same
+    keys, so ``resume=<run> data.input_dir=<other data>`` does not show the old data. A name the user
+    chose (not a list of ``key=value``) is kept."""
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    name = wandb_cfg.get("name") if wandb_cfg is not None else None
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    if not isinstance(name, str) or any(o.key_or_group == "logger.wandb.name" for o in parsed):
+        return
+    prefix, body = _JOB_NUM.match(name).groups()
+    items = [] if body == "default" else _NAME_ITEM.split(body)
+    if not all("=" in item for item in items):
+        return
+    given = {o.key_or_group: o.input_line for o in parsed if o.key_or_group != "ckpt_path"}
+    kept = [i for i in items if i.split("=", 1)[0].lstrip("+~") not in given]
+    with open_dict(wandb_cfg):
+        wandb_cfg.name = (prefix or "") + (",".join(sorted([*kept, *given.values()])) or "default")
 
 
 def _check_epochs(cfg: DictConfig, chosen: LoadedCheckpoint) -> None:

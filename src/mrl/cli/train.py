@@ -15,7 +15,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mrl.cli.common import check_output_location, fail, named_job_dir, report_user_errors
+from mrl.cli.common import (
+    check_output_location,
+    fail,
+    hydra_argv,
+    is_multirun,
+    named_job_dir,
+    report_user_errors,
+)
 from mrl.cli.resume import RESOLVED_CONFIG_NAME, ensure_wandb_id, requeued_run, resume_argv, resume_config
 from mrl.config_path import config_dir
 from mrl.errors import MRLError
@@ -162,11 +169,42 @@ def run_ddp_worker() -> None:
     train(OmegaConf.load(os.environ[DDP_CONFIG_ENV]))
 
 
+def check_sweep(argv: list[str]) -> None:
+    """Before a sweep of Hydra's basic sweeper starts, every job's ``evaluate=`` settings, judged against
+    that job's data (:func:`mrl.preflight.check_evaluate`: a neighbour count above what its database
+    split has, ...); each job judges them again before it trains. A job of a sweep that stopped there
+    would have trained for nothing, and the sweep would stop after the jobs before it."""
+    if not is_multirun(argv) or any("sweeper" in a or "hparams_search" in a for a in argv[1:]):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from mrl.preflight import check_evaluate, resolve
+
+    given = [a for a in argv[1:] if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
+    try:
+        jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(given), None)[0]
+        with initialize_config_dir(config_dir(), version_base="1.3"):
+            configs = [compose("train", overrides=["paths.output_dir=job", *job]) for job in jobs]
+    except (HydraException, OmegaConfBaseException, ValueError):
+        return  # Hydra reports what it cannot compose
+    for num, (job, cfg) in enumerate(zip(jobs, configs, strict=True)):
+        try:
+            if cfg.get("evaluate") is not None:
+                check_evaluate(resolve(cfg))
+        except MRLError as err:
+            raise MRLError(f"Job {num} of the sweep ({','.join(job)}): {err} No job was started.") from None
+
+
 def main() -> None:
     if _is_ddp_worker():
         run_ddp_worker()
         return
     register_resolvers()
+    sys.argv = hydra_argv(sys.argv)  # paths with characters Hydra's grammar takes only quoted
     try:
         sys.argv, overrides = resume_argv(sys.argv)
     except MRLError as err:
@@ -175,6 +213,10 @@ def main() -> None:
     if overrides:
         os.environ[RESUME_OVERRIDES_ENV] = json.dumps(overrides)  # applied to the run's config (run)
     check_output_location(sys.argv, "no training started")
+    try:
+        check_sweep(sys.argv)
+    except MRLError as err:
+        fail(str(err))
     with contextlib.ExitStack() as stack:
         # A directory named on the command line (hydra.run.dir=, hydra.sweep.dir=, resume=) is held before
         # Hydra writes its record (.hydra/) and log file into it; each job holds its own again in run.

@@ -179,7 +179,34 @@ def check_claims(
                 strict=True,
             )
         )
-    return claims
+    return _once(claims)
+
+
+def without_variants(text: str) -> str:
+    """``text`` without its row variants (`` [head.nesting=[4,8],seed=1]``, brackets nested or not)."""
+    out, depth = [], 0
+    for i, c in enumerate(text):
+        if c == "[" and (depth or text[i - 1 : i] == " "):
+            depth += 1
+        elif c == "]" and depth:
+            depth -= 1
+        elif not depth:
+            out.append(c)
+    return " ".join("".join(out).split()).replace(" )", ")")
+
+
+def _once(claims: list[Claim]) -> list[Claim]:
+    """Each claim stated once: a claim that cannot be measured for one MRL row for the same reason as for
+    another (the sweep has no FF row at all) is one line about MRL, not one per variant."""
+    out, seen = [], set()
+    for claim in claims:
+        if claim.holds is None and claim.detail.endswith(" not measured"):  # a row absent, not sizes
+            claim = Claim(without_variants(claim.text), None, without_variants(claim.detail))
+            if (claim.text, claim.detail) in seen:
+                continue
+            seen.add((claim.text, claim.detail))
+        out.append(claim)
+    return out
 
 
 VERDICTS = {True: "holds", False: "**does not hold**", None: "not measured"}

@@ -372,7 +372,17 @@ def setting_labels(jobs: list[Path]) -> dict[Path, str]:
         for job in jobs:  # a key both overridden and set by a recipe: the resolved value says it all
             settings[job] = {**{k: settings[job][k] for k in varying}, **resolved[job]}
         varying = sorted({*varying, *(k for per_job in resolved.values() for k in per_job)})
-    return {job: ",".join(f"{k}={settings[job][k][1]}" for k in varying) for job in jobs}
+    # a setting a job's config lacks and its command line did not set (head.dim of an MRL job beside FF
+    # jobs of several head.dim) says nothing of that job: no "head.dim=default" in its row's name
+    shown = {job: [k for k in varying if k in overridden[job] or _applies(configs[job], k)] for job in jobs}
+    return {job: ",".join(f"{k}={settings[job][k][1]}" for k in shown[job]) for job in jobs}
+
+
+def _applies(config: dict[str, Any], key: str) -> bool:
+    """Whether the config has ``key`` (a config group, ``backbone=``, always applies)."""
+    parent, _, leaf = key.replace("/", ".").rpartition(".")
+    node = _select(config, parent) if parent else None
+    return not parent or (isinstance(node, dict) and leaf in node)
 
 
 def method_label(head: dict[str, Any], objective: dict[str, Any] | None = None) -> str:

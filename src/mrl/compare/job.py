@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from dataclasses import asdict
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def report(args: argparse.Namespace) -> Path:
     if by_bytes:
         print(f"bytes:    {by_bytes[2]}")
     if run_dir:
-        print(f"W&B run:  {run_dir}  (upload with `wandb sync {run_dir}`)")
+        print(f"W&B run:  {run_dir}  (upload with `wandb sync {shlex.quote(str(run_dir))}`)")
     if args.wandb_report:
         _wandb_report(args, wandb_target, records, (tables, claims, infos), out, source)
     return out
@@ -157,7 +158,8 @@ def _wandb_report(
     else:
         print(
             f"W&B offline ({outcome.reason}): report not saved; its spec is in {outcome.spec} (after "
-            f"`wandb sync` of the sweep's runs, online: mrl-dashboard --from-spec {outcome.spec})",
+            f"`wandb sync` of the sweep's runs, online: mrl-dashboard --from-spec "
+            f"{shlex.quote(str(outcome.spec))})",
             flush=True,
         )
 
