@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -51,7 +52,11 @@ def load_file_source(name: str) -> Source:
     path = Path(name).expanduser()
     if path.is_dir():
         last = path / "checkpoints" / "last.ckpt"
-        hint = f"its checkpoint, source={last}" if last.is_file() else "the model file inside it"
+        hint = (
+            f"its checkpoint, source={shlex.quote(str(last))}"
+            if last.is_file()
+            else "the model file inside it"
+        )
         raise MRLError(
             f"source={name} is a directory, not a model file. Give {hint}: an mrl-train checkpoint "
             "(<run>/checkpoints/*.ckpt), a model.safetensors export or a checkpoint of the paper's "
