@@ -78,15 +78,27 @@ def write_image_tree(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root")
-    parser.add_argument("--classes", type=int, default=10)
+    parser = argparse.ArgumentParser(
+        prog="python -m mrl.data.generate",
+        description=__doc__.split("\n\n")[0].replace("``", ""),  # the whole first paragraph
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("root", help="folder the tree is written to: root/train/<class>/, root/val/<class>/")
+    parser.add_argument("--classes", type=int, default=10, help="number of classes (class folders)")
     parser.add_argument("--train", type=int, default=50, help="training images per class")
     parser.add_argument("--val", type=int, default=10, help="validation images per class")
-    parser.add_argument("--width", type=int, default=500)
-    parser.add_argument("--height", type=int, default=375)
-    parser.add_argument("--quality", type=int, default=90)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=500,
+        help="image width in pixels (every fourth image is portrait: width and height swapped)",
+    )
+    parser.add_argument("--height", type=int, default=375, help="image height in pixels")
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the images: the same seed, the same files"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="processes the images are written by")
     args = parser.parse_args(argv)
     root = write_image_tree(
         args.root,
@@ -94,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         {"train": args.train, "val": args.val},
         (args.width, args.height),
         args.quality,
+        seed=args.seed,
         workers=args.workers,
     )
     print(f"wrote {root}")

@@ -1,39 +1,49 @@
 """``mrl-prepare-data``: an ImageFolder tree -> LitData shards of JPEG bytes and labels (``data=shards``).
 
-Each split (``train``, ``val``, and ``test`` when present) becomes one LitData dataset written by
-``litdata.optimize`` in parallel worker processes with its progress bar. Images are stored as they are
-when they already are grey or RGB JPEGs (1 or 3 components) within ``max_side``; others are decoded as
-every loader decodes them (:mod:`mrl.data.decode`: 16-bit samples scaled, palette, alpha and CMYK
-converted), shrunk so their longer side is ``max_side`` (the paper's FFCV files: 500 px) and re-encoded
-as grey or RGB JPEGs at ``quality``, so every stored image decodes with nvJPEG too. The tree is checked
-as ``data=imagefolder`` checks it (:mod:`mrl.data.tree`). The file order is shuffled (seeded) before
-writing: LitData shuffles chunks and items within chunks, which mixes classes only if the chunks do.
+Each split (``train``, ``val``, and ``test`` when present) becomes one LitData dataset, written by
+parallel worker processes with LitData's chunk writer (:mod:`mrl.data.shard_writers`). Images are
+stored as they are when they already are grey or RGB JPEGs (1 or 3 components) within ``max_side``;
+others are decoded as every loader decodes them (:mod:`mrl.data.decode`: 16-bit samples scaled,
+palette, alpha and CMYK converted), shrunk so their longer side is ``max_side`` (the paper's FFCV
+files: 500 px) and re-encoded as grey or RGB JPEGs at ``quality``, so every stored image decodes with
+nvJPEG too. The tree is checked as ``data=imagefolder`` checks it (:mod:`mrl.data.tree`). The file
+order is shuffled (seeded) before writing: LitData shuffles chunks and items within chunks, which mixes
+classes only if the chunks do.
 
 Nothing is written at ``output_dir`` until every split is complete: the shards are built in a hidden
-sibling directory and renamed into place, and an existing non-empty ``output_dir`` is refused.
+sibling directory and renamed into place, and an existing non-empty ``output_dir`` is refused. A run
+that is interrupted (SIGINT, SIGTERM, SIGHUP) or fails ends its writer processes and removes that
+directory; one that is killed leaves it to the next run, which removes it (:mod:`mrl.data.staging`,
+:mod:`mrl.data.writer_group`). The console shows mrl's own progress, nothing of LitData's.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import random
 import re
 import shutil
+import sys
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from mrl.config_checks import is_int, require
 from mrl.data.decode import ImageDecodeError, fast_channels, open_image, to_8bit
+from mrl.data.shard_writers import write_items
 from mrl.data.shards import FORMAT, FORMAT_VERSION, METADATA_NAME, SPLITS, is_remote
+from mrl.data.staging import Staging, claim, clear_leftovers
 from mrl.data.tree import ClassFolders, list_tree
+from mrl.data.writer_group import run_in_group, signals_deferred, signals_interrupt
 from mrl.errors import MRLError
 
 CHUNK_BYTES = re.compile(r"^\s*\d+(\.\d+)?\s*([kmgt]b?|b)\s*$", re.IGNORECASE)  # LitData's units
+# in the hidden folder, removed before it is renamed into place: where the workers note unreadable images
+ERRORS_NAME = ".errors"
 
 
 def _folder(v: Any) -> bool:
@@ -107,12 +117,11 @@ def encode_image(data: bytes, max_side: int | None, quality: int) -> bytes:
 
 
 def encode_sample(item: tuple[str, int, int | None, int, str]) -> dict[str, Any]:
-    """``litdata.optimize``'s per-item function (runs in its worker processes).
+    """The item written for one image (runs in the writer's worker processes).
 
-    An unreadable image is noted in ``errors_dir`` and stored as an empty placeholder instead of raising:
-    a worker that raises is terminated by LitData, and the helper processes it started are left behind
-    (they keep a terminal or a test's output open). The split then fails as a whole, naming every bad
-    file, and the placeholders never leave the partial directory.
+    An unreadable image is noted in ``errors_dir`` and stored as an empty placeholder instead of raising,
+    so that the split fails as a whole naming every bad file, not only the first; the placeholders never
+    leave the hidden directory.
     """
     path, label, max_side, quality, errors_dir = item
     try:
@@ -164,10 +173,58 @@ def check_root(root: str) -> tuple[Path, dict[str, ClassFolders]]:
     return path, list_tree(path, {split: path / split for split in SPLITS if (path / split).is_dir()})
 
 
+class SplitProgress:
+    """mrl's own progress of one split: a bar on a terminal, otherwise (a log file, CI) a line a minute;
+    a line when done."""
+
+    def __init__(self, split: str, total: int, enabled: bool) -> None:
+        self.split, self.total, self.enabled = split, total, enabled
+        self.started = self.shown = time.monotonic()
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total, desc=f"mrl-prepare-data: {split}", unit="img", dynamic_ncols=True, leave=False
+            )
+
+    def update(self, done: int) -> None:
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+        elif self.enabled and time.monotonic() - self.shown >= 60:
+            self.shown = time.monotonic()
+            print(f"mrl-prepare-data: {self.split}: {done}/{self.total} images", flush=True)
+
+    def close(self, done: bool) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if done and self.enabled:
+            seconds = time.monotonic() - self.started
+            print(
+                f"mrl-prepare-data: {self.split}: {self.total} images written in {seconds:.0f} s", flush=True
+            )
+
+
+FULL_DISK = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
+
+
+def write_failure(reason: str, what: str, out: Path) -> str:
+    """The message of a failed write of ``what``: a full disk (or quota) says what to do."""
+    reason = " ".join(reason.split())
+    full = next((s for s in FULL_DISK if s in reason), None)
+    if full:
+        return (
+            f"Writing {what} failed: {full}. Free space on the disk of {out.parent} (the shards take about "
+            "as much as the images, less when max_side shrinks them), or choose an output_dir on a disk "
+            f"with room, and run mrl-prepare-data again; nothing was written at {out}."
+        )
+    return f"Writing {what} failed ({reason[-500:]}); nothing was written at {out}."
+
+
 def _write_split(
     split: str,
     items: list[tuple[str, int]],
-    partial: Path,
+    staging: Path,
     out: Path,
     tree: Path,
     settings: tuple[int | None, int, str],
@@ -175,39 +232,58 @@ def _write_split(
     workers: int,
     progress: bool,
 ) -> None:
-    """One split's shards into the hidden ``partial`` dir; every unreadable image is named at once."""
-    from litdata import optimize
-
+    """One split's shards into the hidden ``staging`` dir; every unreadable image is named at once."""
     max_side, quality, errors_dir = settings
     if progress:
         print(f"mrl-prepare-data: {split}: {len(items)} images -> {out / split}", flush=True)
+    inputs = [(path, label, max_side, quality, errors_dir) for path, label in items]
+    job = (str(staging / split), inputs, encode_sample, chunk_bytes, workers)
+    shown = SplitProgress(split, len(items), progress)
     try:
-        optimize(
-            fn=encode_sample,
-            inputs=[(path, label, max_side, quality, errors_dir) for path, label in items],
-            output_dir=str(partial / split),
-            chunk_bytes=chunk_bytes,
-            num_workers=min(workers, len(items)),
-            reorder_files=False,
-            keep_data_ordered=True,
-            mode="overwrite",
-            verbose=progress,
-            # fork: workers start in milliseconds instead of re-importing torch (spawn, seconds per
-            # split); nothing here has started threads that a fork would copy mid-use
-            start_method="fork",
-        )
+        run_in_group(write_items, job, shown.update)
     except RuntimeError as err:
-        raise MRLError(
-            f"Writing the {split} shards failed ({' '.join(str(err).split())[-500:]}); nothing was "
-            f"written at {out}."
-        ) from err
+        shown.close(done=False)
+        raise MRLError(write_failure(str(err), f"the {split} shards", out)) from err
     bad = _bad_files(Path(errors_dir))
+    shown.close(done=not bad)
     if bad:
         listing = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise MRLError(
             f"{len(bad)} image(s) of {tree / split} cannot be read: {listing}. Fix or remove them "
             f"and run mrl-prepare-data again; nothing was written at {out}."
         )
+
+
+def _finish(
+    staging: Staging,
+    out: Path,
+    tree: Path,
+    classes: list[str],
+    listed: dict[str, list[tuple[str, int]]],
+    max_side: int | None,
+    quality: int,
+) -> None:
+    """The metadata written, the helper folders removed, the hidden folder renamed to ``out``."""
+    metadata = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "classes": classes,
+        "splits": {split: len(items) for split, items in listed.items()},
+        "max_side": max_side,
+        "quality": quality,
+        "source": str(tree),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    try:
+        shutil.rmtree(staging.path / ERRORS_NAME)
+        (staging.path / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
+        staging.publish(out)
+    except OSError as err:
+        raise MRLError(write_failure(str(err), f"{METADATA_NAME} and renaming the shards", out)) from err
+
+
+def _notice(text: str) -> None:
+    print(f"mrl-prepare-data: {text}", file=sys.stderr, flush=True)
 
 
 def prepare_shards(
@@ -221,7 +297,11 @@ def prepare_shards(
     progress: bool = True,
 ) -> Path:
     """Write the shards of the ImageFolder tree ``root`` to ``output_dir``; return its path.
-    ``progress=False`` silences LitData's progress bar and messages."""
+    ``progress=False`` silences the progress lines (not the notices about leftovers).
+
+    SIGINT, SIGTERM and SIGHUP raise :class:`~mrl.data.writer_group.Interrupted` here after the writers
+    are ended and the hidden folder is removed; the hidden folders of killed runs are removed first
+    (:mod:`mrl.data.staging`)."""
     check_settings(
         {
             "root": root,
@@ -233,35 +313,29 @@ def prepare_shards(
             "seed": seed,
         }
     )
-    tree, listings = check_root(root)
-    out = check_output_dir(output_dir)
-    classes = list(listings["train"].classes)
-    listed = {split: list(listing.samples) for split, listing in listings.items()}
-    workers = int(num_workers or os.cpu_count() or 1)
-    partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    errors_dir = partial / ".errors"
-    errors_dir.mkdir(parents=True)
-    try:
-        for split, items in listed.items():
-            random.Random(seed).shuffle(items)
-            settings = (max_side, int(quality), str(errors_dir))
-            _write_split(split, items, partial, out, tree, settings, chunk_bytes, workers, progress)
-        shutil.rmtree(errors_dir)
-        metadata = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "classes": classes,
-            "splits": {split: len(items) for split, items in listed.items()},
-            "max_side": max_side,
-            "quality": int(quality),
-            "source": str(tree),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        (partial / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # empty (checked above); rename needs it gone on some file systems
-        os.rename(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    with signals_interrupt():
+        tree, listings = check_root(root)
+        out = check_output_dir(output_dir)
+        clear_leftovers(out, _notice)
+        try:
+            staging = claim(out)
+        except OSError as err:
+            raise MRLError(write_failure(str(err), f"a folder beside {out}", out)) from err
+        try:
+            (staging.path / ERRORS_NAME).mkdir()
+            workers = int(num_workers or os.cpu_count() or 1)
+            listed = {split: list(listing.samples) for split, listing in listings.items()}
+            for split, items in listed.items():
+                random.Random(seed).shuffle(items)
+                settings = (max_side, int(quality), str(staging.path / ERRORS_NAME))
+                _write_split(split, items, staging.path, out, tree, settings, chunk_bytes, workers, progress)
+            _finish(staging, out, tree, list(listings["train"].classes), listed, max_side, int(quality))
+        except BaseException as err:
+            with signals_deferred():
+                staging.discard()
+            if isinstance(err, OSError):  # a full disk while writing beside the workers
+                raise MRLError(write_failure(str(err), "the shards", out)) from err
+            raise
+        finally:
+            staging.close()
     return out
