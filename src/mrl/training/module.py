@@ -115,17 +115,8 @@ class MatryoshkaLitModule(L.LightningModule):
         # {stage}/loss stays the final head's loss (the exported model's; val/loss picks the best
         # checkpoint); the stage heads' losses are added to what is minimised and logged per size.
         depth_loss = None if self.depth is None else self.depth.step_loss(stage_z, y, stage, sizes)
-        on_step = stage == "train"  # train/loss per step (the key stays plain), eval losses per epoch
         if log_loss:
-            self.log(
-                f"{stage}/loss",
-                loss,
-                on_step=on_step,
-                on_epoch=not on_step,
-                sync_dist=not on_step,
-                prog_bar=True,
-                batch_size=y.shape[0],
-            )
+            log_head_loss(self, stage, loss, y.shape[0])
         self.epoch_metrics.update(stage, per_size, y, scores.detach())
         for extra in (depth_loss, contrastive):
             loss = loss if extra is None else loss + extra
@@ -221,3 +212,17 @@ class MatryoshkaLitModule(L.LightningModule):
         checkpoint["mrl_config"] = self.config
         checkpoint["mrl_nesting"] = self.nesting
         checkpoint[SPEC_KEY] = self.spec.to_dict() if self.spec is not None else None
+
+
+def log_head_loss(module: L.LightningModule, stage: str, loss: torch.Tensor, batch_size: int) -> None:
+    """``{stage}/loss``, the head's: per step in training (the key stays plain), per epoch otherwise."""
+    on_step = stage == "train"
+    module.log(
+        f"{stage}/loss",
+        loss,
+        on_step=on_step,
+        on_epoch=not on_step,
+        sync_dist=not on_step,
+        prog_bar=True,
+        batch_size=batch_size,
+    )

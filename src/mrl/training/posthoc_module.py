@@ -8,7 +8,7 @@ from mrl.models.posthoc import PosthocBackbone
 from mrl.nn.feature_head_objective import FeatureHeadObjective
 from mrl.nn.sparse_autoencoder import SparseAutoencoder
 from mrl.training.epoch_metrics import EpochMetrics
-from mrl.training.module import MatryoshkaLitModule
+from mrl.training.module import MatryoshkaLitModule, log_head_loss
 
 
 class PosthocLitModule(MatryoshkaLitModule):
@@ -69,15 +69,6 @@ class PosthocLitModule(MatryoshkaLitModule):
         per_size, scores = self.probe.per_size_and_scores(self.head, z, y, logits=not training)
         probe_loss = self.criterion.combine(per_size, None)
         if log_loss:
-            on_step = stage == "train"
-            self.log(
-                f"{stage}/loss",
-                probe_loss,
-                on_step=on_step,
-                on_epoch=not on_step,
-                sync_dist=not on_step,
-                prog_bar=True,
-                batch_size=y.shape[0],
-            )
+            log_head_loss(self, stage, probe_loss, y.shape[0])
         self.epoch_metrics.update(stage, per_size, y, scores.detach())
         return probe_loss if loss is None else loss + probe_loss
