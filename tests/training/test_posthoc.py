@@ -173,12 +173,14 @@ def test_mrl_report_draws_quality_against_bytes(heads):
     assert report.returncode == 0, report.output[-3000:]
     out = sweep / "report"
     comparison = json.loads((out / "comparison.json").read_text())
-    assert set(comparison["tables"]["top1"]) == set(SIZES)
+    # each head is its own method, named by the run it was trained on (source_ckpt's run dir "source")
+    methods = {f"{kind} [source=source]" for kind in SIZES}
+    assert set(comparison["tables"]["top1"]) == methods
     lines = comparison["quality_vs_bytes"]["tables"]["map@10"]
-    assert {line.split(" (")[0] for line in lines} == set(SIZES)
+    assert {line.split(" (")[0] for line in lines} == methods
     mrl_report = json.loads(find_evaluations(heads["mrl"])[0].read_text())
     stored = mrl_report["bytes"]["embedding"]["int8"]["16"]
-    assert lines["mrl (int8)"][str(stored)]["mean"] == pytest.approx(
+    assert lines["mrl [source=source] (int8)"][str(stored)]["mean"] == pytest.approx(
         100 * mrl_report["quantized"]["int8"]["16"]["map@10"]
     )
     assert (out / "quality_vs_bytes.png").stat().st_size > 10_000
