@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 import fault_injection
+from mrl.tracking.dashboards.keys import leet_inspect
 
 BIN = Path(sys.executable).parent
 # Fast, deterministic settings shared by the end-to-end tests: tiny synthetic images and one epoch.
@@ -212,29 +213,16 @@ def wandb_run_dirs(job_dir: Path) -> list[Path]:
 
 def wandb_inspect(run_dir: Path) -> tuple[dict, list[dict]]:
     """What really reached W&B: (summary object, history rows) from `wandb leet inspect --json`."""
-    wandb = str(BIN / "wandb")
-    summary = json.loads(
-        subprocess.run(
-            [wandb, "leet", "inspect", "--summary", "--json", str(run_dir)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
+    summary = json.loads(leet_inspect(run_dir, "--summary", "--json"))
     return summary, wandb_history(run_dir)
 
 
-def wandb_records(run_dir: Path, kind: str) -> list[dict]:
-    """The records of one ``kind`` ("history", "metric", ...) W&B wrote to the run's file so far (the run
-    may still be running or be killed), from ``wandb leet inspect --json``."""
-    lines = subprocess.run(
-        [str(BIN / "wandb"), "leet", "inspect", "--json", str(run_dir)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
-    parsed = (json.loads(line) for line in lines if line.strip())
-    return [r[kind] for r in parsed if r.get("type") == kind]
+def wandb_records(run_dir: Path, kind: str | None = None) -> list[dict]:
+    """The records of one ``kind`` ("history", "metric", ...; every record with ``None``) W&B wrote to
+    the run's file so far (the run may still be running or be killed), from ``wandb leet inspect
+    --json``."""
+    parsed = [json.loads(line) for line in leet_inspect(run_dir, "--json").splitlines() if line.strip()]
+    return parsed if kind is None else [r[kind] for r in parsed if r.get("type") == kind]
 
 
 def wandb_metric_definitions(run_dir: Path) -> dict[str, dict]:

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from mrl.errors import MRLError
 from mrl.tracking.dashboards.curves import curves_of
-from mrl.tracking.dashboards.keys import LoggedRun, parse_records, sizes
+from mrl.tracking.dashboards.keys import LoggedRun, leet_inspect, parse_records, sizes
 from mrl.tracking.dashboards.report import SweepReport, sweep_report
 from mrl.tracking.dashboards.spec import document, dump, from_document, offline_reason, panel_keys
 from mrl.tracking.dashboards.sweep import swept_keys
 from mrl.tracking.dashboards.workspace import project_workspace
-from support import BIN, TINY, command_env, wandb_inspect
+from support import BIN, TINY, command_env, wandb_inspect, wandb_records
 
 SIZES = [1, 2, 4, 8, 16, 32, 64, 128]
 TEXT_ORDER = sorted(str(d) for d in SIZES)  # 1, 128, 16, 2, ...: what W&B's default panels show
@@ -290,19 +291,9 @@ def sweep(tmp_path_factory) -> Path:
     return sweep_dir
 
 
-def _records(run_dir: Path) -> list[dict]:
-    out = subprocess.run(
-        [str(BIN / "wandb"), "leet", "inspect", "--json", str(run_dir)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-
 def _logged(run_dir: Path) -> dict:
     """What one run logged, straight from its records: job type, config, history and system keys."""
-    records = _records(run_dir)
+    records = wandb_records(run_dir)
     (run,) = [r["run"] for r in records if r["type"] == "run"]
     history = [r["history"]["item"] for r in records if r["type"] == "history"]
     stats = {f"system/{k}" for r in records if r["type"] == "stats" for k in r["stats"]["item"]}
@@ -415,3 +406,17 @@ def test_dashboard_offline_writes_the_workspace_spec_of_logged_keys(sweep, tmp_p
     per_size = [p["config"]["metrics"] for p in panels if any("@" in m for m in p["config"]["metrics"])]
     assert per_size and all(_size_order(m) == [4, 16, 64] for m in per_size)
     assert "val/acc@4" in doc["keys"]["history"] and "train/lr" in doc["keys"]["history"]
+
+
+@pytest.mark.slow
+def test_leet_inspect_is_what_wandb_prints(sweep, tmp_path):
+    """mrl reads runs with W&B's reader binary directly: byte for byte what `wandb leet inspect` prints."""
+    run_dir = next(sweep.glob("0/wandb/offline-run-*"))
+    for flags in (["--json"], ["--summary", "--json"]):
+        script = subprocess.run(
+            [str(BIN / "wandb"), "leet", "inspect", *flags, str(run_dir)], capture_output=True, text=True
+        )
+        assert script.returncode == 0 and script.stdout.strip(), script.stderr
+        assert leet_inspect(run_dir, *flags) == script.stdout
+    with pytest.raises(MRLError, match="Cannot read the W&B run"):  # no log: the script's own refusal
+        leet_inspect(tmp_path)

@@ -103,18 +103,43 @@ def parse_records(lines: Iterable[str], path: str = "") -> LoggedRun:
     return run
 
 
-def read_run(run_dir: str | Path) -> LoggedRun:
-    """The keys and config of one local W&B run directory (``.../wandb/offline-run-*`` or ``run-*``)."""
-    proc = subprocess.run(
-        [wandb_executable(), "leet", "inspect", "--json", str(run_dir)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+def leet_inspect(run_dir: str | Path, *flags: str) -> str:
+    """What ``wandb leet inspect <flags> <run_dir>`` prints of a local run directory.
+
+    Why not always the ``wandb`` console script: it only finds the run's ``.wandb`` log and runs W&B's
+    own reader, the ``wandb-core leet inspect`` binary, on it, after a second of Python start-up; a
+    sweep's dashboard reads every run. This runs that binary with the arguments the script gives it
+    (the same output, checked by a test against the script), and the script itself where this wandb
+    has no such binary or the directory holds no single log.
+    """
+    logs = list(Path(run_dir).glob("*.wandb"))
+    core = _wandb_core()
+    if core and len(logs) == 1:
+        log = logs[0].resolve()
+        args = [core, "leet", "inspect", "--no-observability", *flags, "--run-file", str(log)]
+        args.append(str(log.parent.parent))
+    else:
+        args = [wandb_executable(), "leet", "inspect", *flags, str(run_dir)]
+    proc = subprocess.run(args, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         reason = " ".join((proc.stderr or proc.stdout).split())[:300]
         raise MRLError(f"Cannot read the W&B run {run_dir} with `wandb leet inspect` ({reason}).")
-    return parse_records(proc.stdout.splitlines(), str(run_dir))
+    return proc.stdout
+
+
+def _wandb_core() -> str | None:
+    """W&B's ``wandb-core`` binary, or None where this wandb does not ship one."""
+    try:
+        from wandb.util import get_core_path
+
+        return get_core_path()
+    except Exception:  # an older or newer wandb without it: the console script does the same
+        return None
+
+
+def read_run(run_dir: str | Path) -> LoggedRun:
+    """The keys and config of one local W&B run directory (``.../wandb/offline-run-*`` or ``run-*``)."""
+    return parse_records(leet_inspect(run_dir, "--json").splitlines(), str(run_dir))
 
 
 RUN_DIR = re.compile(r"^(offline-)?run-\d{8}_\d{6}-\w+$")
