@@ -52,19 +52,53 @@ def mrl_train_timing(overrides: list[str], workdir: Path, skip_batches: int = 0)
         f"+callbacks.timer.path={timer}",
         f"+callbacks.timer.skip_batches={skip_batches}",
     ]
-    env = {
-        **os.environ,
-        "MRL_LOG_DIR": str(workdir / "logs"),
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-    }
+    env = {"MRL_LOG_DIR": str(workdir / "logs"), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    if IN_PROCESS:
+        _mrl_train_here(args, workdir, env)
+        return json.loads(timer.read_text())
     proc = subprocess.run(
-        [str(BIN / "mrl-train"), *args], cwd=workdir, env=env, capture_output=True, text=True, check=False
+        [str(BIN / "mrl-train"), *args],
+        cwd=workdir,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if proc.returncode != 0:
         tail = f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
         raise RuntimeError(f"mrl-train {' '.join(args)} failed:\n{tail}")
     return json.loads(timer.read_text())
+
+
+# --quick runs every mrl-train job in the benchmark's own process: the same code as a smoke test, without
+# a process start (seconds of imports) per job. Measured runs keep a fresh process per job.
+IN_PROCESS = False
+
+
+def _mrl_train_here(args: list[str], workdir: Path, env: dict[str, str]) -> None:
+    """``mrl-train args`` in this process (its ``main``), in ``workdir`` with ``env`` added; the
+    process's environment, folder, command line and Hydra state are put back afterwards."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from mrl.cli.train import main
+
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    GlobalHydra.instance().clear()
+    try:
+        os.environ.update(env)
+        os.chdir(workdir)
+        sys.argv = [str(BIN / "mrl-train"), *args]
+        try:
+            main()
+        except SystemExit as done:
+            if done.code not in (0, None):
+                raise RuntimeError(f"mrl-train {' '.join(args)} failed: {done.code}") from None
+    finally:
+        GlobalHydra.instance().clear()
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
 
 
 def bare_loop_epochs(overrides: list[str], device: str = "cpu", bf16: bool = False) -> list[float]:

@@ -37,6 +37,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import _common
 import torch
 from _common import compose_cfg, mrl_train_timing, sync, train_step
 
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     cores = len(os.sched_getaffinity(0))
     skip = SKIP_BATCHES
     if args.quick:
+        _common.IN_PROCESS = True  # a smoke test: the jobs in this process
         device, bf16, batch, pixels, classes, steps, images, skip = "cpu", False, 16, 32, 10, 4, 96, 1
         common = ["backbone.name=test_byobnet", "trainer=cpu", "head.nesting=[2,8,64]", "threads=2"]
         jpeg_size, estimates = (80, 60), None

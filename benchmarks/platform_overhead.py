@@ -23,6 +23,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import _common
 import torch
 from _common import bare_loop_epochs, median_ms, mrl_train_epochs, steady
 from _stats import format_interval, paired_ratio
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> float:
     args = parser.parse_args(argv)
     size, batch, epochs, rounds = args.train_size, 256, args.epochs, args.rounds
     if args.quick:
+        _common.IN_PROCESS = True  # a smoke test: the jobs in this process
         size, batch, epochs, rounds = 64, 32, 2, 1
     overrides = [
         "data=synthetic",

@@ -3,8 +3,9 @@
     python benchmarks/posthoc.py             # Fashion-MNIST, the default job vs head=mrl|csr|adaptor
     python benchmarks/posthoc.py --quick     # tiny synthetic data (smoke test)
 
-1. Throughput. Each job is the ``mrl-train`` console script (W&B offline, ``threads=--threads``: 1,
-   as the recipes run on a shared 2-core host), training only (no validation, test or checkpoints),
+1. Throughput. Each job is the ``mrl-train`` console script in a process of its own (``--quick``: in
+   this one), W&B offline, ``threads=--threads`` (1, as the recipes run on a shared 2-core host),
+   training only (no validation, test or checkpoints),
    ``--batches`` training batches of one epoch, timed by the EpochTimer callback from the epoch's 6th
    batch on: images/s of training steps, loader included.
    The end-to-end job is the default job (test_byobnet on Fashion-MNIST, MRL head, batch 256); the
@@ -40,56 +41,17 @@ import threading
 import time
 from pathlib import Path
 
-from _common import TRAIN_ONLY
+import _common
+from _common import mrl_train_timing
 from _stats import format_interval, paired_ratio
 
 SKIP = 5  # batches before the clock starts (allocator and loader warm-up)
 HEADS = ("mrl", "csr", "adaptor")
-SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-def _env(workdir: Path) -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH", "")) if p)
-    return {
-        **os.environ,
-        "MRL_LOG_DIR": str(workdir / "logs"),
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "PYTHONPATH": path,
-    }
-
-
-def mrl_train(args: list[str], workdir: Path) -> subprocess.CompletedProcess:
-    """The ``mrl-train`` console script's code (``python -m mrl.cli.train``) with ``args``."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "mrl.cli.train", *args],
-        cwd=workdir,
-        env=_env(workdir),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        tail = f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-        raise RuntimeError(f"mrl-train {' '.join(args)} failed:\n{tail}")
-    return proc
 
 
 def images_per_second(args: list[str], workdir: Path) -> float:
     """Training images/s of one ``mrl-train`` job's first epoch, from its ``SKIP``-th batch on."""
-    timer = workdir / f"epochs_{time.monotonic_ns()}.json"
-    mrl_train(
-        [
-            *args,
-            *TRAIN_ONLY,
-            "trainer.max_epochs=1",
-            "+callbacks.timer._target_=mrl.tracking.timing.EpochTimer",
-            f"+callbacks.timer.path={timer}",
-            f"+callbacks.timer.skip_batches={SKIP}",
-        ],
-        workdir,
-    )
-    record = json.loads(timer.read_text())
+    record = mrl_train_timing([*args, "trainer.max_epochs=1"], workdir, skip_batches=SKIP)
     return record["samples"][0] / record["epoch_seconds"][0]
 
 
@@ -208,7 +170,7 @@ def extraction_memory(images: int, feature_dim: int) -> float:
             proc = subprocess.run(
                 [sys.executable, __file__, *child],
                 cwd=Path(__file__).parent,
-                env=_env(Path(tmp)),
+                env={**os.environ, "MRL_LOG_DIR": str(Path(tmp) / "logs")},
                 capture_output=True,
                 text=True,
                 check=False,
@@ -252,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     data: list[str] = []  # the default job's data: Fashion-MNIST
     if args.quick:
+        _common.IN_PROCESS = True
         args.rounds, args.batches, args.images, args.dim, args.feature_batch = 1, 3, 512, 64, 64
         data = ["data=synthetic", "data.in_chans=1", "data.img_size=28", "data.train_size=512"]
         data += ["data.batch_size=32", "logger=none"]
