@@ -61,6 +61,15 @@ def top_k_code(pre: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(pre).scatter(1, indices, F.relu(values))
 
 
+def _unordered_code(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`top_k_code` for training losses, where only the set of units counts: an unsorted top-k
+    (a sorted one costs several times more on a CPU), or every unit's ReLU when ``k`` spans the row."""
+    if k >= pre.shape[1]:
+        return F.relu(pre)
+    values, indices = pre.topk(k, dim=1, sorted=False)
+    return torch.zeros_like(pre).scatter(1, indices, F.relu(values))
+
+
 def normalized_mse(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``mse(reconstruction, target) / mse(mean(target), target)``: the error relative to predicting the
     batch mean; 0 where the target does not vary over the batch (nothing to explain)."""
@@ -217,14 +226,29 @@ class SparseAutoencoder(nn.Module):
         return self.dead().float().mean()
 
     @torch.no_grad()
-    def _record_activity(self, values: torch.Tensor, indices: torch.Tensor) -> None:
-        fired = torch.zeros(self.hidden, dtype=torch.long, device=indices.device)
-        fired.scatter_add_(0, indices.reshape(-1), (values > 0).long().reshape(-1))
-        self.steps_since_active.add_(1).masked_fill_(fired > 0, 0)
+    def _record_activity(self, widest_code: torch.Tensor) -> None:
+        fired = (widest_code > 0).any(0)
+        self.steps_since_active.add_(1).masked_fill_(fired, 0)
+
+    def _codes(self, pre: torch.Tensor, cutoffs: list[int], largest_k: int) -> dict[int, torch.Tensor]:
+        """The code of every cutoff in ``cutoffs`` (ascending), ``{c: (B, hidden)}``.
+
+        Why not one top-k of the widest code, as CSR does: a top-k as wide as the hidden layer sorts
+        every row, which on a CPU costs more than the decoder's products. The codes up to the largest trained
+        ``k`` are prefixes of one sorted top-k of that ``k``; a wider code (the wide terms) is one
+        unsorted top-k, or every unit's ReLU when it spans the hidden layer. Same sets, same gradients.
+        """
+        values, indices = pre.topk(largest_k, dim=1)
+        return {
+            c: torch.zeros_like(pre).scatter(1, indices[:, :c], F.relu(values[:, :c]))
+            if c <= largest_k
+            else _unordered_code(pre, c)
+            for c in cutoffs
+        }
 
     def _aux_reconstruction(self, pre: torch.Tensor) -> torch.Tensor:
         """The decoding of the ``aux_k`` largest pre-activations among dead units (CSR's ``auxk``)."""
-        return self.decode(top_k_code(pre.masked_fill(~self.dead(), 0.0), self.aux_k))
+        return self.decode(_unordered_code(pre.masked_fill(~self.dead(), 0.0), self.aux_k))
 
     def per_size(
         self, features: torch.Tensor, target: torch.Tensor | None = None, step: int | None = None
@@ -238,24 +262,25 @@ class SparseAutoencoder(nn.Module):
             raise ValueError("the label contrastive term needs the batch's labels as target")
         ks = self.trained_sizes(step if self.training else None)
         pre = self.pre_activations(features)
-        widest = min(self.wide_factor * max(ks), self.hidden)
-        values, indices = pre.topk(widest, dim=1)  # sorted: each code below is a prefix of these
+        wides = [min(self.wide_factor * k, self.hidden) for k in ks]
+        codes = self._codes(pre, sorted(set(ks) | set(wides)), max(ks))
         if self.training:
-            self._record_activity(values, indices)
+            self._record_activity(codes[max(wides)])  # the widest code holds every other one
+        # a code shared by two terms (k=32 and the wide term of k=8) is decoded once
+        reconstructions = {c: self.decode(code) for c, code in codes.items()}
         aux = self._aux_reconstruction(pre) if self.aux_weight and self.aux_k else None
         losses = []
-        for k in ks:
-            code = torch.zeros_like(pre).scatter(1, indices[:, :k], F.relu(values[:, :k]))
-            wide = min(self.wide_factor * k, self.hidden)
-            wide_code = torch.zeros_like(pre).scatter(1, indices[:, :wide], F.relu(values[:, :wide]))
-            reconstruction = self.decode(code)
+        for k, wide in zip(ks, wides, strict=True):
+            reconstruction = reconstructions[k]
             loss = F.mse_loss(reconstruction, features)
-            loss = loss + self.wide_weight * F.mse_loss(self.decode(wide_code), features)
+            loss = loss + self.wide_weight * F.mse_loss(reconstructions[wide], features)
             if aux is not None:
                 residual = features - reconstruction.detach() + self.pre_bias.detach()
                 loss = loss + self.aux_weight * normalized_mse(aux, residual)
             if self.contrastive != "none":
                 labels = target if self.contrastive == "label" else None
-                loss = loss + self.contrastive_weight * code_contrastive_loss(code, labels, self.temperature)
+                loss = loss + self.contrastive_weight * code_contrastive_loss(
+                    codes[k], labels, self.temperature
+                )
             losses.append(loss)
         return torch.stack(losses)

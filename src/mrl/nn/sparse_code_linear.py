@@ -65,15 +65,27 @@ class SparseCodeLinear(nn.Module):
     def size_logits(self, z: torch.Tensor, index: int) -> torch.Tensor:
         """Logits ``(B, C)`` of the ``index``-th classifier, on the size-``nesting[index]`` code of
         ``z`` ``(B, hidden)``."""
-        if z.dim() != 2 or z.shape[1] != self.in_features:
-            raise ValueError(
-                f"SparseCodeLinear expects codes of shape (B, {self.in_features}), got {tuple(z.shape)}"
-            )
+        self._check_codes(z)
         code = size_view(z, self.nesting[index], sparse=True)
         return F.linear(code, self.size_weight(index), self.size_bias(index))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.size_logits(z, g) for g in range(len(self.nesting))])
+        # one sorted top-k of the largest k gives every smaller code as its prefix (top-k sets are
+        # nested): a top-k per size cost more than the classifiers themselves
+        self._check_codes(z)
+        values, indices = z.topk(self.nesting[-1], dim=1)
+        values = F.relu(values)
+        logits = []
+        for g, k in enumerate(self.nesting):
+            code = torch.zeros_like(z).scatter(1, indices[:, :k], values[:, :k])
+            logits.append(F.linear(code, self.size_weight(g), self.size_bias(g)))
+        return torch.stack(logits)
+
+    def _check_codes(self, z: torch.Tensor) -> None:
+        if z.dim() != 2 or z.shape[1] != self.in_features:
+            raise ValueError(
+                f"SparseCodeLinear expects codes of shape (B, {self.in_features}), got {tuple(z.shape)}"
+            )
 
     def extra_repr(self) -> str:
         return f"hidden={self.in_features}, num_classes={self.num_classes}, k={self.nesting}"
