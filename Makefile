@@ -29,9 +29,12 @@ $(FMNIST):
 train: install data
 	$(BIN)/mrl-train $(ARGS)
 
-# Everything, the slow end-to-end tests included (what CI runs).
+# Everything, the slow end-to-end tests included (what CI runs), in TEST_WORKERS processes (pytest-xdist;
+# each test file stays in one, so its shared runs are made once): most tests wait on one single-threaded
+# command, so a 2-core machine runs two at once.
+TEST_WORKERS ?= 2
 test: install data
-	$(BIN)/pytest -m "slow or not slow" --durations=20 $(ARGS)
+	$(BIN)/pytest -m "slow or not slow" -n $(TEST_WORKERS) --dist loadfile --durations=20 $(ARGS)
 
 # The fast suite, for the edit-test loop.
 test-fast: install
