@@ -234,9 +234,10 @@ class SparseAutoencoder(nn.Module):
         """The code of every cutoff in ``cutoffs`` (ascending), ``{c: (B, hidden)}``.
 
         Why not one top-k of the widest code, as CSR does: a top-k as wide as the hidden layer sorts
-        every row, which on a CPU costs more than the decoder's products. The codes up to the largest trained
-        ``k`` are prefixes of one sorted top-k of that ``k``; a wider code (the wide terms) is one
-        unsorted top-k, or every unit's ReLU when it spans the hidden layer. Same sets, same gradients.
+        every row, which on a CPU costs more than the decoder's products. The codes up to the largest
+        trained ``k`` are prefixes of one sorted top-k of that ``k``; a wider code (the wide terms) is
+        one unsorted top-k, or every unit's ReLU when it spans the hidden layer. Same sets, same
+        gradients.
         """
         values, indices = pre.topk(largest_k, dim=1)
         return {
