@@ -75,6 +75,17 @@ def test_sparse_search_equals_dense_search_with_ties(block_bytes):
         np.testing.assert_array_equal(sparse_search(queries, csc, k, block_bytes=block_bytes)[0], neighbours)
 
 
+@pytest.mark.parametrize("block_bytes", [1, 16 * 30 * 7, 2**30])  # one query, seven, all at once
+def test_sparse_search_leaves_each_item_out_of_its_own_neighbours(block_bytes):
+    items = sparse_integer_codes(30, 40, 4, seed=2)
+    scores = items.astype(np.float64) @ items.astype(np.float64).T
+    np.fill_diagonal(scores, -np.inf)
+    want = np.array([sorted(range(len(items)), key=lambda j, row=row: (-row[j], j))[:5] for row in scores])
+    neighbours, found = sparse_search(items, items, 5, block_bytes=block_bytes, exclude_self=True)
+    np.testing.assert_array_equal(neighbours, want)
+    np.testing.assert_array_equal(found, np.take_along_axis(scores, want, 1))
+
+
 def test_sparse_search_on_autoencoder_codes_matches_dense_search():
     torch.manual_seed(0)
     sae = SparseAutoencoder(16, [4, 8], expansion=4)

@@ -190,7 +190,7 @@ def sparse_search(
     for start in range(0, queries.shape[0], block):
         dense = np.ascontiguousarray((rows @ queries[start : start + block].toarray().T).T)
         if exclude_self:  # each query's own item can never be among its neighbours
-            rows = np.arange(len(dense))
-            dense[rows, start + rows] = -np.inf
+            own = np.arange(len(dense))
+            dense[own, start + own] = -np.inf
         neighbours[start : start + block], scores[start : start + block] = top_k_rows(dense, k)
     return neighbours, scores
