@@ -60,8 +60,17 @@ def test_byte_counts():
         index_bytes(2**32 + 1)
 
 
-@pytest.mark.parametrize("block_bytes", [1, 16 * 50 * 7, 2**30])  # one query, seven, all at once
-def test_sparse_search_equals_dense_search_with_ties(block_bytes):
+@pytest.fixture(params=[1, 2], ids=["serial", "two_threads"])
+def search_threads(request):
+    """Blocks searched one after another, or in two threads (one per intra-op thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 16 * 50 * 7, 2**30])  # one query per block, a few, all at once
+def test_sparse_search_equals_dense_search_with_ties(block_bytes, search_threads):
     queries = sparse_integer_codes(23, 40, 4, seed=0)
     database = sparse_integer_codes(50, 40, 4, seed=1)  # many zero and equal scores: ties decide
     for k in (1, 5, 50):
@@ -76,7 +85,7 @@ def test_sparse_search_equals_dense_search_with_ties(block_bytes):
 
 
 @pytest.mark.parametrize("block_bytes", [1, 16 * 30 * 7, 2**30])  # one query, seven, all at once
-def test_sparse_search_leaves_each_item_out_of_its_own_neighbours(block_bytes):
+def test_sparse_search_leaves_each_item_out_of_its_own_neighbours(block_bytes, search_threads):
     items = sparse_integer_codes(30, 40, 4, seed=2)
     scores = items.astype(np.float64) @ items.astype(np.float64).T
     np.fill_diagonal(scores, -np.inf)

@@ -16,8 +16,9 @@ chunk of rows at a time, as :func:`mrl.nn.sparse_autoencoder.top_k_code` does (s
 units as the model's own classifiers), L2-normalises their values and keeps them as a CSR matrix.
 
 Retrieval ranks database codes by their inner product with each query code, computed as a sparse
-matrix product (``scipy.sparse`` CSR): a block of queries against the whole database at a time, the
-block sized so that its dense score matrix fits a memory budget, then the top ``k`` of each row. Equal
+matrix product (``scipy.sparse`` CSR): a block of queries against the whole database at a time, as
+many blocks at once as torch has intra-op threads, the blocks sized so that their dense score matrices
+fit a memory budget together, then the top ``k`` of each row. Equal
 scores rank the lower database index first, so the result is the same as an exact dense search with
 the same order of ties. The caller measures the wall-clock (it owns what counts as the search).
 """
@@ -25,6 +26,7 @@ the same order of ties. The caller measures the wall-clock (it owns what counts 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.sparse as sp
@@ -161,8 +163,9 @@ def sparse_search(
     """Exact inner-product search of sparse codes: the ``k`` best database rows of every query as
     ``(neighbours (Q, k) int64, scores (Q, k) float32)``, best first (ties: lower index first).
 
-    Queries are searched in blocks whose working memory (scores and top-k bookkeeping, about
-    :data:`BYTES_PER_SCORE` bytes per query and database row) stays within ``block_bytes``. A float32
+    Queries are searched in blocks, in ``torch.get_num_threads()`` threads, whose working memory
+    together (scores and top-k bookkeeping, about :data:`BYTES_PER_SCORE` bytes per query and database
+    row) stays within ``block_bytes``. A float32
     CSR ``database`` is searched as it is, so a caller that times searches can build it before the clock
     starts. ``exclude_self``: query
     ``i`` is database row ``i`` (the same items), left out of its own neighbours.
@@ -184,13 +187,26 @@ def sparse_search(
     # sparse-by-sparse product builds its nearly full result as a sparse matrix first: several times
     # slower at large k.)
     rows = database.tocsr()  # a no-op for CSR; a CSC database's rows, converted once
-    block = max(1, block_bytes // (BYTES_PER_SCORE * n_db))
+    # Blocks run in threads, one per intra-op thread: scipy's product releases the GIL for most of its
+    # work and is single-threaded, so a second thread uses the second core. Each thread holds one
+    # block's scores, so the budget is shared among them.
+    workers = max(1, torch.get_num_threads())
+    block = max(1, block_bytes // (BYTES_PER_SCORE * n_db * workers))
     neighbours = np.empty((queries.shape[0], k), dtype=np.int64)
     scores = np.empty((queries.shape[0], k), dtype=np.float32)
-    for start in range(0, queries.shape[0], block):
+
+    def search_block(start: int) -> None:
         dense = np.ascontiguousarray((rows @ queries[start : start + block].toarray().T).T)
         if exclude_self:  # each query's own item can never be among its neighbours
             own = np.arange(len(dense))
             dense[own, start + own] = -np.inf
         neighbours[start : start + block], scores[start : start + block] = top_k_rows(dense, k)
+
+    starts = range(0, queries.shape[0], block)
+    if workers == 1 or len(starts) == 1:
+        for start in starts:
+            search_block(start)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(search_block, starts))  # list(): a block's exception is raised here
     return neighbours, scores
