@@ -237,6 +237,10 @@ def test_image_file_data_refuses_two_views_and_configs_refuse_mismatched_views(t
         check_objective({"kind": "supcon", "temprature": 0.1, "views": 2})
     with pytest.raises(MRLError, match=r"objective\.kind='simclr'"):
         check_objective({"kind": "simclr", "views": 2})
+    with pytest.raises(
+        MRLError, match=r"objective\.gather_negatives='yes'.*objective\.gather_negatives=true"
+    ):
+        check_objective({"kind": "supcon", "views": 2, "gather_negatives": "yes"})
 
 
 @pytest.mark.slow
@@ -303,3 +307,80 @@ def test_mrl_report_makes_a_row_per_objective(tmp_path):
     top1 = aggregate(records)["top1"]
     assert list(top1) == ["mrl", "mrl+supcon", "mrl+infonce"]
     assert top1["mrl+supcon"][8].mean == pytest.approx(70.0) and top1["mrl+supcon"][8].n == 2
+
+
+# ---- contrastive negatives across processes (DDP) -------------------------------------------------------
+
+DDP_CASES = [("supcon", True), ("infonce", True), ("supcon", False)]
+
+
+def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two views of 8 images (V, B, F) with 3 classes, the same in every process."""
+    generator = torch.Generator().manual_seed(3)
+    return torch.randn(2, 8, 6, generator=generator), torch.randint(0, 3, (8,), generator=generator)
+
+
+def _model() -> torch.nn.Linear:
+    torch.manual_seed(0)
+    return torch.nn.Linear(6, 16)
+
+
+def _ddp_rank(rank: int, port: int, out) -> None:
+    """One of two gloo processes: its half of the images (both views) through a DDP-wrapped model, each
+    case's per-size losses and DDP's averaged gradients."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+    )
+    try:
+        x, y = _global_batch()
+        mine = slice(rank * 4, rank * 4 + 4)
+        for kind, gather in DDP_CASES:
+            model = DistributedDataParallel(_model())
+            loss = MatryoshkaContrastiveLoss(NESTING, kind=kind, temperature=0.3, views=2, gather=gather)
+            per_size = loss.per_size(model(x[:, mine].flatten(0, 1)), y[mine])
+            per_size.sum().backward()
+            grads = [p.grad.clone() for p in model.parameters()]
+            out.put((rank, kind, gather, per_size.detach(), grads))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_gathers_negatives_to_the_single_process_loss_and_gradients():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.get_context("spawn")
+    out = context.Queue()
+    processes = [context.Process(target=_ddp_rank, args=(rank, port, out)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    found = {}
+    for _ in range(2 * len(DDP_CASES)):
+        rank, kind, gather, per_size, grads = out.get(timeout=120)
+        found[rank, kind, gather] = (per_size, grads)
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    x, y = _global_batch()
+    for kind, gather in DDP_CASES:
+        model = _model()  # one process, the whole global batch (rows view-major over all 8 images)
+        single = MatryoshkaContrastiveLoss(NESTING, kind=kind, temperature=0.3, views=2).per_size(
+            model(x.flatten(0, 1)), y
+        )
+        single.sum().backward()
+        # the processes' mean loss (what DDP's averaged gradients minimise)
+        mean = (found[0, kind, gather][0] + found[1, kind, gather][0]) / 2
+        if not gather:  # each process contrasts its own half: fewer negatives, another loss
+            assert not torch.allclose(mean, single, atol=1e-3)
+            continue
+        torch.testing.assert_close(mean, single.detach(), rtol=1e-5, atol=1e-6)
+        for rank in range(2):
+            for grad, want in zip(found[rank, kind, gather][1], model.parameters(), strict=True):
+                torch.testing.assert_close(grad, want.grad, rtol=1e-4, atol=1e-6)

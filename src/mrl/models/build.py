@@ -217,4 +217,5 @@ def build_objective(cfg: DictConfig, head: MatryoshkaLinear) -> MatryoshkaContra
         kind=kind,
         temperature=float(objective.get("temperature", 0.1)),
         views=int(objective.get("views", 2)),
+        gather=bool(objective.get("gather_negatives", True)),
     )

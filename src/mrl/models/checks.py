@@ -23,7 +23,7 @@ from mrl.models.build import OBJECTIVE_KINDS, split_head_config
 from mrl.models.heads import ALL_HEAD_KINDS, FROZEN_SOURCE_KINDS
 from mrl.nn.nesting import default_nesting, validate_nesting
 
-OBJECTIVE_KEYS = ("kind", "temperature", "views")
+OBJECTIVE_KEYS = ("kind", "temperature", "views", "gather_negatives")
 
 
 def check_objective(objective: Node) -> None:
@@ -37,6 +37,7 @@ def check_objective(objective: Node) -> None:
     one_of(objective, "kind", "objective.", OBJECTIVE_KINDS)
     number_in(objective, "temperature", "objective.", 1e-6, math.inf, "objective.temperature=0.1")
     positive_int(objective, "views", "objective.", "objective.views=2")
+    boolean(objective, "gather_negatives", "objective.")
     kind, views = objective.get("kind", "ce"), objective.get("views", 1)
     if kind == "ce" and views != 1:
         raise MRLError(
