@@ -92,7 +92,11 @@ def _train_job(cfg: DictConfig, out: Path) -> float | None:
     out = Path(resolved.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / RESOLVED_CONFIG_NAME
-    with _run_config(config_file, resolved, keep_old=chosen is not None or bool(cfg.get("resume"))):
+    keep_old = chosen is not None or bool(cfg.get("resume"))
+    # Under torchrun or srun every process composed the same config; the first one writes it (the others'
+    # W&B run id, drawn on their own, is not the run's)
+    writing = _run_config(config_file, resolved, keep_old) if first_process() else contextlib.nullcontext()
+    with writing:
         result = train(resolved, chosen)
     if resolved.get("evaluate") is not None and result.is_global_zero:
         from mrl.eval.after_training import evaluate_after_training
@@ -130,10 +134,14 @@ def _run_config(config_file: Path, resolved: DictConfig, keep_old: bool) -> Iter
 RANK_VARIABLES = ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK")
 
 
+def first_process() -> bool:
+    """Whether this is the job's first process (global rank 0), however it was launched."""
+    return all((os.environ.get(v) or "0").strip() == "0" for v in RANK_VARIABLES)
+
+
 def holding(directory: Path | None) -> contextlib.AbstractContextManager:
     """Hold ``directory`` for this job (:func:`mrl.files.directory_lock`), in the process that owns it."""
-    first = all((os.environ.get(v) or "0").strip() == "0" for v in RANK_VARIABLES)
-    if directory is None or not first:
+    if directory is None or not first_process():
         return contextlib.nullcontext()
     return directory_lock(directory, "mrl-train")
 
