@@ -99,6 +99,17 @@ def test_posthoc_quick():
     assert "peak anonymous" in out and "4N / N: cache" in out
 
 
+@pytest.mark.slow
+def test_eval_scale_quick():
+    out = run_quick("eval_scale.py")
+    # both methods at both database sizes, the ratio, and each size's 1-NN agreement with faiss
+    rows = [line.split("  ")[0] for line in out.splitlines() if line.startswith(("all sizes", "faiss flat"))]
+    assert rows.count("all sizes, one pass") == 2 and rows.count("faiss flat, per size") == 2
+    assert "speed: faiss per size / one pass" in out and "peak anonymous memory at 20000 rows" in out
+    agreement = out.split("same 1-NN as faiss: ")[1].splitlines()[0]
+    assert agreement.count("%") == 6  # sizes 8 ... 256
+
+
 def _stats_module():
     spec = importlib.util.spec_from_file_location("_stats", BENCHMARKS / "_stats.py")
     module = importlib.util.module_from_spec(spec)

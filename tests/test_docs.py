@@ -111,6 +111,21 @@ COMMANDS: dict[str, How] = {
     "mrl-train debug=tiny head.sizes_per_step=1 head.depth_stages=[1,3] head.depth_weight=0.5": RunBy(
         "test_results_hold_every_size_the_drawn_fractions_and_the_stage_metrics"
     ),
+    "torchrun --nnodes=2 --nproc_per_node=8 --node_rank=<0 or 1> --master_addr=<node 0> --master_port=29500 "
+    "--no-python mrl-train trainer=ddp trainer.devices=8 trainer.num_nodes=2 data=shards "
+    "data.input_dir=<shards> hydra.run.dir=<shared dir>/run1": RunBy(
+        "test_torchrun_on_two_nodes_trains_one_run_and_resumes_after_a_kill",
+        swap={
+            "--nproc_per_node=8": "--nproc_per_node=1",
+            "trainer=ddp": "trainer=ddp_cpu",
+            "trainer.devices=8": "trainer.devices=1",
+        },
+    ),
+    "srun mrl-train trainer=ddp trainer.devices=8 trainer.num_nodes=2 data=shards data.input_dir=<shards> "
+    "hydra.run.dir=<shared dir>/run1": RunBy(
+        "test_slurm_tasks_on_two_nodes_train_one_run",
+        swap={"trainer=ddp": "trainer=ddp_cpu", "trainer.devices=8": "trainer.devices=1"},
+    ),
     "mrl-train objective=supcon": RunBy("test_contrastive_training_end_to_end"),
     "mrl-train objective=infonce": RunBy("test_contrastive_training_end_to_end"),
     "mrl-train -m head=mrl,mrl_e,ff,standard head.dim=8": RunBy("test_every_head_trains_in_one_multirun"),
@@ -203,6 +218,11 @@ COMMANDS: dict[str, How] = {
         "test_recipe_trains_a_few_steps", swap={"threads=1": "threads=2"}
     ),
     # docs/deployment.md
+    "mrl-eval ckpt_path=logs/train/runs/<job>/checkpoints/last.ckpt +data=imagefolder "
+    "data.root=/data/imagenet embedding_dtype=float16": Dry(
+        "needs a GPU and ImageNet; test_every_size_equals_its_own_search and "
+        "test_neighbours_equal_faiss_per_size_on_a_float16_memmap check its search on the CPU"
+    ),
     "mrl-eval ckpt_path=r50_mrl1_e0_ff2048.pt +data=imagefolder data.root=/data/imagenet": RunBy(
         "test_mrl_eval_on_a_paper_checkpoint"
     ),

@@ -4,7 +4,6 @@ evaluator of the registry like the others (checked, opened and run by the loop).
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from torchvision.datasets import ImageFolder
 
 from mrl.config_path import config_dir
 from mrl.errors import MRLError
-from mrl.eval import context, evaluators, knn
+from mrl.eval import context, evaluators
 from mrl.eval.checks import check_eval_config
 from mrl.eval.context import EmbeddedSet, EvalContext, QuerySet
 from mrl.eval.knn import exact_search
@@ -32,46 +31,50 @@ def _compose(*overrides: str) -> DictConfig:
 
 
 @pytest.fixture
-def searches(monkeypatch) -> Counter:
-    """The sizes the context's exact search is called with (each still runs)."""
-    counted: Counter = Counter()
+def searches(monkeypatch) -> list[tuple[tuple[int, ...], int]]:
+    """The (sizes, k) of each exact search the context runs (each still runs)."""
+    calls: list[tuple[tuple[int, ...], int]] = []
+    real = context.search_all_sizes
 
-    def spy(database, queries, d, k, *args, **kwargs):
-        counted[d] += 1
-        return exact_search(database, queries, d, k, *args, **kwargs)
+    def spy(database, queries, sizes, k, *args, **kwargs):
+        calls.append((tuple(sizes), k))
+        return real(database, queries, sizes, k, *args, **kwargs)
 
-    monkeypatch.setattr(context, "exact_search", spy)
-    return counted
+    monkeypatch.setattr(context, "search_all_sizes", spy)
+    return calls
 
 
-def test_neighbours_are_searched_once_per_size_and_deepened_only_when_asked(searches):
+def test_neighbours_are_searched_once_for_every_size_and_deepened_only_when_asked(searches):
     ctx = _context(_compose("chunks.database=37"))  # several database chunks
     first = ctx.neighbours(4, 10)
-    assert first.shape == (40, 10) and searches == {4: 1}
+    # one pass gave every reported size's neighbours
+    assert first.shape == (40, 10) and searches == [(tuple(SIZES), 10)]
     np.testing.assert_array_equal(ctx.neighbours(4, 10), first)
     np.testing.assert_array_equal(ctx.neighbours(4, 1), first[:, :1])  # a shallower ask: the same search
-    assert searches == {4: 1}
+    assert ctx.neighbours(16, 10).shape == (40, 10) and len(searches) == 1  # another size: the same pass
     deeper = ctx.neighbours(4, 30)  # deeper than kept: searched again, and kept instead
-    assert deeper.shape == (40, 30) and searches == {4: 2}
-    np.testing.assert_array_equal(ctx.neighbours(4, 20), deeper[:, :20])
-    assert searches == {4: 2}
+    assert deeper.shape == (40, 30) and searches[1:] == [(tuple(SIZES), 30)]
+    np.testing.assert_array_equal(ctx.neighbours(8, 20), ctx.neighbours(8, 30)[:, :20])
+    assert len(searches) == 2
     direct = exact_search(ctx.database, ctx.queries, 4, 30, 4096, 37, False)[1]
-    np.testing.assert_array_equal(deeper, direct)
+    np.testing.assert_array_equal(deeper, direct)  # faiss's per-size search: the same neighbours
+    ctx.neighbours(3, 5)  # a size outside the reported ones: searched alone
+    assert searches[2:] == [((3,), 5)]
 
 
 @pytest.mark.parametrize("kind", ["mrl", "standard"])
-def test_one_evaluation_searches_each_size_once(monkeypatch, kind):
+def test_one_evaluation_searches_each_size_once(searches, kind):
     """Every evaluator that ranks by a size's neighbours (kNN, retrieval, the baselines' 1-NN, the
-    quantised float32 rows) shares one search of it; the untrained slice sizes are searched once each.
-    Counted where every exact search ends (faiss on one database block: one per search here)."""
-    searched: Counter = Counter()
-    real = knn._search_block
-    monkeypatch.setattr(knn, "_search_block", lambda db, *a: searched.update([db.shape[1]]) or real(db, *a))
+    quantised float32 rows) shares one search: every reported size from one pass, each untrained slice
+    size alone."""
     overrides = ("baselines.knn=true", "baselines.svd=false", "baselines.max_iter=20")
     cfg = _compose(*overrides, "methods.adaptive_retrieval=false")
-    sections = evaluators.run_evaluators(_context(cfg, kind), cfg, lambda name: None)
+    ctx = _context(cfg, kind)
+    sections = evaluators.run_evaluators(ctx, cfg, lambda name: None)
     slices = [int(d) for d in sections["baselines"]["slice_1nn"]]
-    assert sorted(searched) == sorted(set(SIZES) | set(slices)) and set(searched.values()) == {1}
+    searched = [sizes for sizes, _ in searches]
+    assert searched[0] == tuple(ctx.sizes)
+    assert sorted(searched[1:]) == [(d,) for d in sorted(set(slices) - set(ctx.sizes))]
     # the shared search's numbers: the baselines' 1-NN and the float32 rows at a reported size are the
     # kNN and retrieval sections' own
     for d in SIZES:

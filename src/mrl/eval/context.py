@@ -23,7 +23,8 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
-from mrl.eval.knn import CHUNK_BYTES, candidates, exact_search
+from mrl.eval.knn import CHUNK_BYTES, candidates
+from mrl.eval.prefix_search import search_all_sizes
 from mrl.eval.sparse_eval import code_search
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 from mrl.nn.sparse_code_linear import SparseCodeLinear
@@ -160,8 +161,9 @@ class EvalContext:
     def neighbours(self, d: int, k: int) -> np.ndarray:
         """Ids ``(Q, k)`` of each query's ``k`` nearest database items by the size-``d`` views, best
         first: one exact search per size, shared by every evaluator that ranks by it (kNN, retrieval,
-        the baselines' 1-NN, quantised retrieval's float32 rows). Prefixes: cosine by faiss
-        (:func:`~mrl.eval.knn.exact_search`, on the GPU when the evaluation runs on one); a CSR model's
+        the baselines' 1-NN, quantised retrieval's float32 rows). Prefixes: cosine, every reported size
+        from one pass (:func:`~mrl.eval.prefix_search.search_all_sizes`, on the GPU when the evaluation
+        runs on one), a size outside them alone; a CSR model's
         top-d codes: cosine by a sparse product on the CPU (:func:`~mrl.eval.sparse_eval.code_search`,
         its time kept in :attr:`sparse_searches`). A size is searched again only for more neighbours
         than its search kept, and the deeper search is kept instead. With :attr:`exclude_self` no query
@@ -175,10 +177,25 @@ class EvalContext:
                     self.database, self.queries, d, k, chunks[1], chunks[0], "float32", own
                 )
                 self.sparse_searches[d] = measured
+                self._neighbour_ids[d] = ids
             else:
-                use_gpu = None if self.device.type == "cuda" else False  # None: a GPU index if faiss has GPUs
-                ids = exact_search(self.database, self.queries, d, k, *chunks, use_gpu, exclude_self=own)[1]
-            self._neighbour_ids[d] = ids
+                # every reported size at once (their cost is about one full-width search), or d alone
+                sizes = self.sizes if d in self.sizes else [d]
+                found = search_all_sizes(
+                    self.database,
+                    self.queries,
+                    sizes,
+                    k,
+                    self.device,
+                    exclude_self=own,
+                    max_query_rows=chunks[0],
+                    max_db_rows=chunks[1],
+                )
+                for size, (_, size_ids) in found.items():
+                    kept = self._neighbour_ids.get(size)
+                    if kept is None or kept.shape[1] < size_ids.shape[1]:
+                        self._neighbour_ids[size] = size_ids
+            ids = self._neighbour_ids[d]
         return ids[:, :k]
 
 

@@ -1,0 +1,197 @@
+"""Evaluation at scale: 1-NN at every size from one pass against per-size faiss flat search.
+
+    python benchmarks/eval_scale.py                          # 1M x 2048 float16 database, 10k queries
+    python benchmarks/eval_scale.py --queries 2000           # the same database, fewer queries
+    python benchmarks/eval_scale.py --device cuda --database 1281167 --queries 50000 --skip-faiss
+    python benchmarks/eval_scale.py --quick                  # tiny sizes (smoke test)
+
+A synthetic database (``--database`` x ``--dim`` float16, memory-mapped ``.npy``, written once into a
+temporary folder) and float32 queries; 1-NN by cosine at sizes 8, 16, ..., ``--dim``:
+
+- ``all sizes, one pass``: :func:`mrl.eval.prefix_search.search_all_sizes` (torch, ``--device``), what
+  ``mrl-eval`` runs;
+- ``faiss flat, per size``: :func:`mrl.eval.knn.exact_search` once per size (faiss on the CPU), what it
+  ran before.
+
+Each method runs in a child process of its own, on the whole database and on its first tenth (memory
+must stay flat as the database grows). Printed per run: seconds, and the peaks above the child's memory
+before the search of its anonymous memory (RssAnon sampled every 2 ms: its own buffers, without the
+pages of the memory-mapped database, which the page cache holds) and of VmHWM (those pages included);
+then the speed ratio and how many queries got the same 1-NN from both (ties and float rounding between
+near-equal scores aside).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+METHODS = ("all sizes, one pass", "faiss flat, per size")
+
+
+def sizes_up_to(dim: int) -> list[int]:
+    """8, 16, ... up to ``dim`` (and ``dim`` itself)."""
+    out, d = [], 8
+    while d < dim:
+        out.append(d)
+        d *= 2
+    return [*out, dim]
+
+
+def write_data(folder: Path, rows: int, queries: int, dim: int, seed: int = 0) -> None:
+    """``database.npy`` (float16, written in chunks) and ``queries.npy`` (float32): Gaussian clusters, so
+    that neighbours are not arbitrary."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((1000, dim)).astype(np.float32)
+    db = np.lib.format.open_memmap(folder / "database.npy", mode="w+", dtype=np.float16, shape=(rows, dim))
+    step = 65536
+    for start in range(0, rows, step):
+        count = min(step, rows - start)
+        noise = rng.standard_normal((count, dim), dtype=np.float32)
+        db[start : start + count] = centres[rng.integers(0, len(centres), count)] + noise
+    db.flush()
+    del db
+    q = centres[rng.integers(0, len(centres), queries)] + rng.standard_normal(
+        (queries, dim), dtype=np.float32
+    )
+    np.save(folder / "queries.npy", q)
+
+
+def _status(field: str) -> int:
+    """A /proc/self/status field in KiB."""
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def child(method: str, folder: Path, rows: int, device: str, out: Path) -> None:
+    """In a fresh process: one method's 1-NN at every size over the first ``rows`` database rows; writes
+    the ids ``(Q, sizes)`` to ``out`` and prints one JSON line of time and memory peaks (MiB)."""
+    import torch
+
+    from mrl.eval.knn import exact_search
+    from mrl.eval.prefix_search import search_all_sizes
+
+    database = np.load(folder / "database.npy", mmap_mode="r")[:rows]
+    queries = np.load(folder / "queries.npy")
+    sizes = sizes_up_to(database.shape[1])
+    anon_before, rss_before = _status("RssAnon"), _status("VmRSS")
+    peak_anon = anon_before
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak_anon
+        while not done.is_set():
+            peak_anon = max(peak_anon, _status("RssAnon"))
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current RSS
+    sampler.start()
+    start = time.perf_counter()
+    if method == METHODS[0]:
+        found = search_all_sizes(database, queries, sizes, 1, torch.device(device))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        ids = np.stack([found[d][1][:, 0] for d in sizes], 1)
+    else:
+        ids = np.stack(
+            [exact_search(database, queries, d, 1, 4096, 262144, use_gpu=False)[1][:, 0] for d in sizes], 1
+        )
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    np.save(out, ids)
+    peaks = {"anon_mib": (peak_anon - anon_before) / 1024, "hwm_mib": (_status("VmHWM") - rss_before) / 1024}
+    print(json.dumps({"seconds": seconds, **peaks}))
+
+
+def run_child(method: str, folder: Path, rows: int, device: str) -> tuple[dict, np.ndarray]:
+    out = folder / f"ids_{METHODS.index(method)}_{rows}.npy"
+    args = [
+        "--child",
+        method,
+        "--dir",
+        str(folder),
+        "--rows",
+        str(rows),
+        "--device",
+        device,
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, check=False, env=os.environ
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{method} on {rows} rows failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]), np.load(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--database", type=int, default=1_000_000)
+    parser.add_argument("--queries", type=int, default=10_000)
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--device", default="cpu", help="where the one-pass search runs: cpu, cuda")
+    parser.add_argument("--skip-faiss", action="store_true", help="time the one-pass search alone")
+    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args.child, Path(args.dir), args.rows, args.device, Path(args.out))
+        return
+    if args.quick:
+        args.database, args.queries, args.dim = 20_000, 200, 256
+    methods = METHODS[:1] if args.skip_faiss else METHODS
+    sizes = sizes_up_to(args.dim)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        start = time.perf_counter()
+        write_data(folder, args.database, args.queries, args.dim)
+        print(
+            f"data: {args.database} x {args.dim} float16 database, {args.queries} queries, written in "
+            f"{time.perf_counter() - start:.0f} s; 1-NN at sizes {sizes}",
+            flush=True,
+        )
+        results: dict[tuple[str, int], tuple[dict, np.ndarray]] = {}
+        for rows in (args.database // 10, args.database):
+            for method in methods:
+                results[method, rows] = run_child(method, folder, rows, args.device)
+                print(f"{method}, {rows} rows: {results[method, rows][0]}", flush=True)
+    line = "{:<24}{:>10}{:>11}{:>16}{:>18}"
+    print(
+        f"\n1-NN at {len(sizes)} sizes, {args.queries} queries; one pass on {args.device}, faiss on the CPU"
+    )
+    print(line.format("method", "database", "seconds", "peak anon MiB", "peak VmHWM MiB"))
+    for (method, rows), (row, _) in results.items():
+        print(
+            line.format(
+                method, rows, f"{row['seconds']:.1f}", f"{row['anon_mib']:.0f}", f"{row['hwm_mib']:.0f}"
+            )
+        )
+    small, full = args.database // 10, args.database
+    one = results[METHODS[0], full][0]
+    growth = one["anon_mib"] / max(results[METHODS[0], small][0]["anon_mib"], 1e-9)
+    print(f"one pass, peak anonymous memory at {full} rows / at {small}: {growth:.2f}")
+    if not args.skip_faiss:
+        other = results[METHODS[1], full]
+        print(f"speed: faiss per size / one pass = {other[0]['seconds'] / one['seconds']:.2f}x")
+        same = (results[METHODS[0], full][1] == other[1]).mean(0)
+        agreement = ", ".join(f"d={d} {100 * s:.2f}%" for d, s in zip(sizes, same, strict=True))
+        print(f"same 1-NN as faiss: {agreement}")
+
+
+if __name__ == "__main__":
+    main()
