@@ -128,8 +128,9 @@ def memory_child(folder: Path, knn_sizes: list[int], hnsw: bool, max_iter: int) 
     from mrl.eval.baseline_knn import posthoc_one_nn
     from mrl.eval.baselines import posthoc_baselines
     from mrl.eval.evaluators import FUNNEL_K, funnel_configs
-    from mrl.eval.knn import exact_search, knn_accuracy
+    from mrl.eval.knn import knn_accuracy
     from mrl.eval.linear import linear_accuracy, max_softmax_predictions
+    from mrl.eval.prefix_search import search_all_sizes
     from mrl.eval.retrieval import retrieval_metrics
     from mrl.nn.matryoshka_linear import MatryoshkaLinear
     from mrl.nn.nesting import default_nesting
@@ -163,8 +164,10 @@ def memory_child(folder: Path, knn_sizes: list[int], hnsw: bool, max_iter: int) 
 
     ks = sorted(int(k) for k in cfg.retrieval.ks)
     kmax = max([*ks, int(cfg.knn.k)])
+    rows = {"max_query_rows": chunks.query, "max_db_rows": chunks.database}
+    found = search_all_sizes(db, q, knn_sizes, kmax, "cpu", **rows)  # every size in one pass, as mrl-eval
     for d in knn_sizes:
-        _, ids = exact_search(db, q, d, kmax, chunks.query, chunks.database, use_gpu=False)
+        ids = found[d][1]
         knn_accuracy(db_y[ids], q_y, int(cfg.knn.k), classes)
         retrieval_metrics(db_y[ids], q_y, db_y, ks)
     mark(f"knn + retrieval, d={','.join(map(str, knn_sizes))}")
@@ -180,10 +183,9 @@ def memory_child(folder: Path, knn_sizes: list[int], hnsw: bool, max_iter: int) 
     posthoc_baselines(db, db_y, q, q_y, knn_sizes, knn_sizes, bc.max_train, max_iter, 0)
     mark(f"baselines: PCA + probes, d={','.join(map(str, knn_sizes))}, max_iter={max_iter}")
     if bc.knn:  # the 1-NN baselines (true, or auto: what standard and FF models get)
-        search = (chunks.query, chunks.database, False)
 
         def neighbours(d: int, k: int) -> np.ndarray:  # searched again, as for a size the kNN stage skipped
-            return exact_search(db, q, d, k, *search)[1]
+            return search_all_sizes(db, q, [d], k, "cpu", **rows)[d][1]
 
         posthoc_one_nn(db, db_y, q, q_y, knn_sizes, knn_sizes, chunks.query, chunks.database, neighbours)
         mark(f"baselines: 1-NN of PCA + slices, d={','.join(map(str, knn_sizes))}")

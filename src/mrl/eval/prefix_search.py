@@ -170,9 +170,9 @@ def _search_block(
     ``x`` holds the rows' segments, segment ``g`` scaled by the inverse norm ``inv_g`` of the rows'
     size-``g`` prefixes, and ``rescale[:, g-1]`` is ``inv_g / inv_{g-1}``: the scores of size ``g``, the
     running sum of the segments' products times ``inv_g``, are those of size ``g - 1`` rescaled plus
-    segment ``g``'s product,
-    one pass over the block per size besides the product. (The query's own norm scales its whole row:
-    it changes no ranking, so it is applied to the ``k`` kept scores only, after the pass.)"""
+    segment ``g``'s product: one pass over the block per size besides the product. (The query's own
+    norm scales its whole row: it changes no ranking, so it is applied to the ``k`` kept scores only,
+    after the pass.)"""
     scores = q.new_zeros((len(q), len(x[0])))
     for g, (a, b) in enumerate(pairwise(bounds)):
         if g > 0:
