@@ -182,6 +182,11 @@ COMMANDS: dict[str, How] = {
     "mrl-prepare-data root=/data/imagenet output_dir=/data/imagenet-shards max_side=500": RunBy(
         "test_prepare_data_command_then_train", swap={"max_side=500": "max_side=64"}
     ),
+    "mrl-prepare-data root=/data/imagenet output_dir=s3://bucket/imagenet-shards max_side=500": RunBy(
+        "test_prepare_to_s3_then_train_kill_and_resume_from_it", swap={"max_side=500": "max_side=64"}
+    ),
+    "mrl-train data=shards data.input_dir=s3://bucket/imagenet-shards "
+    "data.cache_dir=/scratch/shard-cache": RunBy("test_prepare_to_s3_then_train_kill_and_resume_from_it"),
     "mrl-train data=shards data.input_dir=/data/imagenet-shards backbone=resnet50 trainer=gpu "
     "data.img_size=224 data.batch_size=256": Dry("needs a GPU and ImageNet"),
     # docs/evaluation.md

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import warnings
 
-# faiss announces at INFO level which CPU build it loaded (and which it could not), on every start.
-QUIET_LOGGERS = ("faiss.loader",)
+# faiss announces at INFO level which CPU build it loaded (and which it could not), on every start;
+# boto3 where it found the credentials and the endpoint, for every client
+QUIET_LOGGERS = ("faiss.loader", "botocore.credentials", "botocore.configprovider")
 
 
 # Warnings a user of mrl cannot act on, by the start of their message and the package that raises them:
@@ -49,7 +50,8 @@ def quiet_third_party_logs() -> None:
       Lightning line was printed twice. Where the root logger has handlers, Lightning's own are removed,
       as Lightning itself does for its subpackages.
     * Lightning's trainer advertises the litlogger package at INFO level on every run.
-    * faiss's loader (see :data:`QUIET_LOGGERS`), and the warnings of :data:`QUIET_WARNINGS`.
+    * faiss's loader and boto3's lookups (see :data:`QUIET_LOGGERS`), and the warnings of
+      :data:`QUIET_WARNINGS`.
     """
     quiet_warnings()
     import lightning  # noqa: F401  (its import adds the handler removed below)

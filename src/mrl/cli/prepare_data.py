@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mrl.cli.common import check_output_location, report_user_errors
 from mrl.config_path import config_dir
+from mrl.logs import QUIET_LOGGERS
 from mrl.resolvers import register_resolvers
 
 
@@ -40,7 +41,7 @@ def _quoted(text: str) -> str:
     return quote + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped) + quote
 
 
-def next_command(out: Path) -> str:
+def next_command(out: Path | str) -> str:
     """The training command for the shards at ``out``, ready to paste into a shell."""
     return "mrl-train data=shards " + shlex.quote(f"data.input_dir={hydra_value(str(out))}")
 
@@ -48,8 +49,10 @@ def next_command(out: Path) -> str:
 @report_user_errors
 def run(cfg: DictConfig) -> None:
     # LitData logs its cache settings at INFO once per worker; mrl's progress lines say what matters
-    logging.getLogger("litdata").setLevel(logging.WARNING)
+    for name in ("litdata", *QUIET_LOGGERS):
+        logging.getLogger(name).setLevel(logging.WARNING)
     from mrl.data.prepare import check_settings, prepare_shards  # heavy imports after Hydra's parsing
+    from mrl.data.shards import is_remote
     from mrl.data.writer_group import Interrupted
 
     # every setting judged (unknown keys too: `+max_sid=500` would be ignored) before anything is read
@@ -65,7 +68,7 @@ def run(cfg: DictConfig) -> None:
             seed=cfg.seed,
         )
     except Interrupted as err:
-        out = Path(cfg.output_dir).expanduser().absolute()
+        out = cfg.output_dir if is_remote(cfg.output_dir) else Path(cfg.output_dir).expanduser().absolute()
         print(
             f"\nError: mrl-prepare-data was stopped by {err.name}: its writer processes were ended and its "
             f"partial output removed, so nothing was written at {out}. Run the same command again to "

@@ -27,12 +27,14 @@ import random
 import re
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from mrl.config_checks import is_int, require
+from mrl.data import object_store
 from mrl.data.decode import ImageDecodeError, fast_channels, open_image, to_8bit
 from mrl.data.shard_writers import write_items
 from mrl.data.shards import FORMAT, FORMAT_VERSION, METADATA_NAME, SPLITS, is_remote
@@ -141,9 +143,9 @@ def _bad_files(errors_dir: Path) -> list[str]:
 def check_output_dir(output_dir: str) -> Path:
     if is_remote(output_dir):
         raise MRLError(
-            f"output_dir={output_dir}: mrl-prepare-data writes to a local folder. Prepare the shards "
-            "locally, copy the folder to the object store (e.g. `aws s3 sync <dir> s3://bucket/dir`), then "
-            "train with data.input_dir=s3://bucket/dir."
+            f"output_dir={output_dir}: mrl-prepare-data writes to a local folder or an S3 prefix "
+            "(s3://bucket/prefix). For another store, prepare the shards locally, copy the folder there, "
+            "then train with data.input_dir=<its URI>."
         )
     out = Path(output_dir).expanduser().absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -295,8 +297,9 @@ def prepare_shards(
     chunk_bytes: str = "64MB",
     seed: int = 0,
     progress: bool = True,
-) -> Path:
-    """Write the shards of the ImageFolder tree ``root`` to ``output_dir``; return its path.
+) -> Path | str:
+    """Write the shards of the ImageFolder tree ``root`` to ``output_dir`` (a local folder, or an
+    ``s3://`` prefix: :func:`_prepare_to_s3`); return its path (the URI as it is).
     ``progress=False`` silences the progress lines (not the notices about leftovers).
 
     SIGINT, SIGTERM and SIGHUP raise :class:`~mrl.data.writer_group.Interrupted` here after the writers
@@ -313,6 +316,10 @@ def prepare_shards(
             "seed": seed,
         }
     )
+    if object_store.is_s3(output_dir):
+        return _prepare_to_s3(
+            root, str(output_dir), max_side, quality, num_workers, chunk_bytes, seed, progress
+        )
     with signals_interrupt():
         tree, listings = check_root(root)
         out = check_output_dir(output_dir)
@@ -339,3 +346,30 @@ def prepare_shards(
         finally:
             staging.close()
     return out
+
+
+def _prepare_to_s3(
+    root: str,
+    output_dir: str,
+    max_side: int | None,
+    quality: int,
+    num_workers: int | None,
+    chunk_bytes: str,
+    seed: int,
+    progress: bool,
+) -> str:
+    """``output_dir=s3://bucket/prefix``: the prefix must be empty and reachable (checked first, with the
+    AWS environment's endpoint and credentials); the shards are written into a temporary folder (under
+    ``$TMPDIR``), uploaded with their metadata last, and the folder removed. An interrupted or failed
+    upload removes what it uploaded."""
+    check_root(root)
+    object_store.check_empty(output_dir)
+    with tempfile.TemporaryDirectory(prefix="mrl-shards-") as tmp:
+        local = prepare_shards(
+            root, str(Path(tmp) / "shards"), max_side, quality, num_workers, chunk_bytes, seed, progress
+        )
+        if progress:
+            print(f"mrl-prepare-data: uploading to {output_dir}", flush=True)
+        with signals_interrupt():
+            object_store.upload_dir(Path(local), output_dir, last=METADATA_NAME)
+    return output_dir

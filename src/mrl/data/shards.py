@@ -36,6 +36,7 @@ except ImportError as err:  # an optional dependency: the `shards` extra
         "or read an image folder instead with data=imagefolder / data=imagenet_folder."
     ) from None
 
+from mrl.data import object_store
 from mrl.data.encoded import EncodedImageDataModule, EncodedSample
 from mrl.data.preprocess import ImageTransform, sample_seed
 
@@ -82,7 +83,9 @@ def read_metadata(input_dir: str, storage_options: dict | None = None) -> dict[s
         "as data.input_dir."
     )
     try:
-        if is_remote(input_dir):
+        if object_store.is_s3(input_dir):
+            text = object_store.read_text(join(input_dir, METADATA_NAME), storage_options)
+        elif is_remote(input_dir):
             from litdata.streaming.downloader import get_downloader
 
             with tempfile.TemporaryDirectory() as tmp:
@@ -182,6 +185,8 @@ class ShardDataModule(EncodedImageDataModule):
         self.cache_dir = cache_dir
         self.max_cache_size = max_cache_size
         self.storage_options = dict(storage_options or {})
+        if object_store.is_s3(self.input_dir):
+            object_store.allow_plain_http(self.storage_options)
         self.shuffle = bool(shuffle)
         self.metadata = read_metadata(self.input_dir, self.storage_options)
         self.classes = tuple(self.metadata["classes"])
