@@ -1,4 +1,5 @@
-"""A callback for the DDP shard test: each rank writes a fingerprint of every training image it got.
+"""A callback for the DDP shard tests: each rank writes a fingerprint of every training image it got (and
+its intra-op threads).
 
 Loaded by ``mrl-train`` through ``+callbacks.record._target_=batch_recorder.BatchRecorder`` with this
 folder on PYTHONPATH (the DDP worker processes inherit it).
@@ -10,6 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import Callback
 
 
@@ -26,4 +28,7 @@ class BatchRecorder(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         out = self.path / f"rank{trainer.global_rank}.json"
-        out.write_text(json.dumps({str(k): v for k, v in self.seen.items()}))
+        # and the intra-op threads the process trained with
+        out.write_text(
+            json.dumps({"threads": torch.get_num_threads(), **{str(k): v for k, v in self.seen.items()}})
+        )

@@ -186,6 +186,8 @@ def check_job(job: Path, seen: Path) -> None:
     for d, accuracy in single_process_val_accuracy(job).items():
         assert results[f"val/acc@{d}"] == pytest.approx(accuracy, abs=1e-6), d
     ranks = [json.loads((seen / f"rank{r}.json").read_text()) for r in range(NODES)]
+    # threads=1 held under DDP (Lightning would give each node's one process all the node's cores)
+    assert [rank["threads"] for rank in ranks] == [1] * NODES
     for epoch in ("0", "1"):
         a, b = ranks[0][epoch], ranks[1][epoch]
         assert len(a) == len(b) == 48, (len(a), len(b))  # 96 training images, 2 ranks

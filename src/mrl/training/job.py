@@ -9,6 +9,7 @@ tests all run the same code.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,6 +74,9 @@ def train(cfg: DictConfig, chosen: LoadedCheckpoint | None = None) -> TrainResul
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+        # Lightning's CPU DDP sets the threads of a process that finds no OMP_NUM_THREADS to the cores
+        # over the processes on its node, over what was asked (and what its own workers inherit)
+        os.environ["OMP_NUM_THREADS"] = str(int(cfg.threads))
 
     if cfg.get("source"):
         from mrl.training.posthoc import assemble_posthoc
