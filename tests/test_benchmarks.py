@@ -74,6 +74,14 @@ def test_gpu_throughput_quick(tmp_path):
 def test_input_pipeline_quick():
     out = run_quick("input_pipeline.py")
     assert "before/now" in out and "img/s/core now" in out and "one loader worker" in out
+    # the scale-out rows: the reader on an S3 store (moto) and a DDP job on one node and on two
+    for row in (
+        "S3 store, first read",
+        "S3 store, chunks cached",
+        "one node, 2 processes",
+        "two nodes, 1 process",
+    ):
+        assert row in out
 
 
 @pytest.mark.slow
