@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning as L
@@ -170,3 +173,36 @@ def steady(times: list[float]) -> float:
 
 def fmt_ratio(a: float, b: float) -> str:
     return "n/a" if not b or math.isnan(b) else f"{a / b:.3f}"
+
+
+def _status_kib(field: str) -> int:
+    """A /proc/self/status field in KiB."""
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+@contextlib.contextmanager
+def memory_peaks() -> Iterator[dict[str, float]]:
+    """The block's memory peaks above the process's memory at its start, in MiB, filled in at its end:
+    ``anon_mib`` (RssAnon sampled every 2 ms: the process's own allocations, without the pages of
+    memory-mapped files) and ``hwm_mib`` (VmHWM, reset at the start: those pages included)."""
+    anon_before, rss_before = _status_kib("RssAnon"), _status_kib("VmRSS")
+    peak_anon = anon_before
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak_anon
+        while not done.is_set():
+            peak_anon = max(peak_anon, _status_kib("RssAnon"))
+            time.sleep(0.002)
+
+    peaks: dict[str, float] = {}
+    sampler = threading.Thread(target=sample)
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current RSS
+    sampler.start()
+    try:
+        yield peaks
+    finally:
+        done.set()
+        sampler.join()
+        peaks["anon_mib"] = (peak_anon - anon_before) / 1024
+        peaks["hwm_mib"] = (_status_kib("VmHWM") - rss_before) / 1024

@@ -26,15 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import memory_peaks
 
 METHODS = ("all sizes, one pass", "faiss flat, per size")
 
@@ -67,11 +66,6 @@ def write_data(folder: Path, rows: int, queries: int, dim: int, seed: int = 0) -
     np.save(folder / "queries.npy", q)
 
 
-def _status(field: str) -> int:
-    """A /proc/self/status field in KiB."""
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
 def child(method: str, folder: Path, rows: int, device: str, out: Path) -> None:
     """In a fresh process: one method's 1-NN at every size over the first ``rows`` database rows; writes
     the ids ``(Q, sizes)`` to ``out`` and prints one JSON line of time and memory peaks (MiB)."""
@@ -83,34 +77,18 @@ def child(method: str, folder: Path, rows: int, device: str, out: Path) -> None:
     database = np.load(folder / "database.npy", mmap_mode="r")[:rows]
     queries = np.load(folder / "queries.npy")
     sizes = sizes_up_to(database.shape[1])
-    anon_before, rss_before = _status("RssAnon"), _status("VmRSS")
-    peak_anon = anon_before
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak_anon
-        while not done.is_set():
-            peak_anon = max(peak_anon, _status("RssAnon"))
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample)
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current RSS
-    sampler.start()
-    start = time.perf_counter()
-    if method == METHODS[0]:
-        found = search_all_sizes(database, queries, sizes, 1, torch.device(device))
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        ids = np.stack([found[d][1][:, 0] for d in sizes], 1)
-    else:
-        ids = np.stack(
-            [exact_search(database, queries, d, 1, 4096, 262144, use_gpu=False)[1][:, 0] for d in sizes], 1
-        )
-    seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
+    with memory_peaks() as peaks:
+        start = time.perf_counter()
+        if method == METHODS[0]:
+            found = search_all_sizes(database, queries, sizes, 1, torch.device(device))
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            ids = np.stack([found[d][1][:, 0] for d in sizes], 1)
+        else:
+            per_size = [exact_search(database, queries, d, 1, 4096, 262144, use_gpu=False) for d in sizes]
+            ids = np.stack([found[1][:, 0] for found in per_size], 1)
+        seconds = time.perf_counter() - start
     np.save(out, ids)
-    peaks = {"anon_mib": (peak_anon - anon_before) / 1024, "hwm_mib": (_status("VmHWM") - rss_before) / 1024}
     print(json.dumps({"seconds": seconds, **peaks}))
 
 

@@ -32,17 +32,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import _common
-from _common import mrl_train_timing
+from _common import memory_peaks, mrl_train_timing
 from _stats import format_interval, paired_ratio
 
 SKIP = 5  # batches before the clock starts (allocator and loader warm-up)
@@ -93,11 +91,6 @@ def throughput(data: list[str], batches: int, rounds: int, threads: int, feature
 # ---- extraction memory --------------------------------------------------------------------------
 
 
-def _status(field: str) -> int:
-    """A /proc/self/status field in KiB."""
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
 def extract_child(images: int, feature_dim: int, workdir: Path) -> None:
     """In a fresh process: a head job's feature extraction of ``images`` synthetic training images;
     prints one JSON line of its memory peaks above the state just before it (MiB)."""
@@ -128,24 +121,10 @@ def extract_child(images: int, feature_dim: int, workdir: Path) -> None:
         cfg = compose("train", overrides=overrides)
     _, datamodule = assemble_posthoc(cfg)
     datamodule.images.setup(None)
-    anon_before, rss_before = _status("RssAnon"), _status("VmRSS")
-    peak_anon = anon_before
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak_anon
-        while not done.is_set():
-            peak_anon = max(peak_anon, _status("RssAnon"))
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample)
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current RSS
-    sampler.start()
-    start = time.perf_counter()
-    datamodule.prepare_data()
-    seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
+    with memory_peaks() as peaks:
+        start = time.perf_counter()
+        datamodule.prepare_data()
+        seconds = time.perf_counter() - start
     size = sum(p.stat().st_size for p in datamodule.directory.glob("*.npy"))
     print(
         json.dumps(
@@ -153,8 +132,7 @@ def extract_child(images: int, feature_dim: int, workdir: Path) -> None:
                 "images": images,
                 "seconds": seconds,
                 "cache_mib": size / 2**20,
-                "hwm_mib": (_status("VmHWM") - rss_before) / 1024,
-                "anon_mib": (peak_anon - anon_before) / 1024,
+                **peaks,
             }
         )
     )

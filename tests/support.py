@@ -533,3 +533,82 @@ def torch_threads(n: int = 1) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# ---- processes of one gloo group ----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _gloo_process(target, rank: int, world: int, port: int, out, args: tuple) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        out.put((rank, target(rank, *args)))
+    finally:
+        dist.destroy_process_group()
+
+
+def in_gloo_processes(target, *args, world: int = 2, timeout: float = 120) -> list:
+    """``target(rank, *args)`` (a module-level function) in ``world`` spawned processes that form one gloo
+    process group on 127.0.0.1; what each returned, by rank."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    out = context.Queue()
+    port = free_port()
+    processes = [
+        context.Process(target=_gloo_process, args=(target, rank, world, port, out, args))
+        for rank in range(world)
+    ]
+    for process in processes:
+        process.start()
+    results = dict(out.get(timeout=timeout) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    return [results[rank] for rank in range(world)]
+
+
+def recorded_ranks(seen: Path, world: int, per_rank: int, epochs: int = 2) -> list[dict]:
+    """What each of ``world`` DDP ranks trained on (batch_recorder.BatchRecorder's files in ``seen``),
+    after checking that in every epoch each rank got ``per_rank`` images, each once, none of another's."""
+    ranks = [json.loads((seen / f"rank{r}.json").read_text()) for r in range(world)]
+    for epoch in map(str, range(epochs)):
+        got = [rank[epoch] for rank in ranks]
+        assert [len(images) for images in got] == [per_rank] * world, [len(images) for images in got]
+        assert all(len(set(images)) == len(images) for images in got)
+        assert len(set().union(*map(set, got))) == per_rank * world, (
+            "two ranks trained on one image in an epoch"
+        )
+    return ranks
+
+
+def saved_weights_val_accuracy(job: Path, sizes: tuple[int, ...]) -> tuple[dict[int, float], int]:
+    """The top-1 accuracy at ``sizes`` of ``job``'s last checkpoint on its validation split, evaluated
+    here with a plain loop (no Lightning, no DDP; the job's resolved config builds model and data), and
+    the number of images."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from mrl.training.assemble import assemble
+
+    module, dm = assemble(OmegaConf.load(job / "resolved_config.yaml"))
+    ckpt = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    module.load_state_dict(ckpt["state_dict"])
+    module.eval()
+    correct, total = torch.zeros(len(sizes)), 0
+    with torch.inference_mode():
+        for batch in dm.split_loader("val"):
+            x, y = dm.model_inputs(batch)
+            correct += (module.logits(x).argmax(-1) == y).sum(1)
+            total += len(y)
+    return {d: float(correct[g]) / total for g, d in enumerate(sizes)}, total

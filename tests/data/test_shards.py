@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from litdata import StreamingDataset
-from omegaconf import OmegaConf
 from PIL import Image
 
 from mrl.data.decode import decode_rgb
@@ -21,8 +20,7 @@ from mrl.data.generate import make_jpeg
 from mrl.data.prepare import prepare_shards
 from mrl.data.shards import METADATA_NAME, ShardDataModule
 from mrl.errors import MRLError
-from mrl.training.assemble import assemble
-from support import read_results
+from support import read_results, recorded_ranks, saved_weights_val_accuracy
 
 RESNET_CONFIG = {"interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
@@ -265,27 +263,13 @@ def test_ddp_ranks_read_disjoint_parts_of_each_epoch(run_cli, tiny_shards, tmp_p
     # evaluation: each validation image exactly once over both ranks, so the metrics are a single
     # process's
     (job,) = result.run_dirs()
-    cfg = OmegaConf.load(job / "resolved_config.yaml")  # not mrl-eval: the recorder is no mrl component
-    module, dm = assemble(cfg)
-    module.eval()
-    ckpt = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    module.load_state_dict(ckpt["state_dict"])
-    correct, total = torch.zeros(3), 0
-    with torch.inference_mode():
-        for batch in dm.split_loader("val"):
-            x, y = dm.model_inputs(batch)
-            correct += (module.logits(x).argmax(-1) == y).sum(1)
-            total += len(y)
-    assert total == 16
+    # not mrl-eval: the recorder is no mrl component
+    accuracies, images = saved_weights_val_accuracy(job, (2, 8, 64))
+    assert images == 16
     results = read_results(job)
-    for g, d in enumerate((2, 8, 64)):
-        assert results[f"val/acc@{d}"] == pytest.approx(float(correct[g]) / total, abs=1e-6), d
-    ranks = [json.loads((seen / f"rank{r}.json").read_text()) for r in (0, 1)]
-    for epoch in ("0", "1"):
-        a, b = ranks[0][epoch], ranks[1][epoch]
-        assert len(a) == len(b) == 48, (len(a), len(b))  # 96 images, 2 ranks, batch 8
-        assert len(set(a)) == len(a) and len(set(b)) == len(b)
-        assert not set(a) & set(b), "two ranks trained on the same image in one epoch"
+    for d, accuracy in accuracies.items():
+        assert results[f"val/acc@{d}"] == pytest.approx(accuracy, abs=1e-6), d
+    recorded_ranks(seen, world=2, per_rank=48)  # 96 images, 2 ranks, batch 8
 
 
 @pytest.mark.slow

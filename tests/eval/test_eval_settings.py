@@ -28,6 +28,7 @@ EVALUATOR_MODULES = tuple(
         "evaluators",
         "knn",
         "linear",
+        "prefix_search",
         "quantized",
         "retrieval",
         "robustness",
@@ -42,12 +43,19 @@ NOT_SETTINGS = {
     "baselines.posthoc_baselines.pca",
     "baseline_knn.posthoc_one_nn.pca",
     "knn.exact_search.transform",
+    # where it runs, and its working memory by device (chunks.* cap the rows, passed by the context)
+    "prefix_search.search_all_sizes.device",
+    "prefix_search.search_all_sizes.block_bytes",
+    "prefix_search.search_all_sizes.chunk_bytes",
+    "prefix_search.search_all_sizes.max_query_rows",
+    "prefix_search.search_all_sizes.max_db_rows",
     "knn.knn_predict.num_classes",  # not needed by the vote
     "context.EvalContext.__init__.sections",  # filled as the evaluators run
     "linear.linear_accuracy.covered",  # robustness sets covering a subset of the classes
     # whether the queries are the database's items: no setting but what the evaluation found (run.py);
     # tests/eval/test_leave_one_out.py checks that every evaluator's searches receive it
     "knn.exact_search.exclude_self",
+    "prefix_search.search_all_sizes.exclude_self",
     "knn.leave_self_out.first",
     "context.EvalContext.__init__.exclude_self",
     "context.EvalContext.from_config.exclude_self",
@@ -135,7 +143,7 @@ def _record(monkeypatch) -> dict[str, list[dict]]:
     for name in (
         "linear_accuracy",
         "max_softmax_predictions",
-        "exact_search",
+        "search_all_sizes",
         "knn_accuracy",
         "retrieval_metrics",
         "adaptive_classification",
@@ -145,7 +153,7 @@ def _record(monkeypatch) -> dict[str, list[dict]]:
         "posthoc_one_nn",
         "quantized_retrieval",
     ):
-        module = context if name == "exact_search" else evaluators  # the context's shared search
+        module = context if name == "search_all_sizes" else evaluators  # the context's shared search
         real = getattr(module, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
@@ -213,10 +221,10 @@ def test_evaluators_take_every_setting_from_conf_eval_yaml(monkeypatch):
         "quantized.k": [quant["settings"].k],
         "quantized.binary_threshold": [quant["settings"].binary_threshold],
         "chunks.query": [exact["query_chunk"], one_nn["query_chunk"], funnels["settings"].query_chunk]
-        + [c["query_chunk"] for c in calls["exact_search"]]
+        + [c["max_query_rows"] for c in calls["search_all_sizes"]]
         + [quant["settings"].query_chunk],
         "chunks.database": [exact["db_chunk"], one_nn["db_chunk"], funnels["settings"].db_chunk]
-        + [c["db_chunk"] for c in calls["exact_search"]]
+        + [c["max_db_rows"] for c in calls["search_all_sizes"]]
         + [quant["settings"].db_chunk],
         "chunks.rerank": [funnels["settings"].block_floats],
         "chunks.head": [lin["chunk"], soft["chunk"]],
@@ -251,11 +259,11 @@ def test_evaluators_take_every_setting_from_conf_eval_yaml(monkeypatch):
         assert OmegaConf.select(cfg, key) != OmegaConf.select(defaults, key), key
     # the settings that choose what is measured: the funnels, the baselines' sizes and their 1-NN
     assert funnels["funnels"] == [(2, [4, 16], [30, 10]), (4, [8], [20])]
-    assert calls["exact_search"][0]["k"] == 7  # max(knn.k, retrieval.ks)
+    assert calls["search_all_sizes"][0]["k"] == 7  # max(knn.k, retrieval.ks)
     assert probes["svd_sizes"] == [4, 8] and probes["slice_sizes"] == [3, 4, 6, 8, 12]  # + interpolation
-    # one search per size, shared: the baselines' slices and the quantised float32 rows rank by the kNN
-    # and retrieval stage's, and only the untrained slice sizes are searched besides
-    assert sorted(c["d"] for c in calls["exact_search"]) == [2, 3, 4, 6, 8, 12, 16]
+    # one pass for every reported size, shared: the baselines' slices and the quantised float32 rows rank
+    # by the kNN and retrieval stage's, and only the untrained slice sizes are searched besides, alone
+    assert [list(c["sizes"]) for c in calls["search_all_sizes"]] == [[2, 4, 8, 16], [3], [6], [12]]
     assert {d: sections["baselines"]["slice_1nn"][d] for d in (4, 8)} == {
         d: sections["knn"][d]["1nn"] for d in (4, 8)
     }
@@ -321,7 +329,7 @@ def test_evaluators_of_methods_that_are_off_do_not_run(monkeypatch):
     assert done == [e.name for e in evaluators.EVALUATORS]  # every stage is timed, run or not
     # retrieval alone: the kNN stage searches but reports no kNN accuracy
     assert set(sections) == {"knn", "retrieval"} and sections["knn"] == {} and len(sections["retrieval"]) == 4
-    assert set(calls) == {"exact_search", "retrieval_metrics"}
+    assert set(calls) == {"search_all_sizes", "retrieval_metrics"}
 
 
 def test_an_evaluator_sees_only_its_own_sections(monkeypatch):

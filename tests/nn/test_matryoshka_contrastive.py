@@ -14,7 +14,7 @@ from mrl.errors import MRLError
 from mrl.nn.matryoshka_contrastive import MatryoshkaContrastiveLoss, matryoshka_contrastive_per_size
 from mrl.nn.matryoshka_loss import MatryoshkaLoss
 from mrl.training.assemble import build_module
-from support import TINY, compose_train, read_results, wandb_history, wandb_run_dirs
+from support import TINY, compose_train, in_gloo_processes, read_results, wandb_history, wandb_run_dirs
 
 NESTING = [1, 2, 4, 8, 16]
 
@@ -325,49 +325,27 @@ def _model() -> torch.nn.Linear:
     return torch.nn.Linear(6, 16)
 
 
-def _ddp_rank(rank: int, port: int, out) -> None:
+def _ddp_rank(rank: int) -> dict:
     """One of two gloo processes: its half of the images (both views) through a DDP-wrapped model, each
     case's per-size losses and DDP's averaged gradients."""
     from torch.nn.parallel import DistributedDataParallel
 
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
-    )
-    try:
-        x, y = _global_batch()
-        mine = slice(rank * 4, rank * 4 + 4)
-        for kind, gather in DDP_CASES:
-            model = DistributedDataParallel(_model())
-            loss = MatryoshkaContrastiveLoss(NESTING, kind=kind, temperature=0.3, views=2, gather=gather)
-            per_size = loss.per_size(model(x[:, mine].flatten(0, 1)), y[mine])
-            per_size.sum().backward()
-            grads = [p.grad.clone() for p in model.parameters()]
-            out.put((rank, kind, gather, per_size.detach(), grads))
-    finally:
-        torch.distributed.destroy_process_group()
+    x, y = _global_batch()
+    mine = slice(rank * 4, rank * 4 + 4)
+    found = {}
+    for kind, gather in DDP_CASES:
+        model = DistributedDataParallel(_model())
+        loss = MatryoshkaContrastiveLoss(NESTING, kind=kind, temperature=0.3, views=2, gather=gather)
+        per_size = loss.per_size(model(x[:, mine].flatten(0, 1)), y[mine])
+        per_size.sum().backward()
+        found[kind, gather] = (per_size.detach(), [p.grad.clone() for p in model.parameters()])
+    return found
 
 
 @pytest.mark.slow
 def test_ddp_gathers_negatives_to_the_single_process_loss_and_gradients():
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.get_context("spawn")
-    out = context.Queue()
-    processes = [context.Process(target=_ddp_rank, args=(rank, port, out)) for rank in range(2)]
-    for process in processes:
-        process.start()
-    found = {}
-    for _ in range(2 * len(DDP_CASES)):
-        rank, kind, gather, per_size, grads = out.get(timeout=120)
-        found[rank, kind, gather] = (per_size, grads)
-    for process in processes:
-        process.join(timeout=60)
-        assert process.exitcode == 0
+    ranks = in_gloo_processes(_ddp_rank)
+    found = {(rank, *case): result for rank, cases in enumerate(ranks) for case, result in cases.items()}
     x, y = _global_batch()
     for kind, gather in DDP_CASES:
         model = _model()  # one process, the whole global batch (rows view-major over all 8 images)

@@ -8,6 +8,7 @@ import torch
 
 from mrl.nn.matryoshka_accuracy import MatryoshkaAccuracy
 from mrl.nn.per_size_metrics import MatryoshkaLossMean, PerSizeMetrics
+from support import in_gloo_processes
 
 NESTING = [2, 4, 8]
 
@@ -98,38 +99,17 @@ def test_a_loss_only_bundle_and_a_one_size_head():
     assert one.compute("test") == {"test/acc@16": 0.5, "test/loss@16": 0.5}
 
 
-def _rank(rank: int, port: int, seen: list, out) -> None:
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
-    )
-    try:
-        metric = MatryoshkaLossMean(len(NESTING))
-        for per_size, batch in seen[rank]:
-            metric.update(per_size, batch)
-        out.put((rank, metric.compute()))  # torchmetrics gathers and sums the two processes' states
-    finally:
-        torch.distributed.destroy_process_group()
+def _rank_mean(rank: int, seen: list):
+    metric = MatryoshkaLossMean(len(NESTING))
+    for per_size, batch in seen[rank]:
+        metric.update(per_size, batch)
+    return metric.compute()  # torchmetrics gathers and sums the two processes' states
 
 
 @pytest.mark.slow
 def test_two_gloo_processes_log_the_global_mean():
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     seen = [batches(5, sizes=(32, 32, 3)), batches(6, sizes=(5,))]
-    context = mp.get_context("spawn")
-    out = context.Queue()
-    processes = [context.Process(target=_rank, args=(rank, port, seen, out)) for rank in range(2)]
-    for process in processes:
-        process.start()
-    results = dict(out.get(timeout=120) for _ in processes)
-    for process in processes:
-        process.join(timeout=60)
-        assert process.exitcode == 0
+    results = in_gloo_processes(_rank_mean, seen)
     expected = plain_mean(seen[0] + seen[1])
     for rank in range(2):
         torch.testing.assert_close(results[rank], expected)

@@ -7,10 +7,8 @@ of the shards each epoch; a run killed on both nodes resumes on both to the unin
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,20 +16,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from mrl.training.assemble import assemble
-from support import BIN, alive, command_env, comparable, read_results
+from support import (
+    BIN,
+    alive,
+    command_env,
+    comparable,
+    free_port,
+    read_results,
+    recorded_ranks,
+    saved_weights_val_accuracy,
+)
 
 pytestmark = pytest.mark.slow
 
 NODES = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def job_args(shards: Path, job: Path, seen: Path) -> list[str]:
@@ -162,36 +161,17 @@ def kill(nodes: list[subprocess.Popen]) -> None:
         time.sleep(0.01)
 
 
-def single_process_val_accuracy(job: Path) -> dict[int, float]:
-    """The saved weights evaluated on the validation shards in this process, with a plain loop."""
-    cfg = OmegaConf.load(job / "resolved_config.yaml")
-    module, dm = assemble(cfg)
-    ckpt = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    module.load_state_dict(ckpt["state_dict"])
-    module.eval()
-    correct, total = torch.zeros(3), 0
-    with torch.inference_mode():
-        for batch in dm.split_loader("val"):
-            x, y = dm.model_inputs(batch)
-            correct += (module.logits(x).argmax(-1) == y).sum(1)
-            total += len(y)
-    assert total == 16
-    return {d: float(correct[g]) / total for g, d in enumerate((2, 8, 64))}
-
-
 def check_job(job: Path, seen: Path) -> None:
     """One run in ``job``: metrics as one process measures them, and disjoint training images per rank."""
     assert (job / "results.json").is_file() and (job / "checkpoints" / "last.ckpt").is_file()
     results = read_results(job)
-    for d, accuracy in single_process_val_accuracy(job).items():
+    accuracies, images = saved_weights_val_accuracy(job, (2, 8, 64))
+    assert images == 16
+    for d, accuracy in accuracies.items():
         assert results[f"val/acc@{d}"] == pytest.approx(accuracy, abs=1e-6), d
-    ranks = [json.loads((seen / f"rank{r}.json").read_text()) for r in range(NODES)]
+    ranks = recorded_ranks(seen, world=NODES, per_rank=48)  # 96 training images, 2 nodes
     # threads=1 held under DDP (Lightning would give each node's one process all the node's cores)
     assert [rank["threads"] for rank in ranks] == [1] * NODES
-    for epoch in ("0", "1"):
-        a, b = ranks[0][epoch], ranks[1][epoch]
-        assert len(a) == len(b) == 48, (len(a), len(b))  # 96 training images, 2 ranks
-        assert not set(a) & set(b), "two nodes trained on the same image in one epoch"
 
 
 def test_torchrun_on_two_nodes_trains_one_run_and_resumes_after_a_kill(tiny_shards, tmp_path):
