@@ -33,6 +33,7 @@ import scipy.sparse as sp
 import torch
 
 from mrl.errors import MRLError
+from mrl.eval.prefix_search import top_k_lowest_index_first
 
 # Bytes per stored feature of a dense prefix (binary: one bit, see prefix_bytes)
 DENSE_BYTES = {"float32": 4, "float16": 2, "int8": 1}
@@ -124,33 +125,11 @@ def top_k_csr(
 
 def top_k_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` largest scores of each row and their columns ``(Q, k)``, best first; equal scores rank
-    the lower column first (the order of an exact search that breaks ties by index).
-
-    ``torch.topk`` (multi-threaded) picks them; its choice among items tied with the k-th score is not
-    defined, so rows where more items than places share that score are picked again by column
-    (:func:`_top_k_rows_by_column`; rare with real-valued scores), and every row is then ordered by
-    score and column.
-    """
+    the lower column first (the order of an exact search that breaks ties by index): the dense search's
+    own selection (:func:`~mrl.eval.prefix_search.top_k_lowest_index_first`) on a numpy block."""
     table = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))
-    values, columns = (t.numpy() for t in table.topk(k, dim=1))
-    kth = values[:, -1:]
-    ambiguous = np.flatnonzero((scores >= kth).sum(1) > k)
-    if len(ambiguous):
-        columns[ambiguous], values[ambiguous] = _top_k_rows_by_column(scores[ambiguous], k)
-    order = np.lexsort((columns, -values), axis=1)  # by score, then by column
-    return np.take_along_axis(columns, order, 1), np.take_along_axis(values, order, 1)
-
-
-def _top_k_rows_by_column(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`top_k_rows` where ties at the k-th score fill the places left by lowest column."""
-    n_rows = scores.shape[0]
-    kth = np.partition(scores, scores.shape[1] - k, axis=1)[:, scores.shape[1] - k]
-    above = scores > kth[:, None]
-    tied = scores == kth[:, None]
-    wanted = k - above.sum(1)
-    chosen = above | (tied & (np.cumsum(tied, axis=1, dtype=np.int32) <= wanted[:, None]))
-    columns = np.nonzero(chosen)[1].reshape(n_rows, k)  # ascending columns within each row
-    return columns, np.take_along_axis(scores, columns, 1)
+    values, columns = top_k_lowest_index_first(table, k)
+    return columns.numpy(), values.numpy()
 
 
 def sparse_search(
