@@ -361,8 +361,7 @@ def _prepare_to_s3(
     """``output_dir=s3://bucket/prefix``: the prefix must be empty and reachable (checked first, with the
     AWS environment's endpoint and credentials); the shards are written into a temporary folder (under
     ``$TMPDIR``), uploaded with their metadata last, and the folder removed. An interrupted or failed
-    upload removes what it uploaded."""
-    check_root(root)
+    upload removes what it uploaded. (The tree is listed and checked by the local preparation, once.)"""
     object_store.check_empty(output_dir)
     with tempfile.TemporaryDirectory(prefix="mrl-shards-") as tmp:
         local = prepare_shards(
