@@ -612,3 +612,23 @@ def saved_weights_val_accuracy(job: Path, sizes: tuple[int, ...]) -> tuple[dict[
             correct += (module.logits(x).argmax(-1) == y).sum(1)
             total += len(y)
     return {d: float(correct[g]) / total for g, d in enumerate(sizes)}, total
+
+
+def shard_args(shards: Path | str, workers: int = 2) -> list[str]:
+    """A tiny 2-epoch job on shards (a folder or an object-store URI), ``workers`` loader workers."""
+    return [
+        "data=shards",
+        f"data.input_dir={shards}",
+        "data.img_size=32",
+        "data.batch_size=8",
+        "data.eval_batch_size=16",
+        f"data.num_workers={workers}",
+        "data.pin_memory=false",
+        "backbone.name=test_byobnet",
+        "head.nesting=[2,8,64]",
+        "trainer.max_epochs=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.num_sanity_val_steps=0",
+        "threads=1",
+        "logger=csv",
+    ]

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 from moto.server import ThreadedMotoServer
 
-from support import comparable, kill_run, read_results, start, wait_until_stopped
+from support import comparable, kill_run, read_results, shard_args, start, wait_until_stopped
 
 
 @pytest.fixture(scope="module")
@@ -42,24 +42,7 @@ def aws_env(endpoint: str) -> dict[str, str]:
 
 
 def train_args(uri: str, cache) -> list[str]:
-    return [
-        "data=shards",
-        f"data.input_dir={uri}",
-        f"data.cache_dir={cache}",
-        "data.img_size=32",
-        "data.batch_size=8",
-        "data.eval_batch_size=16",
-        "data.num_workers=2",
-        "data.pin_memory=false",
-        "backbone.name=test_byobnet",
-        "head.nesting=[2,8,64]",
-        "trainer.max_epochs=2",
-        "trainer.log_every_n_steps=1",
-        "trainer.num_sanity_val_steps=0",
-        "checkpoint_every_n_steps=4",
-        "threads=1",
-        "logger=csv",
-    ]
+    return [*shard_args(uri), f"data.cache_dir={cache}", "checkpoint_every_n_steps=4"]
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from mrl.data.generate import make_jpeg
 from mrl.data.prepare import prepare_shards
 from mrl.data.shards import METADATA_NAME, ShardDataModule
 from mrl.errors import MRLError
-from support import read_results, recorded_ranks, saved_weights_val_accuracy
+from support import read_results, recorded_ranks, saved_weights_val_accuracy, shard_args
 
 RESNET_CONFIG = {"interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
@@ -176,25 +176,6 @@ def test_gpu_decode_refuses_pil_augmentations(tiny_shards):
 
 
 # ---- the real commands --------------------------------------------------------------------------
-
-
-def shard_args(shards: Path, workers: int = 2) -> list[str]:
-    return [
-        "data=shards",
-        f"data.input_dir={shards}",
-        "data.img_size=32",
-        "data.batch_size=8",
-        "data.eval_batch_size=16",
-        f"data.num_workers={workers}",
-        "data.pin_memory=false",
-        "backbone.name=test_byobnet",
-        "head.nesting=[2,8,64]",
-        "trainer.max_epochs=2",
-        "trainer.log_every_n_steps=1",
-        "trainer.num_sanity_val_steps=0",
-        "threads=1",
-        "logger=csv",
-    ]
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ from support import (
     read_results,
     recorded_ranks,
     saved_weights_val_accuracy,
+    shard_args,
 )
 
 pytestmark = pytest.mark.slow
@@ -37,25 +38,12 @@ def job_args(shards: Path, job: Path, seen: Path) -> list[str]:
     """A 2-node DDP job on the shards (1 process a node), writing into ``job``; each rank records what it
     trained on into ``seen``."""
     return [
-        "data=shards",
-        f"data.input_dir={shards}",
-        "data.img_size=32",
-        "data.batch_size=8",
-        "data.eval_batch_size=16",
-        "data.num_workers=1",
-        "data.pin_memory=false",
+        *shard_args(shards, workers=1),
         "+data.augment.hflip=0",  # no flip: the same sample in the same epoch is the same image
-        "backbone.name=test_byobnet",
-        "head.nesting=[2,8,64]",
         "trainer=ddp_cpu",
         "trainer.devices=1",
         f"trainer.num_nodes={NODES}",
-        "trainer.max_epochs=2",
-        "trainer.log_every_n_steps=1",
-        "trainer.num_sanity_val_steps=0",
         "checkpoint_every_n_steps=2",
-        "threads=1",
-        "logger=csv",
         "+callbacks.record._target_=batch_recorder.BatchRecorder",
         f"+callbacks.record.path={seen}",
         f"hydra.run.dir={job}",
