@@ -88,16 +88,39 @@ def run_command(
     """Run the console script ``script`` (``mrl-train`` ...) as a process in ``cwd``, logs under
     ``log_dir`` (default ``cwd/logs``); ``env`` adds to :func:`command_env`'s variables."""
     log_dir = log_dir or cwd / "logs"
-    proc = subprocess.run(
+    # its own process group: a command that outlives ``timeout`` is stopped with everything it started
+    # (DDP ranks, loader workers), after each Python process printed where its threads were waiting
+    proc = subprocess.Popen(
         [str(BIN / script), *args],
         cwd=cwd,
-        env=command_env(log_dir, env),
-        capture_output=True,
+        env={**command_env(log_dir, env), "PYTHONFAULTHANDLER": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
-        check=False,
+        start_new_session=True,
     )
-    return CLIResult(proc.returncode, proc.stdout, proc.stderr, log_dir)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stdout, stderr = _stop_hung(proc)
+        raise AssertionError(
+            f"{script} {' '.join(args)} ran past {timeout} s; where its processes waited (faulthandler, "
+            f"newest last):\n{stderr[-12000:]}\n--- stdout ---\n{stdout[-3000:]}"
+        ) from None
+    return CLIResult(proc.returncode, stdout, stderr, log_dir)
+
+
+def _stop_hung(proc: subprocess.Popen) -> tuple[str, str]:
+    """SIGABRT to ``proc``'s process group (faulthandler prints every thread's stack and the process
+    ends), SIGKILL to whatever is left; what the processes printed."""
+    for sig, wait in ((signal.SIGABRT, 20), (signal.SIGKILL, 20)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            return proc.communicate(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+    return "", "(no output: the processes did not end after SIGKILL)"
 
 
 def call_main(script: str, *args: str, cwd: Path, capture, env: dict[str, str] | None = None) -> CLIResult:

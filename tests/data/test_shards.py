@@ -239,6 +239,7 @@ def test_ddp_ranks_read_disjoint_parts_of_each_epoch(run_cli, tiny_shards, tmp_p
         "+callbacks.record._target_=batch_recorder.BatchRecorder",
         f"+callbacks.record.path={seen}",
         env=env,
+        timeout=240,  # about 20 s; once it hung in CI, so a hang fails soon and shows each rank's stack
     )
     assert result.returncode == 0, result.output[-3000:]
     # evaluation: each validation image exactly once over both ranks, so the metrics are a single
