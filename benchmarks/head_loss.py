@@ -108,21 +108,22 @@ class Plain(nn.Module):
         return F.cross_entropy(self.fc(z), y)
 
 
-class InLayout(nn.Module):
-    """``model`` with the fused node's logits forced class-major or batch-major whatever the class count
-    (``mrl.nn.fused_cross_entropy._class_major`` replaced around its forward, as the tests force each
-    path; backward follows the buffer forward made)."""
+class Forced(nn.Module):
+    """``model`` with one of the fused node's path rules (``_class_major``: the logits' layout;
+    ``_all_sizes_at_once``: the softmax passes per size or for all sizes) replaced by ``value`` around its
+    forward, as the tests force each path; backward follows the buffer forward made."""
 
-    def __init__(self, model: nn.Module, class_major: bool) -> None:
+    def __init__(self, model: nn.Module, rule: str, value: bool) -> None:
         super().__init__()
-        self.model, self.class_major = model, class_major
+        self.model, self.rule, self.value = model, rule, value
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        rule, fused_ce._class_major = fused_ce._class_major, lambda *_: self.class_major
+        original = getattr(fused_ce, self.rule)
+        setattr(fused_ce, self.rule, lambda *_: self.value)
         try:
             return self.model(z, y)
         finally:
-            fused_ce._class_major = rule
+            setattr(fused_ce, self.rule, original)
 
 
 def step_time(model: nn.Module, z: torch.Tensor, y: torch.Tensor) -> float:
@@ -337,7 +338,11 @@ def layouts(batch: int, dim: int, classes: int, nesting: list[int], efficient: b
     y = torch.randint(classes, (batch,))
     fused = Fused(dim, classes, nesting, efficient, fused=True)
     baseline = Plain(dim, classes) if efficient else PerSizeMRL(dim, classes, nesting, efficient)
-    models = {"batch": InLayout(fused, False), "class": InLayout(fused, True), "baseline": baseline}
+    models = {
+        "batch": Forced(fused, "_class_major", False),
+        "class": Forced(fused, "_class_major", True),
+        "baseline": baseline,
+    }
     times = _step_times(models, z, y, reps)
     med = {k: 1000 * statistics.median(v) for k, v in times.items()}
     return {
@@ -348,6 +353,51 @@ def layouts(batch: int, dim: int, classes: int, nesting: list[int], efficient: b
         "class/batch paired": paired_ratio(times["class"], times["batch"]),
         "default": "class" if fused_ce._class_major(z.device, classes, batch, efficient) else "batch",
     }
+
+
+def small_heads(batch: int, dim: int, classes: int, nesting: list[int], efficient: bool, reps: int) -> dict:
+    """The fused step (batch-major logits) with its softmax passes per size and for all sizes at once
+    (see ``mrl.nn.fused_cross_entropy._all_sizes_at_once``): medians in ms, at-once's time over per-size's
+    per repetition, the ``(G, B, C)`` buffer's KiB and the form the node takes by itself."""
+    torch.manual_seed(0)
+    z = torch.randn(batch, dim, requires_grad=True)
+    y = torch.randint(classes, (batch,))
+    fused = Forced(Fused(dim, classes, nesting, efficient, fused=True), "_class_major", False)
+    models = {
+        "per size": Forced(fused, "_all_sizes_at_once", False),
+        "at once": Forced(fused, "_all_sizes_at_once", True),
+    }
+    times = _step_times(models, z, y, reps)
+    buffer = len(nesting) * batch * classes * 4
+    return {
+        "head": "MRL-E" if efficient else "MRL",
+        "C": classes,
+        "KiB": buffer / 1024,
+        **{f"{k}_ms": 1000 * statistics.median(v) for k, v in times.items()},
+        "at once/per size paired": paired_ratio(times["at once"], times["per size"]),
+        "default": "at once" if fused_ce._all_sizes_at_once(z.device, False, classes) else "per size",
+    }
+
+
+def print_small_heads(batch: int, dim: int, classes: list[int], nesting: list[int], reps: int) -> list[dict]:
+    """Print :func:`small_heads` for MRL-E and MRL at each class count."""
+    print(
+        "\nfused step, batch-major logits: softmax passes per size vs for all sizes at once, medians in ms;"
+    )
+    print("at once/per size per repetition (median, 95% bootstrap interval); default: the node's own choice")
+    cols = f"{'per size':>9} {'at once':>9} {'at once/per size':>24} {'default':>9}"
+    print(f"{'head':6} {'C':>6} {'KiB':>7} {cols}")
+    rows = []
+    for efficient in (True, False):
+        for c in classes:
+            r = small_heads(batch, dim, c, nesting, efficient, reps)
+            rows.append(r)
+            print(
+                f"{r['head']:6} {c:>6} {r['KiB']:7.0f} {r['per size_ms']:9.3f} {r['at once_ms']:9.3f} "
+                f"{format_interval(r['at once/per size paired']):>24} {r['default']:>9}",
+                flush=True,
+            )
+    return rows
 
 
 def fixed_costs(dim: int, nesting: list[int], reps: int) -> dict[str, float]:
@@ -414,6 +464,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--profile", action="store_true", help="instead: fused and plain split by kind of work (profiler)"
     )
+    parser.add_argument(
+        "--small-heads",
+        type=int,
+        nargs="*",
+        metavar="C",
+        help="instead: softmax passes per size vs all at once, at these class counts (default: 10 to "
+        "1000), with the default job's B, D and nesting",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         batch, dim, classes, layout_classes, reps = 16, 64, [10, 33], [10, 33], 2
@@ -430,6 +488,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"torch {torch.__version__}, {threads} threads, B={batch} D={dim} nesting={nesting}")
     if args.profile:
         return profile_all(batch, dim, classes, nesting, reps)
+    if args.small_heads is not None:
+        job_batch, job_dim, _, job_nesting = default_job_head()
+        if args.quick:
+            job_batch, job_dim, job_nesting = batch, dim, [1, 2, 4, 8, 16, 32, 64]
+        small = args.small_heads or ([10, 33] if args.quick else [10, 20, 32, 50, 100, 1000])
+        print(f"B={job_batch} D={job_dim} nesting={job_nesting}")
+        return print_small_heads(job_batch, job_dim, small, job_nesting, 2 if args.quick else max(reps, 30))
     print("medians in ms; ratios of medians, and of minima in brackets")
     header = f"{'head':6} {'C':>6} {'fused':>8} {'per-size':>9} {'ref':>8} {'plain':>8} {'matmuls':>8}"
     header += f" {'fused/per-size':>16} {'fused/plain':>15} {'ref/per-size':>13} {'matmuls/per-size':>17}"

@@ -23,21 +23,24 @@ CE_OPTIONS = [
 ]
 
 
-# (log-normaliser read off the target, logits class-major): the CPU's two paths (few and many classes)
-# and other devices' (the log-normaliser from row maxima, batch-major logits); all three run here.
+# (log-normaliser read off the target, logits class-major, all sizes' softmax passes at once): the CPU's
+# three paths (a small logits buffer, few and many classes) and other devices' (the log-normaliser from
+# row maxima, batch-major logits, per size); all four run here.
 DEVICE_PATHS = {
-    "cpu, few classes": (True, False),
-    "cpu, many classes": (True, True),
-    "other devices": (False, False),
+    "cpu, small buffer": (True, False, True),
+    "cpu, few classes": (True, False, False),
+    "cpu, many classes": (True, True, False),
+    "other devices": (False, False, False),
 }
 
 
 @pytest.fixture(params=list(DEVICE_PATHS))
 def device_path(request, monkeypatch):
     """Every path the fused node takes on some device, forced on the CPU whatever the class count."""
-    off_the_target, class_major = DEVICE_PATHS[request.param]
+    off_the_target, class_major, at_once = DEVICE_PATHS[request.param]
     monkeypatch.setattr(fused_ce, "_reads_normaliser_off_the_target", lambda device: off_the_target)
     monkeypatch.setattr(fused_ce, "_class_major", lambda device, classes, batch, efficient: class_major)
+    monkeypatch.setattr(fused_ce, "_all_sizes_at_once", lambda device, class_major, classes: at_once)
     return request.param
 
 
@@ -225,6 +228,14 @@ def test_untied_mrl_goes_class_major_at_fewer_classes_per_row_than_mrl_e():
     cpu = torch.device("cpu")
     assert fused_ce._class_major(cpu, untied_switch, batch, efficient=False)
     assert not fused_ce._class_major(cpu, untied_switch, batch, efficient=True)
+
+
+def test_only_few_classes_in_batch_major_cpu_logits_run_the_softmax_passes_for_all_sizes_at_once():
+    cpu, most = torch.device("cpu"), fused_ce.ALL_SIZES_AT_ONCE_MAX_CLASSES
+    assert fused_ce._all_sizes_at_once(cpu, class_major=False, classes=most)
+    assert not fused_ce._all_sizes_at_once(cpu, class_major=False, classes=most + 1)
+    assert not fused_ce._all_sizes_at_once(cpu, class_major=True, classes=2)
+    assert not fused_ce._all_sizes_at_once(torch.device("cuda"), class_major=False, classes=2)
 
 
 @pytest.mark.parametrize("efficient", [False, True], ids=["MRL", "MRL-E"])

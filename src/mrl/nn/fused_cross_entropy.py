@@ -192,6 +192,25 @@ def _class_major(device: torch.device, classes: int, batch: int, efficient: bool
     return device.type == "cpu" and classes >= per_row * batch
 
 
+# Up to this many classes, the CPU's batch-major logits are turned into losses with one pass per operation
+# over every size's logits at once, see :func:`_all_sizes_at_once`.
+ALL_SIZES_AT_ONCE_MAX_CLASSES = 32
+
+
+def _all_sizes_at_once(device: torch.device, class_major: bool, classes: int) -> bool:
+    """Whether the softmax passes run once over every size's logits after all the matmuls, instead of
+    per size right after its matmul.
+
+    With few classes, ``torch.softmax`` over a short contiguous row costs the CPU about ten times the
+    row's exponentials (its kernel vectorises along the row), and every per-size call adds its Python
+    and dispatch cost; passes over the whole ``(G, B, C)`` buffer avoid both, and a buffer of short rows
+    stays in cache between the matmuls and the passes. With more classes the per-size form, each size's
+    softmax while its logits are in cache, is as fast or faster: ``benchmarks/head_loss.py
+    --small-heads`` times both forms (benchmarks/README.md, "Head + loss"). GPUs keep the per-size form.
+    """
+    return device.type == "cpu" and not class_major and classes <= ALL_SIZES_AT_ONCE_MAX_CLASSES
+
+
 def _log_normalisers(
     probs: torch.Tensor,
     target_logits: torch.Tensor,
@@ -274,6 +293,49 @@ def _size_logits(g, efficient, slots, scratch, inputs, blocks, bias) -> torch.Te
     return logits
 
 
+def _losses_of_all_sizes(
+    work: torch.Tensor,
+    scratch: torch.Tensor | None,
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    nesting: Sequence[int],
+    efficient: bool,
+    targets: _Targets,
+    predict: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Per-size losses ``(G,)``, top-1 classes ``(G, B)`` (with ``predict``) and each row's sum of shifted
+    exponentials ``(G, B)``, with every size's logits in the batch-major ``work`` ``(G, B, C)`` first and
+    then one pass per operation over all of them (see :func:`_all_sizes_at_once`). ``work`` is left
+    holding ``exp(logits - row max)``, the softmax unnormalised, as :func:`_shifted_exp_into` leaves it."""
+    slots = work.unbind(0)
+    inputs, blocks = _matmul_operands(z, weight, nesting, efficient)
+    for g in range(len(nesting)):
+        out = slots[g] if scratch is None else scratch  # scratch: low-precision logits, copied to float32
+        if efficient and g > 0:  # MRL-E: size g's logits are size g-1's plus this chunk's product
+            if scratch is None:
+                torch.addmm(slots[g - 1], inputs[g], blocks[g], out=out)
+            else:
+                scratch.addmm_(inputs[g], blocks[g])
+        else:
+            size_bias = None if bias is None else (bias if efficient else bias[g])
+            if size_bias is None:
+                torch.mm(inputs[g], blocks[g], out=out)
+            else:
+                torch.addmm(size_bias, inputs[g], blocks[g], out=out)
+        if scratch is not None:
+            slots[g].copy_(scratch)
+    predictions = work.argmax(2) if predict else None
+    target_logits = work.gather(2, targets.index.expand(len(nesting), -1, -1)).squeeze(2)
+    logit_sums = None
+    if targets.eps > 0:
+        logit_sums = work.sum(2) if targets.class_weight is None else work @ targets.class_weight
+    maxes = work.amax(2)
+    exp_sums = work.sub_(maxes.unsqueeze(2)).exp_().sum(2)
+    lse = maxes + exp_sums.log()
+    return targets.losses(lse, target_logits, logit_sums), predictions, exp_sums
+
+
 class _MatryoshkaCrossEntropy(torch.autograd.Function):
     """Per-size losses ``(G,)`` (and optionally top-1 predictions ``(G, B)``) from ``z`` directly."""
 
@@ -292,6 +354,25 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
         # shifted exponentials (see _shifted_exp_into); else, on the CPU, the target's probability (see
         # _log_normalisers); else the largest logit and largest probability. The losses follow from
         # these after the loop, for all sizes at once.
+        at_once = _all_sizes_at_once(z.device, class_major, classes)
+        if at_once:
+            losses, predictions, exp_sums = _losses_of_all_sizes(
+                work, scratch, z, weight, bias, nesting, efficient, targets, predict
+            )
+            return _MatryoshkaCrossEntropy._finish(
+                ctx,
+                work,
+                exp_sums,
+                losses,
+                predictions,
+                z,
+                weight,
+                bias,
+                nesting,
+                efficient,
+                targets,
+                needs_grad,
+            )
         off_the_target = not class_major and _reads_normaliser_off_the_target(z.device)
         row_maxima = not class_major and not off_the_target
         target_logits = z.new_empty((sizes, batch))
@@ -338,10 +419,20 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
         losses = targets.losses(lse, target_logits, logit_sums)
         if scratch is not None:
             _give_back(scratch)
+        return _MatryoshkaCrossEntropy._finish(
+            ctx, work, exp_sums, losses, predictions, z, weight, bias, nesting, efficient, targets, needs_grad
+        )
+
+    @staticmethod
+    def _finish(
+        ctx, work, exp_sums, losses, predictions, z, weight, bias, nesting, efficient, targets, needs_grad
+    ):
+        """What forward returns; with ``needs_grad``, ``work`` turned into the logit gradients (up to
+        backward's per-size scale) and kept for backward."""
         if not needs_grad:
             _give_back(work)
-            return (losses, predictions) if predict else losses
-        # Scaled by each size's upstream gradient (and, class-major, each row's 1 / exp_sum) in backward.
+            return losses if predictions is None else (losses, predictions)
+        # Scaled by each size's upstream gradient (and, given exp_sums, each row's 1 / exp_sum) in backward.
         targets.to_logit_gradients(work, exp_sums)
         ctx.save_for_backward(z, weight)
         ctx.exp_sums = exp_sums
