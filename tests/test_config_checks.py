@@ -92,6 +92,7 @@ TRAIN_CASES = [
     ("optim.lr", -1, ["optim.lr=-1", "above 0"]),
     ("optim.lr", "fast", ["optim.lr='fast' is not a number"]),
     ("optim.weight_decay", -0.1, ["optim.weight_decay=-0.1"]),
+    ("optim.fused", "yes", ["optim.fused='yes'", "true or false"]),
     ("trainer.max_epochs", -1, ["trainer.max_epochs=-1", "sched=none", "+trainer.max_steps"]),
     ("trainer.max_epochs", -5, ["trainer.max_epochs=-5"]),
     ("trainer.max_epochs", 2.5, ["trainer.max_epochs=2.5"]),

@@ -94,6 +94,7 @@ def check_optim(optim: Node) -> None:
             )
     number_in(optim, "weight_decay", "optim.", 0, math.inf, "optim.weight_decay=0.05")
     number_in(optim, "momentum", "optim.", 0, 1, "optim.momentum=0.9")
+    boolean(optim, "fused", "optim.")
 
 
 def check_trainer(trainer: Node, has_schedule: bool) -> None:
