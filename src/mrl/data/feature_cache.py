@@ -330,33 +330,40 @@ class CachedFeatures(Dataset):
     """The rows of a cached split as float32 tensors, with their labels when the split has them.
 
     The files are opened memory-mapped on first use in each process (a loader's workers included), so
-    nothing but the batches read is held. ``__getitems__`` reads a whole batch in one indexing, rows in
-    file order, and returns ``(features (B, dim), labels (B,))``; use :func:`feature_loader`.
+    nothing but the pages read is held, and in the page cache, which the kernel can reclaim.
+    ``__getitems__`` reads a whole batch with one ``index_select`` over the mapped file, rows in file
+    order, and returns ``(features (B, dim), labels (B,))``; use :func:`feature_loader`.
     """
 
     def __init__(self, split: FeatureSplit) -> None:
         self.split = split
-        self._arrays: tuple[np.ndarray, np.ndarray | None] | None = None
+        self._tensors: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def __getstate__(self) -> dict:
-        return {"split": self.split, "_arrays": None}  # workers map the files themselves
+        return {"split": self.split, "_tensors": None}  # workers map the files themselves
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
-        if self._arrays is None:
-            self._arrays = (self.split.features(), self.split.labels())
-        return self._arrays
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features and labels as tensors over the mapped files. Copy-on-write maps (``mmap_mode="c"``):
+        torch wants writable arrays, and nothing here writes, so the file is never changed; why not
+        numpy's fancy indexing of the read-only map: it costs several times torch's ``index_select``
+        per batch (benchmarks/README.md, "Post-hoc heads")."""
+        if self._tensors is None:
+            split = self.split
+            features = torch.from_numpy(np.load(split.features_path, mmap_mode="c"))
+            labels = torch.from_numpy(np.load(split.labels_path, mmap_mode="c")) if split.has_labels else None
+            self._tensors = (features, labels)
+        return self._tensors
 
     def __len__(self) -> int:
         return self.split.count
 
     def __getitems__(self, indices: Sequence[int]):
-        features, labels = self.arrays()
-        wanted = np.asarray(indices, dtype=np.int64)
-        order = np.argsort(wanted, kind="stable")
-        rows = np.empty((len(wanted), self.split.dim), dtype=np.float32)
-        rows[order] = features[wanted[order]]  # sorted reads: neighbouring rows share file pages
-        out = torch.from_numpy(rows)
-        return out if labels is None else (out, torch.from_numpy(np.asarray(labels[wanted])))
+        features, labels = self.tensors()
+        wanted = torch.as_tensor(indices, dtype=torch.long)
+        in_file_order, order = wanted.sort(stable=True)  # sorted reads: neighbouring rows share pages
+        rows = torch.empty((len(wanted), self.split.dim), dtype=torch.float32)
+        rows.index_copy_(0, order, features.index_select(0, in_file_order).float())
+        return rows if labels is None else (rows, labels.index_select(0, wanted))
 
     def __getitem__(self, index: int):
         batch = self.__getitems__([index])
