@@ -63,6 +63,22 @@ class TrainResult:
     is_global_zero: bool
 
 
+# Lightning sets this at import, so that asking whether CUDA is there does not initialise it before a fork
+NVML_CUDA_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
+
+
+def plain_cuda_check_without_gpus() -> None:
+    """On a host without a CUDA GPU, turn off the NVML-based CUDA check Lightning turned on.
+
+    torch caches its answer only once CUDA is initialised, which on such a host never happens: every
+    check loads NVML again, and torch's optimizers check at every ``step`` (about 0.3 ms: a tenth of a
+    frozen-feature head's step; benchmarks/README.md, "Post-hoc heads"). Without a GPU there is nothing a
+    fork could inherit, so the plain check is as safe, and cheap.
+    """
+    if os.environ.get(NVML_CUDA_CHECK) == "1" and not torch.cuda.is_available():
+        os.environ[NVML_CUDA_CHECK] = "0"
+
+
 def train(cfg: DictConfig, chosen: LoadedCheckpoint | None = None) -> TrainResult:
     """Fit (and test) the model ``cfg`` describes; write results.json, the plot and the W&B summary.
 
@@ -72,6 +88,7 @@ def train(cfg: DictConfig, chosen: LoadedCheckpoint | None = None) -> TrainResul
     output_dir = Path(cfg.paths.output_dir)
     _check_output_dir(output_dir)
     L.seed_everything(cfg.seed, workers=True)
+    plain_cuda_check_without_gpus()
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
         # Lightning's CPU DDP sets the threads of a process that finds no OMP_NUM_THREADS to the cores
