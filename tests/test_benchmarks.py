@@ -42,6 +42,12 @@ def test_head_loss_profile_quick():
 
 
 @pytest.mark.slow
+def test_head_loss_small_heads_quick():
+    out = run_quick("head_loss.py", "--small-heads")
+    assert "at once/per size" in out and "MRL-E" in out and "   at once" in out
+
+
+@pytest.mark.slow
 def test_data_pipeline_quick():
     assert "delivered/consumed" in run_quick("data_pipeline.py")
 

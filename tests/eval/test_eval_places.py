@@ -71,8 +71,16 @@ def test_a_split_searched_by_itself_leaves_each_query_out(run_main, ckpt):
         p = z[:, :d] / np.linalg.norm(z[:, :d], axis=1, keepdims=True)
         scores = p.astype(np.float64) @ p.T.astype(np.float64)
         np.fill_diagonal(scores, -np.inf)  # the query itself
-        nearest = np.argmax(scores, axis=1)
-        assert report["knn"][str(d)]["1nn"] == pytest.approx(np.mean(y[nearest] == y))
+        # A query whose best items score within float32 rounding of each other (at d=2, 128 points on a
+        # circle, a few do) may get any of them from the float32 search: right if all are of its label,
+        # wrong if none is, either way otherwise
+        tied = scores >= scores.max(axis=1, keepdims=True) - 1e-6
+        same_label = y[None, :] == y[:, None]
+        surely_right = np.all(same_label | ~tied, axis=1)
+        maybe_right = np.any(same_label & tied, axis=1)
+        # the bounds stay tight: few queries are that close to a tie
+        assert np.sum(maybe_right != surely_right) <= len(y) // 8
+        assert surely_right.mean() - 1e-9 <= report["knn"][str(d)]["1nn"] <= maybe_right.mean() + 1e-9, d
         assert report["quantized"]["float32"][str(d)]["1nn"] == report["knn"][str(d)]["1nn"]
     assert report["knn"]["16"]["1nn"] < 1.0
     assert report["evaluated"] == {

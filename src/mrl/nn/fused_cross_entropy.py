@@ -7,7 +7,8 @@ logits are turned into probabilities in place right after their matmul, while st
 row's loss needs only its log-normaliser and target logit, see the three ways in ``forward``), and backward
 forms each size's logit gradient ``s_g * (Q * P_g - q)`` inside that same buffer (for MRL-E, adds it
 into one ``(B, C)`` running suffix sum) and feeds it straight to the matmuls. With many classes the CPU
-lays the buffer out class-major, which its matmuls prefer, see :func:`_class_major`.
+lays the buffer out class-major, which its matmuls prefer, see :func:`_class_major`; with few, it runs
+the softmax passes once over every size's logits instead, see :func:`_all_sizes_at_once`.
 The cross-entropy follows :func:`torch.nn.functional.cross_entropy` exactly, including
 ``weight``, ``ignore_index``, ``label_smoothing`` and ``reduction`` (tests compare in float64).
 
@@ -348,31 +349,20 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
         class_major = _class_major(z.device, classes, batch, efficient)
         work = _take_buffer((sizes, batch, classes), z.new_empty(0, dtype=dtype), class_major)
         scratch = None if dtype == z.dtype else _take_buffer((batch, classes), z, class_major)
+        node_inputs = (z, weight, bias, nesting, efficient, targets)
+        if _all_sizes_at_once(z.device, class_major, classes):
+            losses, predictions, exp_sums = _losses_of_all_sizes(work, scratch, *node_inputs, predict)
+            if scratch is not None:
+                _give_back(scratch)
+            return _MatryoshkaCrossEntropy._finish(
+                ctx, work, exp_sums, losses, predictions, node_inputs, needs_grad
+            )
         predictions = z.new_empty((sizes, batch), dtype=torch.long) if predict else None
         # Per size and row: the target logit (and the logit sum for label smoothing) and what the row's
         # log-normaliser comes from, one of three ways: class-major, the largest logit and the sum of the
         # shifted exponentials (see _shifted_exp_into); else, on the CPU, the target's probability (see
         # _log_normalisers); else the largest logit and largest probability. The losses follow from
         # these after the loop, for all sizes at once.
-        at_once = _all_sizes_at_once(z.device, class_major, classes)
-        if at_once:
-            losses, predictions, exp_sums = _losses_of_all_sizes(
-                work, scratch, z, weight, bias, nesting, efficient, targets, predict
-            )
-            return _MatryoshkaCrossEntropy._finish(
-                ctx,
-                work,
-                exp_sums,
-                losses,
-                predictions,
-                z,
-                weight,
-                bias,
-                nesting,
-                efficient,
-                targets,
-                needs_grad,
-            )
         off_the_target = not class_major and _reads_normaliser_off_the_target(z.device)
         row_maxima = not class_major and not off_the_target
         target_logits = z.new_empty((sizes, batch))
@@ -420,18 +410,17 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
         if scratch is not None:
             _give_back(scratch)
         return _MatryoshkaCrossEntropy._finish(
-            ctx, work, exp_sums, losses, predictions, z, weight, bias, nesting, efficient, targets, needs_grad
+            ctx, work, exp_sums, losses, predictions, node_inputs, needs_grad
         )
 
     @staticmethod
-    def _finish(
-        ctx, work, exp_sums, losses, predictions, z, weight, bias, nesting, efficient, targets, needs_grad
-    ):
+    def _finish(ctx, work, exp_sums, losses, predictions, node_inputs, needs_grad):
         """What forward returns; with ``needs_grad``, ``work`` turned into the logit gradients (up to
         backward's per-size scale) and kept for backward."""
         if not needs_grad:
             _give_back(work)
             return losses if predictions is None else (losses, predictions)
+        z, weight, bias, nesting, efficient, targets = node_inputs
         # Scaled by each size's upstream gradient (and, given exp_sums, each row's 1 / exp_sum) in backward.
         targets.to_logit_gradients(work, exp_sums)
         ctx.save_for_backward(z, weight)
