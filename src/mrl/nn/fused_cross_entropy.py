@@ -312,20 +312,9 @@ def _losses_of_all_sizes(
     slots = work.unbind(0)
     inputs, blocks = _matmul_operands(z, weight, nesting, efficient)
     for g in range(len(nesting)):
-        out = slots[g] if scratch is None else scratch  # scratch: low-precision logits, copied to float32
-        if efficient and g > 0:  # MRL-E: size g's logits are size g-1's plus this chunk's product
-            if scratch is None:
-                torch.addmm(slots[g - 1], inputs[g], blocks[g], out=out)
-            else:
-                scratch.addmm_(inputs[g], blocks[g])
-        else:
-            size_bias = None if bias is None else (bias if efficient else bias[g])
-            if size_bias is None:
-                torch.mm(inputs[g], blocks[g], out=out)
-            else:
-                torch.addmm(size_bias, inputs[g], blocks[g], out=out)
-        if scratch is not None:
-            slots[g].copy_(scratch)
+        logits = _size_logits(g, efficient, slots, scratch, inputs, blocks, bias)
+        if logits is not slots[g]:  # MRL-E's running sum, or low-precision logits: kept in slot g
+            slots[g].copy_(logits)
     predictions = work.argmax(2) if predict else None
     target_logits = work.gather(2, targets.index.expand(len(nesting), -1, -1)).squeeze(2)
     logit_sums = None
