@@ -172,7 +172,7 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes_same_wandb_run(tiny_f
 
 def test_failing_ddp_rank_stops_the_job_with_a_clear_message(run_cli):
     # A job that hung instead would wait in a collective for the process group's timeout (30 min): the
-    # run's 300 s limit (a TimeoutExpired) catches that without timing a job that takes seconds
+    # run's 300 s limit catches that (failing with each process's stack) without timing a job of seconds
     result = run_cli(
         "mrl-train",
         "trainer=ddp_cpu",
