@@ -255,3 +255,22 @@ def test_the_dataset_pickles_without_its_mapped_arrays(tmp_path):
     assert len(data) < 2048  # 400 x 5 float32 features would be 8000 bytes
     copy = pickle.loads(data)
     assert torch.equal(copy[3][0], first[0]) and copy[3][1] == first[1]
+
+
+def test_reading_batches_never_changes_the_cache_files(tmp_path):
+    """The dataset maps the files copy-on-write (torch wants writable arrays): a batch written to in
+    place changes that batch only, never the cache another job reads."""
+    model = CountingModel()
+    split = extract_features(model, loader(), tmp_path, key_of(model), "train", dtype="float16")
+    before = {p: p.read_bytes() for p in (split.features_path, split.labels_path)}
+    dataset = CachedFeatures(split)
+    features, labels = dataset.__getitems__([5, 1, 7])
+    np.testing.assert_array_equal(
+        features.numpy(), np.asarray(split.features())[[5, 1, 7]].astype(np.float32)
+    )
+    np.testing.assert_array_equal(labels.numpy(), np.asarray(split.labels())[[5, 1, 7]])
+    features += 1
+    labels += 1
+    mapped, _ = dataset.tensors()
+    mapped[0] += 1  # even a write through the mapping itself stays in this process
+    assert {p: p.read_bytes() for p in before} == before
