@@ -345,8 +345,8 @@ class CachedFeatures(Dataset):
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Features and labels as tensors over the mapped files. Copy-on-write maps (``mmap_mode="c"``):
         torch wants writable arrays, and nothing here writes, so the file is never changed; why not
-        numpy's fancy indexing of the read-only map: it costs several times torch's ``index_select``
-        per batch (benchmarks/README.md, "Post-hoc heads")."""
+        numpy's fancy indexing of the read-only map: it is the slower read of a batch (benchmarks/README.md,
+        "Post-hoc heads")."""
         if self._tensors is None:
             split = self.split
             features = torch.from_numpy(np.load(split.features_path, mmap_mode="c"))

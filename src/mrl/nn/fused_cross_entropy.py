@@ -202,11 +202,11 @@ def _all_sizes_at_once(device: torch.device, class_major: bool, classes: int) ->
     """Whether the softmax passes run once over every size's logits after all the matmuls, instead of
     per size right after its matmul.
 
-    With few classes, ``torch.softmax`` over a short contiguous row costs the CPU about ten times the
-    row's exponentials (its kernel vectorises along the row), and every per-size call adds its Python
-    and dispatch cost; passes over the whole ``(G, B, C)`` buffer avoid both, and a buffer of short rows
-    stays in cache between the matmuls and the passes. With more classes the per-size form, each size's
-    softmax while its logits are in cache, is as fast or faster: ``benchmarks/head_loss.py
+    With few classes, ``torch.softmax`` over short contiguous rows is slow on the CPU (its kernel
+    vectorises along the row), and every per-size call adds its Python and dispatch cost; passes over
+    the whole ``(G, B, C)`` buffer avoid both, and a buffer of short rows stays in cache between the
+    matmuls and the passes. With more classes the per-size form, each size's softmax while its logits
+    are in cache, is as fast or faster: ``benchmarks/head_loss.py
     --small-heads`` times both forms (benchmarks/README.md, "Head + loss"). GPUs keep the per-size form.
     """
     return device.type == "cpu" and not class_major and classes <= ALL_SIZES_AT_ONCE_MAX_CLASSES

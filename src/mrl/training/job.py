@@ -71,9 +71,9 @@ def plain_cuda_check_without_gpus() -> None:
     """On a host without a CUDA GPU, turn off the NVML-based CUDA check Lightning turned on.
 
     torch caches its answer only once CUDA is initialised, which on such a host never happens: every
-    check loads NVML again, and torch's optimizers check at every ``step`` (about 0.3 ms: a tenth of a
-    frozen-feature head's step; benchmarks/README.md, "Post-hoc heads"). Without a GPU there is nothing a
-    fork could inherit, so the plain check is as safe, and cheap.
+    check loads NVML again, and torch's optimizers check at every ``step``, which shows on a small
+    model's step (benchmarks/README.md, "Post-hoc heads"). Without a GPU there is nothing a fork could
+    inherit, so the plain check is as safe, and cheap.
     """
     if os.environ.get(NVML_CUDA_CHECK) == "1" and not torch.cuda.is_available():
         os.environ[NVML_CUDA_CHECK] = "0"
