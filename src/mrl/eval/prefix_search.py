@@ -178,7 +178,7 @@ def _search_block(
         if g > 0:
             scores.mul_(rescale[:, g - 1])
         scores.addmm_(q[:, a:b], x[g].T)
-        if own is not None:
+        if own is not None and g == 0:  # -inf stays -inf through the rescales and later products
             scores[own] = -torch.inf
         kept_scores, kept_ids = best[g]
         # only the queries with an item above their k-th best so far need this block's top k: after the
