@@ -575,9 +575,22 @@ def _gloo_process(target, rank: int, world: int, port: int, out, args: tuple) ->
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        out.put((rank, target(rank, *args)))
+        send_to_parent(out, rank, target(rank, *args))
     finally:
         dist.destroy_process_group()
+
+
+def send_to_parent(out, key, result) -> None:
+    """Put ``(key, result)`` on a spawn context's queue so that it can be read after this process exits."""
+    # Plain pickle bytes, not the tensors: torch's queue pickler shares a tensor's storage as a file
+    # descriptor that the parent fetches from this process's resource-sharer socket, which is gone once
+    # this process has exited (a race CI lost: FileNotFoundError in rebuild_storage_fd).
+    out.put((key, pickle.dumps(result)))
+
+
+def received_from_children(out, count: int, timeout: float) -> dict:
+    """The ``count`` results that children sent with ``send_to_parent``, by key."""
+    return {key: pickle.loads(result) for key, result in (out.get(timeout=timeout) for _ in range(count))}
 
 
 def in_gloo_processes(target, *args, world: int = 2, timeout: float = 120) -> list:
@@ -594,7 +607,7 @@ def in_gloo_processes(target, *args, world: int = 2, timeout: float = 120) -> li
     ]
     for process in processes:
         process.start()
-    results = dict(out.get(timeout=timeout) for _ in processes)
+    results = received_from_children(out, len(processes), timeout)
     for process in processes:
         process.join(timeout=60)
         assert process.exitcode == 0

@@ -1,5 +1,6 @@
 """The test helpers that guard the suite itself: a hung command fails its test quickly and says where it
-waited, instead of holding a CI worker until the job's limit."""
+waited, instead of holding a CI worker until the job's limit; what a child process sends back survives
+the child."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from support import run_command
+from support import received_from_children, run_command, send_to_parent
 
 # a parent that starts a child (as mrl-train starts its DDP ranks) and both wait forever
 HANGS = """
@@ -46,3 +47,25 @@ def test_a_hung_command_fails_with_every_process_stack_and_leaves_none_running(t
             break
         time.sleep(0.1)
     assert not _alive(child), "the command's child process outlived it"
+
+
+def _send_a_tensor(out) -> None:
+    import torch
+
+    send_to_parent(out, "rank0", torch.arange(6.0).reshape(2, 3))
+
+
+def test_a_tensor_a_child_sent_is_read_after_the_child_has_exited():
+    # torch's queue pickler would hand the parent a file descriptor to fetch from the child's socket,
+    # gone once the child exits: the parent reads only after the join to make that race certain
+    import torch
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    out = context.Queue()
+    child = context.Process(target=_send_a_tensor, args=(out,))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0
+    got = received_from_children(out, 1, timeout=10)
+    assert torch.equal(got["rank0"], torch.arange(6.0).reshape(2, 3))
