@@ -20,14 +20,14 @@ from mrl.nn.sparse_autoencoder import (
 
 
 def reference_code(pre: torch.Tensor, k: int) -> torch.Tensor:
-    """Row by row: keep the k largest pre-activations, ReLU them, zero the rest."""
-    pre = pre.detach()  # values only
-    out = torch.zeros_like(pre)
+    """Row by row: keep the k largest pre-activations, ReLU them, zero the rest (as CSR's masks by
+    multiplication: differentiable in the kept pre-activations)."""
+    kept = torch.zeros_like(pre)
     for row in range(pre.shape[0]):
         order = sorted(range(pre.shape[1]), key=lambda u: -float(pre[row, u]))
         for unit in order[:k]:
-            out[row, unit] = max(float(pre[row, unit]), 0.0)
-    return out
+            kept[row, unit] = 1.0
+    return F.relu(pre) * kept
 
 
 def reference_contrastive(
@@ -102,6 +102,29 @@ def test_per_size_loss_is_csr_loss_at_each_k(contrastive):
     got = sae.per_size(x, labels)
     want = torch.stack([reference_loss(sae, x, k, dead, labels) for k in sae.sizes])
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("sizes", [[2, 4], [1, 3, 5]])
+def test_gradients_of_the_sparse_decodes_are_those_of_the_dense_reference(sizes):
+    # the codes are decoded as sums of decoder rows (nested prefixes cumulatively, the wide and aux-k
+    # codes as bags); the reference decodes each dense code with a product
+    sae = make(sizes=sizes, contrastive="label").eval()
+    with torch.no_grad():
+        sae.steps_since_active[::2] = sae.dead_steps
+    dead = (torch.arange(sae.hidden) % 2 == 0).double()
+    x = torch.randn(9, 6, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 2, 2, 1])
+    weights = torch.linspace(0.5, 2.0, len(sizes), dtype=torch.float64)
+    grads = []
+    for loss in (
+        (sae.per_size(x, labels) * weights).sum(),
+        (torch.stack([reference_loss(sae, x, k, dead, labels) for k in sizes]) * weights).sum(),
+    ):
+        sae.zero_grad()
+        loss.backward()
+        grads.append([p.grad.clone() for p in (sae.encoder.weight, sae.pre_bias, sae.latent_bias)])
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_the_wide_code_is_capped_at_the_hidden_width():

@@ -10,7 +10,9 @@ The model, as CSR's code and sentence-transformers' ``SparseAutoEncoder`` build 
 - the code of size ``k``: the ``k`` largest pre-activations of each row kept, every other unit set to 0,
   then ReLU (at most ``k`` non-zeros per row, fewer where a kept pre-activation is negative);
 - ``decode(z) = z W + b_pre``: the decoder is tied, the encoder's transpose, with no normalisation of
-  its columns (CSR's choice; OpenAI's top-k autoencoder unties and normalises them instead).
+  its columns (CSR's choice; OpenAI's top-k autoencoder unties and normalises them instead). Training
+  decodes a code as the sum of its ``k`` active rows of ``W`` (``F.embedding_bag``), not as a product
+  with the dense ``(B, hidden)`` code.
 
 Training loss of one size ``k`` (CSR's ``main_visual.py`` with ``topk = k``):
 
@@ -58,15 +60,6 @@ def top_k_code(pre: torch.Tensor, k: int) -> torch.Tensor:
     """The size-``k`` code of pre-activations ``pre`` ``(B, H)``: the ``k`` largest of each row, ReLU'd,
     zeros elsewhere."""
     values, indices = pre.topk(k, dim=1)
-    return torch.zeros_like(pre).scatter(1, indices, F.relu(values))
-
-
-def _unordered_code(pre: torch.Tensor, k: int) -> torch.Tensor:
-    """:func:`top_k_code` for training losses, where only the set of units counts: an unsorted top-k
-    (a sorted one costs several times more on a CPU), or every unit's ReLU when ``k`` spans the row."""
-    if k >= pre.shape[1]:
-        return F.relu(pre)
-    values, indices = pre.topk(k, dim=1, sorted=False)
     return torch.zeros_like(pre).scatter(1, indices, F.relu(values))
 
 
@@ -225,31 +218,71 @@ class SparseAutoencoder(nn.Module):
         """The fraction of dead units, a 0-d float tensor on the module's device (no host read)."""
         return self.dead().float().mean()
 
-    @torch.no_grad()
-    def _record_activity(self, widest_code: torch.Tensor) -> None:
-        fired = (widest_code > 0).any(0)
-        self.steps_since_active.add_(1).masked_fill_(fired, 0)
+    def decode_sparse(self, values: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` of the code whose row ``b`` holds ``values[b]`` at ``units[b]`` (both
+        ``(B, c)``): the sum of ``c`` decoder rows per row, ``B * c * in_features`` products instead of
+        the dense code's ``B * hidden * in_features`` (OpenAI's top-k autoencoder decodes the same way)."""
+        weight = self.encoder.weight
+        return F.embedding_bag(units, weight, per_sample_weights=values.to(weight.dtype), mode="sum") + (
+            self.pre_bias
+        )
 
-    def _codes(self, pre: torch.Tensor, cutoffs: list[int], largest_k: int) -> dict[int, torch.Tensor]:
-        """The code of every cutoff in ``cutoffs`` (ascending), ``{c: (B, hidden)}``.
+    def _decode_prefixes(
+        self, values: torch.Tensor, units: torch.Tensor, cutoffs: list[int]
+    ) -> list[torch.Tensor]:
+        """The decodings of the codes made of each row's first ``c`` units, for every ``c`` in ``cutoffs``
+        (ascending, at most ``units.shape[1]``), from one sparse decode: the segments between cutoffs are
+        decoded as bags and summed cumulatively, as the codes are nested (``B * cutoffs[-1]`` rows read)."""
+        rows, width = units.shape[0], cutoffs[-1]
+        starts = torch.tensor([0, *cutoffs[:-1]], device=units.device)
+        offsets = (torch.arange(rows, device=units.device)[:, None] * width + starts).flatten()
+        weight = self.encoder.weight
+        segments = F.embedding_bag(
+            units[:, :width].flatten(),
+            weight,
+            offsets,
+            mode="sum",
+            per_sample_weights=values[:, :width].flatten().to(weight.dtype),
+        )
+        prefixes = segments.view(rows, len(cutoffs), -1).cumsum(1) + self.pre_bias
+        return list(prefixes.unbind(1))
 
-        Why not one top-k of the widest code, as CSR does: a top-k as wide as the hidden layer sorts
-        every row, which on a CPU costs more than the decoder's products. The codes up to the largest
-        trained ``k`` are prefixes of one sorted top-k of that ``k``; a wider code (the wide terms) is
-        one unsorted top-k, or every unit's ReLU when it spans the hidden layer. Same sets, same
-        gradients.
+    def _decode_cutoffs(
+        self, pre: torch.Tensor, cutoffs: list[int], largest_k: int, dense_codes: set[int]
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor, dict[int, torch.Tensor]]:
+        """For every cutoff ``c`` in ``cutoffs`` (ascending), the decoding of the size-``c`` code;
+        the units active in the widest code (``(hidden,)`` booleans); the dense codes of ``dense_codes``.
+
+        The codes up to the largest trained ``k`` are prefixes of one sorted top-k of that ``k``; a wider
+        code (the wide terms) is one unsorted top-k (a sorted top-k as wide as the hidden layer costs more
+        than the decodes on a CPU), or every unit's ReLU when it spans the hidden layer. Same sets and
+        gradients as decoding each dense code.
         """
-        values, indices = pre.topk(largest_k, dim=1)
-        return {
-            c: torch.zeros_like(pre).scatter(1, indices[:, :c], F.relu(values[:, :c]))
-            if c <= largest_k
-            else _unordered_code(pre, c)
-            for c in cutoffs
-        }
+        top, units = pre.topk(largest_k, dim=1)
+        top = F.relu(top)
+        nested = [c for c in cutoffs if c <= largest_k]
+        decoded = dict(zip(nested, self._decode_prefixes(top, units, nested), strict=True))
+        codes = {c: (top[:, :c], units[:, :c]) for c in nested}
+        for c in cutoffs[len(nested) :]:
+            if c >= self.hidden:
+                decoded[c] = self.decode(F.relu(pre))
+                codes[c] = (F.relu(pre), None)
+            else:
+                wide, wide_units = pre.topk(c, dim=1, sorted=False)
+                codes[c] = (F.relu(wide), wide_units)
+                decoded[c] = self.decode_sparse(*codes[c])
+        values, where = codes[cutoffs[-1]]
+        fired = (values > 0).any(0) if where is None else _units_with_positive(values, where, self.hidden)
+        dense = {c: _dense(*codes[c], pre) for c in dense_codes}
+        return decoded, fired, dense
 
     def _aux_reconstruction(self, pre: torch.Tensor) -> torch.Tensor:
         """The decoding of the ``aux_k`` largest pre-activations among dead units (CSR's ``auxk``)."""
-        return self.decode(_unordered_code(pre.masked_fill(~self.dead(), 0.0), self.aux_k))
+        masked = pre.masked_fill(~self.dead(), 0.0)
+        if self.aux_k >= self.hidden:
+            return self.decode(F.relu(masked))
+        values, units = masked.topk(self.aux_k, dim=1, sorted=False)
+        return self.decode_sparse(F.relu(values), units)
 
     def per_size(
         self, features: torch.Tensor, target: torch.Tensor | None = None, step: int | None = None
@@ -264,11 +297,13 @@ class SparseAutoencoder(nn.Module):
         ks = self.trained_sizes(step if self.training else None)
         pre = self.pre_activations(features)
         wides = [min(self.wide_factor * k, self.hidden) for k in ks]
-        codes = self._codes(pre, sorted(set(ks) | set(wides)), max(ks))
-        if self.training:
-            self._record_activity(codes[max(wides)])  # the widest code holds every other one
         # a code shared by two terms (k=32 and the wide term of k=8) is decoded once
-        reconstructions = {c: self.decode(code) for c, code in codes.items()}
+        reconstructions, fired, codes = self._decode_cutoffs(
+            pre, sorted(set(ks) | set(wides)), max(ks), set(ks) if self.contrastive != "none" else set()
+        )
+        if self.training:  # the widest code holds every other one (top-k sets are nested)
+            with torch.no_grad():
+                self.steps_since_active.add_(1).masked_fill_(fired, 0)
         aux = self._aux_reconstruction(pre) if self.aux_weight and self.aux_k else None
         losses = []
         for k, wide in zip(ks, wides, strict=True):
@@ -285,3 +320,16 @@ class SparseAutoencoder(nn.Module):
                 )
             losses.append(loss)
         return torch.stack(losses)
+
+
+def _units_with_positive(values: torch.Tensor, units: torch.Tensor, hidden: int) -> torch.Tensor:
+    """``(hidden,)`` booleans: the units that hold a positive value in some row (no host sync)."""
+    counts = torch.zeros(hidden, device=values.device).index_add_(
+        0, units.flatten(), (values > 0).flatten().float()
+    )
+    return counts > 0
+
+
+def _dense(values: torch.Tensor, units: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The ``(B, hidden)`` code of sparse ``values`` at ``units`` (``units=None``: already dense)."""
+    return values if units is None else torch.zeros_like(like).scatter(1, units, values)
