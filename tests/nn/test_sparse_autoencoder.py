@@ -104,11 +104,13 @@ def test_per_size_loss_is_csr_loss_at_each_k(contrastive):
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("sparse_decodes", [True, False])
 @pytest.mark.parametrize("sizes", [[2, 4], [1, 3, 5]])
-def test_gradients_of_the_sparse_decodes_are_those_of_the_dense_reference(sizes):
-    # the codes are decoded as sums of decoder rows (nested prefixes cumulatively, the wide and aux-k
-    # codes as bags); the reference decodes each dense code with a product
+def test_losses_and_gradients_of_both_decodes_are_the_references(sizes, sparse_decodes):
+    # sums of decoder rows (nested prefixes cumulatively, the wide and aux-k codes as bags) or products
+    # of the dense codes; the reference decodes each dense code with a product
     sae = make(sizes=sizes, contrastive="label").eval()
+    sae.sparse_decodes = sparse_decodes
     with torch.no_grad():
         sae.steps_since_active[::2] = sae.dead_steps
     dead = (torch.arange(sae.hidden) % 2 == 0).double()
@@ -116,8 +118,10 @@ def test_gradients_of_the_sparse_decodes_are_those_of_the_dense_reference(sizes)
     labels = torch.tensor([0, 1, 0, 2, 1, 0, 2, 2, 1])
     weights = torch.linspace(0.5, 2.0, len(sizes), dtype=torch.float64)
     grads = []
+    got = sae.per_size(x, labels)
+    torch.testing.assert_close(got, torch.stack([reference_loss(sae, x, k, dead, labels) for k in sizes]))
     for loss in (
-        (sae.per_size(x, labels) * weights).sum(),
+        (got * weights).sum(),
         (torch.stack([reference_loss(sae, x, k, dead, labels) for k in sizes]) * weights).sum(),
     ):
         sae.zero_grad()
@@ -125,6 +129,22 @@ def test_gradients_of_the_sparse_decodes_are_those_of_the_dense_reference(sizes)
         grads.append([p.grad.clone() for p in (sae.encoder.weight, sae.pre_bias, sae.latent_bias)])
     for got, want in zip(*grads, strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_codes_are_decoded_as_row_sums_on_the_cpu_only_unless_told(monkeypatch):
+    sums = []
+    real = F.embedding_bag
+    monkeypatch.setattr(F, "embedding_bag", lambda *a, **k: sums.append(1) or real(*a, **k))
+    sae = make().train()
+    sae.per_size(torch.randn(4, 6, dtype=torch.float64))
+    assert sums  # the default on the CPU
+    assert not sae._sums(torch.zeros(1, device="meta"))  # any other device: dense products
+    sums.clear()
+    sae.sparse_decodes = False
+    sae.per_size(torch.randn(4, 6, dtype=torch.float64))
+    assert not sums
+    sae.sparse_decodes = True
+    assert sae._sums(torch.zeros(1, device="meta"))
 
 
 def test_the_wide_code_is_capped_at_the_hidden_width():

@@ -10,9 +10,9 @@ The model, as CSR's code and sentence-transformers' ``SparseAutoEncoder`` build 
 - the code of size ``k``: the ``k`` largest pre-activations of each row kept, every other unit set to 0,
   then ReLU (at most ``k`` non-zeros per row, fewer where a kept pre-activation is negative);
 - ``decode(z) = z W + b_pre``: the decoder is tied, the encoder's transpose, with no normalisation of
-  its columns (CSR's choice; OpenAI's top-k autoencoder unties and normalises them instead). Training
-  decodes a code as the sum of its ``k`` active rows of ``W`` (``F.embedding_bag``), not as a product
-  with the dense ``(B, hidden)`` code.
+  its columns (CSR's choice; OpenAI's top-k autoencoder unties and normalises them instead). On the
+  CPU, training decodes a code as the sum of its ``k`` active rows of ``W`` (``F.embedding_bag``), not
+  as a product with the dense ``(B, hidden)`` code (``sparse_decodes``).
 
 Training loss of one size ``k`` (CSR's ``main_visual.py`` with ``topk = k``):
 
@@ -178,6 +178,12 @@ class SparseAutoencoder(nn.Module):
         self.contrastive, self.contrastive_weight = contrastive, float(contrastive_weight)
         self.temperature = float(temperature)
         self.k_start, self.k_anneal_steps = k_start, int(k_anneal_steps)
+        # Decode codes as sums of their active decoder rows (True) or as products of the dense codes
+        # (False); None: sums on the CPU only. On a CPU the sums make the step faster the wider the
+        # features (ResNet-50's 2048 included) and cost about as much at 256 (benchmarks/csr_step.py;
+        # benchmarks/README.md, "CSR's loss step"). On a GPU the dense products run on tensor cores and
+        # the sums, bound by gathering rows, are not measured to win: `csr_step.py --device cuda` tells.
+        self.sparse_decodes: bool | None = None
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """``W (x - b_pre) + b_lat``, shape ``(B, hidden)``."""
@@ -222,10 +228,15 @@ class SparseAutoencoder(nn.Module):
         """:meth:`decode` of the code whose row ``b`` holds ``values[b]`` at ``units[b]`` (both
         ``(B, c)``): the sum of ``c`` decoder rows per row, ``B * c * in_features`` products instead of
         the dense code's ``B * hidden * in_features`` (OpenAI's top-k autoencoder decodes the same way)."""
+        if not self._sums(values):
+            return self.decode(_dense(values, units, (units.shape[0], self.hidden)))
         weight = self.encoder.weight
         return F.embedding_bag(units, weight, per_sample_weights=values.to(weight.dtype), mode="sum") + (
             self.pre_bias
         )
+
+    def _sums(self, values: torch.Tensor) -> bool:
+        return values.is_cpu if self.sparse_decodes is None else self.sparse_decodes
 
     def _decode_prefixes(
         self, values: torch.Tensor, units: torch.Tensor, cutoffs: list[int]
@@ -233,6 +244,8 @@ class SparseAutoencoder(nn.Module):
         """The decodings of the codes made of each row's first ``c`` units, for every ``c`` in ``cutoffs``
         (ascending, at most ``units.shape[1]``), from one sparse decode: the segments between cutoffs are
         decoded as bags and summed cumulatively, as the codes are nested (``B * cutoffs[-1]`` rows read)."""
+        if not self._sums(values):
+            return [self.decode_sparse(values[:, :c], units[:, :c]) for c in cutoffs]
         rows, width = units.shape[0], cutoffs[-1]
         starts = torch.tensor([0, *cutoffs[:-1]], device=units.device)
         offsets = (torch.arange(rows, device=units.device)[:, None] * width + starts).flatten()
@@ -273,7 +286,7 @@ class SparseAutoencoder(nn.Module):
                 decoded[c] = self.decode_sparse(*codes[c])
         values, where = codes[cutoffs[-1]]
         fired = (values > 0).any(0) if where is None else _units_with_positive(values, where, self.hidden)
-        dense = {c: _dense(*codes[c], pre) for c in dense_codes}
+        dense = {c: _dense(*codes[c], pre.shape) for c in dense_codes}
         return decoded, fired, dense
 
     def _aux_reconstruction(self, pre: torch.Tensor) -> torch.Tensor:
@@ -330,6 +343,8 @@ def _units_with_positive(values: torch.Tensor, units: torch.Tensor, hidden: int)
     return counts > 0
 
 
-def _dense(values: torch.Tensor, units: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+def _dense(values: torch.Tensor, units: torch.Tensor | None, shape: Sequence[int]) -> torch.Tensor:
     """The ``(B, hidden)`` code of sparse ``values`` at ``units`` (``units=None``: already dense)."""
-    return values if units is None else torch.zeros_like(like).scatter(1, units, values)
+    if units is None:
+        return values
+    return values.new_zeros(tuple(shape)).scatter(1, units, values)
