@@ -45,6 +45,8 @@ def top_k_lowest_index_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor
     """
     count = scores.shape[1]
     values, columns = scores.topk(min(k + 1, count), dim=1)
+    # rows to put in order below: those with equal scores among the kept ones, and the rows picked again
+    unordered = (values[:, 1:] == values[:, :-1]).any(1)
     if count > k:
         ambiguous = (values[:, k] == values[:, k - 1]).nonzero()[:, 0]
         values, columns = values[:, :k].clone(), columns[:, :k].clone()
@@ -57,11 +59,16 @@ def top_k_lowest_index_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor
             picked = chosen.nonzero()[:, 1].view(len(ambiguous), k)  # ascending columns per row
             columns[ambiguous] = picked
             values[ambiguous] = rows.gather(1, picked)
-    # by column, then stably by score: equal scores keep the lower column first
-    columns, order = columns.sort(dim=1)
-    values = values.gather(1, order)
-    values, order = values.sort(dim=1, descending=True, stable=True)
-    return values, columns.gather(1, order)
+            unordered[ambiguous] = True
+    # Those rows by column, then stably by score, so equal scores keep the lower column first. A row
+    # without equal scores (most rows of real embeddings) is in its one order already: sorting every
+    # row twice cost more than the top-k itself.
+    tied = unordered.nonzero()[:, 0]
+    if len(tied):
+        tied_columns, order = columns[tied].sort(dim=1)
+        tied_values, order = values[tied].gather(1, order).sort(dim=1, descending=True, stable=True)
+        values[tied], columns[tied] = tied_values, tied_columns.gather(1, order)
+    return values, columns
 
 
 def _segment_norms(x: torch.Tensor, bounds: Sequence[int]) -> torch.Tensor:
@@ -181,19 +188,32 @@ def _search_block(
         if own is not None and g == 0:  # -inf stays -inf through the rescales and later products
             scores[own] = -torch.inf
         kept_scores, kept_ids = best[g]
-        # only the queries with an item above their k-th best so far need this block's top k: after the
-        # first blocks, few (a row maximum is one cheap pass; an equal score never displaces a kept item,
-        # whose index is lower)
-        live = (scores.amax(1) > kept_scores[:, -1]).nonzero()[:, 0]
-        if len(live) == 0:
+        # A row's candidates are its scores above its k-th best so far (an equal one never displaces a
+        # kept item, whose index is lower). Only the rows with one need this block's top k (after the
+        # first blocks, few when k is small), and it reaches no further than the most any row has: a few
+        # columns, not k, once the kept scores are good.
+        above = (scores > kept_scores[:, -1:]).sum(1)
+        most = int(above.max())
+        if most == 0:
             continue
-        values, columns = top_k_lowest_index_first(scores[live], min(k, len(x[0])))
+        live = None if bool((above > 0).all()) else (above > 0).nonzero()[:, 0]
+        rows = _rows_of(live)
+        values, columns = top_k_lowest_index_first(rows(scores), min(k, most))
         # the kept ids are all lower than this block's: listed first, they win ties
-        merged_scores = torch.cat([kept_scores[live], values], 1)
-        merged_ids = torch.cat([kept_ids[live], columns + first_id], 1)
+        merged_scores = torch.cat([rows(kept_scores), values], 1)
+        merged_ids = torch.cat([rows(kept_ids), columns + first_id], 1)
         values, picked = top_k_lowest_index_first(merged_scores, k)
-        kept_scores[live] = values
-        kept_ids[live] = merged_ids.gather(1, picked)
+        if live is None:  # every row (views of the best so far: written in place)
+            kept_scores.copy_(values)
+            kept_ids.copy_(merged_ids.gather(1, picked))
+        else:
+            kept_scores[live] = values
+            kept_ids[live] = merged_ids.gather(1, picked)
+
+
+def _rows_of(live: torch.Tensor | None):
+    """Selects the ``live`` rows of a tensor; every row, uncopied, for ``None``."""
+    return (lambda t: t) if live is None else (lambda t: t[live])
 
 
 def _own_positions(
