@@ -490,9 +490,9 @@ def write_evaluation(
     return path
 
 
-def tiny_eval_context(cfg, kind: str = "mrl"):
-    """A tiny evaluation (200 database items, 40 queries, 3 classes, sizes 2..16, on the CPU), built as
-    mrl.eval.run builds it."""
+def tiny_eval_context(cfg, kind: str = "mrl", device=None):
+    """A tiny evaluation (200 database items, 40 queries, 3 classes, sizes 2..16, on ``device``: the CPU
+    by default), built as mrl.eval.run builds it."""
     import torch
 
     from mrl.eval.context import EvalContext
@@ -505,7 +505,8 @@ def tiny_eval_context(cfg, kind: str = "mrl"):
     q = centers[q_y] + rng.normal(size=(40, 16)).astype(np.float32)
     torch.manual_seed(0)
     head = MatryoshkaLinear(16, 3, [2, 4, 8, 16])
-    return EvalContext.from_config(cfg, (db, db_y), (q, q_y), head, [2, 4, 8, 16], kind, torch.device("cpu"))
+    device = torch.device("cpu") if device is None else device
+    return EvalContext.from_config(cfg, (db, db_y), (q, q_y), head, [2, 4, 8, 16], kind, device)
 
 
 # ---- models to start from (mrl-train source=...) -----------------------------------------------------

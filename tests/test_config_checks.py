@@ -176,6 +176,7 @@ EVAL_CASES = [
     ("methods.knn", "yes", ["methods.knn='yes'", "true or false"]),
     ("device", "gpu", ["device='gpu'", "auto, cpu, cuda"]),
     ("embedding_dtype", "int8", ["embedding_dtype='int8'", "must be float32 or float16"]),
+    ("search", "faiss", ["search='faiss'", "must be auto, one_pass or per_size"]),
     ("sizes", 8, ["sizes=8", "list of positive integers"]),
     ("adaptive_classification.calibration_fraction", 1.0, ["calibration_fraction=1.0"]),
     ("adaptive_classification.targets", [0.5, 2], ["targets=[0.5, 2]"]),

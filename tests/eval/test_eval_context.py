@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from torchvision.datasets import ImageFolder
@@ -45,7 +46,7 @@ def searches(monkeypatch) -> list[tuple[tuple[int, ...], int]]:
 
 
 def test_neighbours_are_searched_once_for_every_size_and_deepened_only_when_asked(searches):
-    ctx = _context(_compose("chunks.database=37"))  # several database chunks
+    ctx = _context(_compose("chunks.database=37", "search=one_pass"))  # several database chunks
     first = ctx.neighbours(4, 10)
     # one pass gave every reported size's neighbours
     assert first.shape == (40, 10) and searches == [(tuple(SIZES), 10)]
@@ -68,7 +69,7 @@ def test_one_evaluation_searches_each_size_once(searches, kind):
     quantised float32 rows) shares one search: every reported size from one pass, each untrained slice
     size alone."""
     overrides = ("baselines.knn=true", "baselines.svd=false", "baselines.max_iter=20")
-    cfg = _compose(*overrides, "methods.adaptive_retrieval=false")
+    cfg = _compose(*overrides, "methods.adaptive_retrieval=false", "search=one_pass")
     ctx = _context(cfg, kind)
     sections = evaluators.run_evaluators(ctx, cfg, lambda name: None)
     slices = [int(d) for d in sections["baselines"]["slice_1nn"]]
@@ -81,6 +82,24 @@ def test_one_evaluation_searches_each_size_once(searches, kind):
         assert sections["baselines"]["slice_1nn"][d] == sections["knn"][d]["1nn"]
         row = sections["quantized"]["float32"][d]
         assert (row["map@10"], row["1nn"]) == (sections["retrieval"][d]["map@10"], sections["knn"][d]["1nn"])
+
+
+def test_the_cpu_searches_each_size_with_faiss_by_default_and_a_gpu_in_one_pass(searches, monkeypatch):
+    per_size: list[tuple[int, int]] = []
+    real = context.exact_search
+    monkeypatch.setattr(context, "exact_search", lambda *a, **k: per_size.append(a[2:4]) or real(*a, **k))
+    ctx = _context(_compose("chunks.database=37"))
+    assert ctx.search == "auto" and not ctx.one_pass
+    got = {d: ctx.neighbours(d, 10) for d in SIZES}
+    assert per_size == [(d, 10) for d in SIZES] and searches == []
+    assert ctx.neighbours(4, 5).shape == (40, 5) and len(per_size) == len(SIZES)  # shallower: kept
+    one_pass = _context(_compose("chunks.database=37", "search=one_pass"))
+    for d in SIZES:  # the same neighbours both ways (these embeddings have no near-equal scores)
+        np.testing.assert_array_equal(one_pass.neighbours(d, 10), got[d])
+    assert searches == [(tuple(SIZES), 10)]
+    # auto: the one pass where the evaluation runs on a GPU; a setting overrides it either way
+    assert _context(_compose(), device=torch.device("cuda")).one_pass
+    assert not _context(_compose("search=per_size"), device=torch.device("cuda")).one_pass
 
 
 def _embedded(ctx: EvalContext, name: str, covered: tuple[int, ...], restrict: bool) -> EmbeddedSet:

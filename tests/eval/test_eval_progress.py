@@ -54,6 +54,7 @@ def test_searches_are_counted_per_stage(caplog, monkeypatch):
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         overrides = ["methods.adaptive_retrieval=false", "methods.adaptive_classification=false"]
         overrides += ["baselines.knn=true", "baselines.svd=false", "baselines.max_iter=20", "ckpt_path=x"]
+        overrides += ["search=one_pass"]
         cfg = compose("eval", overrides=overrides)
     for _ in range(2):  # a second evaluation in the same process starts again too
         caplog.clear()

@@ -144,6 +144,7 @@ def _record(monkeypatch) -> dict[str, list[dict]]:
         "linear_accuracy",
         "max_softmax_predictions",
         "search_all_sizes",
+        "exact_search",
         "knn_accuracy",
         "retrieval_metrics",
         "adaptive_classification",
@@ -153,7 +154,8 @@ def _record(monkeypatch) -> dict[str, list[dict]]:
         "posthoc_one_nn",
         "quantized_retrieval",
     ):
-        module = context if name == "search_all_sizes" else evaluators  # the context's shared search
+        # the context's shared searches (one pass, or faiss per size: the CPU's default)
+        module = context if name in ("search_all_sizes", "exact_search") else evaluators
         real = getattr(module, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
@@ -222,9 +224,11 @@ def test_evaluators_take_every_setting_from_conf_eval_yaml(monkeypatch):
         "quantized.binary_threshold": [quant["settings"].binary_threshold],
         "chunks.query": [exact["query_chunk"], one_nn["query_chunk"], funnels["settings"].query_chunk]
         + [c["max_query_rows"] for c in calls["search_all_sizes"]]
+        + [c["query_chunk"] for c in calls["exact_search"]]
         + [quant["settings"].query_chunk],
         "chunks.database": [exact["db_chunk"], one_nn["db_chunk"], funnels["settings"].db_chunk]
         + [c["max_db_rows"] for c in calls["search_all_sizes"]]
+        + [c["db_chunk"] for c in calls["exact_search"]]
         + [quant["settings"].db_chunk],
         "chunks.rerank": [funnels["settings"].block_floats],
         "chunks.head": [lin["chunk"], soft["chunk"]],
@@ -259,11 +263,13 @@ def test_evaluators_take_every_setting_from_conf_eval_yaml(monkeypatch):
         assert OmegaConf.select(cfg, key) != OmegaConf.select(defaults, key), key
     # the settings that choose what is measured: the funnels, the baselines' sizes and their 1-NN
     assert funnels["funnels"] == [(2, [4, 16], [30, 10]), (4, [8], [20])]
-    assert calls["search_all_sizes"][0]["k"] == 7  # max(knn.k, retrieval.ks)
+    # max(knn.k, retrieval.ks), every size searched once (faiss per size on the CPU by default), shared:
+    # the baselines' slices and the quantised float32 rows rank by the kNN and retrieval stage's, and
+    # only the untrained slice sizes are searched besides
+    searched = [(c["d"], c["k"]) for c in calls["exact_search"]]
+    assert searched == [(2, 7), (4, 7), (8, 7), (16, 7), (3, 1), (6, 1), (12, 1)]  # slices: their 1-NN
+    assert not calls["search_all_sizes"]
     assert probes["svd_sizes"] == [4, 8] and probes["slice_sizes"] == [3, 4, 6, 8, 12]  # + interpolation
-    # one pass for every reported size, shared: the baselines' slices and the quantised float32 rows rank
-    # by the kNN and retrieval stage's, and only the untrained slice sizes are searched besides, alone
-    assert [list(c["sizes"]) for c in calls["search_all_sizes"]] == [[2, 4, 8, 16], [3], [6], [12]]
     assert {d: sections["baselines"]["slice_1nn"][d] for d in (4, 8)} == {
         d: sections["knn"][d]["1nn"] for d in (4, 8)
     }
@@ -329,7 +335,7 @@ def test_evaluators_of_methods_that_are_off_do_not_run(monkeypatch):
     assert done == [e.name for e in evaluators.EVALUATORS]  # every stage is timed, run or not
     # retrieval alone: the kNN stage searches but reports no kNN accuracy
     assert set(sections) == {"knn", "retrieval"} and sections["knn"] == {} and len(sections["retrieval"]) == 4
-    assert set(calls) == {"search_all_sizes", "retrieval_metrics"}
+    assert set(calls) == {"exact_search", "retrieval_metrics"}  # the CPU's per-size search
 
 
 def test_an_evaluator_sees_only_its_own_sections(monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 from mrl.config_checks import Node, boolean, int_list, mapping, one_of, positive_int, require
+from mrl.eval.context import SEARCHES
 from mrl.eval.evaluators import EVALUATORS
 
 
@@ -25,6 +26,7 @@ def check_eval_config(cfg: Node, prefix: str = "") -> None:
         f"{p}device=cpu",
     )
     one_of(cfg, "embedding_dtype", p, ("float32", "float16"))
+    one_of(cfg, "search", p, SEARCHES)
     boolean(cfg, "export_model", p)
     for key in ("database_split", "query_split"):
         if key in cfg:

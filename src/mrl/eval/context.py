@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
-from mrl.eval.knn import CHUNK_BYTES, candidates
+from mrl.eval.knn import CHUNK_BYTES, candidates, exact_search
 from mrl.eval.prefix_search import search_all_sizes
 from mrl.eval.sparse_eval import code_search
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
@@ -32,6 +32,8 @@ from mrl.nn.sparse_code_linear import SparseCodeLinear
 log = logging.getLogger(__name__)
 # head.kind of the models whose size-d view is a sparse top-d code, not a prefix
 SPARSE_KINDS = ("csr",)
+# conf/eval.yaml search: auto (one_pass on a GPU, per_size on the CPU), one_pass or per_size
+SEARCHES = ("auto", "one_pass", "per_size")
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ class EvalContext:
     chunks: Chunks
     seed: int
     methods: frozenset[str]  # the methods.<name> that are on
+    search: str  # how the prefixes' neighbours are searched: one of SEARCHES (conf/eval.yaml search)
     # the queries are the database's own items (query i = database row i): each leaves out its own
     exclude_self: bool = False
     # report sections of the evaluators that already ran
@@ -130,6 +133,7 @@ class EvalContext:
             chunks=Chunks.from_config(cfg.chunks),
             seed=int(cfg.seed),
             methods=methods_on(cfg),
+            search=str(cfg.get("search", "auto")),
             exclude_self=exclude_self,
         )
 
@@ -158,6 +162,13 @@ class EvalContext:
         log.info("%s skipped: %s", name, reason)
         self.sections.setdefault("skipped", {})[name] = reason
 
+    @property
+    def one_pass(self) -> bool:
+        """Whether the prefixes' neighbours come from one pass for every reported size
+        (:func:`~mrl.eval.prefix_search.search_all_sizes`) rather than faiss's flat search per size: on
+        a GPU, unless :attr:`search` says which."""
+        return self.device.type == "cuda" if self.search == "auto" else self.search == "one_pass"
+
     def neighbours(self, d: int, k: int) -> np.ndarray:
         """Ids ``(Q, k)`` of each query's ``k`` nearest database items by the size-``d`` views, best
         first: one exact search per size, shared by every evaluator that ranks by it (kNN, retrieval,
@@ -177,6 +188,10 @@ class EvalContext:
                     self.database, self.queries, d, k, chunks[1], chunks[0], "float32", own
                 )
                 self.sparse_searches[d] = measured
+                self._neighbour_ids[d] = ids
+            elif not self.one_pass:
+                use_gpu = None if self.device.type == "cuda" else False  # None: faiss's GPU index if built
+                ids = exact_search(self.database, self.queries, d, k, *chunks, use_gpu, exclude_self=own)[1]
                 self._neighbour_ids[d] = ids
             else:
                 # every reported size at once (their cost is about one full-width search), or d alone
