@@ -1,24 +1,26 @@
-"""Evaluation at scale: 1-NN at every size from one pass against per-size faiss flat search.
+"""Evaluation at scale: every size's k nearest from one pass against per-size faiss flat search.
 
     python benchmarks/eval_scale.py                          # 1M x 2048 float16 database, 10k queries
     python benchmarks/eval_scale.py --queries 2000           # the same database, fewer queries
+    python benchmarks/eval_scale.py --k 1                    # 1-NN only (default: mrl-eval's k, 100)
     python benchmarks/eval_scale.py --device cuda --database 1281167 --queries 50000 --skip-faiss
     python benchmarks/eval_scale.py --quick                  # tiny sizes (smoke test)
 
 A synthetic database (``--database`` x ``--dim`` float16, memory-mapped ``.npy``, written once into a
-temporary folder) and float32 queries; 1-NN by cosine at sizes 8, 16, ..., ``--dim``:
+temporary folder) and float32 queries; each query's ``--k`` nearest by cosine at sizes 8, 16, ...,
+``--dim`` (default: the deepest ``retrieval.ks`` of conf/eval.yaml, which mrl-eval searches):
 
-- ``all sizes, one pass``: :func:`mrl.eval.prefix_search.search_all_sizes` (torch, ``--device``), what
-  ``mrl-eval`` runs;
-- ``faiss flat, per size``: :func:`mrl.eval.knn.exact_search` once per size (faiss on the CPU), what it
-  ran before.
+- ``all sizes, one pass``: :func:`mrl.eval.prefix_search.search_all_sizes` (torch, ``--device``),
+  ``mrl-eval search=one_pass`` (its default on a GPU);
+- ``faiss flat, per size``: :func:`mrl.eval.knn.exact_search` once per size (faiss on the CPU),
+  ``mrl-eval search=per_size`` (its default on the CPU).
 
 Each method runs in a child process of its own, on the whole database and on its first tenth (memory
 must stay flat as the database grows). Printed per run: seconds, and the peaks above the child's memory
 before the search of its anonymous memory (RssAnon sampled every 2 ms: its own buffers, without the
 pages of the memory-mapped database, which the page cache holds) and of VmHWM (those pages included);
-then the speed ratio and how many queries got the same 1-NN from both (ties and float rounding between
-near-equal scores aside).
+then the speed ratio and how many queries got the same nearest neighbour from both (ties and float
+rounding between near-equal scores aside).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import memory_peaks
+from omegaconf import OmegaConf
 
 METHODS = ("all sizes, one pass", "faiss flat, per size")
 
@@ -66,9 +69,16 @@ def write_data(folder: Path, rows: int, queries: int, dim: int, seed: int = 0) -
     np.save(folder / "queries.npy", q)
 
 
-def child(method: str, folder: Path, rows: int, device: str, out: Path) -> None:
-    """In a fresh process: one method's 1-NN at every size over the first ``rows`` database rows; writes
-    the ids ``(Q, sizes)`` to ``out`` and prints one JSON line of time and memory peaks (MiB)."""
+def evaluation_k() -> int:
+    """How many neighbours mrl-eval searches per query by default: the deepest of conf/eval.yaml's
+    ``retrieval.ks``."""
+    return max(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "eval.yaml").retrieval.ks)
+
+
+def child(method: str, folder: Path, rows: int, device: str, k: int, out: Path) -> None:
+    """In a fresh process: one method's ``k`` nearest at every size over the first ``rows`` database
+    rows; writes the nearest ids ``(Q, sizes)`` to ``out`` and prints one JSON line of time and memory
+    peaks (MiB)."""
     import torch
 
     from mrl.eval.knn import exact_search
@@ -80,19 +90,19 @@ def child(method: str, folder: Path, rows: int, device: str, out: Path) -> None:
     with memory_peaks() as peaks:
         start = time.perf_counter()
         if method == METHODS[0]:
-            found = search_all_sizes(database, queries, sizes, 1, torch.device(device))
+            found = search_all_sizes(database, queries, sizes, k, torch.device(device))
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             ids = np.stack([found[d][1][:, 0] for d in sizes], 1)
         else:
-            per_size = [exact_search(database, queries, d, 1, 4096, 262144, use_gpu=False) for d in sizes]
+            per_size = [exact_search(database, queries, d, k, 4096, 262144, use_gpu=False) for d in sizes]
             ids = np.stack([found[1][:, 0] for found in per_size], 1)
         seconds = time.perf_counter() - start
     np.save(out, ids)
     print(json.dumps({"seconds": seconds, **peaks}))
 
 
-def run_child(method: str, folder: Path, rows: int, device: str) -> tuple[dict, np.ndarray]:
+def run_child(method: str, folder: Path, rows: int, device: str, k: int) -> tuple[dict, np.ndarray]:
     out = folder / f"ids_{METHODS.index(method)}_{rows}.npy"
     args = [
         "--child",
@@ -103,6 +113,8 @@ def run_child(method: str, folder: Path, rows: int, device: str) -> tuple[dict, 
         str(rows),
         "--device",
         device,
+        "--k",
+        str(k),
         "--out",
         str(out),
     ]
@@ -122,13 +134,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--device", default="cpu", help="where the one-pass search runs: cpu, cuda")
     parser.add_argument("--skip-faiss", action="store_true", help="time the one-pass search alone")
+    parser.add_argument("--k", type=int, default=evaluation_k(), help="neighbours per query")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        child(args.child, Path(args.dir), args.rows, args.device, Path(args.out))
+        child(args.child, Path(args.dir), args.rows, args.device, args.k, Path(args.out))
         return
     if args.quick:
         args.database, args.queries, args.dim = 20_000, 200, 256
@@ -140,17 +153,18 @@ def main(argv: list[str] | None = None) -> None:
         write_data(folder, args.database, args.queries, args.dim)
         print(
             f"data: {args.database} x {args.dim} float16 database, {args.queries} queries, written in "
-            f"{time.perf_counter() - start:.0f} s; 1-NN at sizes {sizes}",
+            f"{time.perf_counter() - start:.0f} s; {args.k} nearest at sizes {sizes}",
             flush=True,
         )
         results: dict[tuple[str, int], tuple[dict, np.ndarray]] = {}
         for rows in (args.database // 10, args.database):
             for method in methods:
-                results[method, rows] = run_child(method, folder, rows, args.device)
+                results[method, rows] = run_child(method, folder, rows, args.device, args.k)
                 print(f"{method}, {rows} rows: {results[method, rows][0]}", flush=True)
     line = "{:<24}{:>10}{:>11}{:>16}{:>18}"
     print(
-        f"\n1-NN at {len(sizes)} sizes, {args.queries} queries; one pass on {args.device}, faiss on the CPU"
+        f"\n{args.k} nearest at {len(sizes)} sizes, {args.queries} queries; one pass on {args.device}, "
+        "faiss on the CPU"
     )
     print(line.format("method", "database", "seconds", "peak anon MiB", "peak VmHWM MiB"))
     for (method, rows), (row, _) in results.items():

@@ -4,7 +4,7 @@
     python benchmarks/posthoc.py --quick     # tiny synthetic data (smoke test)
 
 1. Throughput. Each job is the ``mrl-train`` console script in a process of its own (``--quick``: in
-   this one), W&B offline, ``threads=--threads`` (1, as the recipes run on a shared 2-core host),
+   this one), W&B offline, ``threads=--threads`` (1: less noise on a shared host than both cores),
    training only (no validation, test or checkpoints),
    ``--batches`` training batches of one epoch, timed by the EpochTimer callback from the epoch's 6th
    batch on: images/s of training steps, loader included.
