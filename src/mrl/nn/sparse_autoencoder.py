@@ -226,8 +226,10 @@ class SparseAutoencoder(nn.Module):
 
     def decode_sparse(self, values: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
         """:meth:`decode` of the code whose row ``b`` holds ``values[b]`` at ``units[b]`` (both
-        ``(B, c)``): the sum of ``c`` decoder rows per row, ``B * c * in_features`` products instead of
-        the dense code's ``B * hidden * in_features`` (OpenAI's top-k autoencoder decodes the same way)."""
+        ``(B, c)``). With sums (:attr:`sparse_decodes`) the sum of ``c`` decoder rows per row,
+        ``B * c * in_features`` products instead of the dense code's ``B * hidden * in_features`` (as
+        OpenAI's top-k autoencoder decodes on a GPU, with a kernel of its own); else the dense code's
+        product."""
         if not self._sums(values):
             return self.decode(_dense(values, units, (units.shape[0], self.hidden)))
         weight = self.encoder.weight
