@@ -387,16 +387,25 @@ def print_small_heads(batch: int, dim: int, classes: list[int], nesting: list[in
     print("at once/per size per repetition (median, 95% bootstrap interval); default: the node's own choice")
     cols = f"{'per size':>9} {'at once':>9} {'at once/per size':>24} {'default':>9}"
     print(f"{'head':6} {'C':>6} {'KiB':>7} {cols}")
+    return _rows_per_head_and_class(
+        classes,
+        lambda efficient, c: small_heads(batch, dim, c, nesting, efficient, reps),
+        lambda r, c: (
+            f"{r['head']:6} {c:>6} {r['KiB']:7.0f} {r['per size_ms']:9.3f} {r['at once_ms']:9.3f} "
+            f"{format_interval(r['at once/per size paired']):>24} {r['default']:>9}"
+        ),
+    )
+
+
+def _rows_per_head_and_class(
+    classes: list[int], run: Callable[[bool, int], dict], line: Callable[[dict, int], str]
+) -> list[dict]:
+    """``run(efficient, C)`` for MRL-E then MRL at each class count, each result printed as ``line``."""
     rows = []
     for efficient in (True, False):
         for c in classes:
-            r = small_heads(batch, dim, c, nesting, efficient, reps)
-            rows.append(r)
-            print(
-                f"{r['head']:6} {c:>6} {r['KiB']:7.0f} {r['per size_ms']:9.3f} {r['at once_ms']:9.3f} "
-                f"{format_interval(r['at once/per size paired']):>24} {r['default']:>9}",
-                flush=True,
-            )
+            rows.append(run(efficient, c))
+            print(line(rows[-1], c), flush=True)
     return rows
 
 
@@ -499,19 +508,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     header = f"{'head':6} {'C':>6} {'fused':>8} {'per-size':>9} {'ref':>8} {'plain':>8} {'matmuls':>8}"
     header += f" {'fused/per-size':>16} {'fused/plain':>15} {'ref/per-size':>13} {'matmuls/per-size':>17}"
     print(header)
-    rows = []
-    for efficient in (True, False):
-        for c in classes:
-            r = run_case(batch, dim, c, nesting, efficient, reps)
-            rows.append(r)
-            print(
-                f"{r['head']:6} {c:>6} {r['fused_ms']:8.1f} {r['per_size_ms']:9.1f} {r['reference_ms']:8.1f} "
-                f"{r['plain_ms']:8.1f} {r['matmuls_ms']:8.1f} "
-                f"{r['fused/per_size']:7.3f} [{r['fused/per_size min']:.3f}] "
-                f"{r['fused/plain']:6.3f} [{r['fused/plain min']:.3f}] "
-                f"{r['reference/per_size']:13.3f} {r['matmuls/per_size']:17.3f}",
-                flush=True,
-            )
+    rows = _rows_per_head_and_class(
+        classes,
+        lambda efficient, c: run_case(batch, dim, c, nesting, efficient, reps),
+        lambda r, c: (
+            f"{r['head']:6} {c:>6} {r['fused_ms']:8.1f} {r['per_size_ms']:9.1f} {r['reference_ms']:8.1f} "
+            f"{r['plain_ms']:8.1f} {r['matmuls_ms']:8.1f} "
+            f"{r['fused/per_size']:7.3f} [{r['fused/per_size min']:.3f}] "
+            f"{r['fused/plain']:6.3f} [{r['fused/plain min']:.3f}] "
+            f"{r['reference/per_size']:13.3f} {r['matmuls/per_size']:17.3f}"
+        ),
+    )
     print("\nthe target ratios per repetition: median of the paired ratios (95% bootstrap interval)")
     print(f"{'head':6} {'C':>6} {'fused/per-size':>24} {'fused/plain':>24}")
     for r in rows:

@@ -196,7 +196,8 @@ def _search_block(
         most = int(above.max())
         if most == 0:
             continue
-        live = None if bool((above > 0).all()) else (above > 0).nonzero()[:, 0]
+        has = above > 0
+        live = None if bool(has.all()) else has.nonzero()[:, 0]
         rows = _rows_of(live)
         values, columns = top_k_lowest_index_first(rows(scores), min(k, most))
         # the kept ids are all lower than this block's: listed first, they win ties
