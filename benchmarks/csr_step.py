@@ -1,16 +1,18 @@
-"""CSR's training loss (``head=csr``), forward + backward: sparse decodes against the dense products.
+"""CSR's training loss (``head=csr``), forward + backward: its codes decoded as sums of decoder rows, as
+dense products, and by the module's default rule.
 
     python benchmarks/csr_step.py                  # B=256, features 256..2048, expansion 4, k 8..256
     python benchmarks/csr_step.py --device cuda    # the same on a GPU
     python benchmarks/csr_step.py --quick          # tiny shapes (smoke test)
 
-``sparse``: ``SparseAutoencoder.per_size`` decoding each code as the sum of its active decoder rows
+``sums``: ``SparseAutoencoder.per_size`` decoding every code as the sum of its active decoder rows
 (``sparse_decodes=True``, ``embedding_bag``: ``B * k`` rows of the features' width); ``dense``: the same
 module decoding the dense ``(B, hidden)`` codes as products with the decoder (``sparse_decodes=False``,
-``B * hidden`` rows), every other part of the step unchanged, so the ratio is the decodes' share. Which
-one a run uses by default is the module's rule (``sparse_decodes=None``: sums on the CPU).
-The two run in turn, repetition by repetition; the ratio is taken per repetition (its median and 95%
-bootstrap interval: ``_stats.paired_ratio``), so a shared machine's load slows both alike.
+``B * hidden`` rows); ``default``: the module's rule (``sparse_decodes=None``: on the CPU, sums for the
+codes narrow enough, ``SUM_ROW_COST``, products for the wide and aux-k codes; products elsewhere). Every
+other part of the step is unchanged, so the ratios are the decodes' share. The three run in turn,
+repetition by repetition; each ratio is taken per repetition (its median and 95% bootstrap interval:
+``_stats.paired_ratio``), so a shared machine's load slows all alike.
 """
 
 from __future__ import annotations
@@ -36,29 +38,34 @@ def step_seconds(model: SparseAutoencoder, features: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
+RULES = {"sums": True, "dense": False, "default": None}  # SparseAutoencoder.sparse_decodes
+
+
 def compare(width: int, batch: int, sizes: list[int], reps: int, device: str) -> dict:
-    """Milliseconds per step of both decodes at ``width`` input features, and their paired ratio."""
+    """Milliseconds per step of each decode rule at ``width`` input features, and the paired ratios of
+    the other two to the default's."""
     torch.manual_seed(0)
     settings = {"in_features": width, "sizes": sizes, "expansion": 4}
-    sparse = SparseAutoencoder(**settings).to(device).train()
-    dense = SparseAutoencoder(**settings).to(device).train()
-    dense.load_state_dict(sparse.state_dict())
-    sparse.sparse_decodes, dense.sparse_decodes = True, False
+    models = {name: SparseAutoencoder(**settings).to(device).train() for name in RULES}
+    for name, model in models.items():
+        model.load_state_dict(models["sums"].state_dict())
+        model.sparse_decodes = RULES[name]
     features = torch.randn(batch, width, device=device)
-    with torch.no_grad():  # the same losses both ways (float32 sums in another order)
-        difference = (sparse.per_size(features) - dense.per_size(features)).abs().max().item()
-    times: dict[str, list[float]] = {"sparse": [], "dense": []}
-    for model in (sparse, dense):  # warm-up: allocator, kernels
+    with torch.no_grad():  # the same losses every way (float32 sums in another order)
+        losses = [model.per_size(features) for model in models.values()]
+        difference = max((loss - losses[0]).abs().max().item() for loss in losses)
+    times: dict[str, list[float]] = {name: [] for name in RULES}
+    for model in models.values():  # warm-up: allocator, kernels
         step_seconds(model, features)
     for _ in range(reps):
-        times["sparse"].append(step_seconds(sparse, features))
-        times["dense"].append(step_seconds(dense, features))
+        for name, model in models.items():
+            times[name].append(step_seconds(model, features))
     return {
         "width": width,
-        "hidden": sparse.hidden,
-        "sparse_ms": 1e3 * statistics.median(times["sparse"]),
-        "dense_ms": 1e3 * statistics.median(times["dense"]),
-        "ratio": paired_ratio(times["dense"], times["sparse"]),
+        "hidden": models["sums"].hidden,
+        **{f"{name}_ms": 1e3 * statistics.median(times[name]) for name in RULES},
+        "sums_ratio": paired_ratio(times["sums"], times["default"]),
+        "dense_ratio": paired_ratio(times["dense"], times["default"]),
         "loss_difference": difference,
     }
 
@@ -80,8 +87,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"CSR loss step (forward + backward), B={args.batch}, k={args.sizes}, expansion 4, "
         f"{args.device}, {args.threads} thread(s), median of {args.reps}"
     )
-    row = "{:>8}{:>8}{:>12}{:>12}{:>40}{:>14}"
-    header = ("width", "hidden", "sparse ms", "dense ms", "dense / sparse (95% interval)", "max |dloss|")
+    row = "{:>7}{:>8}{:>9}{:>9}{:>11}{:>28}{:>28}{:>13}"
+    header = (
+        "width",
+        "hidden",
+        "sums ms",
+        "dense ms",
+        "default ms",
+        "sums / default (95%)",
+        "dense / default (95%)",
+        "max |dloss|",
+    )
     print(row.format(*header))
     results = []
     for width in args.widths:
@@ -91,9 +107,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row.format(
                 width,
                 result["hidden"],
-                f"{result['sparse_ms']:.1f}",
-                f"{result['dense_ms']:.1f}",
-                format_interval(result["ratio"]),
+                *(f"{result[f'{name}_ms']:.1f}" for name in RULES),
+                format_interval(result["sums_ratio"]),
+                format_interval(result["dense_ratio"]),
                 f"{result['loss_difference']:.1e}",
             ),
             flush=True,

@@ -125,17 +125,18 @@ def test_eval_scale_quick():
 
 
 def test_csr_step_quick(monkeypatch, capsys):
-    # in this process: the CSR loss step's two decodes, timed, at two widths
+    # in this process: the CSR loss step's three decode rules, timed, at two widths
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location("csr_step", BENCHMARKS / "csr_step.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     results = module.main(["--quick"])
     assert [r["width"] for r in results] == [8, 16] and all(
-        r["sparse_ms"] > 0 < r["dense_ms"] for r in results
+        r["sums_ms"] > 0 < r["dense_ms"] and r["default_ms"] > 0 for r in results
     )
     assert all(r["loss_difference"] < 1e-4 for r in results)
-    assert "dense / sparse (95% interval)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "sums / default (95%)" in out and "dense / default (95%)" in out
 
 
 def _stats_module():

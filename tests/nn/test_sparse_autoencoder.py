@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mrl.errors import MRLError
+from mrl.nn import sparse_autoencoder
 from mrl.nn.sparse_autoencoder import (
     SparseAutoencoder,
     annealed_k,
@@ -104,11 +105,12 @@ def test_per_size_loss_is_csr_loss_at_each_k(contrastive):
     torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("sparse_decodes", [True, False])
+@pytest.mark.parametrize("sparse_decodes", [True, False, None])
 @pytest.mark.parametrize("sizes", [[2, 4], [1, 3, 5]])
 def test_losses_and_gradients_of_both_decodes_are_the_references(sizes, sparse_decodes):
-    # sums of decoder rows (nested prefixes cumulatively, the wide and aux-k codes as bags) or products
-    # of the dense codes; the reference decodes each dense code with a product
+    # sums of decoder rows (nested prefixes cumulatively, the wide and aux-k codes as bags), products
+    # of the dense codes, or the CPU's mix of both (None: these narrow nested codes summed, the wide and
+    # aux-k codes multiplied); the reference decodes each dense code with a product
     sae = make(sizes=sizes, contrastive="label").eval()
     sae.sparse_decodes = sparse_decodes
     with torch.no_grad():
@@ -131,20 +133,30 @@ def test_losses_and_gradients_of_both_decodes_are_the_references(sizes, sparse_d
         torch.testing.assert_close(got, want)
 
 
-def test_codes_are_decoded_as_row_sums_on_the_cpu_only_unless_told(monkeypatch):
-    sums = []
+def test_narrow_codes_are_decoded_as_row_sums_on_the_cpu_only_unless_told(monkeypatch):
+    bags = []
     real = F.embedding_bag
-    monkeypatch.setattr(F, "embedding_bag", lambda *a, **k: sums.append(1) or real(*a, **k))
-    sae = make().train()
-    sae.per_size(torch.randn(4, 6, dtype=torch.float64))
-    assert sums  # the default on the CPU
-    assert not sae._sums(torch.zeros(1, device="meta"))  # any other device: dense products
-    sums.clear()
+    monkeypatch.setattr(
+        F, "embedding_bag", lambda units, *a, **k: bags.append(units.numel()) or real(units, *a, **k)
+    )
+    sae = make(sizes=[2, 4]).train()  # 18 units: nested codes of 2 and 4, wide codes of 8 and 16
+    x = torch.randn(4, 6, dtype=torch.float64)
+    sae.per_size(x)
+    # the default on the CPU: the nested codes in one bag call (4 rows each: 4 x cost <= 2 products of
+    # 18 units), the wide and aux-k codes (5 rows and more: 5 x cost > 18) as products
+    assert bags == [4 * 4]
+    cost = sparse_autoencoder.SUM_ROW_COST
+    assert sae._sums(x, units=18 // cost) and not sae._sums(x, units=18 // cost + 1)
+    assert sae._sums(x, units=2 * 18 // cost, decodes=2)
+    assert not sae._sums(torch.zeros(1, device="meta"), units=1)  # any other device: dense products
+    bags.clear()
     sae.sparse_decodes = False
-    sae.per_size(torch.randn(4, 6, dtype=torch.float64))
-    assert not sums
+    sae.per_size(x)
+    assert not bags
     sae.sparse_decodes = True
-    assert sae._sums(torch.zeros(1, device="meta"))
+    sae.per_size(x)
+    assert len(bags) == 4  # nested codes, two wide codes, the aux-k code
+    assert sae._sums(torch.zeros(1, device="meta"), units=10**6)
 
 
 def test_the_wide_code_is_capped_at_the_hidden_width():

@@ -11,8 +11,9 @@ The model, as CSR's code and sentence-transformers' ``SparseAutoEncoder`` build 
   then ReLU (at most ``k`` non-zeros per row, fewer where a kept pre-activation is negative);
 - ``decode(z) = z W + b_pre``: the decoder is tied, the encoder's transpose, with no normalisation of
   its columns (CSR's choice; OpenAI's top-k autoencoder unties and normalises them instead). On the
-  CPU, training decodes a code as the sum of its ``k`` active rows of ``W`` (``F.embedding_bag``), not
-  as a product with the dense ``(B, hidden)`` code (``sparse_decodes``).
+  CPU, training decodes a narrow code as the sum of its ``k`` active rows of ``W``
+  (``F.embedding_bag``), and a wide one as a product with the dense ``(B, hidden)`` code, whichever
+  costs less (``sparse_decodes``).
 
 Training loss of one size ``k`` (CSR's ``main_visual.py`` with ``topk = k``):
 
@@ -179,10 +180,10 @@ class SparseAutoencoder(nn.Module):
         self.temperature = float(temperature)
         self.k_start, self.k_anneal_steps = k_start, int(k_anneal_steps)
         # Decode codes as sums of their active decoder rows (True) or as products of the dense codes
-        # (False); None: sums on the CPU only. On a CPU the sums make the step faster the wider the
-        # features (ResNet-50's 2048 included) and cost about as much at 256 (benchmarks/csr_step.py;
-        # benchmarks/README.md, "CSR's loss step"). On a GPU the dense products run on tensor cores and
-        # the sums, bound by gathering rows, are not measured to win: `csr_step.py --device cuda` tells.
+        # (False); None: on the CPU, sums for the codes narrow enough to gain by them (see
+        # _sums_pay_off), products for the others; elsewhere products. On a GPU the dense products run
+        # on tensor cores and the sums, bound by gathering rows, are not measured to win:
+        # `csr_step.py --device cuda` tells.
         self.sparse_decodes: bool | None = None
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,19 +227,23 @@ class SparseAutoencoder(nn.Module):
 
     def decode_sparse(self, values: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
         """:meth:`decode` of the code whose row ``b`` holds ``values[b]`` at ``units[b]`` (both
-        ``(B, c)``). With sums (:attr:`sparse_decodes`) the sum of ``c`` decoder rows per row,
+        ``(B, c)``). With sums (:meth:`_sums`) the sum of ``c`` decoder rows per row,
         ``B * c * in_features`` products instead of the dense code's ``B * hidden * in_features`` (as
         OpenAI's top-k autoencoder decodes on a GPU, with a kernel of its own); else the dense code's
         product."""
-        if not self._sums(values):
+        if not self._sums(values, units.shape[1]):
             return self.decode(_dense(values, units, (units.shape[0], self.hidden)))
         weight = self.encoder.weight
         return F.embedding_bag(units, weight, per_sample_weights=values.to(weight.dtype), mode="sum") + (
             self.pre_bias
         )
 
-    def _sums(self, values: torch.Tensor) -> bool:
-        return values.is_cpu if self.sparse_decodes is None else self.sparse_decodes
+    def _sums(self, values: torch.Tensor, units: int, decodes: int = 1) -> bool:
+        """Whether to decode ``decodes`` codes that read ``units`` decoder rows per row of the batch in
+        all (one bag call: :meth:`decode_sparse`, :meth:`_decode_prefixes`) as sums of those rows."""
+        if self.sparse_decodes is not None:
+            return self.sparse_decodes
+        return values.is_cpu and _sums_pay_off(units, decodes, self.hidden)
 
     def _decode_prefixes(
         self, values: torch.Tensor, units: torch.Tensor, cutoffs: list[int]
@@ -246,8 +251,11 @@ class SparseAutoencoder(nn.Module):
         """The decodings of the codes made of each row's first ``c`` units, for every ``c`` in ``cutoffs``
         (ascending, at most ``units.shape[1]``), from one sparse decode: the segments between cutoffs are
         decoded as bags and summed cumulatively, as the codes are nested (``B * cutoffs[-1]`` rows read)."""
-        if not self._sums(values):
-            return [self.decode_sparse(values[:, :c], units[:, :c]) for c in cutoffs]
+        if not self._sums(values, cutoffs[-1], len(cutoffs)):
+            return [
+                self.decode(_dense(values[:, :c], units[:, :c], (units.shape[0], self.hidden)))
+                for c in cutoffs
+            ]
         rows, width = units.shape[0], cutoffs[-1]
         starts = torch.tensor([0, *cutoffs[:-1]], device=units.device)
         offsets = (torch.arange(rows, device=units.device)[:, None] * width + starts).flatten()
@@ -335,6 +343,20 @@ class SparseAutoencoder(nn.Module):
                 )
             losses.append(loss)
         return torch.stack(losses)
+
+
+# On a CPU, what one decoder row summed per row of the batch costs in a training step (forward and
+# backward), in rows of a dense product's: embedding_bag's backward scatters row by row, while the
+# product runs at matmul speed over every unit. benchmarks/csr_step.py times the three rules (sums,
+# dense products, this mix); benchmarks/README.md, "CSR's loss step".
+SUM_ROW_COST = 6
+
+
+def _sums_pay_off(units: int, decodes: int, hidden: int) -> bool:
+    """Whether summing ``units`` rows per row of the batch costs less than ``decodes`` dense products
+    over all ``hidden`` units: the nested codes' one bag call against a product per code, a single wide
+    code against one product."""
+    return units * SUM_ROW_COST <= decodes * hidden
 
 
 def _units_with_positive(values: torch.Tensor, units: torch.Tensor, hidden: int) -> torch.Tensor:
