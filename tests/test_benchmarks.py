@@ -139,6 +139,19 @@ def test_csr_step_quick(monkeypatch, capsys):
     assert "sums / default (95%)" in out and "dense / default (95%)" in out
 
 
+def test_adaptor_step_quick(monkeypatch, capsys):
+    # in this process: the two prefix-cosine losses, timed, at two widths
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("adaptor_step", BENCHMARKS / "adaptor_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.main(["--quick"])
+    assert [(r["width"], r["sizes"]) for r in results] == [(8, 4), (32, 6)]
+    assert all(r["adaptor_ms"] > 0 < r["supcon_ms"] for r in results)
+    assert "adaptor ms" in capsys.readouterr().out
+    assert module.sizes_up_to(2048) == [8, 16, 32, 64, 128, 256, 512, 1024, 2048]
+
+
 def _stats_module():
     spec = importlib.util.spec_from_file_location("_stats", BENCHMARKS / "_stats.py")
     module = importlib.util.module_from_spec(spec)

@@ -36,48 +36,41 @@ import torch
 from torch import nn
 
 from mrl.errors import MRLError
-from mrl.nn.matryoshka_contrastive import prefix_cosine_similarities
+from mrl.nn.matryoshka_contrastive import prefix_cosines
 from mrl.nn.nesting import validate_nesting
 
 
-def _off_diagonal(n: int, device: torch.device) -> torch.Tensor:
-    return ~torch.eye(n, dtype=torch.bool, device=device)
+def similarity_weights(
+    original: torch.Tensor, neighbours: int, pair_weight: float, topk_weight: float
+) -> torch.Tensor:
+    """The weight of each pair's ``|cos(i, j) - cos_m(i, j)|`` in ``pair_weight * L_pair + topk_weight *
+    L_topk``, ``(B, B)`` from the original cosines ``(B, B)``: ``L_pair`` is the mean over the pairs
+    ``i != j``, ``L_topk`` the mean over each row's ``neighbours`` nearest other rows by ``cos`` (fewer
+    where the batch has fewer other rows, none for a batch of one row).
 
-
-def pairwise_similarity_loss(original: torch.Tensor, adapted_cos: torch.Tensor) -> torch.Tensor:
-    """``L_pair`` of every size ``(G,)``: ``original`` ``(B, B)`` cosines of the full original embeddings,
-    ``adapted_cos`` ``(G, B, B)`` those of the adapted prefixes."""
+    Why one weight matrix: both losses then cost one weighted sum of one ``(B, B)`` difference per size,
+    and their backward no gather or mask of it (each would fill a ``(B, B)`` zero matrix per size).
+    """
     n = original.shape[0]
-    differences = (adapted_cos - original).abs().masked_fill(~_off_diagonal(n, original.device), 0.0)
-    return differences.sum((1, 2)) / max(n * (n - 1), 1)
-
-
-def topk_similarity_loss(original: torch.Tensor, adapted_cos: torch.Tensor, neighbours: int) -> torch.Tensor:
-    """``L_topk`` of every size ``(G,)``: the pairwise loss over each row's ``neighbours`` nearest other
-    rows by the original cosine (fewer where the batch has fewer other rows)."""
-    n = original.shape[0]
+    self_pairs = torch.eye(n, dtype=torch.bool, device=original.device)
+    weights = torch.where(self_pairs, 0.0, pair_weight / max(n * (n - 1), 1)).to(original.dtype)
     count = min(int(neighbours), n - 1)
-    if count < 1:
-        return adapted_cos.new_zeros(adapted_cos.shape[0])
-    others = original.masked_fill(~_off_diagonal(n, original.device), float("-inf"))
-    nearest = others.topk(count, dim=1).indices  # (B, count)
-    target = original.gather(1, nearest)
-    adapted = adapted_cos.gather(2, nearest.expand(adapted_cos.shape[0], -1, -1))
-    return (adapted - target).abs().mean((1, 2))
+    if count >= 1 and topk_weight:
+        nearest = original.masked_fill(self_pairs, float("-inf")).topk(count, dim=1).indices
+        weights.scatter_add_(1, nearest, weights.new_full(nearest.shape, topk_weight / (n * count)))
+    return weights
 
 
 def ranking_loss(scores: torch.Tensor, relevance: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """``L_rank`` of every size ``(G,)``: ``scores`` ``(G, Q, N)`` adapted similarities of queries to
-    corpus items, ``relevance`` ``(Q, N)`` graded relevance, ``candidates`` ``(Q, N)`` which items each
-    query ranks. The mean over ranked triples (``y_ij > y_ik``) of
-    ``(y_ij - y_ik) * softplus(s_ik - s_ij)``; 0 for a batch with no such triple."""
+    """``L_rank`` of one size: ``scores`` ``(Q, N)`` adapted similarities of queries to corpus items,
+    ``relevance`` ``(Q, N)`` graded relevance, ``candidates`` ``(Q, N)`` which items each query ranks.
+    The mean over ranked triples (``y_ij > y_ik``) of ``(y_ij - y_ik) * softplus(s_ik - s_ij)``; 0 for a
+    batch with no such triple."""
     gap = relevance[:, :, None] - relevance[:, None, :]  # (Q, j, k): y_ij - y_ik
     pair = candidates[:, :, None] & candidates[:, None, :] & (gap > 0)
     weight = torch.where(pair, gap, 0.0).to(scores.dtype)
     count = pair.sum().clamp_min(1).to(scores.dtype)
-    # one size at a time: the (Q, N, N) triples of all sizes at once would be G times the memory
-    losses = [(weight * nn.functional.softplus(s[:, None, :] - s[:, :, None])).sum() / count for s in scores]
-    return torch.stack(losses)
+    return (weight * nn.functional.softplus(scores[:, None, :] - scores[:, :, None])).sum() / count
 
 
 def reconstruction_loss(original: torch.Tensor, adapted: torch.Tensor) -> torch.Tensor:
@@ -141,14 +134,18 @@ class MatryoshkaAdaptor(nn.Module):
         if self.supervised and target is None:
             raise ValueError("the supervised Matryoshka-Adaptor needs the batch's labels as target")
         adapted = self(features)
-        original = prefix_cosine_similarities(features, [features.shape[1]])[0]
-        adapted_cos = prefix_cosine_similarities(adapted, self.nesting)
-        losses = self.topk_weight * topk_similarity_loss(original, adapted_cos, self.neighbours)
-        losses = losses + self.pair_weight * pairwise_similarity_loss(original, adapted_cos)
-        rec = reconstruction_loss(features, adapted) / len(self.nesting)
-        losses = losses + self.reconstruction_weight * rec
+        original = next(prefix_cosines(features, [features.shape[1]]))
+        weights = similarity_weights(original, self.neighbours, self.pair_weight, self.topk_weight).flatten()
+        rec = self.reconstruction_weight * reconstruction_loss(features, adapted) / len(self.nesting)
         if self.supervised:
-            others = _off_diagonal(features.shape[0], features.device)
+            others = ~torch.eye(features.shape[0], dtype=torch.bool, device=features.device)
             relevance = (target[:, None] == target[None, :]).to(features.dtype)
-            losses = losses + self.ranking_weight * ranking_loss(adapted_cos, relevance, others)
-        return losses
+        # size by size: each (B, B) matrix of cosines is used while it is in cache, and no (G, B, B)
+        # stack is written and read back
+        losses = []
+        for adapted_cos in prefix_cosines(adapted, self.nesting):
+            loss = (adapted_cos - original).abs().flatten() @ weights + rec
+            if self.supervised:
+                loss = loss + self.ranking_weight * ranking_loss(adapted_cos, relevance, others)
+            losses.append(loss)
+        return torch.stack(losses)

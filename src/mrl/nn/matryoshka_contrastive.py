@@ -24,8 +24,7 @@ objective.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from itertools import pairwise
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -40,16 +39,27 @@ def prefix_cosine_similarities(
 ) -> torch.Tensor:
     """Cosine similarities of the L2-normalised prefixes ``z[:, :m]`` for every ``m`` in ``nesting``,
     shape ``(G, N, N)``; against the rows of ``others`` ``(M, D)`` instead of ``z``'s own: ``(G, N, M)``.
+    :func:`prefix_cosines` stacked."""
+    return torch.stack(list(prefix_cosines(z, nesting, eps, others)))
 
-    Computed in one pass over the features: the dot products of the feature blocks between consecutive
-    sizes, summed cumulatively, are the prefixes' dot products (one ``N x M x D`` matmul in all, not one
-    per size), and the prefixes' squared norms are cumulative sums of squares.
+
+def prefix_cosines(
+    z: torch.Tensor, nesting: Sequence[int], eps: float = 1e-12, others: torch.Tensor | None = None
+) -> Iterator[torch.Tensor]:
+    """The ``(N, N)`` (or ``(N, M)`` against ``others``) cosine similarities of the L2-normalised
+    prefixes of each size of ``nesting`` in turn, for a loss computed size by size.
+
+    Each size is one product of its normalised prefixes (the prefixes' squared norms are cumulative sums
+    of squares, one pass over the features). Why not one ``N x M x D`` product of the feature blocks
+    between consecutive sizes, summed cumulatively over the sizes and divided by the norms, as this
+    function did before: that halves the products' work at power-of-two sizes, but adds passes over the
+    whole ``(G, N, M)`` result (a cumulative sum, a division, their backward), and no size's matrix can
+    be used and dropped before the next is made. On the CPU that made the adaptor's step at 256
+    features 2.8x slower, and saved about a tenth of the contrastive loss at 2048
+    (benchmarks/adaptor_step.py; benchmarks/README.md, "Prefix-cosine losses").
     """
-    others = z if others is None else others
-    bounds = [0, *(int(m) for m in nesting)]
-    blocks = torch.stack([z[:, lo:hi] @ others[:, lo:hi].T for lo, hi in pairwise(bounds)])
-    dots = blocks.cumsum(0)  # (G, N, M): z_i[:m] . others_j[:m]
-    index = torch.as_tensor(bounds[1:], device=z.device) - 1
+    sizes = [int(m) for m in nesting]
+    index = torch.as_tensor(sizes, device=z.device) - 1
 
     def norms(x: torch.Tensor) -> torch.Tensor:  # (G, rows)
         # clamped before the square root, whose gradient at 0 is infinite (all-zero prefixes, e.g. of
@@ -57,8 +67,11 @@ def prefix_cosine_similarities(
         return x.square().cumsum(1)[:, index].T.clamp_min(eps * eps).sqrt()
 
     mine = norms(z)
-    theirs = mine if others is z else norms(others)
-    return dots / (mine[:, :, None] * theirs[:, None, :])
+    theirs = None if others is None else norms(others)
+    for g, m in enumerate(sizes):
+        prefix = z[:, :m] / mine[g, :, None]
+        other = prefix if others is None else others[:, :m] / theirs[g, :, None]
+        yield prefix @ other.T
 
 
 def _world() -> tuple[int, int]:
