@@ -17,7 +17,11 @@
    also runs with ``--feature-batch`` features per step (``features.batch_size``): its own work per
    step is small next to the step's fixed cost (Lightning, the optimizer, metrics), which a larger
    batch spreads over more images. The first head job extracts the features (before its clock
-   starts); the cache then holds one entry, which every later head job reads.
+   starts); the cache then holds one entry, which every later head job reads. ``bare loop,
+   head=mrl`` is the projection head's job without the platform: the same module and cached batches
+   in a plain PyTorch loop in this process (forward, the fused loss, backward, the optimizer; no
+   Lightning, metrics, logging or schedule), timed the same way: the ceiling of any training loop
+   around this model at this batch.
 2. Extraction memory. ``FrozenFeatureDataModule.prepare_data`` (what a head job runs before training)
    on N and 4N synthetic Fashion-MNIST-shaped images, each in a fresh child process; the source is
    test_byobnet projected to 2048 features (``backbone.embed_dim=2048``, ResNet-50's width) so that the
@@ -40,7 +44,7 @@ import time
 from pathlib import Path
 
 import _common
-from _common import memory_peaks, mrl_train_timing
+from _common import compose_cfg, memory_peaks, mrl_train_timing, train_step
 from _stats import format_interval, paired_ratio
 
 SKIP = 5  # batches before the clock starts (allocator and loader warm-up)
@@ -61,16 +65,49 @@ def head_jobs(common: list[str], feature_batch: int) -> dict[str, list[str]]:
     return jobs
 
 
+def bare_loop_images_per_second(args: list[str], workdir: Path, batches: int, threads: int) -> float:
+    """Training images/s of ``mrl-train args``'s head module in a plain loop over its cached features
+    (read from ``workdir``'s cache, which the mrl-train jobs filled), from the ``SKIP``-th batch on."""
+    import lightning as L
+    import torch
+
+    from mrl.training.posthoc import assemble_posthoc
+
+    cache = workdir / "logs" / "feature_cache"
+    cfg = compose_cfg([*args, f"features.cache_dir={cache}"], str(workdir / "bare"))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        L.seed_everything(cfg.seed)  # as mrl-train: the same source weights, so the same cache entry
+        module, datamodule = assemble_posthoc(cfg)
+        datamodule.prepare_data()
+        module.train()
+        optimizer = module.optimizer_factory(module)
+        images, start = 0, 0.0
+        for index, (features, labels) in enumerate(datamodule.train_dataloader()):
+            if index == SKIP:
+                start = time.perf_counter()
+            elif index == SKIP + batches:
+                break
+            train_step(module, optimizer, features, labels, "cpu", bf16=False)
+            images += len(labels) if index >= SKIP else 0
+        return images / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(saved)
+
+
 def throughput(data: list[str], batches: int, rounds: int, threads: int, feature_batch: int) -> None:
     """Print each round's images/s and the head jobs' ratios to the end-to-end job."""
     common = [*data, f"+trainer.limit_train_batches={SKIP + batches}", f"threads={threads}"]
     jobs = {"end-to-end default job": common, **head_jobs(common, feature_batch)}
-    runs: dict[str, list[float]] = {name: [] for name in jobs}
+    bare = "bare loop, head=mrl"
+    runs: dict[str, list[float]] = {name: [] for name in [*jobs, bare]}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         for r in range(rounds):
             for name, args in jobs.items():
                 runs[name].append(images_per_second(args, workdir))
+            runs[bare].append(bare_loop_images_per_second(jobs["head=mrl"], workdir, batches, threads))
             measured = ", ".join(f"{name} {values[-1]:.0f}" for name, values in runs.items())
             print(f"round {r} (img/s): {measured}", flush=True)
         entries = len(list((workdir / "logs" / "feature_cache").iterdir()))

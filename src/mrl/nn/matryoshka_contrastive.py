@@ -54,9 +54,9 @@ def prefix_cosines(
     between consecutive sizes, summed cumulatively over the sizes and divided by the norms, as this
     function did before: that halves the products' work at power-of-two sizes, but adds passes over the
     whole ``(G, N, M)`` result (a cumulative sum, a division, their backward), and no size's matrix can
-    be used and dropped before the next is made. On the CPU that made the adaptor's step at 256
-    features 2.8x slower, and saved about a tenth of the contrastive loss at 2048
-    (benchmarks/adaptor_step.py; benchmarks/README.md, "Prefix-cosine losses").
+    be used and dropped before the next is made. On the CPU that made the adaptor's loss step at 256
+    features 2.5x slower and the contrastive loss's 1.5x, and saved about a tenth of the contrastive
+    loss at 2048 (benchmarks/adaptor_step.py; benchmarks/README.md, "Prefix-cosine losses").
     """
     sizes = [int(m) for m in nesting]
     index = torch.as_tensor(sizes, device=z.device) - 1
