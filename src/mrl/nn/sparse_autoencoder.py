@@ -232,11 +232,15 @@ class SparseAutoencoder(nn.Module):
         OpenAI's top-k autoencoder decodes on a GPU, with a kernel of its own); else the dense code's
         product."""
         if not self._sums(values, units.shape[1]):
-            return self.decode(_dense(values, units, (units.shape[0], self.hidden)))
+            return self._decode_dense(values, units)
         weight = self.encoder.weight
         return F.embedding_bag(units, weight, per_sample_weights=values.to(weight.dtype), mode="sum") + (
             self.pre_bias
         )
+
+    def _decode_dense(self, values: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` of the dense ``(B, hidden)`` code holding ``values`` at ``units``."""
+        return self.decode(_dense(values, units, (units.shape[0], self.hidden)))
 
     def _sums(self, values: torch.Tensor, units: int, decodes: int = 1) -> bool:
         """Whether to decode ``decodes`` codes that read ``units`` decoder rows per row of the batch in
@@ -252,10 +256,7 @@ class SparseAutoencoder(nn.Module):
         (ascending, at most ``units.shape[1]``), from one sparse decode: the segments between cutoffs are
         decoded as bags and summed cumulatively, as the codes are nested (``B * cutoffs[-1]`` rows read)."""
         if not self._sums(values, cutoffs[-1], len(cutoffs)):
-            return [
-                self.decode(_dense(values[:, :c], units[:, :c], (units.shape[0], self.hidden)))
-                for c in cutoffs
-            ]
+            return [self._decode_dense(values[:, :c], units[:, :c]) for c in cutoffs]
         rows, width = units.shape[0], cutoffs[-1]
         starts = torch.tensor([0, *cutoffs[:-1]], device=units.device)
         offsets = (torch.arange(rows, device=units.device)[:, None] * width + starts).flatten()
