@@ -129,10 +129,8 @@ def test_eval_scale_quick():
 
 def test_csr_step_quick(monkeypatch, capsys):
     # in this process: the CSR loss step's three decode rules, timed, at two widths
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("csr_step", BENCHMARKS / "csr_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script's own imports (_stats)
+    module = _benchmark_module("csr_step")
     results = module.main(["--quick"])
     assert [r["width"] for r in results] == [8, 16] and all(
         r["sums_ms"] > 0 < r["dense_ms"] and r["default_ms"] > 0 for r in results
@@ -144,10 +142,8 @@ def test_csr_step_quick(monkeypatch, capsys):
 
 def test_adaptor_step_quick(monkeypatch, capsys):
     # in this process: the two prefix-cosine losses, timed, at two widths
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("adaptor_step", BENCHMARKS / "adaptor_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script's own imports (_stats)
+    module = _benchmark_module("adaptor_step")
     results = module.main(["--quick"])
     assert [(r["width"], r["sizes"]) for r in results] == [(8, 4), (32, 6)]
     assert all(r["adaptor_ms"] > 0 < r["supcon_ms"] for r in results)
@@ -155,11 +151,16 @@ def test_adaptor_step_quick(monkeypatch, capsys):
     assert module.sizes_up_to(2048) == [8, 16, 32, 64, 128, 256, 512, 1024, 2048]
 
 
-def _stats_module():
-    spec = importlib.util.spec_from_file_location("_stats", BENCHMARKS / "_stats.py")
+def _benchmark_module(name: str):
+    """benchmarks/<name>.py imported (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _stats_module():
+    return _benchmark_module("_stats")
 
 
 def test_paired_ratio_is_the_median_of_per_repetition_ratios_with_a_bootstrap_interval():
