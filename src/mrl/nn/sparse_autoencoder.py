@@ -180,10 +180,8 @@ class SparseAutoencoder(nn.Module):
         self.temperature = float(temperature)
         self.k_start, self.k_anneal_steps = k_start, int(k_anneal_steps)
         # Decode codes as sums of their active decoder rows (True) or as products of the dense codes
-        # (False); None: on the CPU, sums for the codes narrow enough to gain by them (see
-        # _sums_pay_off), products for the others; elsewhere products. On a GPU the dense products run
-        # on tensor cores and the sums, bound by gathering rows, are not measured to win:
-        # `csr_step.py --device cuda` tells.
+        # (False); None: on the CPU, sums where they cost less (_sums_pay_off), else products. On a GPU
+        # the products run on tensor cores; the sums are not measured there (csr_step.py --device cuda).
         self.sparse_decodes: bool | None = None
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
@@ -233,10 +231,7 @@ class SparseAutoencoder(nn.Module):
         product."""
         if not self._sums(values, units.shape[1]):
             return self._decode_dense(values, units)
-        weight = self.encoder.weight
-        return F.embedding_bag(units, weight, per_sample_weights=values.to(weight.dtype), mode="sum") + (
-            self.pre_bias
-        )
+        return _row_sums(self.encoder.weight, values, units) + self.pre_bias
 
     def _decode_dense(self, values: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
         """:meth:`decode` of the dense ``(B, hidden)`` code holding ``values`` at ``units``."""
@@ -260,16 +255,9 @@ class SparseAutoencoder(nn.Module):
         rows, width = units.shape[0], cutoffs[-1]
         starts = torch.tensor([0, *cutoffs[:-1]], device=units.device)
         offsets = (torch.arange(rows, device=units.device)[:, None] * width + starts).flatten()
-        weight = self.encoder.weight
-        segments = F.embedding_bag(
-            units[:, :width].flatten(),
-            weight,
-            offsets,
-            mode="sum",
-            per_sample_weights=values[:, :width].flatten().to(weight.dtype),
-        )
-        prefixes = segments.view(rows, len(cutoffs), -1).cumsum(1) + self.pre_bias
-        return list(prefixes.unbind(1))
+        flat = (values[:, :width].flatten(), units[:, :width].flatten())
+        segments = _row_sums(self.encoder.weight, *flat, offsets).view(rows, len(cutoffs), -1)
+        return list((segments.cumsum(1) + self.pre_bias).unbind(1))
 
     def _decode_cutoffs(
         self, pre: torch.Tensor, cutoffs: list[int], largest_k: int, dense_codes: set[int]
@@ -358,6 +346,14 @@ def _sums_pay_off(units: int, decodes: int, hidden: int) -> bool:
     over all ``hidden`` units: the nested codes' one bag call against a product per code, a single wide
     code against one product."""
     return units * SUM_ROW_COST <= decodes * hidden
+
+
+def _row_sums(
+    weight: torch.Tensor, values: torch.Tensor, units: torch.Tensor, offsets: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Bags of decoder rows, each row ``weight[u]`` times its value: ``(B, c)`` values and units give one
+    bag per row; flat ones with ``offsets``, one bag per offset."""
+    return F.embedding_bag(units, weight, offsets, mode="sum", per_sample_weights=values.to(weight.dtype))
 
 
 def _units_with_positive(values: torch.Tensor, units: torch.Tensor, hidden: int) -> torch.Tensor:
