@@ -72,7 +72,8 @@ def test_per_size_losses_match_the_loops(supervised):
         t = reference_terms(x, a, m, 2, labels if supervised else None)
         loss = 0.7 * t["topk"] + 1.3 * t["pair"] + 0.4 * t["rec"] / 3
         want.append(loss + 2.0 * t["rank"] if supervised else loss)
-    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64))
+    # float64 throughout: a weight rounded to float32 on the way (1e-8) fails this
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
 
 
 def test_each_term_alone_matches_its_loop():
@@ -84,7 +85,8 @@ def test_each_term_alone_matches_its_loop():
         with torch.no_grad():
             a = adaptor(x)
         want = [reference_terms(x, a, m, 2, labels)[term] for m in adaptor.nesting]
-        torch.testing.assert_close(adaptor.per_size(x, labels), torch.tensor(want, dtype=torch.float64))
+        got = adaptor.per_size(x, labels)
+        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
 
 
 def test_a_few_steps_lower_the_loss_of_the_small_sizes():

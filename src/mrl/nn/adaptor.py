@@ -53,7 +53,7 @@ def similarity_weights(
     """
     n = original.shape[0]
     self_pairs = torch.eye(n, dtype=torch.bool, device=original.device)
-    weights = torch.where(self_pairs, 0.0, pair_weight / max(n * (n - 1), 1)).to(original.dtype)
+    weights = original.new_full((n, n), pair_weight / max(n * (n - 1), 1)).masked_fill_(self_pairs, 0.0)
     count = min(int(neighbours), n - 1)
     if count >= 1 and topk_weight:
         nearest = original.masked_fill(self_pairs, float("-inf")).topk(count, dim=1).indices
