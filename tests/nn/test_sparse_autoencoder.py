@@ -145,9 +145,9 @@ def test_narrow_codes_are_decoded_as_row_sums_on_the_cpu_only_unless_told(monkey
     # the default on the CPU: the nested codes in one bag call (4 rows each: 4 x cost <= 2 products of
     # 18 units), the wide and aux-k codes (5 rows and more: 5 x cost > 18) as products
     assert bags == [4 * 4]
-    cost = sparse_autoencoder.SUM_ROW_COST
-    assert sae._sums(x, units=18 // cost) and not sae._sums(x, units=18 // cost + 1)
-    assert sae._sums(x, units=2 * 18 // cost, decodes=2)
+    cost, hidden = sparse_autoencoder.SUM_ROW_COST, sae.hidden
+    assert sae._sums(x, units=hidden // cost) and not sae._sums(x, units=hidden // cost + 1)
+    assert sae._sums(x, units=2 * hidden // cost, decodes=2)
     assert not sae._sums(torch.zeros(1, device="meta"), units=1)  # any other device: dense products
     bags.clear()
     sae.sparse_decodes = False
