@@ -151,6 +151,14 @@ def test_adaptor_step_quick(monkeypatch, capsys):
     assert module.sizes_up_to(2048) == [8, 16, 32, 64, 128, 256, 512, 1024, 2048]
 
 
+def test_sparse_search_quick(capsys):
+    # in this process: scipy's sparse search against torch's (on the CPU here), two code sizes
+    rows = _benchmark_module("sparse_search").main(["--quick"])
+    assert [r["k"] for r in rows] == [8, 32] and all(r["cpu_ms"] > 0 < r["device_ms"] for r in rows)
+    assert all(r["same"] == 1.0 for r in rows)  # the same products on the CPU: the same neighbours
+    assert "same top-k" in capsys.readouterr().out
+
+
 def _benchmark_module(name: str):
     """benchmarks/<name>.py imported (the folder is not a package)."""
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")

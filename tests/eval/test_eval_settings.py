@@ -66,8 +66,6 @@ NOT_SETTINGS = {
     "quantized.QuantizedSettings.__init__.exclude_self",
     "quantized.search_index.exclude_self",
     "retrieval.retrieval_metrics.exclude_self",
-    "sparse_eval.code_search.exclude_self",
-    "sparse_eval.sparse_quantized.exclude_self",
 }
 
 # Every evaluator setting of conf/eval.yaml, set away from its default (a value that reaches a function

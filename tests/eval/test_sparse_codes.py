@@ -69,38 +69,52 @@ def search_threads(request):
     torch.set_num_threads(before)
 
 
+# Where the product runs: scipy on the CPU (None), torch's sparse CSR product on the CPU, and on a GPU
+SEARCH_DEVICES = [
+    None,
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+]
+
+
+@pytest.mark.parametrize("device", SEARCH_DEVICES)
 @pytest.mark.parametrize("block_bytes", [1, 16 * 50 * 7, 2**30])  # one query per block, a few, all at once
-def test_sparse_search_equals_dense_search_with_ties(block_bytes, search_threads):
+def test_sparse_search_equals_dense_search_with_ties(block_bytes, search_threads, device):
     queries = sparse_integer_codes(23, 40, 4, seed=0)
     database = sparse_integer_codes(50, 40, 4, seed=1)  # many zero and equal scores: ties decide
     for k in (1, 5, 50):
-        neighbours, scores = sparse_search(queries, database, k, block_bytes=block_bytes)
+        neighbours, scores = sparse_search(queries, database, k, block_bytes=block_bytes, device=device)
         want_neighbours, want_scores = dense_search(queries, database, k)
         np.testing.assert_array_equal(neighbours, want_neighbours)
         np.testing.assert_array_equal(scores, want_scores)
         assert neighbours.dtype == np.int64 and scores.dtype == np.float32
         # a CSC database (an index built before a timed search) is searched as it is, with the same result
         csc = sp.csc_matrix(database)
-        np.testing.assert_array_equal(sparse_search(queries, csc, k, block_bytes=block_bytes)[0], neighbours)
+        found = sparse_search(queries, csc, k, block_bytes=block_bytes, device=device)[0]
+        np.testing.assert_array_equal(found, neighbours)
 
 
+@pytest.mark.parametrize("device", SEARCH_DEVICES)
 @pytest.mark.parametrize("block_bytes", [1, 16 * 30 * 7, 2**30])  # one query, seven, all at once
-def test_sparse_search_leaves_each_item_out_of_its_own_neighbours(block_bytes, search_threads):
+def test_sparse_search_leaves_each_item_out_of_its_own_neighbours(block_bytes, search_threads, device):
     items = sparse_integer_codes(30, 40, 4, seed=2)
     scores = items.astype(np.float64) @ items.astype(np.float64).T
     np.fill_diagonal(scores, -np.inf)
     want = np.array([sorted(range(len(items)), key=lambda j, row=row: (-row[j], j))[:5] for row in scores])
-    neighbours, found = sparse_search(items, items, 5, block_bytes=block_bytes, exclude_self=True)
+    neighbours, found = sparse_search(
+        items, items, 5, block_bytes=block_bytes, exclude_self=True, device=device
+    )
     np.testing.assert_array_equal(neighbours, want)
     np.testing.assert_array_equal(found, np.take_along_axis(scores, want, 1))
 
 
-def test_sparse_search_on_autoencoder_codes_matches_dense_search():
+@pytest.mark.parametrize("device", SEARCH_DEVICES)
+def test_sparse_search_on_autoencoder_codes_matches_dense_search(device):
     torch.manual_seed(0)
     sae = SparseAutoencoder(16, [4, 8], expansion=4)
     with torch.no_grad():
         queries, database = sae.encode(torch.randn(30, 16), 4), sae.encode(torch.randn(200, 16), 4)
-    neighbours, scores = sparse_search(queries, database, 10)
+    neighbours, scores = sparse_search(queries, database, 10, device=device)
     want_neighbours, want_scores = dense_search(queries.numpy(), database.numpy(), 10)
     np.testing.assert_array_equal(neighbours, want_neighbours)
     np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-6)

@@ -25,6 +25,7 @@ from mrl.nn.sparse_code_linear import SparseCodeLinear
 from support import reference_metrics
 
 HIDDEN, K_MAX, SIZES, CLASSES = 48, 8, [2, 4, 8], 3
+CPU = torch.device("cpu")
 
 
 def _compose(*overrides: str) -> DictConfig:
@@ -69,15 +70,17 @@ def csr_context(cfg: DictConfig) -> EvalContext:
 def test_code_search_ranks_top_k_codes_by_cosine_and_times_itself():
     ctx = csr_context(_compose())
     for d in SIZES:
-        ids, measured = code_search(ctx.database, ctx.queries, d, 7, 25, 4, "float32")
+        ids, measured = code_search(ctx.database, ctx.queries, d, 7, 25, 4, "float32", False, CPU)
         np.testing.assert_array_equal(ids, reference_neighbours(ctx.database, ctx.queries, d, 7))
         assert measured["k"] == 7 and measured["active_units"] == d  # every kept unit is positive here
+        assert measured["device"] == "cpu"
         assert measured["search_seconds"] > 0 and measured["seconds_per_query"] == pytest.approx(
             measured["search_seconds"] / 30
         )
     # the codes are not the prefixes: the first two units of a code rank otherwise
     prefix = exact_search(ctx.database, ctx.queries, 2, 7, 4096, 4096, False)[1]
-    assert not np.array_equal(prefix, code_search(ctx.database, ctx.queries, 2, 7, 4096, 4096, "float32")[0])
+    codes = code_search(ctx.database, ctx.queries, 2, 7, 4096, 4096, "float32", False, CPU)[0]
+    assert not np.array_equal(prefix, codes)
 
 
 def test_a_csr_evaluation_measures_codes_and_skips_what_needs_prefixes():
@@ -96,7 +99,7 @@ def test_a_csr_evaluation_measures_codes_and_skips_what_needs_prefixes():
             reference_metrics(ids, db_y, q_y, 10)["map@10"]
         )
         assert set(sections["sparse_retrieval"][d]) == {
-            "k", "index_seconds", "search_seconds", "seconds_per_query", "active_units"
+            "k", "index_seconds", "search_seconds", "seconds_per_query", "active_units", "device"
         }  # fmt: skip
         # the stored codes: k values and k indices of one byte (48 units), float32 from the shared search
         float32, float16 = sections["quantized"]["float32"][d], sections["quantized"]["float16"][d]
@@ -119,7 +122,8 @@ def test_a_csr_evaluation_measures_codes_and_skips_what_needs_prefixes():
     }
     assert list(report["sparse_retrieval"]) == ["2", "4", "8"] and report["skipped"] == sections["skipped"]
     text = summary_text(report)
-    assert "sparse retrieval (cosine of top-k codes" in text and "quantized sparse codes" in text
+    assert "sparse retrieval (cosine of top-k codes, scipy CSR on the CPU)" in text
+    assert "quantized sparse codes" in text
     assert "not measured:" in text and "adaptive_retrieval: its funnels" in text
 
 

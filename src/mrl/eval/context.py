@@ -174,9 +174,9 @@ class EvalContext:
         first: one exact search per size, shared by every evaluator that ranks by it (kNN, retrieval,
         the baselines' 1-NN, quantised retrieval's float32 rows). Prefixes: cosine, every reported size
         from one pass (:func:`~mrl.eval.prefix_search.search_all_sizes`, on the GPU when the evaluation
-        runs on one), a size outside them alone; a CSR model's
-        top-d codes: cosine by a sparse product on the CPU (:func:`~mrl.eval.sparse_eval.code_search`,
-        its time kept in :attr:`sparse_searches`). A size is searched again only for more neighbours
+        runs on one), a size outside them alone; a CSR model's top-d codes: cosine by a sparse product
+        (:func:`~mrl.eval.sparse_eval.code_search`, on the GPU when the evaluation runs on one; its time
+        kept in :attr:`sparse_searches`). A size is searched again only for more neighbours
         than its search kept, and the deeper search is kept instead. With :attr:`exclude_self` no query
         is among its own neighbours (at most :attr:`candidates` of them)."""
         k = min(int(k), self.candidates)
@@ -185,7 +185,7 @@ class EvalContext:
             chunks, own = (self.chunks.query, self.chunks.database), self.exclude_self
             if self.sparse:
                 ids, measured = code_search(
-                    self.database, self.queries, d, k, chunks[1], chunks[0], "float32", own
+                    self.database, self.queries, d, k, chunks[1], chunks[0], "float32", own, self.device
                 )
                 self.sparse_searches[d] = measured
                 self._neighbour_ids[d] = ids

@@ -168,7 +168,9 @@ def measure_quantized(ctx: EvalContext, settings: DictConfig) -> dict[str, Any]:
             ctx.skip("quantized.formats", PREFIX_FORMATS_SKIPPED)
         data = (ctx.database, ctx.db_labels, ctx.queries, ctx.query_labels)
         chunks = (ctx.chunks.query, ctx.chunks.database)
-        found = sparse_quantized(*data, ctx.sizes, int(q.k), chunks, ctx.neighbours, ctx.exclude_self)
+        found = sparse_quantized(
+            *data, ctx.sizes, int(q.k), chunks, ctx.neighbours, ctx.exclude_self, ctx.device
+        )
         return {"quantized": found}
     qs = QuantizedSettings(
         formats=tuple(q.formats),

@@ -16,16 +16,19 @@ chunk of rows at a time, as :func:`mrl.nn.sparse_autoencoder.top_k_code` does (s
 units as the model's own classifiers), L2-normalises their values and keeps them as a CSR matrix.
 
 Retrieval ranks database codes by their inner product with each query code, computed as a sparse
-matrix product (``scipy.sparse`` CSR): a block of queries against the whole database at a time, as
-many blocks at once as torch has intra-op threads, the blocks sized so that their dense score matrices
-fit a memory budget together, then the top ``k`` of each row. Equal
-scores rank the lower database index first, so the result is the same as an exact dense search with
-the same order of ties. The caller measures the wall-clock (it owns what counts as the search).
+matrix product: a block of queries against the whole database at a time, the blocks sized so that
+their dense score matrices fit a memory budget, then the top ``k`` of each row. On the CPU the product
+is ``scipy.sparse``'s (CSR), as many blocks at once as torch has intra-op threads; on a torch device (a
+GPU) it is torch's sparse CSR product there (cuSPARSE), the database's codes moved to the device once.
+Equal scores rank the lower database index first, so the result is the same as an exact dense search
+with the same order of ties, on either. The caller measures the wall-clock (it owns what counts as the
+search).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -138,16 +141,17 @@ def sparse_search(
     k: int,
     block_bytes: int = 256 * 2**20,
     exclude_self: bool = False,
+    device: torch.device | str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product search of sparse codes: the ``k`` best database rows of every query as
     ``(neighbours (Q, k) int64, scores (Q, k) float32)``, best first (ties: lower index first).
 
-    Queries are searched in blocks, in ``torch.get_num_threads()`` threads, whose working memory
-    together (scores and top-k bookkeeping, about :data:`BYTES_PER_SCORE` bytes per query and database
-    row) stays within ``block_bytes``. A float32
-    CSR ``database`` is searched as it is, so a caller that times searches can build it before the clock
-    starts. ``exclude_self``: query
-    ``i`` is database row ``i`` (the same items), left out of its own neighbours.
+    Queries are searched in blocks whose working memory together (scores and top-k bookkeeping, about
+    :data:`BYTES_PER_SCORE` bytes per query and database row) stays within ``block_bytes``: with
+    ``device`` None by scipy on the CPU, in ``torch.get_num_threads()`` threads; given a torch
+    ``device``, by torch's sparse product on it (:func:`_device_search`). A float32 CSR ``database`` is
+    searched as it is, so a caller that times searches can build it before the clock starts.
+    ``exclude_self``: query ``i`` is database row ``i`` (the same items), left out of its own neighbours.
     """
     ready = isinstance(database, sp.csr_matrix | sp.csc_matrix) and database.dtype == np.float32
     queries, database = to_csr(queries), database if ready else to_csr(database)
@@ -166,6 +170,8 @@ def sparse_search(
     # sparse-by-sparse product builds its nearly full result as a sparse matrix first: several times
     # slower at large k.)
     rows = database.tocsr()  # a no-op for CSR; a CSC database's rows, converted once
+    if device is not None:
+        return _device_search(queries, rows, k, block_bytes, exclude_self, torch.device(device))
     # Blocks run in threads, one per intra-op thread: scipy's product releases the GIL for most of its
     # work and is single-threaded, so a second thread uses the second core. Each thread holds one
     # block's scores, so the budget is shared among them.
@@ -188,4 +194,43 @@ def sparse_search(
     else:
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(search_block, starts))  # list(): a block's exception is raised here
+    return neighbours, scores
+
+
+def _device_search(
+    queries: sp.csr_matrix,
+    database: sp.csr_matrix,
+    k: int,
+    block_bytes: int,
+    exclude_self: bool,
+    device: torch.device,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`sparse_search` by torch's sparse CSR product on ``device``: the database's codes are
+    moved there once; each block of queries goes there as dense codes, is scored against every database
+    code and reduced to its top ``k`` there (the dense search's own selection), and only the ``(block,
+    k)`` result comes back. One block at a time: the device runs it in parallel."""
+    n_db = database.shape[0]
+    # int32 unit positions where they fit: half the device memory of int64, and cuSPARSE takes both
+    index = torch.int32 if database.nnz < 2**31 else torch.int64
+    with warnings.catch_warnings():  # torch flags its sparse CSR tensors as a beta feature
+        warnings.simplefilter("ignore", UserWarning)
+        codes = torch.sparse_csr_tensor(
+            torch.from_numpy(database.indptr).to(device, index),
+            torch.from_numpy(database.indices).to(device, index),
+            torch.from_numpy(database.data).to(device, torch.float32),
+            size=database.shape,
+            check_invariants=False,  # scipy's CSR is valid; checking it would read it all again
+        )
+    block = max(1, block_bytes // (BYTES_PER_SCORE * n_db))
+    neighbours = np.empty((queries.shape[0], k), dtype=np.int64)
+    scores = np.empty((queries.shape[0], k), dtype=np.float32)
+    for start in range(0, queries.shape[0], block):
+        dense = torch.from_numpy(queries[start : start + block].toarray()).to(device)
+        found = (codes @ dense.T).T.contiguous()  # (block, n_db) scores
+        if exclude_self:  # each query's own item can never be among its neighbours
+            own = torch.arange(len(found), device=device)
+            found[own, start + own] = -torch.inf
+        values, columns = top_k_lowest_index_first(found, k)
+        neighbours[start : start + block] = columns.cpu().numpy()
+        scores[start : start + block] = values.cpu().numpy()
     return neighbours, scores

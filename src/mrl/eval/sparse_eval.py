@@ -7,10 +7,11 @@ largest units of the stored embedding ``z`` (the code of its largest ``k``), not
   codes, then an exact L2 index, which ranks unit vectors as cosine does), and it keeps the codes'
   numbers comparable with the prefixes' beside them in ``mrl-report``. Unnormalised inner products
   would rank database codes with large activations first whatever their direction.
-- **Search.** An exact sparse inner product (:func:`mrl.eval.sparse_codes.sparse_search`, scipy CSR
-  on the CPU), never a dense ``(N, hidden)`` copy of the codes: the database's codes are built chunk by
-  chunk (:func:`~mrl.eval.sparse_codes.top_k_csr`) before the clock starts, like any index; the
-  queries' top-k codes and the search are timed (report.json ``sparse_retrieval``).
+- **Search.** An exact sparse inner product (:func:`mrl.eval.sparse_codes.sparse_search`): scipy CSR
+  on the CPU, torch's sparse CSR product on the GPU when the evaluation runs on one; never a dense
+  ``(N, hidden)`` copy of the codes: the database's codes are built chunk by chunk
+  (:func:`~mrl.eval.sparse_codes.top_k_csr`) before the clock starts, like any index; the queries' top-k
+  codes and the search are timed (report.json ``sparse_retrieval``, with the device that searched).
 - **Storage.** A code is stored as ``k`` values and ``k`` unit indices
   (:func:`~mrl.eval.sparse_codes.sparse_code_bytes`); the ``quantized`` stage measures it with float32
   and float16 values (the database's values rounded to float16 after normalising; queries stay
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from mrl.errors import MRLError
 from mrl.eval.knn import Neighbours, candidates, chunk_rows
@@ -33,8 +35,10 @@ from mrl.eval.sparse_codes import BYTES_PER_SCORE, sparse_code_bytes, sparse_sea
 
 # how a sparse code's values are stored (the quantized stage's formats for a CSR model)
 SPARSE_FORMATS = ("float32", "float16")
-# The sparse search's working memory per block of queries: scores and top-k bookkeeping
+# The sparse search's working memory per block of queries (scores and top-k bookkeeping): on the CPU,
+# and on a GPU, whose memory holds far larger blocks (fewer passes over the database's codes)
 BLOCK_BYTES = 256 * 2**20
+DEVICE_BLOCK_BYTES = 2 * 2**30
 # What does not apply to sparse codes, and why (report.json "skipped", and the log)
 NOT_FOR_CODES = {
     "adaptive_retrieval": (
@@ -60,14 +64,17 @@ def code_search(
     db_chunk: int,
     query_chunk: int,
     value_dtype: str,
-    exclude_self: bool = False,
+    exclude_self: bool,
+    device: torch.device,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Ids ``(Q, k)`` of each query's ``k`` nearest database items by cosine of their size-``code_k``
     codes, best first (ties: lower index first), and what the search measured: ``index_seconds`` (the
     database's codes), ``search_seconds`` and ``seconds_per_query`` (the queries' codes and the sparse
-    product, top-k included), ``active_units`` (mean non-zeros of a database code, at most ``code_k``).
-    ``value_dtype``: the database codes' stored values (queries stay float32). ``exclude_self``: query
-    ``i`` is database row ``i``, left out of its own neighbours (:mod:`mrl.eval.knn`)."""
+    product, top-k included), ``active_units`` (mean non-zeros of a database code, at most ``code_k``)
+    and ``device`` (where the product ran). ``value_dtype``: the database codes' stored values (queries
+    stay float32). ``exclude_self``: query ``i`` is database row ``i``, left out of its own neighbours
+    (:mod:`mrl.eval.knn`). ``device``: the evaluation's; on a GPU the product runs there, else scipy's
+    on the CPU (as fast as torch's there, and threaded by blocks)."""
     rows = chunk_rows(db_chunk, database.shape[1])  # a float32 chunk of at most CHUNK_BYTES
     start = time.perf_counter()
     # the index: the database's codes as CSR rows, what the search multiplies each query block by (built
@@ -75,8 +82,11 @@ def code_search(
     db = top_k_csr(database, code_k, rows, normalize=True, value_dtype=value_dtype)
     built = time.perf_counter()
     q = top_k_csr(queries, code_k, rows, normalize=True, value_dtype="float32")
-    block = min(BLOCK_BYTES, BYTES_PER_SCORE * len(database) * max(1, int(query_chunk)))
-    ids, _ = sparse_search(q, db, k, block_bytes=block, exclude_self=exclude_self)
+    on_device = device.type != "cpu"
+    budget = DEVICE_BLOCK_BYTES if on_device else BLOCK_BYTES
+    block = min(budget, BYTES_PER_SCORE * len(database) * max(1, int(query_chunk)))
+    where = device if on_device else None
+    ids, _ = sparse_search(q, db, k, block_bytes=block, exclude_self=exclude_self, device=where)
     searched = time.perf_counter() - built
     return ids, {
         "k": int(k),
@@ -84,6 +94,7 @@ def code_search(
         "search_seconds": searched,
         "seconds_per_query": searched / max(len(queries), 1),
         "active_units": db.nnz / max(len(database), 1),
+        "device": device.type if on_device else "cpu",
     }
 
 
@@ -96,11 +107,13 @@ def sparse_quantized(
     k: int,
     chunks: tuple[int, int],
     neighbours: Neighbours,
-    exclude_self: bool = False,
+    exclude_self: bool,
+    device: torch.device,
 ) -> dict[str, dict[int, dict[str, float]]]:
     """``{format: {k_code: {"bytes", "map@k", "1nn"}}}`` of the codes stored with float32 and float16
     values; the float32 rows rank by ``neighbours`` (the shared search), float16 by its own search.
-    ``chunks``: ``(query, database)`` rows; ``exclude_self``: the queries are the database's items."""
+    ``chunks``: ``(query, database)`` rows; ``exclude_self``: the queries are the database's items;
+    ``device``: the evaluation's (:func:`code_search`)."""
     if k > candidates(len(database), exclude_self):
         raise MRLError(
             f"The database has {candidates(len(database), exclude_self)} items to rank for each query, "
@@ -114,7 +127,7 @@ def sparse_quantized(
             if fmt == "float32":
                 ids = neighbours(d, k)
             else:
-                ids, _ = code_search(database, queries, d, k, chunks[1], chunks[0], fmt, exclude_self)
+                ids, _ = code_search(database, queries, d, k, chunks[1], chunks[0], fmt, exclude_self, device)
             out[fmt][d] = {"bytes": sparse_code_bytes(d, hidden, fmt)} | ranking_metrics(
                 ids, db_labels, query_labels, k
             )
@@ -126,7 +139,10 @@ def sparse_retrieval_text(section: dict[str, dict[str, Any]]) -> list[str]:
     """The terminal lines of report.json's ``sparse_retrieval``: per k, the search's time per query."""
     if not section:
         return []
-    lines = ["", "sparse retrieval (cosine of top-k codes, scipy CSR on the CPU):"]
+    devices = {row.get("device", "cpu") for row in section.values()}
+    on = ", ".join(sorted(devices))
+    how = "scipy CSR on the CPU" if devices == {"cpu"} else f"torch sparse CSR on {on}"
+    lines = ["", f"sparse retrieval (cosine of top-k codes, {how}):"]
     for d, row in section.items():
         lines.append(
             f"  k={d:<5} {1e3 * row['seconds_per_query']:.3f} ms/query (top {row['k']}), database codes "
