@@ -82,7 +82,7 @@ def code_search(
     db = top_k_csr(database, code_k, rows, normalize=True, value_dtype=value_dtype)
     built = time.perf_counter()
     q = top_k_csr(queries, code_k, rows, normalize=True, value_dtype="float32")
-    on_device = device.type != "cpu"
+    on_device = device.type == "cuda"
     budget = DEVICE_BLOCK_BYTES if on_device else BLOCK_BYTES
     block = min(budget, BYTES_PER_SCORE * len(database) * max(1, int(query_chunk)))
     where = device if on_device else None
