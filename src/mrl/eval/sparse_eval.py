@@ -74,7 +74,7 @@ def code_search(
     and ``device`` (where the product ran). ``value_dtype``: the database codes' stored values (queries
     stay float32). ``exclude_self``: query ``i`` is database row ``i``, left out of its own neighbours
     (:mod:`mrl.eval.knn`). ``device``: the evaluation's; on a GPU the product runs there, else scipy's
-    on the CPU (as fast as torch's there, and threaded by blocks)."""
+    on the CPU (faster than torch's there: benchmarks/README.md, "Sparse search")."""
     rows = chunk_rows(db_chunk, database.shape[1])  # a float32 chunk of at most CHUNK_BYTES
     start = time.perf_counter()
     # the index: the database's codes as CSR rows, what the search multiplies each query block by (built
