@@ -5,6 +5,7 @@ import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 
@@ -159,11 +160,28 @@ def test_sparse_search_quick(capsys):
     assert "same top-k" in capsys.readouterr().out
 
 
+def test_gpu_checks_quick(tmp_path, capsys):
+    # two of the checks' --quick runs, each in its process, and a budget too small for any check
+    report = tmp_path / "checks.md"
+    module = _benchmark_module("gpu_checks")
+    ran = module.main(["--quick", "--only", "sparse_search", "csr_step", "--out", str(report)])
+    assert ran == [("sparse_search", "exit 0"), ("csr_step", "exit 0")]
+    text = report.read_text()
+    assert "| sparse_search | `python benchmarks/sparse_search.py --quick` | exit 0 |" in text
+    assert "same top-k" in text and "sums / default (95%)" in text  # each check's own table
+    assert "same top-k" in (tmp_path / "checks_sparse_search.txt").read_text()
+    skipped = module.main(["--budget", "10", "--out", str(tmp_path / "none.md")])
+    assert {status for _, status in skipped} == {"skipped"}  # every GPU check's guard exceeds 10 s
+    assert "skipped: 10 s of the budget left" in (tmp_path / "none.md").read_text()
+
+
 def _benchmark_module(name: str):
     """benchmarks/<name>.py imported (the folder is not a package)."""
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # registered first, as an import does: a dataclass in the script looks its module up there
+    with patch.dict(sys.modules, {name: module}):
+        spec.loader.exec_module(module)
     return module
 
 
