@@ -13,18 +13,28 @@ values, built directly as CSR matrices (never a dense ``(N, hidden)`` array). Pe
 searches of the ``--neighbours`` nearest, the device's on every query and scipy's on the first
 ``--cpu-queries`` (its product takes hours at full size), their seconds per query and ratio, and the
 share of those queries whose neighbours are the same (rounding of near-equal scores aside).
+
+``--part codes`` (on the CPU, where ``mrl-eval`` builds them): the database's codes of every size in
+``--sizes`` from stored embeddings (``--codes-rows`` x ``--hidden`` float16, memory-mapped, each row a
+clustered code of the largest size, as a CSR model exports them), sorted once for all sizes
+(:func:`mrl.eval.sparse_codes.top_codes`, what ``mrl-eval`` runs) against sorted for each size on its own
+(:func:`~mrl.eval.sparse_codes.top_k_csr` per size: a pass over the file each): seconds, and whether the
+codes are the same.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from mrl.eval.sparse_codes import sparse_search
+from mrl.eval.knn import CHUNK_BYTES
+from mrl.eval.sparse_codes import sparse_search, top_codes, top_k_csr
 from mrl.eval.sparse_eval import BLOCK_BYTES, DEVICE_BLOCK_BYTES
 
 
@@ -54,21 +64,8 @@ def timed(fn) -> tuple[float, np.ndarray]:
     return time.perf_counter() - start, ids
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, float]]:
-    """Print the table; return its rows."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cuda", help="where torch's product runs")
-    parser.add_argument("--database", type=int, default=1_281_167)
-    parser.add_argument("--queries", type=int, default=50_000)
-    parser.add_argument("--hidden", type=int, default=8192)
-    parser.add_argument("--k-codes", type=int, nargs="+", default=[256], help="active units per code")
-    parser.add_argument("--neighbours", type=int, default=100, help="neighbours per query (mrl-eval's k)")
-    parser.add_argument("--cpu-queries", type=int, default=200, help="queries scipy searches")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.device, args.database, args.queries, args.hidden = "cpu", 3000, 300, 512
-        args.k_codes, args.neighbours, args.cpu_queries = [8, 32], 10, 50
+def search_part(args: argparse.Namespace) -> list[dict[str, float]]:
+    """Print the search table; return its rows."""
     device = torch.device(args.device)
     print(
         f"database {args.database} x {args.hidden} units, {args.queries} queries, top {args.neighbours}; "
@@ -100,6 +97,62 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
         print(line.format(*cells), flush=True)
         rows.append({"k": k, "cpu_ms": cpu_ms, "device_ms": device_ms, "same": float(same)})
     return rows
+
+
+def codes_part(rows: int, hidden: int, sizes: list[int]) -> dict[str, float]:
+    """Print and return the seconds of building every size's database codes from stored embeddings,
+    sorted once against sorted per size, and whether both give the same codes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "embeddings.npy"
+        stored = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(rows, hidden))
+        codes = clustered_codes(rows, hidden, max(sizes), seed=0)
+        for start in range(0, rows, 8192):
+            stored[start : start + 8192] = codes[start : start + 8192].toarray()
+        stored.flush()
+        del stored
+        embeddings = np.load(path, mmap_mode="r")
+        chunk = max(1, CHUNK_BYTES // (4 * hidden))  # mrl-eval's chunk of stored rows
+        start = time.perf_counter()
+        per_size = {k: top_k_csr(embeddings, k, chunk) for k in sizes}
+        each = time.perf_counter() - start
+        start = time.perf_counter()
+        sorted_once = top_codes(embeddings, max(sizes), chunk)
+        once = {k: sorted_once.csr(k) for k in sizes}
+        one_pass = time.perf_counter() - start
+    same = all((per_size[k] != once[k]).nnz == 0 for k in sizes)
+    print(
+        f"\ndatabase codes of k = {sizes} from {rows} x {hidden} float16 stored embeddings, "
+        f"{torch.get_num_threads()} thread(s): sorted per size {each:.2f} s, sorted once {one_pass:.2f} s "
+        f"({each / one_pass:.1f}x); the same codes: {same}"
+    )
+    return {"per_size_s": each, "once_s": one_pass, "same": same}
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    """Run the parts asked for; return their results by part."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--part", choices=("search", "codes", "all"), default="search")
+    parser.add_argument("--device", default="cuda", help="where torch's product runs")
+    parser.add_argument("--database", type=int, default=1_281_167)
+    parser.add_argument("--queries", type=int, default=50_000)
+    parser.add_argument("--hidden", type=int, default=8192)
+    parser.add_argument("--k-codes", type=int, nargs="+", default=[256], help="active units per code")
+    parser.add_argument("--neighbours", type=int, default=100, help="neighbours per query (mrl-eval's k)")
+    parser.add_argument("--cpu-queries", type=int, default=200, help="queries scipy searches")
+    parser.add_argument("--codes-rows", type=int, default=100_000, help="stored rows of --part codes")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256])
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.device, args.database, args.queries, args.hidden = "cpu", 3000, 300, 512
+        args.k_codes, args.neighbours, args.cpu_queries = [8, 32], 10, 50
+        args.part, args.codes_rows, args.sizes = "all", 2000, [4, 16, 32]
+    results: dict[str, object] = {}
+    if args.part in ("search", "all"):
+        results["search"] = search_part(args)
+    if args.part in ("codes", "all"):
+        results["codes"] = codes_part(args.codes_rows, args.hidden, args.sizes)
+    return results
 
 
 if __name__ == "__main__":

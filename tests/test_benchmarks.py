@@ -154,10 +154,14 @@ def test_adaptor_step_quick(monkeypatch, capsys):
 
 def test_sparse_search_quick(capsys):
     # in this process: scipy's sparse search against torch's (on the CPU here), two code sizes
-    rows = _benchmark_module("sparse_search").main(["--quick"])
+    # and the database's codes of every size from stored embeddings, sorted once and per size
+    results = _benchmark_module("sparse_search").main(["--quick"])
+    rows = results["search"]
     assert [r["k"] for r in rows] == [8, 32] and all(r["cpu_ms"] > 0 < r["device_ms"] for r in rows)
     assert all(r["same"] == 1.0 for r in rows)  # the same products on the CPU: the same neighbours
-    assert "same top-k" in capsys.readouterr().out
+    assert results["codes"]["same"] is True and results["codes"]["once_s"] > 0
+    out = capsys.readouterr().out
+    assert "same top-k" in out and "sorted per size" in out
 
 
 def test_gpu_checks_quick(tmp_path, capsys):

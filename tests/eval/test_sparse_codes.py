@@ -16,6 +16,7 @@ from mrl.eval.sparse_codes import (
     sparse_code_bytes,
     sparse_search,
     to_csr,
+    top_codes,
     top_k_csr,
     top_k_rows,
 )
@@ -146,6 +147,26 @@ def test_bad_searches_are_refused():
         sparse_search(codes, codes[:, :8], 1)
     with pytest.raises(MRLError, match="between 1 and the database size 5"):
         sparse_search(codes, codes, 6)
+
+
+def test_one_sorted_pass_gives_every_sizes_codes_with_equal_values_to_the_lower_unit():
+    # small integer values: many equal values at every cut, and rows with fewer active units than k
+    z = sparse_integer_codes(40, 30, 12, seed=4)
+    sorted_once = top_codes(z, 12, rows=7)
+    assert sorted_once.units.dtype == np.int32 and sorted_once.width == 12
+    for k in (1, 2, 5, 12):
+        expected = np.zeros_like(z)
+        for row, out in zip(z, expected, strict=True):
+            top = np.argsort(-row, kind="stable")[:k]  # largest first, equal values: the lower unit
+            out[top] = row[top]
+        codes = sorted_once.csr(k, normalize=False)
+        np.testing.assert_array_equal(codes.toarray(), expected)
+        assert codes.has_sorted_indices and all(np.all(np.diff(r.indices) > 0) for r in codes)
+        assert codes.nnz == np.count_nonzero(expected)  # zero values dropped
+        # the same codes as sorting for this k alone
+        np.testing.assert_array_equal(top_k_csr(z, k, rows=40, normalize=False).toarray(), expected)
+    with pytest.raises(MRLError, match="k is 1 to 12, not 13"):
+        sorted_once.csr(13)
 
 
 def test_top_k_csr_keeps_each_rows_top_k_code_normalised_chunk_by_chunk(tmp_path):

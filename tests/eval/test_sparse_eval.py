@@ -13,11 +13,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from mrl.config_path import config_dir
-from mrl.eval import evaluators
+from mrl.eval import context, evaluators
 from mrl.eval.context import EvalContext
 from mrl.eval.knn import exact_search
 from mrl.eval.report_file import build_report
-from mrl.eval.sparse_codes import sparse_code_bytes
+from mrl.eval.sparse_codes import sparse_code_bytes, top_codes
 from mrl.eval.sparse_eval import NOT_FOR_CODES, code_search
 from mrl.eval.summary import summary_text
 from mrl.nn.sparse_autoencoder import top_k_code
@@ -70,7 +70,8 @@ def csr_context(cfg: DictConfig) -> EvalContext:
 def test_code_search_ranks_top_k_codes_by_cosine_and_times_itself():
     ctx = csr_context(_compose())
     for d in SIZES:
-        ids, measured = code_search(ctx.database, ctx.queries, d, 7, 25, 4, "float32", False, CPU)
+        codes = top_codes(ctx.database, d, rows=25)
+        ids, measured = code_search(codes, ctx.queries, d, 7, 25, 4, "float32", False, CPU)
         np.testing.assert_array_equal(ids, reference_neighbours(ctx.database, ctx.queries, d, 7))
         assert measured["k"] == 7 and measured["active_units"] == d  # every kept unit is positive here
         assert measured["device"] == "cpu"
@@ -79,8 +80,22 @@ def test_code_search_ranks_top_k_codes_by_cosine_and_times_itself():
         )
     # the codes are not the prefixes: the first two units of a code rank otherwise
     prefix = exact_search(ctx.database, ctx.queries, 2, 7, 4096, 4096, False)[1]
-    codes = code_search(ctx.database, ctx.queries, 2, 7, 4096, 4096, "float32", False, CPU)[0]
-    assert not np.array_equal(prefix, codes)
+    found = code_search(ctx.database_codes(2), ctx.queries, 2, 7, 4096, 4096, "float32", False, CPU)[0]
+    assert not np.array_equal(prefix, found)
+
+
+def test_a_csr_evaluation_sorts_the_database_codes_once_for_every_size(monkeypatch):
+    passes = []
+    real = context.top_codes
+
+    def counted(embeddings, width, rows):
+        passes.append(width)
+        return real(embeddings, width, rows)
+
+    monkeypatch.setattr(context, "top_codes", counted)
+    cfg = _compose("retrieval.ks=[5,10]", "knn.k=5", "quantized.k=5", "adaptive_classification.num_splits=2")
+    evaluators.run_evaluators(csr_context(cfg), cfg, lambda name: None)
+    assert passes == [max(SIZES)]  # one pass, as wide as the largest size, for kNN, retrieval and quantized
 
 
 def test_a_csr_evaluation_measures_codes_and_skips_what_needs_prefixes():

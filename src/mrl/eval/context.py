@@ -15,6 +15,7 @@ neighbours (:mod:`mrl.eval.knn`), and report.json's ``evaluated.exclude_self`` s
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +24,9 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
-from mrl.eval.knn import CHUNK_BYTES, candidates, exact_search
+from mrl.eval.knn import CHUNK_BYTES, candidates, chunk_rows, exact_search
 from mrl.eval.prefix_search import search_all_sizes
+from mrl.eval.sparse_codes import TopCodes, top_codes
 from mrl.eval.sparse_eval import code_search
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 from mrl.nn.sparse_code_linear import SparseCodeLinear
@@ -104,6 +106,8 @@ class EvalContext:
     _neighbour_ids: dict[int, np.ndarray] = field(init=False, default_factory=dict, repr=False)
     # a CSR model's sparse searches, by size: what each measured (mrl.eval.sparse_eval.code_search)
     sparse_searches: dict[int, dict[str, Any]] = field(init=False, default_factory=dict)
+    # a CSR model's database codes, sorted once for every size (database_codes)
+    _database_codes: TopCodes | None = field(init=False, default=None)
 
     @classmethod
     def from_config(
@@ -169,6 +173,23 @@ class EvalContext:
         a GPU, unless :attr:`search` says which."""
         return self.device.type == "cuda" if self.search == "auto" else self.search == "one_pass"
 
+    def database_codes(self, width: int) -> TopCodes:
+        """A CSR model's stored database codes with each row's largest units sorted, at least ``width``
+        of them (and every reported size's): one pass over the stored embeddings (a memmap of N x
+        hidden), from which every size's codes are built (:func:`~mrl.eval.sparse_codes.top_codes`)."""
+        if self._database_codes is None or self._database_codes.width < width:
+            width = max(width, *self.sizes)
+            rows = chunk_rows(self.chunks.database, self.database.shape[1])
+            start = time.perf_counter()
+            self._database_codes = top_codes(self.database, width, rows)
+            log.info(
+                "database codes: the %d largest units of %d rows sorted in %.1fs",
+                width,
+                len(self.database),
+                time.perf_counter() - start,
+            )
+        return self._database_codes
+
     def neighbours(self, d: int, k: int) -> np.ndarray:
         """Ids ``(Q, k)`` of each query's ``k`` nearest database items by the size-``d`` views, best
         first: one exact search per size, shared by every evaluator that ranks by it (kNN, retrieval,
@@ -184,8 +205,9 @@ class EvalContext:
         if ids is None or ids.shape[1] < k:
             chunks, own = (self.chunks.query, self.chunks.database), self.exclude_self
             if self.sparse:
+                codes = self.database_codes(d)
                 ids, measured = code_search(
-                    self.database, self.queries, d, k, chunks[1], chunks[0], "float32", own, self.device
+                    codes, self.queries, d, k, chunks[1], chunks[0], "float32", own, self.device
                 )
                 self.sparse_searches[d] = measured
                 self._neighbour_ids[d] = ids

@@ -166,7 +166,7 @@ def measure_quantized(ctx: EvalContext, settings: DictConfig) -> dict[str, Any]:
     if ctx.sparse:
         if q.formats:
             ctx.skip("quantized.formats", PREFIX_FORMATS_SKIPPED)
-        data = (ctx.database, ctx.db_labels, ctx.queries, ctx.query_labels)
+        data = (ctx.database_codes(max(ctx.sizes)), ctx.db_labels, ctx.queries, ctx.query_labels)
         chunks = (ctx.chunks.query, ctx.chunks.database)
         found = sparse_quantized(
             *data, ctx.sizes, int(q.k), chunks, ctx.neighbours, ctx.exclude_self, ctx.device

@@ -11,9 +11,11 @@ Bytes of one stored vector:
   padded to ``k``, as a fixed-width index stores it.
 
 A CSR model's size-``k`` codes are built from its stored embeddings (each row the code of its largest
-``k``) without a dense ``(N, hidden)`` copy: :func:`top_k_csr` takes the ``k`` largest units of one
-chunk of rows at a time, as :func:`mrl.nn.sparse_autoencoder.top_k_code` does (so ties pick the same
-units as the model's own classifiers), L2-normalises their values and keeps them as a CSR matrix.
+``k``) without a dense ``(N, hidden)`` copy: :func:`top_codes` sorts each row's largest units once, one
+chunk of rows at a time (largest first, equal values: the lower unit first), and
+:meth:`TopCodes.csr` makes the size-``k`` codes of every ``k`` up to that width from the first ``k`` of
+them: L2-normalised values in a CSR matrix. One pass over the stored embeddings serves every size (at
+ImageNet's scale each pass reads gigabytes). :func:`top_k_csr` is the two for one ``k``.
 
 Retrieval ranks database codes by their inner product with each query code, computed as a sparse
 matrix product: a block of queries against the whole database at a time, the blocks sized so that
@@ -30,6 +32,7 @@ from __future__ import annotations
 import math
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -95,6 +98,70 @@ def csr_from_top_k(values: np.ndarray, indices: np.ndarray, hidden: int) -> sp.c
     return matrix
 
 
+@dataclass(frozen=True)
+class TopCodes:
+    """Each stored code's ``width`` largest units, largest first (equal values: the lower unit first):
+    ``values`` ``(N, width)`` float32, ReLU'd (zeros where a row has fewer active units), and their
+    ``units`` ``(N, width)`` int32, of codes ``hidden`` units wide (:func:`top_codes`)."""
+
+    values: np.ndarray
+    units: np.ndarray
+    hidden: int
+
+    @property
+    def width(self) -> int:
+        return self.values.shape[1]
+
+    def csr(self, k: int, normalize: bool = True, value_dtype: str = "float32") -> sp.csr_matrix:
+        """The size-``k`` codes (the first ``k`` units of each row) as a float32 CSR matrix, zeros
+        dropped, unit indices sorted within each row (as cuSPARSE wants them); L2-normalised when
+        ``normalize``, and the values rounded to ``value_dtype`` (the stored code's values: ``float32`` or
+        ``float16``)."""
+        if value_dtype not in ("float32", "float16"):
+            raise MRLError(f"Sparse codes are searched with float32 or float16 values, not {value_dtype!r}.")
+        if not 1 <= k <= self.width:
+            raise MRLError(
+                f"These codes keep {self.width} units per row, so k is 1 to {self.width}, not {k}."
+            )
+        values = torch.from_numpy(self.values[:, :k]).clone()
+        units, order = torch.from_numpy(self.units[:, :k]).sort(dim=1)
+        values = values.gather(1, order)
+        if normalize:
+            values /= values.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        values = values.numpy().astype(value_dtype).astype(np.float32)
+        index = np.int32 if values.size < 2**31 else np.int64
+        indptr = np.arange(0, values.size + 1, k, dtype=index)
+        matrix = sp.csr_matrix(
+            (values.ravel(), units.numpy().ravel().astype(index, copy=False), indptr),
+            shape=(len(values), self.hidden),
+        )
+        matrix.has_sorted_indices = True
+        matrix.eliminate_zeros()
+        return matrix
+
+
+def top_codes(embeddings: np.ndarray, width: int, rows: int) -> TopCodes:
+    """The ``width`` largest units of every row of ``embeddings`` ``(N, hidden)`` (a memmap is read
+    ``rows`` at a time), largest first with equal values in unit order, ReLU'd: :class:`TopCodes`.
+
+    Equal values: the lower unit first, whatever the width, so every size's code is the first ``k`` of
+    the same sorted units (torch's own top-k, which the model's classifiers take, may keep another of
+    two units with equal values at the cut: codes stored as float16 do have such ties)."""
+    hidden = embeddings.shape[1]
+    if not 1 <= width <= hidden:
+        raise MRLError(f"A code of {hidden} units has 1 to {hidden} active units, not k={width}.")
+    values = np.empty((len(embeddings), width), dtype=np.float32)
+    units = np.empty((len(embeddings), width), dtype=np.int32)
+    rows = max(1, int(rows))
+    for start in range(0, len(embeddings), rows):
+        # a copy of one chunk: the embeddings may be a read-only memmap
+        chunk = torch.from_numpy(np.array(embeddings[start : start + rows], dtype=np.float32))
+        top, columns = top_k_lowest_index_first(chunk, width)
+        values[start : start + len(chunk)] = top.relu_().numpy()
+        units[start : start + len(chunk)] = columns.numpy()
+    return TopCodes(values, units, hidden)
+
+
 def top_k_csr(
     embeddings: np.ndarray,
     k: int,
@@ -103,27 +170,8 @@ def top_k_csr(
     value_dtype: str = "float32",
 ) -> sp.csr_matrix:
     """The size-``k`` codes of ``embeddings`` ``(N, hidden)`` (a memmap is read ``rows`` at a time) as a
-    float32 CSR matrix: each row's ``k`` largest units (torch's top-k, ReLU'd: ``top_k_code``), zeros
-    dropped, L2-normalised when ``normalize``, and the values rounded to ``value_dtype`` (the stored
-    code's values: ``float32`` or ``float16``)."""
-    if value_dtype not in ("float32", "float16"):
-        raise MRLError(f"Sparse codes are searched with float32 or float16 values, not {value_dtype!r}.")
-    hidden = embeddings.shape[1]
-    if not 1 <= k <= hidden:
-        raise MRLError(f"A code of {hidden} units has 1 to {hidden} active units, not k={k}.")
-    parts, rows = [], max(1, int(rows))
-    for start in range(0, len(embeddings), rows):
-        # a copy of one chunk: the embeddings may be a read-only memmap
-        chunk = torch.from_numpy(np.array(embeddings[start : start + rows], dtype=np.float32))
-        values, indices = chunk.topk(k, dim=1)
-        values = values.relu_()
-        if normalize:
-            values /= values.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        values = values.numpy().astype(value_dtype).astype(np.float32)
-        parts.append(csr_from_top_k(values, indices.numpy(), hidden))
-    if not parts:
-        return sp.csr_matrix((0, hidden), dtype=np.float32)
-    return sp.vstack(parts, format="csr", dtype=np.float32)
+    float32 CSR matrix: :func:`top_codes` of width ``k``, then :meth:`TopCodes.csr`."""
+    return top_codes(embeddings, k, rows).csr(k, normalize, value_dtype)
 
 
 def top_k_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,9 +9,10 @@ largest units of the stored embedding ``z`` (the code of its largest ``k``), not
   would rank database codes with large activations first whatever their direction.
 - **Search.** An exact sparse inner product (:func:`mrl.eval.sparse_codes.sparse_search`): scipy CSR
   on the CPU, torch's sparse CSR product on the GPU when the evaluation runs on one; never a dense
-  ``(N, hidden)`` copy of the codes: the database's codes are built chunk by chunk
-  (:func:`~mrl.eval.sparse_codes.top_k_csr`) before the clock starts, like any index; the queries' top-k
-  codes and the search are timed (report.json ``sparse_retrieval``, with the device that searched).
+  ``(N, hidden)`` copy of the codes: the database's stored codes are sorted once, chunk by chunk
+  (:func:`~mrl.eval.sparse_codes.top_codes`, shared by every size), and each size's codes built from them
+  before the clock starts, like any index; the queries' top-k codes and the search are timed (report.json
+  ``sparse_retrieval``, with the device that searched).
 - **Storage.** A code is stored as ``k`` values and ``k`` unit indices
   (:func:`~mrl.eval.sparse_codes.sparse_code_bytes`); the ``quantized`` stage measures it with float32
   and float16 values (the database's values rounded to float16 after normalising; queries stay
@@ -31,7 +32,7 @@ from mrl.errors import MRLError
 from mrl.eval.knn import Neighbours, candidates, chunk_rows
 from mrl.eval.progress import Progress
 from mrl.eval.quantized import ranking_metrics
-from mrl.eval.sparse_codes import BYTES_PER_SCORE, sparse_code_bytes, sparse_search, top_k_csr
+from mrl.eval.sparse_codes import BYTES_PER_SCORE, TopCodes, sparse_code_bytes, sparse_search, top_k_csr
 
 # how a sparse code's values are stored (the quantized stage's formats for a CSR model)
 SPARSE_FORMATS = ("float32", "float16")
@@ -57,7 +58,7 @@ PREFIX_FORMATS_SKIPPED = (
 
 
 def code_search(
-    database: np.ndarray,
+    database: TopCodes,
     queries: np.ndarray,
     code_k: int,
     k: int,
@@ -69,22 +70,27 @@ def code_search(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Ids ``(Q, k)`` of each query's ``k`` nearest database items by cosine of their size-``code_k``
     codes, best first (ties: lower index first), and what the search measured: ``index_seconds`` (the
-    database's codes), ``search_seconds`` and ``seconds_per_query`` (the queries' codes and the sparse
-    product, top-k included), ``active_units`` (mean non-zeros of a database code, at most ``code_k``)
-    and ``device`` (where the product ran). ``value_dtype``: the database codes' stored values (queries
-    stay float32). ``exclude_self``: query ``i`` is database row ``i``, left out of its own neighbours
-    (:mod:`mrl.eval.knn`). ``device``: the evaluation's; on a GPU the product runs there, else scipy's
-    on the CPU (faster than torch's there: benchmarks/README.md, "Sparse search")."""
-    rows = chunk_rows(db_chunk, database.shape[1])  # a float32 chunk of at most CHUNK_BYTES
+    database's size-``code_k`` codes from its sorted units ``database``, the
+    :func:`~mrl.eval.sparse_codes.top_codes` of its stored codes that every size shares),
+    ``search_seconds`` and ``seconds_per_query``
+    (the queries' codes and the sparse product, top-k included), ``active_units`` (mean non-zeros of a
+    database code, at most ``code_k``) and ``device`` (where the product ran). ``value_dtype``: the
+    database codes' stored values (queries stay float32). ``exclude_self``: query ``i`` is database row
+    ``i``, left out of its own neighbours (:mod:`mrl.eval.knn`). ``device``: the evaluation's; on a GPU
+    the product runs there, else scipy's on the CPU (faster than torch's there: benchmarks/README.md,
+    "Sparse search")."""
+    # the stored queries are read in chunks of chunks.database's rows (float32, at most CHUNK_BYTES)
+    rows = chunk_rows(db_chunk, queries.shape[1])
     start = time.perf_counter()
     # the index: the database's codes as CSR rows, what the search multiplies each query block by (built
     # before the clock, as a faiss index is for the prefixes' timed searches)
-    db = top_k_csr(database, code_k, rows, normalize=True, value_dtype=value_dtype)
+    db = database.csr(code_k, normalize=True, value_dtype=value_dtype)
     built = time.perf_counter()
     q = top_k_csr(queries, code_k, rows, normalize=True, value_dtype="float32")
     on_device = device.type == "cuda"
     budget = DEVICE_BLOCK_BYTES if on_device else BLOCK_BYTES
-    block = min(budget, BYTES_PER_SCORE * len(database) * max(1, int(query_chunk)))
+    n_db = db.shape[0]
+    block = min(budget, BYTES_PER_SCORE * n_db * max(1, int(query_chunk)))
     where = device if on_device else None
     ids, _ = sparse_search(q, db, k, block_bytes=block, exclude_self=exclude_self, device=where)
     searched = time.perf_counter() - built
@@ -93,13 +99,13 @@ def code_search(
         "index_seconds": built - start,
         "search_seconds": searched,
         "seconds_per_query": searched / max(len(queries), 1),
-        "active_units": db.nnz / max(len(database), 1),
+        "active_units": db.nnz / max(n_db, 1),
         "device": device.type if on_device else "cpu",
     }
 
 
 def sparse_quantized(
-    database: np.ndarray,
+    database: TopCodes,
     db_labels: np.ndarray,
     queries: np.ndarray,
     query_labels: np.ndarray,
@@ -111,15 +117,16 @@ def sparse_quantized(
     device: torch.device,
 ) -> dict[str, dict[int, dict[str, float]]]:
     """``{format: {k_code: {"bytes", "map@k", "1nn"}}}`` of the codes stored with float32 and float16
-    values; the float32 rows rank by ``neighbours`` (the shared search), float16 by its own search.
-    ``chunks``: ``(query, database)`` rows; ``exclude_self``: the queries are the database's items;
-    ``device``: the evaluation's (:func:`code_search`)."""
-    if k > candidates(len(database), exclude_self):
+    values; the float32 rows rank by ``neighbours`` (the shared search), float16 by its own search on
+    ``database``'s sorted units. ``chunks``: ``(query, database)`` rows; ``exclude_self``: the queries are
+    the database's items; ``device``: the evaluation's (:func:`code_search`)."""
+    n_db = len(database.values)
+    if k > candidates(n_db, exclude_self):
         raise MRLError(
-            f"The database has {candidates(len(database), exclude_self)} items to rank for each query, "
+            f"The database has {candidates(n_db, exclude_self)} items to rank for each query, "
             f"fewer than quantized.k={k}; lower quantized.k."
         )
-    hidden = database.shape[1]
+    hidden = database.hidden
     out: dict[str, dict[int, dict[str, float]]] = {fmt: {} for fmt in SPARSE_FORMATS}
     progress = Progress("quantized sparse searches", len(sizes))
     for d in sizes:
