@@ -153,9 +153,14 @@ def top_codes(embeddings: np.ndarray, width: int, rows: int) -> TopCodes:
     values = np.empty((len(embeddings), width), dtype=np.float32)
     units = np.empty((len(embeddings), width), dtype=np.int32)
     rows = max(1, int(rows))
+    # Units that are not active (0 after the ReLU) are dropped from the codes, so which of them fill a
+    # row with fewer active units does not matter: distinct negative stand-ins (the lower unit the
+    # larger) spare the exact tie-breaking its cost on rows of many equal zeros.
+    inactive = -1.0 - torch.arange(hidden, dtype=torch.float32)
     for start in range(0, len(embeddings), rows):
         # a copy of one chunk: the embeddings may be a read-only memmap
         chunk = torch.from_numpy(np.array(embeddings[start : start + rows], dtype=np.float32))
+        chunk = torch.where(chunk > 0, chunk, inactive)
         top, columns = top_k_lowest_index_first(chunk, width)
         values[start : start + len(chunk)] = top.relu_().numpy()
         units[start : start + len(chunk)] = columns.numpy()
