@@ -10,7 +10,7 @@ import torch
 
 from mrl.errors import MRLError
 from mrl.eval.sparse_codes import (
-    csr_from_top_k,
+    TopCodes,
     index_bytes,
     prefix_bytes,
     sparse_code_bytes,
@@ -127,9 +127,10 @@ def test_code_conversions_keep_the_non_zeros():
     assert matrix.nnz == np.count_nonzero(codes) and matrix.dtype == np.float32
     np.testing.assert_array_equal(to_csr(torch.from_numpy(codes)).toarray(), codes)
     np.testing.assert_array_equal(to_csr(sp.coo_matrix(codes)).toarray(), codes)
-    indices = np.argsort(-codes, axis=1, kind="stable")[:, :3]
+    # codes stored as their k values and units (a row with fewer active units padded with zeros)
+    indices = np.argsort(-codes, axis=1, kind="stable")[:, :3].astype(np.int32)
     values = np.take_along_axis(codes, indices, 1)
-    from_top_k = csr_from_top_k(values, indices, 20)
+    from_top_k = TopCodes(values, indices, 20).csr(3, normalize=False)
     np.testing.assert_array_equal(from_top_k.toarray(), codes)
     assert from_top_k.nnz == matrix.nnz  # the zero padding is dropped
 

@@ -88,16 +88,6 @@ def to_csr(codes: np.ndarray | torch.Tensor | sp.spmatrix | sp.sparray) -> sp.cs
     return sp.csr_matrix(np.asarray(codes, dtype=np.float32))
 
 
-def csr_from_top_k(values: np.ndarray, indices: np.ndarray, hidden: int) -> sp.csr_matrix:
-    """The CSR matrix of codes stored as ``values`` and unit ``indices``, both ``(N, k)``; zero values
-    (padding) are dropped. Builds no dense ``(N, hidden)`` array."""
-    values, indices = np.asarray(values, dtype=np.float32), np.asarray(indices, dtype=np.int64)
-    rows = np.repeat(np.arange(values.shape[0]), values.shape[1])
-    matrix = sp.csr_matrix((values.ravel(), (rows, indices.ravel())), shape=(values.shape[0], hidden))
-    matrix.eliminate_zeros()
-    return matrix
-
-
 @dataclass(frozen=True)
 class TopCodes:
     """Each stored code's ``width`` largest units, largest first (equal values: the lower unit first):
@@ -123,9 +113,8 @@ class TopCodes:
             raise MRLError(
                 f"These codes keep {self.width} units per row, so k is 1 to {self.width}, not {k}."
             )
-        values = torch.from_numpy(self.values[:, :k]).clone()
         units, order = torch.from_numpy(self.units[:, :k]).sort(dim=1)
-        values = values.gather(1, order)
+        values = torch.from_numpy(self.values[:, :k]).gather(1, order)
         if normalize:
             values /= values.norm(dim=1, keepdim=True).clamp_min(1e-12)
         values = values.numpy().astype(value_dtype).astype(np.float32)

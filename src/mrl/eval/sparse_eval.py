@@ -72,13 +72,12 @@ def code_search(
     codes, best first (ties: lower index first), and what the search measured: ``index_seconds`` (the
     database's size-``code_k`` codes from its sorted units ``database``, the
     :func:`~mrl.eval.sparse_codes.top_codes` of its stored codes that every size shares),
-    ``search_seconds`` and ``seconds_per_query``
-    (the queries' codes and the sparse product, top-k included), ``active_units`` (mean non-zeros of a
-    database code, at most ``code_k``) and ``device`` (where the product ran). ``value_dtype``: the
-    database codes' stored values (queries stay float32). ``exclude_self``: query ``i`` is database row
-    ``i``, left out of its own neighbours (:mod:`mrl.eval.knn`). ``device``: the evaluation's; on a GPU
-    the product runs there, else scipy's on the CPU (faster than torch's there: benchmarks/README.md,
-    "Sparse search")."""
+    ``search_seconds`` and ``seconds_per_query`` (the queries' codes and the sparse product, top-k
+    included), ``active_units`` (mean non-zeros of a database code, at most ``code_k``) and ``device``
+    (where the product ran). ``value_dtype``: the database codes' stored values (queries stay float32).
+    ``exclude_self``: query ``i`` is database row ``i``, left out of its own neighbours
+    (:mod:`mrl.eval.knn`). ``device``: the evaluation's; on a GPU the product runs there, else scipy's
+    on the CPU (faster than torch's there: benchmarks/README.md, "Sparse search")."""
     # the stored queries are read in chunks of chunks.database's rows (float32, at most CHUNK_BYTES)
     rows = chunk_rows(db_chunk, queries.shape[1])
     start = time.perf_counter()
