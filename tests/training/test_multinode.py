@@ -112,9 +112,16 @@ def launch(command: list[str], cwd: Path, log: Path, env: dict[str, str]) -> sub
 
 
 def finish(nodes: list[subprocess.Popen], timeout: float = 300) -> None:
-    """Wait for every node's command; fail with their logs if one failed."""
-    for proc in nodes:
-        proc.wait(timeout=timeout)
+    """Wait for every node's command; fail with their logs if one failed or if they have not ended within
+    ``timeout`` seconds (then they are killed first: a hung job leaves no processes behind)."""
+    deadline = time.monotonic() + timeout
+    try:
+        for proc in nodes:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        kill(nodes)
+        logs = "\n".join(p.log.read_text()[-3000:] for p in nodes)
+        pytest.fail(f"the nodes had not ended after {timeout:.0f} s (killed):\n{logs}")
     logs = "\n".join(p.log.read_text()[-3000:] for p in nodes)
     assert all(p.returncode == 0 for p in nodes), logs
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import random
 import tempfile
@@ -44,6 +45,25 @@ METADATA_NAME = "mrl_shards.json"
 FORMAT = "mrl-image-shards"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
+# How the loaders start their workers (every epoch: LitData hands each epoch's plan to fresh workers):
+# from a fork server, not forked from the training process. By then that process runs threads (the other
+# loader's queue feeders; gloo's under DDP), and a fork can copy a lock one of them holds, which the new
+# worker then waits on for ever: a two-node job hung at validation, its new worker blocked on a futex
+# right after the fork (tests/training/test_multinode.py). The server is one single-threaded process,
+# started once per job with the modules a worker needs already imported (without them each worker would
+# import torch anew: a second or more per worker and epoch); the dataset reaches each worker pickled, as
+# LitData's datasets are made to be.
+WORKER_START = "forkserver"
+WORKER_MODULES = ["litdata", "mrl.data.shards"]
+
+
+def worker_start(workers: int) -> multiprocessing.context.BaseContext | None:
+    """The start method of ``workers`` loader workers (None: no workers), see ``WORKER_START``."""
+    if not workers:
+        return None
+    context = multiprocessing.get_context(WORKER_START)
+    context.set_forkserver_preload(WORKER_MODULES)  # read when the server starts: the first loader's
+    return context
 
 
 def is_remote(path: str) -> bool:
@@ -132,6 +152,12 @@ class ImageShards(StreamingDataset):
         # slower (benchmarks/input_pipeline.py reads the training split shuffled).
         super().__init__(input_dir, seed=seed, batch_decode=0, **kwargs)
         self.image_transform = image_transform
+
+    def __iter__(self):
+        # A worker started from the fork server (WORKER_START) has not inherited the process-wide switch
+        # that lets LitData's downloads reach an http:// store: set it where the chunks are read.
+        object_store.allow_plain_http(self.storage_options)
+        return super().__iter__()
 
     def __getitem__(self, index: ChunkedIndex | int) -> Any:
         item = super().__getitem__(index)
@@ -259,7 +285,13 @@ class ShardDataModule(EncodedImageDataModule):
         )
         options = self._loader_options()
         workers = int(options.pop("num_workers"))
-        return StreamingDataLoader(dataset, batch_size=self.eval_batch_size, num_workers=workers, **options)
+        return StreamingDataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            num_workers=workers,
+            multiprocessing_context=worker_start(workers),
+            **options,
+        )
 
     def _loader(self, split: str, train: bool, **options: Any) -> StreamingDataLoader:
         if split not in self.datasets:
@@ -273,6 +305,7 @@ class ShardDataModule(EncodedImageDataModule):
             self.datasets[split],
             batch_size=batch_size,
             num_workers=workers,
+            multiprocessing_context=worker_start(workers),
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             drop_last=train,
             **options,
