@@ -45,21 +45,23 @@ METADATA_NAME = "mrl_shards.json"
 FORMAT = "mrl-image-shards"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
-# How the loaders start their workers (every epoch: LitData hands each epoch's plan to fresh workers):
-# from a fork server, not forked from the training process. By then that process runs threads (the other
-# loader's queue feeders; gloo's under DDP), and a fork can copy a lock one of them holds, which the new
-# worker then waits on for ever: a two-node job hung at validation, its new worker blocked on a futex
-# right after the fork (tests/training/test_multinode.py). The server is one single-threaded process,
-# started once per job with the modules a worker needs already imported (without them each worker would
-# import torch anew: a second or more per worker and epoch); the dataset reaches each worker pickled, as
-# LitData's datasets are made to be.
+# How the loaders of a distributed job start their workers (every epoch: LitData hands each epoch's plan
+# to fresh workers): from a fork server, not forked from the training process. There that process runs
+# threads (gloo's, and the other loader's queue feeders), and a fork can copy a lock one of them holds,
+# which the new worker then waits on for ever: a two-node job hung at validation, its new worker blocked
+# on a futex right after the fork (tests/training/test_multinode.py). The server is one single-threaded
+# process, started once per job with the modules a worker needs already imported (without them each
+# worker would import torch anew: a second or more per worker and epoch); the dataset reaches each worker
+# pickled, as LitData's datasets are made to be. A single process keeps forking them: no hang was ever
+# seen there, and a fork costs nothing and hands the workers the process's environment as it is now.
 WORKER_START = "forkserver"
 WORKER_MODULES = ["litdata", "mrl.data.shards"]
 
 
-def worker_start(workers: int) -> multiprocessing.context.BaseContext | None:
-    """The start method of ``workers`` loader workers (None: no workers), see ``WORKER_START``."""
-    if not workers:
+def worker_start(workers: int, world_size: int) -> multiprocessing.context.BaseContext | None:
+    """How ``workers`` loader workers of a job of ``world_size`` processes start (None: forked, or no
+    workers), see ``WORKER_START``."""
+    if not workers or world_size <= 1:
         return None
     context = multiprocessing.get_context(WORKER_START)
     context.set_forkserver_preload(WORKER_MODULES)  # read when the server starts: the first loader's
@@ -289,9 +291,12 @@ class ShardDataModule(EncodedImageDataModule):
             dataset,
             batch_size=self.eval_batch_size,
             num_workers=workers,
-            multiprocessing_context=worker_start(workers),
+            multiprocessing_context=worker_start(workers, self._world_size()),
             **options,
         )
+
+    def _world_size(self) -> int:
+        return int(getattr(self.trainer, "world_size", 1) or 1)
 
     def _loader(self, split: str, train: bool, **options: Any) -> StreamingDataLoader:
         if split not in self.datasets:
@@ -305,7 +310,7 @@ class ShardDataModule(EncodedImageDataModule):
             self.datasets[split],
             batch_size=batch_size,
             num_workers=workers,
-            multiprocessing_context=worker_start(workers),
+            multiprocessing_context=worker_start(workers, self._world_size()),
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             drop_last=train,
             **options,
