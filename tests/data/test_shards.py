@@ -294,3 +294,19 @@ def test_the_training_split_is_evaluated_in_order_without_augmentation(tiny_shar
     _image, label = stored_items(tiny_shards, "train")[0]
     assert label == int(batches[0][1][0])
     assert first.shape[-1] == dm.eval_img_size
+
+
+@pytest.mark.parametrize(("world_size", "start"), [(1, None), (2, "forkserver")])
+def test_distributed_jobs_start_shard_workers_from_the_fork_server(tiny_shards, world_size, start):
+    # forked from a DDP process, a new worker could inherit a lock another thread held (docs/data.md)
+    dm = ShardDataModule(str(tiny_shards), img_size=32, batch_size=8, eval_batch_size=8, num_workers=2)
+    dm.configure_transforms(RESNET_CONFIG)
+    dm.setup()
+    dm.trainer = SimpleNamespace(world_size=world_size)
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.evaluation_loader("train")):
+        context = loader.multiprocessing_context
+        assert (context and context.get_start_method()) == start
+    items = [len(labels) for _, labels in dm.val_dataloader()]  # its workers start and read the split
+    assert sum(items) == len(dm.datasets["val"])
+    dm.num_workers = 0
+    assert dm.train_dataloader().multiprocessing_context is None  # no workers, nothing to start
