@@ -19,9 +19,9 @@
    batch spreads over more images. The first head job extracts the features (before its clock
    starts); the cache then holds one entry, which every later head job reads. ``bare loop,
    head=mrl`` is the projection head's job without the platform: the same module and cached batches
-   in a plain PyTorch loop in this process (forward, the fused loss, backward, the optimizer; no
-   Lightning, metrics, logging or schedule), timed the same way: the ceiling of any training loop
-   around this model at this batch.
+   in a plain PyTorch loop in this process (the job's loss step, its projection folded into the head
+   where the job folds it, backward, the optimizer; no Lightning, metrics, logging or schedule),
+   timed the same way: the ceiling of any training loop around this model at this batch.
 2. Extraction memory. ``FrozenFeatureDataModule.prepare_data`` (what a head job runs before training)
    on N and 4N synthetic Fashion-MNIST-shaped images, each in a fresh child process; the source is
    test_byobnet projected to 2048 features (``backbone.embed_dim=2048``, ResNet-50's width) so that the
@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 import _common
-from _common import compose_cfg, memory_peaks, mrl_train_timing, train_step
+from _common import compose_cfg, memory_peaks, mrl_train_timing
 from _stats import format_interval, paired_ratio
 
 SKIP = 5  # batches before the clock starts (allocator and loader warm-up)
@@ -89,11 +89,23 @@ def bare_loop_images_per_second(args: list[str], workdir: Path, batches: int, th
                 start = time.perf_counter()
             elif index == SKIP + batches:
                 break
-            train_step(module, optimizer, features, labels, "cpu", bf16=False)
+            projection_step(module, optimizer, features, labels)
             images += len(labels) if index >= SKIP else 0
         return images / (time.perf_counter() - start)
     finally:
         torch.set_num_threads(saved)
+
+
+def projection_step(module, optimizer, features, labels) -> None:
+    """The projection head's training step on cached features as ``mrl-train`` computes it (the projection
+    folded into the head where that pays: ``per_size_from_projection``), without the per-size accuracy."""
+    body, last = module.backbone.feature_head.split_last()
+    h = features if body is None else body(features)
+    per_size, _ = module.criterion.per_size_loss.per_size_from_projection(module.head, last, h, labels)
+    loss = module.criterion.combine(per_size)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
 
 
 def throughput(data: list[str], batches: int, rounds: int, threads: int, feature_batch: int) -> None:

@@ -11,10 +11,14 @@ import torch
 import torch.nn.functional as F
 
 import mrl
+import mrl.nn.cross_entropy as cross_entropy
 from mrl.errors import MRLError
 from mrl.models.build import build_model
 from mrl.models.posthoc import PosthocBackbone, Projection, build_feature_head
 from mrl.models.spec import UINT8, FeatureHead, ModelSpec, Preprocessing
+from mrl.nn.folded_cross_entropy import fold_pays
+from mrl.nn.matryoshka_loss import MatryoshkaLoss
+from mrl.training.posthoc_module import PosthocLitModule
 from support import torch_threads
 
 SOURCE_WIDTH = 256  # test_byobnet's pooled features
@@ -123,3 +127,40 @@ def test_bad_feature_head_settings_are_refused():
         build_feature_head(FeatureHead("csr", SOURCE_WIDTH, {"expansion": 2}), [8, 2048])
     with pytest.raises(ValueError, match="feature head kind 'pca' is none of projection, csr, adaptor"):
         FeatureHead.from_dict({"kind": "pca", "in_features": 8, "settings": {}})
+
+
+@pytest.mark.parametrize("form", ["linear", "mlp"])
+def test_a_projections_training_step_folds_it_into_the_head_with_the_same_results(form, monkeypatch):
+    """PosthocLitModule's training step on cached features: the folded node (mrl.nn.folded_cross_entropy)
+    runs where it pays (10 classes of sizes up to 256 on a 256-wide projection) and gives the loss and
+    every trained parameter's gradient of the step that forms z; an MLP folds its last layer."""
+    torch.manual_seed(0)
+    settings = {"dim": None, "hidden": 64 if form == "mlp" else None}
+    spec = replace(_spec("projection", settings, nesting=(1, 4, 16, 64, 256)), num_classes=10)
+    backbone, head, _ = build_model(spec)
+    module = PosthocLitModule(backbone, head, MatryoshkaLoss(), spec=spec).double()
+    module.log = lambda *args, **kwargs: None  # no trainer here
+    features, labels = torch.randn(32, SOURCE_WIDTH, dtype=torch.float64), torch.randint(0, 10, (32,))
+    trained = [p for p in module.parameters() if p.requires_grad]
+
+    def step(fold: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        monkeypatch.setattr(cross_entropy, "fold_pays", lambda *args: fold)
+        loss = module._shared_step((features, labels), "train", log_loss=False)
+        return loss, torch.autograd.grad(loss, trained)
+
+    calls = []
+    folded_ce = cross_entropy.folded_matryoshka_cross_entropy
+    monkeypatch.setattr(
+        cross_entropy,
+        "folded_matryoshka_cross_entropy",
+        lambda *a, **k: calls.append(1) or folded_ce(*a, **k),
+    )
+    loss, grads = step(fold=True)
+    assert calls == [1]
+    expected_loss, expected_grads = step(fold=False)
+    assert calls == [1]
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(grads, expected_grads)
+    body, last = backbone.feature_head.split_last()
+    h = features if body is None else body(features)
+    assert fold_pays(h.float(), last.float(), 10, spec.nesting, False)  # what the step above forced

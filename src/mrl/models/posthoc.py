@@ -78,6 +78,13 @@ class Projection(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def split_last(self) -> tuple[nn.Module | None, nn.Linear]:
+        """The layers before the last linear map (``None`` for a linear projection) and that map, which
+        training may fold into the Matryoshka head (:mod:`mrl.nn.folded_cross_entropy`)."""
+        if isinstance(self.net, nn.Linear):
+            return None, self.net
+        return self.net[:-1], self.net[-1]
+
 
 def csr_hidden(feature_head: FeatureHead) -> int:
     """The code width of a ``csr`` feature head: ``expansion`` x the source's features."""

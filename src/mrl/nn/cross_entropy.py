@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mrl.nn.folded_cross_entropy import fold_pays, folded_matryoshka_cross_entropy
 from mrl.nn.fused_cross_entropy import matryoshka_cross_entropy
 from mrl.nn.matryoshka_linear import MatryoshkaLinear
 
@@ -78,8 +79,7 @@ class MatryoshkaCrossEntropy(nn.Module):
         (:mod:`mrl.nn.fused_cross_entropy`), which keeps one ``(G, B, C)`` buffer per step instead of
         three; otherwise this is ``per_size(head(z), target)``. Same values and gradients either way.
         """
-        # Options the one-node cross-entropy does not implement fall back to head then loss.
-        if not (self.fused and head.fused) or set(self.ce_kwargs) - {"ignore_index", "label_smoothing"}:
+        if not self._one_node(head):
             logits = head(z)
             return self.per_size(logits, target), (logits.argmax(2) if predict else None)
         out = matryoshka_cross_entropy(
@@ -89,13 +89,56 @@ class MatryoshkaCrossEntropy(nn.Module):
             target,
             head.nesting,
             head.efficient,
-            class_weight=self.class_weight,
-            ignore_index=self.ce_kwargs.get("ignore_index", -100),
-            label_smoothing=self.ce_kwargs.get("label_smoothing", 0.0),
-            reduction=self.reduction,
             predict=predict,
+            **self._options(),
         )
         return out if predict else (out, None)
+
+    def per_size_from_projection(
+        self,
+        head: MatryoshkaLinear,
+        projection: nn.Linear,
+        h: torch.Tensor,
+        target: torch.Tensor,
+        predict: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`per_size_from_embedding` of ``z = projection(h)``. A training step where that is cheaper
+        folds the projection into the head's classifiers instead of forming ``z``
+        (:mod:`mrl.nn.folded_cross_entropy`); same values and gradients either way."""
+        fold = (
+            torch.is_grad_enabled()
+            and self._one_node(head)
+            and fold_pays(h, projection, head.num_classes, head.nesting, head.efficient)
+        )
+        if not fold:
+            return self.per_size_from_embedding(head, projection(h), target, predict)
+        out = folded_matryoshka_cross_entropy(
+            h,
+            projection.weight,
+            projection.bias,
+            head.weight,
+            head.bias,
+            target,
+            head.nesting,
+            head.efficient,
+            predict=predict,
+            **self._options(),
+        )
+        return out if predict else (out, None)
+
+    def _one_node(self, head: MatryoshkaLinear) -> bool:
+        """Whether the head and this loss run as one node: options it does not implement (a
+        ``cross_entropy_kwargs`` key other than these two) fall back to head then loss."""
+        return self.fused and head.fused and not set(self.ce_kwargs) - {"ignore_index", "label_smoothing"}
+
+    def _options(self) -> dict:
+        """The one-node cross-entropy's keyword arguments."""
+        return {
+            "class_weight": self.class_weight,
+            "ignore_index": self.ce_kwargs.get("ignore_index", -100),
+            "label_smoothing": self.ce_kwargs.get("label_smoothing", 0.0),
+            "reduction": self.reduction,
+        }
 
     def per_size_and_scores(
         self, head: MatryoshkaLinear, z: torch.Tensor, target: torch.Tensor, logits: bool

@@ -77,7 +77,7 @@ def _shifted_exp_into(
     torch.sum(out, 1, out=row_sum)
 
 
-class _Targets:
+class CrossEntropyTargets:
     """Per-row quantities of the cross-entropy that do not depend on the size ``g``."""
 
     def __init__(
@@ -215,7 +215,7 @@ def _all_sizes_at_once(device: torch.device, class_major: bool, classes: int) ->
 def _log_normalisers(
     probs: torch.Tensor,
     target_logits: torch.Tensor,
-    targets: _Targets,
+    targets: CrossEntropyTargets,
     logit_at: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """``lse = x_y - log P_y`` of every size and row ``(G, B)``, from the probabilities ``(G, B, C)``.
@@ -302,25 +302,33 @@ def _losses_of_all_sizes(
     bias: torch.Tensor | None,
     nesting: Sequence[int],
     efficient: bool,
-    targets: _Targets,
+    targets: CrossEntropyTargets,
     predict: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Per-size losses ``(G,)``, top-1 classes ``(G, B)`` (with ``predict``) and each row's sum of shifted
-    exponentials ``(G, B)``, with every size's logits in the batch-major ``work`` ``(G, B, C)`` first and
-    then one pass per operation over all of them (see :func:`_all_sizes_at_once`). ``work`` is left
-    holding ``exp(logits - row max)``, the softmax unnormalised, as :func:`_shifted_exp_into` leaves it."""
+    """:func:`all_sizes_losses` of every size's logits, written into the batch-major ``work`` ``(G, B, C)``
+    first (see :func:`_all_sizes_at_once`)."""
     slots = work.unbind(0)
     inputs, blocks = _matmul_operands(z, weight, nesting, efficient)
     for g in range(len(nesting)):
         logits = _size_logits(g, efficient, slots, scratch, inputs, blocks, bias)
         if logits is not slots[g]:  # MRL-E's running sum, or low-precision logits: kept in slot g
             slots[g].copy_(logits)
-    predictions = work.argmax(2) if predict else None
-    target_logits = work.gather(2, targets.index.expand(len(nesting), -1, -1)).squeeze(2)
+    return all_sizes_losses(work, targets, predict)
+
+
+def all_sizes_losses(
+    work: torch.Tensor, targets: CrossEntropyTargets, predict: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Per-size losses ``(G,)``, top-1 classes ``(G, B)`` (with ``predict``) and each row's sum of shifted
+    exponentials ``(G, B)`` of every size's logits ``work`` ``(G, B, C)`` (any strides), with one pass per
+    operation over all of them. ``work`` is left holding ``exp(logits - row max)``, the softmax
+    unnormalised, as :func:`_shifted_exp_into` leaves it."""
+    # One reduction gives the row maxima and, for predictions, their classes (the first largest, as argmax).
+    maxes, predictions = work.max(2) if predict else (work.amax(2), None)
+    target_logits = work.gather(2, targets.index.expand(work.shape[0], -1, -1)).squeeze(2)
     logit_sums = None
     if targets.eps > 0:
         logit_sums = work.sum(2) if targets.class_weight is None else work @ targets.class_weight
-    maxes = work.amax(2)
     exp_sums = work.sub_(maxes.unsqueeze(2)).exp_().sum(2)
     lse = maxes + exp_sums.log()
     return targets.losses(lse, target_logits, logit_sums), predictions, exp_sums
@@ -432,12 +440,7 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
                 "buffer is reused for the gradients. Build the head and loss with fused=False for this."
             )
         ctx.probs = None  # the buffer is reused as gradient storage below
-        scale = grad_losses if grad_losses.dtype == probs.dtype else grad_losses.to(probs.dtype)
-        if targets.denominator is not None:
-            scale = scale / targets.denominator
-        scale = scale.view(-1, 1, 1)
-        if ctx.exp_sums is not None:  # the buffer holds exp_sum * (Q * P - q), see _shifted_exp_into
-            scale = scale / ctx.exp_sums.unsqueeze(2)
+        scale = logit_gradient_scale(grad_losses, targets, ctx.exp_sums, probs.dtype)
         need_z, need_w, need_b = ctx.needs_input_grad[:3]
         grad_z = torch.zeros_like(z) if need_z else None
         grad_w = torch.empty_like(weight) if need_w else None
@@ -461,6 +464,39 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
         return grad_z, grad_w, grad_b, None, None, None, None, None
 
 
+def logit_gradient_scale(
+    grad_losses: torch.Tensor, targets: CrossEntropyTargets, exp_sums: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """What the buffer left by :meth:`CrossEntropyTargets.to_logit_gradients` is multiplied by to hold the
+    logit gradients: each size's upstream gradient (over the "mean" normaliser), and with ``exp_sums``
+    ``(G, B)`` each row's ``1 / exp_sum``; shape ``(G, 1, 1)`` or ``(G, B, 1)``."""
+    scale = grad_losses if grad_losses.dtype == dtype else grad_losses.to(dtype)
+    if targets.denominator is not None:
+        scale = scale / targets.denominator
+    scale = scale.view(-1, 1, 1)
+    if exp_sums is not None:  # the buffer holds exp_sum * (Q * P - q), see _shifted_exp_into
+        scale = scale / exp_sums.unsqueeze(2)
+    return scale
+
+
+def cross_entropy_targets(
+    target: torch.Tensor,
+    num_classes: int,
+    dtype: torch.dtype,
+    class_weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+) -> CrossEntropyTargets:
+    """The checked :class:`CrossEntropyTargets` of a one-node cross-entropy; ``dtype`` the matmuls'."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"matryoshka_cross_entropy supports reduction='mean' or 'sum', got {reduction!r}")
+    loss_dtype = dtype if dtype in _FULL_PRECISION else torch.float32
+    return CrossEntropyTargets(
+        target, num_classes, loss_dtype, class_weight, ignore_index, label_smoothing, reduction
+    )
+
+
 def matryoshka_cross_entropy(
     z: torch.Tensor,
     weight: torch.Tensor,
@@ -480,13 +516,9 @@ def matryoshka_cross_entropy(
     :class:`~mrl.nn.matryoshka_linear.MatryoshkaLinear`'s. With ``predict=True`` also returns the top-1
     class of every size ``(G, B)``, for training accuracy without keeping the logits.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"matryoshka_cross_entropy supports reduction='mean' or 'sum', got {reduction!r}")
     z, weight, bias, context = blas_inputs(z, weight, bias)
-    dtype = z.dtype
-    loss_dtype = dtype if dtype in _FULL_PRECISION else torch.float32
-    targets = _Targets(
-        target, weight.shape[0], loss_dtype, class_weight, ignore_index, label_smoothing, reduction
+    targets = cross_entropy_targets(
+        target, weight.shape[0], z.dtype, class_weight, ignore_index, label_smoothing, reduction
     )
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (z, weight, bias))
     with context:

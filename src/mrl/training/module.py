@@ -106,9 +106,12 @@ class MatryoshkaLitModule(L.LightningModule):
         elif self.depth is not None:  # the earlier stages' embeddings too, from the same backbone pass
             z, stage_z = self.depth.embed(self.backbone, self._prepare(x))
         else:
-            z, stage_z = self(x), []
+            z, stage_z = None, []
         head_loss = self.criterion.per_size_loss if self.probe is None else self.probe
-        per_size, scores = head_loss.per_size_and_scores(self.head, z, y, logits=not training)
+        if z is None:
+            per_size, scores = self._per_size_and_scores_of_inputs(head_loss, x, y, training)
+        else:
+            per_size, scores = head_loss.per_size_and_scores(self.head, z, y, logits=not training)
         # The probe trains on the detached embedding: masking its sizes would save no backbone work and
         # only leave the small sizes' probes behind, so it trains every size.
         loss = self.criterion.combine(per_size, sizes if self.probe is None else None)
@@ -121,6 +124,13 @@ class MatryoshkaLitModule(L.LightningModule):
         for extra in (depth_loss, contrastive):
             loss = loss if extra is None else loss + extra
         return loss
+
+    def _per_size_and_scores_of_inputs(
+        self, head_loss: MatryoshkaCrossEntropy, x: torch.Tensor, y: torch.Tensor, training: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's per-size losses and scores (``per_size_and_scores``) on the embedding of the batch's
+        inputs ``x``; a subclass may compute them without forming the embedding."""
+        return head_loss.per_size_and_scores(self.head, self(x), y, logits=not training)
 
     def _contrastive_step(
         self, x: torch.Tensor, y: torch.Tensor, sizes: torch.Tensor | None, log_loss: bool

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from mrl.models.posthoc import PosthocBackbone
+from mrl.models.posthoc import PosthocBackbone, Projection
+from mrl.nn.cross_entropy import MatryoshkaCrossEntropy
 from mrl.nn.feature_head_objective import FeatureHeadObjective
 from mrl.nn.sparse_autoencoder import SparseAutoencoder
 from mrl.training.epoch_metrics import EpochMetrics
@@ -21,7 +22,9 @@ class PosthocLitModule(MatryoshkaLitModule):
     :class:`~mrl.nn.matryoshka_loss.MatryoshkaLoss`) and the Matryoshka head is a probe on the detached
     ``z`` whose cross-entropy gives ``{stage}/loss`` and ``{stage}/acc@{d}`` their usual meaning. CSR
     also logs ``train/dead_fraction``, the fraction of its units the auxiliary-k rule counts as dead.
-    Images (``mrl-eval``, tests) still go through the whole chain.
+    Images (``mrl-eval``, tests) still go through the whole chain. A projection's training step on
+    cached features may fold its last linear map into the Matryoshka head instead of forming ``z``
+    (:meth:`MatryoshkaCrossEntropy.per_size_from_projection`; the same losses and gradients).
     """
 
     backbone: PosthocBackbone
@@ -40,6 +43,16 @@ class PosthocLitModule(MatryoshkaLitModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``z`` of cached features ``(B, F)``, or of images through the frozen source."""
         return self.backbone.encode_features(x) if x.dim() == 2 else self.backbone(self._prepare(x))
+
+    def _per_size_and_scores_of_inputs(
+        self, head_loss: MatryoshkaCrossEntropy, x: torch.Tensor, y: torch.Tensor, training: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        projection = self.backbone.feature_head
+        if not (training and x.dim() == 2 and isinstance(projection, Projection)):
+            return super()._per_size_and_scores_of_inputs(head_loss, x, y, training)
+        body, last = projection.split_last()
+        h = x if body is None else body(x)
+        return head_loss.per_size_from_projection(self.head, last, h, y, predict=True)
 
     def _shared_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, log_loss: bool = True
