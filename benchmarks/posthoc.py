@@ -21,7 +21,9 @@
    head=mrl`` is the projection head's job without the platform: the same module and cached batches
    in a plain PyTorch loop in this process (the job's loss step, its projection folded into the head
    where the job folds it, backward, the optimizer; no Lightning, metrics, logging or schedule),
-   timed the same way: the ceiling of any training loop around this model at this batch.
+   timed the same way: the ceiling of any training loop around this model at this batch. ``bare
+   loop, z formed`` is the same loop with the step that forms ``z`` and runs the one-node head and
+   loss on it, as the job did before the fold (``mrl.nn.folded_cross_entropy``).
 2. Extraction memory. ``FrozenFeatureDataModule.prepare_data`` (what a head job runs before training)
    on N and 4N synthetic Fashion-MNIST-shaped images, each in a fresh child process; the source is
    test_byobnet projected to 2048 features (``backbone.embed_dim=2048``, ResNet-50's width) so that the
@@ -65,9 +67,12 @@ def head_jobs(common: list[str], feature_batch: int) -> dict[str, list[str]]:
     return jobs
 
 
-def bare_loop_images_per_second(args: list[str], workdir: Path, batches: int, threads: int) -> float:
+def bare_loop_images_per_second(
+    args: list[str], workdir: Path, batches: int, threads: int, fold: bool = True
+) -> float:
     """Training images/s of ``mrl-train args``'s head module in a plain loop over its cached features
-    (read from ``workdir``'s cache, which the mrl-train jobs filled), from the ``SKIP``-th batch on."""
+    (read from ``workdir``'s cache, which the mrl-train jobs filled), from the ``SKIP``-th batch on;
+    without ``fold``, the step forms ``z`` and runs the head on it (as before the fold)."""
     import lightning as L
     import torch
 
@@ -89,19 +94,24 @@ def bare_loop_images_per_second(args: list[str], workdir: Path, batches: int, th
                 start = time.perf_counter()
             elif index == SKIP + batches:
                 break
-            projection_step(module, optimizer, features, labels)
+            projection_step(module, optimizer, features, labels, fold)
             images += len(labels) if index >= SKIP else 0
         return images / (time.perf_counter() - start)
     finally:
         torch.set_num_threads(saved)
 
 
-def projection_step(module, optimizer, features, labels) -> None:
-    """The projection head's training step on cached features as ``mrl-train`` computes it (the projection
-    folded into the head where that pays: ``per_size_from_projection``), without the per-size accuracy."""
-    body, last = module.backbone.feature_head.split_last()
-    h = features if body is None else body(features)
-    per_size, _ = module.criterion.per_size_loss.per_size_from_projection(module.head, last, h, labels)
+def projection_step(module, optimizer, features, labels, fold: bool) -> None:
+    """The projection head's training step on cached features as ``mrl-train`` computes it (with ``fold``,
+    the projection folded into the head where that pays: ``per_size_from_projection``; else ``z`` formed
+    and the one-node head and loss on it), without the per-size accuracy."""
+    loss_of = module.criterion.per_size_loss
+    if fold:
+        body, last = module.backbone.feature_head.split_last()
+        h = features if body is None else body(features)
+        per_size, _ = loss_of.per_size_from_projection(module.head, last, h, labels)
+    else:
+        per_size, _ = loss_of.per_size_from_embedding(module.head, module(features), labels)
     loss = module.criterion.combine(per_size)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -112,14 +122,17 @@ def throughput(data: list[str], batches: int, rounds: int, threads: int, feature
     """Print each round's images/s and the head jobs' ratios to the end-to-end job."""
     common = [*data, f"+trainer.limit_train_batches={SKIP + batches}", f"threads={threads}"]
     jobs = {"end-to-end default job": common, **head_jobs(common, feature_batch)}
-    bare = "bare loop, head=mrl"
-    runs: dict[str, list[float]] = {name: [] for name in [*jobs, bare]}
+    bare, formed = "bare loop, head=mrl", "bare loop, z formed"
+    runs: dict[str, list[float]] = {name: [] for name in [*jobs, bare, formed]}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         for r in range(rounds):
             for name, args in jobs.items():
                 runs[name].append(images_per_second(args, workdir))
             runs[bare].append(bare_loop_images_per_second(jobs["head=mrl"], workdir, batches, threads))
+            runs[formed].append(
+                bare_loop_images_per_second(jobs["head=mrl"], workdir, batches, threads, fold=False)
+            )
             measured = ", ".join(f"{name} {values[-1]:.0f}" for name, values in runs.items())
             print(f"round {r} (img/s): {measured}", flush=True)
         entries = len(list((workdir / "logs" / "feature_cache").iterdir()))

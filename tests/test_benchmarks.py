@@ -113,7 +113,7 @@ def test_posthoc_quick():
     starts = ("end-to-end", "head=", "bare loop")
     rows = [line.split("  ")[0] for line in out.splitlines() if line.startswith(starts)]
     heads = ["head=mrl", "head=csr", "head=adaptor", "head=mrl, batch 64"]
-    assert rows == ["end-to-end default job", *heads, "bare loop, head=mrl"]
+    assert rows == ["end-to-end default job", *heads, "bare loop, head=mrl", "bare loop, z formed"]
     assert "peak anonymous" in out and "4N / N: cache" in out
 
 
