@@ -25,7 +25,6 @@ from mrl.nn.fused import chunk_bounds
 from mrl.nn.fused_cross_entropy import (
     CrossEntropyTargets,
     all_sizes_losses,
-    cross_entropy_targets,
     logit_gradient_scale,
 )
 
@@ -225,7 +224,7 @@ def folded_matryoshka_cross_entropy(
     each size's top-1 class ``(G, B)``. Equal to
     :func:`~mrl.nn.fused_cross_entropy.matryoshka_cross_entropy` of ``z``; for full-precision CPU tensors
     (see :func:`fold_pays`)."""
-    targets: CrossEntropyTargets = cross_entropy_targets(
+    targets = CrossEntropyTargets(
         target, weight.shape[0], h.dtype, class_weight, ignore_index, label_smoothing, reduction
     )
     return _FoldedMatryoshkaCrossEntropy.apply(

@@ -78,7 +78,8 @@ def _shifted_exp_into(
 
 
 class CrossEntropyTargets:
-    """Per-row quantities of the cross-entropy that do not depend on the size ``g``."""
+    """Per-row quantities of the cross-entropy that do not depend on the size ``g``, in the loss's dtype:
+    ``dtype``, the matmuls', or float32 for a lower precision."""
 
     def __init__(
         self,
@@ -90,6 +91,9 @@ class CrossEntropyTargets:
         label_smoothing: float,
         reduction: str,
     ) -> None:
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"the one-node cross-entropy takes reduction='mean' or 'sum', got {reduction!r}")
+        dtype = dtype if dtype in _FULL_PRECISION else torch.float32
         kept = target != ignore_index
         self.index = torch.where(kept, target, 0).unsqueeze(1)  # gather/scatter-safe targets (B, 1)
         self.kept = kept.to(dtype)
@@ -479,24 +483,6 @@ def logit_gradient_scale(
     return scale
 
 
-def cross_entropy_targets(
-    target: torch.Tensor,
-    num_classes: int,
-    dtype: torch.dtype,
-    class_weight: torch.Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
-    reduction: str,
-) -> CrossEntropyTargets:
-    """The checked :class:`CrossEntropyTargets` of a one-node cross-entropy; ``dtype`` the matmuls'."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"matryoshka_cross_entropy supports reduction='mean' or 'sum', got {reduction!r}")
-    loss_dtype = dtype if dtype in _FULL_PRECISION else torch.float32
-    return CrossEntropyTargets(
-        target, num_classes, loss_dtype, class_weight, ignore_index, label_smoothing, reduction
-    )
-
-
 def matryoshka_cross_entropy(
     z: torch.Tensor,
     weight: torch.Tensor,
@@ -517,7 +503,7 @@ def matryoshka_cross_entropy(
     class of every size ``(G, B)``, for training accuracy without keeping the logits.
     """
     z, weight, bias, context = blas_inputs(z, weight, bias)
-    targets = cross_entropy_targets(
+    targets = CrossEntropyTargets(
         target, weight.shape[0], z.dtype, class_weight, ignore_index, label_smoothing, reduction
     )
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (z, weight, bias))
