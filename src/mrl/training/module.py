@@ -106,7 +106,7 @@ class MatryoshkaLitModule(L.LightningModule):
         elif self.depth is not None:  # the earlier stages' embeddings too, from the same backbone pass
             z, stage_z = self.depth.embed(self.backbone, self._prepare(x))
         else:
-            z, stage_z = None, []
+            z, stage_z = None, []  # the head's losses come from x: _per_size_and_scores_of_inputs
         head_loss = self.criterion.per_size_loss if self.probe is None else self.probe
         if z is None:
             per_size, scores = self._per_size_and_scores_of_inputs(head_loss, x, y, training)

@@ -48,7 +48,8 @@ class PosthocLitModule(MatryoshkaLitModule):
         self, head_loss: MatryoshkaCrossEntropy, x: torch.Tensor, y: torch.Tensor, training: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         projection = self.backbone.feature_head
-        if not (training and x.dim() == 2 and isinstance(projection, Projection)):
+        foldable = isinstance(projection, Projection) and isinstance(head_loss, MatryoshkaCrossEntropy)
+        if not (training and x.dim() == 2 and foldable):
             return super()._per_size_and_scores_of_inputs(head_loss, x, y, training)
         body, last = projection.split_last()
         h = x if body is None else body(x)
