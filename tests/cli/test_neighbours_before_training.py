@@ -50,7 +50,7 @@ def test_a_single_run_is_refused_before_training(
 
 
 def test_a_database_large_enough_goes_on():
-    from mrl.preflight import check_neighbours
+    from mrl.eval.neighbour_counts import check_neighbours
 
     settings = {"methods": {"knn": True}, "knn": {"k": 64}, "retrieval": {"ks": [10]}}
     data = {"_target_": "mrl.data.synthetic.SyntheticDataModule", "train_size": 64, "test_size": 64}

@@ -246,6 +246,19 @@ def test_eval_float16_and_bad_sizes_and_split(run_cli, run_main, trained):
             assert word in bad.stderr, bad.stderr
 
 
+@pytest.mark.slow
+def test_more_neighbours_than_the_database_has_are_refused_before_any_embedding(run_main, trained, tmp_path):
+    """The training run's data config says its train split (the database) has 256 items: retrieval.ks up
+    to 300 is refused once the checkpoint is read, before the embeddings are computed (it used to be
+    refused by the search, after the export)."""
+    ckpt = trained / "checkpoints" / "last.ckpt"
+    bad = run_main("mrl-eval", f"ckpt_path={ckpt}", *EVAL_FAST, "retrieval.ks=[10,300]")
+    assert bad.returncode == 1 and "Traceback" not in bad.output, bad.output[-3000:]
+    for words in ("has 256 items (data.train_size=256)", "retrieval.ks=[10, 300] (300)", "at most 256"):
+        assert words in bad.stderr, bad.stderr
+    assert not list(tmp_path.rglob("*_embeddings.npy")) and not list(tmp_path.rglob("report.json"))
+
+
 def test_missing_checkpoint(run_main, tmp_path):
     result = run_main("mrl-eval", f"ckpt_path={tmp_path / 'nope.ckpt'}")
     assert result.returncode != 0

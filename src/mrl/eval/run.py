@@ -26,6 +26,7 @@ from mrl.eval.locations import (
     record_evaluation,
 )
 from mrl.eval.model import fingerprint, load_for_eval
+from mrl.eval.neighbour_counts import check_neighbours
 from mrl.eval.plots import write_plots
 from mrl.eval.report_file import build_report, write_report
 from mrl.eval.summary import summary_text
@@ -137,6 +138,8 @@ def _context(cfg: DictConfig, out_dir: Path) -> tuple[EvalContext, dict]:
     sets'), and the evaluators' shared context; also the training run's config."""
     data_overrides = OmegaConf.to_container(cfg.data, resolve=True) if cfg.data else None
     module, datamodule, train_cfg = load_for_eval(cfg.ckpt_path, data_overrides, cfg.paper_head)
+    # the neighbours asked for against the database's size, now that the data config is known
+    check_neighbours(OmegaConf.to_container(cfg, resolve=True), train_cfg.get("data") or {})
     requested = OmegaConf.to_container(cfg.sizes) if cfg.sizes is not None else None
     sizes = report_sizes(requested, list(module.nesting), module.head.in_features)
     device = _device(str(cfg.device))
