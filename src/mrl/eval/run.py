@@ -138,12 +138,12 @@ def _context(cfg: DictConfig, out_dir: Path) -> tuple[EvalContext, dict]:
     sets'), and the evaluators' shared context; also the training run's config."""
     data_overrides = OmegaConf.to_container(cfg.data, resolve=True) if cfg.data else None
     module, datamodule, train_cfg = load_for_eval(cfg.ckpt_path, data_overrides, cfg.paper_head)
-    # the neighbours asked for against the database's size, now that the data config is known
-    check_neighbours(OmegaConf.to_container(cfg, resolve=True), train_cfg.get("data") or {})
     requested = OmegaConf.to_container(cfg.sizes) if cfg.sizes is not None else None
     sizes = report_sizes(requested, list(module.nesting), module.head.in_features)
     device = _device(str(cfg.device))
     query_sets = open_query_sets(cfg, datamodule)  # refused here, before any embedding is computed
+    # the neighbours asked for against the database's size, now that the data config is known
+    check_neighbours(OmegaConf.to_container(cfg, resolve=True), train_cfg.get("data") or {})
     emb, embedded = _export_embeddings(cfg, module, datamodule, train_cfg, out_dir, device, query_sets)
     kind = (train_cfg.get("head") or {}).get("kind")
     database, queries = emb[cfg.database_split], emb[cfg.query_split]
