@@ -95,23 +95,34 @@ class CrossEntropyTargets:
             raise ValueError(f"the one-node cross-entropy takes reduction='mean' or 'sum', got {reduction!r}")
         dtype = dtype if dtype in _FULL_PRECISION else torch.float32
         kept = target != ignore_index
+        self.eps = float(label_smoothing)
+        self.num_classes = num_classes
+        self.class_weight = None if class_weight is None else class_weight.to(dtype)
+        self.total_class_weight = num_classes if class_weight is None else self.class_weight.sum()
+        # The common case: no class weights and no ignored row, so every row weighs 1 and the per-row
+        # tensors below are the number 1 (the many small ops that build them cost more than this whole
+        # head's arithmetic at a small batch on the CPU). Checked on the CPU only: on a GPU the check
+        # would make the host wait every step, and the tensors cost a few cheap passes there.
+        self.unit_mass = class_weight is None and host_reads_are_free(target.device) and bool(kept.all())
+        self.kept: torch.Tensor | float
+        self.row_weight: torch.Tensor | float
+        self.mass: torch.Tensor | float
+        self.denominator: torch.Tensor | float | None
+        if self.unit_mass:  # the "mean" normaliser is then the batch size
+            self.index = target.unsqueeze(1)  # (B, 1)
+            self.kept = self.row_weight = self.mass = 1.0
+            self.denominator = float(len(target)) if reduction == "mean" else None
+            return
         self.index = torch.where(kept, target, 0).unsqueeze(1)  # gather/scatter-safe targets (B, 1)
         self.kept = kept.to(dtype)
-        self.class_weight = None if class_weight is None else class_weight.to(dtype)
         # k_i w_{y_i}: the weight of row i's target term and, summed, the "mean" normaliser.
         self.row_weight = self.kept
         if self.class_weight is not None:
             self.row_weight = self.kept * self.class_weight[self.index[:, 0]]
-        self.eps = float(label_smoothing)
-        self.num_classes = num_classes
         self.denominator = self.row_weight.sum() if reduction == "mean" else None
-        self.total_class_weight = num_classes if class_weight is None else self.class_weight.sum()
-        # Q_i, the mass of row i's target; all ones in the common case (no weights, nothing ignored).
+        # Q_i, the mass of row i's target (1 for every row in the common case above).
         smoothing_mass = (self.eps / num_classes) * self.kept * self.total_class_weight
         self.mass = (1 - self.eps) * self.row_weight + smoothing_mass
-        # Checked on the CPU only: on a GPU the check would make the host wait every step, and the
-        # multiplication it saves is one cheap pass there.
-        self.unit_mass = class_weight is None and host_reads_are_free(target.device) and bool(kept.all())
 
     def logit_sums(self, logits: torch.Tensor, out: torch.Tensor) -> None:
         """``sum_c w_c x_ic`` of every row of ``logits`` ``(B, C)`` (only needed with label smoothing)."""
@@ -137,16 +148,21 @@ class CrossEntropyTargets:
         ``row_sums`` ``(G, B)``, ``probs`` holds ``row_sums * P`` and becomes ``row_sums * (Q * P - q)``."""
         if not self.unit_mass:
             probs.mul_(self.mass.view(1, -1, 1))
-        sizes = probs.shape[0]
-        target_mass = (-(1 - self.eps) * self.row_weight).view(1, -1, 1).expand(sizes, -1, -1)
+        sizes, batch = probs.shape[:2]
+        target_mass = -(1 - self.eps) * self.row_weight  # a number in the common case, else (B,)
+        if isinstance(target_mass, float):
+            target_mass = probs.new_full((1, 1, 1), target_mass)
+        else:
+            target_mass = target_mass.view(1, -1, 1)
         if row_sums is not None:
             target_mass = target_mass * row_sums.unsqueeze(2)
-        probs.scatter_add_(2, self.index.expand(sizes, -1, -1), target_mass)
+        probs.scatter_add_(2, self.index.expand(sizes, -1, -1), target_mass.expand(sizes, batch, 1))
         if self.eps > 0:
             weight = torch.ones_like(probs[0, 0]) if self.class_weight is None else self.class_weight
-            smoothing = (self.eps / self.num_classes) * self.kept
+            smoothing = (self.eps / self.num_classes) * self.kept  # a number in the common case
             if row_sums is None:
-                probs.sub_(torch.outer(smoothing, weight))
+                per_row = isinstance(smoothing, torch.Tensor)
+                probs.sub_(torch.outer(smoothing, weight) if per_row else smoothing * weight)
             else:
                 probs.addcmul_((smoothing * row_sums).unsqueeze(2), weight, value=-1)
 

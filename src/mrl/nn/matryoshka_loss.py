@@ -81,8 +81,7 @@ class MatryoshkaLoss(nn.Module):
         self.register_load_state_dict_pre_hook(_class_weight_key_in)
 
     def _size_weights(self, num_sizes: int, like: torch.Tensor) -> torch.Tensor:
-        if self.weights is None:
-            return torch.ones(num_sizes, device=like.device, dtype=like.dtype)
+        """The relative importance weights (given: the loss without them is a plain sum)."""
         if self.weights.numel() != num_sizes:
             raise ValueError(
                 f"MatryoshkaLoss has {self.weights.numel()} relative importance weights but the logits "
@@ -113,6 +112,8 @@ class MatryoshkaLoss(nn.Module):
         ``sizes`` is None (evaluation, or no sampler)."""
         if sizes is not None:
             per_size = per_size * sizes
+        if self.weights is None:  # every weight 1: a plain sum, without a product node in the graph
+            return per_size.sum()
         return (self._size_weights(per_size.shape[0], per_size) * per_size).sum()
 
     def forward(self, *inputs: Any, step: int | None = None) -> torch.Tensor:
