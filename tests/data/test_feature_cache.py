@@ -230,9 +230,10 @@ def test_the_cached_loader_gives_seeded_random_batches_of_the_rows(tmp_path):
     batches = epoch(3)
     assert [len(b[0]) for b in batches] == [16, 16, 8]
     seen = np.concatenate([b[0].numpy() for b in batches])
-    # every row once, in a shuffled order, each with its own label
+    # every row once, in a shuffled order, each with its own label; within a batch in file order
     order = [int(np.flatnonzero((features == row).all(1))[0]) for row in seen]
     assert sorted(order) == list(range(40)) and order != list(range(40))
+    assert all(order[i : i + 16] == sorted(order[i : i + 16]) for i in range(0, 40, 16))
     np.testing.assert_array_equal(np.concatenate([b[1].numpy() for b in batches]), labels[order])
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, epoch(3), strict=True))
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(batches, epoch(4), strict=True))

@@ -81,7 +81,8 @@ class MatryoshkaLoss(nn.Module):
         self.register_load_state_dict_pre_hook(_class_weight_key_in)
 
     def _size_weights(self, num_sizes: int, like: torch.Tensor) -> torch.Tensor:
-        """The relative importance weights (given: the loss without them is a plain sum)."""
+        """The relative importance weights, one per size (:meth:`combine` sums without them when none
+        are given)."""
         if self.weights.numel() != num_sizes:
             raise ValueError(
                 f"MatryoshkaLoss has {self.weights.numel()} relative importance weights but the logits "
