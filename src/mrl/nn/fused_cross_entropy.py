@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
+from mrl.nn import host_reads
 from mrl.nn.fused import blas_inputs, chunk_bounds, tied_backward_matmuls, untied_backward_matmuls
 
 _FULL_PRECISION = (torch.float32, torch.float64)
@@ -103,7 +104,9 @@ class CrossEntropyTargets:
         # tensors below are the number 1 (the many small ops that build them cost more than this whole
         # head's arithmetic at a small batch on the CPU). Checked on the CPU only: on a GPU the check
         # would make the host wait every step, and the tensors cost a few cheap passes there.
-        self.unit_mass = class_weight is None and host_reads_are_free(target.device) and bool(kept.all())
+        self.unit_mass = (
+            class_weight is None and host_reads.host_reads_are_free(target.device) and bool(kept.all())
+        )
         self.kept: torch.Tensor | float
         self.row_weight: torch.Tensor | float
         self.mass: torch.Tensor | float
@@ -167,14 +170,6 @@ class CrossEntropyTargets:
                 probs.addcmul_((smoothing * row_sums).unsqueeze(2), weight, value=-1)
 
 
-def host_reads_are_free(device: torch.device) -> bool:
-    """Whether a value may be read back to the host (``bool(t)``, ``.item()``) in a training step on
-    ``device``: on the CPU it is already there; on an accelerator the host would wait for the device's
-    queue to drain at every step. The one place this decision is made (tests/training/test_no_host_sync.py
-    runs a CPU training step with this set to False and counts the host reads left in mrl's code)."""
-    return device.type == "cpu"
-
-
 def _reads_normaliser_off_the_target(device: torch.device) -> bool:
     """Whether the log-normalisers come from the target probabilities (CPU) or from two row maxima.
 
@@ -182,7 +177,7 @@ def _reads_normaliser_off_the_target(device: torch.device) -> bool:
     ``(B, C)`` logits per step (benchmarks/head_loss.py, MRL-E against a plain head on the CPU), but needs
     a host-side check for underflowed rows, which on a GPU would make the host wait every step.
     """
-    return host_reads_are_free(device)
+    return host_reads.host_reads_are_free(device)
 
 
 # From this many classes per row of the batch on, the CPU keeps each size's logits class-major, see

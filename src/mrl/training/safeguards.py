@@ -3,28 +3,38 @@ every DDP process with the same model."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+from mrl.nn import host_reads
+
 
 class NonFiniteGuard:
-    """Flags a nan/inf training loss on the device and raises where the flag is read.
+    """Flags a nan/inf training loss and raises where the flag is read.
 
-    :meth:`observe` only updates a device tensor; :meth:`check` reads it back, so call it where the host
-    waits anyway (logging steps, before a checkpoint is written, epoch end): ``if not
-    torch.isfinite(loss)`` on every step would make a GPU wait for the host each step.
+    On an accelerator :meth:`observe` only updates a device tensor; :meth:`check` reads it back, so call
+    it where the host waits anyway (logging steps, before a checkpoint is written, epoch end): ``if not
+    torch.isfinite(loss)`` on every step would make a GPU wait for the host each step. Where host reads
+    are free (the CPU) the loss is read as a number instead: the device flag's two small tensor
+    operations per step cost more there than a light head's step can spare.
     """
 
     def __init__(self) -> None:
         self._flag: torch.Tensor | None = None
+        self._seen_on_host = False
 
     def observe(self, loss: torch.Tensor) -> None:
+        if host_reads.host_reads_are_free(loss.device):
+            self._seen_on_host = self._seen_on_host or not math.isfinite(loss.item())
+            return
         bad = ~torch.isfinite(loss.detach())
         self._flag = bad if self._flag is None else self._flag | bad
 
     def check(self, step: int) -> None:
         """Raise once a non-finite loss was observed (at or before global step ``step``)."""
-        if self._flag is not None and bool(self._flag):
+        if self._seen_on_host or (self._flag is not None and bool(self._flag)):
             raise FloatingPointError(
                 f"The training loss became nan or inf at or before step {step}. Lower optim.lr, "
                 "enable gradient clipping (trainer.gradient_clip_val=1.0) or use precision=32; the last good "
