@@ -113,3 +113,44 @@ def test_two_gloo_processes_log_the_global_mean():
     expected = plain_mean(seen[0] + seen[1])
     for rank in range(2):
         torch.testing.assert_close(results[rank], expected)
+
+
+def test_training_batches_are_queued_and_counted_as_if_updated_one_by_one(monkeypatch):
+    """Batches given as top-1 classes reach the states every PENDING_BATCHES batches and before compute:
+    the epoch's values are a plain running mean and hit count of every batch, partial batches included."""
+    monkeypatch.setattr(PerSizeMetrics, "PENDING_BATCHES", 4)
+    metrics = PerSizeMetrics(NESTING)
+    gen = torch.Generator().manual_seed(7)
+    seen, hits, examples = [], torch.zeros(len(NESTING)), 0
+    for per_size, batch in batches(8, sizes=(6, 6, 6, 6, 6, 6, 3)):
+        target = torch.randint(0, 4, (batch,), generator=gen)
+        classes = torch.randint(0, 4, (len(NESTING), batch), generator=gen)
+        metrics.update(per_size.requires_grad_(), target, classes)
+        seen.append((per_size.detach(), batch))
+        hits += (classes == target).sum(1)
+        examples += batch
+        # at most PENDING_BATCHES - 1 batches wait; the 4th batch flushed the first four
+        assert len(metrics._pending) == len(seen) % 4
+        assert int(metrics.loss.count) == 6 * 4 * (len(seen) // 4)
+    assert not any(p.requires_grad for p, _, _ in metrics._pending)  # no graph is kept alive
+    values = metrics.compute("train")
+    for g, d in enumerate(NESTING):
+        torch.testing.assert_close(values[f"train/loss@{d}"], plain_mean(seen)[g])
+        assert values[f"train/acc@{d}"] == hits[g] / examples
+    assert metrics._pending == [] and int(metrics.loss.count) == 0  # computed, then reset
+
+
+def test_logits_are_counted_at_once_and_scores_are_required_for_accuracies():
+    metrics = PerSizeMetrics(NESTING, top_k=(1, 2))
+    metrics.update(torch.rand(len(NESTING)), torch.tensor([0, 1]), torch.randn(len(NESTING), 2, 3))
+    assert metrics._pending == [] and int(metrics.accuracies["acc"].total) == 2
+    with pytest.raises(ValueError, match="needs scores"):
+        metrics.update(torch.rand(len(NESTING)), torch.tensor([0, 1]))
+
+
+def test_the_loss_mean_of_several_batches_at_once_equals_their_running_mean():
+    seen = batches(9, sizes=(8, 8, 8, 2))
+    for group in (seen[:3], seen):  # equal counts (one sum), then a partial batch among them
+        metric = MatryoshkaLossMean(len(NESTING))
+        metric.update(torch.stack([p for p, _ in group]), [b for _, b in group])
+        torch.testing.assert_close(metric.compute(), plain_mean(group))
