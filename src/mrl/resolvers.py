@@ -20,6 +20,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("mrl_uid", lambda: uuid.uuid4().hex[:6], use_cache=True)
     if not OmegaConf.has_resolver("mrl_linear_lr"):
         OmegaConf.register_new_resolver("mrl_linear_lr", linear_lr)
+    if not OmegaConf.has_resolver("mrl_end_to_end_only"):
+        OmegaConf.register_new_resolver("mrl_end_to_end_only", end_to_end_only)
     if not OmegaConf.has_resolver("mrl_eval_key"):
         OmegaConf.register_new_resolver(
             "mrl_eval_key", lambda *args: evaluation_key(evaluated_settings(*args))
@@ -36,6 +38,12 @@ def linear_lr(base_lr: float, base_batch: int, batch_per_device: int, devices: i
             f"trainer.num_nodes={nodes}; set trainer.devices=<number of GPUs per node>."
         )
     return float(base_lr) * int(batch_per_device) * int(devices) * int(nodes) / int(base_batch)
+
+
+def end_to_end_only(source: Any, value: Any, otherwise: Any) -> Any:
+    """``${mrl_end_to_end_only:${source},value,otherwise}``: ``value`` in an end-to-end run (``source``
+    null), ``otherwise`` in a head trained on a frozen source's cached features (``source=``)."""
+    return value if source is None else otherwise
 
 
 def _plain(value: Any) -> Any:

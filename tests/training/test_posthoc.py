@@ -28,6 +28,7 @@ from mrl.eval.locations import find_evaluations
 from mrl.models.spec import FeatureHead
 from support import (
     TINY,
+    compose_train,
     read_results,
     run_command,
     wandb_inspect,
@@ -125,6 +126,16 @@ def test_one_extraction_serves_every_job(heads):
 
 
 @pytest.mark.slow
+def test_heads_checkpoint_at_each_epoch_end_and_end_to_end_runs_every_50_steps(heads):
+    """A head's steps take milliseconds and its checkpoints hold the source's weights: no periodic
+    checkpoint by default (0: each epoch's only), unless asked for; end-to-end runs keep theirs."""
+    assert compose_train().checkpoint_every_n_steps == 50
+    assert compose_train("source=backbone").checkpoint_every_n_steps == 0
+    assert compose_train("source=backbone", "checkpoint_every_n_steps=7").checkpoint_every_n_steps == 7
+    for job in heads.values():
+        assert "checkpoint_every_n_steps: 0\n" in (job / "resolved_config.yaml").read_text()
+
+
 def test_wandb_records_each_post_hoc_run(heads, source_ckpt):
     for kind, job in heads.items():
         (run,) = wandb_run_dirs(job)
