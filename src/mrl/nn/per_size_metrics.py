@@ -58,8 +58,8 @@ class PerSizeMetrics(nn.Module):
     cost more than a small model's step. A batch given as top-1 classes (training) or without scores waits
     in a short queue, and every ``PENDING_BATCHES`` batches (and before :meth:`compute`) the queued
     batches reach the torchmetrics states in one update. Why: each update is a few small tensor operations
-    and torchmetrics' bookkeeping, about a tenth of the step of a light head on cached features on the
-    CPU (benchmarks/README.md, "Post-hoc heads"), and on a GPU kernel launches the host pays every step.
+    and torchmetrics' bookkeeping, which on the CPU the step of a light head on cached features cannot
+    spare (benchmarks/README.md, "Post-hoc heads"), and which on a GPU are kernel launches every step.
     The queue holds the batch's own tensors (no copy), which no step writes to afterwards. Logits
     (evaluation, top-k) are counted at once: queuing them would hold ``(G, B, C)`` per batch.
     """
