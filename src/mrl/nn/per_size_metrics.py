@@ -57,9 +57,9 @@ class PerSizeMetrics(nn.Module):
     Accumulated on the device and computed once per epoch: one ``self.log`` call per size per step would
     cost more than a small model's step. A batch given as top-1 classes (training) or without scores waits
     in a short queue, and every ``PENDING_BATCHES`` batches (and before :meth:`compute`) the queued
-    batches reach the torchmetrics states in one update. Why: each update is a few small tensor operations
-    and torchmetrics' bookkeeping, which on the CPU the step of a light head on cached features cannot
-    spare (benchmarks/README.md, "Post-hoc heads"), and which on a GPU are kernel launches every step.
+    batches reach the torchmetrics states in one update. Why: an update is a few small tensor operations
+    and torchmetrics' bookkeeping, Python time that a light head's step on cached features (milliseconds)
+    pays at every step, and kernel launches on a GPU; queued, they are paid once per 64 batches.
     The queue holds the batch's own tensors (no copy), which no step writes to afterwards. Logits
     (evaluation, top-k) are counted at once: queuing them would hold ``(G, B, C)`` per batch.
     """
