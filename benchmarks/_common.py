@@ -45,12 +45,15 @@ def mrl_train_epochs(overrides: list[str], workdir: Path, skip_batches: int = 0)
     return mrl_train_timing(overrides, workdir, skip_batches)["epoch_seconds"]
 
 
-def mrl_train_timing(overrides: list[str], workdir: Path, skip_batches: int = 0) -> dict[str, list]:
-    """``{"epoch_seconds": [...], "samples": [...]}`` of an `mrl-train` run (the EpochTimer's record)."""
+def mrl_train_timing(
+    overrides: list[str], workdir: Path, skip_batches: int = 0, train_only: bool = True
+) -> dict[str, list]:
+    """``{"epoch_seconds": [...], "samples": [...]}`` of an `mrl-train` run (the EpochTimer's record); with
+    ``train_only`` without validation, test and the configured callbacks (checkpoints)."""
     timer = workdir / f"epochs_{time.monotonic_ns()}.json"
     args = [
         *overrides,
-        *TRAIN_ONLY,
+        *(TRAIN_ONLY if train_only else []),
         "+callbacks.timer._target_=mrl.tracking.timing.EpochTimer",
         f"+callbacks.timer.path={timer}",
         f"+callbacks.timer.skip_batches={skip_batches}",

@@ -24,7 +24,12 @@
    timed the same way: the ceiling of any training loop around this model at this batch. ``bare
    loop, z formed`` is the same loop with the step that forms ``z`` and runs the one-node head and
    loss on it, as the job did before the fold (``mrl.nn.folded_cross_entropy``).
-2. Extraction memory. ``FrozenFeatureDataModule.prepare_data`` (what a head job runs before training)
+2. Periodic checkpoints. A head job as users run it (its configured callbacks, a small validation, no
+   ``callbacks=none``) on a ResNet-18 source (``source=backbone backbone.name=resnet18``, synthetic
+   32x32 colour images, 100 steps per epoch), writing ``last.ckpt`` every 50 steps (end-to-end runs'
+   ``checkpoint_every_n_steps``) against the heads' default (each epoch's end only): seconds per
+   training epoch (EpochTimer, validation included, the first epoch left out), rounds alternating.
+3. Extraction memory. ``FrozenFeatureDataModule.prepare_data`` (what a head job runs before training)
    on N and 4N synthetic Fashion-MNIST-shaped images, each in a fresh child process; the source is
    test_byobnet projected to 2048 features (``backbone.embed_dim=2048``, ResNet-50's width) so that the
    features of 4N images (float16 on disk) are far larger than a batch. Peaks over the extraction,
@@ -150,6 +155,38 @@ def throughput(data: list[str], batches: int, rounds: int, threads: int, feature
         print(row.format(name, f"{statistics.median(values):.0f}", ratio))
 
 
+# ---- periodic checkpoints -------------------------------------------------------------------------
+
+
+def checkpoint_cost(data: list[str], rounds: int, threads: int, source: str) -> None:
+    """Print a head job's training seconds per epoch as users run it (its configured callbacks and a
+    small validation), writing ``last.ckpt`` every 50 steps (end-to-end runs' default) against the
+    heads' default (``checkpoint_every_n_steps`` 0: each epoch's end only); the checkpoints hold the
+    ``source`` backbone's weights."""
+    job = [*data, "source=backbone", f"backbone.name={source}", "head=mrl", "test=false", "logger=none"]
+    job += [f"threads={threads}", "trainer.max_epochs=3", "trainer.num_sanity_val_steps=0"]
+    settings = {"every 50 steps": ["checkpoint_every_n_steps=50"], "heads' default (epoch ends)": []}
+    seconds: dict[str, list[float]] = {name: [] for name in settings}
+    size = 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        for _ in range(rounds):
+            for name, extra in settings.items():
+                epochs = mrl_train_timing([*job, *extra], workdir, train_only=False)["epoch_seconds"]
+                seconds[name].append(statistics.median(epochs[1:] or epochs))  # the first: warm-up
+        size = max(p.stat().st_size for p in (workdir / "logs").rglob("last.ckpt")) / 2**20
+    print(
+        f"\nperiodic checkpoints of head=mrl on source=backbone ({source}), {size:.1f} MiB each; s per epoch"
+    )
+    print(f"{'checkpoints':<30}{'median':>10}   per round")
+    for name, values in seconds.items():
+        print(f"{name:<30}{statistics.median(values):>10.2f}   {' '.join(f'{v:.2f}' for v in values)}")
+    ratio = statistics.median(seconds["every 50 steps"]) / statistics.median(
+        seconds["heads' default (epoch ends)"]
+    )
+    print(f"every 50 steps / heads' default: {ratio:.2f}x")
+
+
 # ---- extraction memory --------------------------------------------------------------------------
 
 
@@ -247,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--feature-batch", type=int, default=1024, help="the large-batch head job's batch")
     parser.add_argument("--images", type=int, default=16384, help="N of the extraction part (and 4N)")
     parser.add_argument("--dim", type=int, default=2048, help="the extraction part's feature width")
-    parser.add_argument("--part", choices=("all", "throughput", "memory"), default="all")
+    parser.add_argument("--part", choices=("all", "throughput", "checkpoints", "memory"), default="all")
     parser.add_argument("--extract-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -255,13 +292,23 @@ def main(argv: list[str] | None = None) -> None:
         extract_child(args.extract_child, args.dim, Path(args.dir))
         return
     data: list[str] = []  # the default job's data: Fashion-MNIST
+    # the checkpoints part: synthetic colour images and a ResNet-18 source (48 MB checkpoints)
+    checkpoint_data = ["data=synthetic", "data.img_size=32", "data.train_size=25600", "data.val_size=512"]
+    checkpoint_data += ["data.test_size=512"]
+    checkpoint_source = "resnet18"
     if args.quick:
         _common.IN_PROCESS = True
         args.rounds, args.batches, args.images, args.dim, args.feature_batch = 1, 3, 512, 64, 64
         data = ["data=synthetic", "data.in_chans=1", "data.img_size=28", "data.train_size=512"]
         data += ["data.batch_size=32", "logger=none"]
+        checkpoint_data, checkpoint_source = (
+            [*data[:4], "data.val_size=64", "data.test_size=64"],
+            "test_byobnet",
+        )
     if args.part in ("all", "throughput"):
         throughput(data, args.batches, args.rounds, args.threads, args.feature_batch)
+    if args.part in ("all", "checkpoints"):
+        checkpoint_cost(checkpoint_data, args.rounds, args.threads, checkpoint_source)
     if args.part in ("all", "memory"):
         extraction_memory(args.images, args.dim)
 

@@ -114,6 +114,8 @@ def test_posthoc_quick():
     rows = [line.split("  ")[0] for line in out.splitlines() if line.startswith(starts)]
     heads = ["head=mrl", "head=csr", "head=adaptor", "head=mrl, batch 64"]
     assert rows == ["end-to-end default job", *heads, "bare loop, head=mrl", "bare loop, z formed"]
+    # the periodic checkpoints' part: both settings timed
+    assert "every 50 steps / heads' default:" in out and "heads' default (epoch ends)" in out
     assert "peak anonymous" in out and "4N / N: cache" in out
 
 
