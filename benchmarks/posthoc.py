@@ -277,8 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
-    # 200: nearly a whole epoch of Fashion-MNIST (214 batches). A head job's 60 batches last under 0.2 s,
-    # where one pause of a shared host moves that round's ratio by a tenth.
+    # 200: nearly a whole epoch of Fashion-MNIST (214 batches). A head job's 60 batches last a fraction of
+    # a second, too short a window for a shared host: one pause of it moves that round's ratio.
     parser.add_argument("--batches", type=int, default=200, help="training batches timed per job (+5)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--feature-batch", type=int, default=1024, help="the large-batch head job's batch")
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
         extract_child(args.extract_child, args.dim, Path(args.dir))
         return
     data: list[str] = []  # the default job's data: Fashion-MNIST
-    # the checkpoints part: synthetic colour images and a ResNet-18 source (48 MB checkpoints)
+    # the checkpoints part: synthetic colour images and a ResNet-18 source (checkpoints of its whole weights)
     checkpoint_data = ["data=synthetic", "data.img_size=32", "data.train_size=25600", "data.val_size=512"]
     checkpoint_data += ["data.test_size=512"]
     checkpoint_source = "resnet18"

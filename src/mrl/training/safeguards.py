@@ -17,8 +17,8 @@ class NonFiniteGuard:
     On an accelerator :meth:`observe` only updates a device tensor; :meth:`check` reads it back, so call
     it where the host waits anyway (logging steps, before a checkpoint is written, epoch end): ``if not
     torch.isfinite(loss)`` on every step would make a GPU wait for the host each step. Where host reads
-    are free (the CPU) the loss is read as a number instead: the device flag's two small tensor
-    operations per step cost more there than a light head's step can spare.
+    are free (the CPU) the loss is read as a number instead, which saves the device flag's two small
+    tensor operations at every step.
     """
 
     def __init__(self) -> None:
